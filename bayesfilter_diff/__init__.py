@@ -1,0 +1,30 @@
+"""bayesfilter_diff: posterior sampling with diffusion and flow priors.
+
+>>> import bayesfilter_diff as bfd
+>>> sched = bfd.VPSchedule.linear()
+"""
+
+from . import operators, samplers, smc
+from .priors import DiffusionModel, GaussianMixture, GaussianMixtureDiffusion
+from .problem import InverseProblem
+from .result import Result
+from .schedules import FlowSchedule, Schedule, VESchedule, VPSchedule
+from .smc.loop import DegenerateWeightsError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "operators",
+    "samplers",
+    "smc",
+    "DiffusionModel",
+    "GaussianMixture",
+    "GaussianMixtureDiffusion",
+    "InverseProblem",
+    "Result",
+    "Schedule",
+    "VPSchedule",
+    "VESchedule",
+    "FlowSchedule",
+    "DegenerateWeightsError",
+]

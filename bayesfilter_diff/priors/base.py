@@ -1,0 +1,209 @@
+"""The denoiser contract: a :class:`DiffusionModel` maps ``(x_t, t)`` to ``E[x0 | x_t]``.
+
+Every sampler talks to a prior through :meth:`DiffusionModel.denoise` and the schedule.
+Networks trained with another parameterisation are wrapped at the edge
+(:meth:`DiffusionModel.from_eps`, :meth:`~DiffusionModel.from_v`,
+:meth:`~DiffusionModel.from_score`, :meth:`~DiffusionModel.from_velocity`), in the spirit
+of k-diffusion's ``external.py``.
+
+A network is called as ``net(x, t)`` with ``x`` of shape ``(M, *event_shape)`` and ``t`` of
+shape ``(M,)``; the model flattens any leading dimensions of ``x_t`` into ``M`` and calls
+the network in chunks of at most ``chunk_size`` rows to bound memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..schedules import (
+    Schedule,
+    eps_to_x0,
+    score_to_x0,
+    v_to_x0,
+    velocity_to_x0,
+    x0_to_eps,
+    x0_to_score,
+    x0_to_velocity,
+)
+
+__all__ = ["DiffusionModel", "broadcast_time"]
+
+Denoiser = Callable[[Tensor, Tensor], Tensor]
+
+
+def broadcast_time(t: Tensor | float, x: Tensor, event_dim: int) -> Tensor:
+    """Return ``t`` as a tensor of shape ``x.shape[:-event_dim]`` on ``x``'s device and dtype.
+
+    ``t`` may be a Python number, a 0-d tensor or a tensor whose shape broadcasts to the
+    leading (non-event) shape of ``x``.
+    """
+    lead = x.shape[: x.dim() - event_dim]
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    try:
+        return t.expand(lead)
+    except RuntimeError:
+        raise ValueError(
+            f"t of shape {tuple(t.shape)} does not broadcast to the leading shape "
+            f"{tuple(lead)} of x_t"
+        ) from None
+
+
+def _pad(t: Tensor, event_dim: int) -> Tensor:
+    return t.reshape(t.shape + (1,) * event_dim)
+
+
+class DiffusionModel(nn.Module):
+    """A diffusion (or flow) prior: a schedule and a denoiser ``E[x0 | x_t]``.
+
+    Parameters
+    ----------
+    denoiser
+        ``denoiser(x, t) -> x0_hat`` on flat batches: ``x`` of shape ``(M, *event_shape)``,
+        ``t`` of shape ``(M,)``. A ``torch.nn.Module`` is registered as a sub-module so
+        ``.to(device)`` moves it.
+    schedule
+        The path ``x_t = alpha(t) x0 + sigma(t) eps`` the denoiser was trained on.
+    event_shape
+        Shape of one sample, e.g. ``(d,)`` or ``(C, H, W)``.
+    chunk_size
+        Largest number of rows per network call (``None``: one call).
+    """
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        schedule: Schedule,
+        event_shape: Sequence[int],
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not callable(denoiser):
+            raise TypeError(f"denoiser must be callable, got {type(denoiser).__name__}")
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
+        event_shape = tuple(int(s) for s in event_shape)
+        if not event_shape or any(s < 1 for s in event_shape):
+            raise ValueError(f"event_shape must be a non-empty tuple of positive ints, got {event_shape}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        self.net = denoiser
+        self.schedule = schedule
+        self.event_shape = torch.Size(event_shape)
+        self.chunk_size = chunk_size
+
+    @property
+    def event_dim(self) -> int:
+        return len(self.event_shape)
+
+    # ------------------------------------------------------------------ adapters
+    @classmethod
+    def from_eps(cls, net: Denoiser, schedule: Schedule, event_shape, **kw) -> DiffusionModel:
+        """Wrap an eps-predicting network ``net(x_t, t) -> eps``."""
+        return cls(_Adapter(net, schedule, "eps", len(tuple(event_shape))), schedule, event_shape, **kw)
+
+    @classmethod
+    def from_v(cls, net: Denoiser, schedule: Schedule, event_shape, **kw) -> DiffusionModel:
+        """Wrap a v-predicting network (``v = alpha eps - sigma x0``)."""
+        return cls(_Adapter(net, schedule, "v", len(tuple(event_shape))), schedule, event_shape, **kw)
+
+    @classmethod
+    def from_score(cls, net: Denoiser, schedule: Schedule, event_shape, **kw) -> DiffusionModel:
+        """Wrap a score network ``net(x_t, t) -> grad log p_t(x_t)``."""
+        return cls(
+            _Adapter(net, schedule, "score", len(tuple(event_shape))), schedule, event_shape, **kw
+        )
+
+    @classmethod
+    def from_velocity(cls, net: Denoiser, schedule: Schedule, event_shape, **kw) -> DiffusionModel:
+        """Wrap a flow-matching velocity network ``u = dalpha x0 + dsigma eps``."""
+        return cls(
+            _Adapter(net, schedule, "velocity", len(tuple(event_shape))), schedule, event_shape, **kw
+        )
+
+    # ------------------------------------------------------------------ contract
+    def _check(self, x_t: Tensor) -> None:
+        if not isinstance(x_t, Tensor):
+            raise TypeError(f"x_t must be a torch.Tensor, got {type(x_t).__name__}")
+        if tuple(x_t.shape[x_t.dim() - self.event_dim :]) != tuple(self.event_shape):
+            raise ValueError(
+                f"x_t must end with the event shape {tuple(self.event_shape)}, "
+                f"got shape {tuple(x_t.shape)}"
+            )
+
+    def denoise(self, x_t: Tensor, t: Tensor | float) -> Tensor:
+        """``E[x0 | x_t]`` for ``x_t`` of shape ``(*lead, *event_shape)``.
+
+        ``t`` is a scalar or a tensor broadcasting to ``lead``.
+        """
+        self._check(x_t)
+        tt = broadcast_time(t, x_t, self.event_dim)
+        lead = x_t.shape[: x_t.dim() - self.event_dim]
+        flat = x_t.reshape((-1,) + tuple(self.event_shape))
+        tf = tt.reshape(-1)
+        if self.chunk_size is None or flat.shape[0] <= self.chunk_size:
+            out = self.net(flat, tf)
+        else:
+            out = torch.cat(
+                [
+                    self.net(xc, tc)
+                    for xc, tc in zip(flat.split(self.chunk_size), tf.split(self.chunk_size))
+                ]
+            )
+        return out.reshape(x_t.shape)
+
+    def coefficients(self, t: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``alpha(t)`` and ``sigma(t)`` shaped to broadcast against ``x``."""
+        tt = _pad(broadcast_time(t, x, self.event_dim), self.event_dim)
+        return self.schedule.alpha(tt), self.schedule.sigma(tt)
+
+    def eps(self, x_t: Tensor, t: Tensor | float) -> Tensor:
+        """Predicted noise ``(x_t - alpha x0_hat) / sigma``."""
+        a, s = self.coefficients(t, x_t)
+        return x0_to_eps(x_t, self.denoise(x_t, t), a, s)
+
+    def score(self, x_t: Tensor, t: Tensor | float) -> Tensor:
+        """``grad log p_t(x_t) = (alpha x0_hat - x_t) / sigma^2`` (Tweedie)."""
+        a, s = self.coefficients(t, x_t)
+        return x0_to_score(x_t, self.denoise(x_t, t), a, s)
+
+    def velocity(self, x_t: Tensor, t: Tensor | float) -> Tensor:
+        """Probability-flow velocity ``dx_t/dt = dalpha E[x0|x_t] + dsigma E[eps|x_t]``."""
+        tt = _pad(broadcast_time(t, x_t, self.event_dim), self.event_dim)
+        sch = self.schedule
+        return x0_to_velocity(
+            x_t,
+            self.denoise(x_t, t),
+            sch.alpha(tt),
+            sch.sigma(tt),
+            sch.dalpha(tt),
+            sch.dsigma(tt),
+        )
+
+
+class _Adapter(nn.Module):
+    """Turn an eps / v / score / velocity network into an x0-denoiser."""
+
+    def __init__(self, net: Denoiser, schedule: Schedule, kind: str, event_dim: int) -> None:
+        super().__init__()
+        if not callable(net):
+            raise TypeError(f"net must be callable, got {type(net).__name__}")
+        self.net = net
+        self.schedule = schedule
+        self.kind = kind
+        self.event_dim = event_dim
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        out = self.net(x, t)
+        tt = _pad(t, self.event_dim)
+        sch = self.schedule
+        a, s = sch.alpha(tt), sch.sigma(tt)
+        if self.kind == "eps":
+            return eps_to_x0(x, out, a, s)
+        if self.kind == "v":
+            return v_to_x0(x, out, a, s)
+        if self.kind == "score":
+            return score_to_x0(x, out, a, s)
+        return velocity_to_x0(x, out, a, s, sch.dalpha(tt), sch.dsigma(tt))
