@@ -75,6 +75,11 @@ class InverseProblem:
         ref = operator._ref()
         if ref is not None and ref.device != y.device:
             raise ValueError(f"y is on {y.device} but the operator is on {ref.device}; move one")
+        if ref is not None and ref.dtype != y.dtype:
+            raise ValueError(
+                f"y has dtype {y.dtype} but the operator has dtype {ref.dtype}; "
+                f"use operator.to({y.dtype}) or cast y"
+            )
         if noise not in ("gaussian", "poisson"):
             raise ValueError(f"noise must be 'gaussian' or 'poisson', got {noise!r}")
         if isinstance(noise_std, Tensor):

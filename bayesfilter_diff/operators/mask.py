@@ -23,6 +23,8 @@ class Mask(LinearOperator):
     mask
         Boolean tensor of the signal's shape (``(d,)`` or ``(C, H, W)``); ``True`` marks an
         observed entry. At least one entry must be observed.
+    dtype
+        Floating dtype of the operator (its singular values); default torch's default.
     """
 
     has_svd = True
@@ -51,6 +53,7 @@ class Mask(LinearOperator):
         observed_fraction: float,
         generator: torch.Generator | None = None,
         per_pixel: bool = True,
+        dtype: torch.dtype | None = None,
     ) -> Mask:
         """Observe a random ``observed_fraction`` of the entries.
 
@@ -69,10 +72,18 @@ class Mask(LinearOperator):
         m = m.reshape(base)
         if base != shape:
             m = m.expand(shape).clone()
-        return cls(m)
+        return cls(m, dtype=dtype)
 
     @classmethod
-    def box(cls, shape: Sequence[int], top: int, left: int, height: int, width: int) -> Mask:
+    def box(
+        cls,
+        shape: Sequence[int],
+        top: int,
+        left: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype | None = None,
+    ) -> Mask:
         """Hide the box ``[top:top+height, left:left+width]`` of every channel of an image."""
         shape = tuple(shape)
         if len(shape) < 2:
@@ -82,7 +93,7 @@ class Mask(LinearOperator):
             raise ValueError(f"box {(top, left, height, width)} does not fit an image of size {(H, W)}")
         m = torch.ones(shape, dtype=torch.bool)
         m[..., top : top + height, left : left + width] = False
-        return cls(m)
+        return cls(m, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.flat_in(x)[..., self.obs_idx]

@@ -40,7 +40,7 @@ def _weights64(log_weights: Tensor) -> Tensor:
 
 
 def inverse_cdf(uniforms: Tensor, weights: Tensor) -> Tensor:
-    """Indices ``a_j = min{i : sum_{k<=i} W_k > u_j}`` for sorted ``uniforms`` in ``[0, 1)``.
+    """Indices ``a_j = min{i : sum_{k<=i} W_k > u_j}`` for ``uniforms`` in ``[0, 1)``.
 
     ``uniforms``: ``(..., M)``; ``weights``: ``(..., N)`` normalised (any float dtype).
     """
@@ -101,8 +101,8 @@ def residual(log_weights: Tensor, num_samples: int, generator: torch.Generator |
     R = (num_samples - D).clamp_min(1.0)
     res_w = (MW - counts) / R
     res_w = res_w / res_w.sum(-1, keepdim=True).clamp_min(1e-300)
-    u = torch.sort(_rand(W.shape[:-1] + (num_samples,), generator, W.device), dim=-1).values
-    rnd = inverse_cdf(u, res_w)
+    # i.i.d. (unsorted) draws: the slots j >= D must not get the largest uniforms only
+    rnd = inverse_cdf(_rand(W.shape[:-1] + (num_samples,), generator, W.device), res_w)
     return torch.where(j < D, det, rnd)
 
 

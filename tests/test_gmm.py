@@ -1,0 +1,199 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import multivariate_normal
+
+import bayesfilter_diff as bfd
+
+D64 = torch.float64
+
+
+def _mixture(kind, g, K=3, d=4):
+    w = torch.tensor([0.2, 0.5, 0.3], dtype=D64)[:K]
+    w = w / w.sum()
+    mu = 3 * torch.randn(K, d, generator=g, dtype=D64)
+    if kind == "full":
+        A = torch.randn(K, d, d, generator=g, dtype=D64)
+        cov = A @ A.transpose(-1, -2) / d + 0.1 * torch.eye(d, dtype=D64)
+    elif kind == "diag":
+        cov = torch.rand(K, d, generator=g, dtype=D64) + 0.2
+    else:
+        cov = torch.rand(K, generator=g, dtype=D64) + 0.2
+    return bfd.GaussianMixture(w, mu, cov)
+
+
+def _scipy_logpdf(gmm, x, alpha=1.0, sigma=0.0):
+    C = gmm.covariance_matrices().expand(gmm.num_components, gmm.dim, gmm.dim).numpy()
+    mu = gmm.means.numpy()
+    w = gmm.weights.numpy()
+    d = gmm.dim
+    comps = [
+        np.log(w[k])
+        + multivariate_normal(alpha * mu[k], alpha**2 * C[k] + sigma**2 * np.eye(d)).logpdf(x.numpy())
+        for k in range(len(w))
+    ]
+    return torch.as_tensor(np.logaddexp.reduce(np.stack(comps), axis=0))
+
+
+KINDS = ["full", "diag", "iso"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_log_prob_matches_scipy(kind, gen):
+    gmm = _mixture(kind, gen)
+    x = gmm.sample(50, gen)
+    assert x.shape == (50, 4)
+    assert torch.allclose(gmm.log_prob(x), _scipy_logpdf(gmm, x), atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("sched", [bfd.VPSchedule.linear(), bfd.VESchedule(), bfd.FlowSchedule()], ids=["vp", "ve", "flow"])
+def test_noisy_marginal_closed_form(kind, sched, gen):
+    gmm = _mixture(kind, gen)
+    prior = gmm.diffusion(sched)
+    x = 2 * torch.randn(20, 4, generator=gen, dtype=D64)
+    for t in (0.1, 0.5, 0.9):
+        tt = torch.tensor(t, dtype=D64)
+        ref = _scipy_logpdf(gmm, x, float(sched.alpha(tt)), float(sched.sigma(tt)))
+        assert torch.allclose(prior.noisy_log_prob(x, t), ref, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_score_is_gradient_of_noisy_log_density(kind, gen):
+    gmm = _mixture(kind, gen)
+    prior = gmm.diffusion(bfd.VPSchedule.cosine())
+    x = torch.randn(6, 4, generator=gen, dtype=D64).requires_grad_(True)
+    t = torch.full((6,), 0.4, dtype=D64)
+    (grad,) = torch.autograd.grad(prior.noisy_log_prob(x, t).sum(), x)
+    assert torch.allclose(prior.score(x.detach(), t), grad, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_denoiser_matches_self_normalised_importance_sampling(kind, gen):
+    gmm = _mixture(kind, gen)
+    prior = gmm.diffusion(bfd.VPSchedule.linear())
+    t = torch.tensor(0.3, dtype=D64)
+    a, s = prior.schedule.alpha(t), prior.schedule.sigma(t)
+    x_t = a * gmm.sample(1, gen) + s * torch.randn(1, 4, generator=gen, dtype=D64)
+    x0 = gmm.sample(200_000, gen)
+    lw = -0.5 * ((x_t - a * x0) ** 2).sum(-1) / s**2
+    W = torch.softmax(lw, 0)
+    est = (W[:, None] * x0).sum(0)
+    se = torch.sqrt((W[:, None] ** 2 * (x0 - est) ** 2).sum(0))  # SNIS standard error
+    exact = prior.denoise(x_t, t)[0]
+    assert ((exact - est).abs() < 5 * se + 1e-9).all(), (exact, est, se)
+
+
+def test_denoise_batch_shapes_and_time_per_row(gen):
+    gmm = _mixture("diag", gen)
+    prior = gmm.diffusion(bfd.VPSchedule.linear(), chunk_size=7)
+    x = torch.randn(3, 5, 4, generator=gen, dtype=D64)
+    t = torch.rand(3, 5, generator=gen, dtype=D64)
+    out = prior.denoise(x, t)
+    assert out.shape == x.shape
+    row = prior.denoise(x[1, 2], t[1, 2])
+    assert torch.allclose(out[1, 2], row)
+    with pytest.raises(ValueError, match="event shape"):
+        prior.denoise(torch.zeros(3, 5), 0.5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_posterior_and_evidence_vs_brute_force(kind, gen):
+    gmm = _mixture(kind, gen)
+    A = bfd.operators.Dense(torch.randn(2, 4, generator=gen, dtype=D64))
+    xs = gmm.sample(3, gen)
+    problem = bfd.InverseProblem(A, A(xs) + 0.5 * torch.randn(3, 2, generator=gen, dtype=D64), 0.5)
+    post = gmm.posterior(problem)
+    assert post.batch_shape == (3,) and post.means.shape == (3, 3, 4)
+    n = 400_000
+    x0 = gmm.sample(n, gen)
+    ll = problem.log_likelihood(x0.expand(3, n, 4))  # (3, n)
+    # evidence: log mean exp, with delta-method standard error
+    w = torch.exp(ll - ll.max(-1, keepdim=True).values)
+    le_mc = torch.log(w.mean(-1)) + ll.max(-1).values
+    se = w.std(-1) / (math.sqrt(n) * w.mean(-1))
+    le = gmm.log_evidence(problem)
+    assert ((le - le_mc).abs() < 5 * se).all(), (le, le_mc, se)
+    # posterior mean and component weights by self-normalised importance sampling
+    W = torch.softmax(ll, -1)
+    est = W @ x0
+    se_m = torch.sqrt(torch.einsum("bn,bnd->bd", W**2, (x0 - est[:, None]) ** 2))
+    assert ((post.mean() - est).abs() < 5 * se_m).all()
+    resp = gmm.component_log_responsibilities(x0).exp()  # p(k | x), and p(k | y) = E[p(k | x) | y]
+    wk = W @ resp
+    se_k = torch.sqrt(torch.einsum("bn,bnk->bk", W**2, (resp[None] - wk[:, None]) ** 2))
+    assert ((post.weights - wk).abs() < 5 * se_k + 1e-12).all()
+    # exact posterior density vs Bayes' rule on a few points
+    x = xs[:, None, :] + 0.1
+    lhs = post.log_prob(x)[:, 0]
+    rhs = gmm.log_prob(x[:, 0]) + problem.log_likelihood(x).squeeze(1) - le
+    assert torch.allclose(lhs, rhs, atol=1e-8)
+
+
+def test_unbatched_posterior_and_noiseless(gen):
+    gmm = _mixture("iso", gen)
+    A = bfd.operators.Mask(torch.tensor([True, False, True, False]), dtype=D64)
+    x = gmm.sample(1, gen)[0]
+    post = gmm.posterior(bfd.InverseProblem(A, A(x), 0.0))
+    assert post.batch_shape == () and post.means.shape == (3, 4)
+    draws = post.sample(100, gen)
+    assert torch.allclose(A(draws), A(x).expand(100, 2), atol=1e-6)
+
+
+def test_float32_stability_d800():
+    g = torch.Generator().manual_seed(0)
+    d = 800
+    grid = torch.tensor([-16.0, -8.0, 0.0, 8.0, 16.0])
+    ij = torch.cartesian_prod(grid, grid)  # (25, 2)
+    means = ij.repeat(1, d // 2)
+    w = torch.randn(25, generator=g) ** 2
+    w = w / w.sum()
+    gmm32 = bfd.GaussianMixture(w, means, torch.ones(25))
+    gmm64 = bfd.GaussianMixture(w.double(), means.double(), torch.ones(25, dtype=D64))
+    sch = bfd.VPSchedule.linear()
+    x0 = gmm64.sample(64, g)
+    for t in (0.01, 0.3, 0.7, 1.0):
+        tt = torch.tensor(t, dtype=D64)
+        xt = sch.alpha(tt) * x0 + sch.sigma(tt) * torch.randn(64, d, generator=g, dtype=D64)
+        out32 = gmm32.diffusion(sch).denoise(xt.float(), t)
+        out64 = gmm64.diffusion(sch).denoise(xt, t)
+        assert torch.isfinite(out32).all()
+        assert (out32.double() - out64).abs().max() < 1e-3 * (1 + out64.abs().max())
+
+
+def test_mixture_moments(gen):
+    gmm = _mixture("full", gen)
+    x = gmm.sample(200_000, gen)
+    assert torch.allclose(x.mean(0), gmm.mean(), atol=5 * float(x.std(0).max()) / math.sqrt(200_000))
+    assert torch.allclose(torch.cov(x.T), gmm.covariance(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize(
+    "weights, means, cov, match",
+    [
+        ([0.5, 0.6], [[0.0], [1.0]], [1.0, 1.0], "sum to one"),
+        ([-0.5, 1.5], [[0.0], [1.0]], [1.0, 1.0], "non-negative"),
+        ([0.5, 0.5], [[0.0], [1.0]], [1.0, -1.0], "positive definite"),
+        ([0.5, 0.5], [[0.0], [float("nan")]], [1.0, 1.0], "finite"),
+        ([0.5, 0.5, 0.0], [[0.0], [1.0]], [1.0, 1.0], "shape"),
+        ([0.5, 0.5], [[0.0], [1.0]], [[[1.0]], [[1.0]], [[1.0]]], "covariances must have shape"),
+    ],
+)
+def test_bad_mixture_arguments(weights, means, cov, match):
+    with pytest.raises(ValueError, match=match):
+        bfd.GaussianMixture(torch.tensor(weights), torch.tensor(means), torch.tensor(cov))
+
+
+def test_not_positive_definite_full():
+    cov = torch.tensor([[[1.0, 2.0], [2.0, 1.0]]])
+    with pytest.raises(ValueError, match="positive definite"):
+        bfd.GaussianMixture(torch.ones(1), torch.zeros(1, 2), cov)
+
+
+def test_posterior_shape_mismatch(gen):
+    gmm = _mixture("iso", gen)
+    A = bfd.operators.Dense(torch.randn(2, 5, generator=gen, dtype=D64))
+    with pytest.raises(ValueError, match="dimension"):
+        gmm.posterior(bfd.InverseProblem(A, torch.zeros(2, dtype=D64), 0.1))

@@ -1,0 +1,131 @@
+import pytest
+import torch
+
+import bayesfilter_diff as bfd
+from bayesfilter_diff import operators as O
+
+
+def _ops():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "identity": O.Identity((5,), dtype=torch.float64),
+        "dense_wide": O.Dense(torch.randn(3, 6, generator=g, dtype=torch.float64)),
+        "dense_tall": O.Dense(torch.randn(6, 3, generator=g, dtype=torch.float64)),
+        "dense_rank_def": O.Dense(
+            torch.randn(4, 2, generator=g, dtype=torch.float64)
+            @ torch.randn(2, 5, generator=g, dtype=torch.float64)
+        ),
+        "dense_image": O.Dense(torch.randn(4, 12, generator=g, dtype=torch.float64), in_shape=(1, 3, 4)),
+        "mask_random": O.Mask.random((2, 4, 4), 0.5, g, dtype=torch.float64),
+        "mask_box": O.Mask.box((1, 6, 6), 1, 1, 3, 2, dtype=torch.float64),
+        "mask_vector": O.Mask(torch.tensor([True, False, True, True, False]), dtype=torch.float64),
+        "downsample": O.Downsample((2, 4, 6), 2, dtype=torch.float64),
+        "downsample3": O.Downsample((6, 9), 3, dtype=torch.float64),
+        "colorize": O.Colorize((3, 4, 5), dtype=torch.float64),
+        "blur_gauss": O.Blur(O.gaussian_kernel(3, 1.0, dtype=torch.float64), (2, 6, 8)),
+        "blur_motion": O.Blur(O.motion_kernel(5, generator=g, dtype=torch.float64), (8, 8)),
+        "blur_box_zero_freqs": O.Blur(torch.ones(2, 2, dtype=torch.float64), (4, 4)),
+        "benchmark": O.gmm_benchmark_operator(8, 2, g, dtype=torch.float64)[0],
+    }
+
+
+OPS = _ops()
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_adjointness(name):
+    g = torch.Generator().manual_seed(1)
+    assert O.adjointness_error(OPS[name], g) < 1e-12
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_svd_identity_and_orthogonality(name):
+    op = OPS[name]
+    g = torch.Generator().manual_seed(2)
+    assert O.svd_error(op, g) < 1e-12
+    s = op.singular_values()
+    assert (s > 0).all() and s.numel() <= min(op.in_dim, op.out_dim)
+    z = torch.randn(4, op.in_dim, generator=g, dtype=torch.float64)
+    assert torch.allclose(op.Vt(op.V(z)), z, atol=1e-12)
+    w = torch.randn(4, op.out_dim, generator=g, dtype=torch.float64)
+    assert torch.allclose(op.Ut(op.U(w)), w, atol=1e-12)
+    # singular values agree with the dense matrix
+    sv = torch.linalg.svdvals(op.matrix().double())
+    sv = sv[sv > 1e-10 * sv.max()]
+    assert torch.allclose(torch.sort(s, descending=True).values, sv, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_pseudo_inverse(name):
+    op = OPS[name]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn((2,) + op.in_shape, generator=g, dtype=torch.float64)
+    ax = op(x)
+    assert torch.allclose(op(op.pinv(ax)), ax, atol=1e-10)  # A A^+ A = A
+    M = op.matrix()
+    assert torch.allclose(op.flat_in(op.pinv(op.U(torch.eye(op.out_dim, dtype=torch.float64)))).T,
+                          torch.linalg.pinv(M) @ op.U(torch.eye(op.out_dim, dtype=torch.float64)).reshape(op.out_dim, -1).T,
+                          atol=1e-9)
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_gram_solve_matches_dense(name):
+    op = OPS[name]
+    g = torch.Generator().manual_seed(4)
+    y = torch.randn((3,) + op.out_shape, generator=g, dtype=torch.float64)
+    M = op.matrix()
+    G = 0.7 * M @ M.T + 0.2 * torch.eye(op.out_dim, dtype=torch.float64)
+    ref = torch.linalg.solve(G, op.flat_out(y).T).T
+    assert torch.allclose(op.flat_out(op.gram_solve(y, 0.7, 0.2)), ref, atol=1e-10)
+
+
+def test_operators_have_no_side_effects_and_batch():
+    op = OPS["blur_gauss"]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, 2, 6, 8, generator=g, dtype=torch.float64)
+    x_copy = x.clone()
+    before = {k: v.clone() for k, v in op.state_dict().items()}
+    y1 = op(x)
+    assert torch.equal(x, x_copy)
+    assert all(torch.equal(before[k], v) for k, v in op.state_dict().items())
+    assert torch.allclose(op(x[1, 2]), y1[1, 2])
+
+
+def test_mask_embed_and_box():
+    m = O.Mask.box((1, 4, 4), 1, 1, 2, 2)
+    assert m.out_dim == 12
+    x = torch.arange(16.0).reshape(1, 4, 4)
+    e = m.embed(m(x), fill=-1.0)
+    assert (e[0, 1:3, 1:3] == -1).all() and (e[0, 0] == x[0, 0]).all()
+
+
+def test_phase_retrieval_forward():
+    op = O.PhaseRetrieval((1, 4, 4), oversampling=2)
+    x = torch.rand(2, 1, 4, 4, dtype=torch.float64)
+    y = op(x)
+    assert y.shape == (2, 1, 8, 8) and not op.is_linear
+    # Parseval with the orthonormal FFT: ||y|| = ||x||
+    assert torch.allclose(y.flatten(1).norm(dim=1), x.flatten(1).norm(dim=1))
+
+
+def test_benchmark_operator_spectrum():
+    g = torch.Generator().manual_seed(6)
+    A, sigma_y = O.gmm_benchmark_operator(20, 4, g, dtype=torch.float64)
+    s = A.singular_values()
+    assert s.shape == (4,) and (s <= 1).all() and (s[1:] <= s[:-1]).all()
+    assert 0 <= sigma_y <= float(s.max())
+
+
+def test_operator_errors():
+    with pytest.raises(ValueError, match="divisible"):
+        O.Downsample((1, 5, 4), 2)
+    with pytest.raises(ValueError, match="at least one"):
+        O.Mask(torch.zeros(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="end with shape"):
+        O.Identity((4,))(torch.zeros(3))
+    with pytest.raises(ValueError, match="finite"):
+        O.Dense(torch.tensor([[float("nan"), 1.0]]))
+    with pytest.raises(ValueError, match="larger"):
+        O.Blur(torch.ones(5, 5), (4, 4))
+    with pytest.raises(NotImplementedError, match="no SVD"):
+        bfd.operators.LinearOperator((2,), (2,)).singular_values()

@@ -1,0 +1,87 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bayesfilter_diff.studies import LocalExecutor, ResultStore, cell_key, run_study
+from bayesfilter_diff.studies.report import mean_ci, summarize
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _study_toy  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_store_round_trip_and_corruption(tmp_path):
+    store = ResultStore(tmp_path)
+    store.save("a-1", {"x": 1.5})
+    assert store.load("a-1") == {"x": 1.5} and store.done("a-1")
+    # truncated file -> detected, moved aside, treated as missing
+    p = store.path("a-1")
+    p.write_text(p.read_text()[:10])
+    assert store.load("a-1") is None and not p.exists() and p.with_suffix(".corrupt").exists()
+    # tampered payload -> checksum mismatch
+    store.save("b", {"x": 2})
+    body = json.loads(store.path("b").read_text())
+    body["record"]["x"] = 3
+    store.path("b").write_text(json.dumps(body))
+    assert store.load("b") is None
+    with pytest.raises(ValueError, match="invalid cell key"):
+        store.path("../evil")
+
+
+def test_cell_keys_are_stable_and_distinct():
+    a = {"method": "TDS", "seed": 1, "d": 8}
+    assert cell_key(a) == cell_key(dict(reversed(list(a.items()))))
+    assert cell_key(a) != cell_key({**a, "seed": 2})
+
+
+def test_resume_skips_completed_cells(tmp_path):
+    store = ResultStore(tmp_path)
+    cells = _study_toy.cells(6)
+    computed = LocalExecutor().run(_study_toy.toy_cell, cells[:4], store, progress=False)
+    assert len(computed) == 4
+    computed = LocalExecutor().run(_study_toy.toy_cell, cells, store, progress=False)
+    assert len(computed) == 2
+    recs = run_study(_study_toy.toy_cell, cells, store, progress=False)
+    assert [r["value"] for r in recs] == [i**2 + 0.5 for i in range(6)]
+
+
+def test_sigkill_then_resume(tmp_path):
+    """Kill a running study with SIGKILL, resume it: same records, nothing recomputed."""
+    n = 16
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    store = ResultStore(tmp_path)
+    for target in (2, 5, 9):  # kill three times, at different points
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "_study_toy", str(tmp_path), str(n), "0.15"],
+            env=env, cwd=ROOT / "tests",
+        )
+        deadline = time.time() + 120
+        while len(store.keys()) < target and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done_before = {k: store.path(k).stat().st_mtime_ns for k in store.keys()}
+    assert 0 < len(done_before) < n  # killed part-way
+    computed = LocalExecutor().run(_study_toy.toy_cell, _study_toy.cells(n, 0.15), store, progress=False)
+    assert len(computed) == n - len(done_before)
+    assert not set(computed) & set(done_before)
+    for k, m in done_before.items():
+        assert store.path(k).stat().st_mtime_ns == m  # completed cells untouched
+    recs = run_study(_study_toy.toy_cell, _study_toy.cells(n, 0.15), store, progress=False)
+    assert sorted(r["value"] for r in recs) == sorted(i**2 + 0.5 for i in range(n))
+    assert len(store.keys()) == n
+
+
+def test_summaries():
+    m, ci, n = mean_ci([1.0, 2.0, 3.0])
+    assert m == 2.0 and n == 3 and abs(ci - 1.96 * 1.0 / 3**0.5) < 1e-12
+    recs = [{"cell": {"method": "a", "seed": s}, "sw": float(s)} for s in range(4)]
+    rows = summarize(recs, ["method"], ["sw"])
+    assert rows[0]["sw"] == 1.5 and rows[0]["n"] == 4
