@@ -4,7 +4,7 @@
 >>> sched = bfd.VPSchedule.linear()
 """
 
-from . import operators, samplers, smc
+from . import diagnostics, operators, samplers, smc
 from .priors import DiffusionModel, GaussianMixture, GaussianMixtureDiffusion
 from .problem import InverseProblem
 from .result import Result
@@ -14,6 +14,7 @@ from .smc.loop import DegenerateWeightsError
 __version__ = "0.1.0"
 
 __all__ = [
+    "diagnostics",
     "operators",
     "samplers",
     "smc",

@@ -1,0 +1,78 @@
+"""Diagnostics: how far a sampler is from the exact posterior, and whether it is calibrated.
+
+- distances to a reference sample set: sliced and exact Wasserstein, MMD, Gaussian W2, and
+  the exact-vs-exact floor that makes a reported number readable (:mod:`.distances`);
+- against an exact Gaussian-mixture posterior: mode weights and moments (:mod:`.mixture`);
+- SMC traces: ESS, resampling events, log-evidence error (:mod:`.smc`);
+- calibration over many simulated problems: SBC ranks, uniformity tests, coverage, PIT
+  (:mod:`.calibration`);
+- export to ArviZ (:mod:`.arviz`) and figures (:mod:`.plots`).
+
+ArviZ and matplotlib are imported only when :func:`to_arviz` or a plot function is called.
+"""
+
+from ._utils import random_directions
+from .arviz import to_arviz
+from .calibration import (
+    RankTest,
+    binomial_interval,
+    coverage,
+    pit_values,
+    rank_uniformity_test,
+    sbc_ranks,
+)
+from .distances import (
+    Floor,
+    exact_floor,
+    gaussian_w2,
+    median_bandwidth,
+    mmd,
+    sliced_wasserstein,
+    wasserstein2_exact,
+    wasserstein_1d,
+)
+from .mixture import (
+    implied_component_weights,
+    marginal_mixture,
+    mixture_weight_error,
+    moment_errors,
+)
+from .plots import (
+    plot_coverage,
+    plot_distance_vs_particles,
+    plot_ess,
+    plot_rank_histogram,
+    plot_samples_vs_posterior,
+)
+from .smc import ess_trace, log_evidence_error, resampling_events
+
+__all__ = [
+    "random_directions",
+    "wasserstein_1d",
+    "sliced_wasserstein",
+    "wasserstein2_exact",
+    "median_bandwidth",
+    "mmd",
+    "gaussian_w2",
+    "exact_floor",
+    "Floor",
+    "implied_component_weights",
+    "mixture_weight_error",
+    "moment_errors",
+    "marginal_mixture",
+    "ess_trace",
+    "resampling_events",
+    "log_evidence_error",
+    "sbc_ranks",
+    "rank_uniformity_test",
+    "RankTest",
+    "coverage",
+    "pit_values",
+    "binomial_interval",
+    "to_arviz",
+    "plot_samples_vs_posterior",
+    "plot_ess",
+    "plot_distance_vs_particles",
+    "plot_rank_histogram",
+    "plot_coverage",
+]
