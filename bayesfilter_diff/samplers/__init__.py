@@ -2,5 +2,6 @@
 
 from .base import Sampler, SMCSampler
 from .ddim import DDIM
+from .fps import FPS, FPSSMC
 
-__all__ = ["Sampler", "SMCSampler", "DDIM"]
+__all__ = ["Sampler", "SMCSampler", "DDIM", "FPS", "FPSSMC"]

@@ -203,7 +203,10 @@ def run(sampler: Any, prior: DiffusionModel, problem: InverseProblem, num_sample
         info["ess"] = torch.stack(ess_trace) if ess_trace else None
         info["resampled"] = torch.stack(res_trace) if res_trace else None
         info["log_evidence"] = zt
-        out_w, out_z = log_w, log_z
+        out_w = log_w
+        # samplers whose normalising constant is not log p(y) (FPS-SMC: the likelihood of
+        # its own y-sequence) keep it in the trace only
+        out_z = log_z if getattr(sampler, "estimates_evidence", True) else None
     info["wall_time"] = time.perf_counter() - start
     info.update(ctx.cache.get("info", {}))
     if not problem.batched:
