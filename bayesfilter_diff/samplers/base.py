@@ -61,8 +61,9 @@ def gaussian_log_density(x: Tensor, mean: Tensor, var: Tensor | float, event_dim
     """``log N(x; mean, var I)`` summed over the last ``event_dim`` axes (``var`` broadcasts)."""
     var = torch.as_tensor(var, dtype=x.dtype, device=x.device)
     red = tuple(range(x.dim() - event_dim, x.dim()))
-    lv = torch.log(var).expand(torch.broadcast_shapes(var.shape, x.shape))
-    return -0.5 * (((x - mean) ** 2 / var).sum(red) + lv.sum(red) + _LOG2PI * math.prod(x.shape[x.dim() - event_dim:]))
+    k = math.prod(x.shape[x.dim() - event_dim :])
+    # (x - mean)^2 / var + log var broadcasts to the full shape before the sum
+    return -0.5 * (((x - mean) ** 2 / var + torch.log(var)).sum(red) + _LOG2PI * k)
 
 
 @dataclass(frozen=True)

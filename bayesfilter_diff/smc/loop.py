@@ -164,6 +164,11 @@ def run(sampler: Any, prior: DiffusionModel, problem: InverseProblem, num_sample
         state, incr = sampler.step(ctx, state, i, times[i], times[i + 1])
         if not weighted:
             continue
+        if incr is None:  # no reweighting this step: no resampling either
+            ess_trace.append(ess(log_w))
+            z_trace.append(log_z)
+            res_trace.append(torch.zeros(B, dtype=torch.bool, device=ctx.device))
+            continue
         incr = incr.double()
         log_z = log_z + log_evidence_increment(log_w, incr)
         log_w = normalize(log_w + incr)

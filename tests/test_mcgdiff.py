@@ -1,0 +1,315 @@
+"""MCGdiff against exact answers.
+
+For a Gaussian prior and the exact denoiser every DDIM transition is affine-Gaussian, so the
+Feynman-Kac target of MCGdiff *on the run's grid* is Gaussian and computable in closed form
+(``_discrete_target``): the tests check the particle estimates against it within Monte Carlo
+error (consistency of the implementation), and the closed form against the exact posterior
+as the number of steps grows (discretisation bias, no Monte Carlo). Monte Carlo errors come
+from independent replicate runs (a batch of ``R`` identical observations): the ESS of the
+final weights is close to ``N`` but ignores the genealogy of the particles (resampling at
+every step), so it grossly overstates the precision (``effN`` printed below).
+"""
+
+import math
+
+import pytest
+import torch
+
+import bayesfilter_diff as bfd
+from bayesfilter_diff.samplers.base import ddim_coefficients
+from bayesfilter_diff.samplers.mcgdiff import MCGdiff, observation_time_indices
+
+D64 = torch.float64
+
+
+# ------------------------------------------------------------------ exact references
+def _discrete_target(mean, cov, sched, times, op, y, sy, eta, kappa):
+    """Mean, covariance (in x) and log-normaliser of MCGdiff's weighted x0-target on ``times``.
+
+    The chain ``x_{k+1} = F_k x_k + f_k + std_k z`` (DDIM with the exact Gaussian denoiser) is
+    written as ``x_k = L_k Z + c_k``; the potentials pin ``(V^T x_{k_i})_i`` to
+    ``alpha_{k_i} y_bar_i`` with variance ``kappa``; the final weight multiplies by
+    ``N(y_bar; x_bar0, a) / N(y_bar; x_bar0, c)``. Before the noiseless snapping.
+    """
+    d, n, dt = mean.numel(), times.numel() - 1, cov.dtype
+    eye = torch.eye(d, dtype=dt)
+    a, s = sched.alpha(times), sched.sigma(times)
+    sv = op.singular_values()
+    r = sv.numel()
+    kt = observation_time_indices(sched, times, sv, sy)
+    keep = set(kt.tolist()) | {n}
+    L = torch.zeros(d, (n + 1) * d, dtype=dt)
+    L[:, :d] = s[0] * eye
+    c = torch.zeros(d, dtype=dt)
+    stored = {0: (L, c)}
+    for k in range(n):
+        G = a[k] * cov @ torch.linalg.inv(a[k] ** 2 * cov + s[k] ** 2 * eye)
+        a_s, c_eps, std, _ = ddim_coefficients(sched, times[k], times[k + 1], eta)
+        b = a_s - c_eps * a[k] / s[k]
+        L = (b * G + (c_eps / s[k]) * eye) @ L
+        L[:, (k + 1) * d : (k + 2) * d] += std * eye
+        c = (b * G + (c_eps / s[k]) * eye) @ c + b * (mean - a[k] * G @ mean)
+        if k + 1 in keep:
+            stored[k + 1] = (L, c)
+    VT = op.Vt(eye).T  # V^T as a matrix
+    ytil = op.Ut(y)
+    ybar = ytil[:r] / sv
+    H = torch.stack([VT[i] @ stored[int(kt[i])][0] for i in range(r)])
+    h = torch.stack([VT[i] @ stored[int(kt[i])][1] for i in range(r)])
+    obs = a[kt] * ybar
+    Ln, cn = stored[n]
+    Sxo, Soo = Ln @ H.T, H @ H.T + kappa * torch.eye(r, dtype=dt)
+    K = Sxo @ torch.linalg.inv(Soo)
+    m, S = cn + K @ (obs - h), Ln @ Ln.T - K @ Sxo.T
+    logz = torch.distributions.MultivariateNormal(h, Soo).log_prob(obs)
+    logz = logz + (torch.log(a[kt]) - torch.log(sv)).sum()
+    if sy > 0:
+        aa, cc = (sy / sv) ** 2, (s[kt] ** 2 + kappa) / a[kt] ** 2
+        lam = 1 / aa - 1 / cc
+        Vr = VT[:r]
+        M = torch.eye(r, dtype=dt) + (Vr @ S @ Vr.T) * lam[None, :]
+        delta = Vr @ m - ybar
+        logz = logz - 0.5 * torch.logdet(M) - 0.5 * torch.log(aa / cc).sum()
+        logz = logz - 0.5 * delta @ (lam[:, None] * torch.linalg.inv(M)) @ delta
+        rest = (ytil**2).sum() - (ytil[:r] ** 2).sum()
+        mm = op.out_dim
+        logz = logz - 0.5 * rest / sy**2 - 0.5 * (mm - r) * math.log(2 * math.pi * sy**2)
+        P = torch.linalg.inv(S)
+        S = torch.linalg.inv(P + Vr.T @ torch.diag(lam) @ Vr)
+        m = S @ (P @ m + Vr.T @ (lam * ybar))
+    return m, 0.5 * (S + S.T), logz
+
+
+def _snap(m, S, op, y):
+    """The noiseless output: observed spectral coordinates set to ``y_bar``."""
+    d = m.numel()
+    VT = op.Vt(torch.eye(d, dtype=m.dtype)).T
+    r = op.singular_values().numel()
+    mb, Sb = VT @ m, VT @ S @ VT.T
+    mb[:r] = op.Ut(y)[:r] / op.singular_values()
+    Sb[:r], Sb[:, :r] = 0, 0
+    return VT.T @ mb, VT.T @ Sb @ VT
+
+
+def _gaussian_setup(sy, R, schedule):
+    g = torch.Generator().manual_seed(0)
+    d = 4
+    Lm = torch.randn(d, d, generator=g, dtype=D64) * 0.5
+    C = Lm @ Lm.T + 0.5 * torch.eye(d, dtype=D64)
+    mu = torch.randn(d, generator=g, dtype=D64)
+    gmm = bfd.GaussianMixture(torch.ones(1, dtype=D64), mu[None], C[None])
+    # distinct singular values (2, 0.6): the two observed coordinates get different tau
+    U, _, Vh = torch.linalg.svd(torch.randn(2, d, generator=g, dtype=D64), full_matrices=False)
+    A = bfd.operators.Dense(U @ torch.diag(torch.tensor([2.0, 0.6], dtype=D64)) @ Vh)
+    x = gmm.sample(1, g)
+    y = A(x)[0] + sy * torch.randn(2, generator=g, dtype=D64)
+    problem = bfd.InverseProblem(A, y.expand(R, 2).clone(), noise_std=sy)  # R replicates
+    return gmm, gmm.diffusion(schedule), A, y, problem, mu, C
+
+
+def _replicate_moments(res):
+    """Per-run weighted means (R, d), pooled covariance and per-entry standard errors."""
+    W, xs = res.weights(), res.samples
+    R = xs.shape[0]
+    m = (W[..., None] * xs).sum(1)
+    dx = xs - m[:, None]
+    cov_runs = torch.einsum("bn,bni,bnj->bij", W, dx, dx)
+    # within-run covariance + between-run spread of the means (the within-run estimate
+    # misses Var(mean) when the cloud is correlated)
+    dm = m - m.mean(0)
+    cov = cov_runs.mean(0) + dm.T @ dm / (R - 1)
+    se_m = m.std(0) / math.sqrt(R)
+    se_c = cov_runs.std(0) / math.sqrt(R)
+    return m.mean(0), se_m, cov, se_c, m
+
+
+# ------------------------------------------------------------------ Gaussian prior, noisy
+@pytest.mark.parametrize(
+    "schedule", [bfd.VPSchedule.linear(), bfd.FlowSchedule()], ids=["vp", "flow"]
+)
+def test_noisy_gaussian_matches_discrete_target_posterior_and_evidence(schedule):
+    sy, R, N, steps = 0.5, 32, 500, 50
+    gmm, prior, A, y, problem, mu, C = _gaussian_setup(sy, R, schedule)
+    exact = gmm.posterior(problem)
+    em, ec = exact.mean()[0], exact.covariance()[0]
+    times = schedule.time_grid(steps, dtype=D64)
+    dm, dS, dlz = _discrete_target(mu, C, schedule, times, A, y, sy, 1.0, 1e-4)
+    res = MCGdiff(num_steps=steps).sample(prior, problem, N, torch.Generator().manual_seed(1))
+    m, se_m, cov, se_c, m_runs = _replicate_moments(res)
+    eff_n = dS.diagonal() / m_runs.var(0)
+    # average the R unbiased evidence estimates (the mean of log Z-hat is biased low by
+    # about Var(log Z-hat) / 2); delta-method standard error
+    zr = torch.exp(res.log_evidence - res.log_evidence.max())
+    lz = torch.log(zr.mean()) + res.log_evidence.max()
+    se_lz = zr.std() / zr.mean() / math.sqrt(R)
+    print(
+        f"\n[{schedule.kind}] tau={res.info['tau'].tolist()} final ESS={res.ess().mean():.0f}/{N} "
+        f"effN from replicates={eff_n.numpy().round(0)}\n"
+        f"  mean err / se vs discrete target: {((m - dm) / se_m).numpy().round(2)}\n"
+        f"  mean err / se vs exact posterior: {((m - em) / se_m).numpy().round(2)}\n"
+        f"  var ratio MC / exact {(cov.diagonal() / ec.diagonal()).numpy().round(3)}, "
+        f"discrete / exact {(dS.diagonal() / ec.diagonal()).numpy().round(3)}\n"
+        f"  log Z: MC {lz:.3f} +- {se_lz:.3f}, discrete {dlz:.3f}, "
+        f"exact {gmm.log_evidence(problem)[0]:.3f}"
+    )
+    assert res.samples.shape == (R, N, 4) and res.info["nfe"] == steps
+    # consistency with the discrete-chain target (all moments)
+    assert ((m - dm).abs() < 4 * se_m).all()
+    assert ((cov - dS).abs() < 4 * se_c + 1e-12).all()
+    assert abs(lz - dlz) < 4 * se_lz
+    # the mean's discretisation bias is far below the Monte Carlo error: vs the exact posterior
+    assert ((m - em).abs() < 4 * se_m).all()
+
+
+def test_discretisation_bias_vanishes_with_steps_only_for_eta_one():
+    """Closed form, no Monte Carlo: the variance deficit is O(1/steps) for eta = 1; with
+    eta < 1 the noisy case keeps a bias (the chain's joint law of (x_tau, x0) is wrong),
+    the noiseless case does not."""
+    sched = bfd.VPSchedule.linear()
+    out = {}
+    for sy in (0.5, 0.0):
+        gmm, _, A, y, problem, mu, C = _gaussian_setup(sy, 1, sched)
+        ec = gmm.posterior(problem).covariance()[0]
+        for eta in (1.0, 0.6):
+            for steps in (50, 400):
+                times = sched.time_grid(steps, dtype=D64)
+                m, S, lz = _discrete_target(mu, C, sched, times, A, y, sy, eta, 1e-6)
+                if sy == 0:
+                    m, S = _snap(m, S, A, y)
+                dev = ((S.diagonal() - ec.diagonal()).abs() / ec.diagonal()).max()
+                out[sy, eta, steps] = float(dev)
+                lz_err = float(lz - gmm.log_evidence(problem)[0])
+                print(
+                    f"sy={sy} eta={eta} steps={steps}: max |var ratio - 1| = {dev:.4f}, "
+                    f"log Z error {lz_err:+.4f}"
+                )
+    for sy in (0.5, 0.0):
+        assert out[sy, 1.0, 400] < out[sy, 1.0, 50] / 4  # ~ 1/steps (8x more steps)
+    assert out[0.0, 0.6, 400] < out[0.0, 0.6, 50] / 4
+    # the paper's eta = 0.6 does not converge in the noisy case
+    assert out[0.5, 0.6, 400] > 0.2 and out[0.5, 0.6, 400] > 3 * out[0.5, 1.0, 400]
+
+
+def test_noiseless_exact_constraint_and_posterior():
+    R, N, steps = 32, 500, 50
+    sched = bfd.VPSchedule.linear()
+    gmm, prior, A, y, problem, mu, C = _gaussian_setup(0.0, R, sched)
+    exact = gmm.posterior(problem)
+    em, ec = exact.mean()[0], exact.covariance()[0]
+    times = sched.time_grid(steps, dtype=D64)
+    dm, dS, _ = _discrete_target(mu, C, sched, times, A, y, 0.0, 1.0, 1e-4)
+    dm, dS = _snap(dm, dS, A, y)
+    res = MCGdiff(num_steps=steps).sample(prior, problem, N, torch.Generator().manual_seed(2))
+    assert res.info["tau"].abs().max() == 0
+    resid = (A(res.samples) - y).abs().max()
+    assert resid < 1e-12  # A x = y up to rounding
+    m, se_m, cov, se_c, m_runs = _replicate_moments(res)
+    print(
+        f"\nnoiseless: max |Ax - y| = {resid:.1e}, min step ESS "
+        f"{res.info['ess'].min(0).values.mean():.0f}/{N} (last weight N(mu; y_bar, kappa))\n"
+        f"  mean err / se vs exact {((m - em) / se_m.clamp_min(1e-12)).numpy().round(2)}\n"
+        f"  var ratio MC / exact {(cov.diagonal() / ec.diagonal()).numpy().round(3)}, "
+        f"discrete / exact {(dS.diagonal() / ec.diagonal()).numpy().round(3)}"
+    )
+    assert ((m - dm).abs() < 4 * se_m + 1e-10).all()
+    assert ((cov - dS).abs() < 4 * se_c + 1e-10).all()
+    assert ((m - em).abs() < 4 * se_m + 1e-10).all()
+
+
+def test_mixture_weights_recovered():
+    R, N, steps = 16, 500, 50
+    gmm = bfd.GaussianMixture(
+        torch.tensor([0.3, 0.7], dtype=D64),
+        torch.tensor([[-2.0, 1.0], [2.0, -1.0]], dtype=D64),
+        torch.tensor([0.5, 0.5], dtype=D64),
+    )
+    prior = gmm.diffusion(bfd.VPSchedule.linear())
+    A = bfd.operators.Dense(torch.tensor([[1.0, 0.5]], dtype=D64))
+    problem = bfd.InverseProblem(A, torch.full((R, 1), -0.3, dtype=D64), noise_std=0.5)
+    post = gmm.posterior(problem)
+    post0 = bfd.GaussianMixture(post.weights[0], post.means[0], post.covariances)
+    # systematic resampling: same target as the default, less resampling noise
+    sampler = MCGdiff(num_steps=steps, resampling="systematic")
+    res = sampler.sample(prior, problem, N, torch.Generator().manual_seed(3))
+    resp = post0.component_log_responsibilities(res.samples).exp()  # (R, N, K)
+    est = (res.weights()[..., None] * resp).sum(1)
+    w, se = est.mean(0), est.std(0) / math.sqrt(R)
+    print(
+        f"\nmixture weights: exact {post0.weights.numpy().round(3)}, MCGdiff "
+        f"{w.numpy().round(3)} +- {se.numpy().round(3)}"
+    )
+    assert 0.3 < float(post0.weights[0]) < 0.7  # a non-trivial posterior mixture
+    assert ((w - post0.weights).abs() < 4 * se).all()
+
+
+# ------------------------------------------------------------------ shapes and errors
+def _std_normal_prior(event_shape):
+    sched = bfd.VPSchedule.linear()
+
+    def denoiser(x, t):  # exact E[x0 | x_t] for x0 ~ N(0, I)
+        a = sched.alpha(t).reshape((-1,) + (1,) * (x.dim() - 1))
+        s = sched.sigma(t).reshape(a.shape)
+        return a * x / (a**2 + s**2)
+
+    return bfd.DiffusionModel(denoiser, sched, event_shape)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("kind", ["dense-vector", "mask-image", "downsample-image"])
+@pytest.mark.parametrize("noise_std", [0.1, 0.0])
+def test_shapes(kind, batched, noise_std):
+    g = torch.Generator().manual_seed(0)
+    if kind == "dense-vector":
+        shape = (5,)
+        op = bfd.operators.Dense(torch.randn(3, 5, generator=g))
+    elif kind == "mask-image":
+        shape = (2, 4, 4)
+        op = bfd.operators.Mask.random(shape, 0.4, generator=g)
+    else:
+        shape = (2, 4, 4)
+        op = bfd.operators.Downsample(shape, 2)
+    prior = _std_normal_prior(shape)
+    y = op(torch.randn((3,) + shape, generator=g))
+    y = y + noise_std * torch.randn(y.shape, generator=g)
+    problem = bfd.InverseProblem(op, y if batched else y[0], noise_std=noise_std)
+    res = MCGdiff(num_steps=6).sample(prior, problem, 7, g)
+    lead = (3, 7) if batched else (7,)
+    assert res.samples.shape == lead + shape and res.samples.dtype == torch.float32
+    assert res.log_weights.shape == lead and res.log_evidence.shape == lead[:-1]
+    assert torch.isfinite(res.samples).all() and torch.isfinite(res.log_evidence).all()
+    assert res.info["tau"].shape == (op.singular_values().numel(),)
+    if noise_std == 0:
+        err = op(res.samples) - (y if batched else y[0]).unsqueeze(-len(op.out_shape) - 1)
+        assert err.abs().max() < 1e-5
+
+
+def test_determinism():
+    op = bfd.operators.Downsample((2, 4, 4), 2)
+    prior = _std_normal_prior((2, 4, 4))
+    y = torch.randn((3,) + op.out_shape, generator=torch.Generator().manual_seed(1))
+    problem = bfd.InverseProblem(op, y, noise_std=0.2)
+    s = MCGdiff(num_steps=6)
+    r1 = s.sample(prior, problem, 16, torch.Generator().manual_seed(7))
+    r2 = s.sample(prior, problem, 16, torch.Generator().manual_seed(7))
+    r3 = s.sample(prior, problem, 16, torch.Generator().manual_seed(8))
+    assert torch.equal(r1.samples, r2.samples) and torch.equal(r1.log_weights, r2.log_weights)
+    assert not torch.equal(r1.samples, r3.samples)
+
+
+def test_clear_errors():
+    g = torch.Generator().manual_seed(0)
+    prior = _std_normal_prior((1, 4, 4))
+    pr = bfd.operators.PhaseRetrieval((1, 4, 4))
+    y = pr(torch.randn(1, 4, 4, generator=g))
+    with pytest.raises(ValueError, match="linear operator with an SVD"):
+        MCGdiff(num_steps=3).sample(prior, bfd.InverseProblem(pr, y, noise_std=0.1), 4, g)
+    mask = bfd.operators.Mask.random((1, 4, 4), 0.5, generator=g)
+    yp = torch.poisson(torch.full(mask.out_shape, 3.0), generator=g)
+    with pytest.raises(ValueError, match="poisson"):
+        MCGdiff(num_steps=3).sample(prior, bfd.InverseProblem(mask, yp, noise="poisson"), 4, g)
+    for bad in (dict(eta=1.5), dict(eta=-0.1), dict(kappa2=0.0), dict(kappa2=float("nan"))):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            MCGdiff(**bad)
+    with pytest.raises(ValueError, match="resampling"):
+        MCGdiff(resampling="nope")
+    assert MCGdiff().resampling == "systematic" and MCGdiff().ess_threshold == 1.0
