@@ -5,6 +5,8 @@
 """
 
 from . import diagnostics, operators, samplers, smc
+from .distributions import DiffusionPrior, LinearGaussian
+from .inference import Posterior, infer
 from .priors import DiffusionModel, GaussianMixture, GaussianMixtureDiffusion
 from .problem import InverseProblem
 from .result import Result
@@ -28,4 +30,8 @@ __all__ = [
     "VESchedule",
     "FlowSchedule",
     "DegenerateWeightsError",
+    "DiffusionPrior",
+    "LinearGaussian",
+    "infer",
+    "Posterior",
 ]

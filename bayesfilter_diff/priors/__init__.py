@@ -1,6 +1,20 @@
-"""Priors: the denoiser contract, adapters and the exact Gaussian mixture."""
+"""Priors: the denoiser contract, adapters, the exact Gaussian mixture, networks, guidance."""
 
 from .base import DiffusionModel, broadcast_time
 from .gmm import GaussianMixture, GaussianMixtureDiffusion
+from .guidance import ClassifierFreeGuidance, ClassifierGuidance
+from .networks import MLP, UNet, load_pretrained, load_prior, network_from_config
 
-__all__ = ["DiffusionModel", "GaussianMixture", "GaussianMixtureDiffusion", "broadcast_time"]
+__all__ = [
+    "DiffusionModel",
+    "GaussianMixture",
+    "GaussianMixtureDiffusion",
+    "broadcast_time",
+    "ClassifierGuidance",
+    "ClassifierFreeGuidance",
+    "MLP",
+    "UNet",
+    "load_pretrained",
+    "load_prior",
+    "network_from_config",
+]

@@ -3,12 +3,18 @@
 from .base import Sampler, SMCSampler
 from .daps import DAPS
 from .ddim import DDIM
+from .ddnm import DDNM, DDNMPlus
+from .ddrm import DDRM
 from .dflow import DFlow
 from .diffpir import DiffPIR
+from .dps import DPS
 from .fps import FPS, FPSSMC
 from .mcgdiff import MCGdiff
+from .pigdm import PiGDM
+from .pigdm_flow import OTODE, PiGDMFlow
 from .reddiff import REDDiff
 from .repaint import RePaint
 from .smcdiff import SMCDiff
+from .tds import TDS
 
-__all__ = ["Sampler", "SMCSampler", "DDIM", "FPS", "FPSSMC", "MCGdiff", "SMCDiff", "RePaint", "REDDiff", "DiffPIR", "DAPS", "DFlow"]
+__all__ = ["Sampler", "SMCSampler", "DDIM", "FPS", "FPSSMC", "MCGdiff", "SMCDiff", "RePaint", "REDDiff", "DiffPIR", "DAPS", "DFlow", "TDS", "DPS", "PiGDM", "PiGDMFlow", "OTODE", "DDRM", "DDNM", "DDNMPlus"]

@@ -1,0 +1,556 @@
+"""Pyro distributions: a diffusion prior and a linear-Gaussian likelihood.
+
+:class:`DiffusionPrior` wraps a :class:`~bayesfilter_diff.priors.base.DiffusionModel` as a
+``pyro.distributions.TorchDistribution`` so that it can stand at a ``pyro.sample`` site,
+and :class:`LinearGaussian` is the observation ``y ~ N(A x, sigma_y^2 I)`` of the toolkit's
+inverse problems. Together they make the "Pyro front door" of :func:`bayesfilter_diff.infer`::
+
+    def model(y=None):
+        x = pyro.sample("x", bfd.DiffusionPrior(prior))
+        pyro.sample("y", bfd.LinearGaussian(A, x, noise_std=0.05), obs=y)
+
+Both follow Pyro's shape algebra (``batch_shape``, ``event_shape``, ``expand``,
+``to_event``, broadcasting inside ``pyro.plate``).
+
+Sampling a :class:`DiffusionPrior` runs the reverse process (ancestral DDPM or
+deterministic DDIM, :class:`~bayesfilter_diff.samplers.DDIM`); its density is the
+probability-flow ODE estimate of Song et al. (ICLR 2021, Sec. 4.3 and App. D.2), computed
+by :meth:`DiffusionPrior.ode_log_prob` (see there for the approximations and the cost).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from pyro.distributions import TorchDistribution, constraints
+from pyro.distributions.util import broadcast_shape
+from torch import Tensor
+
+from .operators.base import Operator
+from .operators.identity import Identity
+from .priors.base import DiffusionModel
+from .problem import InverseProblem
+
+__all__ = ["DiffusionPrior", "LinearGaussian"]
+
+_LOG2PI = math.log(2 * math.pi)
+_SAMPLERS = ("ddpm", "ddim")
+
+
+def _model_ref(model: DiffusionModel) -> tuple[torch.dtype, torch.device]:
+    """dtype and device of the model's first floating-point parameter or buffer."""
+    for p in list(model.parameters()) + list(model.buffers()):
+        if p.is_floating_point():
+            return p.dtype, p.device
+    return torch.get_default_dtype(), torch.device("cpu")
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class DiffusionPrior(TorchDistribution):
+    r"""A diffusion model as a Pyro distribution over its event shape.
+
+    Parameters
+    ----------
+    model
+        The diffusion model (schedule and denoiser).
+    sampler
+        ``"ddpm"`` (default): ancestral sampling, the DDIM kernel with ``eta = 1``;
+        ``"ddim"``: deterministic DDIM (``eta = 0``) from Gaussian noise.
+    num_steps
+        Steps of the reverse process used by :meth:`sample`.
+    grid
+        ``"uniform"`` or ``"ddpm"`` time grid for :meth:`sample`.
+    ode_steps
+        Fixed RK4 steps of the probability-flow ODE used by :meth:`log_prob`.
+    t_min, t_max
+        Integration interval of the ODE. ``t = 0`` itself is singular for VP and flow
+        paths (``sigma(0) = 0``: the velocity is ``0 / 0``), so the density returned is that
+        of the noisy marginal ``p_{t_min}``, which differs from ``p_0`` by ``O(t_min)``
+        (for the linear VP schedule ``sigma^2(t_min) ~ 0.1 t_min``). Use ``t_max < 1`` for
+        schedules whose derivative blows up at ``t = 1``; ``t_max=None`` (default) is 1,
+        or 0.999 for the clipped cosine VP schedule (``dalpha/dt ~ tan(pi/2)`` at 1).
+    exact_divergence_max_dim
+        Event sizes ``d`` up to this use the exact divergence (``d`` vector-Jacobian
+        products); larger ones use Hutchinson's estimator.
+    num_probes
+        Rademacher probes per velocity evaluation of Hutchinson's estimator.
+    probe_seed
+        Seed of the probes' generator (a fresh ``torch.Generator`` per call, so
+        :meth:`log_prob` is deterministic).
+    generator
+        Generator used by :meth:`sample` (``None``: torch's default generator).
+    batch_shape
+        Batch shape (default ``()``; :meth:`expand` and ``pyro.plate`` set it). All batch
+        elements are the same distribution.
+    validate_args
+        Validate the samples passed to :meth:`log_prob` (torch's default if ``None``).
+
+    Notes
+    -----
+    ``sample`` runs :class:`~bayesfilter_diff.samplers.DDIM` through the shared particle
+    loop. The loop needs an :class:`~bayesfilter_diff.InverseProblem`; DDIM ignores the
+    observation, so a dummy one is used (an ``Identity`` operator of the model's dtype and
+    device, ``y = 0``, ``noise_std = 1``). The samples are those of the discretised chain
+    (``num_steps`` network calls), not exact draws of ``p_0``. ``has_rsample`` is
+    ``False``: no gradient flows through the samples.
+    """
+
+    arg_constraints: dict = {}
+    has_rsample = False
+
+    def __init__(
+        self,
+        model: DiffusionModel,
+        sampler: str = "ddpm",
+        num_steps: int = 100,
+        *,
+        grid: str = "uniform",
+        ode_steps: int = 100,
+        t_min: float = 1e-5,
+        t_max: float | None = None,
+        exact_divergence_max_dim: int = 16,
+        num_probes: int = 1,
+        probe_seed: int = 0,
+        generator: torch.Generator | None = None,
+        batch_shape: Sequence[int] = (),
+        validate_args: bool | None = None,
+    ) -> None:
+        if not isinstance(model, DiffusionModel):
+            raise TypeError(f"model must be a DiffusionModel, got {type(model).__name__}")
+        if sampler not in _SAMPLERS:
+            raise ValueError(f"sampler must be one of {_SAMPLERS}, got {sampler!r}")
+        _positive_int(num_steps, "num_steps")
+        if grid not in ("uniform", "ddpm"):
+            raise ValueError(f"grid must be 'uniform' or 'ddpm', got {grid!r}")
+        _positive_int(ode_steps, "ode_steps")
+        if t_max is None:
+            # The clipped cosine VP schedule has dalpha/dt ~ tan(pi/2) at t = 1.
+            cosine = getattr(model.schedule, "kind", "") == "vp" and (
+                getattr(model.schedule, "name", "") == "cosine"
+            )
+            t_max = 0.999 if cosine else 1.0
+        if not (isinstance(t_min, int | float) and isinstance(t_max, int | float)) or not (
+            0.0 <= t_min < t_max <= 1.0
+        ):
+            raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min={t_min!r}, t_max={t_max!r}")
+        if isinstance(exact_divergence_max_dim, bool) or not isinstance(
+            exact_divergence_max_dim, int
+        ):
+            raise ValueError(
+                f"exact_divergence_max_dim must be an int, got {exact_divergence_max_dim!r}"
+            )
+        _positive_int(num_probes, "num_probes")
+        if isinstance(probe_seed, bool) or not isinstance(probe_seed, int):
+            raise ValueError(f"probe_seed must be an int, got {probe_seed!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+            )
+        self.model = model
+        self.sampler = sampler
+        self.num_steps = num_steps
+        self.grid = grid
+        self.ode_steps = ode_steps
+        self.t_min = float(t_min)
+        self.t_max = float(t_max)
+        self.exact_divergence_max_dim = exact_divergence_max_dim
+        self.num_probes = num_probes
+        self.probe_seed = probe_seed
+        self.generator = generator
+        super().__init__(torch.Size(batch_shape), model.event_shape, validate_args=validate_args)
+
+    # ------------------------------------------------------------------ Pyro plumbing
+    @property
+    def support(self):
+        return constraints.independent(constraints.real, len(self.event_shape))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _model_ref(self.model)[0]
+
+    @property
+    def device(self) -> torch.device:
+        return _model_ref(self.model)[1]
+
+    def expand(self, batch_shape, _instance=None) -> DiffusionPrior:
+        batch_shape = torch.Size(batch_shape)
+        new = self._get_checked_instance(DiffusionPrior, _instance)
+        for k in (
+            "model",
+            "sampler",
+            "num_steps",
+            "grid",
+            "ode_steps",
+            "t_min",
+            "t_max",
+            "exact_divergence_max_dim",
+            "num_probes",
+            "probe_seed",
+            "generator",
+        ):
+            setattr(new, k, getattr(self, k))
+        super(DiffusionPrior, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    # ------------------------------------------------------------------ sampling
+    def _dummy_problem(self) -> InverseProblem:
+        """A problem the DDIM sampler can run on; DDIM never reads its observation."""
+        dtype, device = _model_ref(self.model)
+        op = Identity(tuple(self.event_shape), dtype=dtype).to(device)
+        y = torch.zeros(self.event_shape, dtype=dtype, device=device)
+        return InverseProblem(op, y, noise_std=1.0)
+
+    def sample(
+        self, sample_shape: Sequence[int] = torch.Size(), generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Draw ``sample_shape + batch_shape`` independent samples with the reverse process.
+
+        ``generator`` overrides the distribution's ``generator`` attribute.
+        """
+        from .samplers.ddim import DDIM
+
+        shape = self._extended_shape(torch.Size(sample_shape))
+        n = math.prod(shape[: len(shape) - len(self.event_shape)])
+        dtype, device = _model_ref(self.model)
+        if n == 0:
+            return torch.empty(shape, dtype=dtype, device=device)
+        sampler = DDIM(
+            num_steps=self.num_steps, grid=self.grid, eta=1.0 if self.sampler == "ddpm" else 0.0
+        )
+        gen = self.generator if generator is None else generator
+        with torch.no_grad():
+            res = sampler.sample(self.model, self._dummy_problem(), n, gen)
+        return res.samples.reshape(shape)
+
+    # ------------------------------------------------------------------ density
+    def log_prob(self, value: Tensor) -> Tensor:
+        """Probability-flow ODE estimate of ``log p(value)`` (see :meth:`ode_log_prob`).
+
+        Returns shape ``broadcast(value.shape[:-event_dim], batch_shape)``; detached.
+        """
+        if self._validate_args:
+            self._validate_sample(value)
+        lp = self.ode_log_prob(value)
+        return lp.expand(broadcast_shape(lp.shape, self.batch_shape))
+
+    def ode_log_prob(
+        self,
+        x: Tensor,
+        *,
+        ode_steps: int | None = None,
+        num_probes: int | None = None,
+        exact: bool | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        r"""``log p(x)`` by the instantaneous change of variables along the probability flow.
+
+        With the probability-flow ODE ``dx_t/dt = v(x_t, t)`` (``model.velocity``,
+        ``v = dalpha E[x0|x_t] + dsigma E[eps|x_t]``), which carries the marginals ``p_t``,
+
+            log p_{t_min}(x) = log p_{t_max}(x_{t_max}) + int_{t_min}^{t_max} div v(x_t, t) dt,
+
+        integrated forward from ``x_{t_min} = x`` with fixed-step RK4 (``ode_steps`` steps,
+        uniform in ``t``) on the joint state ``(x_t, int div v)``.
+
+        Approximations
+        --------------
+        - *Terminal density.* ``p_T`` (``T = t_max``) is the data scaled by
+          ``alpha = alpha(T)`` and convolved with ``N(0, sigma^2 I)``, ``sigma = sigma(T)``.
+          Its cumulant expansion in ``alpha`` is used,
+
+              log p_T(z) ~ log N(z; alpha m, sigma^2 I)
+                           + alpha / 2 (z'^T J z' / sigma^2 - tr J),   z' = z - alpha m,
+
+          with ``m = D(0)`` and ``J = dD/dx_T (0)`` from the denoiser ``D = E[x0 | x_T]`` at
+          ``x_T = 0`` (``J = alpha Cov[x0 | x_T] / sigma^2``, so the correction is the
+          second-order term ``alpha^2 / (2 sigma^2) (z'^T C z' / sigma^2 - tr C)`` of
+          ``N(alpha m, alpha^2 C + sigma^2 I)``, ``C`` the data covariance). The neglected
+          terms are ``O(alpha^3)``: linear VP ``alpha(1) = 6.6e-3``; flow ``alpha(1) = 0``
+          (exact). Cost: two network calls, ``d`` VJPs for ``tr J`` (Hutchinson with
+          ``num_probes`` probes above ``exact_divergence_max_dim``) and one batched VJP.
+        - *Start.* ``t_min > 0`` (see the class): the density of ``p_{t_min}``.
+        - *Discretisation.* RK4's global error ``O(ode_steps^-4)``.
+        - *Divergence.* Exact (``d`` vector-Jacobian products per velocity evaluation) when
+          ``d = prod(event_shape) <= exact_divergence_max_dim``; otherwise Hutchinson's
+          unbiased estimator ``div v ~ mean_k z_k^T (dv/dx) z_k`` with ``num_probes``
+          Rademacher probes ``z_k``, drawn afresh at every evaluation. One evaluation's
+          variance is ``2 (||J_s||_F^2 - sum_i J_ii^2) / num_probes`` (``J_s`` the symmetric
+          part of ``dv/dx``); the estimate of ``log p`` has variance
+          ``sum_evals (c_e h)^2 Var_e`` with the RK4 weights ``c_e in {1, 2, 2, 1} / 6``,
+          i.e. about ``(10 / 36) h / num_probes`` times the time-averaged single-probe
+          variance (measured: sd 0.74 nats in ``d = 64``, 30 steps, one probe).
+
+        Cost: ``4 ode_steps`` velocity (network) evaluations on ``x``'s batch (plus the two
+        terminal calls), each with
+        ``d`` (exact) or ``num_probes`` (Hutchinson) vector-Jacobian products, batched with
+        ``torch.autograd.grad(..., is_grads_batched=True)`` (a loop if the network does not
+        support it). E.g. 100 steps in ``d = 8``: 402 network calls and ~3200 VJPs.
+
+        Parameters
+        ----------
+        x
+            Points of shape ``(*lead, *event_shape)``.
+        ode_steps, num_probes
+            Override the distribution's settings.
+        exact
+            Force the exact divergence (``True``) or Hutchinson's estimator (``False``).
+        generator
+            Generator of the probes (default: a fresh one seeded with ``probe_seed``).
+
+        Returns
+        -------
+        Tensor
+            ``(*lead)``, in ``x``'s dtype, detached.
+        """
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise TypeError("x must be a floating-point torch.Tensor")
+        ev = tuple(self.event_shape)
+        k = len(ev)
+        if x.dim() < k or tuple(x.shape[x.dim() - k :]) != ev:
+            raise ValueError(f"x must end with the event shape {ev}, got shape {tuple(x.shape)}")
+        ode_steps = _positive_int(self.ode_steps if ode_steps is None else ode_steps, "ode_steps")
+        num_probes = _positive_int(
+            self.num_probes if num_probes is None else num_probes, "num_probes"
+        )
+        d = math.prod(ev)
+        if exact is None:
+            exact = d <= self.exact_divergence_max_dim
+        if not exact and generator is None:
+            generator = torch.Generator(device=x.device).manual_seed(self.probe_seed)
+        lead = x.shape[: x.dim() - k]
+        red = tuple(range(len(lead), x.dim()))
+        model = self.model
+
+        def vel_div(z: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+            with torch.enable_grad():
+                zr = z.detach().requires_grad_(True)
+                v = model.velocity(zr, t)
+                if exact:
+                    # grad_outputs e_i (one-hot over the flattened event), batched over i.
+                    eye = torch.eye(d, dtype=z.dtype, device=z.device)
+                    probes = eye.reshape((d,) + (1,) * len(lead) + ev).expand((d,) + v.shape)
+                else:
+                    probes = (
+                        torch.randint(
+                            0,
+                            2,
+                            (num_probes,) + tuple(v.shape),
+                            generator=generator,
+                            device=z.device,
+                        ).to(z.dtype)
+                        * 2
+                        - 1
+                    )
+                vjp = _batched_vjp(v, zr, probes)  # (P, *lead, *event)
+            if exact:
+                flat = vjp.reshape((d,) + tuple(lead) + (d,))
+                div = flat.diagonal(dim1=0, dim2=-1).sum(-1)
+            else:
+                div = (vjp * probes).sum(tuple(r + 1 for r in red)).mean(0)
+            return v.detach(), div.detach()
+
+        times = torch.linspace(
+            self.t_min, self.t_max, ode_steps + 1, dtype=x.dtype, device=x.device
+        )
+        z = x.detach()
+        integral = torch.zeros(lead, dtype=x.dtype, device=x.device)
+        for i in range(ode_steps):
+            t0, t1 = times[i], times[i + 1]
+            h = t1 - t0
+            # RK4 on (x_t, int div v dt).
+            v1, d1 = vel_div(z, t0)
+            v2, d2 = vel_div(z + 0.5 * h * v1, t0 + 0.5 * h)
+            v3, d3 = vel_div(z + 0.5 * h * v2, t0 + 0.5 * h)
+            v4, d4 = vel_div(z + h * v3, t1)
+            z = z + h / 6 * (v1 + 2 * v2 + 2 * v3 + v4)
+            integral = integral + h / 6 * (d1 + 2 * d2 + 2 * d3 + d4)
+        # Terminal density: N(alpha m, sigma^2 I) plus its second-order correction.
+        tT = times[-1]
+        sch = model.schedule
+        a, s = sch.alpha(tT), sch.sigma(tT)
+        log_end = self._terminal_log_prob(z, a, s, tT, exact, num_probes, generator)
+        return log_end + integral
+
+    def _terminal_log_prob(
+        self,
+        z: Tensor,
+        a: Tensor,
+        s: Tensor,
+        tT: Tensor,
+        exact: bool,
+        num_probes: int,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        """Second-order Gaussian approximation of ``log p_T(z)`` (see :meth:`ode_log_prob`)."""
+        ev = tuple(self.event_shape)
+        k = len(ev)
+        d = math.prod(ev)
+        lead = z.shape[: z.dim() - k]
+        red = tuple(range(len(lead), z.dim()))
+        model = self.model
+        with torch.enable_grad():
+            # J = dD/dx_T at x_T = 0 (D = E[x0 | x_T]); J = (alpha / sigma^2) Cov[x0 | x_T = 0].
+            zeros = torch.zeros(ev, dtype=z.dtype, device=z.device).requires_grad_(True)
+            m = model.denoise(zeros, tT)
+            if exact:
+                probes = torch.eye(d, dtype=z.dtype, device=z.device).reshape((d,) + ev)
+            else:
+                probes = (
+                    torch.randint(
+                        0, 2, (num_probes,) + ev, generator=generator, device=z.device
+                    ).to(z.dtype)
+                    * 2
+                    - 1
+                )
+            jp = _batched_vjp(m, zeros, probes)
+            trace_j = (jp * probes).sum(tuple(range(1, k + 1))).sum() / (1 if exact else num_probes)
+            zc = (z - a * m).detach()  # x' = z - alpha m
+            zr = torch.zeros_like(zc).requires_grad_(True)
+            mz = model.denoise(zr, tT)  # one row per point, so J^T x' comes out per point
+            (jx,) = torch.autograd.grad(mz, zr, grad_outputs=zc)
+        m = m.detach()
+        r2 = (zc**2).sum(red)
+        log_n = -0.5 * r2 / s**2 - d * (torch.log(s) + 0.5 * _LOG2PI)
+        # log p_T = log N(z; alpha m, sigma^2 I) + alpha/2 (x'^T J x' / sigma^2 - tr J) + O(alpha^3)
+        corr = 0.5 * a * ((zc * jx).sum(red) / s**2 - trace_j)
+        return log_n + corr.detach()
+
+
+def _batched_vjp(v: Tensor, x: Tensor, probes: Tensor) -> Tensor:
+    """``probes[k]^T dv/dx`` for every ``k``: one vmapped backward pass, or a loop."""
+    try:
+        (g,) = torch.autograd.grad(v, x, grad_outputs=probes, is_grads_batched=True)
+        return g
+    except (RuntimeError, NotImplementedError):  # networks whose ops vmap cannot batch
+        out = []
+        for k in range(probes.shape[0]):
+            (g,) = torch.autograd.grad(v, x, grad_outputs=probes[k], retain_graph=True)
+            out.append(g)
+        return torch.stack(out)
+
+
+class LinearGaussian(TorchDistribution):
+    r"""The observation model ``y ~ N(A x, sigma_y^2 I)`` over the operator's output shape.
+
+    Parameters
+    ----------
+    operator
+        The forward model ``A`` (any :class:`~bayesfilter_diff.operators.Operator`; a
+        nonlinear one makes this ``N(A(x), sigma_y^2 I)``).
+    x
+        Signals of shape ``(*batch, *operator.in_shape)``; ``batch_shape`` is ``*batch``.
+    noise_std
+        ``sigma_y >= 0`` (a number or a one-element tensor, stored as a float). With
+        ``sigma_y = 0`` the distribution is a point mass: :meth:`sample` returns ``A x`` and
+        :meth:`log_prob` raises.
+    validate_args
+        Validate values passed to :meth:`log_prob`.
+
+    Notes
+    -----
+    :func:`bayesfilter_diff.infer` reads ``operator`` and ``noise_std`` from the observed
+    site to build an :class:`~bayesfilter_diff.InverseProblem`, so every sampler (including
+    the SVD-based ones) can run on the model.
+    """
+
+    arg_constraints: dict = {}
+    has_rsample = True
+
+    def __init__(
+        self,
+        operator: Operator,
+        x: Tensor,
+        noise_std: float | Tensor,
+        validate_args: bool | None = None,
+    ) -> None:
+        if not isinstance(operator, Operator):
+            raise TypeError(f"operator must be an Operator, got {type(operator).__name__}")
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        ins = tuple(operator.in_shape)
+        k = len(ins)
+        if x.dim() < k or tuple(x.shape[x.dim() - k :]) != ins:
+            raise ValueError(
+                f"x must end with the operator's input shape {ins}, got shape {tuple(x.shape)}"
+            )
+        if isinstance(noise_std, Tensor):
+            if noise_std.numel() != 1:
+                raise ValueError(f"noise_std must be a scalar, got shape {tuple(noise_std.shape)}")
+            noise_std = float(noise_std)
+        if (
+            isinstance(noise_std, bool)
+            or not isinstance(noise_std, int | float)
+            or not math.isfinite(noise_std)
+            or noise_std < 0
+        ):
+            raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
+        self.operator = operator
+        self.x = x
+        self.noise_std = float(noise_std)
+        # The tensor the user passed (kept through expand), so infer can tell whether the
+        # observation is of the prior site's value itself.
+        self._source_x = x
+        super().__init__(x.shape[: x.dim() - k], torch.Size(operator.out_shape), validate_args)
+
+    @property
+    def support(self):
+        return constraints.independent(constraints.real, len(self.event_shape))
+
+    def expand(self, batch_shape, _instance=None) -> LinearGaussian:
+        batch_shape = torch.Size(batch_shape)
+        new = self._get_checked_instance(LinearGaussian, _instance)
+        new.operator = self.operator
+        new.x = self.x.expand(batch_shape + tuple(self.operator.in_shape))
+        new.noise_std = self.noise_std
+        new._source_x = self._source_x
+        super(LinearGaussian, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    @property
+    def mean(self) -> Tensor:
+        """``A x``, shape ``batch_shape + event_shape``."""
+        return self.operator(self.x)
+
+    @property
+    def variance(self) -> Tensor:
+        return torch.full_like(self.mean, self.noise_std**2)
+
+    def rsample(
+        self, sample_shape: Sequence[int] = torch.Size(), generator: torch.Generator | None = None
+    ) -> Tensor:
+        """``A x + sigma_y n`` with ``n ~ N(0, I)`` drawn with ``generator``."""
+        loc = self.mean
+        shape = self._extended_shape(torch.Size(sample_shape))
+        if self.noise_std == 0:
+            return loc.expand(shape).clone()
+        n = torch.randn(shape, generator=generator, dtype=loc.dtype, device=loc.device)
+        return loc + self.noise_std * n
+
+    def sample(
+        self, sample_shape: Sequence[int] = torch.Size(), generator: torch.Generator | None = None
+    ) -> Tensor:
+        with torch.no_grad():
+            return self.rsample(sample_shape, generator)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        """``log N(value; A x, sigma_y^2 I)`` summed over the event; shape ``sample + batch``."""
+        if self._validate_args:
+            self._validate_sample(value)
+        if self.noise_std == 0:
+            raise ValueError("LinearGaussian.log_prob needs noise_std > 0 (a point mass otherwise)")
+        loc = self.mean
+        k = len(self.event_shape)
+        r = value - loc
+        red = tuple(range(r.dim() - k, r.dim()))
+        s2 = self.noise_std**2
+        m = math.prod(self.event_shape)
+        return -0.5 * (r**2).sum(red) / s2 - 0.5 * m * (math.log(s2) + _LOG2PI)

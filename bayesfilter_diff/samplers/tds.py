@@ -1,0 +1,258 @@
+"""Twisted Diffusion Sampler (TDS): sequential Monte Carlo with twisted proposals.
+
+Wu, Trippe, Naesseth, Blei & Cunningham, "Practical and Asymptotically Exact Conditional
+Sampling in Diffusion Models", NeurIPS 2023. Reference code: blt2114/twisted_diffusion_sampler
+(``smc_utils/feynman_kac_pf.py``, ``image_exp/image_diffusion/feynman_kac_image_ddpm.py``,
+``image_exp/image_diffusion/operators.py``).
+
+Update (paper notation ``t = T .. 0``, ours: a step from ``t`` to ``s < t`` on the grid)
+---------------------------------------------------------------------------------------
+*Twisting function.* ``p~_t(y | x_t)`` approximates ``p(y | x_t)`` by the likelihood at the
+denoiser's estimate ``x0_hat(x_t) = E[x0 | x_t]``. For Gaussian noise,
+
+    log p~_t(y | x_t) = log N(y; A(x0_hat(x_t)), (sigma_y^2 + v_t) I),
+
+with ``v_t`` chosen by ``twist_variance`` (``sig2 := sigma_t^2 / alpha_t^2``, which is
+``(1 - abar_t) / abar_t`` on a VP path):
+
+- ``"none"`` (default): ``v_t = 0``, the paper's ``p~_t = p(y | x0_hat(x_t))``.
+- ``"inflated"``: ``v_t = sig2``, the code's ``var_type=1`` (the variance of the VE-scaled
+  ``x_t / alpha_t`` around ``x0``).
+- ``"pigdm"``: ``v_t = tau2 sig2 / (tau2 + sig2)`` with ``tau2 = prior_variance``; with
+  ``tau2 = 1`` this is ``1 - abar_t`` on a VP path, the code's ``var_type=2`` (PiGDM's
+  ``r_t^2``); a general ``tau2`` is the code's ``var_type=6``, whose default for the image
+  experiments is ``tau2 = 0.12`` (``run_image.py``). For an orthonormal-row operator (Mask,
+  Identity) and a prior ``N(m, tau2 I)`` this twist is the exact ``p(y | x_t)``.
+
+The reference code has no ``sigma_y`` (noiseless inpainting) and drops the normalising
+constant ``-(m/2) log 2 pi v_t``; we keep the full Gaussian density (the constants telescope
+in the weights either way). For non-Gaussian likelihoods (Poisson noise, a custom
+``log_likelihood_fn``) the twist is ``log p(y | x0_hat(x_t))`` from
+``problem.log_likelihood`` and ``twist_variance`` is ignored (the run's ``info`` records the
+twist used). Everything goes through autograd, so any differentiable operator works
+(linear operators, :class:`~bayesfilter_diff.operators.PhaseRetrieval`, ...).
+
+*Proposal.* Conditional Tweedie followed by the DDPM posterior mean:
+
+    x0~ = x0_hat + (sigma_t^2 / alpha_t) grad_{x_t} log p~_t(y | x_t)
+        (= x0_hat + (1 - abar_t) / sqrt(abar_t) grad log p~_t on a VP path),
+    q(x_s | x_t, y) = N(alpha_s x0~ + c_eps eps~, std^2 I),  eps~ = (x_t - alpha_t x0~) / sigma_t,
+
+the general-path ancestral (DDIM ``eta = 1``) kernel of ``samplers/base.py``; for VP paths
+``alpha_s x0 + c_eps eps`` is DDPM's posterior mean ``mu(x0, x_t)`` and ``std^2`` its
+posterior ("small") variance. The code uses the same mean (``_compute_twisted_step_helper``)
+with the model's variance (learned or DDPM's "large" ``beta_t``); we use the ancestral
+variance of the kernel, which is what the prior transition ``p(x_s | x_t)`` uses too.
+
+*Weights.* With ``p(x_s | x_t) = N(alpha_s x0_hat + c_eps eps_hat, std^2 I)`` (untwisted):
+
+    w_T = p~_T(y | x_T)                                            (x_T from the reference)
+    w_s = p(x_s | x_t) p~_s(y | x_s) / [q(x_s | x_t, y) p~_t(y | x_t)]
+    w_0 = p(x_0 | x_1) p(y | x_0) / [q(x_0 | x_1, y) p~_1(y | x_1)]  (last step)
+
+At the last step of a VP or flow path ``sigma(0) = 0``, so the kernel is deterministic
+(``std = 0``): like the code (``use_mean_pred``), ``x_0`` is the untwisted mean
+``x0_hat(x_1)`` with no noise and ``w_0 = p(y | x_0) / p~_1(y | x_1)``. On a VE path
+``sigma(0) > 0``: the last step is a twisted stochastic step and ``x_0`` (at noise level
+``sigma_min``) enters ``p(y | x_0)``. The target is the posterior of the *discrete* chain,
+``p_theta(x_0 | y) ∝ p_theta(x_0) p(y | x_0)``, which TDS samples exactly as ``N -> inf``.
+The shared loop turns the weights into the unbiased evidence estimate of ``p_theta(y)``,
+``log Z = sum_steps log sum_i W_i w_i`` (the code does not report it).
+
+Where ``alpha_t = 0`` (a flow path at ``t = 1``) ``x_t`` carries no information on ``x0``:
+the Tweedie shift is ``0 / 0`` there, so the proposal is the untwisted one (the weights stay
+exact, any proposal is valid), and an infinite ``v_t`` makes the twist constant (zero).
+
+Defaults and choices
+--------------------
+- ``twist_variance="inflated"`` (default; the reference code's ``var_type=1``). The paper's
+  twist is ``"none"``; we do not default to it because it is too sharp at high noise whenever
+  ``sigma_y^2`` is small next to ``A Cov[x0 | x_t] A^T``: the Tweedie shift then overshoots
+  and the weights become heavy-tailed (measured on a 3-d Gaussian prior with
+  ``sigma_y = 0.5``: evidence estimates with a long right tail and moments off by several
+  standard errors at N = 300; with a mask and the exact twist, final ESS 0.6-1.7% of N
+  for ``"none"`` against 90% for ``"pigdm"`` without resampling). ``"inflated"`` or
+  ``"pigdm"`` (with ``prior_variance`` near the prior's scale) are the robust choices; all
+  three give a valid (asymptotically exact) sampler, only the variance differs.
+- ``clamp_x0=None``: the code clamps the twisted ``x0~`` to ``[-1, 1]``
+  (``clip_twisted=True``) for images; off here (the mixture priors live far outside
+  ``[-1, 1]``). When set, the clamp acts on the proposal mean only; the weights use the
+  proposal actually drawn from, so they stay exact.
+- Resampling ``"systematic"`` as in the code. ``ess_threshold=0.5`` (the protein code's
+  ``resample_threshold``); the image code resamples at every step (``ess_threshold=1``).
+- One network evaluation and one backward pass per particle per step
+  (``ctx.denoise_with_grad``); the evaluation at ``x_s`` serves both the weight of this step
+  and the proposal of the next one, as in the code's ``TwistedDDPM.G``.
+- Gaussian noise needs ``noise_std > 0`` (the final weight is ``p(y | x_0)``); the code's
+  noiseless inpainting replaces the observed pixels instead, which is not implemented.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..priors.base import DiffusionModel
+from ..problem import InverseProblem
+from .base import Context, SMCSampler, ddim_coefficients
+
+__all__ = ["TDS"]
+
+_LOG2PI = math.log(2 * math.pi)
+_TWISTS = ("none", "inflated", "pigdm")
+
+
+def _uses_gaussian_twist(problem: InverseProblem) -> bool:
+    return problem.noise == "gaussian" and problem.log_likelihood_fn is None
+
+
+@dataclass(frozen=True)
+class TDS(SMCSampler):
+    """Twisted Diffusion Sampler (Wu et al., NeurIPS 2023) for any differentiable likelihood.
+
+    Parameters
+    ----------
+    num_steps
+        Number of steps of the time grid (inherited, default 100).
+    grid
+        ``"uniform"`` or ``"ddpm"`` (inherited).
+    resampling
+        Resampling scheme (inherited, default ``"systematic"`` as in the reference code).
+    ess_threshold
+        Resample a problem's particles when ``ESS < ess_threshold * N`` (inherited,
+        default 0.5; 1 resamples at every step, 0 never).
+    twist_variance
+        ``"inflated"`` (default, code ``var_type=1``), ``"none"`` (paper) or ``"pigdm"`` (code
+        ``var_type=2`` / ``6``): the extra variance ``v_t`` of the Gaussian twist
+        ``N(y; A(x0_hat), (sigma_y^2 + v_t) I)``. Ignored for non-Gaussian likelihoods.
+    prior_variance
+        ``tau2`` of ``"pigdm"``: ``v_t = tau2 sig2 / (tau2 + sig2)`` (default 1; the
+        reference code's image default is 0.12).
+    clamp_x0
+        ``(low, high)`` to clamp the twisted ``x0~`` of the proposal, or ``None`` (default).
+    """
+
+    twist_variance: str = "inflated"
+    prior_variance: float = 1.0
+    clamp_x0: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.twist_variance not in _TWISTS:
+            raise ValueError(
+                f"twist_variance must be one of {_TWISTS}, got {self.twist_variance!r}"
+            )
+        pv = self.prior_variance
+        if isinstance(pv, bool) or not isinstance(pv, int | float) or not 0 < pv < math.inf:
+            raise ValueError(f"prior_variance must be a finite number > 0, got {pv!r}")
+        c = self.clamp_x0
+        if c is not None and (
+            not isinstance(c, tuple | list)
+            or len(c) != 2
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in c)
+            or not c[0] < c[1]
+        ):
+            raise ValueError(
+                f"clamp_x0 must be None or a pair (low, high) with low < high, got {c!r}"
+            )
+
+    # ------------------------------------------------------------------ checks
+    def check(self, prior: DiffusionModel, problem: InverseProblem) -> None:
+        if _uses_gaussian_twist(problem) and problem.noise_std == 0:
+            raise ValueError(
+                "TDS needs noise_std > 0 for Gaussian noise: its final weight is the "
+                "likelihood p(y | x0), a point mass when noise_std = 0"
+            )
+
+    # ------------------------------------------------------------------ twisting function
+    def _twist_extra_variance(self, ctx: Context, t: Tensor) -> Tensor:
+        """``v_t`` (0-d tensor; ``inf`` where ``alpha_t = 0`` for ``"inflated"``)."""
+        sch = ctx.prior.schedule
+        a2, s2 = sch.alpha(t) ** 2, sch.sigma(t) ** 2
+        if self.twist_variance == "none":
+            return torch.zeros_like(a2)
+        if self.twist_variance == "inflated":
+            return s2 / a2  # sig2 = sigma^2 / alpha^2 (inf at alpha = 0)
+        tau2 = self.prior_variance
+        return tau2 * s2 / (tau2 * a2 + s2)  # tau2 sig2 / (tau2 + sig2), finite at alpha = 0
+
+    def _twist(self, ctx: Context, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``x0_hat(x)``, ``log p~_t(y | x)`` ``(B, N)`` and its gradient w.r.t. ``x``."""
+        problem = ctx.problem
+        if _uses_gaussian_twist(problem):
+            var = problem.noise_std**2 + self._twist_extra_variance(ctx, t)
+            if not bool(torch.isfinite(var)):
+                # An infinitely wide twist is flat: any constant works (it telescopes).
+                def fn(x0: Tensor) -> Tensor:
+                    return 0.0 * x0.reshape(x0.shape[:2] + (-1,)).sum(-1)
+
+            else:
+                y = ctx.y.unsqueeze(1)  # (B, 1, *out)
+                m = problem.operator.out_dim
+
+                def fn(x0: Tensor) -> Tensor:
+                    r = y - problem.operator(x0)
+                    sq = (r**2).reshape(r.shape[:2] + (-1,)).sum(-1)
+                    return -0.5 * sq / var - 0.5 * m * (torch.log(var) + _LOG2PI)
+
+        else:
+            fn = problem.log_likelihood
+        x0, lt, g = ctx.denoise_with_grad(x, t, fn)
+        # A particle whose likelihood is undefined (e.g. a Poisson rate <= 0) gets weight 0.
+        lt = torch.where(torch.isnan(lt), torch.full_like(lt, -math.inf), lt)
+        g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+        return x0, lt, g
+
+    # ------------------------------------------------------------------ the sampler
+    def init(self, ctx: Context):
+        info = ctx.cache.setdefault("info", {})
+        info["twist"] = self.twist_variance if _uses_gaussian_twist(ctx.problem) else "likelihood"
+        t0 = ctx.times[0]
+        # x_T ~ N(0, sigma_T^2 I), the reference distribution of the chain (as in DDIM).
+        x = ctx.prior.schedule.sigma(t0) * ctx.randn()
+        x0, lt, g = self._twist(ctx, x, t0)
+        # w_T = p~_T(y | x_T): the proposal of x_T is the chain's own reference.
+        return {"x": x, "x0": x0, "grad": g, "log_twist": lt}, lt
+
+    def step(self, ctx: Context, state: dict, i: int, t: Tensor, t_next: Tensor):
+        sch = ctx.prior.schedule
+        x, x0, g, lt = state["x"], state["x0"], state["grad"], state["log_twist"]
+        red = tuple(range(2, x.dim()))
+        a_s, c_eps, std, a_t = ddim_coefficients(sch, t, t_next, 1.0)
+        s_t = sch.sigma(t)
+        # 1. Prior (untwisted) ancestral mean: alpha_s x0_hat + c_eps eps_hat.
+        mean_u = a_s * x0 + c_eps * (x - a_t * x0) / s_t
+        if bool(std > 0):
+            # 2. Twisted x0 (conditional Tweedie): x0~ = x0_hat + sigma_t^2 / alpha_t * grad.
+            coef = torch.where(a_t > 0, s_t**2 / a_t, torch.zeros_like(a_t))
+            x0_tw = x0 + coef * g
+            if self.clamp_x0 is not None:
+                x0_tw = x0_tw.clamp(self.clamp_x0[0], self.clamp_x0[1])
+            # 3. Proposal q(x_s | x_t, y) = N(alpha_s x0~ + c_eps eps~, std^2 I).
+            mean_tw = a_s * x0_tw + c_eps * (x - a_t * x0_tw) / s_t
+            z = ctx.randn()
+            x_new = mean_tw + std * z
+            # 4. log p(x_s | x_t) - log q(x_s | x_t, y) with x_s - mean_tw = std z.
+            delta = mean_tw - mean_u
+            log_ratio = -((2 * std * z * delta + delta**2).sum(red)) / (2 * std**2)
+        else:
+            # Deterministic kernel (last step of VP / flow paths): x_0 = the untwisted mean.
+            x_new = mean_u
+            log_ratio = torch.zeros_like(lt)
+        if i == ctx.times.numel() - 2:
+            # 5a. Final weight: exact likelihood p(y | x_0) over the last twist p~_1(y | x_1).
+            lt_new = ctx.problem.log_likelihood(x_new)
+            lt_new = torch.where(torch.isnan(lt_new), torch.full_like(lt_new, -math.inf), lt_new)
+            new_state = {"x": x_new}
+        else:
+            # 5b. Twist at the new particles (also gives the next step's proposal).
+            x0_new, lt_new, g_new = self._twist(ctx, x_new, t_next)
+            new_state = {"x": x_new, "x0": x0_new, "grad": g_new, "log_twist": lt_new}
+        # 6. w_s = p(x_s | x_t) p~_s(y | x_s) / [q(x_s | x_t, y) p~_t(y | x_t)]; a particle
+        #    already at p~_t = 0 (weight 0) stays at weight 0.
+        incr = log_ratio + lt_new - lt
+        incr = torch.where(torch.isfinite(lt), incr, torch.full_like(incr, -math.inf))
+        return new_state, incr

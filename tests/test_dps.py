@@ -1,0 +1,245 @@
+"""Tests of Diffusion Posterior Sampling (per-particle step sizes, operators, noise models)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import bayesfilter_diff as bfd
+from bayesfilter_diff.samplers.base import ddim_coefficients
+from bayesfilter_diff.samplers.dps import DPS
+from bayesfilter_diff.smc.loop import Context
+
+DT = torch.float64
+
+
+def gaussian_prior(d=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.tensor([1.0, -0.5, 0.3], dtype=DT)[:d]
+    L = torch.randn(d, d, generator=g, dtype=DT)
+    S = L @ L.T / d + 0.5 * torch.eye(d, dtype=DT)
+    return bfd.GaussianMixture(torch.ones(1, dtype=DT), mu[None], S[None]), mu, S
+
+
+def gaussian_image_prior(shape, schedule, tau2=1.0):
+    """The exact diffusion of N(0, tau2 I) on images of shape ``shape`` (float32)."""
+
+    def denoise(x, t):
+        tt = t.reshape(t.shape + (1,) * (x.dim() - 1))
+        a, s = schedule.alpha(tt), schedule.sigma(tt)
+        return a * tau2 * x / (a**2 * tau2 + s**2)
+
+    return bfd.DiffusionModel(denoise, schedule, shape)
+
+
+def make_problem(kind, g):
+    sched = bfd.VPSchedule.linear()
+    if kind == "dense":
+        gmm, _, _ = gaussian_prior()
+        A = bfd.operators.Dense(torch.randn(2, 3, generator=g, dtype=DT))
+        y = A(gmm.sample(2, g)) + 0.1 * torch.randn(2, 2, generator=g, dtype=DT)
+        return gmm.diffusion(sched), bfd.InverseProblem(A, y, noise_std=0.1), (3,)
+    shape = (1, 4, 4)
+    prior = gaussian_image_prior(shape, sched)
+    x = torch.randn(shape, generator=g)
+    if kind == "mask":
+        A = bfd.operators.Mask.random(shape, 0.5, generator=g)
+        y = A(x) + 0.05 * torch.randn(A.out_shape, generator=g)
+        return prior, bfd.InverseProblem(A, y, noise_std=0.05), shape
+    A = bfd.operators.PhaseRetrieval(shape)
+    if kind == "phase":
+        y = A(x) + 0.05 * torch.randn(A.out_shape, generator=g)
+        return prior, bfd.InverseProblem(A, y, noise_std=0.05), shape
+    y = torch.poisson(4.0 * A(torch.stack([x, -x])), generator=g)  # batched, B = 2
+    return prior, bfd.InverseProblem(A, y, noise="poisson", poisson_rate=4.0), shape
+
+
+@pytest.mark.parametrize(
+    "kind, poisson, rule",
+    [
+        ("dense", "weighted", "paper"),
+        ("mask", "weighted", "code"),
+        ("phase", "weighted", "paper"),
+        ("poisson", "weighted", "paper"),
+        ("poisson", "nll", "code"),
+    ],
+)
+def test_runs_and_shapes(kind, poisson, rule):
+    g = torch.Generator().manual_seed(1)
+    prior, problem, shape = make_problem(kind, g)
+    res = DPS(num_steps=20, scale=0.3, step_rule=rule, poisson=poisson).sample(
+        prior, problem, num_samples=5, generator=g
+    )
+    lead = (problem.batch_size, 5) if problem.batched else (5,)
+    assert res.samples.shape == lead + shape and res.samples.dtype == problem.y.dtype
+    assert torch.isfinite(res.samples).all()
+    assert res.log_weights is None and res.log_evidence is None
+    assert res.info["nfe"] == 20 and res.info["backprop"] and res.info["dps_nonfinite"] == 0
+
+
+def make_ctx(prior, problem, N, seed, sampler):
+    times = sampler.time_grid(prior, problem)
+    ctx = Context(prior, problem, N, torch.Generator().manual_seed(seed), times)
+    sampler.init(ctx)
+    return ctx
+
+
+@pytest.mark.parametrize("rule", ["paper", "code"])
+def test_step_size_is_per_particle(rule):
+    # One particle's update must not depend on the other particles or problems (the
+    # official code's whole-batch norm would couple them).
+    gmm, _, _ = gaussian_prior()
+    prior = gmm.diffusion(bfd.VPSchedule.linear())
+    g = torch.Generator().manual_seed(2)
+    A = bfd.operators.Dense(torch.randn(2, 3, generator=g, dtype=DT))
+    y = torch.randn(2, 2, generator=g, dtype=DT)
+    x = torch.randn(2, 4, 3, generator=g, dtype=DT)
+    sampler = DPS(num_steps=10, scale=0.7, step_rule=rule)
+    t, t_next = torch.tensor(0.5, dtype=DT), torch.tensor(0.4, dtype=DT)
+
+    def step(x, y, seed=0):
+        ctx = make_ctx(prior, bfd.InverseProblem(A, y, 0.1), x.shape[1], seed, sampler)
+        ctx.generator.manual_seed(seed)  # the same noise for every call
+        return sampler.step(ctx, {"x": x}, 3, t, t_next)[0]["x"]
+
+    ref = step(x, y)
+    x2, y2 = x.clone(), y.clone()
+    x2[0, 1:] = 10 * torch.randn(3, 3, generator=g, dtype=DT)  # other particles
+    x2[1] = -x2[1]  # the other problem's particles
+    y2[1] = 50.0  # the other problem's observation
+    out = step(x2, y2)
+    torch.testing.assert_close(out[0, 0], ref[0, 0], rtol=0, atol=1e-14)
+    assert not torch.allclose(out[0, 1], ref[0, 1]) and not torch.allclose(out[1], ref[1])
+    # Deterministic kernel (eta = 0): the batched update equals the one-particle update.
+    det = DPS(num_steps=10, scale=0.7, step_rule=rule, eta=0.0)
+    ctx = make_ctx(prior, bfd.InverseProblem(A, y, 0.1), 4, 0, det)
+    full = det.step(ctx, {"x": x}, 3, t, t_next)[0]["x"]
+    ctx1 = make_ctx(prior, bfd.InverseProblem(A, y[1:], 0.1), 1, 0, det)
+    one = det.step(ctx1, {"x": x[1:, 2:3]}, 3, t, t_next)[0]["x"]
+    torch.testing.assert_close(full[1, 2], one[0, 0], rtol=0, atol=1e-14)
+
+
+def test_step_matches_closed_form():
+    # Gaussian prior: x0_hat = G x_t + b is affine, so grad ||y - A x0_hat||^2 =
+    # -2 G^T A^T r; one deterministic (eta = 0) step is checked against the formula.
+    gmm, mu, S = gaussian_prior()
+    sched = bfd.VPSchedule.linear()
+    prior = gmm.diffusion(sched)
+    g = torch.Generator().manual_seed(3)
+    M = torch.randn(2, 3, generator=g, dtype=DT)
+    A = bfd.operators.Dense(M)
+    y = torch.randn(1, 2, generator=g, dtype=DT)
+    x = torch.randn(1, 6, 3, generator=g, dtype=DT)
+    t, s = torch.tensor(0.3, dtype=DT), torch.tensor(0.25, dtype=DT)
+    a, sg = sched.alpha(t), sched.sigma(t)
+    G = a * S @ torch.linalg.inv(a**2 * S + sg**2 * torch.eye(3, dtype=DT))
+    x0 = x @ G.T + (mu - a * G @ mu)
+    r = y[:, None] - x0 @ M.T
+    grad = -2 * (r @ M) @ G  # (G^T M^T r)^T per particle
+    a_s, c_eps, _, a_t = ddim_coefficients(sched, t, s, 0.0)
+    base = a_s * x0 + c_eps * (x - a_t * x0) / sg
+    norm = r.norm(dim=-1, keepdim=True)
+    for rule, expected in (("paper", base - 0.4 * grad / norm), ("code", base - 0.2 * grad / norm)):
+        sampler = DPS(num_steps=10, scale=0.4, step_rule=rule, eta=0.0)
+        ctx = make_ctx(prior, bfd.InverseProblem(A, y, 0.1), 6, 0, sampler)
+        out = sampler.step(ctx, {"x": x}, 0, t, s)[0]["x"]
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_paper_rule_is_twice_the_code_rule():
+    g = torch.Generator().manual_seed(4)
+    prior, problem, _ = make_problem("dense", g)
+    a = DPS(num_steps=15, scale=0.25).sample(prior, problem, 6, torch.Generator().manual_seed(5))
+    b = DPS(num_steps=15, scale=0.5, step_rule="code").sample(
+        prior, problem, 6, torch.Generator().manual_seed(5)
+    )
+    torch.testing.assert_close(a.samples, b.samples, rtol=1e-10, atol=1e-12)
+
+
+def test_moves_toward_the_posterior():
+    # DPS is approximate; with a small step it should land near the exact posterior mean
+    # (a sanity check of the sign and size of the guidance, not an exactness test).
+    gmm, mu, _ = gaussian_prior()
+    prior = gmm.diffusion(bfd.VPSchedule.linear())
+    g = torch.Generator().manual_seed(6)
+    A = bfd.operators.Dense(torch.randn(2, 3, generator=g, dtype=DT))
+    y = A(gmm.sample(3, g)) + 0.1 * torch.randn(3, 2, generator=g, dtype=DT)
+    problem = bfd.InverseProblem(A, y, noise_std=0.1)
+    exact = gmm.posterior(problem)
+    res = DPS(num_steps=100, scale=0.1).sample(prior, problem, num_samples=1000, generator=g)
+    err = (res.mean() - exact.mean()).norm(dim=-1)
+    dist = (mu - exact.mean()).norm(dim=-1)
+    assert (err < 0.2 * dist).all()
+    resid = (A(res.samples) - y[:, None]).norm(dim=-1).mean(1)
+    prior_resid = (A(gmm.sample(1000, g)) - y[:, None]).norm(dim=-1).mean(1)
+    assert (resid < 0.5 * prior_resid).all()
+
+
+def test_poisson_data_fits():
+    g = torch.Generator().manual_seed(7)
+    prior, problem, shape = make_problem("poisson", g)
+    y, rate, op = problem.y[:, None], problem.poisson_rate, problem.operator
+    x1 = torch.randn((2, 3) + shape, generator=g)
+    x2 = torch.randn((2, 3) + shape, generator=g)
+    ctx = make_ctx(prior, problem, 3, 0, DPS(num_steps=5, poisson="nll"))
+    nll = ctx.cache["distance"]
+    # "nll": D = -log p(y | x) + const, so D + log p(y | x) does not depend on x.
+    c1 = nll(x1) + problem.log_likelihood(x1)
+    c2 = nll(x2) + problem.log_likelihood(x2)
+    torch.testing.assert_close(c1, c2, rtol=1e-5, atol=1e-3)
+    assert (nll(x1) >= 0).all()
+    # "weighted": sum (y - rate A x)^2 / (2 max(y, 1)).
+    ctx = make_ctx(prior, problem, 3, 0, DPS(num_steps=5))
+    expected = ((y - rate * op(x1)) ** 2 / (2 * y.clamp_min(1))).flatten(2).sum(-1)
+    torch.testing.assert_close(ctx.cache["distance"](x1), expected)
+
+
+def test_nonfinite_guidance_is_skipped():
+    # Poisson "nll" with a rate A x0_hat that can be negative: those particles skip the
+    # gradient step instead of turning into NaN.
+    gmm, _, _ = gaussian_prior()
+    g = torch.Generator().manual_seed(8)
+    A = bfd.operators.Dense(torch.tensor([[-1.0, 1.0, 0.0]], dtype=DT))  # A mu = -1.5
+    problem = bfd.InverseProblem(A, torch.tensor([1.0], dtype=DT), noise="poisson")
+    res = DPS(num_steps=20, poisson="nll").sample(
+        gmm.diffusion(bfd.VPSchedule.linear()), problem, 50, g
+    )
+    assert torch.isfinite(res.samples).all() and res.info["dps_nonfinite"] > 0
+
+
+def test_clamp():
+    g = torch.Generator().manual_seed(9)
+    prior, problem, shape = make_problem("mask", g)
+    a = DPS(num_steps=10).sample(prior, problem, 4, torch.Generator().manual_seed(1))
+    b = DPS(num_steps=10, clamp_x0=(-1e6, 1e6)).sample(
+        prior, problem, 4, torch.Generator().manual_seed(1)
+    )
+    assert torch.equal(a.samples, b.samples)
+    # Without guidance the last step returns the clamped x0_hat.
+    c = DPS(num_steps=10, scale=0.0, clamp_x0=(-0.5, 0.5)).sample(prior, problem, 4, g)
+    assert c.samples.abs().max() <= 0.5
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="step_rule"):
+        DPS(step_rule="batch")
+    with pytest.raises(ValueError, match="poisson"):
+        DPS(poisson="anscombe")
+    with pytest.raises(ValueError, match="scale"):
+        DPS(scale=-1.0)
+    with pytest.raises(ValueError, match="scale"):
+        DPS(scale=math.inf)
+    with pytest.raises(ValueError, match="eta"):
+        DPS(eta=2.0)
+    with pytest.raises(ValueError, match="clamp_x0"):
+        DPS(clamp_x0=(1.0,))
+    assert DPS().num_steps == 1000 and DPS().scale == 1.0
+    gmm, _, _ = gaussian_prior()
+    A = bfd.operators.Dense(torch.ones(1, 3, dtype=DT))
+    custom = bfd.InverseProblem(
+        A, torch.zeros(1, dtype=DT), log_likelihood_fn=lambda x, y: -(x**2).sum(-1)
+    )
+    with pytest.raises(ValueError, match="log_likelihood_fn"):
+        DPS(num_steps=5).sample(gmm.diffusion(bfd.VPSchedule.linear()), custom, 4)

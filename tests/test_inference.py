@@ -1,0 +1,347 @@
+"""infer on Pyro models: same draws as the sampler, IS references, error messages."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+
+import bayesfilter_diff as bfd
+from bayesfilter_diff.distributions import DiffusionPrior, LinearGaussian
+from bayesfilter_diff.inference import Posterior, infer, model_to_problem
+
+tds = pytest.importorskip("bayesfilter_diff.samplers.tds", reason="TDS not written yet")
+TDS = tds.TDS
+
+D64 = torch.float64
+
+
+def _gmm() -> bfd.GaussianMixture:
+    return bfd.GaussianMixture(
+        torch.tensor([0.3, 0.7], dtype=D64),
+        torch.tensor([[-2.0, 0.0], [2.0, 1.0]], dtype=D64),
+        torch.tensor([0.5, 0.3], dtype=D64),
+    )
+
+
+GMM = _gmm()
+PRIOR = GMM.diffusion(bfd.VPSchedule.linear())
+A = bfd.operators.Dense(torch.tensor([[1.5, -0.3], [0.2, 1.0]], dtype=D64))
+W = torch.tensor([0.4, -0.3], dtype=D64)
+C = torch.tensor([1.0, 2.0], dtype=D64)
+
+
+def f_nl(x):
+    """A nonlinear forward model R^2 -> R^2, written to broadcast over leading dims."""
+    return torch.stack([torch.sin(x[..., 0]) + x[..., 1] ** 2 / 4, x[..., 0] * x[..., 1] / 3], -1)
+
+
+def poisson_rate(x):
+    return torch.exp(x @ W).unsqueeze(-1) * C
+
+
+# ------------------------------------------------------------------ linear-Gaussian models
+
+
+def test_linear_gaussian_model_gives_the_samplers_draws_bit_for_bit():
+    y = torch.tensor([0.7, -0.2], dtype=D64)
+
+    def model(y=None):
+        x = pyro.sample("x", DiffusionPrior(PRIOR))
+        pyro.sample("y", LinearGaussian(A, x, noise_std=0.3), obs=y)
+
+    sampler = TDS(num_steps=20, twist_variance="inflated")
+    post = infer(model, sampler, y=y, num_samples=256, generator=torch.Generator().manual_seed(1))
+    ref = sampler.sample(
+        PRIOR, bfd.InverseProblem(A, y, 0.3), 256, torch.Generator().manual_seed(1)
+    )
+    assert isinstance(post, Posterior) and post.kind == "linear_gaussian" and post.site == "x"
+    assert post.samples.shape == (256, 2)
+    assert torch.equal(post.samples, ref.samples)
+    assert torch.equal(post.log_weights, ref.log_weights)
+    assert torch.equal(post.log_evidence, ref.log_evidence)
+    assert post.info["nfe"] == ref.info["nfe"] and post.result.log_weights is post.log_weights
+    assert post.draws(100, generator=torch.Generator().manual_seed(0)).shape == (100, 2)
+    assert post.mean().shape == (2,)
+
+    # Data passed with poutine.condition instead of obs=: the same problem and draws.
+    cond = poutine.condition(model, data={"y": y})
+    post2 = infer(cond, sampler, num_samples=256, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(post2.samples, ref.samples)
+
+
+def test_plate_of_independent_observations_maps_to_batched_problem():
+    B = 3
+    Y = torch.tensor([[0.7, -0.2], [-2.0, 0.1], [1.0, 1.0]], dtype=D64)
+
+    def model(y):
+        with pyro.plate("data", B):
+            x = pyro.sample("x", DiffusionPrior(PRIOR))
+            pyro.sample("y", LinearGaussian(A, x, noise_std=0.3), obs=y)
+
+    _, problem, st = model_to_problem(model, Y)
+    assert problem.batched and problem.batch_size == B and st.kind == "linear_gaussian"
+    sampler = TDS(num_steps=10)
+    post = infer(model, sampler, Y, num_samples=64, generator=torch.Generator().manual_seed(2))
+    ref = sampler.sample(PRIOR, bfd.InverseProblem(A, Y, 0.3), 64, torch.Generator().manual_seed(2))
+    assert post.samples.shape == (B, 64, 2) and post.log_evidence.shape == (B,)
+    assert torch.equal(post.samples, ref.samples)
+
+
+# ------------------------------------------------------------------ non-Gaussian likelihoods
+
+
+def _chain_is_reference(loglik, y, num_steps, n=50_000):
+    """Importance sampling with prior draws of the same discretised chain as the sampler.
+
+    TDS is consistent for the posterior of the discrete chain p_theta(x0) p(y | x0) (its
+    docstring); a 50-step DDPM chain moves the prior mean by ~0.03, more than the Monte
+    Carlo error below, so the reference uses that chain's draws (DiffusionPrior.sample).
+    Returns the posterior mean, its standard error and the log-evidence.
+    """
+    xs = DiffusionPrior(PRIOR, num_steps=num_steps).sample(
+        (n,), generator=torch.Generator().manual_seed(11)
+    )
+    lw = loglik(xs, y)
+    Wn = torch.softmax(lw, 0)
+    mean = (Wn[:, None] * xs).sum(0)
+    var = (Wn[:, None] * (xs - mean) ** 2).sum(0)
+    ess = 1 / (Wn**2).sum()
+    return mean, (var / ess).sqrt(), torch.logsumexp(lw, 0) - math.log(n)
+
+
+@pytest.mark.parametrize("likelihood", ["poisson", "nonlinear"])
+def test_tds_on_pyro_likelihood_matches_importance_sampling(likelihood):
+    # R replicate problems (a plate over copies of y) give R independent TDS runs in one
+    # vectorised call; the spread of their means is the Monte Carlo error.
+    R, N, steps = 8, 1000, 50
+    if likelihood == "poisson":
+        y = torch.tensor([1.0, 1.0], dtype=D64)
+
+        def obs(x):
+            return dist.Poisson(poisson_rate(x)).to_event(1)
+
+        sampler = TDS(num_steps=steps)  # the twist is the likelihood at x0_hat
+    else:
+        y = torch.tensor([0.8, 0.5], dtype=D64)
+
+        def obs(x):
+            return dist.Normal(f_nl(x), 0.7).to_event(1)
+
+        sampler = TDS(num_steps=steps, twist_variance="inflated")
+
+    def model(y):
+        with pyro.plate("replicates", y.shape[0]):
+            x = pyro.sample("x", DiffusionPrior(PRIOR))
+            pyro.sample("y", obs(x), obs=y)
+
+    post = infer(
+        model, sampler, y.expand(R, 2), num_samples=N, generator=torch.Generator().manual_seed(0)
+    )
+    assert post.kind == ("poisson" if likelihood == "poisson" else "gaussian")
+    assert post.samples.shape == (R, N, 2)
+    means = post.mean()  # (R, 2)
+    se_tds = means.std(0) / math.sqrt(R)
+    ref, se_is, log_z = _chain_is_reference(lambda x, y: obs(x).log_prob(y), y, steps)
+    tol = 4 * torch.sqrt(se_tds**2 + se_is**2)
+    assert ((means.mean(0) - ref).abs() < tol).all(), (means.mean(0), ref, tol)
+    le = post.log_evidence
+    assert (le.mean() - log_z).abs() < 4 * le.std() / math.sqrt(R) + 0.02, (le, log_z)
+
+
+def test_custom_likelihood_sums_observed_sites_per_particle():
+    # Laplace site + a scaled second site, unbatched and in a plate: log_likelihood_fn must
+    # equal the hand-written sum of log-densities for every particle.
+    y1 = torch.tensor([0.8, 0.5], dtype=D64)
+    y2 = torch.tensor(0.3, dtype=D64)
+
+    def model(y1, y2):
+        x = pyro.sample("x", DiffusionPrior(PRIOR))
+        pyro.sample("a", dist.Laplace(f_nl(x), 0.5).to_event(1), obs=y1)
+        with poutine.scale(scale=0.5):
+            pyro.sample("b", dist.StudentT(3.0, x[..., 0], 1.0), obs=y2)
+
+    _, problem, st = model_to_problem(model, y1, y2)
+    assert st.kind == "custom" and problem.y.shape == (3,) and problem.log_likelihood_fn
+    x = GMM.sample(5, torch.Generator().manual_seed(0))[None]
+    ref = dist.Laplace(f_nl(x), 0.5).log_prob(y1).sum(-1) + 0.5 * dist.StudentT(
+        3.0, x[..., 0], 1.0
+    ).log_prob(y2)
+    assert torch.allclose(problem.log_likelihood(x), ref)
+    with pytest.raises(ValueError, match="no forward operator"):
+        problem.operator(x)
+
+    Y = torch.tensor([[0.8, 0.5], [0.0, 1.0], [-1.0, 0.2]], dtype=D64)
+
+    def bmodel(y):
+        with pyro.plate("data", 3):
+            x = pyro.sample("x", DiffusionPrior(PRIOR))
+            pyro.sample("a", dist.Laplace(f_nl(x), 0.5).to_event(1), obs=y)
+
+    _, problem, st = model_to_problem(bmodel, Y)
+    assert st.kind == "custom" and problem.batch_size == 3
+    xb = GMM.sample(12, torch.Generator().manual_seed(1)).reshape(3, 4, 2)
+    ref = dist.Laplace(f_nl(xb), 0.5).log_prob(Y[:, None]).sum(-1)
+    assert torch.allclose(problem.log_likelihood(xb), ref)
+
+
+def test_structured_forward_operator_reads_the_model():
+    Y = torch.tensor([[3.0, 5.0], [0.0, 1.0], [2.0, 2.0]], dtype=D64)
+
+    def model(y):
+        with pyro.plate("data", 3):
+            x = pyro.sample("x", DiffusionPrior(PRIOR))
+            pyro.sample("y", dist.Poisson(poisson_rate(x)).to_event(1), obs=y)
+
+    _, problem, st = model_to_problem(model, Y)
+    assert st.kind == "poisson" and problem.noise == "poisson" and not problem.operator.is_linear
+    xb = GMM.sample(12, torch.Generator().manual_seed(1)).reshape(3, 4, 2)
+    assert torch.allclose(problem.operator(xb), poisson_rate(xb))
+    ref = dist.Poisson(poisson_rate(xb)).log_prob(Y[:, None]).sum(-1)
+    assert torch.allclose(problem.log_likelihood(xb), ref)
+
+    # A Normal whose scale depends on x is not a Gaussian noise model: custom likelihood.
+    def hetero(y):
+        x = pyro.sample("x", DiffusionPrior(PRIOR))
+        pyro.sample("y", dist.Normal(f_nl(x), 0.1 + x.abs()).to_event(1), obs=y)
+
+    assert model_to_problem(hetero, Y[0])[2].kind == "custom"
+
+    # M iid observations of one signal (a plate over the data, not over problems).
+    def iid(y):
+        x = pyro.sample("x", DiffusionPrior(PRIOR))
+        with pyro.plate("obs", y.shape[0]):
+            pyro.sample("y", dist.Normal(f_nl(x), 0.5).to_event(1), obs=y)
+
+    _, problem, st = model_to_problem(iid, Y)
+    assert st.kind == "gaussian" and not problem.batched and problem.y.shape == (3, 2)
+    assert problem.noise_std == 0.5
+    x = GMM.sample(4, torch.Generator().manual_seed(2))[None]  # (1, 4, 2)
+    assert torch.allclose(problem.operator(x), f_nl(x)[:, :, None].expand(1, 4, 3, 2))
+    ref = dist.Normal(f_nl(x)[..., None, :], 0.5).log_prob(Y).sum((-2, -1))
+    assert torch.allclose(problem.log_likelihood(x), ref)
+
+
+def test_dps_runs_on_pyro_likelihoods():
+    dps = pytest.importorskip("bayesfilter_diff.samplers.dps", reason="DPS not written yet")
+
+    def pmodel(y):
+        x = pyro.sample("x", DiffusionPrior(PRIOR))
+        pyro.sample("y", dist.Poisson(poisson_rate(x)).to_event(1), obs=y)
+
+    def nmodel(y):
+        x = pyro.sample("x", DiffusionPrior(PRIOR))
+        pyro.sample("y", dist.Normal(f_nl(x), 0.5).to_event(1), obs=y)
+
+    for model, y in (
+        (pmodel, torch.tensor([1.0, 2.0], dtype=D64)),
+        (nmodel, torch.tensor([0.8, 0.5], dtype=D64)),
+    ):
+        post = infer(
+            model,
+            dps.DPS(num_steps=20),
+            y,
+            num_samples=32,
+            generator=torch.Generator().manual_seed(0),
+        )
+        assert post.samples.shape == (32, 2) and torch.isfinite(post.samples).all()
+        assert post.log_weights is None
+
+
+# ------------------------------------------------------------------ errors
+
+
+def _lg_model(y):
+    x = pyro.sample("x", DiffusionPrior(PRIOR))
+    pyro.sample("y", LinearGaussian(A, x, 0.3), obs=y)
+
+
+def test_errors():
+    y = torch.tensor([0.7, -0.2], dtype=D64)
+
+    def two_priors(y):
+        x = pyro.sample("x", DiffusionPrior(PRIOR))
+        z = pyro.sample("z", DiffusionPrior(PRIOR))
+        pyro.sample("y", LinearGaussian(A, x + z, 0.3), obs=y)
+
+    with pytest.raises(ValueError, match="2 DiffusionPrior sites"):
+        infer(two_priors, TDS(num_steps=5), y)
+
+    def no_prior(y):
+        x = pyro.sample("x", dist.Normal(torch.zeros(2, dtype=D64), 1.0).to_event(1))
+        pyro.sample("y", LinearGaussian(A, x, 0.3), obs=y)
+
+    with pytest.raises(ValueError, match="no DiffusionPrior site"):
+        infer(no_prior, TDS(num_steps=5), y)
+
+    def no_obs():
+        pyro.sample("x", DiffusionPrior(PRIOR))
+
+    with pytest.raises(ValueError, match="no observed site"):
+        infer(no_obs, TDS(num_steps=5))
+
+    def extra_latent(y):
+        x = pyro.sample("x", DiffusionPrior(PRIOR))
+        s = pyro.sample("s", dist.LogNormal(torch.tensor(0.0, dtype=D64), 1.0))
+        pyro.sample("y", dist.Normal(x, s).to_event(1), obs=y)
+
+    with pytest.raises(ValueError, match=r"latent sites \['s'\]"):
+        infer(extra_latent, TDS(num_steps=5), y)
+
+    with pytest.raises(TypeError, match="sampler"):
+        infer(_lg_model, object(), y)
+
+    def not_broadcasting(y):
+        x = pyro.sample("x", DiffusionPrior(PRIOR))
+        pyro.sample("y", dist.Normal(torch.stack([x[0], x[1]]), 0.3).to_event(1), obs=y)
+
+    with pytest.raises(ValueError, match="must broadcast over the leading dimensions"):
+        infer(not_broadcasting, TDS(num_steps=5), y)
+
+
+def test_linear_only_sampler_on_poisson_likelihood_is_refused():
+    candidates = []
+    for mod, name in (("fps", "FPSSMC"), ("mcgdiff", "MCGdiff"), ("pigdm", "PiGDM")):
+        try:
+            m = __import__(f"bayesfilter_diff.samplers.{mod}", fromlist=[name])
+            candidates.append(getattr(m, name))
+        except (ImportError, AttributeError):
+            pass
+    if not candidates:
+        pytest.skip("no linear-Gaussian-only sampler written yet")
+
+    def model(y):
+        x = pyro.sample("x", DiffusionPrior(PRIOR))
+        pyro.sample("y", dist.Poisson(poisson_rate(x)).to_event(1), obs=y)
+
+    y = torch.tensor([1.0, 2.0], dtype=D64)
+    for cls in candidates:
+        with pytest.raises(ValueError, match=rf"{cls.__name__} cannot sample this model.*Poisson"):
+            infer(model, cls(num_steps=5), y, num_samples=4)
+    dps = pytest.importorskip("bayesfilter_diff.samplers.dps")
+
+    def laplace(y):
+        x = pyro.sample("x", DiffusionPrior(PRIOR))
+        pyro.sample("y", dist.Laplace(f_nl(x), 0.5).to_event(1), obs=y)
+
+    with pytest.raises(ValueError, match="DPS cannot sample this model.*Laplace"):
+        infer(laplace, dps.DPS(num_steps=5), y, num_samples=4)
+
+
+def test_to_arviz():
+    pytest.importorskip("arviz")
+    diag = pytest.importorskip("bayesfilter_diff.diagnostics")
+    if not hasattr(diag, "to_arviz"):
+        pytest.skip("bayesfilter_diff.diagnostics.to_arviz not written yet")
+    post = infer(
+        _lg_model,
+        TDS(num_steps=5),
+        torch.tensor([0.7, -0.2], dtype=D64),
+        num_samples=16,
+        generator=torch.Generator().manual_seed(0),
+    )
+    data = post.to_arviz(generator=torch.Generator().manual_seed(0))
+    assert "x" in data.posterior
+    assert tuple(data.posterior["x"].shape) == (1, 16, 2)

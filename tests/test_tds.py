@@ -1,0 +1,289 @@
+"""Tests of the Twisted Diffusion Sampler against exact Gaussian(-mixture) posteriors.
+
+TDS is asymptotically exact for the posterior of the *discrete* generative chain
+``p_theta(x0) p(y | x0)``. For a Gaussian prior and the exact (affine) denoiser that chain
+is Gaussian too, so its posterior and evidence are computed exactly below (``chain_prior``)
+and serve as the sharp reference; the continuous-time answer ``gmm.posterior(problem)``
+differs from it by a time-discretisation error that is computed exactly and added to the
+tolerance. Monte Carlo standard errors come from independent copies of each problem in
+the batch (the final ESS ignores the correlations that resampling creates).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import bayesfilter_diff as bfd
+from bayesfilter_diff.samplers.base import ddim_coefficients
+from bayesfilter_diff.samplers.tds import TDS
+
+DT = torch.float64
+
+
+def chain_prior(mu, S, schedule, times):
+    """Exact law ``N(m, P)`` of ``x_0`` under the ancestral chain of a Gaussian prior."""
+    d = mu.numel()
+    eye = torch.eye(d, dtype=DT)
+    m = torch.zeros(d, dtype=DT)
+    P = schedule.sigma(times[0]) ** 2 * eye
+    for i in range(times.numel() - 1):
+        t, s = times[i], times[i + 1]
+        a, sg = schedule.alpha(t), schedule.sigma(t)
+        G = a * S @ torch.linalg.inv(a**2 * S + sg**2 * eye)  # x0_hat = G x + (mu - a G mu)
+        a_s, c_eps, std, a_t = ddim_coefficients(schedule, t, s, 1.0)
+        c1, c2 = a_s - c_eps * a_t / sg, c_eps / sg
+        K = c1 * G + c2 * eye
+        m = K @ m + c1 * (mu - a * G @ mu)
+        P = K @ P @ K.T + std**2 * eye
+    return bfd.GaussianMixture(torch.ones(1, dtype=DT), m[None], P[None])
+
+
+def weighted_moments(res):
+    """Per-problem weighted mean ``(B, d)`` and covariance ``(B, d, d)``.
+
+    The covariance is divided by ``1 - sum W^2`` (reliability weights), which removes its
+    ``O(1 / ESS)`` downward bias.
+    """
+    W = res.weights().to(DT)
+    x = res.samples
+    mean = (W[..., None] * x).sum(1)
+    xc = x - mean[:, None]
+    cov = torch.einsum("bn,bni,bnj->bij", W, xc, xc)
+    return mean, cov / (1 - (W**2).sum(1))[:, None, None]
+
+
+def copy_stats(values, P, R):
+    """Mean over the ``R`` copies of each of ``P`` problems and its standard error."""
+    v = values.reshape((P, R) + values.shape[1:])
+    return v.mean(1), v.std(1) / math.sqrt(R)
+
+
+def gaussian_setup(sigma_y, schedule, P=3, R=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    d = 3
+    mu = torch.tensor([1.0, -0.5, 0.3], dtype=DT)
+    L = torch.randn(d, d, generator=g, dtype=DT)
+    S = L @ L.T / d + 0.5 * torch.eye(d, dtype=DT)
+    gmm = bfd.GaussianMixture(torch.ones(1, dtype=DT), mu[None], S[None])
+    M = torch.randn(2, d, generator=g, dtype=DT)
+    A = bfd.operators.Dense(M / M.norm(dim=1, keepdim=True))  # unit rows
+    x = gmm.sample(P, g)
+    y = A(x) + sigma_y * torch.randn(P, 2, generator=g, dtype=DT)
+    y = y.repeat_interleave(R, 0)  # R independent copies of each of the P problems
+    problem = bfd.InverseProblem(A, y, noise_std=sigma_y)
+    return gmm, mu, S, problem, g
+
+
+def evidence_ratio_stats(res, log_z, P, R):
+    """Mean over copies of ``Z_hat / Z`` (unbiased for 1) and its standard error.
+
+    The SMC evidence estimate is unbiased for ``Z`` but ``log Z_hat`` is not (and is
+    skewed), so copies are compared in linear space.
+    """
+    ratio = torch.exp(res.log_evidence - log_z.repeat_interleave(R))
+    return copy_stats(ratio, P, R)
+
+
+@pytest.mark.parametrize(
+    "twist, sigma_y, schedule",
+    [
+        ("none", 1.5, bfd.VPSchedule.linear()),
+        ("inflated", 0.5, bfd.VPSchedule.linear()),
+        ("pigdm", 0.5, bfd.VPSchedule.cosine()),
+    ],
+)
+def test_gaussian_posterior_and_evidence(twist, sigma_y, schedule):
+    P, R, N, n = 2, 16, 300, 100
+    gmm, mu, S, problem, g = gaussian_setup(sigma_y, schedule, P, R, seed=1)
+    res = TDS(num_steps=n, twist_variance=twist).sample(
+        gmm.diffusion(schedule), problem, num_samples=N, generator=g
+    )
+    assert res.samples.shape == (P * R, N, 3)
+    assert res.info["nfe"] == n and res.info["backprop"]
+    chain = chain_prior(mu, S, schedule, schedule.time_grid(n, dtype=DT))
+    sub = bfd.InverseProblem(problem.operator, problem.y[::R], noise_std=sigma_y)
+    exact_c, exact_g = chain.posterior(sub), gmm.posterior(sub)
+    log_z_c, log_z_g = chain.log_evidence(sub), gmm.log_evidence(sub)
+
+    mean, cov = weighted_moments(res)
+    m_hat, m_se = copy_stats(mean, P, R)
+    c_hat, c_se = copy_stats(cov, P, R)
+    r_hat, r_se = evidence_ratio_stats(res, log_z_c, P, R)
+    # Exact target of TDS: the chain's posterior and evidence, within 4.5 standard errors.
+    assert ((m_hat - exact_c.mean()).abs() <= 4.5 * m_se).all()
+    assert ((c_hat - exact_c.covariance()).abs() <= 4.5 * c_se + 1e-12).all()
+    assert ((r_hat - 1).abs() <= 4.5 * r_se).all()
+    # The Monte Carlo error itself is small: the standard error of the mean is under 10% of
+    # the posterior standard deviation and that of Z_hat / Z under 0.05.
+    post_sd = torch.diagonal(exact_g.covariance(), dim1=-2, dim2=-1).sqrt()
+    assert (m_se < 0.1 * post_sd).all() and (r_se < 0.05).all()
+    # Continuous-time reference (gmm.posterior / gmm.log_evidence): same tolerance plus the
+    # exactly computed discretisation error of the chain.
+    disc_m = (exact_c.mean() - exact_g.mean()).abs()
+    disc_c = (exact_c.covariance() - exact_g.covariance()).abs()
+    disc_z = (log_z_c - log_z_g).abs()
+    assert ((m_hat - exact_g.mean()).abs() <= 4.5 * m_se + disc_m).all()
+    assert ((c_hat - exact_g.covariance()).abs() <= 4.5 * c_se + disc_c + 1e-12).all()
+    log_z_hat = torch.log(r_hat) + log_z_c  # log of the mean of the copies' Z_hat
+    assert ((log_z_hat - log_z_g).abs() <= 4.5 * r_se / r_hat + disc_z).all()
+
+
+@pytest.mark.parametrize("schedule", [bfd.FlowSchedule(), bfd.VESchedule()])
+def test_flow_and_ve_schedules(schedule):
+    # alpha(1) = 0 for flows (untwisted first proposal, flat "inflated" twist); sigma(0) > 0
+    # for VE (stochastic last step). Both stay exact for the chain.
+    P, R, N, n = 1, 16, 200, 60
+    gmm, mu, S, problem, g = gaussian_setup(0.5, schedule, P, R, seed=1)
+    chain = chain_prior(mu, S, schedule, schedule.time_grid(n, dtype=DT))
+    sub = bfd.InverseProblem(problem.operator, problem.y[:1], noise_std=0.5)
+    for twist in ("inflated", "pigdm"):
+        res = TDS(num_steps=n, twist_variance=twist).sample(
+            gmm.diffusion(schedule), problem, num_samples=N, generator=g
+        )
+        assert torch.isfinite(res.samples).all()
+        mean, _ = weighted_moments(res)
+        m_hat, m_se = copy_stats(mean, P, R)
+        r_hat, r_se = evidence_ratio_stats(res, chain.log_evidence(sub), P, R)
+        assert ((m_hat - chain.posterior(sub).mean()).abs() <= 4.5 * m_se).all()
+        assert ((r_hat - 1).abs() <= 4.5 * r_se).all()
+
+
+def test_exact_twist_keeps_weights_nearly_uniform():
+    # Prior N(0, tau2 I) and a mask: the "pigdm" twist with prior_variance = tau2 is the
+    # exact p(y | x_t) and the proposal the exact conditional Tweedie step, so only the time
+    # discretisation degrades the weights; the paper's twist ("none") is far from exact.
+    g = torch.Generator().manual_seed(2)
+    tau2, d, N = 0.6, 3, 300
+    gmm = bfd.GaussianMixture(
+        torch.ones(1, dtype=DT), torch.zeros(1, d, dtype=DT), torch.full((1,), tau2, dtype=DT)
+    )
+    prior = gmm.diffusion(bfd.VPSchedule.cosine())
+    A = bfd.operators.Mask(torch.tensor([True, False, True]), dtype=DT)
+    y = A(gmm.sample(2, g)) + 0.2 * torch.randn(2, 2, generator=g, dtype=DT)
+    problem = bfd.InverseProblem(A, y, noise_std=0.2)
+    exact = TDS(num_steps=200, twist_variance="pigdm", prior_variance=tau2, ess_threshold=0.0)
+    res = exact.sample(prior, problem, num_samples=N, generator=g)
+    plain = TDS(num_steps=200, twist_variance="none", ess_threshold=0.0)
+    res0 = plain.sample(prior, problem, num_samples=N, generator=g)
+    assert (res.ess() > 0.8 * N).all()
+    assert (res0.ess() < 0.5 * N).all()
+
+
+def test_mixture_weights():
+    # Two components in d = 2; the posterior weight of component k is E_post[r_k(x)] with
+    # r_k the exact posterior responsibilities, estimated by the weighted particles.
+    g = torch.Generator().manual_seed(3)
+    gmm = bfd.GaussianMixture(
+        torch.tensor([0.3, 0.7], dtype=DT),
+        torch.tensor([[-2.0, 0.0], [2.0, 1.0]], dtype=DT),
+        torch.tensor([0.5, 0.5], dtype=DT),
+    )
+    prior = gmm.diffusion(bfd.VPSchedule.cosine())
+    A = bfd.operators.Dense(torch.tensor([[1.0, 0.5]], dtype=DT))
+    R = 16
+    y = torch.tensor([[-0.2], [0.2]], dtype=DT).repeat_interleave(R, 0)
+    problem = bfd.InverseProblem(A, y, noise_std=0.7)
+    exact = gmm.posterior(problem)
+    res = TDS(num_steps=100, twist_variance="inflated").sample(
+        prior, problem, num_samples=200, generator=g
+    )
+    W = res.weights()
+    resp = exact.component_log_responsibilities(res.samples).exp()  # (B, N, 2)
+    w_hat = (W[..., None] * resp).sum(1)  # (B, 2)
+    est, se = copy_stats(w_hat[:, 1], 2, R)
+    truth = exact.weights[::R, 1]
+    assert 0.2 < truth[0] < 0.8 and 0.2 < truth[1] < 0.8  # a non-trivial test
+    assert ((est - truth).abs() <= 4.5 * se + 0.01).all()  # 0.01: time discretisation
+    assert (se < 0.02).all()
+
+
+def gaussian_image_prior(shape, schedule, tau2=1.0):
+    """The exact diffusion of N(0, tau2 I) on images of shape ``shape``."""
+
+    def denoise(x, t):
+        tt = t.reshape(t.shape + (1,) * (x.dim() - 1))
+        a, s = schedule.alpha(tt), schedule.sigma(tt)
+        return a * tau2 * x / (a**2 * tau2 + s**2)
+
+    return bfd.DiffusionModel(denoise, schedule, shape)
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "poisson"])
+def test_phase_retrieval_runs(noise):
+    g = torch.Generator().manual_seed(4)
+    shape = (1, 4, 4)
+    prior = gaussian_image_prior(shape, bfd.VPSchedule.linear())
+    A = bfd.operators.PhaseRetrieval(shape)
+    x = torch.randn((2,) + shape, generator=g)
+    if noise == "gaussian":
+        y = A(x) + 0.1 * torch.randn((2,) + A.out_shape, generator=g)
+        problem = bfd.InverseProblem(A, y, noise_std=0.1)
+    else:
+        y = torch.poisson(5.0 * A(x), generator=g)
+        problem = bfd.InverseProblem(A, y, noise="poisson", poisson_rate=5.0)
+    res = TDS(num_steps=20).sample(prior, problem, num_samples=16, generator=g)
+    assert res.samples.shape == (2, 16) + shape and res.samples.dtype == torch.float32
+    assert torch.isfinite(res.samples).all()
+    assert torch.isfinite(res.log_evidence).all() and torch.isfinite(res.log_weights).any(-1).all()
+    assert res.info["twist"] == ("inflated" if noise == "gaussian" else "likelihood")
+
+
+def test_poisson_dense_vector():
+    # Poisson noise on a positive linear operator of a vector prior (twist = p(y | x0_hat));
+    # particles whose rate A x0_hat <= 0 get weight 0 instead of NaN.
+    g = torch.Generator().manual_seed(5)
+    gmm = bfd.GaussianMixture(
+        torch.ones(1, dtype=DT), torch.full((1, 2), 3.0, dtype=DT), torch.ones(1, dtype=DT)
+    )
+    A = bfd.operators.Dense(torch.tensor([[1.0, 0.5], [0.2, 1.0]], dtype=DT))
+    y = torch.poisson(2.0 * A(gmm.sample(1, g)[0]), generator=g)
+    problem = bfd.InverseProblem(A, y, noise="poisson", poisson_rate=2.0)
+    res = TDS(num_steps=30).sample(gmm.diffusion(bfd.VPSchedule.linear()), problem, 64, g)
+    assert res.samples.shape == (64, 2) and res.log_weights.shape == (64,)
+    assert res.log_evidence.dim() == 0 and torch.isfinite(res.log_evidence)
+    assert torch.isfinite(res.samples).all()
+
+
+def test_shapes_images_and_unbatched():
+    g = torch.Generator().manual_seed(6)
+    shape = (2, 3, 3)
+    prior = gaussian_image_prior(shape, bfd.VPSchedule.linear())
+    A = bfd.operators.Mask.random(shape, 0.5, generator=g)
+    x = torch.randn(shape, generator=g)
+    problem = bfd.InverseProblem(A, A(x) + 0.1 * torch.randn(A.out_shape, generator=g), 0.1)
+    res = TDS(num_steps=10, twist_variance="inflated", clamp_x0=(-3.0, 3.0)).sample(
+        prior, problem, num_samples=8, generator=g
+    )
+    assert res.samples.shape == (8,) + shape and res.log_weights.shape == (8,)
+    assert res.log_evidence.shape == () and res.draws(5, generator=g).shape == (5,) + shape
+    yb = torch.stack([problem.y, problem.y + 0.1])
+    resb = TDS(num_steps=10).sample(prior, bfd.InverseProblem(A, yb, 0.1), 8, g)
+    assert resb.samples.shape == (2, 8) + shape and resb.log_evidence.shape == (2,)
+    assert resb.info["ess"].shape == (10, 2)
+
+
+def test_wide_clamp_changes_nothing():
+    gmm, mu, S, problem, _ = gaussian_setup(0.5, bfd.VPSchedule.linear(), P=1, R=2)
+    prior = gmm.diffusion(bfd.VPSchedule.linear())
+    a = TDS(num_steps=20).sample(prior, problem, 32, torch.Generator().manual_seed(7))
+    b = TDS(num_steps=20, clamp_x0=(-1e6, 1e6)).sample(
+        prior, problem, 32, torch.Generator().manual_seed(7)
+    )
+    assert torch.equal(a.samples, b.samples) and torch.equal(a.log_weights, b.log_weights)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="twist_variance"):
+        TDS(twist_variance="big")
+    with pytest.raises(ValueError, match="prior_variance"):
+        TDS(prior_variance=0.0)
+    with pytest.raises(ValueError, match="clamp_x0"):
+        TDS(clamp_x0=(1.0, -1.0))
+    gmm, *_ = gaussian_setup(0.5, bfd.VPSchedule.linear(), P=1, R=1)
+    A = bfd.operators.Dense(torch.ones(1, 3, dtype=DT))
+    noiseless = bfd.InverseProblem(A, torch.zeros(1, dtype=DT), noise_std=0.0)
+    with pytest.raises(ValueError, match="noise_std > 0"):
+        TDS(num_steps=5).sample(gmm.diffusion(bfd.VPSchedule.linear()), noiseless, 4)
