@@ -89,7 +89,7 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     if not finite:
         out.update(sw=math.nan, sw_floor=math.nan, weight_tv=math.nan)
         return out
-    kw = {"num_projections": 1000, "p": 1, "generator": g}
+    kw = {"num_projections": cell.get("num_projections", 1000), "p": 1, "generator": g}
     out["sw"] = float(dg.sliced_wasserstein(x, ref, weights_x=W, **kw))
     out["sw_floor"] = float(dg.sliced_wasserstein(ref2, ref, **kw))
     out["weight_tv"] = float(dg.mixture_weight_error(x, post, weights=W))

@@ -48,8 +48,13 @@ def validate(
     resume: bool = True,
     progress: bool = True,
     config: dict[str, Any] | None = None,
+    executor: Any = None,
 ) -> dict[str, Any]:
-    """Run the benchmark study, write ``report.md`` and figures to ``out``, return the rows."""
+    """Run the benchmark study, write ``report.md`` and figures to ``out``, return the rows.
+
+    ``executor`` runs the cells (default: :class:`~bayesfilter_diff.studies.LocalExecutor`;
+    e.g. :class:`~bayesfilter_diff.studies.ray_executor.RayExecutor` for a Ray cluster).
+    """
     cfg = dict(FULL if full else QUICK)
     cfg.update(config or {})
     methods = methods or method_names()
@@ -65,7 +70,7 @@ def validate(
     store = ResultStore(out)
     cells = gb.grid(methods, cfg["dims"], cfg["obs_dims"], cfg["steps"], cfg["seeds"], cfg["N"], device)
     start = time.perf_counter()
-    records = run_study(gb.run_cell, cells, store, progress=progress)
+    records = run_study(gb.run_cell, cells, store, executor=executor, progress=progress)
     wall = time.perf_counter() - start
     by = ["method", "d", "d_y", "steps"]
     rows = summarize(records, by, METRICS)
