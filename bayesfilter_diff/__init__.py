@@ -11,7 +11,7 @@ from .priors import DiffusionModel, GaussianMixture, GaussianMixtureDiffusion
 from .problem import InverseProblem
 from .result import Result
 from .schedules import FlowSchedule, Schedule, VESchedule, VPSchedule
-from .smc.loop import DegenerateWeightsError
+from .smc.loop import DegenerateWeightsError, NonFiniteSamplesError
 
 __version__ = "0.1.0"
 
@@ -30,6 +30,7 @@ __all__ = [
     "VESchedule",
     "FlowSchedule",
     "DegenerateWeightsError",
+    "NonFiniteSamplesError",
     "DiffusionPrior",
     "LinearGaussian",
     "infer",

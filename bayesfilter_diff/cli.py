@@ -90,18 +90,37 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--full", action="store_true", help="the published protocol (hours on CPU)")
     v.add_argument("--methods", default=None, help="comma-separated method names (default: all)")
     v.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    v.add_argument("--out", default="validation/demo", help="output folder (report.md, figures, cells)")
-    v.add_argument("--resume", action="store_true", default=True, help="reuse completed cells (default)")
+    v.add_argument(
+        "--out", default="validation/demo", help="output folder (report.md, figures, cells)"
+    )
+    v.add_argument(
+        "--resume", action="store_true", default=True, help="reuse completed cells (default)"
+    )
     v.add_argument("--fresh", action="store_true", help="discard completed cells and start over")
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
-    v.add_argument("--executor", default="local", choices=["local", "ray"],
-                   help="run cells in this process (local) or as Ray tasks (ray)")
-    v.add_argument("--address", default=None,
-                   help="Ray cluster address, e.g. auto (default: start a local Ray instance)")
-    v.add_argument("--num-workers", type=int, default=None,
-                   help="Ray tasks in flight (default: the cluster's CPUs; local instance size)")
-    v.add_argument("--gpus-per-task", type=float, default=None,
-                   help="GPUs per Ray task, may be fractional (default: 1 with --device cuda)")
+    v.add_argument(
+        "--executor",
+        default="local",
+        choices=["local", "ray"],
+        help="run cells in this process (local) or as Ray tasks (ray)",
+    )
+    v.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address, e.g. auto (default: start a local Ray instance)",
+    )
+    v.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="Ray tasks in flight (default: the cluster's CPUs; local instance size)",
+    )
+    v.add_argument(
+        "--gpus-per-task",
+        type=float,
+        default=None,
+        help="GPUs per Ray task, may be fractional (default: 1 with --device cuda)",
+    )
     v.set_defaults(func=_validate)
     tr = sub.add_parser("train", help="train a small diffusion or flow prior (resumable)")
     tr.add_argument("--data", required=True, choices=["digits", "moons", "checkerboard"])
@@ -109,8 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--steps", required=True, type=int, help="total optimiser steps")
     tr.add_argument("--out", required=True, help="output folder (checkpoints, prior.json)")
     tr.add_argument("--resume", action="store_true", help="continue from the folder's checkpoint")
-    tr.add_argument("--parameterization", default=None, choices=["eps", "x0", "v", "velocity"],
-                    help="network output (default: eps for diffusion, velocity for flow)")
+    tr.add_argument(
+        "--parameterization",
+        default=None,
+        choices=["eps", "x0", "v", "velocity"],
+        help="network output (default: eps for diffusion, velocity for flow)",
+    )
     tr.add_argument("--channels", default=None, help="U-Net channels per resolution, e.g. 32,64")
     tr.add_argument("--batch-size", type=int, default=None)
     tr.add_argument("--lr", type=float, default=None)

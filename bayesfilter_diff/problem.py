@@ -84,10 +84,30 @@ class InverseProblem:
             raise ValueError(f"noise must be 'gaussian' or 'poisson', got {noise!r}")
         if isinstance(noise_std, Tensor):
             if noise_std.numel() != 1:
-                raise ValueError("noise_std must be a scalar")
+                raise ValueError(
+                    f"noise_std must be a scalar, got a tensor of shape {tuple(noise_std.shape)}"
+                )
             noise_std = float(noise_std)
-        if not isinstance(noise_std, int | float) or not math.isfinite(noise_std) or noise_std < 0:
+        if (
+            isinstance(noise_std, bool)
+            or not isinstance(noise_std, int | float)
+            or not math.isfinite(noise_std)
+            or noise_std < 0
+        ):
             raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
+        fi = torch.finfo(y.dtype)
+        if 0 < noise_std < math.sqrt(fi.tiny):
+            # 1 / noise_std^2 would overflow and the log-likelihood turn into inf / NaN
+            raise ValueError(
+                f"noise_std={noise_std!r} is too small for {y.dtype}: noise_std**2 underflows "
+                f"(needs noise_std >= {math.sqrt(fi.tiny):.3g}); use noise_std=0 for a "
+                "noiseless problem"
+            )
+        if noise_std > math.sqrt(fi.max):
+            raise ValueError(
+                f"noise_std={noise_std!r} is too large for {y.dtype}: noise_std**2 overflows "
+                f"(needs noise_std <= {math.sqrt(fi.max):.3g})"
+            )
         if noise == "poisson":
             if poisson_rate <= 0:
                 raise ValueError(f"poisson_rate must be > 0, got {poisson_rate}")
@@ -153,7 +173,14 @@ class InverseProblem:
         """``log p(y | x)`` for ``x`` of shape ``(B, N, *in_shape)``; returns ``(B, N)``."""
         y = self._y_for(x)
         if self.log_likelihood_fn is not None:
-            return self.log_likelihood_fn(x, y)
+            ll = self.log_likelihood_fn(x, y)
+            if not isinstance(ll, Tensor) or tuple(ll.shape) != tuple(x.shape[:2]):
+                got = tuple(ll.shape) if isinstance(ll, Tensor) else type(ll).__name__
+                raise ValueError(
+                    f"log_likelihood_fn must return one value per particle, shape (B, N) = "
+                    f"{tuple(x.shape[:2])} for x of shape {tuple(x.shape)}; got {got}"
+                )
+            return ll
         Ax = self.operator(x)
         red = tuple(range(2, Ax.dim()))
         if self.noise == "poisson":

@@ -8,9 +8,15 @@ import bayesfilter_diff as bfd
 def test_prior_sampling_recovers_mixture():
     g = torch.Generator().manual_seed(0)
     d64 = torch.float64
-    gmm = bfd.GaussianMixture(torch.tensor([0.3, 0.7], dtype=d64), torch.tensor([[-4.0, 0], [4, 1]], dtype=d64), torch.tensor([1.0, 0.5], dtype=d64))
+    gmm = bfd.GaussianMixture(
+        torch.tensor([0.3, 0.7], dtype=d64),
+        torch.tensor([[-4.0, 0], [4, 1]], dtype=d64),
+        torch.tensor([1.0, 0.5], dtype=d64),
+    )
     prior = gmm.diffusion(bfd.VPSchedule.linear())
-    problem = bfd.InverseProblem(bfd.operators.Identity((2,), dtype=d64), torch.zeros(2, dtype=d64), 1.0)
+    problem = bfd.InverseProblem(
+        bfd.operators.Identity((2,), dtype=d64), torch.zeros(2, dtype=d64), 1.0
+    )
     n = 20000
     res = bfd.samplers.DDIM(num_steps=200, eta=0.0).sample(prior, problem, n, g)
     x = res.samples

@@ -31,7 +31,9 @@ def _scipy_logpdf(gmm, x, alpha=1.0, sigma=0.0):
     d = gmm.dim
     comps = [
         np.log(w[k])
-        + multivariate_normal(alpha * mu[k], alpha**2 * C[k] + sigma**2 * np.eye(d)).logpdf(x.numpy())
+        + multivariate_normal(alpha * mu[k], alpha**2 * C[k] + sigma**2 * np.eye(d)).logpdf(
+            x.numpy()
+        )
         for k in range(len(w))
     ]
     return torch.as_tensor(np.logaddexp.reduce(np.stack(comps), axis=0))
@@ -49,7 +51,11 @@ def test_log_prob_matches_scipy(kind, gen):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("sched", [bfd.VPSchedule.linear(), bfd.VESchedule(), bfd.FlowSchedule()], ids=["vp", "ve", "flow"])
+@pytest.mark.parametrize(
+    "sched",
+    [bfd.VPSchedule.linear(), bfd.VESchedule(), bfd.FlowSchedule()],
+    ids=["vp", "ve", "flow"],
+)
 def test_noisy_marginal_closed_form(kind, sched, gen):
     gmm = _mixture(kind, gen)
     prior = gmm.diffusion(sched)
@@ -166,7 +172,9 @@ def test_float32_stability_d800():
 def test_mixture_moments(gen):
     gmm = _mixture("full", gen)
     x = gmm.sample(200_000, gen)
-    assert torch.allclose(x.mean(0), gmm.mean(), atol=5 * float(x.std(0).max()) / math.sqrt(200_000))
+    assert torch.allclose(
+        x.mean(0), gmm.mean(), atol=5 * float(x.std(0).max()) / math.sqrt(200_000)
+    )
     assert torch.allclose(torch.cov(x.T), gmm.covariance(), rtol=0.05, atol=0.05)
 
 

@@ -39,7 +39,11 @@ def _problem(B=4, sigma=1.0):
 
 
 def _prior():
-    gmm = bfd.GaussianMixture(torch.ones(1, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64), torch.ones(1, dtype=torch.float64))
+    gmm = bfd.GaussianMixture(
+        torch.ones(1, dtype=torch.float64),
+        torch.zeros(1, 2, dtype=torch.float64),
+        torch.ones(1, dtype=torch.float64),
+    )
     return gmm, gmm.diffusion(bfd.VPSchedule.linear())
 
 
@@ -47,7 +51,9 @@ def _prior():
 def test_evidence_and_posterior_mean(thr):
     gmm, prior = _prior()
     problem = _problem()
-    res = _ToyIS(num_steps=5, ess_threshold=thr).sample(prior, problem, 20000, torch.Generator().manual_seed(1))
+    res = _ToyIS(num_steps=5, ess_threshold=thr).sample(
+        prior, problem, 20000, torch.Generator().manual_seed(1)
+    )
     exact = gmm.log_evidence(problem)
     # resampling between reweightings keeps the estimator unbiased for Z; tolerance from a
     # crude bound: relative sd of the weights ~ sqrt(e^{chi2}) / sqrt(N)
@@ -65,7 +71,9 @@ def test_evidence_and_posterior_mean(thr):
 def test_degenerate_weights_raise_naming_step_and_problem():
     _, prior = _prior()
     with pytest.raises(bfd.DegenerateWeightsError, match=r"problem\(s\) \[2\].*step 2"):
-        _ToyIS(num_steps=5, bad_problem=2).sample(prior, _problem(), 100, torch.Generator().manual_seed(0))
+        _ToyIS(num_steps=5, bad_problem=2).sample(
+            prior, _problem(), 100, torch.Generator().manual_seed(0)
+        )
 
 
 def test_unbatched_result_shapes_and_draws():

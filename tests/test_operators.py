@@ -15,7 +15,9 @@ def _ops():
             torch.randn(4, 2, generator=g, dtype=torch.float64)
             @ torch.randn(2, 5, generator=g, dtype=torch.float64)
         ),
-        "dense_image": O.Dense(torch.randn(4, 12, generator=g, dtype=torch.float64), in_shape=(1, 3, 4)),
+        "dense_image": O.Dense(
+            torch.randn(4, 12, generator=g, dtype=torch.float64), in_shape=(1, 3, 4)
+        ),
         "mask_random": O.Mask.random((2, 4, 4), 0.5, g, dtype=torch.float64),
         "mask_box": O.Mask.box((1, 6, 6), 1, 1, 3, 2, dtype=torch.float64),
         "mask_vector": O.Mask(torch.tensor([True, False, True, True, False]), dtype=torch.float64),
@@ -63,9 +65,12 @@ def test_pseudo_inverse(name):
     ax = op(x)
     assert torch.allclose(op(op.pinv(ax)), ax, atol=1e-10)  # A A^+ A = A
     M = op.matrix()
-    assert torch.allclose(op.flat_in(op.pinv(op.U(torch.eye(op.out_dim, dtype=torch.float64)))).T,
-                          torch.linalg.pinv(M) @ op.U(torch.eye(op.out_dim, dtype=torch.float64)).reshape(op.out_dim, -1).T,
-                          atol=1e-9)
+    assert torch.allclose(
+        op.flat_in(op.pinv(op.U(torch.eye(op.out_dim, dtype=torch.float64)))).T,
+        torch.linalg.pinv(M)
+        @ op.U(torch.eye(op.out_dim, dtype=torch.float64)).reshape(op.out_dim, -1).T,
+        atol=1e-9,
+    )
 
 
 @pytest.mark.parametrize("name", list(OPS))

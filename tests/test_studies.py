@@ -60,7 +60,8 @@ def test_sigkill_then_resume(tmp_path):
     for target in (2, 5, 9):  # kill three times, at different points
         proc = subprocess.Popen(
             [sys.executable, "-m", "_study_toy", str(tmp_path), str(n), "0.15"],
-            env=env, cwd=ROOT / "tests",
+            env=env,
+            cwd=ROOT / "tests",
         )
         deadline = time.time() + 120
         while len(store.keys()) < target and time.time() < deadline and proc.poll() is None:
@@ -69,7 +70,9 @@ def test_sigkill_then_resume(tmp_path):
         proc.wait()
     done_before = {k: store.path(k).stat().st_mtime_ns for k in store.keys()}
     assert 0 < len(done_before) < n  # killed part-way
-    computed = LocalExecutor().run(_study_toy.toy_cell, _study_toy.cells(n, 0.15), store, progress=False)
+    computed = LocalExecutor().run(
+        _study_toy.toy_cell, _study_toy.cells(n, 0.15), store, progress=False
+    )
     assert len(computed) == n - len(done_before)
     assert not set(computed) & set(done_before)
     for k, m in done_before.items():

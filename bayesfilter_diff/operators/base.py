@@ -179,7 +179,9 @@ class LinearOperator(Operator):
         return sol.reshape(lead + self.out_shape)
 
 
-def adjointness_error(op: LinearOperator, generator: torch.Generator | None = None, dtype=torch.float64) -> float:
+def adjointness_error(
+    op: LinearOperator, generator: torch.Generator | None = None, dtype=torch.float64
+) -> float:
     """Relative error of ``<A x, y> = <x, A^T y>`` on random ``x``, ``y``."""
     x = torch.randn(op.in_shape, generator=generator, dtype=dtype)
     y = torch.randn(op.out_shape, generator=generator, dtype=dtype)
@@ -188,7 +190,9 @@ def adjointness_error(op: LinearOperator, generator: torch.Generator | None = No
     return float((lhs - rhs).abs() / (lhs.abs() + rhs.abs() + 1e-30))
 
 
-def svd_error(op: LinearOperator, generator: torch.Generator | None = None, dtype=torch.float64) -> float:
+def svd_error(
+    op: LinearOperator, generator: torch.Generator | None = None, dtype=torch.float64
+) -> float:
     """Relative error of ``U S V^T x = A x`` on a random ``x``."""
     x = torch.randn((3,) + op.in_shape, generator=generator, dtype=dtype)
     s = op.singular_values()

@@ -30,7 +30,9 @@ class Dense(LinearOperator):
         self, matrix: Tensor, in_shape: Sequence[int] | None = None, rtol: float | None = None
     ) -> None:
         if not isinstance(matrix, Tensor) or matrix.dim() != 2:
-            raise ValueError(f"matrix must be a 2-D tensor (m, d), got {getattr(matrix, 'shape', matrix)}")
+            raise ValueError(
+                f"matrix must be a 2-D tensor (m, d), got {getattr(matrix, 'shape', matrix)}"
+            )
         if not matrix.is_floating_point():
             raise TypeError(f"matrix must be floating point, got {matrix.dtype}")
         if not torch.isfinite(matrix).all():
@@ -39,7 +41,9 @@ class Dense(LinearOperator):
         in_shape = (d,) if in_shape is None else tuple(in_shape)
         super().__init__(in_shape, (m,))
         if self.in_dim != d:
-            raise ValueError(f"in_shape {in_shape} has {self.in_dim} entries, matrix has d={d} columns")
+            raise ValueError(
+                f"in_shape {in_shape} has {self.in_dim} entries, matrix has d={d} columns"
+            )
         U, s, Vh = torch.linalg.svd(matrix.double(), full_matrices=True)
         rtol = rtol if rtol is not None else 1e3 * torch.finfo(matrix.dtype).eps
         r = int((s > rtol * s.max().clamp_min(1e-300)).sum())
@@ -95,7 +99,9 @@ def gmm_benchmark_operator(
         raise ValueError(f"need 1 <= obs_dim <= dim, got obs_dim={obs_dim}, dim={dim}")
     G = torch.randn(obs_dim, dim, generator=generator, dtype=torch.float64)
     U, _, Vh = torch.linalg.svd(G, full_matrices=False)
-    s = torch.sort(torch.rand(obs_dim, generator=generator, dtype=torch.float64), descending=True).values
+    s = torch.sort(
+        torch.rand(obs_dim, generator=generator, dtype=torch.float64), descending=True
+    ).values
     A = U @ torch.diag(s) @ Vh
     sigma_y = float(torch.rand((), generator=generator, dtype=torch.float64) * s.max())
     return Dense(A.to(dtype)), sigma_y

@@ -17,7 +17,9 @@ class Identity(LinearOperator):
 
     def __init__(self, shape: Sequence[int] | int, dtype: torch.dtype | None = None) -> None:
         super().__init__(shape, shape)
-        self.register_buffer("_s", torch.ones(self.in_dim, dtype=dtype or torch.get_default_dtype()))
+        self.register_buffer(
+            "_s", torch.ones(self.in_dim, dtype=dtype or torch.get_default_dtype())
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         self._lead(x, self.in_shape, "x")

@@ -44,7 +44,9 @@ class Mask(LinearOperator):
         self.register_buffer("obs_idx", obs)
         self.register_buffer("perm", perm)
         self.register_buffer("inv_perm", torch.argsort(perm))
-        self.register_buffer("_s", torch.ones(obs.numel(), dtype=dtype or torch.get_default_dtype()))
+        self.register_buffer(
+            "_s", torch.ones(obs.numel(), dtype=dtype or torch.get_default_dtype())
+        )
 
     @classmethod
     def random(
@@ -90,7 +92,9 @@ class Mask(LinearOperator):
             raise ValueError(f"box masks need an image shape (H, W) or (C, H, W), got {shape}")
         H, W = shape[-2:]
         if not (0 <= top < H and 0 <= left < W and height > 0 and width > 0):
-            raise ValueError(f"box {(top, left, height, width)} does not fit an image of size {(H, W)}")
+            raise ValueError(
+                f"box {(top, left, height, width)} does not fit an image of size {(H, W)}"
+            )
         m = torch.ones(shape, dtype=torch.bool)
         m[..., top : top + height, left : left + width] = False
         return cls(m, dtype=dtype)

@@ -86,7 +86,9 @@ class DiffusionModel(nn.Module):
             raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
         event_shape = tuple(int(s) for s in event_shape)
         if not event_shape or any(s < 1 for s in event_shape):
-            raise ValueError(f"event_shape must be a non-empty tuple of positive ints, got {event_shape}")
+            raise ValueError(
+                f"event_shape must be a non-empty tuple of positive ints, got {event_shape}"
+            )
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         self.net = denoiser
@@ -102,12 +104,16 @@ class DiffusionModel(nn.Module):
     @classmethod
     def from_eps(cls, net: Denoiser, schedule: Schedule, event_shape, **kw) -> DiffusionModel:
         """Wrap an eps-predicting network ``net(x_t, t) -> eps``."""
-        return cls(_Adapter(net, schedule, "eps", len(tuple(event_shape))), schedule, event_shape, **kw)
+        return cls(
+            _Adapter(net, schedule, "eps", len(tuple(event_shape))), schedule, event_shape, **kw
+        )
 
     @classmethod
     def from_v(cls, net: Denoiser, schedule: Schedule, event_shape, **kw) -> DiffusionModel:
         """Wrap a v-predicting network (``v = alpha eps - sigma x0``)."""
-        return cls(_Adapter(net, schedule, "v", len(tuple(event_shape))), schedule, event_shape, **kw)
+        return cls(
+            _Adapter(net, schedule, "v", len(tuple(event_shape))), schedule, event_shape, **kw
+        )
 
     @classmethod
     def from_score(cls, net: Denoiser, schedule: Schedule, event_shape, **kw) -> DiffusionModel:
@@ -120,7 +126,10 @@ class DiffusionModel(nn.Module):
     def from_velocity(cls, net: Denoiser, schedule: Schedule, event_shape, **kw) -> DiffusionModel:
         """Wrap a flow-matching velocity network ``u = dalpha x0 + dsigma eps``."""
         return cls(
-            _Adapter(net, schedule, "velocity", len(tuple(event_shape))), schedule, event_shape, **kw
+            _Adapter(net, schedule, "velocity", len(tuple(event_shape))),
+            schedule,
+            event_shape,
+            **kw,
         )
 
     # ------------------------------------------------------------------ contract
@@ -140,7 +149,6 @@ class DiffusionModel(nn.Module):
         """
         self._check(x_t)
         tt = broadcast_time(t, x_t, self.event_dim)
-        lead = x_t.shape[: x_t.dim() - self.event_dim]
         flat = x_t.reshape((-1,) + tuple(self.event_shape))
         tf = tt.reshape(-1)
         if self.chunk_size is None or flat.shape[0] <= self.chunk_size:

@@ -77,8 +77,16 @@ class GaussianMixture(nn.Module):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(v).__name__}")
             if not v.is_floating_point():
                 raise TypeError(f"{name} must be a floating-point tensor, got {v.dtype}")
-        if means.dim() < 2:
-            raise ValueError(f"means must have shape (*batch, K, d), got {tuple(means.shape)}")
+        if validate and not weights.dtype == means.dtype == covariances.dtype:
+            raise ValueError(
+                "weights, means and covariances must share one dtype, got "
+                f"{weights.dtype}, {means.dtype}, {covariances.dtype}"
+            )
+        if means.dim() < 2 or means.shape[-2] < 1 or means.shape[-1] < 1:
+            raise ValueError(
+                f"means must have shape (*batch, K, d) with K >= 1 components and dimension "
+                f"d >= 1, got {tuple(means.shape)}"
+            )
         K, d = means.shape[-2:]
         if weights.shape[-1:] != (K,) or weights.shape[:-1] != means.shape[:-2]:
             raise ValueError(
@@ -110,6 +118,15 @@ class GaussianMixture(nn.Module):
             ):
                 raise ValueError("covariances must be symmetric")
             lam, Q = torch.linalg.eigh(covariances.double())
+            # numerically singular: an eigenvalue within rounding of 0 (rank tolerance
+            # d * eps * largest eigenvalue, as numpy's matrix_rank)
+            tol = d * torch.finfo(covariances.dtype).eps * lam[..., -1:].abs()
+            if validate and (lam <= tol).any():
+                raise ValueError(
+                    "covariances must be positive definite; smallest eigenvalue "
+                    f"{float(lam[..., 0].min()):.3g} is not above d * eps * largest eigenvalue "
+                    "(numerically singular or indefinite)"
+                )
             lam, Q = lam.to(covariances.dtype), Q.to(covariances.dtype)
         else:
             raise ValueError(
@@ -189,10 +206,14 @@ class GaussianMixture(nn.Module):
             device=self.means.device,
         )
         mu = self._gather(self.means, comp)
-        lam = self._gather(self.eigvals.expand(self.means.shape[:-2] + self.eigvals.shape[-2:]), comp)
+        lam = self._gather(
+            self.eigvals.expand(self.means.shape[:-2] + self.eigvals.shape[-2:]), comp
+        )
         z = z * lam.sqrt()
         if self.eigvecs is not None:
-            Q = self._gather(self.eigvecs.expand(self.means.shape[:-2] + self.eigvecs.shape[-3:]), comp)
+            Q = self._gather(
+                self.eigvecs.expand(self.means.shape[:-2] + self.eigvecs.shape[-3:]), comp
+            )
             z = (Q @ z.unsqueeze(-1)).squeeze(-1)
         return mu + z
 
@@ -262,7 +283,9 @@ class GaussianMixture(nn.Module):
         return within + between
 
     # ------------------------------------------------------------------ diffusion
-    def diffusion(self, schedule: Schedule, chunk_size: int | None = None) -> GaussianMixtureDiffusion:
+    def diffusion(
+        self, schedule: Schedule, chunk_size: int | None = None
+    ) -> GaussianMixtureDiffusion:
         """The exact :class:`DiffusionModel` of this mixture under ``schedule``."""
         if len(self.batch_shape):
             raise ValueError("diffusion() needs an unbatched mixture (batch_shape == ())")
@@ -270,7 +293,9 @@ class GaussianMixture(nn.Module):
 
     def _noisy(self, x_t: Tensor, alpha: Tensor, sigma: Tensor):
         """Shared pieces of the noisy marginal: joint log-densities (..., K), rotated residual."""
-        lp, diff, var = self._component_log_prob(x_t.unsqueeze(-2), alpha[..., None, None], sigma[..., None, None])
+        lp, diff, var = self._component_log_prob(
+            x_t.unsqueeze(-2), alpha[..., None, None], sigma[..., None, None]
+        )
         return lp + self.log_weights, diff, var
 
     def noisy_log_prob(self, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:

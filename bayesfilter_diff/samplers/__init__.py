@@ -17,4 +17,25 @@ from .repaint import RePaint
 from .smcdiff import SMCDiff
 from .tds import TDS
 
-__all__ = ["Sampler", "SMCSampler", "DDIM", "FPS", "FPSSMC", "MCGdiff", "SMCDiff", "RePaint", "REDDiff", "DiffPIR", "DAPS", "DFlow", "TDS", "DPS", "PiGDM", "PiGDMFlow", "OTODE", "DDRM", "DDNM", "DDNMPlus"]
+__all__ = [
+    "Sampler",
+    "SMCSampler",
+    "DDIM",
+    "FPS",
+    "FPSSMC",
+    "MCGdiff",
+    "SMCDiff",
+    "RePaint",
+    "REDDiff",
+    "DiffPIR",
+    "DAPS",
+    "DFlow",
+    "TDS",
+    "DPS",
+    "PiGDM",
+    "PiGDMFlow",
+    "OTODE",
+    "DDRM",
+    "DDNM",
+    "DDNMPlus",
+]

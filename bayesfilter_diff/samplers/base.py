@@ -23,7 +23,9 @@ deterministic DDIM step.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +68,36 @@ def gaussian_log_density(x: Tensor, mean: Tensor, var: Tensor | float, event_dim
     return -0.5 * (((x - mean) ** 2 / var + torch.log(var)).sum(red) + _LOG2PI * k)
 
 
+def _check_field_types(sampler: Sampler) -> None:
+    """ValueError naming the field for a value that does not fit its annotation.
+
+    Covers fields annotated ``int``, ``float`` or ``str`` (optionally ``| None``): ints
+    (not bools) for ``int``, real numbers (not bools, not NaN) for ``float``. The range
+    checks stay with each sampler's ``__post_init__``. (ValueError, as those checks raise.)
+    """
+    for f in dataclasses.fields(sampler):
+        ann = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        parts = {p.strip() for p in ann.split("|")}
+        v = getattr(sampler, f.name)
+        if v is None and "None" in parts:
+            continue
+        kind = parts - {"None"}
+        if kind == {"int"}:
+            ok = isinstance(v, numbers.Integral) and not isinstance(v, bool)
+        elif kind == {"float"}:
+            ok = isinstance(v, numbers.Real) and not isinstance(v, bool)
+            if ok and math.isnan(v):
+                raise ValueError(f"{type(sampler).__name__}: {f.name} must not be NaN")
+        elif kind == {"str"}:
+            ok = isinstance(v, str)
+        else:
+            continue
+        if not ok:
+            raise ValueError(
+                f"{type(sampler).__name__}: {f.name} must be {ann}, got {v!r} ({type(v).__name__})"
+            )
+
+
 @dataclass(frozen=True)
 class Sampler:
     """Base class: an unweighted sampler on a time grid of ``num_steps`` steps."""
@@ -77,7 +109,12 @@ class Sampler:
     weighted = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
+        _check_field_types(self)
+        if (
+            isinstance(self.num_steps, bool)
+            or not isinstance(self.num_steps, int)
+            or self.num_steps < 1
+        ):
             raise ValueError(f"num_steps must be a positive int, got {self.num_steps!r}")
         if self.grid not in ("uniform", "ddpm"):
             raise ValueError(f"grid must be 'uniform' or 'ddpm', got {self.grid!r}")
@@ -120,7 +157,9 @@ class Sampler:
     def init(self, ctx: Context):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def step(self, ctx: Context, state: dict, i: int, t: Tensor, t_next: Tensor):  # pragma: no cover
+    def step(
+        self, ctx: Context, state: dict, i: int, t: Tensor, t_next: Tensor
+    ):  # pragma: no cover
         raise NotImplementedError
 
     def finalize(self, ctx: Context, state: dict):
@@ -138,9 +177,17 @@ class Sampler:
     def _require_gaussian(self, problem: InverseProblem) -> None:
         if not problem.is_linear_gaussian:
             raise ValueError(
-                f"{type(self).__name__} needs a linear operator with Gaussian noise; "
-                f"got {type(problem.operator).__name__} with {problem.noise!r} noise"
+                f"{type(self).__name__} needs a linear operator with Gaussian noise (and no "
+                f"custom log_likelihood_fn); got {_describe_likelihood(problem)}"
             )
+
+
+def _describe_likelihood(problem: InverseProblem) -> str:
+    """``"Dense with 'gaussian' noise"``, or naming the custom ``log_likelihood_fn``."""
+    op = type(problem.operator).__name__
+    if problem.log_likelihood_fn is not None:
+        return f"{op} with a custom log_likelihood_fn"
+    return f"{op} with {problem.noise!r} noise"
 
 
 @dataclass(frozen=True)
@@ -155,6 +202,8 @@ class SMCSampler(Sampler):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.resampling not in RESAMPLERS:
-            raise ValueError(f"resampling must be one of {sorted(RESAMPLERS)}, got {self.resampling!r}")
+            raise ValueError(
+                f"resampling must be one of {sorted(RESAMPLERS)}, got {self.resampling!r}"
+            )
         if not 0.0 <= float(self.ess_threshold) <= 1.0:
             raise ValueError(f"ess_threshold must be in [0, 1], got {self.ess_threshold!r}")

@@ -68,7 +68,7 @@ from torch import Tensor
 from ..priors.base import DiffusionModel
 from ..problem import InverseProblem
 from ..schedules import Schedule
-from .base import Context, Sampler, ddim_coefficients
+from .base import Context, Sampler, _describe_likelihood, ddim_coefficients
 
 __all__ = ["DAPS", "time_of_ve_sigma", "poly_sigmas"]
 
@@ -154,10 +154,10 @@ class DAPS(Sampler):
                 f"ode_sigma_min={self.ode_sigma_min}, sigma_min={self.sigma_min}, "
                 f"sigma_max={self.sigma_max}"
             )
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if not self.lr_min_ratio > 0:
-            raise ValueError(f"lr_min_ratio must be > 0, got {self.lr_min_ratio!r}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not 0 < self.lr_min_ratio < math.inf:
+            raise ValueError(f"lr_min_ratio must be a finite number > 0, got {self.lr_min_ratio!r}")
         if self.tau is not None and not (self.tau > 0 and math.isfinite(self.tau)):
             raise ValueError(f"tau must be a finite number > 0 or None, got {self.tau!r}")
         if self.tau_convention not in ("paper", "code"):
@@ -168,8 +168,9 @@ class DAPS(Sampler):
     def check(self, prior: DiffusionModel, problem: InverseProblem) -> None:
         if problem.noise != "gaussian" or problem.log_likelihood_fn is not None:
             raise ValueError(
-                "DAPS needs Gaussian observation noise (its Langevin target is "
-                f"exp(-||A x - y||^2 / (2 tau^2))); got {problem.noise!r} noise"
+                "DAPS needs Gaussian observation noise and no custom log_likelihood_fn (its "
+                "Langevin target is exp(-||A x - y||^2 / (2 tau^2))); got "
+                f"{_describe_likelihood(problem)}"
             )
         if self.tau is None and problem.noise_std <= 0:
             raise ValueError("DAPS needs tau > 0: set the tau field or use noise_std > 0")

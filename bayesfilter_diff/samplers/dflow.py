@@ -77,7 +77,7 @@ from torch import Tensor
 from ..priors.base import DiffusionModel
 from ..problem import InverseProblem
 from ..schedules import x0_to_velocity
-from .base import Context, Sampler
+from .base import Context, Sampler, _describe_likelihood
 
 __all__ = ["DFlow"]
 
@@ -146,8 +146,8 @@ class DFlow(Sampler):
     def check(self, prior: DiffusionModel, problem: InverseProblem) -> None:
         if problem.noise != "gaussian" or problem.log_likelihood_fn is not None:
             raise ValueError(
-                "DFlow needs Gaussian observation noise (its data term is ||A x - y||^2); "
-                f"got {problem.noise!r} noise"
+                "DFlow needs Gaussian observation noise and no custom log_likelihood_fn (its "
+                f"data term is ||A x - y||^2); got {_describe_likelihood(problem)}"
             )
 
     def time_grid(self, prior: DiffusionModel, problem: InverseProblem) -> Tensor:

@@ -59,6 +59,7 @@ Where the official code departs from the paper, and what is done here:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +67,7 @@ from torch import Tensor
 
 from ..priors.base import DiffusionModel
 from ..problem import InverseProblem
-from .base import Context, Sampler
+from .base import Context, Sampler, _describe_likelihood
 
 __all__ = ["REDDiff"]
 
@@ -133,14 +134,14 @@ class REDDiff(Sampler):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.lam >= 0:
-            raise ValueError(f"lam must be >= 0, got {self.lam!r}")
+        if not 0 <= self.lam < math.inf:
+            raise ValueError(f"lam must be a finite number >= 0, got {self.lam!r}")
         if self.weighting not in _WEIGHTINGS:
             raise ValueError(f"weighting must be one of {_WEIGHTINGS}, got {self.weighting!r}")
-        if not self.obs_weight >= 0:
-            raise ValueError(f"obs_weight must be >= 0, got {self.obs_weight!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not 0 <= self.obs_weight < math.inf:
+            raise ValueError(f"obs_weight must be a finite number >= 0, got {self.obs_weight!r}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
         if len(tuple(self.betas)) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if not self.adam_eps > 0:
@@ -149,14 +150,14 @@ class REDDiff(Sampler):
             raise ValueError(f"loss_scaling must be 'code' or 'paper', got {self.loss_scaling!r}")
         if self.mu_init not in ("pinv", "adjoint", "zeros"):
             raise ValueError(f"mu_init must be 'pinv', 'adjoint' or 'zeros', got {self.mu_init!r}")
-        if not self.sigma_x0 >= 0:
-            raise ValueError(f"sigma_x0 must be >= 0, got {self.sigma_x0!r}")
+        if not 0 <= self.sigma_x0 < math.inf:
+            raise ValueError(f"sigma_x0 must be a finite number >= 0, got {self.sigma_x0!r}")
 
     def check(self, prior: DiffusionModel, problem: InverseProblem) -> None:
         if problem.noise != "gaussian" or problem.log_likelihood_fn is not None:
             raise ValueError(
-                "REDDiff needs Gaussian observation noise (its data term is a squared residual); "
-                f"got {problem.noise!r} noise"
+                "REDDiff needs Gaussian observation noise and no custom log_likelihood_fn (its "
+                f"data term is a squared residual); got {_describe_likelihood(problem)}"
             )
         if self.loss_scaling == "paper" and problem.noise_std <= 0:
             raise ValueError("REDDiff with loss_scaling='paper' needs noise_std > 0")

@@ -62,7 +62,7 @@ from torch import Tensor
 
 from ..priors.base import DiffusionModel
 from ..problem import InverseProblem
-from .base import Context, Sampler, ddim_coefficients
+from .base import Context, Sampler, _describe_likelihood, ddim_coefficients
 
 __all__ = ["RePaint", "repaint_jump_schedule"]
 
@@ -137,7 +137,10 @@ class RePaint(Sampler):
                 f"with Gaussian or no noise; got {type(problem.operator).__name__}"
             )
         if problem.noise != "gaussian" or problem.log_likelihood_fn is not None:
-            raise ValueError("RePaint needs a Gaussian (or noise-free) masking problem")
+            raise ValueError(
+                "RePaint needs a Gaussian (or noise-free) masking problem without a custom "
+                f"log_likelihood_fn; got {_describe_likelihood(problem)}"
+            )
 
     def time_grid(self, prior: DiffusionModel, problem: InverseProblem) -> Tensor:
         """The full non-monotone sequence of times visited (reverse and forward)."""

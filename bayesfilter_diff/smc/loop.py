@@ -33,11 +33,22 @@ from ..result import Result
 from .resampling import get_resampler
 from .weights import ess, log_evidence_increment, normalize
 
-__all__ = ["Context", "DegenerateWeightsError", "run", "index_state", "check_inputs"]
+__all__ = [
+    "Context",
+    "DegenerateWeightsError",
+    "NonFiniteSamplesError",
+    "run",
+    "index_state",
+    "check_inputs",
+]
 
 
 class DegenerateWeightsError(RuntimeError):
     """Every particle weight of a problem became zero or NaN."""
+
+
+class NonFiniteSamplesError(FloatingPointError):
+    """A sampler returned NaN or inf samples (the run diverged); raised instead of them."""
 
 
 @dataclass
@@ -109,28 +120,94 @@ class Context:
         return x0.detach(), v.detach(), g
 
 
-def check_inputs(prior: Any, problem: Any, num_samples: Any) -> None:
-    """Raise a clear error for bad sampler inputs before any heavy work."""
+def check_inputs(prior: Any, problem: Any, num_samples: Any, generator: Any = None) -> None:
+    """Raise a clear error for bad sampler inputs before any heavy work.
+
+    Besides types and shapes this re-checks what may have changed since the inputs were
+    built (``y`` finite, no NaN in the prior's parameters / buffers), the generator, and
+    evaluates a custom ``log_likelihood_fn`` once on two placeholder particles per problem
+    (its output must have shape ``(B, N)``).
+    """
     if not isinstance(prior, DiffusionModel):
         raise TypeError(f"prior must be a DiffusionModel, got {type(prior).__name__}")
     if not isinstance(problem, InverseProblem):
         raise TypeError(f"problem must be an InverseProblem, got {type(problem).__name__}")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        kind = type(num_samples).__name__
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r} ({kind})")
     if tuple(prior.event_shape) != tuple(problem.operator.in_shape):
         raise ValueError(
             f"the operator's input shape {tuple(problem.operator.in_shape)} does not match the "
             f"prior's event shape {tuple(prior.event_shape)}"
         )
-    ref = next((p for p in list(prior.parameters()) + list(prior.buffers()) if p.is_floating_point()), None)
-    if ref is not None:
-        if ref.device != problem.y.device:
-            raise ValueError(f"y is on {problem.y.device} but the prior is on {ref.device}")
-        if ref.dtype != problem.y.dtype:
-            raise ValueError(
-                f"y has dtype {problem.y.dtype} but the prior has dtype {ref.dtype}; "
-                "cast one to the other"
+    y = problem.y
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"generator must be a torch.Generator or None, got {type(generator).__name__}"
             )
+        if generator.device.type != y.device.type:
+            raise ValueError(
+                f"generator is on {generator.device} but y is on {y.device}; use "
+                f"torch.Generator(device={str(y.device)!r})"
+            )
+    tensors = [
+        (n, p)
+        for n, p in list(prior.named_parameters()) + list(prior.named_buffers())
+        if p.is_floating_point()
+    ]
+    if tensors:
+        ref = tensors[0][1]
+        if ref.device != y.device:
+            raise ValueError(f"y is on {y.device} but the prior is on {ref.device}")
+        low = (torch.float16, torch.bfloat16)
+        if ref.dtype in low and y.dtype not in low:
+            # mixed precision: a 16-bit network must cast its input (and output back); one
+            # call on a single row checks that before the run
+            _check_mixed_precision(prior, y, ref.dtype)
+        elif ref.dtype != y.dtype:
+            raise ValueError(
+                f"y has dtype {y.dtype} but the prior has dtype {ref.dtype}; cast one to the other"
+            )
+        # one host sync for all tensors (-inf is legitimate, e.g. log-weights of zero)
+        nan = torch.stack([torch.isnan(p.detach()).any() for _, p in tensors])
+        if bool(nan.any()):
+            bad = [n for (n, _), b in zip(tensors, nan.tolist()) if b]
+            raise ValueError(f"the prior has NaN in its parameters / buffers {bad}")
+    if not bool(torch.isfinite(y).all()):
+        raise ValueError(
+            "y must be finite (no NaN or inf); was problem.y changed after it was built?"
+        )
+    if problem.log_likelihood_fn is not None:
+        shape = (problem.batch_size, 2) + tuple(problem.operator.in_shape)
+        x = torch.zeros(shape, dtype=y.dtype, device=y.device)
+        try:
+            problem.log_likelihood(x)  # raises ValueError for an output of the wrong shape
+        except (RuntimeError, IndexError) as e:
+            raise ValueError(
+                f"log_likelihood_fn failed on placeholder particles x of shape {tuple(x.shape)} "
+                f"(B, N, *in_shape): {e}"
+            ) from e
+
+
+def _check_mixed_precision(prior: DiffusionModel, y: Tensor, dtype: torch.dtype) -> None:
+    """A 16-bit prior with higher-precision ``y``: denoise one row in ``y``'s dtype."""
+    x = torch.zeros((1,) + tuple(prior.event_shape), dtype=y.dtype, device=y.device)
+    t = torch.full((1,), 0.5, dtype=y.dtype, device=y.device)
+    try:
+        with torch.no_grad():
+            out = prior.denoise(x, t)
+    except RuntimeError as e:
+        raise ValueError(
+            f"y has dtype {y.dtype} but the prior has dtype {dtype}, and the network failed on "
+            f"a {y.dtype} input ({e}); a mixed-precision network must cast its input to "
+            f"{dtype} and its output back, or cast y / the prior"
+        ) from e
+    if out.dtype != y.dtype:
+        raise ValueError(
+            f"y has dtype {y.dtype} but the prior ({dtype}) returned {out.dtype} for a "
+            f"{y.dtype} input; a mixed-precision network must cast its output back"
+        )
 
 
 def index_state(state: dict[str, Tensor], idx: Tensor) -> dict[str, Tensor]:
@@ -139,10 +216,15 @@ def index_state(state: dict[str, Tensor], idx: Tensor) -> dict[str, Tensor]:
     return {k: v[rows, idx] for k, v in state.items()}
 
 
-def run(sampler: Any, prior: DiffusionModel, problem: InverseProblem, num_samples: int,
-        generator: torch.Generator | None = None) -> Result:
+def run(
+    sampler: Any,
+    prior: DiffusionModel,
+    problem: InverseProblem,
+    num_samples: int,
+    generator: torch.Generator | None = None,
+) -> Result:
     """Drive ``sampler`` over its time grid and return a :class:`Result`."""
-    check_inputs(prior, problem, num_samples)
+    check_inputs(prior, problem, num_samples, generator)
     sampler.check(prior, problem)
     start = time.perf_counter()
     times = sampler.time_grid(prior, problem)
@@ -151,8 +233,11 @@ def run(sampler: Any, prior: DiffusionModel, problem: InverseProblem, num_sample
     weighted = sampler.weighted
     state, log_w = sampler.init(ctx)
     if weighted:
-        log_w = (torch.zeros(B, N, dtype=torch.float64, device=ctx.device) if log_w is None
-                 else log_w.double())
+        log_w = (
+            torch.zeros(B, N, dtype=torch.float64, device=ctx.device)
+            if log_w is None
+            else log_w.double()
+        )
         log_z = torch.logsumexp(log_w, -1) - math.log(N)
         log_w = normalize(log_w)
         resample = get_resampler(sampler.resampling)
@@ -184,8 +269,12 @@ def run(sampler: Any, prior: DiffusionModel, problem: InverseProblem, num_sample
         log_w = torch.where(do[:, None], torch.full_like(log_w, -math.log(N)), log_w)
         res_trace.append(do)
     x, incr = sampler.finalize(ctx, state)
-    info: dict[str, Any] = {"times": times, "nfe": ctx.nfe, "backprop": ctx.backprop,
-                            "num_steps": n}
+    info: dict[str, Any] = {
+        "times": times,
+        "nfe": ctx.nfe,
+        "backprop": ctx.backprop,
+        "num_steps": n,
+    }
     out_w = out_z = None
     if weighted:
         if incr is not None:
@@ -212,11 +301,20 @@ def run(sampler: Any, prior: DiffusionModel, problem: InverseProblem, num_sample
         # samplers whose normalising constant is not log p(y) (FPS-SMC: the likelihood of
         # its own y-sequence) keep it in the trace only
         out_z = log_z if getattr(sampler, "estimates_evidence", True) else None
+    bad = ~torch.isfinite(x.reshape(B, N, -1)).all(-1)  # (B, N)
+    if bool(bad.any()):
+        probs = torch.nonzero(bad.any(-1)).flatten().tolist()
+        raise NonFiniteSamplesError(
+            f"{type(sampler).__name__} returned NaN or inf samples for problem(s) {probs} "
+            f"({int(bad.sum())} of {B * N} particles): the run diverged; check the noise level "
+            f"(noise_std={problem.noise_std:g}), the sampler's step sizes and the prior"
+        )
     info["wall_time"] = time.perf_counter() - start
     info.update(ctx.cache.get("info", {}))
     if not problem.batched:
         x = x[0]
         out_w = None if out_w is None else out_w[0]
         out_z = None if out_z is None else out_z[0]
-    return Result(samples=x, log_weights=out_w, log_evidence=out_z, info=info,
-                  batched=problem.batched)
+    return Result(
+        samples=x, log_weights=out_w, log_evidence=out_z, info=info, batched=problem.batched
+    )

@@ -60,14 +60,18 @@ def _rand(shape, generator, device) -> Tensor:
     return torch.rand(shape, generator=generator, dtype=torch.float64, device=device)
 
 
-def multinomial(log_weights: Tensor, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
+def multinomial(
+    log_weights: Tensor, num_samples: int, generator: torch.Generator | None = None
+) -> Tensor:
     """Multinomial resampling (i.i.d. draws from the weights)."""
     _check(log_weights, num_samples)
     u = _rand(log_weights.shape[:-1] + (num_samples,), generator, log_weights.device)
     return inverse_cdf(torch.sort(u, dim=-1).values, _weights64(log_weights))
 
 
-def stratified(log_weights: Tensor, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
+def stratified(
+    log_weights: Tensor, num_samples: int, generator: torch.Generator | None = None
+) -> Tensor:
     """Stratified resampling: one uniform in each of ``M`` equal strata."""
     _check(log_weights, num_samples)
     u = _rand(log_weights.shape[:-1] + (num_samples,), generator, log_weights.device)
@@ -75,7 +79,9 @@ def stratified(log_weights: Tensor, num_samples: int, generator: torch.Generator
     return inverse_cdf((j + u) / num_samples, _weights64(log_weights))
 
 
-def systematic(log_weights: Tensor, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
+def systematic(
+    log_weights: Tensor, num_samples: int, generator: torch.Generator | None = None
+) -> Tensor:
     """Systematic resampling: one uniform shared by the ``M`` strata of a problem."""
     _check(log_weights, num_samples)
     u = _rand(log_weights.shape[:-1] + (1,), generator, log_weights.device)
@@ -83,7 +89,9 @@ def systematic(log_weights: Tensor, num_samples: int, generator: torch.Generator
     return inverse_cdf((j + u) / num_samples, _weights64(log_weights))
 
 
-def residual(log_weights: Tensor, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
+def residual(
+    log_weights: Tensor, num_samples: int, generator: torch.Generator | None = None
+) -> Tensor:
     """Residual resampling: ``floor(M W_i)`` copies, then multinomial on the remainder.
 
     Batched without loops: the deterministic copies fill slots ``0 .. D-1`` of each problem
@@ -96,7 +104,11 @@ def residual(log_weights: Tensor, num_samples: int, generator: torch.Generator |
     D = counts.sum(-1, keepdim=True)  # (..., 1) deterministic copies per problem
     j = torch.arange(num_samples, dtype=torch.float64, device=W.device)
     # deterministic part: slot j < D takes index searchsorted(cumsum(counts), j, right)
-    det = torch.searchsorted(torch.cumsum(counts, -1).contiguous(), j.expand(W.shape[:-1] + (num_samples,)).contiguous(), right=True)
+    det = torch.searchsorted(
+        torch.cumsum(counts, -1).contiguous(),
+        j.expand(W.shape[:-1] + (num_samples,)).contiguous(),
+        right=True,
+    )
     det = det.clamp_(max=W.shape[-1] - 1)
     R = (num_samples - D).clamp_min(1.0)
     res_w = (MW - counts) / R

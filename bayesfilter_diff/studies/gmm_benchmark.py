@@ -74,7 +74,9 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     sched = FlowSchedule() if spec.path == "flow" else VPSchedule.linear()
     prior = gmm.diffusion(sched)
     sampler = build_sampler(cell["method"], cell["steps"], **cell.get("overrides", {}))
-    g = torch.Generator(device=device).manual_seed(_seed("run", cell["method"], cell["seed"], cell["d"], cell["d_y"]))
+    g = torch.Generator(device=device).manual_seed(
+        _seed("run", cell["method"], cell["seed"], cell["d"], cell["d_y"])
+    )
     start = time.perf_counter()
     res = sampler.sample(prior, problem, cell["N"], generator=g)
     wall = time.perf_counter() - start
@@ -84,8 +86,12 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     W = res.weights()
     x = res.samples
     finite = bool(torch.isfinite(x).all())
-    out: dict[str, Any] = {"finite": finite, "wall_time": wall, "nfe": res.info.get("nfe"),
-                           "backprop": bool(res.info.get("backprop", False))}
+    out: dict[str, Any] = {
+        "finite": finite,
+        "wall_time": wall,
+        "nfe": res.info.get("nfe"),
+        "backprop": bool(res.info.get("backprop", False)),
+    }
     if not finite:
         out.update(sw=math.nan, sw_floor=math.nan, weight_tv=math.nan)
         return out
@@ -94,6 +100,8 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     out["sw_floor"] = float(dg.sliced_wasserstein(ref2, ref, **kw))
     out["weight_tv"] = float(dg.mixture_weight_error(x, post, weights=W))
     out["ess"] = float(res.ess())
+    if cell["seed"] == 0:  # a few equally weighted draws (two coordinates) for the figures
+        out["scatter"] = res.draws(300, generator=g)[:, :2].double().cpu().tolist()
     if res.log_evidence is not None:
         exact = float(gmm.log_evidence(problem))
         out["log_evidence"] = float(res.log_evidence)
@@ -102,10 +110,21 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def grid(methods, dims, obs_dims, steps, seeds, N: int, device: str = "cpu") -> list[dict[str, Any]]:
+def grid(
+    methods,
+    dims,
+    obs_dims,
+    steps,
+    seeds,
+    N: int,
+    device: str = "cpu",
+    num_reference: int = 10_000,
+    num_projections: int = 1000,
+) -> list[dict[str, Any]]:
     """All cells of a benchmark run."""
+    extra = {"device": device, "num_reference": num_reference, "num_projections": num_projections}
     return [
-        {"study": "gmm", "method": m, "d": d, "d_y": dy, "steps": n, "seed": s, "N": N, "device": device}
+        {"study": "gmm", "method": m, "d": d, "d_y": dy, "steps": n, "seed": s, "N": N, **extra}
         for d in dims
         for dy in obs_dims
         for n in steps

@@ -56,7 +56,9 @@ def _fmt(x: Any, ci: Any = None) -> str:
     return str(x)
 
 
-def markdown_table(rows: list[dict[str, Any]], columns: Sequence[str], ci: Sequence[str] = ()) -> str:
+def markdown_table(
+    rows: list[dict[str, Any]], columns: Sequence[str], ci: Sequence[str] = ()
+) -> str:
     """A markdown table of ``rows``; metrics in ``ci`` are printed as ``mean ± ci``."""
     head = "| " + " | ".join(columns) + " |"
     sep = "|" + "|".join("---" for _ in columns) + "|"

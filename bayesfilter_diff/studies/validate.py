@@ -23,21 +23,26 @@ from .store import ResultStore
 
 __all__ = ["validate", "QUICK", "FULL"]
 
-QUICK: dict[str, Any] = {"dims": [8, 80], "obs_dims": [1, 4], "steps": [20], "seeds": [0, 1, 2], "N": 512}
+QUICK: dict[str, Any] = {
+    "dims": [8, 80],
+    "obs_dims": [2],
+    "steps": [20],
+    "seeds": [0, 1, 2],
+    "N": 512,
+    "num_reference": 4000,
+    "num_projections": 500,
+}
 FULL: dict[str, Any] = {
     "dims": [8, 80, 800],
     "obs_dims": [1, 2, 4],
     "steps": [20, 100],
     "seeds": list(range(20)),
     "N": 1000,
+    "num_reference": 10_000,
+    "num_projections": 1000,
 }
 
 METRICS = ["sw", "sw_floor", "weight_tv", "log_evidence_error", "wall_time", "nfe"]
-
-
-def _record_showcase(cell: dict[str, Any]) -> dict[str, Any]:
-    out = gb.run_cell(cell)
-    return out
 
 
 def validate(
@@ -68,7 +73,17 @@ def validate(
     if not resume and out.exists():
         shutil.rmtree(out)
     store = ResultStore(out)
-    cells = gb.grid(methods, cfg["dims"], cfg["obs_dims"], cfg["steps"], cfg["seeds"], cfg["N"], device)
+    cells = gb.grid(
+        methods,
+        cfg["dims"],
+        cfg["obs_dims"],
+        cfg["steps"],
+        cfg["seeds"],
+        cfg["N"],
+        device,
+        cfg["num_reference"],
+        cfg["num_projections"],
+    )
     start = time.perf_counter()
     records = run_study(gb.run_cell, cells, store, executor=executor, progress=progress)
     wall = time.perf_counter() - start
@@ -84,7 +99,13 @@ def validate(
     figures = _figures(rows, records, out, methods)
     text = _report(cfg, full, rows, overall, figures, wall, len(records))
     write_text(out / "report.md", text)
-    return {"rows": rows, "overall": overall, "report": out / "report.md", "wall_time": wall, "text": text}
+    return {
+        "rows": rows,
+        "overall": overall,
+        "report": out / "report.md",
+        "wall_time": wall,
+        "text": text,
+    }
 
 
 def _report(cfg, full, rows, overall, figures, wall, ncells) -> str:
@@ -99,19 +120,39 @@ def _report(cfg, full, rows, overall, figures, wall, ncells) -> str:
         f"seeds {cfg['seeds'][0]}..{cfg['seeds'][-1]} ({len(cfg['seeds'])}), N = {cfg['N']} particles "
         "per run (Cardoso et al. 2024, appendix; see `bayesfilter_diff/studies/gmm_benchmark.py`).",
         "",
-        "Metrics: `sw` = sliced Wasserstein-1 (1000 directions) between the sampler's (weighted) "
-        "particles and 10 000 exact posterior draws; `sw_floor` = the same distance for N exact "
+        f"Metrics: `sw` = sliced Wasserstein-1 ({cfg['num_projections']} directions) between the "
+        f"sampler's (weighted) particles and {cfg['num_reference']} exact posterior draws; `sw_floor` = the same distance for N exact "
         "draws (what a perfect sampler scores); `weight_tv` = total variation between the exact "
         "posterior component weights and those the samples imply; `log_evidence_error` = "
         "estimate minus exact log p(y) (SMC samplers). Mean ± 95% interval (1.96 sd / sqrt(n)) over seeds.",
         "",
         "## Summary over all problems",
         "",
-        markdown_table(overall, ["method", "exact", "sw", "sw_floor", "sw/floor", "weight_tv", "wall_time", "n"], ci=["sw", "weight_tv"]),
+        markdown_table(
+            overall,
+            ["method", "exact", "sw", "sw_floor", "sw/floor", "weight_tv", "wall_time", "n"],
+            ci=["sw", "weight_tv"],
+        ),
         "",
         "## Per configuration",
         "",
-        markdown_table(rows, ["method", "d", "d_y", "steps", "sw", "sw_floor", "weight_tv", "log_evidence_error", "nfe", "wall_time", "failed"], ci=["sw", "weight_tv", "log_evidence_error"]),
+        markdown_table(
+            rows,
+            [
+                "method",
+                "d",
+                "d_y",
+                "steps",
+                "sw",
+                "sw_floor",
+                "weight_tv",
+                "log_evidence_error",
+                "nfe",
+                "wall_time",
+                "failed",
+            ],
+            ci=["sw", "weight_tv", "log_evidence_error"],
+        ),
         "",
         "## Figures",
         "",
@@ -149,4 +190,49 @@ def _figures(rows, records, out: Path, methods) -> list[Path]:
     fig.savefig(p, dpi=110)
     plt.close(fig)
     figs.append(p)
+    figs += _scatter_figures(records, out, methods, plt)
+    return figs
+
+
+def _scatter_figures(records, out: Path, methods, plt) -> list[Path]:
+    """Draws (first two coordinates) over the exact posterior's contours, seed 0 problems."""
+    import torch
+
+    from ..diagnostics import plot_samples_vs_posterior
+
+    figs = []
+    shown = sorted(
+        {(r["cell"]["d"], r["cell"]["d_y"], r["cell"]["steps"]) for r in records if "scatter" in r}
+    )
+    for d, dy, n in shown[:2]:
+        rs = {
+            r["cell"]["method"]: r
+            for r in records
+            if "scatter" in r
+            and (r["cell"]["d"], r["cell"]["d_y"], r["cell"]["steps"]) == (d, dy, n)
+        }
+        names = [m for m in methods if m in rs]
+        if not names:
+            continue
+        gmm, problem, _ = gb.benchmark_problem(d, dy, 0)
+        post = gmm.posterior(problem)
+        cols = min(5, len(names))
+        rows = -(-len(names) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+        for ax in axes.flat[len(names) :]:
+            ax.axis("off")
+        for ax, m in zip(axes.flat, names):
+            pts = torch.tensor(rs[m]["scatter"], dtype=torch.float64)
+            full = torch.zeros(pts.shape[0], d, dtype=torch.float64)
+            full[:, :2] = pts
+            plot_samples_vs_posterior(full, post, dims=(0, 1), ax=ax)
+            ax.set_title(m, fontsize=10)
+        fig.suptitle(
+            f"draws vs exact posterior (coordinates 0, 1), d={d}, d_y={dy}, {n} steps, seed 0"
+        )
+        fig.tight_layout()
+        p = out / f"scatter_d{d}_dy{dy}_steps{n}.png"
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        figs.append(p)
     return figs

@@ -1,0 +1,1 @@
+"""Performance benchmarks of bayesfilter_diff (run ``python -m benchmarks --help``)."""

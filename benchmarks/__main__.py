@@ -1,0 +1,65 @@
+"""``python -m benchmarks``: sampler throughput / overhead tables (see harness.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .harness import default_methods, run_one
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks")
+    p.add_argument("--methods", default=None, help="comma-separated (default: all VP methods)")
+    p.add_argument("--prior", default="mlp", choices=["mlp", "gmm"])
+    p.add_argument("--dims", default="8,80,800")
+    p.add_argument("--particles", default="1024")
+    p.add_argument("--batch", default="1")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="append JSON lines here")
+    a = p.parse_args(argv)
+    methods = a.methods.split(",") if a.methods else default_methods()
+    dtype = getattr(torch, a.dtype)
+    cols = [
+        "method",
+        "prior",
+        "d",
+        "B",
+        "N",
+        "steps",
+        "wall_s",
+        "particle_steps_per_s",
+        "nfe",
+        "call_s",
+        "overhead",
+        "peak_mem_MB",
+    ]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "|".join("---" for _ in cols) + "|")
+    for d in map(int, a.dims.split(",")):
+        for B in map(int, a.batch.split(",")):
+            for N in map(int, a.particles.split(",")):
+                for m in methods:
+                    r = run_one(m, a.prior, d, 2, B, N, a.steps, dtype, a.device)
+                    print(
+                        "| "
+                        + " | ".join(
+                            f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols
+                        )
+                        + " |",
+                        flush=True,
+                    )
+                    if a.out:
+                        with Path(a.out).open("a") as f:
+                            f.write(json.dumps(r) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

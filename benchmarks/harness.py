@@ -1,0 +1,141 @@
+"""Throughput and overhead of the samplers.
+
+For each sampler and setting it records wall time, particle-steps per second
+(``B * N * num_steps / wall``), NFEs, the **overhead ratio** = sampler wall time over
+``NFE x`` the time of one denoiser call on the same ``(B, N)`` batch (forward, or forward
+plus backward for samplers that differentiate the network), and peak memory (CUDA peak
+allocation on a GPU; the growth of the process's maximum resident set on CPU).
+
+Priors: the exact Gaussian-mixture denoiser of the benchmark (25 isotropic components) and
+an MLP denoiser (random weights; its cost stands in for a trained network of that size).
+"""
+
+from __future__ import annotations
+
+import gc
+import resource
+import time
+from typing import Any
+
+import torch
+
+import bayesfilter_diff as bfd
+from bayesfilter_diff.studies.gmm_benchmark import benchmark_problem
+from bayesfilter_diff.studies.methods import METHODS, build_sampler
+
+
+class MLPEps(torch.nn.Module):
+    """A plain MLP eps-network ``(x, t) -> eps`` used as a stand-in for a trained network."""
+
+    def __init__(self, d: int, width: int = 512, depth: int = 3) -> None:
+        super().__init__()
+        layers: list[torch.nn.Module] = [torch.nn.Linear(d + 1, width), torch.nn.SiLU()]
+        for _ in range(depth - 1):
+            layers += [torch.nn.Linear(width, width), torch.nn.SiLU()]
+        layers.append(torch.nn.Linear(width, d))
+        self.net = torch.nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([x, t[:, None]], dim=-1))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, device, repeats: int = 3) -> float:
+    fn()
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def make_prior(kind: str, d: int, dtype, device, gmm=None):
+    sched = bfd.VPSchedule.linear()
+    if kind == "gmm":
+        return gmm.diffusion(sched)
+    torch.manual_seed(0)
+    net = MLPEps(d).to(device=device, dtype=dtype)
+    return bfd.DiffusionModel.from_eps(net, sched, (d,))
+
+
+def denoiser_call_time(prior, B: int, N: int, d: int, dtype, device, backprop: bool) -> float:
+    x = torch.randn(B, N, d, dtype=dtype, device=device)
+    t = torch.tensor(0.5, dtype=dtype, device=device)
+
+    def fwd():
+        with torch.no_grad():
+            prior.denoise(x, t)
+
+    def fwd_bwd():
+        xr = x.detach().requires_grad_(True)
+        (prior.denoise(xr, t) ** 2).sum().backward()
+
+    return _time(fwd_bwd if backprop else fwd, device)
+
+
+def run_one(
+    method: str,
+    prior_kind: str,
+    d: int,
+    d_y: int,
+    B: int,
+    N: int,
+    steps: int,
+    dtype=torch.float32,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    dev = torch.device(device)
+    gmm, problem, _ = benchmark_problem(d, d_y, 0, dtype=dtype)
+    if B > 1:
+        y = problem.y.expand(B, -1).contiguous()
+        problem = bfd.InverseProblem(problem.operator, y, problem.noise_std)
+    gmm, problem = gmm.to(dev), problem.to(dev)
+    prior = make_prior(prior_kind, d, dtype, dev, gmm)
+    sampler = build_sampler(method, steps)
+    g = torch.Generator(device=dev).manual_seed(0)
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _sync(dev)
+    start = time.perf_counter()
+    res = sampler.sample(prior, problem, N, generator=g)
+    _sync(dev)
+    wall = time.perf_counter() - start
+    peak = (
+        torch.cuda.max_memory_allocated(dev)
+        if dev.type == "cuda"
+        else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024
+    )
+    nfe = int(res.info["nfe"])
+    backprop = bool(res.info.get("backprop", False))
+    call = denoiser_call_time(prior, B, N, d, dtype, dev, backprop)
+    return {
+        "method": method,
+        "prior": prior_kind,
+        "d": d,
+        "d_y": d_y,
+        "B": B,
+        "N": N,
+        "steps": steps,
+        "dtype": str(dtype).replace("torch.", ""),
+        "device": device,
+        "wall_s": wall,
+        "particle_steps_per_s": B * N * steps / wall,
+        "nfe": nfe,
+        "backprop": backprop,
+        "call_s": call,
+        "overhead": wall / (nfe * call) if nfe else float("nan"),
+        "peak_mem_MB": peak / 2**20,
+    }
+
+
+def default_methods() -> list[str]:
+    return [m for m, s in METHODS.items() if not s.mask_only and s.path == "vp"]

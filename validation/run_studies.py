@@ -1,0 +1,58 @@
+"""Run the validation studies and write their reports under validation/results/.
+
+    python validation/run_studies.py benchmark   [--full] [--executor ray]
+    python validation/run_studies.py convergence [--full]
+    python validation/run_studies.py calibration [--full]
+
+Each study is resumable: rerunning the same command skips the cells already in
+``<out>/cells``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent / "results"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("study", choices=["benchmark", "convergence", "calibration"])
+    p.add_argument("--full", action="store_true")
+    p.add_argument("--executor", default="local", choices=["local", "ray"])
+    p.add_argument("--out", default=None)
+    p.add_argument("--config", default=None, help="JSON overriding the study configuration")
+    a = p.parse_args(argv)
+    import json
+
+    executor = None
+    if a.executor == "ray":
+        from bayesfilter_diff.studies.ray_executor import RayExecutor
+
+        executor = RayExecutor()
+    config = json.loads(a.config) if a.config else None
+    if a.study == "benchmark":
+        from bayesfilter_diff.studies.validate import validate
+
+        res = validate(
+            out=a.out or ROOT / "gmm_benchmark", full=a.full, executor=executor, config=config
+        )
+    elif a.study == "convergence":
+        from bayesfilter_diff.studies.convergence import run_convergence
+
+        res = run_convergence(
+            a.out or ROOT / "smc_convergence", full=a.full, executor=executor, config=config
+        )
+    else:
+        from bayesfilter_diff.studies.calibration import run_calibration
+
+        res = run_calibration(
+            a.out or ROOT / "calibration", full=a.full, executor=executor, config=config
+        )
+    print(res["text"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
