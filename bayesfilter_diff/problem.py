@@ -207,6 +207,22 @@ class InverseProblem:
             (g,) = torch.autograd.grad(ll.sum(), xr)
         return ll.detach(), g
 
+    def residual_gradient(self, x: Tensor) -> Tensor:
+        """``grad_x ||A(x) - y||^2 / 2`` per particle, ``x`` of shape ``(B, N, *in_shape)``.
+
+        ``A^T (A x - y)`` for linear operators, autograd otherwise (the data-fit gradient of
+        the squared-residual samplers, independent of the noise model).
+        """
+        op = self.operator
+        y = self._y_for(x)
+        if op.is_linear:
+            return op.adjoint(op(x) - y)
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(True)
+            r = op(xr) - y
+            (g,) = torch.autograd.grad(0.5 * (r**2).sum(), xr)
+        return g
+
     def sample_observation(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Draw ``y ~ p(y | x)`` for a signal ``x`` of shape ``(..., *in_shape)``."""
         Ax = self.operator(x)

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from .harness import default_methods, run_one
+from .harness import batch_speedup, default_methods, run_one
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks")
     p.add_argument("--methods", default=None, help="comma-separated (default: all VP methods)")
-    p.add_argument("--prior", default="mlp", choices=["mlp", "gmm"])
+    p.add_argument("--prior", default="mlp", choices=["mlp", "gmm", "unet"])
     p.add_argument("--dims", default="8,80,800")
     p.add_argument("--particles", default="1024")
     p.add_argument("--batch", default="1")
@@ -23,9 +23,37 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="append JSON lines here")
+    p.add_argument(
+        "--batch-speedup",
+        type=int,
+        default=0,
+        metavar="B",
+        help="instead: time B problems in one call vs B separate calls",
+    )
     a = p.parse_args(argv)
     methods = a.methods.split(",") if a.methods else default_methods()
     dtype = getattr(torch, a.dtype)
+    if a.batch_speedup:
+        print("| method | prior | B | N | steps | batched_s | separate_s | speedup |")
+        print("|---|---|---|---|---|---|---|---|")
+        for m in methods:
+            for N in map(int, a.particles.split(",")):
+                r = batch_speedup(
+                    m,
+                    a.prior,
+                    int(a.dims.split(",")[0]),
+                    a.batch_speedup,
+                    N,
+                    a.steps,
+                    dtype,
+                    a.device,
+                )
+                print(
+                    f"| {m} | {a.prior} | {r['B']} | {N} | {a.steps} | {r['batched_s']:.3g} | "
+                    f"{r['separate_s']:.3g} | {r['speedup']:.1f} |",
+                    flush=True,
+                )
+        return 0
     cols = [
         "method",
         "prior",

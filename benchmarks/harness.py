@@ -6,8 +6,10 @@ For each sampler and setting it records wall time, particle-steps per second
 plus backward for samplers that differentiate the network), and peak memory (CUDA peak
 allocation on a GPU; the growth of the process's maximum resident set on CPU).
 
-Priors: the exact Gaussian-mixture denoiser of the benchmark (25 isotropic components) and
-an MLP denoiser (random weights; its cost stands in for a trained network of that size).
+Priors: the exact Gaussian-mixture denoiser of the benchmark (25 isotropic components), an
+MLP denoiser (random weights; its cost stands in for a trained network of that size), and
+the shipped digits U-Net (``load_pretrained("digits_diffusion")``, 1x8x8 images, with a
+random 50% pixel mask as the operator).
 """
 
 from __future__ import annotations
@@ -65,8 +67,68 @@ def make_prior(kind: str, d: int, dtype, device, gmm=None):
     return bfd.DiffusionModel.from_eps(net, sched, (d,))
 
 
+def unet_problem(B: int, dtype, device):
+    """The digits U-Net prior and a 50% random-mask problem on ``B`` random images."""
+    prior = bfd.priors.load_pretrained("digits_diffusion").to(device=device, dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    op = bfd.operators.Mask.random((1, 8, 8), 0.5, g, dtype=dtype).to(device)
+    x = torch.rand((B, 1, 8, 8), generator=g, dtype=dtype) * 2 - 1
+    y = (op(x) + 0.05 * torch.randn((B, op.out_dim), generator=g, dtype=dtype)).to(device)
+    return prior, bfd.InverseProblem(op, y, 0.05)
+
+
+def make_problem(prior_kind: str, d: int, d_y: int, B: int, dtype, dev):
+    """``(prior, problem)`` with ``B`` observations."""
+    if prior_kind == "unet":
+        return unet_problem(B, dtype, dev)
+    gmm, problem, _ = benchmark_problem(d, d_y, 0, dtype=dtype)
+    if B > 1:
+        y = problem.y.expand(B, -1).contiguous()
+        problem = bfd.InverseProblem(problem.operator, y, problem.noise_std)
+    gmm, problem = gmm.to(dev), problem.to(dev)
+    return make_prior(prior_kind, d, dtype, dev, gmm), problem
+
+
+def batch_speedup(
+    method: str,
+    prior_kind: str,
+    d: int,
+    B: int,
+    N: int,
+    steps: int,
+    dtype=torch.float32,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Wall time of one call with ``B`` problems vs ``B`` calls with one problem each."""
+    dev = torch.device(device)
+    prior, problem = make_problem(prior_kind, d, 2, B, dtype, dev)
+    sampler = build_sampler(method, steps)
+    singles = [
+        bfd.InverseProblem(problem.operator, problem.y[b], problem.noise_std) for b in range(B)
+    ]
+
+    def batched():
+        sampler.sample(prior, problem, N, generator=torch.Generator(device=dev).manual_seed(0))
+
+    def separate():
+        for p in singles:
+            sampler.sample(prior, p, N, generator=torch.Generator(device=dev).manual_seed(0))
+
+    tb, ts = _time(batched, dev, 2), _time(separate, dev, 2)
+    return {
+        "method": method,
+        "prior": prior_kind,
+        "B": B,
+        "N": N,
+        "steps": steps,
+        "batched_s": tb,
+        "separate_s": ts,
+        "speedup": ts / tb,
+    }
+
+
 def denoiser_call_time(prior, B: int, N: int, d: int, dtype, device, backprop: bool) -> float:
-    x = torch.randn(B, N, d, dtype=dtype, device=device)
+    x = torch.randn((B, N) + tuple(prior.event_shape), dtype=dtype, device=device)
     t = torch.tensor(0.5, dtype=dtype, device=device)
 
     def fwd():
@@ -92,12 +154,8 @@ def run_one(
     device: str = "cpu",
 ) -> dict[str, Any]:
     dev = torch.device(device)
-    gmm, problem, _ = benchmark_problem(d, d_y, 0, dtype=dtype)
-    if B > 1:
-        y = problem.y.expand(B, -1).contiguous()
-        problem = bfd.InverseProblem(problem.operator, y, problem.noise_std)
-    gmm, problem = gmm.to(dev), problem.to(dev)
-    prior = make_prior(prior_kind, d, dtype, dev, gmm)
+    prior, problem = make_problem(prior_kind, d, d_y, B, dtype, dev)
+    d = prior.event_shape.numel()
     sampler = build_sampler(method, steps)
     g = torch.Generator(device=dev).manual_seed(0)
     gc.collect()

@@ -11,6 +11,7 @@ Each study is resumable: rerunning the same command skips the cells already in
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent / "results"
@@ -23,6 +24,7 @@ def main(argv=None) -> int:
     p.add_argument("--executor", default="local", choices=["local", "ray"])
     p.add_argument("--out", default=None)
     p.add_argument("--config", default=None, help="JSON overriding the study configuration")
+    p.add_argument("--methods", default=None, help="comma-separated method names")
     a = p.parse_args(argv)
     import json
 
@@ -32,11 +34,17 @@ def main(argv=None) -> int:
 
         executor = RayExecutor()
     config = json.loads(a.config) if a.config else None
+    methods = a.methods.split(",") if a.methods else None
     if a.study == "benchmark":
         from bayesfilter_diff.studies.validate import validate
 
         res = validate(
-            out=a.out or ROOT / "gmm_benchmark", full=a.full, executor=executor, config=config
+            out=a.out or ROOT / "gmm_benchmark",
+            full=a.full,
+            methods=methods,
+            executor=executor,
+            config=config,
+            command="python validation/run_studies.py " + " ".join(sys.argv[1:]),
         )
     elif a.study == "convergence":
         from bayesfilter_diff.studies.convergence import run_convergence
@@ -48,7 +56,11 @@ def main(argv=None) -> int:
         from bayesfilter_diff.studies.calibration import run_calibration
 
         res = run_calibration(
-            a.out or ROOT / "calibration", full=a.full, executor=executor, config=config
+            a.out or ROOT / "calibration",
+            full=a.full,
+            methods=methods,
+            executor=executor,
+            config=config,
         )
     print(res["text"])
     return 0

@@ -98,6 +98,23 @@ def _check_field_types(sampler: Sampler) -> None:
             )
 
 
+def check_clamp(name: str, c) -> None:
+    """Raise unless ``c`` is ``None`` or a pair ``(low, high)`` of numbers with ``low < high``."""
+    if c is not None and (
+        not isinstance(c, tuple | list)
+        or len(c) != 2
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in c)
+        or not c[0] < c[1]
+    ):
+        raise ValueError(f"{name} must be None or a pair (low, high) with low < high, got {c!r}")
+
+
+def check_positive_int(name: str, v) -> None:
+    """Raise unless ``v`` is an ``int`` (not a bool) ``>= 1``."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+
 @dataclass(frozen=True)
 class Sampler:
     """Base class: an unweighted sampler on a time grid of ``num_steps`` steps."""

@@ -195,18 +195,6 @@ class DAPS(Sampler):
         return t.to(dtype=problem.y.dtype, device=problem.y.device)
 
     # ------------------------------------------------------------------ pieces
-    def _data_grad(self, ctx: Context, x: Tensor) -> Tensor:
-        """``grad_x ||A x - y||^2 / 2`` per sample."""
-        op = ctx.problem.operator
-        y = ctx.y.unsqueeze(1)
-        if op.is_linear:
-            return op.adjoint(op(x) - y)
-        with torch.enable_grad():
-            xr = x.detach().requires_grad_(True)
-            r = op(xr) - y
-            (g,) = torch.autograd.grad(0.5 * (r**2).sum(), xr)
-        return g
-
     def init(self, ctx: Context):
         sch = ctx.prior.schedule
         times = ctx.times
@@ -240,7 +228,7 @@ class DAPS(Sampler):
         noise_scale = math.sqrt(2.0 * lr)
         x0 = x0_hat
         for _ in range(self.langevin_steps):
-            score = -c * self._data_grad(ctx, x0) + (x0_hat - x0) / r2
+            score = -c * ctx.problem.residual_gradient(x0) + (x0_hat - x0) / r2
             x0 = x0 + lr * score + noise_scale * ctx.randn()
         # 3. Re-noise to the next level (the last level returns x0_y itself).
         if i == len(ctx.times) - 2:

@@ -74,7 +74,7 @@ from torch import Tensor
 
 from ..priors.base import DiffusionModel
 from ..problem import InverseProblem
-from .base import Context, Sampler, ddim_coefficients
+from .base import Context, Sampler, check_clamp, ddim_coefficients
 
 __all__ = ["DPS"]
 
@@ -128,16 +128,7 @@ class DPS(Sampler):
             or not (0.0 <= self.eta <= 1.0)
         ):
             raise ValueError(f"eta must be in [0, 1], got {self.eta!r}")
-        c = self.clamp_x0
-        if c is not None and (
-            not isinstance(c, tuple | list)
-            or len(c) != 2
-            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in c)
-            or not c[0] < c[1]
-        ):
-            raise ValueError(
-                f"clamp_x0 must be None or a pair (low, high) with low < high, got {c!r}"
-            )
+        check_clamp("clamp_x0", self.clamp_x0)
 
     def check(self, prior: DiffusionModel, problem: InverseProblem) -> None:
         if problem.log_likelihood_fn is not None:

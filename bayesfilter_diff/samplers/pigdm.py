@@ -84,13 +84,15 @@ Other choices
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..operators.base import LinearOperator
-from .base import Context, Sampler, ddim_coefficients
+from .base import Context, Sampler, check_positive_int, ddim_coefficients
 
 __all__ = ["PiGDM", "pigdm_vector", "pigdm_r2"]
 
@@ -195,16 +197,11 @@ class PiGDM(Sampler):
             raise ValueError(f"eta must be in [0, 1], got {self.eta!r}")
         if self.weighting not in ("tweedie", "official"):
             raise ValueError(f"weighting must be 'tweedie' or 'official', got {self.weighting!r}")
-        if not self.scale >= 0:
-            raise ValueError(f"scale must be >= 0, got {self.scale!r}")
+        if not (self.scale >= 0 and math.isfinite(self.scale)):
+            raise ValueError(f"scale must be a finite number >= 0, got {self.scale!r}")
         if self.x_init not in ("pinv", "noise"):
             raise ValueError(f"x_init must be 'pinv' or 'noise', got {self.x_init!r}")
-        if (
-            isinstance(self.cg_iters, bool)
-            or not isinstance(self.cg_iters, int)
-            or self.cg_iters < 1
-        ):
-            raise ValueError(f"cg_iters must be a positive int, got {self.cg_iters!r}")
+        check_positive_int("cg_iters", self.cg_iters)
 
     def check(self, prior, problem) -> None:
         self._require_gaussian(problem)

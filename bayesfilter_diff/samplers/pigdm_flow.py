@@ -54,11 +54,13 @@ Defaults (``config/method_config/ot_ode.yaml`` of PnP-Flow)
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 from torch import Tensor
 
-from .base import Context, Sampler
+from .base import Context, Sampler, check_positive_int
 from .pigdm import pigdm_r2, pigdm_vector
 
 __all__ = ["PiGDMFlow", "OTODE"]
@@ -100,16 +102,11 @@ class PiGDMFlow(Sampler):
             raise ValueError(f"start_time must be in (0, 1), got {self.start_time!r}")
         if self.gamma not in ("constant", "gamma_t"):
             raise ValueError(f"gamma must be 'constant' or 'gamma_t', got {self.gamma!r}")
-        if not self.scale >= 0:
-            raise ValueError(f"scale must be >= 0, got {self.scale!r}")
+        if not (self.scale >= 0 and math.isfinite(self.scale)):
+            raise ValueError(f"scale must be a finite number >= 0, got {self.scale!r}")
         if self.x_init not in ("adjoint", "pinv"):
             raise ValueError(f"x_init must be 'adjoint' or 'pinv', got {self.x_init!r}")
-        if (
-            isinstance(self.cg_iters, bool)
-            or not isinstance(self.cg_iters, int)
-            or self.cg_iters < 1
-        ):
-            raise ValueError(f"cg_iters must be a positive int, got {self.cg_iters!r}")
+        check_positive_int("cg_iters", self.cg_iters)
 
     def check(self, prior, problem) -> None:
         if getattr(prior.schedule, "kind", "") != "flow":

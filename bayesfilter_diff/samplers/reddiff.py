@@ -163,18 +163,6 @@ class REDDiff(Sampler):
             raise ValueError("REDDiff with loss_scaling='paper' needs noise_std > 0")
 
     # ------------------------------------------------------------------ pieces
-    def _data_grad(self, ctx: Context, x: Tensor) -> Tensor:
-        """``grad_x ||A x - y||^2 / 2`` per sample, ``x`` of shape ``(B, N, *event)``."""
-        op = ctx.problem.operator
-        y = ctx.y.unsqueeze(1)
-        if op.is_linear:
-            return op.adjoint(op(x) - y)
-        with torch.enable_grad():
-            xr = x.detach().requires_grad_(True)
-            r = op(xr) - y
-            (g,) = torch.autograd.grad(0.5 * (r**2).sum(), xr)
-        return g
-
     def init(self, ctx: Context):
         op = ctx.problem.operator
         y = ctx.y
@@ -213,7 +201,7 @@ class REDDiff(Sampler):
         w_t = torch.where(a_t > 0, self.lam * _weight(snr_inv, self.weighting), 0.0)
         g = (w_t / c_reg) * (eps_hat - eps)
         if self.obs_weight > 0:
-            g = g + (self.obs_weight / c_obs) * self._data_grad(ctx, x0p)
+            g = g + (self.obs_weight / c_obs) * ctx.problem.residual_gradient(x0p)
         # 4. Adam (elementwise, bias-corrected; step count k = i + 1).
         b1, b2 = self.betas
         k = i + 1

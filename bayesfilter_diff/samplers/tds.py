@@ -97,7 +97,7 @@ from torch import Tensor
 
 from ..priors.base import DiffusionModel
 from ..problem import InverseProblem
-from .base import Context, SMCSampler, ddim_coefficients
+from .base import Context, SMCSampler, check_clamp, ddim_coefficients
 
 __all__ = ["TDS"]
 
@@ -148,16 +148,7 @@ class TDS(SMCSampler):
         pv = self.prior_variance
         if isinstance(pv, bool) or not isinstance(pv, int | float) or not 0 < pv < math.inf:
             raise ValueError(f"prior_variance must be a finite number > 0, got {pv!r}")
-        c = self.clamp_x0
-        if c is not None and (
-            not isinstance(c, tuple | list)
-            or len(c) != 2
-            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in c)
-            or not c[0] < c[1]
-        ):
-            raise ValueError(
-                f"clamp_x0 must be None or a pair (low, high) with low < high, got {c!r}"
-            )
+        check_clamp("clamp_x0", self.clamp_x0)
 
     # ------------------------------------------------------------------ checks
     def check(self, prior: DiffusionModel, problem: InverseProblem) -> None:

@@ -53,6 +53,7 @@ def validate(
     resume: bool = True,
     progress: bool = True,
     config: dict[str, Any] | None = None,
+    command: str | None = None,
     executor: Any = None,
 ) -> dict[str, Any]:
     """Run the benchmark study, write ``report.md`` and figures to ``out``, return the rows.
@@ -97,7 +98,8 @@ def validate(
         r["exact"] = "yes" if METHODS[r["method"]].exact else "no"
         r["sw/floor"] = r["sw"] / r["sw_floor"] if r["sw_floor"] else math.nan
     figures = _figures(rows, records, out, methods)
-    text = _report(cfg, full, rows, overall, figures, wall, len(records))
+    cmd = command or ("bayesfilter-diff validate" + (" --full" if full else ""))
+    text = _report(cfg, cmd, rows, overall, figures, wall, len(records))
     write_text(out / "report.md", text)
     return {
         "rows": rows,
@@ -108,12 +110,11 @@ def validate(
     }
 
 
-def _report(cfg, full, rows, overall, figures, wall, ncells) -> str:
-    cmd = "bayesfilter-diff validate" + (" --full" if full else "")
+def _report(cfg, cmd, rows, overall, figures, wall, ncells) -> str:
     lines = [
         "# Gaussian-mixture benchmark: every sampler against the exact posterior",
         "",
-        f"Command: `{cmd}` ({'published protocol' if full else 'quick default'}); "
+        f"Command: `{cmd}`; "
         f"{ncells} cells, {wall:.0f} s for the cells computed in this invocation.",
         "",
         f"Protocol: d in {cfg['dims']}, d_y in {cfg['obs_dims']}, steps {cfg['steps']}, "
