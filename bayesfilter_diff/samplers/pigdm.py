@@ -85,7 +85,6 @@ Other choices
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import torch

@@ -55,7 +55,6 @@ Defaults (``config/method_config/ot_ode.yaml`` of PnP-Flow)
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 from torch import Tensor
