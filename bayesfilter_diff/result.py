@@ -58,7 +58,7 @@ class Result:
     def draws(
         self, n: int, generator: torch.Generator | None = None, resampling: str = "multinomial"
     ) -> Tensor:
-        """``n`` equally weighted draws, resampled from the weighted particles.
+        """``n`` equally weighted draws, resampled from the weighted particles, in random order.
 
         For unweighted samplers with ``n == N`` the samples are returned as they are.
         """
@@ -72,6 +72,10 @@ class Result:
         W = self.weights()
         W = W if self.batched else W.unsqueeze(0)
         idx = get_resampler(resampling)(torch.log(W), n, generator)
+        # resampling returns ancestors in sorted order: shuffle them, so that the draws are
+        # exchangeable (ArviZ would read runs of duplicates as autocorrelation)
+        u = torch.rand(idx.shape, generator=generator, dtype=torch.float64, device=idx.device)
+        idx = idx.gather(-1, torch.argsort(u, dim=-1))
         out = x[torch.arange(x.shape[0], device=x.device)[:, None], idx]
         return out if self.batched else out[0]
 
