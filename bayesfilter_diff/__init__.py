@@ -10,7 +10,7 @@ from .inference import Posterior, infer
 from .priors import DiffusionModel, GaussianMixture, GaussianMixtureDiffusion
 from .problem import InverseProblem
 from .result import Result
-from .schedules import FlowSchedule, Schedule, VESchedule, VPSchedule
+from .schedules import DiscreteVPSchedule, FlowSchedule, Schedule, VESchedule, VPSchedule
 from .smc.loop import DegenerateWeightsError, NonFiniteSamplesError
 
 __version__ = "0.1.0"
@@ -29,6 +29,7 @@ __all__ = [
     "VPSchedule",
     "VESchedule",
     "FlowSchedule",
+    "DiscreteVPSchedule",
     "DegenerateWeightsError",
     "NonFiniteSamplesError",
     "DiffusionPrior",

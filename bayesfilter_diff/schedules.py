@@ -13,6 +13,9 @@
   ``sigma(t) = sigma_min (sigma_max / sigma_min)^t`` (Song et al. 2021, VE-SDE).
 - :class:`FlowSchedule` -- rectified flow / conditional OT path, ``alpha = 1 - t``,
   ``sigma = t``.
+- :class:`DiscreteVPSchedule` -- the VP path of a discrete-time DDPM (e.g. a ``diffusers``
+  scheduler's ``alphas_cumprod``), interpolated in ``log alpha^2`` and exact at the
+  training steps.
 
 Each gives ``alpha``, ``sigma``, their time derivatives, the log-SNR
 ``lambda = log(alpha^2 / sigma^2)`` and time grids for ``n`` steps. The conversions between
@@ -32,6 +35,7 @@ __all__ = [
     "VPSchedule",
     "VESchedule",
     "FlowSchedule",
+    "DiscreteVPSchedule",
     "eps_to_x0",
     "x0_to_eps",
     "score_to_x0",
@@ -231,6 +235,131 @@ class FlowSchedule(Schedule):
 
     def dsigma(self, t: Tensor) -> Tensor:
         return torch.ones_like(_as_tensor(t))
+
+
+class DiscreteVPSchedule(Schedule):
+    """The VP path of a discrete-time DDPM, exact at its training steps.
+
+    A DDPM with ``T`` training steps noises ``x0`` at step ``k = 0 .. T-1`` to
+    ``x_k = sqrt(abar_k) x0 + sqrt(1 - abar_k) eps`` with
+    ``abar_k = prod_{j <= k} (1 - beta_j)`` (``alphas_cumprod`` in ``diffusers``). Step
+    ``k`` has had ``k + 1`` noising steps applied, so it sits at time ``t_{k+1} = (k+1)/T``
+    on the knots ``t_j = j / T``, ``j = 0 .. T``, with ``abar(t_0 = 0) = 1`` (clean data).
+    This is the convention of :meth:`Schedule.time_grid` ``kind="ddpm"`` (training step
+    ``i`` at time ``(i + 1) / T``) and of the continuous limit :meth:`VPSchedule.linear`.
+
+    Between the knots ``log abar`` is linear in ``t``: the continuous-time noise rate
+    ``beta(t) = -d log abar / dt`` is piecewise constant, ``beta(t) = -T log(1 - beta_k)``
+    on ``(k/T, (k+1)/T]``, so that integrating it over one step gives back DDPM's
+    ``1 - beta_k`` exactly. :meth:`dalpha` and :meth:`dsigma` are the derivatives of this
+    interpolant (one-sided at a knot: the interval ``[t_j, t_{j+1})`` is used, the last one
+    at ``t = 1``); they jump at the knots, as ``beta(t)`` does.
+
+    Parameters
+    ----------
+    alphas_cumprod
+        ``(T,)`` values ``abar_0 >= abar_1 >= ... >= abar_{T-1}`` in ``(0, 1]``, e.g.
+        ``scheduler.alphas_cumprod``. Values below ``min_alphas_cumprod`` are raised to it so
+        that ``alpha(1) > 0``: a zero-terminal-SNR schedule ends with ``abar = 0`` (use a
+        v-prediction network there; an eps-network's ``x0 = (x - sigma eps) / alpha`` is
+        then ill-conditioned at ``t = 1``).
+    min_alphas_cumprod
+        Smallest ``abar`` kept (default ``1e-12``; diffusers' cosine schedule ends near
+        ``2.4e-9``, kept exactly).
+    """
+
+    kind: str = "vp"
+
+    def __init__(self, alphas_cumprod: Tensor, min_alphas_cumprod: float = 1e-12) -> None:
+        ac = torch.as_tensor(alphas_cumprod).detach()
+        if ac.dim() != 1 or ac.numel() < 1 or not ac.is_floating_point():
+            raise ValueError(
+                f"alphas_cumprod must be a non-empty 1-D floating tensor, got shape "
+                f"{tuple(ac.shape)} and dtype {ac.dtype}"
+            )
+        ac = ac.to(device="cpu", dtype=torch.float64)
+        if not 0.0 < min_alphas_cumprod < 1.0:
+            raise ValueError(f"min_alphas_cumprod must be in (0, 1), got {min_alphas_cumprod}")
+        if not torch.isfinite(ac).all() or (ac < 0).any() or (ac > 1).any():
+            raise ValueError("alphas_cumprod must be finite and lie in [0, 1]")
+        if (ac[1:] > ac[:-1]).any():
+            raise ValueError("alphas_cumprod must be non-increasing")
+        ac = ac.clamp_min(min_alphas_cumprod)
+        #: Number of training steps ``T``.
+        self.num_train_steps = int(ac.numel())
+        #: ``log abar`` at the knots ``t_j = j / T``, ``j = 0 .. T`` (float64, CPU).
+        self.log_abar = torch.cat([torch.zeros(1, dtype=torch.float64), torch.log(ac)])
+        self._cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"DiscreteVPSchedule(num_train_steps={self.num_train_steps}, "
+            f"alphas_cumprod[-1]={float(self.log_abar[-1].exp()):.3g})"
+        )
+
+    def __getstate__(self) -> dict:
+        return {"num_train_steps": self.num_train_steps, "log_abar": self.log_abar}
+
+    def __setstate__(self, state: dict) -> None:
+        self.num_train_steps = state["num_train_steps"]
+        self.log_abar = state["log_abar"]
+        self._cache = {}
+
+    @property
+    def alphas_cumprod(self) -> Tensor:
+        """``abar_k`` at the training steps ``k = 0 .. T-1`` (float64)."""
+        return self.log_abar[1:].exp()
+
+    def _knots(self, t: Tensor) -> Tensor:
+        key = (t.device, t.dtype)
+        L = self._cache.get(key)
+        if L is None:
+            L = self.log_abar.to(device=t.device, dtype=t.dtype)
+            self._cache[key] = L
+        return L
+
+    def _interp(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``log abar(t)`` and its slope ``d log abar / dt`` (piecewise linear)."""
+        if not t.is_floating_point():
+            t = t.to(torch.get_default_dtype())
+        L = self._knots(t)
+        T = self.num_train_steps
+        u = (t * T).clamp(0.0, float(T))
+        j = torch.floor(u).clamp(max=T - 1)
+        w = u - j
+        j = j.long()
+        lo, hi = L[j], L[j + 1]
+        return lo + w * (hi - lo), (hi - lo) * T
+
+    def _log_alpha(self, t: Tensor) -> Tensor:
+        return 0.5 * self._interp(_as_tensor(t))[0]
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return torch.exp(self._log_alpha(t))
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return torch.sqrt(-torch.expm1(2.0 * self._log_alpha(t)))
+
+    def dalpha(self, t: Tensor) -> Tensor:
+        la, slope = self._interp(_as_tensor(t))
+        return torch.exp(0.5 * la) * 0.5 * slope
+
+    def dsigma(self, t: Tensor) -> Tensor:
+        t = _as_tensor(t)
+        return -self.alpha(t) * self.dalpha(t) / self.sigma(t)
+
+    def log_snr(self, t: Tensor) -> Tensor:
+        la = 2.0 * self._log_alpha(t)
+        return la - torch.log(-torch.expm1(la))
+
+    def time_grid(self, num_steps: int, kind: str = "uniform", **kw) -> Tensor:
+        """As :meth:`Schedule.time_grid`, with ``num_train_steps`` defaulting to ``T``."""
+        kw.setdefault("num_train_steps", self.num_train_steps)
+        return super().time_grid(num_steps, kind, **kw)
+
+    def training_time(self, step: Tensor | int) -> Tensor:
+        """The time ``(k + 1) / T`` of training step ``k`` (float64)."""
+        return (torch.as_tensor(step, dtype=torch.float64) + 1.0) / self.num_train_steps
 
 
 # --------------------------------------------------------------------------------------
