@@ -4,26 +4,10 @@ import math
 
 import pytest
 import torch
+from _helpers import DT, _gmm, _image_prior
 
 import bayesfilter_diff as bfd
 from bayesfilter_diff.samplers.daps import DAPS, poly_sigmas, time_of_ve_sigma
-
-DT = torch.float64
-
-
-def _gmm(d: int, seed: int = 0) -> bfd.GaussianMixture:
-    g = torch.Generator().manual_seed(seed)
-    means = 1.5 * torch.randn(2, d, generator=g, dtype=DT)
-    return bfd.GaussianMixture(
-        torch.tensor([0.4, 0.6], dtype=DT), means, torch.tensor([0.5, 0.8], dtype=DT)
-    )
-
-
-def _image_prior(gmm: bfd.GaussianMixture, sched, shape) -> bfd.DiffusionModel:
-    vec = gmm.diffusion(sched)
-    return bfd.DiffusionModel(
-        lambda x, t: vec.net(x.reshape(x.shape[0], -1), t).reshape(x.shape), sched, shape
-    )
 
 
 @pytest.mark.parametrize(

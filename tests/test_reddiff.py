@@ -2,33 +2,11 @@
 
 import pytest
 import torch
+from _helpers import DT, DenseNoSVD, _gmm, _image_prior
 
 import bayesfilter_diff as bfd
 from bayesfilter_diff.samplers.base import Context
 from bayesfilter_diff.samplers.reddiff import REDDiff
-
-DT = torch.float64
-
-
-def _gmm(d: int, seed: int = 0) -> bfd.GaussianMixture:
-    g = torch.Generator().manual_seed(seed)
-    means = 1.5 * torch.randn(2, d, generator=g, dtype=DT)
-    return bfd.GaussianMixture(
-        torch.tensor([0.4, 0.6], dtype=DT), means, torch.tensor([0.5, 0.8], dtype=DT)
-    )
-
-
-def _image_prior(gmm: bfd.GaussianMixture, sched, shape) -> bfd.DiffusionModel:
-    vec = gmm.diffusion(sched)
-    return bfd.DiffusionModel(
-        lambda x, t: vec.net(x.reshape(x.shape[0], -1), t).reshape(x.shape), sched, shape
-    )
-
-
-class DenseNoSVD(bfd.operators.Dense):
-    """A linear operator without an SVD (the samplers must use the adjoint / CG)."""
-
-    has_svd = False
 
 
 def test_lambda_zero_converges_to_a_least_squares_solution():
