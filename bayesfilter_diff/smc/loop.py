@@ -286,7 +286,6 @@ def run(
         bad = ~torch.isfinite(log_z) | ~torch.isfinite(log_w).any(-1)
         if bool(bad.any()):
             probs = torch.nonzero(bad).flatten().tolist()
-            first = int(torch.nonzero(~torch.isfinite(zt[:, probs]).all(-1) | True)[0])
             finite = torch.isfinite(zt[:, probs]).all(-1)
             first = int(torch.nonzero(~finite)[0]) if (~finite).any() else n
             raise DegenerateWeightsError(
