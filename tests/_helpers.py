@@ -1,5 +1,7 @@
 """Problem builders shared by the approximate-sampler tests."""
 
+import math
+
 import torch
 
 import bayesfilter_diff as bfd
@@ -28,3 +30,46 @@ class DenseNoSVD(bfd.operators.Dense):
     """A linear operator without an SVD (the samplers must use the adjoint / CG)."""
 
     has_svd = False
+
+
+# ----------------------------------------------------------------- standard normal prior
+ops = bfd.operators
+IMG = (3, 4, 4)
+
+
+def std_normal(d: int) -> bfd.GaussianMixture:
+    return bfd.GaussianMixture(
+        torch.ones(1, dtype=DT), torch.zeros(1, d, dtype=DT), torch.ones(1, dtype=DT)
+    )
+
+
+def std_normal_prior(schedule, shape) -> bfd.DiffusionModel:
+    """Exact denoiser of N(0, I) on any event shape: x0_hat = alpha x / (alpha^2 + sigma^2)."""
+
+    def den(x, t):
+        a = schedule.alpha(t).reshape((-1,) + (1,) * (x.dim() - 1))
+        s = schedule.sigma(t).reshape(a.shape)
+        return a * x / (a**2 + s**2)
+
+    return bfd.DiffusionModel(den, schedule, shape)
+
+
+def _ops(kind, g):
+    if kind == "image":
+        return {
+            "identity": ops.Identity(IMG, dtype=DT),
+            "dense": ops.Dense(torch.randn(7, math.prod(IMG), generator=g, dtype=DT), in_shape=IMG),
+            "mask": ops.Mask.random(IMG, 0.5, g, dtype=DT),
+            "downsample": ops.Downsample(IMG, 2, dtype=DT),
+            "blur": ops.Blur(ops.gaussian_kernel(3, 1.0, dtype=DT), IMG),
+            "colorize": ops.Colorize(IMG, dtype=DT),
+        }
+    return {
+        "identity": ops.Identity((6,), dtype=DT),
+        "dense": ops.Dense(torch.randn(3, 6, generator=g, dtype=DT)),
+        "mask": ops.Mask(torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool), dtype=DT),
+    }
+
+
+CASES = [("image", k) for k in ("identity", "dense", "mask", "downsample", "blur", "colorize")]
+CASES += [("vector", k) for k in ("identity", "dense", "mask")]

@@ -20,16 +20,7 @@ from bayesfilter_diff.samplers.ddnm import DDNM, DDNMPlus
 ops = bfd.operators
 DT = torch.float64
 
-
-def std_normal_prior(schedule, shape) -> bfd.DiffusionModel:
-    """Exact denoiser of N(0, I) on any event shape: x0_hat = alpha x / (alpha^2 + sigma^2)."""
-
-    def den(x, t):
-        a = schedule.alpha(t).reshape((-1,) + (1,) * (x.dim() - 1))
-        s = schedule.sigma(t).reshape(a.shape)
-        return a * x / (a**2 + s**2)
-
-    return bfd.DiffusionModel(den, schedule, shape)
+from _helpers import CASES, IMG, _ops, std_normal_prior  # noqa: E402
 
 
 def ddnm_moments(sch, times, s, ybar, sy, eta, plus):
@@ -131,7 +122,6 @@ def test_plus_noise_compensation():
     assert (lam[~noisy] == 1).all() and (d2 == 0).all()
 
 
-IMG = (3, 4, 4)
 EXACT_CASES = {
     "dense-vector": lambda g: ops.Dense(torch.randn(3, 6, generator=g, dtype=DT)),
     "mask-vector": lambda g: ops.Mask(torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool), DT),
@@ -185,27 +175,6 @@ def test_time_travel():
         .samples
     )
     torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
-def _ops(kind, g):
-    if kind == "image":
-        return {
-            "identity": ops.Identity(IMG, dtype=DT),
-            "dense": ops.Dense(torch.randn(7, math.prod(IMG), generator=g, dtype=DT), in_shape=IMG),
-            "mask": ops.Mask.random(IMG, 0.5, g, dtype=DT),
-            "downsample": ops.Downsample(IMG, 2, dtype=DT),
-            "blur": ops.Blur(ops.gaussian_kernel(3, 1.0, dtype=DT), IMG),
-            "colorize": ops.Colorize(IMG, dtype=DT),
-        }
-    return {
-        "identity": ops.Identity((6,), dtype=DT),
-        "dense": ops.Dense(torch.randn(3, 6, generator=g, dtype=DT)),
-        "mask": ops.Mask(torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool), dtype=DT),
-    }
-
-
-CASES = [("image", k) for k in ("identity", "dense", "mask", "downsample", "blur", "colorize")]
-CASES += [("vector", k) for k in ("identity", "dense", "mask")]
 
 
 @pytest.mark.parametrize("kind,name", CASES)

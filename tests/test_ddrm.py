@@ -21,16 +21,7 @@ from bayesfilter_diff.samplers.ddrm import DDRM
 ops = bfd.operators
 DT = torch.float64
 
-
-def std_normal_prior(schedule, shape) -> bfd.DiffusionModel:
-    """Exact denoiser of N(0, I) on any event shape: x0_hat = alpha x / (alpha^2 + sigma^2)."""
-
-    def den(x, t):
-        a = schedule.alpha(t).reshape((-1,) + (1,) * (x.dim() - 1))
-        s = schedule.sigma(t).reshape(a.shape)
-        return a * x / (a**2 + s**2)
-
-    return bfd.DiffusionModel(den, schedule, shape)
+from _helpers import CASES, IMG, _ops, std_normal_prior  # noqa: E402
 
 
 def ddrm_moments(sch, times, s, ybar, sy, eta, eta_b):
@@ -113,7 +104,6 @@ def test_moments_match_exact_recursion(sy, eta, eta_b):
     assert res.info["nfe"] == 20 and res.info["backprop"] is False
 
 
-IMG = (3, 4, 4)
 EXACT_CASES = {
     "dense-vector": lambda g: ops.Dense(torch.randn(3, 6, generator=g, dtype=DT)),
     "mask-vector": lambda g: ops.Mask(torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool), DT),
@@ -155,27 +145,6 @@ def test_other_paths(schedule):
     M, V = ddrm_moments(schedule, res.info["times"], s, ybar, 0.0, 0.85, 1.0)
     z_mean, z_var = spectral_z(res.samples, op, M, V)
     assert z_mean < 4.0 and z_var < 4.0, (z_mean, z_var)
-
-
-def _ops(kind, g):
-    if kind == "image":
-        return {
-            "identity": ops.Identity(IMG, dtype=DT),
-            "dense": ops.Dense(torch.randn(7, math.prod(IMG), generator=g, dtype=DT), in_shape=IMG),
-            "mask": ops.Mask.random(IMG, 0.5, g, dtype=DT),
-            "downsample": ops.Downsample(IMG, 2, dtype=DT),
-            "blur": ops.Blur(ops.gaussian_kernel(3, 1.0, dtype=DT), IMG),
-            "colorize": ops.Colorize(IMG, dtype=DT),
-        }
-    return {
-        "identity": ops.Identity((6,), dtype=DT),
-        "dense": ops.Dense(torch.randn(3, 6, generator=g, dtype=DT)),
-        "mask": ops.Mask(torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool), dtype=DT),
-    }
-
-
-CASES = [("image", k) for k in ("identity", "dense", "mask", "downsample", "blur", "colorize")]
-CASES += [("vector", k) for k in ("identity", "dense", "mask")]
 
 
 @pytest.mark.parametrize("kind,name", CASES)

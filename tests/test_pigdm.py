@@ -14,22 +14,7 @@ from bayesfilter_diff.samplers.pigdm import PiGDM, pigdm_vector
 ops = bfd.operators
 DT = torch.float64
 
-
-def std_normal(d: int) -> bfd.GaussianMixture:
-    return bfd.GaussianMixture(
-        torch.ones(1, dtype=DT), torch.zeros(1, d, dtype=DT), torch.ones(1, dtype=DT)
-    )
-
-
-def std_normal_prior(schedule, shape) -> bfd.DiffusionModel:
-    """Exact denoiser of N(0, I) on any event shape: x0_hat = alpha x / (alpha^2 + sigma^2)."""
-
-    def den(x, t):
-        a = schedule.alpha(t).reshape((-1,) + (1,) * (x.dim() - 1))
-        s = schedule.sigma(t).reshape(a.shape)
-        return a * x / (a**2 + s**2)
-
-    return bfd.DiffusionModel(den, schedule, shape)
+from _helpers import std_normal, std_normal_prior  # noqa: E402
 
 
 def kalman_x0(x_t, a, s, A, y, sy):

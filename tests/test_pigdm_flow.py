@@ -14,22 +14,7 @@ from bayesfilter_diff.samplers.pigdm_flow import PiGDMFlow
 ops = bfd.operators
 DT = torch.float64
 
-
-def std_normal(d: int) -> bfd.GaussianMixture:
-    return bfd.GaussianMixture(
-        torch.ones(1, dtype=DT), torch.zeros(1, d, dtype=DT), torch.ones(1, dtype=DT)
-    )
-
-
-def std_normal_prior(schedule, shape) -> bfd.DiffusionModel:
-    """Exact denoiser of N(0, I) on any event shape: x0_hat = alpha x / (alpha^2 + sigma^2)."""
-
-    def den(x, t):
-        a = schedule.alpha(t).reshape((-1,) + (1,) * (x.dim() - 1))
-        s = schedule.sigma(t).reshape(a.shape)
-        return a * x / (a**2 + s**2)
-
-    return bfd.DiffusionModel(den, schedule, shape)
+from _helpers import CASES, _ops, std_normal, std_normal_prior  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -120,30 +105,6 @@ def test_gamma_t_and_pinv_init(setup):
     res = PiGDMFlow(num_steps=20, gamma="gamma_t", x_init="pinv").sample(prior, problem, 50, g)
     assert res.samples.shape == (2, 50, 4) and torch.isfinite(res.samples).all()
     assert float(res.info["times"][0]) == pytest.approx(0.8)
-
-
-IMG = (3, 4, 4)
-
-
-def _ops(kind, g):
-    if kind == "image":
-        return {
-            "identity": ops.Identity(IMG, dtype=DT),
-            "dense": ops.Dense(torch.randn(7, math.prod(IMG), generator=g, dtype=DT), in_shape=IMG),
-            "mask": ops.Mask.random(IMG, 0.5, g, dtype=DT),
-            "downsample": ops.Downsample(IMG, 2, dtype=DT),
-            "blur": ops.Blur(ops.gaussian_kernel(3, 1.0, dtype=DT), IMG),
-            "colorize": ops.Colorize(IMG, dtype=DT),
-        }
-    return {
-        "identity": ops.Identity((6,), dtype=DT),
-        "dense": ops.Dense(torch.randn(3, 6, generator=g, dtype=DT)),
-        "mask": ops.Mask(torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool), dtype=DT),
-    }
-
-
-CASES = [("image", k) for k in ("identity", "dense", "mask", "downsample", "blur", "colorize")]
-CASES += [("vector", k) for k in ("identity", "dense", "mask")]
 
 
 @pytest.mark.parametrize("kind,name", CASES)
