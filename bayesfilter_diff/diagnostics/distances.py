@@ -92,8 +92,12 @@ def _w1d_pow(u: Tensor, v: Tensor, wu: Tensor | None, wv: Tensor | None, p: floa
         return (_sort_values(u) - _sort_values(v)).abs().pow(p).mean(-1)
     # 2. Otherwise sort each sample with its weights; F_i = cumulative weight of the i
     #    smallest values (the last is exactly 1).
+    # (a set shared by every problem arrives with a leading 1: it is sorted once)
+    lead = torch.broadcast_shapes(u.shape[:-1], v.shape[:-1])
     iu, iv = _argsort_stable(u), _argsort_stable(v)
     us, vs = torch.gather(u, -1, iu), torch.gather(v, -1, iv)
+    iu, us = iu.expand(lead + (N,)), us.expand(lead + (N,))
+    iv, vs = iv.expand(lead + (M,)), vs.expand(lead + (M,))
 
     def cdf(w, idx, n, ref):
         if w is None:
@@ -102,7 +106,7 @@ def _w1d_pow(u: Tensor, v: Tensor, wu: Tensor | None, wv: Tensor | None, p: floa
         c = torch.cumsum(torch.gather(w.expand(ref.shape), -1, idx), dim=-1)
         return c / c[..., -1:]
 
-    cu, cv = cdf(wu, iu, N, u), cdf(wv, iv, M, v)
+    cu, cv = cdf(wu, iu, N, us), cdf(wv, iv, M, vs)
     # 3. On the merged grid 0 = g_0 <= g_1 <= ... <= g_{N+M} = 1 of both cumulative weights
     #    both quantile functions are constant on every (g_{k-1}, g_k], where
     #    F^-1 = x_(i), i = min{i : F_i >= g_k} = #{i : F_i < g_k}. A stable sort of [F, G]
@@ -231,9 +235,12 @@ def sliced_wasserstein(
     total = torch.zeros(B, dtype=torch.float64, device=X.device)
     # Chunk the directions so that a (B, chunk, N + M) tensor stays bounded.
     chunk = max(1, _CHUNK_ELEMENTS // max(1, B * (N + M)))
+    # a set broadcast over the problems (stride 0) is projected and sorted once
+    X1 = X[:1] if B > 1 and X.stride(0) == 0 else X
+    Y1 = Y[:1] if B > 1 and Y.stride(0) == 0 else Y
     for th in theta.split(chunk):
-        px = (X @ th.T).transpose(1, 2)  # (B, c, N)
-        py = (Y @ th.T).transpose(1, 2)  # (B, c, M)
+        px = (X1 @ th.T).transpose(1, 2)  # (B or 1, c, N)
+        py = (Y1 @ th.T).transpose(1, 2)  # (B or 1, c, M)
         total += _w1d_pow(px, py, wx, wy, p).sum(-1)
     return _finish((total / P).pow(1.0 / p), batched)
 

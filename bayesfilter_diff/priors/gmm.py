@@ -7,9 +7,13 @@ Prior ``p(x) = sum_k w_k N(x; mu_k, S_k)``. Under a Gaussian path
 
     E[x0 | x_t] = sum_k r_k(x_t) (mu_k + Q_k diag(alpha l_k / (alpha^2 l_k + sigma^2)) Q_k^T (x_t - alpha mu_k))
 
-with responsibilities ``r_k`` from a log-sum-exp over components (stable in float32 for
-means at +-16 in d = 800). Isotropic ``(K,)`` and diagonal ``(K, d)`` covariances skip
-``Q_k`` and cost ``O(K d)`` per particle per step.
+with responsibilities ``r_k`` from a log-sum-exp over components. Costs per particle and
+step: isotropic ``(K,)`` covariances use ``||x - a mu_k||^2 = ||x||^2 - 2 a x.mu_k +
+a^2 ||mu_k||^2`` (one ``(n, d) x (d, K)`` product, evaluated in float64 so that the
+cancellation stays harmless for means at +-16 in d = 800 with float32 inputs) and never form
+an ``(n, K, d)`` tensor; diagonal ``(K, d)`` covariances cost ``O(K d)``; full covariances
+``O(K d^2)``, or ``O(d^2 + K d)`` when every component shares one covariance (the posterior
+of an isotropic mixture), which is detected at construction and factored once.
 
 Under ``y = A x + sigma_y n`` (REFERENCES.md, "Exact reference") the posterior is the
 mixture with ``C_k = S_k - S_k A^T G_k^-1 A S_k``, ``m_k = mu_k + S_k A^T G_k^-1 (y - A mu_k)``,
@@ -107,17 +111,25 @@ class GaussianMixture(nn.Module):
             kind = "iso"
             lam = covariances[:, None]
             Q = None
+            shared = False
         elif covariances.shape == (K, d) and not (K == d and covariances.dim() == 3):
             kind = "diag"
             lam = covariances
             Q = None
+            shared = False
         elif covariances.dim() >= 3 and covariances.shape[-3:] == (K, d, d):
             kind = "full"
             if validate and not torch.allclose(
                 covariances, covariances.transpose(-1, -2), rtol=1e-5, atol=1e-6
             ):
                 raise ValueError("covariances must be symmetric")
-            lam, Q = torch.linalg.eigh(covariances.double())
+            # one covariance shared by every component (e.g. the posterior of an isotropic
+            # mixture): factor it once and keep K-free eigenpairs (1, d), (1, d, d)
+            shared = (
+                covariances.dim() == 3 and K > 1 and bool((covariances == covariances[:1]).all())
+            )
+            cov = covariances[:1] if shared else covariances
+            lam, Q = torch.linalg.eigh(cov.double())
             # numerically singular: an eigenvalue within rounding of 0 (rank tolerance
             # d * eps * largest eigenvalue, as numpy's matrix_rank)
             tol = d * torch.finfo(covariances.dtype).eps * lam[..., -1:].abs()
@@ -136,6 +148,7 @@ class GaussianMixture(nn.Module):
         if validate and (lam <= 0).any():
             raise ValueError("covariances must be positive definite (all eigenvalues > 0)")
         self.kind = kind
+        self._cov_shared = shared
         self._cov_batched = kind == "full" and covariances.dim() > 3
         if self._cov_batched and covariances.shape[:-3] != means.shape[:-2]:
             raise ValueError(
@@ -206,6 +219,8 @@ class GaussianMixture(nn.Module):
             device=self.means.device,
         )
         mu = self._gather(self.means, comp)
+        if self._cov_shared:
+            return mu + (z * self.eigvals[0].sqrt()) @ self.eigvecs[0].T
         lam = self._gather(
             self.eigvals.expand(self.means.shape[:-2] + self.eigvals.shape[-2:]), comp
         )
@@ -236,13 +251,27 @@ class GaussianMixture(nn.Module):
         extra = x.dim() - 2 - len(self.batch_shape)
         mu = self._expand_params(self.means, extra)
         lam = self._expand_params(self.eigvals, extra, self._cov_batched)
+        d = self.dim
+        if self.kind == "iso":
+            # ||x - a mu_k||^2 = ||x||^2 - 2 a x.mu_k + a^2 ||mu_k||^2: one (n, d) x (d, K)
+            # product instead of an (n, K, d) tensor; float64 against the cancellation
+            var = (alpha**2 * lam + sigma**2).squeeze(-1)  # (..., K)
+            a = (alpha.squeeze(-1) if alpha.dim() else alpha).double()
+            xd, md = x.double(), mu.double()
+            xm = (xd @ md.transpose(-1, -2)).squeeze(-2)  # (..., K)
+            sq = (xd**2).sum(-1) - 2 * a * xm + a**2 * (md**2).sum(-1)
+            maha = (sq.clamp_min(0) / var).to(x.dtype)
+            lp = -0.5 * (maha + d * torch.log(var) + d * _LOG2PI)
+            return lp, None, var
         diff = x - alpha * mu  # (..., K, d)
-        if self.eigvecs is not None:
+        if self._cov_shared:  # Q^T x once per point, Q^T mu_k once per call
+            Q = self.eigvecs[0]
+            diff = x @ Q - alpha * (mu @ Q)
+        elif self.eigvecs is not None:
             Q = self._expand_params(self.eigvecs, extra, self._cov_batched)
             diff = (diff.unsqueeze(-2) @ Q).squeeze(-2)  # Q^T (x - alpha mu)
-        var = alpha**2 * lam + sigma**2  # (..., K, d) or (..., K, 1)
-        d = self.dim
-        logdet = torch.log(var).sum(-1) * (d if var.shape[-1] == 1 else 1)
+        var = alpha**2 * lam + sigma**2  # (..., K, d)
+        logdet = torch.log(var).sum(-1)
         maha = (diff**2 / var).sum(-1)
         return -0.5 * (maha + logdet + d * _LOG2PI), diff, var
 
@@ -272,7 +301,16 @@ class GaussianMixture(nn.Module):
             lam = self.eigvals.expand(self.eigvals.shape[:-1] + (self.dim,))
             return torch.diag_embed(lam)
         Q = self.eigvecs
-        return Q @ (self.eigvals.unsqueeze(-1) * Q.transpose(-1, -2))
+        S = Q @ (self.eigvals.unsqueeze(-1) * Q.transpose(-1, -2))
+        return S.expand(self.num_components, self.dim, self.dim) if self._cov_shared else S
+
+    def _same_covariance(self) -> bool:
+        """Whether every component has the same covariance (unbatched mixtures)."""
+        if self._cov_shared or self.num_components == 1:
+            return True
+        if self.kind == "full":
+            return False
+        return bool((self.eigvals == self.eigvals[:1]).all())
 
     def covariance(self) -> Tensor:
         """Mixture covariance, ``(*batch, d, d)``."""
@@ -307,9 +345,15 @@ class GaussianMixture(nn.Module):
         """Exact ``E[x0 | x_t]``; ``alpha``, ``sigma`` of the leading shape of ``x_t``."""
         lj, diff, var = self._noisy(x_t, alpha, sigma)
         r = torch.softmax(lj, dim=-1)  # (..., K)
+        if diff is None:  # isotropic: sum_k r_k g_k (x - a mu_k), g_k = a l_k / var_k
+            a = alpha[..., None]
+            w = r * (a * self.eigvals[:, 0] / var)  # (..., K)
+            return (r - a * w) @ self.means + w.sum(-1, keepdim=True) * x_t
         gain = alpha[..., None, None] * self.eigvals / var  # (..., K, d or 1)
         corr = gain * diff  # rotated: diag(alpha l / var) Q^T (x - alpha mu)
-        if self.eigvecs is not None:
+        if self._cov_shared:  # Q sum_k r_k corr_k
+            corr = (r.unsqueeze(-1) * corr).sum(-2) @ self.eigvecs[0].T
+        elif self.eigvecs is not None:
             # sum_k r_k Q_k corr_k
             corr = torch.einsum("...k,kij,...kj->...i", r, self.eigvecs, corr)
         else:
@@ -361,8 +405,11 @@ class GaussianMixture(nn.Module):
         means = mu + (SAt @ sol.unsqueeze(-1)).squeeze(-1)  # (B, K, d)
         # C_k = S_k - S_k A^T G^-1 A S_k
         X = torch.cholesky_solve(SAt.transpose(-1, -2), L)  # (K, m, d) = G^-1 A S
+        if self._same_covariance():  # one posterior covariance for every component
+            S, SAt, X = S[:1], SAt[:1], X[:1]
         C = S - SAt @ X
         C = 0.5 * (C + C.transpose(-1, -2))
+        C = C.expand(self.num_components, self.dim, self.dim)
         dt = self.means.dtype
         if not problem.batched:
             w, means = w[0], means[0]
