@@ -28,6 +28,16 @@ def _ops():
         "blur_motion": O.Blur(O.motion_kernel(5, generator=g, dtype=torch.float64), (8, 8)),
         "blur_box_zero_freqs": O.Blur(torch.ones(2, 2, dtype=torch.float64), (4, 4)),
         "benchmark": O.gmm_benchmark_operator(8, 2, g, dtype=torch.float64)[0],
+        # wide matrices: thin SVD, V completed by Householder reflections
+        "dense_thin": O.Dense(torch.randn(3, 40, generator=g, dtype=torch.float64)),
+        "dense_thin_rank_def": O.Dense(
+            torch.randn(4, 2, generator=g, dtype=torch.float64)
+            @ torch.randn(2, 40, generator=g, dtype=torch.float64)
+        ),
+        "dense_thin_image": O.Dense(
+            torch.randn(2, 24, generator=g, dtype=torch.float64), in_shape=(2, 3, 4)
+        ),
+        "benchmark_800": O.gmm_benchmark_operator(800, 4, g, dtype=torch.float64)[0],
     }
 
 
@@ -134,3 +144,21 @@ def test_operator_errors():
         O.Blur(torch.ones(5, 5), (4, 4))
     with pytest.raises(NotImplementedError, match="no SVD"):
         bfd.operators.LinearOperator((2,), (2,)).singular_values()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_thin_dense_svd_is_the_svd_without_a_d_by_d_factor(dtype, tol):
+    g = torch.Generator().manual_seed(9)
+    M = torch.randn(3, 200, generator=g, dtype=torch.float64)
+    op = O.Dense(M.to(dtype))
+    assert op.thin and op._Vh is None
+    assert not any(b.numel() >= 200 * 200 for b in op.buffers())
+    _, s, Vh = torch.linalg.svd(M, full_matrices=False)
+    V = op.V(torch.eye(200, dtype=dtype)).double()  # rows = columns of V
+    assert torch.allclose(V @ V.T, torch.eye(200, dtype=torch.float64), atol=tol)
+    # the first k columns of V are the right singular vectors (same signs as U's)
+    assert torch.allclose(V[:3], Vh, atol=tol)
+    assert torch.allclose(op.singular_values().double(), s, atol=tol)
+    x = torch.randn(5, 200, generator=g, dtype=torch.float64).to(dtype)
+    assert torch.allclose(op.V(op.Vt(x)), x, atol=tol * 10)
+    assert op.Vt(x).dtype == dtype

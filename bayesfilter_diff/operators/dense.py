@@ -1,4 +1,14 @@
-"""Dense operator: any ``(m, d)`` matrix, its SVD computed once (float64, then cast)."""
+"""Dense operator: any ``(m, d)`` matrix, its SVD computed once (float64, then cast).
+
+For a wide matrix (``k = min(m, d) <= d / 4``, e.g. the ``(d_y, d)`` operators of the
+Gaussian-mixture benchmark) the ``d x d`` right factor is never formed: only the ``k``
+right singular vectors ``V_k`` are kept, completed to an orthogonal ``V`` by ``k``
+Householder reflections (the QR factorisation ``V_k = Q D``, ``D = diag(+-1)``, of LAPACK's
+``geqrf``) applied in compact WY form ``Q = I - Y T Y^T`` (Schreiber & Van Loan 1989). ``Vt``
+and ``V`` then cost ``O(n d k)`` instead of ``O(n d^2)`` and ``O(d k)`` memory instead of
+``O(d^2)``; the first ``k`` columns of ``V`` are exactly ``V_k``, the others an orthonormal
+basis of its complement (any basis is a valid SVD there: those singular values are zero).
+"""
 
 from __future__ import annotations
 
@@ -44,14 +54,22 @@ class Dense(LinearOperator):
             raise ValueError(
                 f"in_shape {in_shape} has {self.in_dim} entries, matrix has d={d} columns"
             )
-        U, s, Vh = torch.linalg.svd(matrix.double(), full_matrices=True)
+        self.thin = 4 * m <= d  # then U is square (m, m) even in the thin SVD
+        U, s, Vh = torch.linalg.svd(matrix.double(), full_matrices=not self.thin)
         rtol = rtol if rtol is not None else 1e3 * torch.finfo(matrix.dtype).eps
         r = int((s > rtol * s.max().clamp_min(1e-300)).sum())
         dt = matrix.dtype
         self.register_buffer("M", matrix)
         self.register_buffer("_U", U.to(dt))
         self.register_buffer("_s", s[:r].to(dt))
-        self.register_buffer("_Vh", Vh.to(dt))
+        if self.thin:
+            Y, T, sign = _compact_wy(Vh.T)
+            self.register_buffer("_Vh", None)
+            self.register_buffer("_Y", Y.to(dt))
+            self.register_buffer("_T", T.to(dt))
+            self.register_buffer("_sign", sign.to(dt))
+        else:
+            self.register_buffer("_Vh", Vh.to(dt))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.flat_in(x) @ self.M.T
@@ -67,16 +85,58 @@ class Dense(LinearOperator):
         return self._s
 
     def Vt(self, x: Tensor) -> Tensor:
-        return self.flat_in(x) @ self._Vh.T
+        x = self.flat_in(x)
+        if not self.thin:
+            return x @ self._Vh.T
+        # x V = (x Q) diag(D, 1): x Q = x - ((x Y) T) Y^T
+        z = torch.addmm(
+            x.reshape(-1, x.shape[-1]),
+            (x.reshape(-1, x.shape[-1]) @ self._Y) @ self._T,
+            self._Y.T,
+            alpha=-1,
+        )
+        z = z.reshape(x.shape)
+        k = self._sign.numel()
+        return torch.cat([z[..., :k] * self._sign, z[..., k:]], dim=-1)
 
     def V(self, z: Tensor) -> Tensor:
-        return (z @ self._Vh).reshape(z.shape[:-1] + self.in_shape)
+        if not self.thin:
+            return (z @ self._Vh).reshape(z.shape[:-1] + self.in_shape)
+        # V z = Q diag(D, 1) z; as rows: w - ((w Y) T^T) Y^T with w = z diag(D, 1)
+        k = self._sign.numel()
+        w = torch.cat([z[..., :k] * self._sign, z[..., k:]], dim=-1)
+        w2 = w.reshape(-1, w.shape[-1])
+        x = torch.addmm(w2, (w2 @ self._Y) @ self._T.T, self._Y.T, alpha=-1)
+        return x.reshape(z.shape[:-1] + self.in_shape)
 
     def Ut(self, y: Tensor) -> Tensor:
         return self.flat_out(y) @ self._U
 
     def U(self, z: Tensor) -> Tensor:
         return z @ self._U.T
+
+
+def _compact_wy(Vk: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Householder QR of ``Vk`` (``(d, k)``, orthonormal columns) in compact WY form.
+
+    Returns ``Y`` (``(d, k)``, unit lower trapezoidal), ``T`` (``(k, k)`` upper triangular)
+    and ``sign`` (``(k,)``) with ``Q = I - Y T Y^T`` orthogonal and
+    ``Q[:, :k] diag(sign) = Vk``.
+    """
+    a, tau = torch.geqrf(Vk)
+    d, k = Vk.shape
+    Y = torch.tril(a, diagonal=-1)
+    Y[:k].diagonal().fill_(1.0)
+    # R = Q^T Vk is upper triangular and orthogonal: diag(+-1)
+    sign = torch.sign(a.diagonal())
+    sign[sign == 0] = 1.0
+    T = torch.zeros(k, k, dtype=Vk.dtype, device=Vk.device)
+    G = Y.T @ Y
+    for j in range(k):  # LAPACK larft (forward, columnwise); k is small (<= d / 4)
+        T[j, j] = tau[j]
+        if j:
+            T[:j, j] = -tau[j] * (T[:j, :j] @ G[:j, j])
+    return Y, T, sign
 
 
 def gmm_benchmark_operator(
