@@ -132,9 +132,16 @@ def test_noisy_gaussian_matches_discrete_target_posterior_and_evidence(schedule)
     gmm, prior, A, y, problem, mu, C = _gaussian_setup(sy, R, schedule)
     exact = gmm.posterior(problem)
     em, ec = exact.mean()[0], exact.covariance()[0]
-    times = schedule.time_grid(steps, dtype=D64)
+    sampler = MCGdiff(num_steps=steps)
+    times = sampler.time_grid(prior, problem)  # the 50-step grid with the tau_i inserted
+    from bayesfilter_diff.samplers.mcgdiff import exact_observation_times
+
+    tau = exact_observation_times(schedule, A.singular_values(), sy, times[-1], times[0])
+    assert (schedule.sigma(tau) / schedule.alpha(tau) - sy / A.singular_values()).abs().max() < 1e-9
+    assert (tau[:, None] - times).abs().min(1).values.max() < 1e-9  # on the grid
+    assert steps + 1 < times.numel() <= steps + 3 and (times.diff() < 0).all()
     dm, dS, dlz = _discrete_target(mu, C, schedule, times, A, y, sy, 1.0, 1e-4)
-    res = MCGdiff(num_steps=steps).sample(prior, problem, N, torch.Generator().manual_seed(1))
+    res = sampler.sample(prior, problem, N, torch.Generator().manual_seed(1))
     m, se_m, cov, se_c, m_runs = _replicate_moments(res)
     eff_n = dS.diagonal() / m_runs.var(0)
     # average the R unbiased evidence estimates (the mean of log Z-hat is biased low by
@@ -152,7 +159,7 @@ def test_noisy_gaussian_matches_discrete_target_posterior_and_evidence(schedule)
         f"  log Z: MC {lz:.3f} +- {se_lz:.3f}, discrete {dlz:.3f}, "
         f"exact {gmm.log_evidence(problem)[0]:.3f}"
     )
-    assert res.samples.shape == (R, N, 4) and res.info["nfe"] == steps
+    assert res.samples.shape == (R, N, 4) and res.info["nfe"] == times.numel() - 1
     # consistency with the discrete-chain target (all moments)
     assert ((m - dm).abs() < 4 * se_m).all()
     assert ((cov - dS).abs() < 4 * se_c + 1e-12).all()
@@ -313,3 +320,26 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="resampling"):
         MCGdiff(resampling="nope")
     assert MCGdiff().resampling == "systematic" and MCGdiff().ess_threshold == 1.0
+
+
+def test_inserted_observation_times_prevent_collapse_for_small_noise():
+    """sigma_y = 0.05 on a 50-step uniform VP grid: tau (sigma/alpha = 0.05) lies below the
+    first positive grid time, so without insertion it snaps to t = 0 and the particles
+    collapse; with the exact tau in the grid they stay diverse and match the posterior."""
+    g = torch.Generator().manual_seed(5)
+    d, sy, R, N, steps = 4, 0.05, 16, 400, 50
+    gmm = bfd.GaussianMixture(torch.ones(1, dtype=D64), torch.zeros(1, d, dtype=D64), torch.ones(1, dtype=D64))
+    prior = gmm.diffusion(bfd.VPSchedule.linear())
+    mask = bfd.operators.Mask(torch.tensor([True, True, False, False]), dtype=D64)
+    x = gmm.sample(1, g)
+    y = mask(x)[0] + sy * torch.randn(2, generator=g, dtype=D64)
+    problem = bfd.InverseProblem(mask, y.expand(R, 2).clone(), noise_std=sy)
+    em = gmm.posterior(problem).mean()[0]
+    distinct = {}
+    for k in (0, 8):
+        res = MCGdiff(num_steps=steps, insert_tau=k).sample(prior, problem, N, torch.Generator().manual_seed(3))
+        distinct[k] = min(len(torch.unique(res.samples[b, :, 0])) for b in range(R))
+        if k:
+            m, se_m, *_ = _replicate_moments(res)
+            assert ((m - em).abs() < 4 * se_m + 1e-3).all()
+    assert distinct[0] < N // 10 and distinct[8] >= N // 2, distinct  # measured 30 and 400

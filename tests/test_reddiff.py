@@ -38,7 +38,8 @@ def test_initialisation(which):
     ctx = Context(prior, problem, 4, g, s.time_grid(prior, problem))
     state, lw = s.init(ctx)
     want = {
-        "pinv": bfd.operators.Dense(M).pinv(y),
+        # damped pseudo-inverse A^T (A A^T + sigma_y^2 I)^-1 y (sigma_y = 0.1), dense check
+        "pinv": y @ torch.linalg.solve(M @ M.T + 0.01 * torch.eye(2, dtype=DT), M),
         "adjoint": A.adjoint(y),
         "zeros": torch.zeros(3, d, dtype=DT),
         "nosvd": A.adjoint(y),  # documented fallback: no SVD -> adjoint
@@ -152,3 +153,15 @@ def test_errors():
         REDDiff(lr=0.0)
     with pytest.raises(ValueError, match="mu_init"):
         REDDiff(mu_init="random")
+
+
+def test_noiseless_initialisation_is_the_pseudo_inverse():
+    g = torch.Generator().manual_seed(2)
+    prior = _gmm(5).diffusion(bfd.VPSchedule.linear())
+    A = bfd.operators.Dense(torch.randn(2, 5, generator=g, dtype=DT))
+    y = torch.randn(3, 2, generator=g, dtype=DT)
+    problem = bfd.InverseProblem(A, y, noise_std=0.0)
+    s = REDDiff()
+    state, _ = s.init(Context(prior, problem, 4, g, s.time_grid(prior, problem)))
+    want = y @ torch.linalg.pinv(A.matrix()).T
+    torch.testing.assert_close(state["x"], want[:, None].expand(3, 4, 5))

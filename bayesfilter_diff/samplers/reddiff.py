@@ -43,7 +43,11 @@ step per grid time ``t = times[i]``, ``i < num_steps``; the final grid point is 
 visited). The README's example uses 100 steps and ``lr = 0.5``.
 
 Initialisation ``mu_0`` (``mu_init``): ``"pinv"`` (default, the code's ``H.H_pinv(y)``) for
-operators with an SVD; for linear operators without one, the adjoint ``A^T y`` (a dense
+operators with an SVD, damped to ``A^T (A A^T + sigma_y^2 I)^-1 y`` when ``sigma_y > 0``. The
+code's operators (DDRM's ``svd_utils``) zero the singular values of its deblurring operators
+below 3e-2, so its ``H_pinv`` never divides noise by a tiny ``s_i``; our ``Blur`` keeps the
+exact spectrum, and the undamped ``A^+ y`` of a noisy blurred digit (4 dB PSNR) is a start
+Adam does not recover from in 50 steps (RED-diff stayed at 4.6 dB on deblurring); for linear operators without one, the adjoint ``A^T y`` (a dense
 pseudo-inverse may be too large); ``"adjoint"`` and ``"zeros"`` on request. Nonlinear
 operators (Gaussian noise) start from zeros and get the data gradient by autograd.
 
@@ -169,7 +173,10 @@ class REDDiff(Sampler):
         if not op.is_linear or self.mu_init == "zeros":
             mu0 = torch.zeros(ctx.shape, dtype=ctx.dtype, device=ctx.device)
         else:
-            if self.mu_init == "pinv" and op.has_svd:
+            if self.mu_init == "pinv" and op.has_svd and ctx.problem.noise_std > 0:
+                # damped: A^T (A A^T + sigma_y^2 I)^-1 y (module docstring)
+                m = op.adjoint(op.gram_solve(y, 1.0, ctx.problem.noise_std**2))
+            elif self.mu_init == "pinv" and op.has_svd:
                 m = op.pinv(y)
             else:
                 m = op.adjoint(y)
