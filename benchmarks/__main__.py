@@ -15,7 +15,9 @@ from .harness import batch_speedup, default_methods, run_one
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks")
     p.add_argument("--methods", default=None, help="comma-separated (default: all VP methods)")
-    p.add_argument("--prior", default="mlp", choices=["mlp", "gmm", "unet"])
+    p.add_argument("--prior", default="mlp", choices=["mlp", "gmm", "unet", "unet28", "unet32"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    p.add_argument("--chunk-size", type=int, default=None, help="particles per network call")
     p.add_argument("--dims", default="8,80,800")
     p.add_argument("--particles", default="1024")
     p.add_argument("--batch", default="1")
@@ -68,13 +70,17 @@ def main(argv=None) -> int:
         "overhead",
         "peak_mem_MB",
     ]
+    if a.dtype != "float32" or a.compile or a.chunk_size:
+        cols[2:2] = ["dtype", "compile", "chunk_size"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "|".join("---" for _ in cols) + "|")
     for d in map(int, a.dims.split(",")):
         for B in map(int, a.batch.split(",")):
             for N in map(int, a.particles.split(",")):
                 for m in methods:
-                    r = run_one(m, a.prior, d, 2, B, N, a.steps, dtype, a.device)
+                    r = run_one(
+                        m, a.prior, d, 2, B, N, a.steps, dtype, a.device, a.compile, a.chunk_size
+                    )
                     print(
                         "| "
                         + " | ".join(

@@ -67,20 +67,33 @@ def make_prior(kind: str, d: int, dtype, device, gmm=None):
     return bfd.DiffusionModel.from_eps(net, sched, (d,))
 
 
-def unet_problem(B: int, dtype, device):
-    """The digits U-Net prior and a 50% random-mask problem on ``B`` random images."""
-    prior = bfd.priors.load_pretrained("digits_diffusion").to(device=device, dtype=dtype)
+#: image priors: the shipped 8x8 digits U-Net, and randomly initialised U-Nets of the
+#: toolkit's architecture (channels 32, 64) for 1x28x28 and 3x32x32 images (their cost stands
+#: in for a trained network of that size)
+UNET_SHAPES = {"unet": (1, 8, 8), "unet28": (1, 28, 28), "unet32": (3, 32, 32)}
+
+
+def unet_problem(B: int, dtype, device, kind: str = "unet"):
+    """A U-Net prior and a 50% random-mask problem on ``B`` random images."""
+    shape = UNET_SHAPES[kind]
+    if kind == "unet":
+        prior = bfd.priors.load_pretrained("digits_diffusion")
+    else:
+        torch.manual_seed(0)
+        net = bfd.priors.UNet(in_channels=shape[0], channels=(32, 64))
+        prior = bfd.DiffusionModel.from_eps(net, bfd.VPSchedule.linear(), shape)
+    prior = prior.to(device=device, dtype=dtype)
     g = torch.Generator().manual_seed(0)
-    op = bfd.operators.Mask.random((1, 8, 8), 0.5, g, dtype=dtype).to(device)
-    x = torch.rand((B, 1, 8, 8), generator=g, dtype=dtype) * 2 - 1
+    op = bfd.operators.Mask.random(shape, 0.5, g, dtype=dtype).to(device)
+    x = torch.rand((B,) + shape, generator=g, dtype=dtype) * 2 - 1
     y = (op(x) + 0.05 * torch.randn((B, op.out_dim), generator=g, dtype=dtype)).to(device)
     return prior, bfd.InverseProblem(op, y, 0.05)
 
 
 def make_problem(prior_kind: str, d: int, d_y: int, B: int, dtype, dev):
     """``(prior, problem)`` with ``B`` observations."""
-    if prior_kind == "unet":
-        return unet_problem(B, dtype, dev)
+    if prior_kind in UNET_SHAPES:
+        return unet_problem(B, dtype, dev, prior_kind)
     gmm, problem, _ = benchmark_problem(d, d_y, 0, dtype=dtype)
     if B > 1:
         y = problem.y.expand(B, -1).contiguous()
@@ -152,11 +165,24 @@ def run_one(
     steps: int,
     dtype=torch.float32,
     device: str = "cpu",
+    compile: bool = False,
+    chunk_size: int | None = None,
 ) -> dict[str, Any]:
+    """Time one sampler run (``compile``: ``torch.compile`` the network first, its compile
+    time excluded by a warm-up run; ``chunk_size``: the network sees at most this many
+    particles per call)."""
     dev = torch.device(device)
     prior, problem = make_problem(prior_kind, d, d_y, B, dtype, dev)
     d = prior.event_shape.numel()
+    prior.chunk_size = chunk_size
     sampler = build_sampler(method, steps)
+    compile_s = None
+    if compile:
+        prior.net = torch.compile(prior.net, dynamic=False)
+        t0 = time.perf_counter()
+        sampler.sample(prior, problem, N, generator=torch.Generator(device=dev).manual_seed(1))
+        _sync(dev)
+        compile_s = time.perf_counter() - t0
     g = torch.Generator(device=dev).manual_seed(0)
     gc.collect()
     if dev.type == "cuda":
@@ -192,6 +218,9 @@ def run_one(
         "call_s": call,
         "overhead": wall / (nfe * call) if nfe else float("nan"),
         "peak_mem_MB": peak / 2**20,
+        "compile": compile,
+        "compile_warmup_s": compile_s,
+        "chunk_size": chunk_size,
     }
 
 

@@ -328,7 +328,9 @@ def test_inserted_observation_times_prevent_collapse_for_small_noise():
     collapse; with the exact tau in the grid they stay diverse and match the posterior."""
     g = torch.Generator().manual_seed(5)
     d, sy, R, N, steps = 4, 0.05, 16, 400, 50
-    gmm = bfd.GaussianMixture(torch.ones(1, dtype=D64), torch.zeros(1, d, dtype=D64), torch.ones(1, dtype=D64))
+    gmm = bfd.GaussianMixture(
+        torch.ones(1, dtype=D64), torch.zeros(1, d, dtype=D64), torch.ones(1, dtype=D64)
+    )
     prior = gmm.diffusion(bfd.VPSchedule.linear())
     mask = bfd.operators.Mask(torch.tensor([True, True, False, False]), dtype=D64)
     x = gmm.sample(1, g)
@@ -337,7 +339,9 @@ def test_inserted_observation_times_prevent_collapse_for_small_noise():
     em = gmm.posterior(problem).mean()[0]
     distinct = {}
     for k in (0, 8):
-        res = MCGdiff(num_steps=steps, insert_tau=k).sample(prior, problem, N, torch.Generator().manual_seed(3))
+        res = MCGdiff(num_steps=steps, insert_tau=k).sample(
+            prior, problem, N, torch.Generator().manual_seed(3)
+        )
         distinct[k] = min(len(torch.unique(res.samples[b, :, 0])) for b in range(R))
         if k:
             m, se_m, *_ = _replicate_moments(res)
