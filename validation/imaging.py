@@ -825,16 +825,16 @@ def write_report(
         "PSNR of the posterior mean rewards a good prior as much as a good sampler.",
         "- SSIM on 8x8 images uses a 5x5 window: comparable across samplers here, not with "
         "SSIM values reported on natural images.",
-        "- Known causes of the failures flagged above (defaults kept on purpose): DPS's paper "
-        "step rule (`scale=1`) is meant for 1000 steps and diverges on the masks at 50; "
-        "RED-diff starts from `A^+ y` (`mu_init='pinv'`), which on the blur amplifies the "
-        "noise by 1 / s_min and is not undone by 50 Adam steps; MCGdiff places each observed "
-        "coordinate at the grid time tau_i with sigma/alpha closest to sigma_y / s_i, which "
-        "for the masks (sigma_y / s = 0.05) snaps to t = 0 on a 50-step grid (the next grid "
-        "point has sigma/alpha = 0.077), so its target uses the variance kappa = 1e-4 instead "
-        "of 0.0025 and the final correcting weight, over 32 observed pixels, leaves a single "
-        "distinct particle. SMC samplers (TDS, FPS-SMC, SMCDiff) also lose most of their "
-        "64 particles to resampling in 64 dimensions.",
+        "- DPS with its default step rule (`scale=1`, meant for 1000 steps) diverges on the "
+        "masks at 50 steps; `DPS-tuned` shows what a per-task step size chosen on validation "
+        "digits gives. Fixed since the previous run of this study: MCGdiff's observation "
+        "times tau_i (sigma/alpha = sigma_y / s_i = 0.05 for the masks) snapped to t = 0 on "
+        "the 50-step grid, which left a single distinct particle on the masks; it now inserts "
+        "the exact tau_i into its grid (64 distinct particles, final ESS ~64). RED-diff "
+        "started from the undamped `A^+ y`, which on the blur amplifies the noise by "
+        "1 / s_min (4.6 dB); it now starts from the damped pseudo-inverse (17 dB). The "
+        "weighted SMC samplers TDS, FPS-SMC and SMCDiff still lose most of their 64 particles "
+        "to resampling in 64 dimensions (column `distinct`).",
         "",
         "Per-cell JSON (settings, per-image metrics, mean, std, draws): `cells/`.",
         "",
