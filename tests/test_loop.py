@@ -111,3 +111,33 @@ def test_input_errors():
         _ToyIS(ess_threshold=2.0)
     with pytest.raises(ValueError, match="num_steps"):
         _ToyIS(num_steps=0)
+
+
+class _RecordingEps(torch.nn.Module):
+    """An eps-network with trainable parameters that records whether autograd was on."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(d, d, dtype=torch.float64)
+        self.grad_modes: list[bool] = []
+
+    def forward(self, x, t):
+        self.grad_modes.append(torch.is_grad_enabled())
+        return 0.1 * self.lin(x)
+
+
+@pytest.mark.parametrize(
+    "name,needs_grad", [("MCGdiff", False), ("DDRM", False), ("FPSSMC", False), ("DPS", True)]
+)
+def test_network_runs_without_autograd_unless_the_sampler_differentiates_it(name, needs_grad):
+    # A network whose parameters require gradients (any nn.Module by default) must not build
+    # graphs in samplers that never differentiate it: the activations would stay alive.
+    net = _RecordingEps(4)
+    prior = bfd.DiffusionModel.from_eps(net, bfd.VPSchedule.linear(), (4,))
+    op = bfd.operators.Mask(torch.tensor([True, False, True, False]), dtype=torch.float64)
+    problem = bfd.InverseProblem(op, torch.zeros(2, dtype=torch.float64), noise_std=0.1)
+    res = getattr(bfd.samplers, name)(num_steps=4).sample(
+        prior, problem, 3, torch.Generator().manual_seed(0)
+    )
+    assert not res.samples.requires_grad
+    assert net.grad_modes and all(m == needs_grad for m in net.grad_modes), net.grad_modes

@@ -216,6 +216,7 @@ def index_state(state: dict[str, Tensor], idx: Tensor) -> dict[str, Tensor]:
     return {k: v[rows, idx] for k, v in state.items()}
 
 
+@torch.no_grad()
 def run(
     sampler: Any,
     prior: DiffusionModel,
@@ -223,7 +224,13 @@ def run(
     num_samples: int,
     generator: torch.Generator | None = None,
 ) -> Result:
-    """Drive ``sampler`` over its time grid and return a :class:`Result`."""
+    """Drive ``sampler`` over its time grid and return a :class:`Result`.
+
+    Runs without autograd (a network whose parameters require gradients would otherwise
+    keep every activation of every call alive until the step ends: ~16 MB per particle for
+    a 28x28 U-Net); samplers that differentiate the network or a likelihood do it inside
+    ``torch.enable_grad()`` (:meth:`Context.denoise_with_grad`, D-Flow's objective).
+    """
     check_inputs(prior, problem, num_samples, generator)
     sampler.check(prior, problem)
     start = time.perf_counter()
