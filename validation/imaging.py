@@ -11,14 +11,16 @@ pixels in ``[-1, 1]``), each solved by every sampler whose ``check`` accepts its
   ``sigma_y = 0.05``.
 
 Samplers: the SMC ones (MCGdiff, TDS, FPS-SMC, SMCDiff for masks) and the approximate ones
-(DPS, PiGDM, DDRM, DDNM+, DiffPIR, RePaint for masks, RED-diff, DAPS), all with their
-defaults except the budget: about ``--steps`` network evaluations per particle (``--steps``
-grid steps; RePaint ``steps/2`` base steps with jumps of ``steps/10`` repeated twice; DAPS
-``steps/2`` annealing levels of 2 ODE steps, its 100 Langevin steps per level cost no
-network call). Two departures, explained in :func:`make_sampler`: PiGDM with the official
-code's weighting (the default diverges on this network), DAPS with its Langevin step size
-rescaled to the problem (:func:`daps_lr`). ``A^+ y`` (the pseudo-inverse, no prior) is the
-reference row.
+(DPS, PiGDM, DDRM, DDNM+, DiffPIR, RePaint for masks, RED-diff, DAPS) on the diffusion prior,
+and the flow samplers (PiGDM-flow / OT-ODE, D-Flow) on the shipped flow prior
+``digits_flow``, all with their defaults except the budget: about ``--steps`` network
+evaluations per particle (``--steps`` grid steps; RePaint ``steps/2`` base steps with jumps
+of ``steps/10`` repeated twice; DAPS ``steps/2`` annealing levels of 2 ODE steps, its 100
+Langevin steps per level cost no network call; D-Flow bounded to 2 x 5 L-BFGS iterations,
+a few hundred NFEs with backpropagation). Departures, explained in :func:`make_sampler`:
+PiGDM with the official code's weighting (the default diverges on this network), DAPS with
+its Langevin step size rescaled to the problem (:func:`daps_lr`), and a ``DPS-tuned`` row
+beside DPS. ``A^+ y`` (the pseudo-inverse, no prior) is the reference row.
 
 For each (task, sampler): the posterior mean (weighted for SMC), the pixel-wise standard
 deviation and a few draws (figure ``fig_<task>.png``); PSNR and SSIM of the posterior mean
@@ -94,7 +96,11 @@ SAMPLERS = (
     "RePaint",
     "REDDiff",
     "DAPS",
+    "PiGDMFlow",
+    "DFlow",
 )
+#: samplers that run on the shipped flow prior (``digits_flow``) instead of the diffusion one
+FLOW_SAMPLERS = ("PiGDMFlow", "DFlow")
 TASK_TITLES = {
     "denoise": "denoising (Identity, sigma_y 0.2)",
     "inpaint_random": "inpainting, random 50% of the pixels observed (sigma_y 0.05)",
@@ -196,6 +202,10 @@ def make_sampler(
         ),
         "REDDiff": lambda: S.REDDiff(num_steps=n),
         "DAPS": lambda: S.DAPS(num_steps=half, ode_steps=2, lr=daps_lr(problem)),
+        "PiGDMFlow": lambda: S.PiGDMFlow(num_steps=n),
+        # D-Flow's default (20 x 20 L-BFGS iterations through a 5-step midpoint solve) costs
+        # ~30 000 NFEs per sample: bounded to 2 x 5 iterations (each NFE with backprop)
+        "DFlow": lambda: S.DFlow(max_iters=2, lbfgs_iters=5),
     }
     if name not in table:
         raise ValueError(f"unknown sampler {name!r}; choose from {SAMPLERS}")
@@ -677,7 +687,8 @@ def write_report(
         "```",
         "",
         "Prior: the shipped `digits_diffusion` (VP-linear, eps U-Net, 267 k parameters, "
-        "trained on 1500 scikit-learn digits). Ground truth: the first "
+        "trained on 1500 scikit-learn digits); PiGDMFlow (OT-ODE) and DFlow run on the shipped "
+        "`digits_flow` (flow matching, velocity U-Net, same data). Ground truth: the first "
         f"{st.num_images} held-out test digits (`load_dataset('digits', 'test')`, never seen "
         "in training), pixels in [-1, 1].",
         "",
@@ -872,6 +883,10 @@ def run_study(
     store = ResultStore(out)
     prior = prior if prior is not None else load_pretrained("digits_diffusion")
     prior.requires_grad_(False)
+    flow_prior = None
+    if any(n in FLOW_SAMPLERS for n in samplers):
+        flow_prior = load_pretrained("digits_flow")
+        flow_prior.requires_grad_(False)
     # what each kind of cell depends on (a cell computed with other values is redone)
     main_config = {k: getattr(st, k) for k in ("num_images", "particles", "steps", "num_shown")}
     main_config["seed"] = st.seed
@@ -910,7 +925,8 @@ def run_study(
         )
         skipped[t] = {}
         for name in samplers:
-            why = supported(make_sampler(name, st, problem), prior, problem)
+            pr = flow_prior if name in FLOW_SAMPLERS else prior
+            why = supported(make_sampler(name, st, problem), pr, problem)
             if why is not None:
                 skipped[t][name] = why
                 continue
@@ -924,7 +940,9 @@ def run_study(
                 scale = float(tune["best"])
             cells[f"{t}__{name}"] = cell(
                 f"{t}__{name}",
-                lambda n=name, p=problem, t=t, sc=scale: run_cell(n, t, prior, p, truth, st, sc),
+                lambda n=name, p=problem, t=t, sc=scale, pr=pr: run_cell(
+                    n, t, pr, p, truth, st, sc
+                ),
                 {**main_config, "dps_scale": scale} if name == "DPS-tuned" else main_config,
             )
     if sbc:
