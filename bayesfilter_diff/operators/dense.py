@@ -67,7 +67,9 @@ class Dense(LinearOperator):
             self.register_buffer("_Vh", None)
             self.register_buffer("_Y", Y.to(dt))
             self.register_buffer("_T", T.to(dt))
-            self.register_buffer("_sign", sign.to(dt))
+            # +-1 on the first k coordinates, 1 after: one multiply instead of a slice-and-cat
+            full = torch.cat([sign, sign.new_ones(d - sign.numel())])
+            self.register_buffer("_sign", full.to(dt))
         else:
             self.register_buffer("_Vh", Vh.to(dt))
 
@@ -89,23 +91,15 @@ class Dense(LinearOperator):
         if not self.thin:
             return x @ self._Vh.T
         # x V = (x Q) diag(D, 1): x Q = x - ((x Y) T) Y^T
-        z = torch.addmm(
-            x.reshape(-1, x.shape[-1]),
-            (x.reshape(-1, x.shape[-1]) @ self._Y) @ self._T,
-            self._Y.T,
-            alpha=-1,
-        )
-        z = z.reshape(x.shape)
-        k = self._sign.numel()
-        return torch.cat([z[..., :k] * self._sign, z[..., k:]], dim=-1)
+        x2 = x.reshape(-1, x.shape[-1])
+        z = torch.addmm(x2, (x2 @ self._Y) @ self._T, self._Y.T, alpha=-1)
+        return z.mul_(self._sign).reshape(x.shape)
 
     def V(self, z: Tensor) -> Tensor:
         if not self.thin:
             return (z @ self._Vh).reshape(z.shape[:-1] + self.in_shape)
         # V z = Q diag(D, 1) z; as rows: w - ((w Y) T^T) Y^T with w = z diag(D, 1)
-        k = self._sign.numel()
-        w = torch.cat([z[..., :k] * self._sign, z[..., k:]], dim=-1)
-        w2 = w.reshape(-1, w.shape[-1])
+        w2 = (z * self._sign).reshape(-1, z.shape[-1])
         x = torch.addmm(w2, (w2 @ self._Y) @ self._T.T, self._Y.T, alpha=-1)
         return x.reshape(z.shape[:-1] + self.in_shape)
 
