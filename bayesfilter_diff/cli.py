@@ -30,6 +30,7 @@ def _validate(args: argparse.Namespace) -> int:
             resume=not args.fresh,
             progress=not args.no_progress,
             executor=executor,
+            report_only=args.report_only,
         )
     except StudyFailedError as e:
         print(f"bayesfilter-diff: error: {e}", file=sys.stderr)
@@ -98,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     v.add_argument("--fresh", action="store_true", help="discard completed cells and start over")
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
+    v.add_argument(
+        "--report-only",
+        action="store_true",
+        help="compute nothing: report the cells already in --out (a partial study)",
+    )
     v.add_argument(
         "--executor",
         default="local",

@@ -92,3 +92,26 @@ def test_summaries():
     recs = [{"cell": {"method": "a", "seed": s}, "sw": float(s)} for s in range(4)]
     rows = summarize(recs, ["method"], ["sw"])
     assert rows[0]["sw"] == 1.5 and rows[0]["n"] == 4
+
+
+def test_report_only_summarises_the_stored_cells_of_a_partial_study(tmp_path):
+    from bayesfilter_diff.studies.validate import validate
+
+    small = {
+        "dims": [4],
+        "obs_dims": [1],
+        "steps": [3],
+        "N": 16,
+        "num_reference": 200,
+        "num_projections": 20,
+    }
+    kw = {"methods": ["DDRM", "MCGdiff"], "progress": False}
+    with pytest.raises(ValueError, match="no cell"):
+        validate(tmp_path, config={**small, "seeds": [0, 1]}, report_only=True, **kw)
+    validate(tmp_path, config={**small, "seeds": [0]}, **kw)  # computes 2 cells
+    store = ResultStore(tmp_path)
+    stamps = {k: store.path(k).stat().st_mtime_ns for k in store.keys()}
+    res = validate(tmp_path, config={**small, "seeds": [0, 1]}, report_only=True, **kw)
+    assert {k: store.path(k).stat().st_mtime_ns for k in store.keys()} == stamps  # nothing run
+    assert "Partial report" in res["text"] and "2 cells of this grid" in res["text"]
+    assert all(r["n"] == 1 for r in res["rows"])

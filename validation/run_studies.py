@@ -25,6 +25,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--config", default=None, help="JSON overriding the study configuration")
     p.add_argument("--methods", default=None, help="comma-separated method names")
+    p.add_argument(
+        "--report-only", action="store_true", help="benchmark: report the stored cells only"
+    )
     a = p.parse_args(argv)
     import json
 
@@ -45,6 +48,7 @@ def main(argv=None) -> int:
             executor=executor,
             config=config,
             command="python validation/run_studies.py " + " ".join(sys.argv[1:]),
+            report_only=a.report_only,
         )
     elif a.study == "convergence":
         from bayesfilter_diff.studies.convergence import run_convergence
