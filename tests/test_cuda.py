@@ -45,3 +45,65 @@ def test_smc_samplers_on_cuda(name):
     assert err < 0.1, err
     if res.log_evidence is not None:
         assert (res.log_evidence.cpu() - gmm_cpu.log_evidence(problem.to("cpu"))).abs().max() < 0.4
+
+
+# ------------------------------------------------------------------ CPU / GPU agreement
+def _same_stream_runs(monkeypatch, devices, names):
+    """Run each sampler on each device with identical random numbers: every draw of the
+    package (``torch.randn`` / ``torch.rand`` with a generator) is taken from a CPU generator
+    seeded like the caller's and moved to the device, so the runs differ only in where the
+    arithmetic happens."""
+    orig = {"randn": torch.randn, "rand": torch.rand}
+
+    def routed(fn):
+        pairs = []  # (caller's generator, its CPU twin); references kept, so no id reuse
+
+        def draw(*size, generator=None, dtype=None, device=None, **kw):
+            if generator is None:
+                return fn(*size, dtype=dtype, device=device, **kw)
+            cpu = next((c for g, c in pairs if g is generator), None)
+            if cpu is None:
+                cpu = torch.Generator().manual_seed(generator.initial_seed())
+                pairs.append((generator, cpu))
+            return fn(*size, generator=cpu, dtype=dtype, **kw).to(device or "cpu")
+
+        return draw
+
+    out = {}
+    for dev in devices:
+        monkeypatch.setattr(torch, "randn", routed(orig["randn"]))
+        monkeypatch.setattr(torch, "rand", routed(orig["rand"]))
+        gmm_cpu, gmm, problem = _problem(torch.device(dev))
+        prior = gmm.diffusion(bfd.VPSchedule.linear())
+        for name in names:
+            g = torch.Generator(device=dev).manual_seed(7)
+            out[dev, name] = getattr(bfd.samplers, name)(num_steps=30).sample(
+                prior, problem, 500, generator=g
+            )
+    monkeypatch.setattr(torch, "randn", orig["randn"])
+    monkeypatch.setattr(torch, "rand", orig["rand"])
+    return out
+
+
+NAMES = ["MCGdiff", "TDS", "FPSSMC", "DDRM", "DPS"]
+
+
+def _assert_agree(out, a, b):
+    for name in NAMES:
+        ra, rb = out[a, name], out[b, name]
+        torch.testing.assert_close(ra.samples.cpu(), rb.samples.cpu(), rtol=1e-9, atol=1e-9)
+        if ra.log_weights is not None:
+            torch.testing.assert_close(
+                ra.weights().cpu(), rb.weights().cpu(), rtol=1e-8, atol=1e-12
+            )
+        if ra.log_evidence is not None:
+            torch.testing.assert_close(
+                ra.log_evidence.cpu(), rb.log_evidence.cpu(), rtol=1e-9, atol=1e-9
+            )
+
+
+@pytest.mark.parametrize("dummy", [0])
+def test_gpu_and_cpu_paths_agree_on_the_same_random_numbers(monkeypatch, dummy):
+    out = _same_stream_runs(monkeypatch, ["cpu", "cuda"], NAMES)
+    assert out["cuda", "MCGdiff"].samples.device.type == "cuda"
+    _assert_agree(out, "cpu", "cuda")
