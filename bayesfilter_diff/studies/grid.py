@@ -52,6 +52,10 @@ class LocalExecutor:
         try:
             for cell in todo:
                 key = cell_key(cell)
+                if store.done(key):  # computed meanwhile by another process on this store
+                    if bar is not None:
+                        bar.update(1)
+                    continue
                 start = time.perf_counter()
                 record = fn(cell)
                 record = {"cell": cell, **record, "cell_seconds": time.perf_counter() - start}
