@@ -189,8 +189,12 @@ def _figures(rows, records, out: Path, methods) -> list[Path]:
 
     figs = []
     configs = sorted({(r["d"], r["d_y"], r["steps"]) for r in rows})
-    fig, axes = plt.subplots(1, len(configs), figsize=(4.2 * len(configs), 4.5), squeeze=False)
-    for ax, (d, dy, n) in zip(axes[0], configs):
+    ncols = min(6, len(configs))
+    nrows = math.ceil(len(configs) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 4.5 * nrows), squeeze=False)
+    for ax in axes.flat[len(configs) :]:
+        ax.axis("off")
+    for ax, (d, dy, n) in zip(axes.flat, configs):
         rs = [r for r in rows if (r["d"], r["d_y"], r["steps"]) == (d, dy, n)]
         names = [r["method"] for r in rs]
         vals = [r["sw"] for r in rs]
@@ -203,7 +207,7 @@ def _figures(rows, records, out: Path, methods) -> list[Path]:
         ax.set_title(f"d={d}, d_y={dy}, {n} steps")
         ax.set_xlabel("sliced W1 to exact posterior")
         ax.invert_yaxis()
-    axes[0][0].legend(loc="lower right")
+    axes.flat[0].legend(loc="lower right")
     fig.tight_layout()
     p = out / "sw_by_method.png"
     fig.savefig(p, dpi=110)
