@@ -205,3 +205,59 @@ def test_posterior_shape_mismatch(gen):
     A = bfd.operators.Dense(torch.randn(2, 5, generator=gen, dtype=D64))
     with pytest.raises(ValueError, match="dimension"):
         gmm.posterior(bfd.InverseProblem(A, torch.zeros(2, dtype=D64), 0.1))
+
+
+def test_shared_covariance_path_equals_the_per_component_path():
+    """A covariance shared by all components is factored once (the posterior of an isotropic
+    mixture); densities, denoiser and moments equal the per-component computation."""
+    g = torch.Generator().manual_seed(0)
+    K, d = 5, 6
+    D = torch.float64
+    M = torch.randn(d, d, generator=g, dtype=D)
+    S = M @ M.T + torch.eye(d, dtype=D)
+    w = torch.softmax(torch.randn(K, generator=g, dtype=D), 0)
+    mu = torch.randn(K, d, generator=g, dtype=D)
+    shared = bfd.GaussianMixture(w, mu, S.expand(K, d, d).clone())
+    assert shared._cov_shared and shared.eigvecs.shape == (1, d, d)
+    ref = bfd.GaussianMixture(w, mu, S.expand(K, d, d).clone())
+    ref._cov_shared = False  # force the general path with K factorisations
+    lam, Q = torch.linalg.eigh(S.expand(K, d, d))
+    ref.eigvals, ref.eigvecs = lam, Q
+    x = torch.randn(7, 3, d, generator=g, dtype=D)
+    a = torch.full((7, 3), 0.7, dtype=D)
+    s = torch.full((7, 3), 0.5, dtype=D)
+    torch.testing.assert_close(shared.log_prob(x), ref.log_prob(x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        shared.noisy_denoise(x, a, s), ref.noisy_denoise(x, a, s), rtol=0, atol=1e-12
+    )
+    torch.testing.assert_close(shared.covariance(), ref.covariance(), rtol=0, atol=1e-12)
+    # sampling: moments within Monte Carlo error (4 s.e. per entry of the mean)
+    X = shared.sample(100_000, torch.Generator().manual_seed(1))
+    se = shared.covariance().diagonal().sqrt() / 100_000**0.5
+    assert ((X.mean(0) - shared.mean()).abs() < 4 * se).all()
+
+
+def test_isotropic_gemm_path_is_exact_in_float32_far_from_the_origin():
+    """||x||^2 - 2a x.mu + a^2 ||mu||^2 is evaluated in float64: no cancellation for means
+    at +-16 in d = 800 with float32 inputs (compared with the float64 direct residual)."""
+    g = torch.Generator().manual_seed(2)
+    K, d = 25, 800
+    mu = 16 * torch.sign(torch.randn(K, d, generator=g, dtype=torch.float64))
+    var = torch.full((K,), 1e-3, dtype=torch.float64)
+    w = torch.full((K,), 1 / K, dtype=torch.float64)
+    x = mu[:4] + 0.03 * torch.randn(4, d, generator=g, dtype=torch.float64)
+    g32 = bfd.GaussianMixture(w.float(), mu.float(), var.float())
+    got = g32.log_prob(x.float()).double()
+    # compare with the exact value for the float32-rounded x
+    exact32 = torch.logsumexp(
+        torch.log(w)
+        - 0.5
+        * (
+            ((x.float().double()[:, None] - mu) ** 2).sum(-1) / var
+            + d * torch.log(2 * math.pi * var)
+        ),
+        -1,
+    )
+    # the result is a float32 number of magnitude ~1.7e3 (resolution 1.2e-4); a float32
+    # expansion of the square would be off by ~20 here (its maha error is ~38)
+    assert (got - exact32).abs().max() < 2e-3
