@@ -25,13 +25,7 @@ from bayesfilter_diff.schedules import DiscreteVPSchedule  # noqa: E402
 T = 1000
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks: threads only add contention on a shared CPU (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_unet(seed: int = 0, out_channels: int = 1):

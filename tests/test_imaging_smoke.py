@@ -18,13 +18,7 @@ sys.modules[_spec.name] = imaging  # dataclasses look the module up while the cl
 _spec.loader.exec_module(imaging)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks: threads only add contention on a shared CPU (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = imaging.Settings(

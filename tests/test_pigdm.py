@@ -14,7 +14,7 @@ from bayesfilter_diff.samplers.pigdm import PiGDM, pigdm_vector
 ops = bfd.operators
 DT = torch.float64
 
-from _helpers import std_normal, std_normal_prior  # noqa: E402
+from _helpers import CASES, _ops, std_normal, std_normal_prior  # noqa: E402
 
 
 def kalman_x0(x_t, a, s, A, y, sy):
@@ -236,37 +236,11 @@ def test_cg_matches_svd():
         torch.testing.assert_close(out, ref, rtol=1e-7, atol=1e-9)
 
 
-IMG = (3, 4, 4)
-
-
-def _image_ops(g):
-    return {
-        "identity": ops.Identity(IMG, dtype=DT),
-        "dense": ops.Dense(torch.randn(7, math.prod(IMG), generator=g, dtype=DT), in_shape=IMG),
-        "mask": ops.Mask.random(IMG, 0.5, g, dtype=DT),
-        "downsample": ops.Downsample(IMG, 2, dtype=DT),
-        "blur": ops.Blur(ops.gaussian_kernel(3, 1.0, dtype=DT), IMG),
-        "colorize": ops.Colorize(IMG, dtype=DT),
-    }
-
-
-def _vector_ops(g):
-    return {
-        "identity": ops.Identity((6,), dtype=DT),
-        "dense": ops.Dense(torch.randn(3, 6, generator=g, dtype=DT)),
-        "mask": ops.Mask(torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool), dtype=DT),
-    }
-
-
-CASES = [("image", k) for k in ("identity", "dense", "mask", "downsample", "blur", "colorize")]
-CASES += [("vector", k) for k in ("identity", "dense", "mask")]
-
-
 @pytest.mark.parametrize("kind,name", CASES)
 @pytest.mark.parametrize("batched", [True, False])
 def test_shapes_all_operators(kind, name, batched):
     g = torch.Generator().manual_seed(5)
-    op = (_image_ops(g) if kind == "image" else _vector_ops(g))[name]
+    op = _ops(kind, g)[name]
     shape = op.in_shape
     x = torch.randn((2,) + shape, generator=g, dtype=DT)
     y = op(x) + 0.1 * torch.randn(op(x).shape, generator=g, dtype=DT)

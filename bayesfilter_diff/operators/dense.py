@@ -1,6 +1,6 @@
 """Dense operator: any ``(m, d)`` matrix, its SVD computed once (float64, then cast).
 
-For a wide matrix (``k = min(m, d) <= d / 4``, e.g. the ``(d_y, d)`` operators of the
+For a wide matrix (``m <= d / 4`` rows, ``k = m``; e.g. the ``(d_y, d)`` operators of the
 Gaussian-mixture benchmark) the ``d x d`` right factor is never formed: only the ``k``
 right singular vectors ``V_k`` are kept, completed to an orthogonal ``V`` by ``k``
 Householder reflections (the QR factorisation ``V_k = Q D``, ``D = diag(+-1)``, of LAPACK's

@@ -246,7 +246,9 @@ class GaussianMixture(nn.Module):
         """Per-component log N(x; alpha mu_k, alpha^2 S_k + sigma^2 I) and helpers.
 
         ``x``: (..., 1, d); ``alpha``, ``sigma``: (..., 1, 1). Returns log-densities
-        (..., K), the rotated residual (..., K, d), and the per-direction variances.
+        (..., K), the rotated residual (..., K, d) and the per-direction variances
+        (..., K, d); for isotropic components the residual is ``None`` (never formed) and
+        the variances are (..., K).
         """
         extra = x.dim() - 2 - len(self.batch_shape)
         mu = self._expand_params(self.means, extra)
@@ -349,7 +351,7 @@ class GaussianMixture(nn.Module):
             a = alpha[..., None]
             w = r * (a * self.eigvals[:, 0] / var)  # (..., K)
             return (r - a * w) @ self.means + w.sum(-1, keepdim=True) * x_t
-        gain = alpha[..., None, None] * self.eigvals / var  # (..., K, d or 1)
+        gain = alpha[..., None, None] * self.eigvals / var  # (..., K, d)
         corr = gain * diff  # rotated: diag(alpha l / var) Q^T (x - alpha mu)
         if self._cov_shared:  # Q sum_k r_k corr_k
             corr = (r.unsqueeze(-1) * corr).sum(-2) @ self.eigvecs[0].T
