@@ -11,7 +11,7 @@ from .priors import DiffusionModel, GaussianMixture, GaussianMixtureDiffusion
 from .problem import InverseProblem
 from .result import Result
 from .schedules import DiscreteVPSchedule, FlowSchedule, Schedule, VESchedule, VPSchedule
-from .smc.loop import DegenerateWeightsError, NonFiniteSamplesError
+from .errors import DegenerateWeightsError, NonFiniteSamplesError
 
 __version__ = "0.1.0"
 

@@ -1,14 +1,98 @@
-"""The :class:`Result` every sampler returns."""
+"""The :class:`Result` every sampler returns, and its typed run record :class:`RunInfo`."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["Result"]
+from .smc.resampling import get_resampler
+
+__all__ = ["Result", "RunInfo"]
+
+
+@dataclass
+class RunInfo:
+    """What happened during a run (the loop's trace plus the sampler's own records).
+
+    Attributes
+    ----------
+    times
+        The time grid ``(num_steps + 1,)`` the run used.
+    num_steps
+        Moves made (``times.numel() - 1``).
+    nfe
+        Network evaluations per particle.
+    backprop
+        Whether the network was differentiated.
+    wall_time
+        Seconds.
+    ess
+        Weighted samplers: ``(num_steps + 1, B)``, the ESS after each reweighting and
+        *before* any resampling: entry ``k < num_steps`` is the weight applied before move
+        ``k`` (the initial weights, the previous move's weight, a look-ahead), the last entry
+        the final weight. ``None`` for unweighted samplers.
+    resampled
+        ``(num_steps + 1, B)`` bool: whether each problem resampled after that reweighting.
+    log_evidence
+        ``(num_steps + 1, B)``: the running estimate of the log normalising constant.
+    min_ess
+        ``(B,)``: the smallest entry of ``ess`` (the sharpest weight degeneracy of the run).
+    ancestors
+        ``(B,)``: how many of the ``N`` initial particles still have descendants at the
+        end (1 means the whole cloud descends from one particle).
+    distinct
+        ``(B,)``: how many of the final samples are distinct.
+    steps
+        The sampler's per-step record (a dataclass whose fields are stacked over steps), or
+        ``None``.
+    extra
+        The sampler's per-run record (e.g. MCGdiff's observation times), or ``None``.
+
+    ``info["name"]`` looks a name up among the attributes, then the fields of ``extra`` and
+    ``steps`` (the mapping interface of earlier versions).
+    """
+
+    times: Tensor | None = None
+    num_steps: int = 0
+    nfe: int = 0
+    backprop: bool = False
+    wall_time: float = 0.0
+    ess: Tensor | None = None
+    resampled: Tensor | None = None
+    log_evidence: Tensor | None = None
+    min_ess: Tensor | None = None
+    ancestors: Tensor | None = None
+    distinct: Tensor | None = None
+    steps: Any = None
+    extra: Any = None
+
+    def _records(self) -> list[Any]:
+        return [r for r in (self.extra, self.steps) if r is not None]
+
+    def __getitem__(self, key: str) -> Any:
+        names = {f.name for f in dataclasses.fields(self)} - {"steps", "extra"}
+        if key in names:
+            return getattr(self, key)
+        for rec in self._records():
+            if isinstance(rec, dict) and key in rec:
+                return rec[key]
+            if dataclasses.is_dataclass(rec) and key in {f.name for f in dataclasses.fields(rec)}:
+                return getattr(rec, key)
+        raise KeyError(key)
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            self[key]  # type: ignore[index]
+        except (KeyError, TypeError):
+            return False
+        return True
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default
 
 
 @dataclass
@@ -25,10 +109,8 @@ class Result:
     log_evidence
         Estimate of ``log p(y)``: ``(B,)`` or a scalar (float64), or ``None``.
     info
-        Per-step trace: ``ess`` and ``resampled`` (``(num_steps, B)``), ``log_evidence``
-        (running estimate), ``times``, ``nfe`` (network calls per particle), ``backprop``
-        (whether the network was differentiated), ``wall_time`` (seconds), and the
-        sampler's own entries.
+        A :class:`RunInfo`: ESS before resampling per step, resampling events, the running
+        evidence, NFEs, wall time, and the sampler's own records.
     batched
         Whether the problem had a leading batch of observations.
     """
@@ -36,12 +118,12 @@ class Result:
     samples: Tensor
     log_weights: Tensor | None = None
     log_evidence: Tensor | None = None
-    info: dict[str, Any] = field(default_factory=dict)
+    info: RunInfo = field(default_factory=RunInfo)
     batched: bool = False
 
     @property
     def num_samples(self) -> int:
-        return self.samples.shape[1 if self.batched else 0]
+        return int(self.samples.shape[1 if self.batched else 0])
 
     def weights(self) -> Tensor:
         """Normalised weights (uniform for unweighted samplers), float64."""
@@ -62,8 +144,6 @@ class Result:
 
         For unweighted samplers with ``n == N`` the samples are returned as they are.
         """
-        from .smc.resampling import get_resampler
-
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
         if self.log_weights is None and n == self.num_samples:

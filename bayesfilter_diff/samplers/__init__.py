@@ -1,6 +1,6 @@
 """Posterior samplers: one module per method, one interface (``sample``)."""
 
-from .base import Sampler, SMCSampler
+from .base import Move, Requirements, Sampler, SMCSampler
 from .daps import DAPS
 from .ddim import DDIM
 from .ddnm import DDNM, DDNMPlus
@@ -15,11 +15,16 @@ from .pigdm_flow import OTODE, PiGDMFlow
 from .reddiff import REDDiff
 from .repaint import RePaint
 from .smcdiff import SMCDiff
+from .registry import REGISTRY, SamplerEntry
 from .tds import TDS
 
 __all__ = [
     "Sampler",
     "SMCSampler",
+    "Move",
+    "Requirements",
+    "REGISTRY",
+    "SamplerEntry",
     "DDIM",
     "FPS",
     "FPSSMC",

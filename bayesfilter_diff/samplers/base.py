@@ -1,24 +1,23 @@
-"""Sampler base class and the transition kernels that several samplers share.
+"""The sampler interface, its declared requirements, and the checks every sampler shares.
 
-A sampler is a frozen dataclass of hyper-parameters with
-``sample(prior, problem, num_samples, generator) -> Result``. It implements
+A sampler is a frozen dataclass of hyper-parameters (the paper's defaults) with
+``sample(prior, problem, num_samples, generator) -> Result``. It declares what it needs of
+the problem in :attr:`Sampler.requires` (checked before any heavy work, and read by the
+registry) and implements pure methods over typed records, driven by
+:func:`bayesfilter_diff.samplers.loop.run`:
 
-- ``init(ctx) -> (state, log_w or None)``,
-- ``step(ctx, state, i, t, t_next) -> (state, log_increment or None)``,
-- ``finalize(ctx, state) -> (x0, log_increment or None)``,
+- ``setup(ctx) -> setup``: per-run constants (a frozen dataclass; default ``None``);
+- ``init(ctx, setup) -> (state, log_w or None)``: particles at ``times[0]``;
+- ``lookahead(ctx, setup, state, k) -> log potential or None``: auxiliary particle filters'
+  look-ahead weight for the coming move, applied before resampling (default ``None``);
+- ``move(ctx, setup, state, k, t, t_next) -> Move(state, log_weight, info)``;
+- ``finalize(ctx, setup, state) -> (x0, log_weight or None)`` (default: ``state.x``);
+- ``run_info(ctx, setup) -> record or None``: what the run reports besides the trace.
 
-and the shared loop (:func:`bayesfilter_diff.smc.run`) drives them.
-
-The generic DDIM kernel for any Gaussian path (``alpha``, ``sigma``): going from ``t`` to
-``s < t`` with a clean-data estimate ``x0`` and ``eps = (x_t - alpha_t x0) / sigma_t``,
-
-    x_s = alpha_s x0 + sqrt(sigma_s^2 - std^2) eps + std z,
-    std = eta * sqrt(sigma_{t|s}^2 sigma_s^2 / sigma_t^2),
-    sigma_{t|s}^2 = sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2,
-
-(Song, Meng & Ermon 2021, eq. 12, written for general paths): ``eta = 1`` is the DDPM
-ancestral step (the exact Gaussian posterior ``q(x_s | x_t, x0)``), ``eta = 0`` the
-deterministic DDIM step.
+The state is a dataclass whose fields are all per-particle tensors ``(B, N, ...)``, so that
+resampling indexes every field by the ancestors. The maths the moves share is in
+:mod:`.kernels` (DDIM, Tweedie, Gaussian densities) and :mod:`.spectral` (conditioning in
+an operator's SVD basis).
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -34,38 +34,75 @@ from torch import Tensor
 from ..priors.base import DiffusionModel
 from ..problem import InverseProblem
 from ..result import Result
-from ..schedules import Schedule
-from ..smc.loop import Context, run
 from ..smc.resampling import RESAMPLERS
+from .kernels import ddim_coefficients, gaussian_log_density
+from .loop import Context, Move, run
 
-__all__ = ["Sampler", "SMCSampler", "ddim_coefficients", "gaussian_log_density", "Context"]
+__all__ = [
+    "Sampler",
+    "SMCSampler",
+    "Requirements",
+    "Context",
+    "Move",
+    "ddim_coefficients",
+    "gaussian_log_density",
+]
 
-_LOG2PI = math.log(2 * math.pi)
 
+@dataclass(frozen=True)
+class Requirements:
+    """What a sampler needs of the problem (checked by :meth:`Sampler.check`).
 
-def ddim_coefficients(
-    schedule: Schedule, t: Tensor, t_next: Tensor, eta: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(alpha_s, c_eps, std, alpha_t)`` of the DDIM step ``t -> s`` with parameter ``eta``.
-
-    ``x_s = alpha_s x0 + c_eps eps + std z``.
+    Attributes
+    ----------
+    svd
+        A linear operator with an SVD (``U``, ``V``, singular values).
+    linear
+        A linear operator (an SVD or a dense solve will do).
+    mask
+        A masking operator (``operator.is_mask``).
+    likelihoods
+        The observation models accepted: ``"gaussian"``, ``"poisson"`` and ``"custom"`` (a
+        ``log_likelihood_fn``, e.g. from a Pyro model).
+    noise_positive
+        Gaussian noise with ``noise_std > 0``.
+    differentiates
+        Whether the sampler differentiates the network or the likelihood (informative).
     """
-    a_t, s_t = schedule.alpha(t), schedule.sigma(t)
-    a_s, s_s = schedule.alpha(t_next), schedule.sigma(t_next)
-    var_ts = (s_t**2 - (a_t / a_s) ** 2 * s_s**2).clamp_min(0)
-    anc = var_ts * s_s**2 / s_t**2
-    std = eta * anc.sqrt()
-    c_eps = (s_s**2 - std**2).clamp_min(0).sqrt()
-    return a_s, c_eps, std, a_t
+
+    svd: bool = False
+    linear: bool = False
+    mask: bool = False
+    likelihoods: frozenset[str] = frozenset({"gaussian"})
+    noise_positive: bool = False
+    differentiates: bool = False
+
+    def describe(self) -> str:
+        """A short phrase for tables: operator, then likelihoods."""
+        op = (
+            "mask"
+            if self.mask
+            else "linear with SVD"
+            if self.svd
+            else "linear"
+            if self.linear
+            else "any differentiable"
+        )
+        lik = ", ".join(sorted(self.likelihoods))
+        return f"{op}; {lik}" + (" (noise > 0)" if self.noise_positive else "")
 
 
-def gaussian_log_density(x: Tensor, mean: Tensor, var: Tensor | float, event_dim: int) -> Tensor:
-    """``log N(x; mean, var I)`` summed over the last ``event_dim`` axes (``var`` broadcasts)."""
-    var = torch.as_tensor(var, dtype=x.dtype, device=x.device)
-    red = tuple(range(x.dim() - event_dim, x.dim()))
-    k = math.prod(x.shape[x.dim() - event_dim :])
-    # (x - mean)^2 / var + log var broadcasts to the full shape before the sum
-    return -0.5 * (((x - mean) ** 2 / var + torch.log(var)).sum(red) + _LOG2PI * k)
+def likelihood_kind(problem: InverseProblem) -> str:
+    """``"custom"`` for a ``log_likelihood_fn``, else the noise model (``"gaussian"``, ...)."""
+    return "custom" if problem.log_likelihood_fn is not None else problem.noise
+
+
+def _describe_likelihood(problem: InverseProblem) -> str:
+    """``"Dense with 'gaussian' noise"``, or naming the custom ``log_likelihood_fn``."""
+    op = type(problem.operator).__name__
+    if problem.log_likelihood_fn is not None:
+        return f"{op} with a custom log_likelihood_fn"
+    return f"{op} with {problem.noise!r} noise"
 
 
 def _check_field_types(sampler: Sampler) -> None:
@@ -123,7 +160,11 @@ class Sampler:
     grid: str = "uniform"
 
     #: Whether the sampler returns weighted particles.
-    weighted = False
+    weighted: ClassVar[bool] = False
+    #: What the sampler needs of the problem.
+    requires: ClassVar[Requirements] = Requirements()
+    #: Asymptotically exact (as the number of particles grows, up to time discretisation).
+    exact: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         _check_field_types(self)
@@ -165,46 +206,68 @@ class Sampler:
         return run(self, prior, problem, num_samples, generator)
 
     def check(self, prior: DiffusionModel, problem: InverseProblem) -> None:
-        """Raise if the sampler cannot handle this prior / problem (override)."""
+        """Raise a ``ValueError`` naming what is missing if :attr:`requires` is not met.
+
+        Subclasses with further conditions override this and call ``super().check``.
+        """
+        req = self.requires
+        name = type(self).__name__
+        op = problem.operator
+        if req.mask and not getattr(op, "is_mask", False):
+            raise ValueError(
+                f"{name} needs a masking operator (operators.Mask, operator.is_mask=True); "
+                f"got {type(op).__name__}"
+            )
+        if req.svd and not (op.is_linear and op.has_svd):
+            raise ValueError(
+                f"{name} needs a linear operator with an SVD "
+                f"(Identity, Mask, Dense, Downsample, Blur, Colorize); got {type(op).__name__}"
+            )
+        if req.linear and not op.is_linear:
+            raise ValueError(f"{name} needs a linear operator; got {type(op).__name__}")
+        kind = likelihood_kind(problem)
+        if kind not in req.likelihoods:
+            accepted = " or ".join(sorted(req.likelihoods))
+            raise ValueError(
+                f"{name} needs a {accepted} observation model"
+                + ("" if "custom" in req.likelihoods else " (no custom log_likelihood_fn)")
+                + f"; got {_describe_likelihood(problem)}"
+            )
+        if req.noise_positive and kind == "gaussian" and problem.noise_std <= 0:
+            raise ValueError(
+                f"{name} needs Gaussian noise with noise_std > 0; got noise_std = 0 (its "
+                "weights or data term divide by the noise variance)"
+            )
 
     def time_grid(self, prior: DiffusionModel, problem: InverseProblem) -> Tensor:
         y = problem.y
         return prior.schedule.time_grid(self.num_steps, self.grid, dtype=y.dtype, device=y.device)
 
-    def init(self, ctx: Context):  # pragma: no cover - abstract
+    def setup(self, ctx: Context) -> Any:
+        """Per-run constants (a frozen dataclass), computed once before ``init``."""
+        return None
+
+    def init(self, ctx: Context, setup: Any) -> tuple[Any, Tensor | None]:  # pragma: no cover
+        """The state at ``times[0]`` and its initial log-weights (``None``: uniform)."""
         raise NotImplementedError
 
-    def step(
-        self, ctx: Context, state: dict, i: int, t: Tensor, t_next: Tensor
-    ):  # pragma: no cover
+    def lookahead(self, ctx: Context, setup: Any, state: Any, k: int) -> Tensor | None:
+        """Look-ahead log-potential applied before resampling and move ``k`` (default none)."""
+        return None
+
+    def move(
+        self, ctx: Context, setup: Any, state: Any, k: int, t: Tensor, t_next: Tensor
+    ) -> Move:  # pragma: no cover
+        """Move ``k``, from ``t = times[k]`` to ``t_next = times[k + 1]``."""
         raise NotImplementedError
 
-    def finalize(self, ctx: Context, state: dict):
-        return state["x"], None
+    def finalize(self, ctx: Context, setup: Any, state: Any) -> tuple[Tensor, Tensor | None]:
+        """The samples and a last log-weight (default: ``state.x``, none)."""
+        return state.x, None
 
-    # ----------------------------------------------------------------- helpers
-    def _require_svd(self, problem: InverseProblem) -> None:
-        op = problem.operator
-        if not (op.is_linear and op.has_svd):
-            raise ValueError(
-                f"{type(self).__name__} needs a linear operator with an SVD "
-                f"(Identity, Mask, Dense, Downsample, Blur, Colorize); got {type(op).__name__}"
-            )
-
-    def _require_gaussian(self, problem: InverseProblem) -> None:
-        if not problem.is_linear_gaussian:
-            raise ValueError(
-                f"{type(self).__name__} needs a linear operator with Gaussian noise (and no "
-                f"custom log_likelihood_fn); got {_describe_likelihood(problem)}"
-            )
-
-
-def _describe_likelihood(problem: InverseProblem) -> str:
-    """``"Dense with 'gaussian' noise"``, or naming the custom ``log_likelihood_fn``."""
-    op = type(problem.operator).__name__
-    if problem.log_likelihood_fn is not None:
-        return f"{op} with a custom log_likelihood_fn"
-    return f"{op} with {problem.noise!r} noise"
+    def run_info(self, ctx: Context, setup: Any) -> Any:
+        """A record the run reports besides the loop's trace (``Result.info.extra``)."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -214,7 +277,7 @@ class SMCSampler(Sampler):
     resampling: str = "systematic"
     ess_threshold: float = 0.5
 
-    weighted = True
+    weighted: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -53,9 +53,10 @@ for it (as implemented in R and P):
 
 The first target samples ``x_{t_0}`` from ``N(0, sigma_{t_0}^2 I)`` times ``g_{t_0}`` (a
 product of Gaussians per observed coordinate; its normaliser enters the evidence). In the
-shared loop (step, then resample) the weight of the move ``k -> k+1`` is computed at the end of
-step ``k - 1`` (or in ``init``), together with the prior mean ``mu_k`` it needs, which is kept
-in the state for the move; so the sampler costs one network call per step, as DDIM.
+shared loop (weight -> resample -> move) step 1 is the look-ahead potential
+(:meth:`MCGdiff.lookahead`); the prior mean ``mu_k`` it needs is computed at the end of the
+previous move (or in ``init``) and kept in the state for the move, so the sampler costs one
+network call per step, as DDIM.
 
 *Final weight (derived here; differs from the code).* If the model's backward chain has the
 forward process's joint law (exact denoiser, ``eta = 1``, fine grid), the ``x_bar^i_{tau_i}``
@@ -147,16 +148,10 @@ import torch
 from torch import Tensor
 
 from ..schedules import Schedule
-from .base import Context, SMCSampler, ddim_coefficients
+from .base import Context, Move, Requirements, SMCSampler
+from .kernels import LOG2PI, ddim_coefficients, ddim_mean, log_normal
 
 __all__ = ["MCGdiff", "exact_observation_times", "observation_time_indices"]
-
-_LOG2PI = math.log(2 * math.pi)
-
-
-def _log_normal(x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
-    """Elementwise ``log N(x; mean, var)``."""
-    return -0.5 * ((x - mean) ** 2 / var + torch.log(var) + _LOG2PI)
 
 
 def observation_time_indices(
@@ -214,6 +209,42 @@ def exact_observation_times(
 
 
 @dataclass(frozen=True)
+class MCGdiffSetup:
+    """Per-run constants of MCGdiff (grid index ``k``, observed coordinate ``i <= r``)."""
+
+    alpha: Tensor  # (n + 1,) alpha_{t_k}
+    sigma: Tensor  # (n + 1,) sigma_{t_k}
+    s: Tensor  # (r,) singular values
+    k_tau: Tensor  # (r,) grid index of tau_i
+    ybar: Tensor  # (B, r) y_bar = (U^T y)_{:r} / s
+    v: Tensor  # (n + 1, r) potential variances v_k^i (1 where inactive)
+    active: Tensor  # (n + 1, r) bool, t_k >= tau_i
+    c: Tensor  # (r,) implicit observation variance of the target, c_i
+    a: Tensor  # (r,) true observation variance a_i = sigma_y^2 / s_i^2
+    const: Tensor  # (B,) log-evidence constant of the final weight
+
+    @property
+    def r(self) -> int:
+        return self.s.numel()
+
+
+@dataclass(frozen=True)
+class MCGdiffState:
+    """Spectral particles ``x_bar = V^T x`` and the prior mean ``mu_k`` of the next move."""
+
+    xbar: Tensor
+    mu: Tensor
+
+
+@dataclass(frozen=True)
+class MCGdiffInfo:
+    """The observation time ``tau_i`` of every observed coordinate, and its grid index."""
+
+    tau: Tensor
+    tau_index: Tensor
+
+
+@dataclass(frozen=True)
 class MCGdiff(SMCSampler):
     """MCGdiff (Cardoso et al., ICLR 2024) for linear operators with an SVD.
 
@@ -232,6 +263,9 @@ class MCGdiff(SMCSampler):
         At most this many exact observation times ``tau_i`` are added to the grid (one
         network call each; ``0``: none). See the module docstring.
     """
+
+    requires = Requirements(svd=True)
+    exact = True
 
     resampling: str = "systematic"
     ess_threshold: float = 1.0
@@ -266,13 +300,9 @@ class MCGdiff(SMCSampler):
             new = new[pick.round().long()]
         return torch.sort(torch.cat([base, new]), descending=True).values
 
-    def check(self, prior, problem) -> None:
-        self._require_svd(problem)
-        self._require_gaussian(problem)
-
     # ------------------------------------------------------------------ helpers
-    def _setup(self, ctx: Context) -> dict:
-        """Quantities shared by all particles (stored in ``ctx.cache``)."""
+    def setup(self, ctx: Context) -> MCGdiffSetup:
+        """The spectral data, the observation times and the potentials' variances."""
         op = ctx.problem.operator
         sch = ctx.prior.schedule
         times = ctx.times
@@ -291,17 +321,6 @@ class MCGdiff(SMCSampler):
         ks = torch.arange(times.numel(), device=times.device)
         active = ks[:, None] <= k_tau[None, :]  # (n + 1, r)
         v = torch.where(active, v, torch.ones_like(v))
-        cache = dict(
-            alpha=alpha,
-            sigma=sigma,
-            s=s,
-            k_tau=k_tau,
-            ybar=ybar,
-            v=v,
-            active=active,
-            r=r,
-            d=op.in_dim,
-        )
         # final weight pieces: implicit variance c_i, true variance a_i, evidence constant
         c = (s_tau**2 + kap) / a_tau**2
         const = (torch.log(a_tau) - torch.log(s)).sum()
@@ -309,94 +328,86 @@ class MCGdiff(SMCSampler):
             m = op.out_dim
             rest = (ytil**2).sum(-1) - (ytil[:, :r] ** 2).sum(-1)  # |(I - U_r U_r^T) y|^2
             const = (
-                const
-                - 0.5 * rest.clamp_min(0) / sy**2
-                - 0.5 * (m - r) * (math.log(sy**2) + _LOG2PI)
+                const - 0.5 * rest.clamp_min(0) / sy**2 - 0.5 * (m - r) * (math.log(sy**2) + LOG2PI)
             )
-        cache.update(c=c, a=(sy / s) ** 2, const=const.expand(ctx.B))
-        info = ctx.cache.setdefault("info", {})
-        info["tau"] = times[k_tau]
-        info["tau_index"] = k_tau
-        ctx.cache["mcgdiff"] = cache
-        return cache
+        return MCGdiffSetup(
+            alpha, sigma, s, k_tau, ybar, v, active, c, (sy / s) ** 2, const.expand(ctx.B)
+        )
 
-    def _predict(self, ctx: Context, xb: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """Prior DDIM mean ``mu_k(x_bar)`` (``(B, N, d)``) and std for the move ``k -> k+1``."""
+    def _predict(self, ctx: Context, xb: Tensor, k: int) -> Tensor:
+        """Prior DDIM mean ``mu_k(x_bar)`` ``(B, N, d)`` of the move ``k -> k+1``."""
         op = ctx.problem.operator
         sch = ctx.prior.schedule
         t, t_next = ctx.times[k], ctx.times[k + 1]
         x0b = op.Vt(ctx.denoise(op.V(xb), t))
-        a_s, c_eps, std, a_t = ddim_coefficients(sch, t, t_next, float(self.eta))
-        eps = (xb - a_t * x0b) / sch.sigma(t)
-        return a_s * x0b + c_eps * eps, std
-
-    def _aux_weight(self, c: dict, xb: Tensor, mu: Tensor, std: Tensor, k: int) -> Tensor:
-        """Step 1: ``log int p(x'|x) g_{k+1}(x') dx' - log g_k(x)`` over ``A_{k+1}``."""
-        r = c["r"]
-        act = c["active"][k + 1]  # (r,)
-        ybar = c["ybar"][:, None, :]  # (B, 1, r)
-        num = _log_normal(mu[..., :r], c["alpha"][k + 1] * ybar, std**2 + c["v"][k + 1])
-        den = _log_normal(xb[..., :r], c["alpha"][k] * ybar, c["v"][k])
-        return torch.where(act, num - den, torch.zeros_like(num)).sum(-1)
+        coef = ddim_coefficients(sch, t, t_next, float(self.eta))
+        return ddim_mean(xb, x0b, coef, sch.sigma(t))
 
     # ------------------------------------------------------------------ interface
-    def init(self, ctx: Context):
-        c = self._setup(ctx)
-        r, d = c["r"], c["d"]
+    def init(self, ctx: Context, setup: MCGdiffSetup) -> tuple[MCGdiffState, Tensor]:
+        c = setup
+        r, d = c.r, ctx.problem.operator.in_dim
         B, N = ctx.B, ctx.N
         # x_{t_0} ~ N(0, sigma_0^2 I) g_0: a Gaussian product on the observed coordinates
-        s0sq = c["sigma"][0] ** 2
-        m0 = c["alpha"][0] * c["ybar"]  # (B, r)
-        v0 = c["v"][0]  # (r,)  (every observed coordinate is active at t_0)
+        s0sq = c.sigma[0] ** 2
+        m0 = c.alpha[0] * c.ybar  # (B, r)
+        v0 = c.v[0]  # (r,)  (every observed coordinate is active at t_0)
         var = s0sq * v0 / (s0sq + v0)
         mean = m0 * s0sq / (s0sq + v0)
         z = ctx.randn((B, N, d))
-        xb = c["sigma"][0] * z
+        xb = c.sigma[0] * z
         xb = torch.cat([mean[:, None, :] + var.sqrt() * z[..., :r], xb[..., r:]], dim=-1)
-        log_norm = _log_normal(m0, torch.zeros_like(m0), s0sq + v0).sum(-1)  # (B,)
-        log_w = log_norm[:, None].expand(B, N)
-        mu, std = self._predict(ctx, xb, 0)
-        log_w = log_w + self._aux_weight(c, xb, mu, std, 0)
-        return {"xbar": xb, "mu": mu}, log_w
+        log_norm = log_normal(m0, torch.zeros_like(m0), s0sq + v0).sum(-1)  # (B,)
+        return MCGdiffState(xb, self._predict(ctx, xb, 0)), log_norm[:, None].expand(B, N)
 
-    def step(self, ctx: Context, state, i, t, t_next):
-        c = ctx.cache["mcgdiff"]
-        r = c["r"]
+    def lookahead(self, ctx: Context, setup: MCGdiffSetup, state: MCGdiffState, k: int) -> Tensor:
+        """Step 1: ``log int p(x'|x) g_{k+1}(x') dx' - log g_k(x)`` over ``A_{k+1}``."""
+        c = setup
+        r = c.r
+        t, t_next = ctx.times[k], ctx.times[k + 1]
+        std = ddim_coefficients(ctx.prior.schedule, t, t_next, float(self.eta)).std
+        act = c.active[k + 1]  # (r,)
+        ybar = c.ybar[:, None, :]  # (B, 1, r)
+        num = log_normal(state.mu[..., :r], c.alpha[k + 1] * ybar, std**2 + c.v[k + 1])
+        den = log_normal(state.xbar[..., :r], c.alpha[k] * ybar, c.v[k])
+        return torch.where(act, num - den, torch.zeros_like(num)).sum(-1)
+
+    def move(self, ctx: Context, setup: MCGdiffSetup, state: MCGdiffState, k: int, t, t_next):
+        c = setup
+        r = c.r
         n = ctx.times.numel() - 1
-        xb, mu = state["xbar"], state["mu"]
-        _, _, std, _ = ddim_coefficients(ctx.prior.schedule, t, t_next, float(self.eta))
+        xb, mu = state.xbar, state.mu
+        std = ddim_coefficients(ctx.prior.schedule, t, t_next, float(self.eta)).std
         # Step 3: move k -> k+1 with the optimal kernel on the active coordinates (step 2,
-        # the ancestors, was done by the loop from the weights of step 1).
+        # the ancestors, was done by the loop from the look-ahead weights of step 1).
         z = ctx.randn(xb.shape)
         x_new = mu + std * z
-        act = c["active"][i + 1]
-        v = c["v"][i + 1]
-        m = c["alpha"][i + 1] * c["ybar"][:, None, :]
+        act = c.active[k + 1]
+        v = c.v[k + 1]
+        m = c.alpha[k + 1] * c.ybar[:, None, :]
         K = std**2 / (std**2 + v)
         obs = K * m + (1 - K) * mu[..., :r] + (K * v).sqrt() * z[..., :r]
         x_new = torch.cat([torch.where(act, obs, x_new[..., :r]), x_new[..., r:]], dim=-1)
-        if i + 1 == n:
-            return {"xbar": x_new, "mu": mu}, torch.zeros(
-                x_new.shape[:2], dtype=x_new.dtype, device=x_new.device
-            )
-        # Step 1 for the next move: prior mean mu_{k+1} and the auxiliary weight.
-        mu_new, std_new = self._predict(ctx, x_new, i + 1)
-        lw = self._aux_weight(c, x_new, mu_new, std_new, i + 1)
-        return {"xbar": x_new, "mu": mu_new}, lw
+        # the prior mean of the next move (one network call), read by its look-ahead
+        mu_new = mu if k + 1 == n else self._predict(ctx, x_new, k + 1)
+        return Move(MCGdiffState(x_new, mu_new))
 
-    def finalize(self, ctx: Context, state):
-        c = ctx.cache["mcgdiff"]
-        r = c["r"]
-        op = ctx.problem.operator
-        xb = state["xbar"]
-        ybar = c["ybar"][:, None, :]
+    def finalize(
+        self, ctx: Context, setup: MCGdiffSetup, state: MCGdiffState
+    ) -> tuple[Tensor, Tensor]:
+        c = setup
+        r = c.r
+        xb = state.xbar
+        ybar = c.ybar[:, None, :]
         B, N = xb.shape[:2]
         if ctx.problem.noise_std > 0:
             # Final weight: the target carries N(y_bar; x_bar0, c_i); swap in a_i.
-            lw = _log_normal(ybar, xb[..., :r], c["a"]) - _log_normal(ybar, xb[..., :r], c["c"])
-            lw = lw.sum(-1)
+            lw = (log_normal(ybar, xb[..., :r], c.a) - log_normal(ybar, xb[..., :r], c.c)).sum(-1)
         else:
             # Noiseless: set the observed coordinates to y_bar (A x0 = y exactly).
             xb = torch.cat([ybar.expand(B, N, r), xb[..., r:]], dim=-1)
             lw = torch.zeros((B, N), dtype=xb.dtype, device=xb.device)
-        return op.V(xb), lw + c["const"][:, None]
+        return ctx.problem.operator.V(xb), lw + c.const[:, None]
+
+    def run_info(self, ctx: Context, setup: MCGdiffSetup) -> MCGdiffInfo:
+        return MCGdiffInfo(ctx.times[setup.k_tau], setup.k_tau)

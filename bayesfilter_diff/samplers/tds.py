@@ -97,16 +97,34 @@ from torch import Tensor
 
 from ..priors.base import DiffusionModel
 from ..problem import InverseProblem
-from .base import Context, SMCSampler, check_clamp, ddim_coefficients
+from .base import Context, Move, Requirements, SMCSampler, check_clamp
+from .kernels import LOG2PI, ddim_coefficients, ddim_mean, tweedie_shift
 
 __all__ = ["TDS"]
 
-_LOG2PI = math.log(2 * math.pi)
 _TWISTS = ("none", "inflated", "pigdm")
 
 
 def _uses_gaussian_twist(problem: InverseProblem) -> bool:
     return problem.noise == "gaussian" and problem.log_likelihood_fn is None
+
+
+@dataclass(frozen=True)
+class TDSState:
+    """Particles ``x_t``, their ``x0_hat``, twist ``log p~_t(y | x_t)`` and its gradient
+    (the last three are ``None`` after the final move)."""
+
+    x: Tensor
+    x0: Tensor | None = None
+    grad: Tensor | None = None
+    log_twist: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class TDSInfo:
+    """What the run used: ``twist`` is the ``twist_variance`` or ``"likelihood"``."""
+
+    twist: str
 
 
 @dataclass(frozen=True)
@@ -135,6 +153,11 @@ class TDS(SMCSampler):
         ``(low, high)`` to clamp the twisted ``x0~`` of the proposal, or ``None`` (default).
     """
 
+    requires = Requirements(
+        likelihoods=frozenset({"gaussian", "poisson", "custom"}), differentiates=True
+    )
+    exact = True
+
     twist_variance: str = "inflated"
     prior_variance: float = 1.0
     clamp_x0: tuple[float, float] | None = None
@@ -152,6 +175,7 @@ class TDS(SMCSampler):
 
     # ------------------------------------------------------------------ checks
     def check(self, prior: DiffusionModel, problem: InverseProblem) -> None:
+        super().check(prior, problem)
         if _uses_gaussian_twist(problem) and problem.noise_std == 0:
             raise ValueError(
                 "TDS needs noise_std > 0 for Gaussian noise: its final weight is the "
@@ -187,7 +211,7 @@ class TDS(SMCSampler):
                 def fn(x0: Tensor) -> Tensor:
                     r = y - problem.operator(x0)
                     sq = (r**2).reshape(r.shape[:2] + (-1,)).sum(-1)
-                    return -0.5 * sq / var - 0.5 * m * (torch.log(var) + _LOG2PI)
+                    return -0.5 * sq / var - 0.5 * m * (torch.log(var) + LOG2PI)
 
         else:
             fn = problem.log_likelihood
@@ -198,32 +222,31 @@ class TDS(SMCSampler):
         return x0, lt, g
 
     # ------------------------------------------------------------------ the sampler
-    def init(self, ctx: Context):
-        info = ctx.cache.setdefault("info", {})
-        info["twist"] = self.twist_variance if _uses_gaussian_twist(ctx.problem) else "likelihood"
+    def init(self, ctx: Context, setup: None) -> tuple[TDSState, Tensor]:
         t0 = ctx.times[0]
         # x_T ~ N(0, sigma_T^2 I), the reference distribution of the chain (as in DDIM).
         x = ctx.prior.schedule.sigma(t0) * ctx.randn()
         x0, lt, g = self._twist(ctx, x, t0)
         # w_T = p~_T(y | x_T): the proposal of x_T is the chain's own reference.
-        return {"x": x, "x0": x0, "grad": g, "log_twist": lt}, lt
+        return TDSState(x, x0, g, lt), lt
 
-    def step(self, ctx: Context, state: dict, i: int, t: Tensor, t_next: Tensor):
+    def move(self, ctx: Context, setup: None, state: TDSState, k: int, t, t_next) -> Move:
         sch = ctx.prior.schedule
-        x, x0, g, lt = state["x"], state["x0"], state["grad"], state["log_twist"]
+        x, x0, g, lt = state.x, state.x0, state.grad, state.log_twist
+        assert x0 is not None and g is not None and lt is not None
         red = tuple(range(2, x.dim()))
-        a_s, c_eps, std, a_t = ddim_coefficients(sch, t, t_next, 1.0)
+        coef = ddim_coefficients(sch, t, t_next, 1.0)
         s_t = sch.sigma(t)
         # 1. Prior (untwisted) ancestral mean: alpha_s x0_hat + c_eps eps_hat.
-        mean_u = a_s * x0 + c_eps * (x - a_t * x0) / s_t
+        mean_u = ddim_mean(x, x0, coef, s_t)
+        std = coef.std
         if bool(std > 0):
             # 2. Twisted x0 (conditional Tweedie): x0~ = x0_hat + sigma_t^2 / alpha_t * grad.
-            coef = torch.where(a_t > 0, s_t**2 / a_t, torch.zeros_like(a_t))
-            x0_tw = x0 + coef * g
+            x0_tw = tweedie_shift(x0, g, coef.alpha_t, s_t)
             if self.clamp_x0 is not None:
                 x0_tw = x0_tw.clamp(self.clamp_x0[0], self.clamp_x0[1])
             # 3. Proposal q(x_s | x_t, y) = N(alpha_s x0~ + c_eps eps~, std^2 I).
-            mean_tw = a_s * x0_tw + c_eps * (x - a_t * x0_tw) / s_t
+            mean_tw = ddim_mean(x, x0_tw, coef, s_t)
             z = ctx.randn()
             x_new = mean_tw + std * z
             # 4. log p(x_s | x_t) - log q(x_s | x_t, y) with x_s - mean_tw = std z.
@@ -233,17 +256,20 @@ class TDS(SMCSampler):
             # Deterministic kernel (last step of VP / flow paths): x_0 = the untwisted mean.
             x_new = mean_u
             log_ratio = torch.zeros_like(lt)
-        if i == ctx.times.numel() - 2:
+        if k == ctx.times.numel() - 2:
             # 5a. Final weight: exact likelihood p(y | x_0) over the last twist p~_1(y | x_1).
             lt_new = ctx.problem.log_likelihood(x_new)
             lt_new = torch.where(torch.isnan(lt_new), torch.full_like(lt_new, -math.inf), lt_new)
-            new_state = {"x": x_new}
+            new_state = TDSState(x_new)
         else:
             # 5b. Twist at the new particles (also gives the next step's proposal).
             x0_new, lt_new, g_new = self._twist(ctx, x_new, t_next)
-            new_state = {"x": x_new, "x0": x0_new, "grad": g_new, "log_twist": lt_new}
+            new_state = TDSState(x_new, x0_new, g_new, lt_new)
         # 6. w_s = p(x_s | x_t) p~_s(y | x_s) / [q(x_s | x_t, y) p~_t(y | x_t)]; a particle
         #    already at p~_t = 0 (weight 0) stays at weight 0.
         incr = log_ratio + lt_new - lt
         incr = torch.where(torch.isfinite(lt), incr, torch.full_like(incr, -math.inf))
-        return new_state, incr
+        return Move(new_state, incr)
+
+    def run_info(self, ctx: Context, setup: None) -> TDSInfo:
+        return TDSInfo(self.twist_variance if _uses_gaussian_twist(ctx.problem) else "likelihood")

@@ -1,6 +1,11 @@
-"""Sequential Monte Carlo machinery: weights, resampling schemes and the particle loop."""
+"""Sequential Monte Carlo machinery that knows nothing of diffusions: log-space weights,
+resampling schemes, and the weighted particle system (weight and resample steps).
 
-from .loop import Context, DegenerateWeightsError, NonFiniteSamplesError, index_state, run
+The driver that runs samplers over these lives beside them, in
+:mod:`bayesfilter_diff.samplers.loop`.
+"""
+
+from .particles import ParticleWeights, distinct_count, index_particles
 from .resampling import (
     RESAMPLERS,
     get_resampler,
@@ -13,11 +18,9 @@ from .resampling import (
 from .weights import ess, log_evidence_increment, log_mean_exp, normalize
 
 __all__ = [
-    "Context",
-    "DegenerateWeightsError",
-    "NonFiniteSamplesError",
-    "index_state",
-    "run",
+    "ParticleWeights",
+    "distinct_count",
+    "index_particles",
     "RESAMPLERS",
     "get_resampler",
     "inverse_cdf",

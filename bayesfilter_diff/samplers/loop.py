@@ -1,66 +1,71 @@
-"""The shared particle loop that drives every sampler's ``init`` / ``step`` / ``finalize``.
+"""The driver of every sampler: ``setup`` -> ``init`` -> (weight -> resample -> move)* -> ``finalize``.
 
-A sampler is a frozen dataclass with a pure step over a small state record (a dict of
-tensors with leading ``(B, N)`` axes). The loop (blackjax ``smc/base.py`` style):
+A sampler (``samplers/base.py``) is a frozen dataclass of hyper-parameters with pure
+methods over typed records; this loop runs them (blackjax ``smc/base.py``, particles
+``core.py``):
 
-1. ``state, log_w = sampler.init(ctx)``;
-2. for each pair of grid times ``t > t_next``:
-   ``state, g = sampler.step(ctx, state, i, t, t_next)``; the log-evidence estimate gains
-   ``log sum_i W_i exp(g_i)`` (float64), ``log_w += g``; then, where a problem's
-   ``ESS < ess_threshold * N``, every field of its state is indexed by the ancestors drawn
-   by the resampling scheme and its weights reset to uniform (batched, no host syncs: the
-   decision is a per-problem mask);
-3. ``x, g = sampler.finalize(ctx, state)`` (a last weight such as ``p(y|x0) / p~(y|x_1)``).
+1. ``setup = sampler.setup(ctx)``: the per-run constants (a frozen record);
+2. ``state, log_w = sampler.init(ctx, setup)``: particles at ``times[0]`` and their initial
+   log-weights (``None``: uniform);
+3. for each move ``k`` from ``times[k]`` to ``times[k + 1]``:
 
-Unweighted samplers return ``g = None`` and skip the weight bookkeeping. A problem whose
-weights all become zero or NaN raises :class:`DegenerateWeightsError` naming the first
-bad step and the problems, never NaN samples.
+   - **weight** ``G_k``: the previous move's incremental weight plus, for auxiliary
+     particle filters, ``sampler.lookahead(ctx, setup, state, k)`` (the look-ahead potential
+     of the coming move, e.g. MCGdiff's ``int p(x'|x) g_{k+1}(x') dx' / g_k(x)``); the
+     evidence estimate gains ``log sum_i W_i exp(G_i)`` (float64) and the ESS is recorded
+     before any resampling;
+   - **resample** ``R_k`` where a problem's ``ESS < ess_threshold * N`` (a per-problem mask,
+     no host synchronisation); every tensor field of the state is indexed by the ancestors;
+   - **move** ``M_k``: ``sampler.move(ctx, setup, state, k, t, t_next) -> Move(state,
+     log_weight, info)``, with the move's remaining incremental weight and an optional
+     per-step record (stacked into ``Result.info.steps``);
+
+4. ``x, log_g = sampler.finalize(ctx, setup, state)``: the samples and a last weight, applied
+   with the last move's weight.
+
+Unweighted samplers return no weights and skip the bookkeeping. A problem whose weights all
+become zero or NaN raises :class:`~bayesfilter_diff.DegenerateWeightsError` naming the first
+bad step and the problems; NaN or inf samples raise
+:class:`~bayesfilter_diff.NonFiniteSamplesError`, never returned.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from ..errors import DegenerateWeightsError, NonFiniteSamplesError
 from ..priors.base import DiffusionModel
 from ..problem import InverseProblem
-from ..result import Result
-from .resampling import get_resampler
-from .weights import ess, log_evidence_increment, normalize
+from ..result import Result, RunInfo
+from ..smc.particles import ParticleWeights, distinct_count, index_particles
 
-__all__ = [
-    "Context",
-    "DegenerateWeightsError",
-    "NonFiniteSamplesError",
-    "run",
-    "index_state",
-    "check_inputs",
-]
+__all__ = ["Context", "Move", "run", "check_inputs"]
 
 
-class DegenerateWeightsError(RuntimeError):
-    """Every particle weight of a problem became zero or NaN."""
+class Move(NamedTuple):
+    """What a move returns: the new state, its incremental log-weight ``(B, N)`` (or
+    ``None``) and an optional per-step record (a dataclass of tensors or numbers)."""
 
-
-class NonFiniteSamplesError(FloatingPointError):
-    """A sampler returned NaN or inf samples (the run diverged); raised instead of them."""
+    state: Any
+    log_weight: Tensor | None = None
+    info: Any = None
 
 
 @dataclass
 class Context:
-    """What a sampler's ``init`` / ``step`` see besides the state: inputs and counters."""
+    """What a sampler's methods see besides its records: the inputs and the counters."""
 
     prior: DiffusionModel
     problem: InverseProblem
     num_samples: int
     generator: torch.Generator | None
     times: Tensor
-    cache: dict[str, Any] = field(default_factory=dict)
     nfe: int = 0
     backprop: bool = False
 
@@ -210,10 +215,59 @@ def _check_mixed_precision(prior: DiffusionModel, y: Tensor, dtype: torch.dtype)
         )
 
 
-def index_state(state: dict[str, Tensor], idx: Tensor) -> dict[str, Tensor]:
-    """Index every ``(B, N, ...)`` field of ``state`` by ancestors ``idx`` of shape ``(B, N)``."""
-    rows = torch.arange(idx.shape[0], device=idx.device)[:, None]
-    return {k: v[rows, idx] for k, v in state.items()}
+def _stack(records: list[Any]) -> Any:
+    """Stack per-step records field by field (tensors with ``torch.stack``, numbers into a
+    tensor); ``None`` when no step returned one."""
+    recs = [r for r in records if r is not None]
+    if not recs:
+        return None
+
+    def col(vals: list[Any]) -> Any:
+        if all(isinstance(v, Tensor) for v in vals):
+            return torch.stack(vals)
+        if all(isinstance(v, bool | int | float) for v in vals):
+            return torch.tensor(vals)
+        return vals
+
+    first = recs[0]
+    if dataclasses.is_dataclass(first) and not isinstance(first, type):
+        names = [f.name for f in dataclasses.fields(first)]
+        return type(first)(**{n: col([getattr(r, n) for r in recs]) for n in names})
+    return col(recs)
+
+
+def _distinct_samples(x: Tensor) -> Tensor:
+    """Distinct rows of ``x`` ``(B, N, ...)`` per problem: values of a fixed projection."""
+    flat = x.reshape(x.shape[0], x.shape[1], -1).double()
+    w = torch.cos(torch.arange(flat.shape[-1], dtype=torch.float64, device=x.device) * 0.7) + 1.3
+    return distinct_count(flat @ w)
+
+
+def _raise_degenerate(sampler: Any, w: ParticleWeights, z_trace: list[Tensor], times: Tensor):
+    """DegenerateWeightsError naming the problems and the first step where it happened."""
+    bad = ~torch.isfinite(w.log_z) | ~torch.isfinite(w.log_w).any(-1)
+    if not bool(bad.any()):
+        return
+    n = times.numel() - 1
+    probs = torch.nonzero(bad).flatten().tolist()
+    finite = torch.isfinite(torch.stack(z_trace)[:, probs]).all(-1)
+    first = int(torch.nonzero(~finite)[0]) if bool((~finite).any()) else n
+    raise DegenerateWeightsError(
+        f"{type(sampler).__name__}: all particle weights of problem(s) {probs} became "
+        f"zero or NaN at step {first} (t = {float(times[min(first, n)]):.4g}); check the "
+        "noise level, the observation and the prior's support"
+    )
+
+
+def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None:
+        return None if b is None else b.double()
+    return a.double() if b is None else a.double() + b.double()
+
+
+import os
+
+_GOLDEN = bool(os.environ.get("BFD_GOLDEN"))  # TEMPORARY refactor check: remove
 
 
 @torch.no_grad()
@@ -237,76 +291,66 @@ def run(
     times = sampler.time_grid(prior, problem)
     ctx = Context(prior, problem, num_samples, generator, times)
     B, N = ctx.B, ctx.N
-    weighted = sampler.weighted
-    state, log_w = sampler.init(ctx)
-    if weighted:
-        log_w = (
-            torch.zeros(B, N, dtype=torch.float64, device=ctx.device)
-            if log_w is None
-            else log_w.double()
-        )
-        log_z = torch.logsumexp(log_w, -1) - math.log(N)
-        log_w = normalize(log_w)
-        resample = get_resampler(sampler.resampling)
-        thr = float(sampler.ess_threshold)
-        arange = torch.arange(N, device=ctx.device).expand(B, N)
-    ess_trace, res_trace, z_trace = [], [], []
     n = times.numel() - 1
-    for i in range(n):
-        state, incr = sampler.step(ctx, state, i, times[i], times[i + 1])
-        if not weighted:
-            continue
-        if incr is None:  # no reweighting this step: no resampling either
-            ess_trace.append(ess(log_w))
-            z_trace.append(log_z)
-            res_trace.append(torch.zeros(B, dtype=torch.bool, device=ctx.device))
-            continue
-        incr = incr.double()
-        log_z = log_z + log_evidence_increment(log_w, incr)
-        log_w = normalize(log_w + incr)
-        e = ess(log_w)
-        ess_trace.append(e)
-        z_trace.append(log_z)
-        if i == n - 1 or thr <= 0:
-            res_trace.append(torch.zeros(B, dtype=torch.bool, device=ctx.device))
-            continue
-        do = e < thr * N if thr < 1 else torch.ones(B, dtype=torch.bool, device=ctx.device)
-        idx = torch.where(do[:, None], resample(log_w, N, generator), arange)
-        state = index_state(state, idx)
-        log_w = torch.where(do[:, None], torch.full_like(log_w, -math.log(N)), log_w)
-        res_trace.append(do)
-    x, incr = sampler.finalize(ctx, state)
-    info: dict[str, Any] = {
-        "times": times,
-        "nfe": ctx.nfe,
-        "backprop": ctx.backprop,
-        "num_steps": n,
-    }
+    weighted = bool(sampler.weighted)
+    setup = sampler.setup(ctx)
+    state, log_w0 = sampler.init(ctx, setup)
+    w = ParticleWeights.start(None, B, N, ctx.device)
+    ess_trace: list[Tensor] = []
+    res_trace: list[Tensor] = []
+    z_trace: list[Tensor] = []
+    step_records: list[Any] = []
+    no = torch.zeros(B, dtype=torch.bool, device=ctx.device)
+    # the weight still to apply: the initial weights, then each move's incremental weight
+    pending: Tensor | None = log_w0
+    for k in range(n + 1):
+        last = k == n
+        if last:
+            x, log_g = sampler.finalize(ctx, setup, state)
+            g = _add(pending, log_g)
+        else:
+            g = _add(pending, sampler.lookahead(ctx, setup, state, k) if weighted else None)
+        if weighted:
+            # weight G_k (ESS recorded before resampling), then resample R_k
+            if g is not None:
+                w = w.reweight(g)
+            ess_trace.append(w.ess())
+            z_trace.append(w.log_z)
+            if g is None or last or (k == 0 and _GOLDEN):
+                res_trace.append(no)
+            else:
+                w, idx, did = w.resample(
+                    sampler.resampling, float(sampler.ess_threshold), generator
+                )
+                if idx is not None:
+                    state = index_particles(state, idx)
+                res_trace.append(did)
+        if last:
+            break
+        # move M_k
+        out = sampler.move(ctx, setup, state, k, times[k], times[k + 1])
+        state, pending = out.state, out.log_weight
+        step_records.append(out.info)
+    info = RunInfo(
+        times=times,
+        num_steps=n,
+        nfe=ctx.nfe,
+        backprop=ctx.backprop,
+        steps=_stack(step_records),
+        extra=sampler.run_info(ctx, setup),
+    )
     out_w = out_z = None
     if weighted:
-        if incr is not None:
-            incr = incr.double()
-            log_z = log_z + log_evidence_increment(log_w, incr)
-            log_w = normalize(log_w + incr)
-            z_trace.append(log_z)
-        zt = torch.stack(z_trace) if z_trace else log_z[None]
-        bad = ~torch.isfinite(log_z) | ~torch.isfinite(log_w).any(-1)
-        if bool(bad.any()):
-            probs = torch.nonzero(bad).flatten().tolist()
-            finite = torch.isfinite(zt[:, probs]).all(-1)
-            first = int(torch.nonzero(~finite)[0]) if (~finite).any() else n
-            raise DegenerateWeightsError(
-                f"{type(sampler).__name__}: all particle weights of problem(s) {probs} became "
-                f"zero or NaN at step {first} (t = {float(times[min(first, n)]):.4g}); check the "
-                "noise level, the observation and the prior's support"
-            )
-        info["ess"] = torch.stack(ess_trace) if ess_trace else None
-        info["resampled"] = torch.stack(res_trace) if res_trace else None
-        info["log_evidence"] = zt
-        out_w = log_w
+        _raise_degenerate(sampler, w, z_trace, times)
+        info.ess = torch.stack(ess_trace)
+        info.resampled = torch.stack(res_trace)
+        info.log_evidence = torch.stack(z_trace)
+        info.min_ess = info.ess.min(0).values
+        info.ancestors = distinct_count(w.roots)
+        out_w = w.log_w
         # samplers whose normalising constant is not log p(y) (FPS-SMC: the likelihood of
         # its own y-sequence) keep it in the trace only
-        out_z = log_z if getattr(sampler, "estimates_evidence", True) else None
+        out_z = w.log_z if getattr(sampler, "estimates_evidence", True) else None
     bad = ~torch.isfinite(x.reshape(B, N, -1)).all(-1)  # (B, N)
     if bool(bad.any()):
         probs = torch.nonzero(bad.any(-1)).flatten().tolist()
@@ -315,8 +359,8 @@ def run(
             f"({int(bad.sum())} of {B * N} particles): the run diverged; check the noise level "
             f"(noise_std={problem.noise_std:g}), the sampler's step sizes and the prior"
         )
-    info["wall_time"] = time.perf_counter() - start
-    info.update(ctx.cache.get("info", {}))
+    info.distinct = _distinct_samples(x)
+    info.wall_time = time.perf_counter() - start
     if not problem.batched:
         x = x[0]
         out_w = None if out_w is None else out_w[0]

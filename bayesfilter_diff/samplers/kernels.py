@@ -1,0 +1,109 @@
+"""The transition maths every sampler shares, written once.
+
+Notation of the samplers' docstrings: a Gaussian path ``x_t = alpha_t x0 + sigma_t eps``
+(``schedules``), a clean-data estimate ``x0_hat = E[x0 | x_t]`` from the denoiser, and a
+step from grid time ``t`` to ``s < t``.
+
+- ``eps <-> x0``: ``eps = (x_t - alpha_t x0) / sigma_t``, ``x0 = (x_t - sigma_t eps) / alpha_t``.
+- DDIM kernel for any Gaussian path (Song, Meng & Ermon 2021, eq. 12, written for general
+  paths)::
+
+      x_s = alpha_s x0 + c_eps eps + std z,
+      std = eta * sqrt(sigma_{t|s}^2 sigma_s^2 / sigma_t^2),  c_eps = sqrt(sigma_s^2 - std^2),
+      sigma_{t|s}^2 = sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2;
+
+  ``eta = 1`` is the DDPM ancestral step (the exact Gaussian ``q(x_s | x_t, x0)``),
+  ``eta = 0`` the deterministic DDIM step.
+- Tweedie shift (conditional Tweedie): ``x0~ = x0_hat + (sigma_t^2 / alpha_t) grad_{x_t}
+  log p~(y | x_t)``, zero where ``alpha_t = 0``.
+- Gaussian log-densities: elementwise :func:`log_normal`, and :func:`gaussian_log_density`
+  summed over the event axes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..schedules import Schedule
+
+__all__ = [
+    "LOG2PI",
+    "DDIMCoefficients",
+    "ddim_coefficients",
+    "ddim_mean",
+    "eps_from_x0",
+    "x0_from_eps",
+    "tweedie_shift",
+    "log_normal",
+    "gaussian_log_density",
+    "event_sum",
+]
+
+LOG2PI = math.log(2 * math.pi)
+
+
+class DDIMCoefficients(NamedTuple):
+    """``x_s = alpha_s x0 + c_eps eps + std z`` for the step ``t -> s``; ``alpha_t`` too."""
+
+    alpha_s: Tensor
+    c_eps: Tensor
+    std: Tensor
+    alpha_t: Tensor
+
+
+def ddim_coefficients(
+    schedule: Schedule, t: Tensor, t_next: Tensor, eta: float
+) -> DDIMCoefficients:
+    """The DDIM step ``t -> s = t_next`` with parameter ``eta`` (module docstring)."""
+    a_t, s_t = schedule.alpha(t), schedule.sigma(t)
+    a_s, s_s = schedule.alpha(t_next), schedule.sigma(t_next)
+    var_ts = (s_t**2 - (a_t / a_s) ** 2 * s_s**2).clamp_min(0)
+    anc = var_ts * s_s**2 / s_t**2
+    std = eta * anc.sqrt()
+    c_eps = (s_s**2 - std**2).clamp_min(0).sqrt()
+    return DDIMCoefficients(a_s, c_eps, std, a_t)
+
+
+def eps_from_x0(x: Tensor, x0: Tensor, alpha_t: Tensor | float, sigma_t: Tensor | float) -> Tensor:
+    """``eps = (x_t - alpha_t x0) / sigma_t``."""
+    return (x - alpha_t * x0) / sigma_t
+
+
+def x0_from_eps(x: Tensor, eps: Tensor, alpha_t: Tensor | float, sigma_t: Tensor | float) -> Tensor:
+    """``x0 = (x_t - sigma_t eps) / alpha_t``."""
+    return (x - sigma_t * eps) / alpha_t
+
+
+def ddim_mean(x: Tensor, x0: Tensor, coef: DDIMCoefficients, sigma_t: Tensor | float) -> Tensor:
+    """Mean of the DDIM step: ``alpha_s x0 + c_eps (x_t - alpha_t x0) / sigma_t``."""
+    return coef.alpha_s * x0 + coef.c_eps * eps_from_x0(x, x0, coef.alpha_t, sigma_t)
+
+
+def tweedie_shift(x0: Tensor, grad: Tensor, alpha_t: Tensor, sigma_t: Tensor) -> Tensor:
+    """``x0 + (sigma_t^2 / alpha_t) grad``; the shift is zero where ``alpha_t = 0``."""
+    coef = torch.where(alpha_t > 0, sigma_t**2 / alpha_t, torch.zeros_like(alpha_t))
+    return x0 + coef * grad
+
+
+def log_normal(x: Tensor, mean: Tensor | float, var: Tensor | float) -> Tensor:
+    """Elementwise ``log N(x; mean, var)`` (``var`` a tensor or a number, broadcast)."""
+    var = torch.as_tensor(var, dtype=x.dtype, device=x.device)
+    return -0.5 * ((x - mean) ** 2 / var + torch.log(var) + LOG2PI)
+
+
+def event_sum(v: Tensor, event_dim: int) -> Tensor:
+    """Sum over the last ``event_dim`` axes."""
+    return v.sum(tuple(range(v.dim() - event_dim, v.dim()))) if event_dim else v
+
+
+def gaussian_log_density(x: Tensor, mean: Tensor, var: Tensor | float, event_dim: int) -> Tensor:
+    """``log N(x; mean, var I)`` summed over the last ``event_dim`` axes (``var`` broadcasts)."""
+    var = torch.as_tensor(var, dtype=x.dtype, device=x.device)
+    red = tuple(range(x.dim() - event_dim, x.dim()))
+    k = math.prod(x.shape[x.dim() - event_dim :])
+    # (x - mean)^2 / var + log var broadcasts to the full shape before the sum
+    return -0.5 * (((x - mean) ** 2 / var + torch.log(var)).sum(red) + LOG2PI * k)

@@ -1,0 +1,185 @@
+"""The one list of samplers: display names, classes, settings, and what each one needs.
+
+Every place that enumerates samplers reads this registry: the validation studies and the
+CLI's ``--methods``, the imaging study, the benchmarks and the contract test over every
+sampler. A sampler's requirements are declared once, on its class
+(:attr:`~bayesfilter_diff.samplers.base.Sampler.requires`); the registry adds how to build
+it for a study of ``n`` steps, a small setting for tests, and which prior path it runs on.
+
+Adding a sampler: write its module (a frozen dataclass subclassing ``Sampler`` or
+``SMCSampler``) and add one :class:`SamplerEntry` below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..problem import InverseProblem
+from .base import Requirements, Sampler, likelihood_kind
+from .daps import DAPS
+from .ddim import DDIM
+from .ddnm import DDNM, DDNMPlus
+from .ddrm import DDRM
+from .dflow import DFlow
+from .diffpir import DiffPIR
+from .dps import DPS
+from .fps import FPS, FPSSMC
+from .mcgdiff import MCGdiff
+from .pigdm import PiGDM
+from .pigdm_flow import PiGDMFlow
+from .reddiff import REDDiff
+from .repaint import RePaint
+from .smcdiff import SMCDiff
+from .tds import TDS
+
+__all__ = ["SamplerEntry", "REGISTRY", "entry", "names", "build", "applicable"]
+
+
+def _steps(n: int) -> dict[str, Any]:
+    return {"num_steps": n}
+
+
+@dataclass(frozen=True)
+class SamplerEntry:
+    """One sampler of the registry.
+
+    Attributes
+    ----------
+    name
+        Display name (tables, ``--methods``).
+    cls
+        The sampler class.
+    study
+        Settings for a study of ``n`` steps: ``study(n) -> kwargs``.
+    small
+        Settings for a run of milliseconds on a toy problem (tests).
+    path
+        ``"vp"`` for diffusion samplers, ``"flow"`` for the flow methods (the prior they run
+        on; the Gaussian mixture has an exact model under either).
+    posterior
+        Whether it samples a posterior (``False`` for prior-only samplers such as DDIM).
+    studies
+        Whether the validation studies run it by default (DDNM, the noiseless method whose
+        noisy version is DDNM+, is left out).
+    """
+
+    name: str
+    cls: type[Sampler]
+    study: Callable[[int], dict[str, Any]] = _steps
+    small: dict[str, Any] = field(default_factory=lambda: {"num_steps": 4})
+    path: str = "vp"
+    posterior: bool = True
+    studies: bool = True
+
+    @property
+    def requires(self) -> Requirements:
+        return self.cls.requires
+
+    @property
+    def exact(self) -> bool:
+        return bool(self.cls.exact)
+
+    @property
+    def weighted(self) -> bool:
+        return bool(self.cls.weighted)
+
+    def build(self, num_steps: int | None = None, **overrides: Any) -> Sampler:
+        """An instance with the study settings for ``num_steps`` (or the small settings)."""
+        kw = dict(self.small) if num_steps is None else self.study(num_steps)
+        kw.update(overrides)
+        return self.cls(**kw)
+
+    def accepts(self, problem: InverseProblem) -> bool:
+        """Whether the declared requirements admit ``problem`` (the operator and likelihood)."""
+        req = self.requires
+        op = problem.operator
+        if req.mask and not getattr(op, "is_mask", False):
+            return False
+        if req.svd and not (op.is_linear and op.has_svd):
+            return False
+        if req.linear and not op.is_linear:
+            return False
+        if likelihood_kind(problem) not in req.likelihoods:
+            return False
+        return not (req.noise_positive and problem.noise == "gaussian" and problem.noise_std <= 0)
+
+
+_ENTRIES = (
+    SamplerEntry("MCGdiff", MCGdiff),
+    SamplerEntry("TDS", TDS),
+    SamplerEntry("FPS-SMC", FPSSMC),
+    SamplerEntry("FPS", FPS),
+    SamplerEntry("DPS", DPS),
+    SamplerEntry("PiGDM", PiGDM),
+    SamplerEntry("DDRM", DDRM),
+    SamplerEntry("DDNM", DDNM, studies=False),
+    SamplerEntry("DDNM+", DDNMPlus),
+    SamplerEntry("DiffPIR", DiffPIR, small={"num_steps": 4, "cg_iters": 5}),
+    SamplerEntry("RED-diff", REDDiff),
+    SamplerEntry("DAPS", DAPS, small={"num_steps": 3, "ode_steps": 2, "langevin_steps": 3}),
+    SamplerEntry("PiGDM-flow", PiGDMFlow, path="flow"),
+    # D-Flow's defaults (20 x 20 L-BFGS iterations through a 5-step midpoint solve) cost
+    # ~30 000 NFEs per sample; studies bound it to 3 x 5 iterations (~1 000 NFEs).
+    SamplerEntry(
+        "D-Flow",
+        DFlow,
+        study=lambda n: {"max_iters": 3, "lbfgs_iters": 5},
+        small={"max_iters": 2, "lbfgs_iters": 2, "ode_steps": 2, "history_size": 3, "max_ls": 3},
+        path="flow",
+    ),
+    SamplerEntry("SMCDiff", SMCDiff),
+    SamplerEntry("RePaint", RePaint, small={"num_steps": 4, "jump_length": 2, "jump_n_sample": 2}),
+    SamplerEntry("DDIM", DDIM, posterior=False),
+)
+
+#: Display name -> entry, in the order of the tables.
+REGISTRY: dict[str, SamplerEntry] = {e.name: e for e in _ENTRIES}
+_BY_CLASS = {e.cls.__name__: e for e in _ENTRIES}
+
+
+def entry(name: str) -> SamplerEntry:
+    """The entry for a display name (``"FPS-SMC"``) or a class name (``"FPSSMC"``)."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if name in _BY_CLASS:
+        return _BY_CLASS[name]
+    raise ValueError(f"unknown sampler {name!r}; choose from {sorted(REGISTRY)}")
+
+
+def names(
+    *,
+    posterior: bool = True,
+    studies: bool = False,
+    mask: bool = True,
+    exact: bool | None = None,
+    path: str | None = None,
+) -> list[str]:
+    """Display names, filtered: posterior samplers only, those the studies run by default,
+    with or without the mask-only ones, by exactness and by prior path."""
+    out = []
+    for e in _ENTRIES:
+        if posterior and not e.posterior:
+            continue
+        if studies and not e.studies:
+            continue
+        if not mask and e.requires.mask:
+            continue
+        if exact is not None and e.exact != exact:
+            continue
+        if path is not None and e.path != path:
+            continue
+        out.append(e.name)
+    return out
+
+
+def build(name: str, num_steps: int | None = None, **overrides: Any) -> Sampler:
+    """Instantiate sampler ``name`` with its study settings for ``num_steps`` steps (or its
+    small settings when ``num_steps`` is None); ``overrides`` replace settings."""
+    return entry(name).build(num_steps, **overrides)
+
+
+def applicable(problem: InverseProblem, **filters: Any) -> list[str]:
+    """Display names of the samplers whose declared requirements admit ``problem``."""
+    return [n for n in names(**filters) if REGISTRY[n].accepts(problem)]

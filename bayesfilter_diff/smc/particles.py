@@ -1,0 +1,125 @@
+"""The weighted particle system, independent of what the particles are.
+
+One Feynman-Kac step of an SMC sampler, in the notation of blackjax ``smc/base.py`` and
+nchopin/particles ``core.py``: the *weight* ``G_t`` multiplies the particle weights and
+extends the evidence estimate, the *resampling* ``R_t`` draws ancestors (here only where a
+problem's ESS falls below a threshold), the *move* ``M_t`` (the caller's) propagates them.
+This module holds the first two over a :class:`ParticleWeights` record batched over
+independent problems ``(B, N)``, and :func:`index_particles`, which applies ancestors to
+any record of per-particle tensors. It knows nothing of diffusions or observations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+from .resampling import get_resampler
+from .weights import ess, log_evidence_increment, normalize
+
+__all__ = ["ParticleWeights", "index_particles", "distinct_count"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ParticleWeights:
+    """Normalised log-weights ``(B, N)`` and the running log-evidence ``(B,)`` (float64).
+
+    ``roots`` ``(B, N)`` is each particle's ancestor among the initial ``N``: how many
+    distinct values it holds tells how much of the genealogy survived resampling.
+    """
+
+    log_w: Tensor
+    log_z: Tensor
+    roots: Tensor
+
+    @classmethod
+    def start(
+        cls, log_w: Tensor | None, batch: int, num: int, device: torch.device
+    ) -> ParticleWeights:
+        """Initial weights (uniform when ``log_w`` is None); ``log_z = log mean exp(log_w)``."""
+        lw = (
+            torch.zeros(batch, num, dtype=torch.float64, device=device)
+            if log_w is None
+            else log_w.double()
+        )
+        roots = torch.arange(num, device=device).expand(batch, num)
+        return cls(normalize(lw), torch.logsumexp(lw, -1) - math.log(num), roots)
+
+    @property
+    def num(self) -> int:
+        return self.log_w.shape[-1]
+
+    def ess(self) -> Tensor:
+        """``1 / sum W^2`` per problem, ``(B,)``."""
+        return ess(self.log_w)
+
+    def reweight(self, log_g: Tensor) -> ParticleWeights:
+        """Multiply the weights by ``exp(log_g)``; ``log_z += log sum_i W_i exp(g_i)``."""
+        g = log_g.double()
+        return dataclasses.replace(
+            self,
+            log_w=normalize(self.log_w + g),
+            log_z=self.log_z + log_evidence_increment(self.log_w, g),
+        )
+
+    def resample(
+        self, scheme: str, threshold: float, generator: torch.Generator | None
+    ) -> tuple[ParticleWeights, Tensor | None, Tensor]:
+        """Resample the problems whose ``ESS < threshold * N`` (every one for ``threshold >= 1``).
+
+        Returns the new weights, the ancestors ``(B, N)`` (``None`` when no problem can
+        resample, ``threshold <= 0``) and the per-problem mask of those resampled. Batched:
+        the decision is a mask, no host synchronisation.
+        """
+        B, N = self.log_w.shape
+        if threshold <= 0:
+            return self, None, torch.zeros(B, dtype=torch.bool, device=self.log_w.device)
+        if threshold < 1:
+            do = self.ess() < threshold * N
+        else:
+            do = torch.ones(B, dtype=torch.bool, device=self.log_w.device)
+        keep = torch.arange(N, device=self.log_w.device).expand(B, N)
+        idx = torch.where(do[:, None], get_resampler(scheme)(self.log_w, N, generator), keep)
+        log_w = torch.where(do[:, None], torch.full_like(self.log_w, -math.log(N)), self.log_w)
+        roots = self.roots.gather(-1, idx)
+        return dataclasses.replace(self, log_w=log_w, roots=roots), idx, do
+
+
+def index_particles(record: T, idx: Tensor) -> T:
+    """Index every tensor field ``(B, N, ...)`` of ``record`` by ancestors ``idx`` ``(B, N)``.
+
+    ``record`` is a dataclass (the sampler's state), a dict or a tuple of tensors; fields
+    that are not tensors (``None``, numbers) are kept as they are. By convention a state
+    record holds only per-particle tensors; per-run constants live elsewhere.
+    """
+    rows = torch.arange(idx.shape[0], device=idx.device)[:, None]
+
+    def take(v: Any) -> Any:
+        return v[rows, idx] if isinstance(v, Tensor) else v
+
+    if dataclasses.is_dataclass(record) and not isinstance(record, type):
+        changes = {f.name: take(getattr(record, f.name)) for f in dataclasses.fields(record)}
+        return dataclasses.replace(record, **changes)  # type: ignore[type-var]
+    if isinstance(record, dict):
+        return {k: take(v) for k, v in record.items()}  # type: ignore[return-value]
+    if isinstance(record, tuple):
+        items = [take(v) for v in record]
+        if type(record) is tuple:
+            return tuple(items)  # type: ignore[return-value]
+        return type(record)(*items)  # type: ignore[return-value]
+    if isinstance(record, Tensor):
+        return take(record)  # type: ignore[no-any-return]
+    raise TypeError(f"cannot index a particle record of type {type(record).__name__}")
+
+
+def distinct_count(index: Tensor) -> Tensor:
+    """Number of distinct values along the last axis of an integer tensor, batched."""
+    s = index.sort(dim=-1).values
+    return (s[..., 1:] != s[..., :-1]).sum(-1) + 1
