@@ -6,12 +6,12 @@
 
 from . import diagnostics, operators, samplers, smc
 from .distributions import DiffusionPrior, LinearGaussian
+from .errors import DegenerateWeightsError, NonFiniteSamplesError
 from .inference import Posterior, infer
 from .priors import DiffusionModel, GaussianMixture, GaussianMixtureDiffusion
 from .problem import InverseProblem
 from .result import Result
 from .schedules import DiscreteVPSchedule, FlowSchedule, Schedule, VESchedule, VPSchedule
-from .errors import DegenerateWeightsError, NonFiniteSamplesError
 
 __version__ = "0.1.0"
 

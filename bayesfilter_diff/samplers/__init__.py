@@ -13,9 +13,9 @@ from .mcgdiff import MCGdiff
 from .pigdm import PiGDM
 from .pigdm_flow import OTODE, PiGDMFlow
 from .reddiff import REDDiff
+from .registry import REGISTRY, SamplerEntry
 from .repaint import RePaint
 from .smcdiff import SMCDiff
-from .registry import REGISTRY, SamplerEntry
 from .tds import TDS
 
 __all__ = [
