@@ -6,7 +6,7 @@
 
 from . import diagnostics, operators, samplers, smc
 from .distributions import DiffusionPrior, LinearGaussian
-from .errors import DegenerateWeightsError, NonFiniteSamplesError
+from .errors import DegenerateWeightsError, NonFiniteSamplesError, PosteriorQualityWarning
 from .inference import Posterior, infer
 from .priors import DiffusionModel, GaussianMixture, GaussianMixtureDiffusion
 from .problem import InverseProblem
@@ -32,6 +32,7 @@ __all__ = [
     "DiscreteVPSchedule",
     "DegenerateWeightsError",
     "NonFiniteSamplesError",
+    "PosteriorQualityWarning",
     "DiffusionPrior",
     "LinearGaussian",
     "infer",

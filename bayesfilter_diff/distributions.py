@@ -14,8 +14,9 @@ Both follow Pyro's shape algebra (``batch_shape``, ``event_shape``, ``expand``,
 
 Sampling a :class:`DiffusionPrior` runs the reverse process (ancestral DDPM or
 deterministic DDIM, :class:`~bayesfilter_diff.samplers.DDIM`); its density is the
-probability-flow ODE estimate of Song et al. (ICLR 2021, Sec. 4.3 and App. D.2), computed
-by :meth:`DiffusionPrior.ode_log_prob` (see there for the approximations and the cost).
+probability-flow ODE estimate of Song et al. (ICLR 2021, Sec. 4.3 and App. D.2),
+:meth:`DiffusionPrior.ode_log_prob`, computed by :mod:`bayesfilter_diff.priors.ode_density`
+(see there for the approximations and the cost).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch import Tensor
 
 from .operators.base import Operator
 from .operators.identity import Identity
+from .priors import ode_density
 from .priors.base import DiffusionModel
 from .problem import InverseProblem
 
@@ -252,47 +254,12 @@ class DiffusionPrior(TorchDistribution):
     ) -> Tensor:
         r"""``log p(x)`` by the instantaneous change of variables along the probability flow.
 
-        With the probability-flow ODE ``dx_t/dt = v(x_t, t)`` (``model.velocity``,
-        ``v = dalpha E[x0|x_t] + dsigma E[eps|x_t]``), which carries the marginals ``p_t``,
-
-            log p_{t_min}(x) = log p_{t_max}(x_{t_max}) + int_{t_min}^{t_max} div v(x_t, t) dt,
-
-        integrated forward from ``x_{t_min} = x`` with fixed-step RK4 (``ode_steps`` steps,
-        uniform in ``t``) on the joint state ``(x_t, int div v)``.
-
-        Approximations
-        --------------
-        - *Terminal density.* ``p_T`` (``T = t_max``) is the data scaled by
-          ``alpha = alpha(T)`` and convolved with ``N(0, sigma^2 I)``, ``sigma = sigma(T)``.
-          Its cumulant expansion in ``alpha`` is used,
-
-              log p_T(z) ~ log N(z; alpha m, sigma^2 I)
-                           + alpha / 2 (z'^T J z' / sigma^2 - tr J),   z' = z - alpha m,
-
-          with ``m = D(0)`` and ``J = dD/dx_T (0)`` from the denoiser ``D = E[x0 | x_T]`` at
-          ``x_T = 0`` (``J = alpha Cov[x0 | x_T] / sigma^2``, so the correction is the
-          second-order term ``alpha^2 / (2 sigma^2) (z'^T C z' / sigma^2 - tr C)`` of
-          ``N(alpha m, alpha^2 C + sigma^2 I)``, ``C`` the data covariance). The neglected
-          terms are ``O(alpha^3)``: linear VP ``alpha(1) = 6.6e-3``; flow ``alpha(1) = 0``
-          (exact). Cost: two network calls, ``d`` VJPs for ``tr J`` (Hutchinson with
-          ``num_probes`` probes above ``exact_divergence_max_dim``) and one batched VJP.
-        - *Start.* ``t_min > 0`` (see the class): the density of ``p_{t_min}``.
-        - *Discretisation.* RK4's global error ``O(ode_steps^-4)``.
-        - *Divergence.* Exact (``d`` vector-Jacobian products per velocity evaluation) when
-          ``d = prod(event_shape) <= exact_divergence_max_dim``; otherwise Hutchinson's
-          unbiased estimator ``div v ~ mean_k z_k^T (dv/dx) z_k`` with ``num_probes``
-          Rademacher probes ``z_k``, drawn afresh at every evaluation. One evaluation's
-          variance is ``2 (||J_s||_F^2 - sum_i J_ii^2) / num_probes`` (``J_s`` the symmetric
-          part of ``dv/dx``); the estimate of ``log p`` has variance
-          ``sum_evals (c_e h)^2 Var_e`` with the RK4 weights ``c_e in {1, 2, 2, 1} / 6``,
-          i.e. about ``(10 / 36) h / num_probes`` times the time-averaged single-probe
-          variance (measured: sd 0.74 nats in ``d = 64``, 30 steps, one probe).
-
-        Cost: ``4 ode_steps`` velocity (network) evaluations on ``x``'s batch (plus the two
-        terminal calls), each with
-        ``d`` (exact) or ``num_probes`` (Hutchinson) vector-Jacobian products, batched with
-        ``torch.autograd.grad(..., is_grads_batched=True)`` (a loop if the network does not
-        support it). E.g. 100 steps in ``d = 8``: 402 network calls and ~3200 VJPs.
+        ``log p_{t_min}(x) = log p_{t_max}(x_{t_max}) + int_{t_min}^{t_max} div v(x_t, t) dt``
+        with fixed-step RK4 from ``x_{t_min} = x``, a second-order Gaussian approximation of
+        the terminal density, and the exact divergence or Hutchinson's estimator: see
+        :mod:`bayesfilter_diff.priors.ode_density` for the approximations, their errors and
+        the cost (``4 ode_steps + 2`` network calls, each with ``d`` or ``num_probes``
+        vector-Jacobian products).
 
         Parameters
         ----------
@@ -301,7 +268,8 @@ class DiffusionPrior(TorchDistribution):
         ode_steps, num_probes
             Override the distribution's settings.
         exact
-            Force the exact divergence (``True``) or Hutchinson's estimator (``False``).
+            Force the exact divergence (``True``) or Hutchinson's estimator (``False``);
+            default: exact when ``prod(event_shape) <= exact_divergence_max_dim``.
         generator
             Generator of the probes (default: a fresh one seeded with ``probe_seed``).
 
@@ -320,121 +288,20 @@ class DiffusionPrior(TorchDistribution):
         num_probes = _positive_int(
             self.num_probes if num_probes is None else num_probes, "num_probes"
         )
-        d = math.prod(ev)
         if exact is None:
-            exact = d <= self.exact_divergence_max_dim
+            exact = math.prod(ev) <= self.exact_divergence_max_dim
         if not exact and generator is None:
             generator = torch.Generator(device=x.device).manual_seed(self.probe_seed)
-        lead = x.shape[: x.dim() - k]
-        red = tuple(range(len(lead), x.dim()))
-        model = self.model
-
-        def vel_div(z: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-            with torch.enable_grad():
-                zr = z.detach().requires_grad_(True)
-                v = model.velocity(zr, t)
-                if exact:
-                    # grad_outputs e_i (one-hot over the flattened event), batched over i.
-                    eye = torch.eye(d, dtype=z.dtype, device=z.device)
-                    probes = eye.reshape((d,) + (1,) * len(lead) + ev).expand((d,) + v.shape)
-                else:
-                    probes = (
-                        torch.randint(
-                            0,
-                            2,
-                            (num_probes,) + tuple(v.shape),
-                            generator=generator,
-                            device=z.device,
-                        ).to(z.dtype)
-                        * 2
-                        - 1
-                    )
-                vjp = _batched_vjp(v, zr, probes)  # (P, *lead, *event)
-            if exact:
-                flat = vjp.reshape((d,) + tuple(lead) + (d,))
-                div = flat.diagonal(dim1=0, dim2=-1).sum(-1)
-            else:
-                div = (vjp * probes).sum(tuple(r + 1 for r in red)).mean(0)
-            return v.detach(), div.detach()
-
-        times = torch.linspace(
-            self.t_min, self.t_max, ode_steps + 1, dtype=x.dtype, device=x.device
+        return ode_density.ode_log_prob(
+            self.model,
+            x,
+            t_min=self.t_min,
+            t_max=self.t_max,
+            ode_steps=ode_steps,
+            exact=exact,
+            num_probes=num_probes,
+            generator=generator,
         )
-        z = x.detach()
-        integral = torch.zeros(lead, dtype=x.dtype, device=x.device)
-        for i in range(ode_steps):
-            t0, t1 = times[i], times[i + 1]
-            h = t1 - t0
-            # RK4 on (x_t, int div v dt).
-            v1, d1 = vel_div(z, t0)
-            v2, d2 = vel_div(z + 0.5 * h * v1, t0 + 0.5 * h)
-            v3, d3 = vel_div(z + 0.5 * h * v2, t0 + 0.5 * h)
-            v4, d4 = vel_div(z + h * v3, t1)
-            z = z + h / 6 * (v1 + 2 * v2 + 2 * v3 + v4)
-            integral = integral + h / 6 * (d1 + 2 * d2 + 2 * d3 + d4)
-        # Terminal density: N(alpha m, sigma^2 I) plus its second-order correction.
-        tT = times[-1]
-        sch = model.schedule
-        a, s = sch.alpha(tT), sch.sigma(tT)
-        log_end = self._terminal_log_prob(z, a, s, tT, exact, num_probes, generator)
-        return log_end + integral
-
-    def _terminal_log_prob(
-        self,
-        z: Tensor,
-        a: Tensor,
-        s: Tensor,
-        tT: Tensor,
-        exact: bool,
-        num_probes: int,
-        generator: torch.Generator | None,
-    ) -> Tensor:
-        """Second-order Gaussian approximation of ``log p_T(z)`` (see :meth:`ode_log_prob`)."""
-        ev = tuple(self.event_shape)
-        k = len(ev)
-        d = math.prod(ev)
-        lead = z.shape[: z.dim() - k]
-        red = tuple(range(len(lead), z.dim()))
-        model = self.model
-        with torch.enable_grad():
-            # J = dD/dx_T at x_T = 0 (D = E[x0 | x_T]); J = (alpha / sigma^2) Cov[x0 | x_T = 0].
-            zeros = torch.zeros(ev, dtype=z.dtype, device=z.device).requires_grad_(True)
-            m = model.denoise(zeros, tT)
-            if exact:
-                probes = torch.eye(d, dtype=z.dtype, device=z.device).reshape((d,) + ev)
-            else:
-                probes = (
-                    torch.randint(
-                        0, 2, (num_probes,) + ev, generator=generator, device=z.device
-                    ).to(z.dtype)
-                    * 2
-                    - 1
-                )
-            jp = _batched_vjp(m, zeros, probes)
-            trace_j = (jp * probes).sum(tuple(range(1, k + 1))).sum() / (1 if exact else num_probes)
-            zc = (z - a * m).detach()  # x' = z - alpha m
-            zr = torch.zeros_like(zc).requires_grad_(True)
-            mz = model.denoise(zr, tT)  # one row per point, so J^T x' comes out per point
-            (jx,) = torch.autograd.grad(mz, zr, grad_outputs=zc)
-        m = m.detach()
-        r2 = (zc**2).sum(red)
-        log_n = -0.5 * r2 / s**2 - d * (torch.log(s) + 0.5 * _LOG2PI)
-        # log p_T = log N(z; alpha m, sigma^2 I) + alpha/2 (x'^T J x' / sigma^2 - tr J) + O(alpha^3)
-        corr = 0.5 * a * ((zc * jx).sum(red) / s**2 - trace_j)
-        return log_n + corr.detach()
-
-
-def _batched_vjp(v: Tensor, x: Tensor, probes: Tensor) -> Tensor:
-    """``probes[k]^T dv/dx`` for every ``k``: one vmapped backward pass, or a loop."""
-    try:
-        (g,) = torch.autograd.grad(v, x, grad_outputs=probes, is_grads_batched=True)
-        return g
-    except (RuntimeError, NotImplementedError):  # networks whose ops vmap cannot batch
-        out = []
-        for k in range(probes.shape[0]):
-            (g,) = torch.autograd.grad(v, x, grad_outputs=probes[k], retain_graph=True)
-            out.append(g)
-        return torch.stack(out)
 
 
 class LinearGaussian(TorchDistribution):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["DegenerateWeightsError", "NonFiniteSamplesError"]
+__all__ = ["DegenerateWeightsError", "NonFiniteSamplesError", "PosteriorQualityWarning"]
 
 
 class DegenerateWeightsError(RuntimeError):
@@ -11,3 +11,11 @@ class DegenerateWeightsError(RuntimeError):
 
 class NonFiniteSamplesError(FloatingPointError):
     """A sampler returned NaN or inf samples (the run diverged); raised instead of them."""
+
+
+class PosteriorQualityWarning(UserWarning):
+    """A run finished but its draws are not to be trusted (a degenerate or diverged run).
+
+    Raised as an error with ``warnings.simplefilter("error", PosteriorQualityWarning)``,
+    silenced with ``"ignore"``; the same findings are in ``Result.info.quality``.
+    """

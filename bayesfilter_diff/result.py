@@ -51,6 +51,10 @@ class RunInfo:
         ``None``.
     extra
         The sampler's per-run record (e.g. MCGdiff's observation times), or ``None``.
+    quality
+        The findings of the quality check (:mod:`bayesfilter_diff.samplers.quality`), each
+        also warned as a :class:`~bayesfilter_diff.PosteriorQualityWarning`; empty for a
+        healthy run.
 
     ``info["name"]`` looks a name up among the attributes, then the fields of ``extra`` and
     ``steps`` (the mapping interface of earlier versions).
@@ -69,12 +73,13 @@ class RunInfo:
     distinct: Tensor | None = None
     steps: Any = None
     extra: Any = None
+    quality: list[Any] = field(default_factory=list)
 
     def _records(self) -> list[Any]:
         return [r for r in (self.extra, self.steps) if r is not None]
 
     def __getitem__(self, key: str) -> Any:
-        names = {f.name for f in dataclasses.fields(self)} - {"steps", "extra"}
+        names = {f.name for f in dataclasses.fields(self)} - {"steps", "extra", "quality"}
         if key in names:
             return getattr(self, key)
         for rec in self._records():
@@ -133,9 +138,19 @@ class Result:
         return torch.softmax(self.log_weights.double(), dim=-1)
 
     def ess(self) -> Tensor:
-        """Effective sample size of the final weights: ``(B,)`` or a scalar."""
+        """Effective sample size of the returned cloud: ``(B,)`` or a scalar (float64).
+
+        The ESS of the final weights, ``1 / sum W^2``, capped by the number of distinct
+        samples: a run that collapsed and resampled ``N`` copies of one particle has uniform
+        final weights but reports 1, not ``N``. The smallest ESS during the run is
+        ``info.min_ess``.
+        """
         W = self.weights()
-        return 1.0 / (W**2).sum(-1)
+        e = 1.0 / (W**2).sum(-1)
+        if self.info.distinct is not None:
+            d = self.info.distinct.to(e.dtype)
+            e = torch.minimum(e, d if self.batched else d[0])
+        return e
 
     def draws(
         self, n: int, generator: torch.Generator | None = None, resampling: str = "multinomial"

@@ -53,19 +53,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .priors.networks import (
-    PARAMETERIZATIONS,
+from .priors.checkpoint_io import (
     CheckpointError,
-    _atomic_write_text,
-    load_prior,
+    atomic_write_text,
     load_state_checked,
-    network_from_config,
     read_checked_tensors,
     save_prior,
     save_tensors,
     schedule_from_config,
     schedule_to_config,
 )
+from .priors.networks import PARAMETERIZATIONS, load_prior, network_from_config
 from .schedules import FlowSchedule, Schedule, VPSchedule
 
 __all__ = [
@@ -357,7 +355,7 @@ def _save_checkpoint(
         **history,
     }
     # The JSON is replaced last: a kill at any point leaves a consistent (old or new) pair.
-    _atomic_write_text(out / "checkpoint.json", json.dumps(meta, indent=1) + "\n")
+    atomic_write_text(out / "checkpoint.json", json.dumps(meta, indent=1) + "\n")
     for old in out.glob("checkpoint_*.safetensors"):
         if old.name != name:
             old.unlink()
@@ -606,6 +604,6 @@ def export_prior(src: str | Path, dest: str | Path) -> Path:
     weights.write_bytes((js.parent / meta["weights"]).read_bytes())
     meta["weights"] = weights.name
     out = dest.with_name(dest.name + ".json")
-    _atomic_write_text(out, json.dumps(meta, indent=1) + "\n")
+    atomic_write_text(out, json.dumps(meta, indent=1) + "\n")
     load_prior(out)  # round-trip check
     return out

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 import bayesfilter_diff as bfd
+from bayesfilter_diff.samplers.registry import build, names
 from bayesfilter_diff.studies.gmm_benchmark import benchmark_problem
-from bayesfilter_diff.studies.methods import METHODS, build_sampler
 
 
 class MLPEps(torch.nn.Module):
@@ -115,7 +115,7 @@ def batch_speedup(
     """Wall time of one call with ``B`` problems vs ``B`` calls with one problem each."""
     dev = torch.device(device)
     prior, problem = make_problem(prior_kind, d, 2, B, dtype, dev)
-    sampler = build_sampler(method, steps)
+    sampler = build(method, steps)
     singles = [
         bfd.InverseProblem(problem.operator, problem.y[b], problem.noise_std) for b in range(B)
     ]
@@ -175,7 +175,7 @@ def run_one(
     prior, problem = make_problem(prior_kind, d, d_y, B, dtype, dev)
     d = prior.event_shape.numel()
     prior.chunk_size = chunk_size
-    sampler = build_sampler(method, steps)
+    sampler = build(method, steps)
     compile_s = None
     if compile:
         prior.net = torch.compile(prior.net, dynamic=False)
@@ -225,4 +225,4 @@ def run_one(
 
 
 def default_methods() -> list[str]:
-    return [m for m, s in METHODS.items() if not s.mask_only and s.path == "vp"]
+    return names(studies=True, mask=False, path="vp")

@@ -21,7 +21,6 @@ refusal after network calls, no error at all, NaN / inf output) is a failure.
 
 from __future__ import annotations
 
-import importlib
 import math
 import re
 from collections.abc import Callable
@@ -44,76 +43,21 @@ NUM_SAMPLES = 4
 # --------------------------------------------------------------------------------------
 # Samplers
 
-SAMPLER_NAMES = (
-    "DDIM",
-    "FPS",
-    "FPSSMC",
-    "MCGdiff",
-    "SMCDiff",
-    "RePaint",
-    "REDDiff",
-    "DiffPIR",
-    "DAPS",
-    "DFlow",
-    "TDS",
-    "DPS",
-    "PiGDM",
-    "PiGDMFlow",
-    "DDRM",
-    "DDNM",
-    "DDNMPlus",
-)
-# Fallback modules for samplers a checkout does not export (yet) from bayesfilter_diff.samplers.
-_MODULES = {
-    "TDS": "tds",
-    "DPS": "dps",
-    "PiGDM": "pigdm",
-    "PiGDMFlow": "pigdm_flow",
-    "DDRM": "ddrm",
-    "DDNM": "ddnm",
-    "DDNMPlus": "ddnm",
-}
-#: Small settings: a run of any sampler on a toy problem takes milliseconds.
-SMALL = {
-    "DDIM": dict(num_steps=4),
-    "FPS": dict(num_steps=4),
-    "FPSSMC": dict(num_steps=4),
-    "MCGdiff": dict(num_steps=4),
-    "SMCDiff": dict(num_steps=4),
-    "RePaint": dict(num_steps=4, jump_length=2, jump_n_sample=2),
-    "REDDiff": dict(num_steps=4),
-    "DiffPIR": dict(num_steps=4, cg_iters=5),
-    "DAPS": dict(num_steps=3, ode_steps=2, langevin_steps=3),
-    "DFlow": dict(max_iters=2, lbfgs_iters=2, ode_steps=2, history_size=3, max_ls=3),
-    "TDS": dict(num_steps=4),
-    "DPS": dict(num_steps=4),
-    "PiGDM": dict(num_steps=4),
-    "PiGDMFlow": dict(num_steps=4),
-    "DDRM": dict(num_steps=4),
-    "DDNM": dict(num_steps=4),
-    "DDNMPlus": dict(num_steps=4),
-}
+#: Every sampler of the registry, by class name, with its small settings (a run of any
+#: sampler on a toy problem takes milliseconds).
+_ENTRIES = {e.cls.__name__: e for e in bfd.samplers.REGISTRY.values()}
+SAMPLER_NAMES = tuple(_ENTRIES)
+SMALL = {name: dict(e.small) for name, e in _ENTRIES.items()}
 
 
 def sampler_classes() -> dict[str, type]:
-    """Every sampler class that imports: ``getattr(bfd.samplers, name)``, else its module."""
-    out = {}
-    for name in SAMPLER_NAMES:
-        cls = getattr(bfd.samplers, name, None)
-        if cls is None and name in _MODULES:
-            try:
-                mod = importlib.import_module(f"bayesfilter_diff.samplers.{_MODULES[name]}")
-            except Exception:  # a module being edited may not import: skip it
-                mod = None
-            cls = getattr(mod, name, None)
-        if cls is not None:
-            out[name] = cls
-    return out
+    """Every sampler class of the registry, by class name."""
+    return {name: e.cls for name, e in _ENTRIES.items()}
 
 
 def small_samplers() -> dict[str, Any]:
-    """One instance of every available sampler with :data:`SMALL` settings."""
-    return {name: cls(**SMALL.get(name, {})) for name, cls in sampler_classes().items()}
+    """One instance of every sampler with :data:`SMALL` settings."""
+    return {name: cls(**SMALL[name]) for name, cls in sampler_classes().items()}
 
 
 # --------------------------------------------------------------------------------------
@@ -256,7 +200,7 @@ GOOD = (RAISED, RAN, NUMERIC, NA)
 STATUSES = (RAISED, RAN, NUMERIC, NA, WRONG_TYPE, UNCLEAR, LATE, SILENT, NONFINITE)
 _NUMERIC_ERRORS = (
     bfd.DegenerateWeightsError,
-    getattr(bfd.smc.loop, "NonFiniteSamplesError", bfd.DegenerateWeightsError),
+    bfd.NonFiniteSamplesError,
 )
 
 

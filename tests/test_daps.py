@@ -1,4 +1,7 @@
-"""DAPS: annealing grid, Langevin stationary spread, data fit as sigma_y -> 0, shapes, errors."""
+"""DAPS: annealing grid, Langevin stationary spread, data fit as sigma_y -> 0, shapes, errors.
+
+The measured posterior-mean error is in docs/methods/daps.md.
+"""
 
 import math
 
@@ -83,32 +86,6 @@ def test_code_convention_is_paper_convention_with_tau_over_sqrt2():
     torch.testing.assert_close(a.samples, b.samples, rtol=1e-10, atol=1e-10)
 
 
-def test_posterior_mean_error_measured():
-    g = torch.Generator().manual_seed(2)
-    d = 6
-    gmm = _gmm(d)
-    prior = gmm.diffusion(bfd.VPSchedule.linear())
-    A = bfd.operators.Dense(torch.randn(3, d, generator=g, dtype=DT))
-    x = gmm.sample(2, g)
-    sy = 0.3
-    y = A(x) + sy * torch.randn(2, 3, generator=g, dtype=DT)
-    problem = bfd.InverseProblem(A, y, noise_std=sy)
-    exact = gmm.posterior(problem)
-    post_sd = exact.covariance().diagonal(dim1=-2, dim2=-1).sum(-1).sqrt()
-    smax = float(A.singular_values().max())
-    lr = 0.2 / (smax**2 / sy**2 + 1 / 0.1**2)
-    s = DAPS(num_steps=30, ode_steps=3, langevin_steps=50, lr=lr)
-    res = s.sample(prior, problem, 300, generator=g)
-    err = (res.mean() - exact.mean()).norm(dim=-1)
-    var_ratio = res.samples.var(1).sum(-1) / post_sd**2
-    print(
-        f"DAPS (K=30, ode=3, langevin=50, lr={lr:.2e}): |mean - exact| = {err.tolist()}, "
-        f"posterior sd = {post_sd.tolist()}, trace var ratio = {var_ratio.tolist()}"
-    )
-    assert torch.isfinite(res.samples).all()
-    assert res.info["nfe"] == 30 * 3
-
-
 @pytest.mark.parametrize("batched", [False, True])
 def test_shapes_images_and_vectors(batched):
     g = torch.Generator().manual_seed(3)
@@ -148,7 +125,7 @@ def test_errors():
     prior = _gmm(4).diffusion(bfd.VPSchedule.linear())
     A = bfd.operators.Identity(4, dtype=DT)
     pois = bfd.InverseProblem(A, torch.ones(4, dtype=DT), noise="poisson")
-    with pytest.raises(ValueError, match="Gaussian"):
+    with pytest.raises(ValueError, match="DAPS needs a gaussian observation model"):
         DAPS(num_steps=2).sample(prior, pois, 2)
     clean = bfd.InverseProblem(A, torch.ones(4, dtype=DT), noise_std=0.0)
     with pytest.raises(ValueError, match="tau"):

@@ -172,7 +172,7 @@ def test_errors():
         DDRM().sample(prior, bfd.InverseProblem(pr, y, noise_std=0.1), 2)
     A = ops.Identity((4,), dtype=DT)
     yp = torch.rand(4, generator=g, dtype=DT) + 1
-    with pytest.raises(ValueError, match="Gaussian noise"):
+    with pytest.raises(ValueError, match="needs a gaussian observation model.*poisson"):
         DDRM().sample(
             std_normal_prior(bfd.VPSchedule.linear(), (4,)),
             bfd.InverseProblem(A, yp, noise="poisson"),

@@ -1,4 +1,7 @@
-"""D-Flow: data fit at lambda = 0, regulariser sign, per-sample independence, NFEs, shapes."""
+"""D-Flow: data fit at lambda = 0, regulariser sign, per-sample independence, NFEs, shapes.
+
+The measured posterior-mean error is in docs/methods/dflow.md.
+"""
 
 import math
 
@@ -25,7 +28,7 @@ def test_lambda_zero_fits_the_data(sched):
     _, prior, A, y = _problem(sched=sched)
     s = DFlow(max_iters=2, lbfgs_iters=15, lam=0.0, history_size=10)
     res = s.sample(prior, bfd.InverseProblem(A, y), 8, generator=torch.Generator().manual_seed(1))
-    f0, f1 = res.info["dflow_initial_loss"], res.info["dflow_final_loss"]
+    f0, f1 = res.info["loss_start"][0], res.info["loss"][-1]
     resid = (A(res.samples) - y[:, None]).pow(2).sum(-1)
     torch.testing.assert_close(resid, f1)  # the returned sample is Phi at the final z
     print(
@@ -42,7 +45,7 @@ def test_regulariser_sign_keeps_z_on_the_typical_sphere():
     _, prior, A, y = _problem(d=d)
     s = DFlow(max_iters=1, lbfgs_iters=25, lam=1e6, history_size=10, init_blend=0.0)
     res = s.sample(prior, bfd.InverseProblem(A, y), 8, generator=torch.Generator().manual_seed(2))
-    zn = res.info["dflow_z_norm"]
+    zn = res.info["z_norm"][-1]
     print(
         f"D-Flow lambda=1e6: ||z|| in [{float(zn.min()):.5f}, {float(zn.max()):.5f}], "
         f"sqrt(d-1) = {math.sqrt(d - 1):.5f}"
@@ -73,25 +76,12 @@ def test_nfe_and_backprop_reported():
             generator=torch.Generator().manual_seed(5),
         )
         assert res.info["backprop"] is True
-        # inversion (ode_steps Euler NFEs) + every objective evaluation (ode_steps * per)
-        assert res.info["nfe"] == 4 + res.info["dflow_evaluations"] * 4 * per
+        # inversion (ode_steps Euler NFEs) + every objective evaluation (ode_steps * per):
+        # one at the start, then those of each move
+        evaluations = 1 + int(res.info["evaluations"].sum())
+        assert res.info["nfe"] == 4 + evaluations * 4 * per
+        assert res.info["evaluations"].shape == (2,) and res.info["loss"].shape == (2, 2, 4)
         assert res.info["num_steps"] == 2
-
-
-def test_posterior_mean_error_measured():
-    gmm, prior, A, y = _problem(sy=0.3, seed=6)
-    problem = bfd.InverseProblem(A, y, noise_std=0.3)
-    exact = gmm.posterior(problem)
-    post_sd = exact.covariance().diagonal(dim1=-2, dim2=-1).sum(-1).sqrt()
-    s = DFlow(max_iters=3, lbfgs_iters=5, history_size=10)
-    res = s.sample(prior, problem, 64, generator=torch.Generator().manual_seed(6))
-    err = (res.mean() - exact.mean()).norm(dim=-1)
-    var_ratio = res.samples.var(1).sum(-1) / post_sd**2
-    print(
-        f"D-Flow (3 x 5 L-BFGS iterations): |mean - exact| = {err.tolist()}, posterior sd = "
-        f"{post_sd.tolist()}, trace var ratio = {var_ratio.tolist()}, nfe = {res.info['nfe']}"
-    )
-    assert torch.isfinite(res.samples).all()
 
 
 @pytest.mark.parametrize("batched", [False, True])
@@ -127,14 +117,14 @@ def test_nonlinear_operator_starts_from_noise():
     res = s.sample(prior, bfd.InverseProblem(A, y, noise_std=0.05), 3, generator=g)
     assert res.samples.shape == (3,) + shape
     assert torch.isfinite(res.samples).all()
-    assert float(res.info["dflow_final_loss"].max()) <= float(res.info["dflow_initial_loss"].max())
+    assert float(res.info["loss"][-1].max()) <= float(res.info["loss_start"][0].max())
 
 
 def test_errors():
     prior = _gmm(4).diffusion(bfd.FlowSchedule())
     A = bfd.operators.Identity(4, dtype=DT)
     pois = bfd.InverseProblem(A, torch.ones(4, dtype=DT), noise="poisson")
-    with pytest.raises(ValueError, match="Gaussian"):
+    with pytest.raises(ValueError, match="DFlow needs a gaussian observation model"):
         DFlow(max_iters=1).sample(prior, pois, 2)
     with pytest.raises(ValueError, match="solver"):
         DFlow(solver="rk4")

@@ -24,7 +24,7 @@ from matplotlib.figure import Figure  # noqa: E402
 import bayesfilter_diff as bfd  # noqa: E402
 import bayesfilter_diff.diagnostics as diag  # noqa: E402
 from bayesfilter_diff.result import Result  # noqa: E402
-from bayesfilter_diff.samplers.base import SMCSampler  # noqa: E402
+from bayesfilter_diff.samplers.base import Move, SMCSampler  # noqa: E402
 
 DT = torch.float64
 
@@ -358,13 +358,16 @@ def test_marginal_mixture_matches_gaussian_marginals():
 class _TemperedIS(SMCSampler):
     """Test-only SMC: prior draws, likelihood tempered in num_steps equal steps, no moves."""
 
-    def init(self, ctx):
+    def init(self, ctx, setup):
         mix = ctx.prior.mixture
         x = mix.sample(ctx.B * ctx.N, ctx.generator).reshape(ctx.shape)
         return {"x": x}, None
 
-    def step(self, ctx, state, i, t, t_next):
-        return state, ctx.problem.log_likelihood(state["x"]) / self.num_steps
+    def move(self, ctx, setup, state, k, t, t_next):
+        return Move(state, ctx.problem.log_likelihood(state["x"]) / self.num_steps)
+
+    def finalize(self, ctx, setup, state):
+        return state["x"], None
 
 
 def test_smc_traces_and_log_evidence_error():
@@ -376,10 +379,10 @@ def test_smc_traces_and_log_evidence_error():
     N = 2000
     res = _TemperedIS(num_steps=4).sample(prior, problem, N, generator=gen(22))
     e = diag.ess_trace(res)
-    assert e.shape == (4, 3) and ((e >= 1) & (e <= N)).all()
+    assert e.shape == (5, 3) and ((e >= 1) & (e <= N)).all()
     torch.testing.assert_close(diag.ess_trace(res, relative=True), e / N)
     ev = diag.resampling_events(res)
-    assert ev.shape == (4, 3) and ev.dtype == torch.bool and not ev[-1].any()
+    assert ev.shape == (5, 3) and ev.dtype == torch.bool and not ev[-1].any()
     assert ev.any()  # sigma_y = 0.3: the ESS drops below N/2 somewhere
     exact = gmm.log_evidence(problem)
     err = diag.log_evidence_error(res, exact)
@@ -389,7 +392,7 @@ def test_smc_traces_and_log_evidence_error():
     one = _TemperedIS(num_steps=2).sample(
         prior, bfd.InverseProblem(A, y[0], noise_std=0.3), 200, generator=gen(23)
     )
-    assert diag.ess_trace(one).shape == (2,) and diag.log_evidence_error(one, 0.0).shape == ()
+    assert diag.ess_trace(one).shape == (3,) and diag.log_evidence_error(one, 0.0).shape == ()
     with pytest.raises(ValueError, match="trace"):
         diag.ess_trace(Result(samples=torch.zeros(5, 2)))
     with pytest.raises(ValueError, match="log-evidence"):

@@ -76,8 +76,7 @@ def test_proximal_step_cg_equals_svd_closed_form():
     for A in (bfd.operators.Dense(M), DenseNoSVD(M)):
         problem = bfd.InverseProblem(A, y, noise_std=0.1)
         ctx = Context(prior, problem, 4, g, s.time_grid(prior, problem))
-        s.init(ctx)
-        got = s._prox_svd(ctx, x0, rho) if A.has_svd else s._prox_cg(ctx, x0, rho)
+        got = s.prox(ctx, s.setup(ctx), x0, rho)  # SVD closed form, or CG from x0
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-8)
 
 
@@ -98,29 +97,6 @@ def test_cg_path_matches_svd_path():
         )
         out.append(res.samples)
     torch.testing.assert_close(out[0], out[1], rtol=1e-6, atol=1e-6)
-
-
-def test_posterior_mean_error_measured():
-    g = torch.Generator().manual_seed(4)
-    d = 6
-    gmm = _gmm(d)
-    prior = gmm.diffusion(bfd.VPSchedule.linear())
-    A = bfd.operators.Dense(torch.randn(3, d, generator=g, dtype=DT))
-    x = gmm.sample(2, g)
-    sy = 0.3
-    y = A(x) + sy * torch.randn(2, 3, generator=g, dtype=DT)
-    problem = bfd.InverseProblem(A, y, noise_std=sy)
-    exact = gmm.posterior(problem)
-    post_sd = exact.covariance().diagonal(dim1=-2, dim2=-1).sum(-1).sqrt()
-    for s in (DiffPIR(), DiffPIR(lam=7 / 4), DiffPIR(lam=1.0, zeta=1.0)):
-        res = s.sample(prior, problem, 1000, generator=g)
-        err = (res.mean() - exact.mean()).norm(dim=-1)
-        var_ratio = res.samples.var(1).sum(-1) / post_sd**2
-        print(
-            f"DiffPIR lam={s.lam}, zeta={s.zeta}: |mean - exact| = {err.tolist()}, "
-            f"posterior sd = {post_sd.tolist()}, trace var ratio = {var_ratio.tolist()}"
-        )
-        assert torch.isfinite(res.samples).all()
 
 
 @pytest.mark.parametrize("batched", [False, True])
@@ -161,7 +137,7 @@ def test_errors():
     pois = bfd.InverseProblem(
         bfd.operators.Identity(4, dtype=DT), torch.ones(4, dtype=DT), noise="poisson"
     )
-    with pytest.raises(ValueError, match="Gaussian"):
+    with pytest.raises(ValueError, match="gaussian observation model"):
         DiffPIR(num_steps=2).sample(vprior, pois, 2)
     with pytest.raises(ValueError, match="zeta"):
         DiffPIR(zeta=1.5)

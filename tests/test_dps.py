@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import bayesfilter_diff as bfd
-from bayesfilter_diff.samplers.base import ddim_coefficients
-from bayesfilter_diff.samplers.dps import DPS
-from bayesfilter_diff.smc.loop import Context
+from bayesfilter_diff.samplers.base import Context
+from bayesfilter_diff.samplers.dps import DPS, DPSState
+from bayesfilter_diff.samplers.kernels import ddim_coefficients
 
 DT = torch.float64
 
@@ -76,14 +76,20 @@ def test_runs_and_shapes(kind, poisson, rule):
     assert res.samples.shape == lead + shape and res.samples.dtype == problem.y.dtype
     assert torch.isfinite(res.samples).all()
     assert res.log_weights is None and res.log_evidence is None
-    assert res.info["nfe"] == 20 and res.info["backprop"] and res.info["dps_nonfinite"] == 0
+    assert res.info["nfe"] == 20 and res.info["backprop"]
+    # per step and problem: particles that skipped a non-finite gradient step
+    skipped = res.info["dps_nonfinite"]
+    assert skipped.shape == (20, problem.batch_size) and (skipped == 0).all()
 
 
 def make_ctx(prior, problem, N, seed, sampler):
     times = sampler.time_grid(prior, problem)
     ctx = Context(prior, problem, N, torch.Generator().manual_seed(seed), times)
-    sampler.init(ctx)
-    return ctx
+    return ctx, sampler.setup(ctx)
+
+
+def move(sampler, ctx, setup, x, k, t, t_next):
+    return sampler.move(ctx, setup, DPSState(x), k, t, t_next).state.x
 
 
 @pytest.mark.parametrize("rule", ["paper", "code"])
@@ -100,9 +106,9 @@ def test_step_size_is_per_particle(rule):
     t, t_next = torch.tensor(0.5, dtype=DT), torch.tensor(0.4, dtype=DT)
 
     def step(x, y, seed=0):
-        ctx = make_ctx(prior, bfd.InverseProblem(A, y, 0.1), x.shape[1], seed, sampler)
+        ctx, setup = make_ctx(prior, bfd.InverseProblem(A, y, 0.1), x.shape[1], seed, sampler)
         ctx.generator.manual_seed(seed)  # the same noise for every call
-        return sampler.step(ctx, {"x": x}, 3, t, t_next)[0]["x"]
+        return move(sampler, ctx, setup, x, 3, t, t_next)
 
     ref = step(x, y)
     x2, y2 = x.clone(), y.clone()
@@ -114,10 +120,10 @@ def test_step_size_is_per_particle(rule):
     assert not torch.allclose(out[0, 1], ref[0, 1]) and not torch.allclose(out[1], ref[1])
     # Deterministic kernel (eta = 0): the batched update equals the one-particle update.
     det = DPS(num_steps=10, scale=0.7, step_rule=rule, eta=0.0)
-    ctx = make_ctx(prior, bfd.InverseProblem(A, y, 0.1), 4, 0, det)
-    full = det.step(ctx, {"x": x}, 3, t, t_next)[0]["x"]
-    ctx1 = make_ctx(prior, bfd.InverseProblem(A, y[1:], 0.1), 1, 0, det)
-    one = det.step(ctx1, {"x": x[1:, 2:3]}, 3, t, t_next)[0]["x"]
+    ctx, setup = make_ctx(prior, bfd.InverseProblem(A, y, 0.1), 4, 0, det)
+    full = move(det, ctx, setup, x, 3, t, t_next)
+    ctx1, setup1 = make_ctx(prior, bfd.InverseProblem(A, y[1:], 0.1), 1, 0, det)
+    one = move(det, ctx1, setup1, x[1:, 2:3], 3, t, t_next)
     torch.testing.assert_close(full[1, 2], one[0, 0], rtol=0, atol=1e-14)
 
 
@@ -143,8 +149,8 @@ def test_step_matches_closed_form():
     norm = r.norm(dim=-1, keepdim=True)
     for rule, expected in (("paper", base - 0.4 * grad / norm), ("code", base - 0.2 * grad / norm)):
         sampler = DPS(num_steps=10, scale=0.4, step_rule=rule, eta=0.0)
-        ctx = make_ctx(prior, bfd.InverseProblem(A, y, 0.1), 6, 0, sampler)
-        out = sampler.step(ctx, {"x": x}, 0, t, s)[0]["x"]
+        ctx, setup = make_ctx(prior, bfd.InverseProblem(A, y, 0.1), 6, 0, sampler)
+        out = move(sampler, ctx, setup, x, 0, t, s)
         torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
 
 
@@ -183,17 +189,22 @@ def test_poisson_data_fits():
     y, rate, op = problem.y[:, None], problem.poisson_rate, problem.operator
     x1 = torch.randn((2, 3) + shape, generator=g)
     x2 = torch.randn((2, 3) + shape, generator=g)
-    ctx = make_ctx(prior, problem, 3, 0, DPS(num_steps=5, poisson="nll"))
-    nll = ctx.cache["distance"]
+    nll_dps = DPS(num_steps=5, poisson="nll")
+    ctx, setup = make_ctx(prior, problem, 3, 0, nll_dps)
+
+    def nll(x):
+        return nll_dps.distance(ctx, setup, x)
+
     # "nll": D = -log p(y | x) + const, so D + log p(y | x) does not depend on x.
     c1 = nll(x1) + problem.log_likelihood(x1)
     c2 = nll(x2) + problem.log_likelihood(x2)
     torch.testing.assert_close(c1, c2, rtol=1e-5, atol=1e-3)
     assert (nll(x1) >= 0).all()
     # "weighted": sum (y - rate A x)^2 / (2 max(y, 1)).
-    ctx = make_ctx(prior, problem, 3, 0, DPS(num_steps=5))
+    weighted = DPS(num_steps=5)
+    ctx, setup = make_ctx(prior, problem, 3, 0, weighted)
     expected = ((y - rate * op(x1)) ** 2 / (2 * y.clamp_min(1))).flatten(2).sum(-1)
-    torch.testing.assert_close(ctx.cache["distance"](x1), expected)
+    torch.testing.assert_close(weighted.distance(ctx, setup, x1), expected)
 
 
 def test_nonfinite_guidance_is_skipped():
@@ -206,7 +217,9 @@ def test_nonfinite_guidance_is_skipped():
     res = DPS(num_steps=20, poisson="nll").sample(
         gmm.diffusion(bfd.VPSchedule.linear()), problem, 50, g
     )
-    assert torch.isfinite(res.samples).all() and res.info["dps_nonfinite"] > 0
+    skipped = res.info["dps_nonfinite"]  # (num_steps, B): per step and problem
+    assert torch.isfinite(res.samples).all() and skipped.shape == (20, 1)
+    assert skipped.sum() > 0 and (skipped <= 50).all()
 
 
 def test_clamp():

@@ -7,7 +7,18 @@ import pytest
 import torch
 
 import bayesfilter_diff as bfd
-from bayesfilter_diff.samplers.base import SMCSampler
+from bayesfilter_diff.samplers.base import Move, SMCSampler
+
+
+@dataclass(frozen=True)
+class _State:
+    x: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _StepInfo:
+    k: int
+    mean_ll: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -15,20 +26,29 @@ class _ToyIS(SMCSampler):
     """Particles from N(0, 1) per coordinate; weights p(y|x) split evenly over the steps.
 
     The evidence estimate is then an importance-sampling estimate of p(y) under a N(0, I)
-    prior, and the weighted particles target the exact posterior.
+    prior, and the weighted particles target the exact posterior. With ``lookahead=True`` the
+    same weights come as a look-ahead potential of each move instead of its weight.
     """
 
     bad_problem: int = -1
+    lookahead_weights: bool = False
 
-    def init(self, ctx):
-        return {"x": ctx.randn()}, None
+    def init(self, ctx, setup):
+        return _State(ctx.randn()), None
 
-    def step(self, ctx, state, i, t, t_next):
-        ll = ctx.problem.log_likelihood(state["x"]) / self.num_steps
-        if self.bad_problem >= 0 and i == 2:
+    def _ll(self, ctx, x, k):
+        ll = ctx.problem.log_likelihood(x) / self.num_steps
+        if self.bad_problem >= 0 and k == 2:
             ll = ll.clone()
             ll[self.bad_problem] = float("-inf")
-        return state, ll
+        return ll
+
+    def lookahead(self, ctx, setup, state, k):
+        return self._ll(ctx, state.x, k) if self.lookahead_weights else None
+
+    def move(self, ctx, setup, state, k, t, t_next):
+        ll = None if self.lookahead_weights else self._ll(ctx, state.x, k)
+        return Move(state, ll, _StepInfo(k, state.x.mean()))
 
 
 def _problem(B=4, sigma=1.0):
@@ -47,11 +67,12 @@ def _prior():
     return gmm, gmm.diffusion(bfd.VPSchedule.linear())
 
 
+@pytest.mark.parametrize("lookahead", [False, True])
 @pytest.mark.parametrize("thr", [0.0, 0.5, 1.0])
-def test_evidence_and_posterior_mean(thr):
+def test_evidence_and_posterior_mean(thr, lookahead):
     gmm, prior = _prior()
     problem = _problem()
-    res = _ToyIS(num_steps=5, ess_threshold=thr).sample(
+    res = _ToyIS(num_steps=5, ess_threshold=thr, lookahead_weights=lookahead).sample(
         prior, problem, 20000, torch.Generator().manual_seed(1)
     )
     exact = gmm.log_evidence(problem)
@@ -61,16 +82,74 @@ def test_evidence_and_posterior_mean(thr):
     post = gmm.posterior(problem)
     se = torch.sqrt(post.covariance().diagonal(dim1=-2, dim2=-1) / res.ess()[:, None])
     assert ((res.mean() - post.mean()).abs() < 5 * se).all()
-    assert res.info["ess"].shape == (5, 4) and res.info["resampled"].shape == (5, 4)
+    # one trace entry per reweighting: before each of the 5 moves, and the final one
+    assert res.info.ess.shape == (6, 4) and res.info.resampled.shape == (6, 4)
+    # the move weights of move k are applied before move k + 1; look-ahead weights before
+    # move k: either way the first entry of the move-weighted run is the uniform start
+    first = 1 if not lookahead else 0
+    if not lookahead:
+        assert torch.allclose(res.info.ess[0], torch.full((4,), 20000.0, dtype=torch.float64))
     if thr == 1.0:
-        assert res.info["resampled"][:-1].all() and not res.info["resampled"][-1].any()
+        assert res.info.resampled[first:-1].all() and not res.info.resampled[-1].any()
     if thr == 0.0:
-        assert not res.info["resampled"].any()
+        assert not res.info.resampled.any()
+    assert torch.equal(res.info.min_ess, res.info.ess.min(0).values)
+    # per-step records are stacked by the loop; the mapping interface reads their fields
+    assert torch.equal(res.info.steps.k, torch.arange(5)) and res.info["mean_ll"].shape == (5,)
+
+
+def test_genealogy_counts_report_a_collapse():
+    # every weight on one particle: the resampled cloud descends from a single ancestor and
+    # (the move being the identity) holds one distinct value, while the final ESS looks fine
+    @dataclass(frozen=True)
+    class _OneSurvivor(SMCSampler):
+        ess_threshold: float = 1.0
+
+        def init(self, ctx, setup):
+            lw = torch.full((ctx.B, ctx.N), -1e4, dtype=torch.float64)
+            lw[:, 7] = 0.0
+            return _State(ctx.randn()), lw
+
+        def move(self, ctx, setup, state, k, t, t_next):
+            return Move(state, torch.zeros(ctx.B, ctx.N))
+
+    _, prior = _prior()
+    with pytest.warns(bfd.PosteriorQualityWarning) as rec:
+        res = _OneSurvivor(num_steps=3).sample(
+            prior, _problem(), 50, torch.Generator().manual_seed(0)
+        )
+    # the final weights are uniform (ESS 50), yet the cloud is one particle: ess() says 1
+    W = res.weights()
+    assert torch.allclose(1 / (W**2).sum(-1), torch.full((4,), 50.0, dtype=torch.float64))
+    assert torch.equal(res.ess(), torch.ones(4, dtype=torch.float64))
+    kinds = {i.kind for i in res.info.quality}
+    assert kinds == {"min_ess", "distinct"} and len(rec) == 2
+    assert "more particles" in str(rec[0].message)
+    assert torch.allclose(res.info.min_ess, torch.ones(4, dtype=torch.float64))
+    assert torch.equal(res.info.ancestors, torch.ones(4, dtype=torch.long))
+    assert torch.equal(res.info.distinct, torch.ones(4, dtype=torch.long))
+    healthy = _ToyIS(num_steps=3, ess_threshold=0.0).sample(
+        prior, _problem(), 50, torch.Generator().manual_seed(0)
+    )
+    assert (healthy.info.distinct == 50).all() and (healthy.info.ancestors > 1).all()
+    assert healthy.info.quality == []
+
+
+def test_index_particles_on_records():
+    idx = torch.tensor([[1, 1, 0], [2, 0, 2]])
+    x = torch.arange(6.0).reshape(2, 3)
+    out = bfd.smc.index_particles(_State(x), idx)
+    assert torch.equal(out.x, torch.tensor([[1.0, 1.0, 0.0], [5.0, 3.0, 5.0]]))
+    assert torch.equal(bfd.smc.index_particles({"x": x, "c": None}, idx)["x"], out.x)
+    assert torch.equal(bfd.smc.distinct_count(idx), torch.tensor([2, 2]))
+    with pytest.raises(TypeError, match="particle record"):
+        bfd.smc.index_particles([x], idx)
 
 
 def test_degenerate_weights_raise_naming_step_and_problem():
     _, prior = _prior()
-    with pytest.raises(bfd.DegenerateWeightsError, match=r"problem\(s\) \[2\].*step 2"):
+    # move 2's weight lands on the particles at times[3]: the message names that weighting
+    with pytest.raises(bfd.DegenerateWeightsError, match=r"problem\(s\) \[2\].*step 3"):
         _ToyIS(num_steps=5, bad_problem=2).sample(
             prior, _problem(), 100, torch.Generator().manual_seed(0)
         )

@@ -17,7 +17,8 @@ import torch
 
 import bayesfilter_diff as bfd
 from bayesfilter_diff.samplers.base import ddim_coefficients
-from bayesfilter_diff.samplers.mcgdiff import MCGdiff, observation_time_indices
+from bayesfilter_diff.samplers.mcgdiff import MCGdiff
+from bayesfilter_diff.samplers.spectral import exact_observation_times, observation_time_indices
 
 D64 = torch.float64
 
@@ -134,8 +135,6 @@ def test_noisy_gaussian_matches_discrete_target_posterior_and_evidence(schedule)
     em, ec = exact.mean()[0], exact.covariance()[0]
     sampler = MCGdiff(num_steps=steps)
     times = sampler.time_grid(prior, problem)  # the 50-step grid with the tau_i inserted
-    from bayesfilter_diff.samplers.mcgdiff import exact_observation_times
-
     tau = exact_observation_times(schedule, A.singular_values(), sy, times[-1], times[0])
     assert (schedule.sigma(tau) / schedule.alpha(tau) - sy / A.singular_values()).abs().max() < 1e-9
     assert (tau[:, None] - times).abs().min(1).values.max() < 1e-9  # on the grid

@@ -6,14 +6,16 @@ import pytest
 import torch
 
 import bayesfilter_diff as bfd
+from bayesfilter_diff.priors.checkpoint_io import (
+    CheckpointError,
+    schedule_from_config,
+    schedule_to_config,
+)
 from bayesfilter_diff.priors.networks import (
     MLP,
-    CheckpointError,
     UNet,
     network_from_config,
     prior_from_network,
-    schedule_from_config,
-    schedule_to_config,
     timestep_embedding,
 )
 

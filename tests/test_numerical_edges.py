@@ -159,10 +159,11 @@ class _NaNForProblem1(torch.nn.Module):
         return torch.where(bad[:, None], torch.full_like(out, math.nan), out)
 
 
-# first loop step whose weight uses the network at t < 0.5 on the grid 1, 0.9, ..., 0:
-# MCGdiff / TDS evaluate it at the end of step 5 (for the move from t = 0.4), FPS-SMC and
-# SMCDiff at the start of step 6 (x_t at t = 0.4)
-_FIRST_BAD_STEP = {"MCGdiff": 5, "TDS": 5, "FPSSMC": 6, "SMCDiff": 6}
+# first reweighting (the loop's step k: weights of the particles at times[k]) that uses the
+# network at t < 0.5 on the grid 1, 0.9, ..., 0: MCGdiff / TDS evaluate it at the end of
+# move 5, on the particles at t = 0.4 (their look-ahead / twist), weighted at step 6;
+# FPS-SMC and SMCDiff at the start of move 6 (x_t at t = 0.4), whose weight lands at step 7
+_FIRST_BAD_STEP = {"MCGdiff": 6, "TDS": 6, "FPSSMC": 7, "SMCDiff": 7}
 
 
 @pytest.mark.parametrize("name", [n for n in _FIRST_BAD_STEP if n in CLASSES])

@@ -94,6 +94,92 @@ def test_gram_solve_matches_dense(name):
     assert torch.allclose(op.flat_out(op.gram_solve(y, 0.7, 0.2)), ref, atol=1e-10)
 
 
+@pytest.mark.parametrize("name", list(OPS))
+def test_damped_pinv_and_prox_match_dense(name):
+    op = OPS[name]
+    g = torch.Generator().manual_seed(7)
+    f64 = torch.float64
+    M = op.matrix()
+    m, d = M.shape
+    y = torch.randn((3,) + op.out_shape, generator=g, dtype=f64)
+    z = torch.randn((3,) + op.in_shape, generator=g, dtype=f64)
+    yf, zf = op.flat_out(y), op.flat_in(z)
+    # A^T (r2 A A^T + s2 I)^-1 y, and A^+ y for s2 = 0
+    G = 0.7 * M @ M.T + 0.2 * torch.eye(m, dtype=f64)
+    ref = torch.linalg.solve(G, yf.T).T @ M
+    assert torch.allclose(op.flat_in(op.damped_pinv(y, 0.7, 0.2)), ref, atol=1e-10)
+    ref0 = yf @ torch.linalg.pinv(M).T
+    assert torch.allclose(op.flat_in(op.damped_pinv(y)), ref0, atol=1e-9)
+    # argmin ||A x - y||^2 + rho ||x - z||^2, and the projection onto {A x = y} for rho = 0
+    rho = 0.37
+    H = M.T @ M + rho * torch.eye(d, dtype=f64)
+    want = torch.linalg.solve(H, (yf @ M + rho * zf).T).T
+    assert torch.allclose(op.flat_in(op.prox_l2(z, y, rho)), want, atol=1e-10)
+    proj = zf - (zf @ M.T - yf) @ torch.linalg.pinv(M).T
+    assert torch.allclose(op.flat_in(op.prox_l2(z, y, 0.0)), proj, atol=1e-9)
+
+
+class _NoSVD(O.Dense):
+    has_svd = False
+
+
+@pytest.mark.parametrize("name", ["dense_wide", "dense_tall", "dense_rank_def", "dense_image"])
+def test_solves_without_svd_cg_and_dense_match_svd(name):
+    # The same solves by conjugate gradients (cg_iters) and densely (cg_iters=None).
+    # s2 = 0 / rho = 0 are singular systems: consistent (y in the range of A) here, where
+    # CG converges to the minimum-norm solution / the projection.
+    svd = OPS[name]
+    op = _NoSVD(svd.M, in_shape=svd.in_shape)
+    g = torch.Generator().manual_seed(8)
+    f64 = torch.float64
+    y = torch.randn((2, 3) + op.out_shape, generator=g, dtype=f64)
+    z = torch.randn((2, 3) + op.in_shape, generator=g, dtype=f64)
+    y_in = op(torch.randn((2, 3) + op.in_shape, generator=g, dtype=f64))  # in range(A)
+    rho = torch.tensor([[0.3], [1.7]], dtype=f64)  # per problem, broadcast over samples
+    for cg in (50, None):
+        kw = {"cg_iters": cg}
+        close = dict(rtol=1e-8, atol=1e-8)
+        torch.testing.assert_close(op.gram_solve(y, 0.7, 0.2, **kw), svd.gram_solve(y, 0.7, 0.2))
+        torch.testing.assert_close(
+            op.damped_pinv(y, 0.7, 0.2, **kw), svd.damped_pinv(y, 0.7, 0.2), **close
+        )
+        torch.testing.assert_close(op.prox_l2(z, y, rho, **kw), svd.prox_l2(z, y, rho), **close)
+        if cg is not None:  # the dense solve of a singular system is not defined
+            torch.testing.assert_close(op.damped_pinv(y_in, **kw), svd.damped_pinv(y_in), **close)
+            torch.testing.assert_close(
+                op.prox_l2(z, y_in, 0.0, **kw), svd.prox_l2(z, y_in, 0.0), **close
+            )
+
+
+def test_conjugate_gradient_solves_each_system_independently():
+    g = torch.Generator().manual_seed(9)
+    f64 = torch.float64
+    L = torch.randn(4, 6, 6, generator=g, dtype=f64)
+    S = L @ L.transpose(-1, -2) + 0.1 * torch.eye(6, dtype=f64)  # 4 SPD systems
+    b = torch.randn(4, 6, generator=g, dtype=f64)
+    b[1] *= 1e6  # a large system must not change the others' stopping
+    b[2] = 0.0
+
+    def mv(S):
+        return lambda v: (S @ v.unsqueeze(-1)).squeeze(-1)
+
+    u = O.conjugate_gradient(mv(S), b, 1, iters=30)
+    torch.testing.assert_close(u, torch.linalg.solve(S, b), rtol=1e-9, atol=1e-12)
+    assert (u[2] == 0).all()
+    for i in range(4):
+        one = O.conjugate_gradient(mv(S[i : i + 1]), b[i : i + 1], 1, iters=30)
+        torch.testing.assert_close(one[0], u[i], rtol=1e-13, atol=0.0)
+    # one iteration is the steepest-descent step b^T b / (b^T S b) b; a start x0 is used
+    u1 = O.conjugate_gradient(mv(S), b, 1, iters=1)
+    Sb = (S @ b.unsqueeze(-1)).squeeze(-1)
+    step = (b * b).sum(-1, keepdim=True) / (b * Sb).sum(-1, keepdim=True).clamp_min(1e-300)
+    torch.testing.assert_close(u1, step * b, rtol=1e-12, atol=0.0)
+    x0 = torch.randn(4, 6, generator=g, dtype=f64)
+    torch.testing.assert_close(
+        O.conjugate_gradient(mv(S), b, 1, iters=30, x0=x0), u, rtol=1e-9, atol=1e-12
+    )
+
+
 def test_operators_have_no_side_effects_and_batch():
     op = OPS["blur_gauss"]
     g = torch.Generator().manual_seed(5)

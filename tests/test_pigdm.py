@@ -9,7 +9,7 @@ import torch
 
 import bayesfilter_diff as bfd
 from bayesfilter_diff.samplers.base import Context
-from bayesfilter_diff.samplers.pigdm import PiGDM, pigdm_vector
+from bayesfilter_diff.samplers.pigdm import PiGDM, PiGDMState, pigdm_vector
 
 ops = bfd.operators
 DT = torch.float64
@@ -190,9 +190,8 @@ def test_tweedie_guidance_is_the_exact_conditional_denoiser(gauss_problem, sched
     xt = a * gmm.sample(2 * 7, g).reshape(2, 7, 4) + s * torch.randn(2, 7, 4, generator=g, dtype=DT)
     ctx = Context(prior, problem, 7, g, torch.stack([t, torch.zeros((), dtype=DT)]))
     sampler = PiGDM(num_steps=1, eta=0.0)
-    sampler.init(ctx)
     t_next = torch.zeros((), dtype=DT)
-    out = sampler.step(ctx, {"x": xt}, 0, t, t_next)[0]["x"]
+    out = sampler.move(ctx, sampler.setup(ctx), PiGDMState(xt), 0, t, t_next).state.x
     ref = kalman_x0(xt, a, s, A.M, y, sy)
     # eta = 0: x_next = x0_y + sigma(0) (x_t - alpha_t x0_y) / sigma_t; sigma(0) = 0 for VP,
     # sigma_min for VE (alpha = 1): solve for x0_y.
@@ -212,10 +211,13 @@ def test_official_weighting_is_abar_times_weaker(gauss_problem):
     a = sch.alpha(t)
     xt = torch.randn(2, 5, 4, generator=g, dtype=DT)
     ctx = Context(prior, problem, 5, g, torch.stack([t, torch.zeros((), dtype=DT)]))
-    PiGDM(num_steps=1).init(ctx)
     t0 = torch.zeros((), dtype=DT)
-    out_t = PiGDM(num_steps=1, eta=0.0).step(ctx, {"x": xt}, 0, t, t0)[0]["x"]
-    out_o = PiGDM(num_steps=1, eta=0.0, weighting="official").step(ctx, {"x": xt}, 0, t, t0)[0]["x"]
+
+    def move(sampler):
+        return sampler.move(ctx, sampler.setup(ctx), PiGDMState(xt), 0, t, t0).state.x
+
+    out_t = move(PiGDM(num_steps=1, eta=0.0))
+    out_o = move(PiGDM(num_steps=1, eta=0.0, weighting="official"))
     x0 = a * xt  # unguided denoiser of N(0, I) under VP
     torch.testing.assert_close(out_o - x0, a**2 * (out_t - x0), rtol=1e-10, atol=1e-12)
 
@@ -266,7 +268,7 @@ def test_errors():
         PiGDM(num_steps=2).sample(prior, bfd.InverseProblem(pr, y, noise_std=0.1), 2)
     A = ops.Identity((4,), dtype=DT)
     y = torch.rand(4, generator=g, dtype=DT) + 1
-    with pytest.raises(ValueError, match="Gaussian noise"):
+    with pytest.raises(ValueError, match="gaussian observation model"):
         PiGDM(num_steps=2).sample(
             std_normal_prior(bfd.VPSchedule.linear(), (4,)),
             bfd.InverseProblem(A, y, noise="poisson"),

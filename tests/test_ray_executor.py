@@ -20,6 +20,8 @@ from bayesfilter_diff.studies import gmm_benchmark as gb  # noqa: E402
 from bayesfilter_diff.studies.ray_executor import RayExecutor, StudyFailedError  # noqa: E402
 from bayesfilter_diff.studies.report import summarize  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 sys.path.insert(0, str(TESTS))

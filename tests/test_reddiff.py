@@ -1,4 +1,7 @@
-"""RED-diff: least squares at lambda = 0, initialisation, Adam algebra, shapes, errors."""
+"""RED-diff: least squares at lambda = 0, initialisation, Adam algebra, shapes, errors.
+
+The measured posterior-mean error is in docs/methods/reddiff.md.
+"""
 
 import pytest
 import torch
@@ -36,7 +39,7 @@ def test_initialisation(which):
     problem = bfd.InverseProblem(A, y, noise_std=0.1)
     s = REDDiff(mu_init="pinv" if which == "nosvd" else which)
     ctx = Context(prior, problem, 4, g, s.time_grid(prior, problem))
-    state, lw = s.init(ctx)
+    state, lw = s.init(ctx, s.setup(ctx))
     want = {
         # damped pseudo-inverse A^T (A A^T + sigma_y^2 I)^-1 y (sigma_y = 0.1), dense check
         "pinv": y @ torch.linalg.solve(M @ M.T + 0.01 * torch.eye(2, dtype=DT), M),
@@ -45,7 +48,7 @@ def test_initialisation(which):
         "nosvd": A.adjoint(y),  # documented fallback: no SVD -> adjoint
     }[which]
     assert lw is None
-    torch.testing.assert_close(state["x"], want[:, None].expand(3, 4, d))
+    torch.testing.assert_close(state.x, want[:, None].expand(3, 4, d))
 
 
 def test_first_step_is_adam_on_the_closed_form_gradient():
@@ -58,43 +61,21 @@ def test_first_step_is_adam_on_the_closed_form_gradient():
     s = REDDiff(num_steps=50, lam=0.25)
     times = s.time_grid(prior, problem)
     ctx = Context(prior, problem, 3, torch.Generator().manual_seed(5), times)
-    state, _ = s.init(ctx)
-    new, _ = s.step(ctx, state, 0, times[0], times[1])
+    setup = s.setup(ctx)
+    state, _ = s.init(ctx, setup)
+    new = s.move(ctx, setup, state, 0, times[0], times[1]).state
     # Replay the noise: x_t = alpha mu + sigma eps with the same generator.
     gen = torch.Generator().manual_seed(5)
     eps = torch.randn(ctx.shape, generator=gen, dtype=DT)
     sch = prior.schedule
     a, sg = sch.alpha(times[0]), sch.sigma(times[0])
-    mu = state["x"]
+    mu = state.x
     xt = a * mu + sg * eps
     eps_hat = (xt - a * prior.denoise(xt, times[0])) / sg
     grad = 0.25 * (sg / a) * (eps_hat - eps) / d + A.adjoint(A(mu) - y) / A.out_dim
     step = 0.1 * grad / (grad.abs() + 1e-8)
-    torch.testing.assert_close(new["x"], mu - step)
+    torch.testing.assert_close(new.x, mu - step)
     assert ctx.nfe == 1
-
-
-def test_posterior_mean_error_measured():
-    g = torch.Generator().manual_seed(3)
-    d = 6
-    gmm = _gmm(d)
-    prior = gmm.diffusion(bfd.VPSchedule.linear())
-    A = bfd.operators.Dense(torch.randn(3, d, generator=g, dtype=DT))
-    x = gmm.sample(2, g)
-    sy = 0.3
-    y = A(x) + sy * torch.randn(2, 3, generator=g, dtype=DT)
-    problem = bfd.InverseProblem(A, y, noise_std=sy)
-    exact = gmm.posterior(problem)
-    post_sd = exact.covariance().diagonal(dim1=-2, dim2=-1).sum(-1).sqrt()
-    for s in (REDDiff(), REDDiff(loss_scaling="paper"), REDDiff(weighting="sqrt")):
-        res = s.sample(prior, problem, 500, generator=g)
-        err = (res.mean() - exact.mean()).norm(dim=-1)
-        var_ratio = res.samples.var(1).sum(-1) / post_sd**2
-        print(
-            f"RED-diff {s.loss_scaling}/{s.weighting}: |mean - exact| = {err.tolist()}, "
-            f"posterior sd = {post_sd.tolist()}, trace var ratio = {var_ratio.tolist()}"
-        )
-        assert torch.isfinite(res.samples).all()
 
 
 @pytest.mark.parametrize("batched", [False, True])
@@ -140,7 +121,7 @@ def test_errors():
     prior = _gmm(4).diffusion(bfd.VPSchedule.linear())
     A = bfd.operators.Identity(4, dtype=DT)
     pois = bfd.InverseProblem(A, torch.ones(4, dtype=DT), noise="poisson")
-    with pytest.raises(ValueError, match="Gaussian"):
+    with pytest.raises(ValueError, match="REDDiff needs a gaussian observation model"):
         REDDiff(num_steps=2).sample(prior, pois, 2)
     clean = bfd.InverseProblem(A, torch.ones(4, dtype=DT), noise_std=0.0)
     with pytest.raises(ValueError, match="noise_std > 0"):
@@ -162,6 +143,7 @@ def test_noiseless_initialisation_is_the_pseudo_inverse():
     y = torch.randn(3, 2, generator=g, dtype=DT)
     problem = bfd.InverseProblem(A, y, noise_std=0.0)
     s = REDDiff()
-    state, _ = s.init(Context(prior, problem, 4, g, s.time_grid(prior, problem)))
+    ctx = Context(prior, problem, 4, g, s.time_grid(prior, problem))
+    state, _ = s.init(ctx, s.setup(ctx))
     want = y @ torch.linalg.pinv(A.matrix()).T
-    torch.testing.assert_close(state["x"], want[:, None].expand(3, 4, 5))
+    torch.testing.assert_close(state.x, want[:, None].expand(3, 4, 5))

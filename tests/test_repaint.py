@@ -1,4 +1,7 @@
-"""RePaint: jump schedule, known entries kept exactly, shapes, errors, accuracy (measured)."""
+"""RePaint: jump schedule, transition counts, known entries kept exactly, shapes, errors.
+
+The measured posterior-mean error is in docs/methods/repaint.md.
+"""
 
 import math
 
@@ -77,30 +80,6 @@ def test_unknown_entries_of_an_independent_prior_have_mean_zero():
     unk = res.samples[:, ~mask]
     sd = unk.std(0)
     assert torch.all(unk.mean(0).abs() < 4 * sd / math.sqrt(N))
-
-
-def test_posterior_mean_error_measured():
-    g = torch.Generator().manual_seed(3)
-    d = 6
-    gmm = _gmm(d)
-    prior = gmm.diffusion(bfd.VPSchedule.linear())
-    A = bfd.operators.Mask(torch.tensor([1, 0, 1, 0, 1, 1], dtype=torch.bool), dtype=DT)
-    x = gmm.sample(2, g)
-    problem = bfd.InverseProblem(A, A(x), noise_std=0.0)
-    exact = gmm.posterior(problem)
-    post_sd = exact.covariance().diagonal(dim1=-2, dim2=-1).sum(-1).sqrt()
-    for jumps in (1, 3):
-        res = RePaint(num_steps=50, jump_length=5, jump_n_sample=jumps).sample(
-            prior, problem, 1000, generator=g
-        )
-        err = (res.mean() - exact.mean()).norm(dim=-1)
-        var_ratio = res.samples.var(1).sum(-1) / post_sd**2
-        print(
-            f"RePaint jump_n_sample={jumps}: |mean - exact| = {err.tolist()}, "
-            f"posterior sd = {post_sd.tolist()}, trace var ratio = {var_ratio.tolist()}, "
-            f"nfe = {res.info['nfe']}"
-        )
-        assert torch.isfinite(res.samples).all()
 
 
 @pytest.mark.parametrize("batched", [False, True])

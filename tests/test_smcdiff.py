@@ -1,9 +1,9 @@
 """SMCDiff: replacement particle filter for masks.
 
-SMCDiff is not exact on a finite grid (see the module docstring): on a Gaussian prior the
-tests *report* its error against the exact posterior (run with ``-s`` to see it) and check
-only what the method guarantees: the observed entries are kept, the output is finite and
-shaped right, and the error is of the size the discretisation explains.
+SMCDiff is not exact on a finite grid (see ``docs/methods/smcdiff.md``): on a Gaussian
+prior the tests *report* its error against the exact posterior (run with ``-s`` to see it)
+and check only what the method guarantees: the observed entries are kept, the output is
+finite and shaped right, and the error is of the size the discretisation explains.
 """
 
 import math

@@ -52,6 +52,7 @@ def test_resume_skips_completed_cells(tmp_path):
     assert [r["value"] for r in recs] == [i**2 + 0.5 for i in range(6)]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume(tmp_path):
     """Kill a running study with SIGKILL, resume it: same records, nothing recomputed."""
     n = 16

@@ -262,7 +262,7 @@ def test_shapes_images_and_unbatched():
     yb = torch.stack([problem.y, problem.y + 0.1])
     resb = TDS(num_steps=10).sample(prior, bfd.InverseProblem(A, yb, 0.1), 8, g)
     assert resb.samples.shape == (2, 8) + shape and resb.log_evidence.shape == (2,)
-    assert resb.info["ess"].shape == (10, 2)
+    assert resb.info["ess"].shape == (11, 2)  # num_steps + 1: the initial weights too
 
 
 def test_wide_clamp_changes_nothing():

@@ -14,14 +14,13 @@ from safetensors.torch import load_file, save_file
 
 import bayesfilter_diff as bfd
 from bayesfilter_diff.cli import main as cli_main
-from bayesfilter_diff.priors.networks import (
-    MLP,
+from bayesfilter_diff.priors.checkpoint_io import (
     CheckpointError,
     file_sha256,
-    load_pretrained,
     pretrained_names,
     save_prior,
 )
+from bayesfilter_diff.priors.networks import MLP, load_pretrained
 from bayesfilter_diff.training import (
     TrainConfig,
     export_prior,

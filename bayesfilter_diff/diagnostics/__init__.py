@@ -6,6 +6,7 @@
 - SMC traces: ESS, resampling events, log-evidence error (:mod:`.smc`);
 - calibration over many simulated problems: SBC ranks, uniformity tests, coverage, PIT
   (:mod:`.calibration`);
+- image metrics against a ground truth: PSNR, SSIM, pixel-wise coverage (:mod:`.imaging`);
 - export to ArviZ (:mod:`.arviz`) and figures (:mod:`.plots`).
 
 ArviZ and matplotlib are imported only when :func:`to_arviz` or a plot function is called.
@@ -31,6 +32,7 @@ from .distances import (
     wasserstein2_exact,
     wasserstein_1d,
 )
+from .imaging import coverage90, psnr, ssim
 from .mixture import (
     implied_component_weights,
     marginal_mixture,
@@ -69,6 +71,9 @@ __all__ = [
     "coverage",
     "pit_values",
     "binomial_interval",
+    "psnr",
+    "ssim",
+    "coverage90",
     "to_arviz",
     "plot_samples_vs_posterior",
     "plot_ess",

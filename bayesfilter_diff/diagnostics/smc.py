@@ -1,9 +1,10 @@
 """Diagnostics of weighted (SMC) samplers read from a :class:`~bayesfilter_diff.Result`.
 
-The shared particle loop (:func:`bayesfilter_diff.smc.run`) records, per step and problem,
-the effective sample size after reweighting (``info["ess"]``, before any resampling),
-whether the problem was resampled (``info["resampled"]``) and the running log-evidence
-estimate (``info["log_evidence"]``).
+The loop that drives every sampler (:mod:`bayesfilter_diff.samplers.loop`) records in
+:class:`~bayesfilter_diff.result.RunInfo`, per reweighting and problem, the effective sample
+size before any resampling (``info.ess``), whether the problem was then resampled
+(``info.resampled``) and the running log-evidence estimate (``info.log_evidence``); entry
+``k < num_steps`` is the weighting before move ``k``, the last entry the final weighting.
 """
 
 from __future__ import annotations
@@ -23,17 +24,17 @@ def _check_result(result) -> None:
 
 def _trace(result: Result, key: str, what: str) -> Tensor:
     _check_result(result)
-    t = result.info.get(key)
+    t = getattr(result.info, key, None)
     if t is None:
         raise ValueError(
-            f"result has no {what} trace (info[{key!r}]): it comes from an unweighted sampler "
+            f"result has no {what} trace (info.{key}): it comes from an unweighted sampler "
             "or a weighted one with no steps"
         )
     return t if result.batched else t[:, 0]
 
 
 def ess_trace(result: Result, relative: bool = False) -> Tensor:
-    """Effective sample size after each step's reweighting.
+    """Effective sample size after each reweighting, before resampling.
 
     Parameters
     ----------
@@ -45,15 +46,16 @@ def ess_trace(result: Result, relative: bool = False) -> Tensor:
     Returns
     -------
     Tensor
-        ``(num_steps, B)`` for a batched problem, ``(num_steps,)`` otherwise (float64).
+        ``(num_steps + 1, B)`` for a batched problem, ``(num_steps + 1,)`` otherwise
+        (float64).
     """
     e = _trace(result, "ess", "ESS").double()
     return e / result.num_samples if relative else e
 
 
 def resampling_events(result: Result) -> Tensor:
-    """Whether each problem was resampled after each step: bool ``(num_steps, B)`` or
-    ``(num_steps,)``. ``resampling_events(res).sum(0)`` counts them per problem."""
+    """Whether each problem was resampled after each reweighting: bool
+    ``(num_steps + 1, B)`` or ``(num_steps + 1,)``. ``resampling_events(res).sum(0)`` counts them per problem."""
     return _trace(result, "resampled", "resampling").bool()
 
 

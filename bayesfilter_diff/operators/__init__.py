@@ -1,6 +1,12 @@
 """Forward models: linear operators with an implicit SVD, and nonlinear ones."""
 
-from .base import LinearOperator, Operator, adjointness_error, svd_error
+from .base import (
+    LinearOperator,
+    Operator,
+    adjointness_error,
+    conjugate_gradient,
+    svd_error,
+)
 from .block_average import BlockAverage, Colorize, Downsample
 from .blur import Blur, gaussian_kernel, motion_kernel
 from .dense import Dense, gmm_benchmark_operator
@@ -24,4 +30,5 @@ __all__ = [
     "gmm_benchmark_operator",
     "adjointness_error",
     "svd_error",
+    "conjugate_gradient",
 ]

@@ -16,17 +16,30 @@ decomposition ``A = U diag(s) V^T`` applied implicitly, in the manner of DDRM's
 pseudo-inverse is ``A^+ y = V(pad(Ut(y)[..., :r] / s, d))``. Every operator is checked in
 the tests for ``<A x, y> = <x, A^T y>`` and, where it has an SVD, ``U S V^T x = A x`` and
 ``A A^+ A = A``.
+
+Linear solves live here too (deepinv's ``LinearPhysics.prox_l2`` / ``A_dagger``): the
+Gram solve ``(r2 A A^T + s2 I)^-1 y``, the damped pseudo-inverse ``A^T (r2 A A^T + s2 I)^-1 y``
+and the proximal map ``argmin_x ||A x - y||^2 + rho ||x - z||^2``, exact in the SVD where
+the operator has one, otherwise by :func:`conjugate_gradient` (``cg_iters`` iterations,
+batched over the leading dimensions) or, with ``cg_iters=None``, a dense solve of the
+``matrix()`` (small operators only).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Operator", "LinearOperator", "adjointness_error", "svd_error"]
+__all__ = [
+    "Operator",
+    "LinearOperator",
+    "adjointness_error",
+    "svd_error",
+    "conjugate_gradient",
+]
 
 
 def _shape(shape: Sequence[int] | int, name: str) -> tuple[int, ...]:
@@ -153,8 +166,22 @@ class LinearOperator(Operator):
         eye = torch.eye(self.in_dim, **kw).reshape((self.in_dim,) + self.in_shape)
         return self.flat_out(self.forward(eye)).T.contiguous()
 
-    def gram_solve(self, y: Tensor, r2: Tensor | float, s2: Tensor | float) -> Tensor:
-        """``(r2 A A^T + s2 I)^-1 y`` for observations ``y`` (through the SVD or densely)."""
+    def gram_solve(
+        self,
+        y: Tensor,
+        r2: Tensor | float,
+        s2: Tensor | float,
+        *,
+        cg_iters: int | None = None,
+        cg_tol: float = 1e-10,
+    ) -> Tensor:
+        """``(r2 A A^T + s2 I)^-1 y`` for observations ``y`` ``(..., *out_shape)``.
+
+        Through the SVD where the operator has one; otherwise by at most ``cg_iters``
+        conjugate-gradient iterations (:func:`conjugate_gradient`, per leading index), or a
+        dense solve of ``matrix()`` when ``cg_iters`` is ``None``. ``r2`` and ``s2`` are
+        numbers or tensors broadcasting against the leading dimensions of ``y``.
+        """
         lead = self._lead(y, self.out_shape, "y")
         if self.has_svd:
             s = self.singular_values()
@@ -170,6 +197,12 @@ class LinearOperator(Operator):
                 dim=-1,
             )
             return self.U(z / denom)
+        if cg_iters is not None:
+            k = len(self.out_shape)
+            r2e, s2e = _event(r2, k), _event(s2, k)
+            return conjugate_gradient(
+                lambda v: r2e * self(self.adjoint(v)) + s2e * v, y, k, cg_iters, cg_tol
+            )
         M = self.matrix()
         G = torch.as_tensor(r2, dtype=y.dtype, device=y.device)[..., None, None] * (M @ M.T)
         G = G + torch.as_tensor(s2, dtype=y.dtype, device=y.device)[..., None, None] * torch.eye(
@@ -177,6 +210,161 @@ class LinearOperator(Operator):
         )
         sol = torch.linalg.solve(G, self.flat_out(y).unsqueeze(-1)).squeeze(-1)
         return sol.reshape(lead + self.out_shape)
+
+    def damped_pinv(
+        self,
+        y: Tensor,
+        r2: Tensor | float = 1.0,
+        s2: Tensor | float = 0.0,
+        *,
+        cg_iters: int | None = None,
+        cg_tol: float = 1e-10,
+    ) -> Tensor:
+        """``A^T (r2 A A^T + s2 I)^-1 y``: the pseudo-inverse ``A^+ y / r2`` for ``s2 = 0``.
+
+        In the SVD this is ``V diag(s / (r2 s^2 + s2)) U^T y``, which never divides by zero
+        (``r2 > 0`` or ``s2 > 0``), even for ``s2 = 0``. Without an SVD:
+        ``A^T`` :meth:`gram_solve` (CG or dense, as there; ``s2 = 0`` needs ``y`` in the range
+        of ``A`` for CG to converge). The damped ``A^T (A A^T + s2 I)^-1 y`` does not amplify
+        the noise along tiny singular values as ``A^+`` does.
+        """
+        if self.has_svd:
+            s = self.singular_values()
+            z = self.Ut(y)[..., : s.numel()]
+            return self.V(self.pad_in(s * z / (_event(r2, 1) * s**2 + _event(s2, 1))))
+        return self.adjoint(self.gram_solve(y, r2, s2, cg_iters=cg_iters, cg_tol=cg_tol))
+
+    def prox_l2(
+        self,
+        z: Tensor,
+        y: Tensor,
+        rho: Tensor | float,
+        *,
+        cg_iters: int | None = None,
+        cg_tol: float = 1e-10,
+    ) -> Tensor:
+        """``argmin_x ||A x - y||^2 + rho ||x - z||^2 = (A^T A + rho I)^-1 (A^T y + rho z)``.
+
+        Parameters
+        ----------
+        z
+            Signals ``(..., *in_shape)``, the centre of the proximal term.
+        y
+            Observations ``(..., *out_shape)`` broadcasting against ``A(z)``.
+        rho
+            ``rho >= 0`` (a number or a tensor broadcasting against the leading dimensions);
+            ``rho = 0`` gives the projection ``z - A^+ (A z - y)`` onto ``{A x = y}``
+            (for ``y`` in the range of ``A``).
+        cg_iters, cg_tol
+            Without an SVD: conjugate gradients started at ``z`` (at most ``cg_iters``
+            iterations, relative residual ``cg_tol``); ``None``: a dense solve.
+
+        In the SVD the map is closed form in spectral coordinates:
+        ``xbar_i = (s_i (U^T y)_i + rho zbar_i) / (s_i^2 + rho)`` for ``i < r``, ``zbar_i``
+        otherwise.
+        """
+        if self.has_svd:
+            s = self.singular_values()
+            r = s.numel()
+            rho1 = _event(rho, 1)
+            uty = self.Ut(y)[..., :r]
+            zb = self.Vt(z)
+            head = (s * uty + rho1 * zb[..., :r]) / (s**2 + rho1)
+            lead = torch.broadcast_shapes(head.shape[:-1], zb.shape[:-1])
+            tail = zb[..., r:].expand(lead + (zb.shape[-1] - r,))
+            return self.V(torch.cat([head.expand(lead + (r,)), tail], dim=-1))
+        k = len(self.in_shape)
+        rho_e = _event(rho, k)
+        b = self.adjoint(y) + rho_e * z
+        if cg_iters is not None:
+            return conjugate_gradient(
+                lambda v: self.adjoint(self(v)) + rho_e * v, b, k, cg_iters, cg_tol, x0=z
+            )
+        lead = self._lead(b, self.in_shape, "z")
+        M = self.matrix()
+        G = M.T @ M + torch.as_tensor(rho, dtype=z.dtype, device=z.device)[
+            ..., None, None
+        ] * torch.eye(self.in_dim, dtype=z.dtype, device=z.device)
+        sol = torch.linalg.solve(G, self.flat_in(b).unsqueeze(-1)).squeeze(-1)
+        return sol.reshape(lead + self.in_shape)
+
+
+def _event(c: Tensor | float, event_dim: int) -> Tensor | float:
+    """A coefficient broadcasting against the leading dimensions, widened over the events."""
+    if isinstance(c, Tensor) and c.dim() > 0:
+        return c.reshape(c.shape + (1,) * event_dim)
+    return c
+
+
+def conjugate_gradient(
+    matvec: Callable[[Tensor], Tensor],
+    b: Tensor,
+    event_dim: int,
+    iters: int,
+    tol: float = 1e-10,
+    x0: Tensor | None = None,
+) -> Tensor:
+    """Batched conjugate gradients for ``M u = b`` (``M`` symmetric positive semi-definite).
+
+    Every leading index of ``b`` (``(..., *event)``, the last ``event_dim`` axes one system)
+    is an independent system: its step sizes use its own inner products, and it stops
+    updating once its residual ``||b - M u||`` is at most ``tol ||b||`` (so one system's
+    convergence never depends on the others). At most ``iters`` iterations; the loop ends
+    early when every system has converged (one host synchronisation per iteration).
+
+    Parameters
+    ----------
+    matvec
+        ``v -> M v`` on tensors shaped like ``b`` (batched over the leading dimensions).
+    b
+        Right-hand sides.
+    event_dim
+        Number of trailing axes forming one vector.
+    iters
+        Maximum number of iterations.
+    tol
+        Relative residual at which a system stops (at least 10 times the dtype's epsilon).
+    x0
+        Starting point (default zero), e.g. the centre of a proximal map.
+
+    Returns
+    -------
+    Tensor
+        The approximate solution, shaped like ``b`` (broadcast with ``x0``).
+    """
+    red = tuple(range(b.dim() - event_dim, b.dim()))
+    tiny = torch.finfo(b.dtype).tiny
+    # a relative residual below the dtype's rounding is out of reach: on a singular system
+    # (noiseless, no SVD) float32 CG would otherwise iterate on rounding noise and blow up
+    tol = max(tol, 10 * torch.finfo(b.dtype).eps)
+
+    def dot(u: Tensor, v: Tensor) -> Tensor:
+        return (u * v).sum(red, keepdim=True)
+
+    if x0 is None:
+        u = torch.zeros_like(b)
+        r = b
+    else:
+        u = x0
+        r = b - matvec(x0)
+    p = r
+    rr = dot(r, r)
+    stop = tol**2 * dot(b, b)
+    for _ in range(iters):
+        active = rr > stop
+        if not bool(active.any()):
+            break
+        Mp = matvec(p)
+        pMp = dot(p, Mp)
+        # a direction with p^T M p = 0 (M singular) makes no step
+        a = torch.where(active & (pMp > 0), rr / pMp.clamp_min(tiny), 0.0)
+        u = u + a * p
+        r = r - a * Mp
+        rr_new = dot(r, r)
+        beta = torch.where(active, rr_new / rr.clamp_min(tiny), 0.0)
+        p = torch.where(active, r + beta * p, p)
+        rr = torch.where(active, rr_new, rr)
+    return u
 
 
 def adjointness_error(

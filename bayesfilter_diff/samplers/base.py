@@ -68,6 +68,8 @@ class Requirements:
         Gaussian noise with ``noise_std > 0``.
     differentiates
         Whether the sampler differentiates the network or the likelihood (informative).
+    remedy
+        Appended to the refusal message (e.g. a setting that lifts a requirement).
     """
 
     svd: bool = False
@@ -76,6 +78,36 @@ class Requirements:
     likelihoods: frozenset[str] = frozenset({"gaussian"})
     noise_positive: bool = False
     differentiates: bool = False
+    remedy: str = ""
+
+    def _unmet(self, problem: InverseProblem) -> str | None:
+        op = problem.operator
+        got = type(op).__name__
+        if self.mask and not getattr(op, "is_mask", False):
+            return f"a masking operator (operators.Mask, operator.is_mask=True); got {got}"
+        if self.svd and not (op.is_linear and op.has_svd):
+            return (
+                "a linear operator with an SVD (Identity, Mask, Dense, Downsample, Blur, "
+                f"Colorize); got {got}"
+            )
+        if self.linear and not op.is_linear:
+            return f"a linear operator; got {got}"
+        kind = likelihood_kind(problem)
+        if kind not in self.likelihoods:
+            accepted = " or ".join(sorted(self.likelihoods))
+            extra = "" if "custom" in self.likelihoods else " (no custom log_likelihood_fn)"
+            return f"a {accepted} observation model{extra}; got {_describe_likelihood(problem)}"
+        if self.noise_positive and kind == "gaussian" and problem.noise_std <= 0:
+            return (
+                "Gaussian noise with noise_std > 0 (its weights or data term divide by the "
+                "noise variance); got noise_std = 0"
+            )
+        return None
+
+    def unmet(self, problem: InverseProblem) -> str | None:
+        """What ``problem`` lacks, as "<requirement>; got <what it has>", or ``None``."""
+        why = self._unmet(problem)
+        return why if why is None or not self.remedy else f"{why}; {self.remedy}"
 
     def describe(self) -> str:
         """A short phrase for tables: operator, then likelihoods."""
@@ -210,34 +242,13 @@ class Sampler:
 
         Subclasses with further conditions override this and call ``super().check``.
         """
-        req = self.requires
-        name = type(self).__name__
-        op = problem.operator
-        if req.mask and not getattr(op, "is_mask", False):
-            raise ValueError(
-                f"{name} needs a masking operator (operators.Mask, operator.is_mask=True); "
-                f"got {type(op).__name__}"
-            )
-        if req.svd and not (op.is_linear and op.has_svd):
-            raise ValueError(
-                f"{name} needs a linear operator with an SVD "
-                f"(Identity, Mask, Dense, Downsample, Blur, Colorize); got {type(op).__name__}"
-            )
-        if req.linear and not op.is_linear:
-            raise ValueError(f"{name} needs a linear operator; got {type(op).__name__}")
-        kind = likelihood_kind(problem)
-        if kind not in req.likelihoods:
-            accepted = " or ".join(sorted(req.likelihoods))
-            raise ValueError(
-                f"{name} needs a {accepted} observation model"
-                + ("" if "custom" in req.likelihoods else " (no custom log_likelihood_fn)")
-                + f"; got {_describe_likelihood(problem)}"
-            )
-        if req.noise_positive and kind == "gaussian" and problem.noise_std <= 0:
-            raise ValueError(
-                f"{name} needs Gaussian noise with noise_std > 0; got noise_std = 0 (its "
-                "weights or data term divide by the noise variance)"
-            )
+        why = self.requirements().unmet(problem)
+        if why is not None:
+            raise ValueError(f"{type(self).__name__} needs {why}")
+
+    def requirements(self) -> Requirements:
+        """What this instance needs (:attr:`requires`, unless a setting changes it)."""
+        return self.requires
 
     def time_grid(self, prior: DiffusionModel, problem: InverseProblem) -> Tensor:
         y = problem.y

@@ -2,11 +2,12 @@
 2024, "Improving Diffusion Inverse Problem Solving with Decoupled Noise Annealing").
 
 Reference code: zhangbingliang2019/DAPS ``sampler.py::DAPS``, ``cores/scheduler.py``,
-``cores/mcmc.py``, ``configs/sampler/edm_daps.yaml``, ``configs/task/*.yaml``.
+``cores/mcmc.py``, ``configs/sampler/edm_daps.yaml``, ``configs/task/*.yaml``. See
+``docs/methods/daps.md``.
 
-The code works in EDM (variance-exploding) form ``x = x0 + s eps``. In our notation the
-VE variable is ``x_t / alpha_t`` with ``s(t) = sigma_t / alpha_t``. Update, for each
-annealing level ``s_k`` (time ``t_k``), ``k = 0 .. K - 1``::
+The code works in EDM (variance-exploding) form ``x = x0 + s eps``; in our notation the VE
+variable is ``x_t / alpha_t`` with ``s(t) = sigma_t / alpha_t``. For each annealing level
+``s_k`` (time ``t_k``), ``k = 0 .. K - 1``::
 
     1. x0_hat = PF-ODE(x_{t_k}: s_k -> s_ode_min)   (ode_steps Euler steps; x0_hat in VE units)
     2. x0_y  ~ p(x0 | x0_hat, y)
@@ -14,51 +15,30 @@ annealing level ``s_k`` (time ``t_k``), ``k = 0 .. K - 1``::
              by Langevin:  x <- x + eta_k grad log p + sqrt(2 eta_k) z
     3. x_{t_{k+1}} = alpha_{k+1} x0_y + sigma_{k+1} z     (s_K = 0: the output is x0_y)
 
-Step 1 is Euler on ``dx/ds = (x - D(x, s)) / s`` in the VE variable, exactly the code's
-(torchdiffeq fixed-grid Euler); in our variables that Euler step is the deterministic DDIM
-step ``x_{t'} = alpha_{t'} D + sigma_{t'} (x_t - alpha_t D) / sigma_t`` (the PF-ODE of the
-prior's path, ``dx/dt = dalpha D + dsigma eps_hat``, discretised in the VE variable), with
-``D = ctx.denoise(x, t)`` (one NFE per Euler step). The inner grid is the code's poly-7 grid
-``(s_k^(1/7) + r (s_ode_min^(1/7) - s_k^(1/7)))^7``, ``r = j / ode_steps``, and ``x0_hat`` is
-the Euler state at ``s_ode_min = 0.01`` divided by ``alpha`` (not a further denoiser call).
-
-Annealing grid (``time_grid``): the poly-7 grid from ``sigma_max`` to ``sigma_min`` with
-``num_steps + 1`` points, of which the first ``num_steps`` are kept and ``0`` appended (the
-code's ``EDMScheduler``, giving ``100, 97.8, ..., 0.106, 0``); VE sigmas are mapped to our
-times by bisection on the log-SNR. ``sigma_max`` is capped at the schedule's ``s(1)``.
-Initialisation ``x_{t_0} = sigma_{t_0} z`` (the code: ``N(0, sigma_max^2 I)`` in VE units).
-
-Langevin step size: ``eta_k = lr (1 + (k / (num_steps + 1)) (lr_min_ratio - 1))`` (the
-code's linear decay; its ratio divides by the scheduler's ``num_steps + 1`` points).
-
-Likelihood temperature (``tau``, ``tau_convention``). The paper's target is
-``exp(-||A x - y||^2 / (2 tau^2))``. The code's ``operator.loss`` is the plain sum of squares,
-so it uses ``exp(-||A x - y||^2 / tau^2)`` (data score ``-2 A^T (A x - y) / tau^2``): an
-effective likelihood variance ``tau^2 / 2``. ``tau_convention = "paper"`` (default) is the
-paper's form, ``"code"`` the code's. ``tau = None`` (default) uses ``tau = sigma_y``, the
-choice that targets the actual likelihood; the code's pixel tasks use ``tau = 0.01`` with
-``sigma_y = 0.05`` (a deliberately sharpened likelihood).
+Step 1: an Euler step in the VE variable on the poly-7 inner grid ``(s_k^(1/7) + r
+(s_ode_min^(1/7) - s_k^(1/7)))^7``, ``r = j / ode_steps``, is in our variables the
+deterministic DDIM step (:func:`.kernels.ddim_mean` with ``eta = 0``), one NFE each;
+``x0_hat`` is the Euler state at ``s_ode_min`` divided by ``alpha``. Annealing grid
+(:meth:`DAPS.time_grid`): poly-7 VE sigmas from ``sigma_max`` (capped at ``s(1)``) to
+``sigma_min``, ``num_steps`` of them, then 0; start ``x_{t_0} = sigma_{t_0} z``. Langevin step
+``eta_k = lr (1 + (k / (num_steps + 1)) (lr_min_ratio - 1))`` (the code's linear decay).
 
 Defaults: ``num_steps = 200``, ``sigma_max = 100``, ``sigma_min = 0.1``, ``ode_steps = 5``,
 ``ode_sigma_min = 0.01`` (``edm_daps.yaml``), ``langevin_steps = 100``, ``lr = 1e-4``,
-``lr_min_ratio = 0.01`` (``configs/task/*.yaml``, ``pixel:``; ``lr = 1e-4`` is the SR x4
-value, box inpainting uses 5e-5). NFE = ``num_steps * ode_steps`` = 1000 (DAPS-1K). The
-step size is in absolute units: it must satisfy roughly
-``lr < 2 / (||A||^2 / tau^2 + 1 / sigma_min^2)`` for the Langevin chain to be stable, so
-rescale ``lr`` with ``tau`` and the operator.
+``lr_min_ratio = 0.01`` (``configs/task/*.yaml``, pixel SR x4); NFE = ``num_steps *
+ode_steps`` = 1000 (DAPS-1K). ``tau = None`` uses ``tau = sigma_y`` (the actual likelihood;
+the code's pixel tasks sharpen it to ``tau = 0.01`` with ``sigma_y = 0.05``). The step size is
+absolute: stability needs roughly ``lr < 2 / (||A||^2 / tau^2 + 1 / sigma_min^2)``.
 
-Where the official code departs from the paper, and what is done here:
-
-- The missing ``1/2`` in the data term (above).
-- The older layout solved the inner ODE to ``s = 0`` and skipped Langevin at the last level;
-  we follow the current layout (to ``s = 0.01``, Langevin at every level).
-- If NaN appears the code returns zeros; here NaNs propagate (a too large ``lr``).
-- Only the ``'gaussian'`` prior term (``r_k = s_k``) and plain Langevin are implemented (no
-  HMC / Metropolis-Hastings variants).
+Departures from the code (details in the notes): ``tau_convention = "paper"`` (default)
+keeps the ``1/2`` of the paper's data term, ``"code"`` drops it as the code does (effective
+variance ``tau^2 / 2``); NaNs propagate (the code returns zeros); only the ``'gaussian'`` prior
+term and plain Langevin are implemented.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -68,7 +48,8 @@ from torch import Tensor
 from ..priors.base import DiffusionModel
 from ..problem import InverseProblem
 from ..schedules import Schedule
-from .base import Context, Sampler, _describe_likelihood, ddim_coefficients
+from .base import Context, Move, Requirements, Sampler
+from .kernels import ddim_coefficients, ddim_mean
 
 __all__ = ["DAPS", "time_of_ve_sigma", "poly_sigmas"]
 
@@ -105,6 +86,20 @@ def _ve_sigma(schedule: Schedule, t: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
+class DAPSSetup:
+    """The inner PF-ODE times of every level ``(K, ode_steps + 1)`` and the data term's
+    coefficient ``1 / tau^2`` (``"paper"``) or ``2 / tau^2`` (``"code"``)."""
+
+    inner_t: Tensor
+    data_coef: float
+
+
+@dataclass(frozen=True)
+class DAPSState:
+    x: Tensor
+
+
+@dataclass(frozen=True)
 class DAPS(Sampler):
     """Decoupled annealing posterior sampling (PF-ODE to ``x0_hat``, Langevin, re-noise).
 
@@ -130,6 +125,8 @@ class DAPS(Sampler):
         ``"paper"`` (``exp(-||Ax-y||^2 / (2 tau^2))``, default) or ``"code"``
         (``exp(-||Ax-y||^2 / tau^2)``).
     """
+
+    requires = Requirements(likelihoods=frozenset({"gaussian"}))
 
     num_steps: int = 200
     sigma_max: float = 100.0
@@ -165,15 +162,17 @@ class DAPS(Sampler):
                 f"tau_convention must be 'paper' or 'code', got {self.tau_convention!r}"
             )
 
+    def requirements(self) -> Requirements:
+        """Noise > 0 unless ``tau`` is set (the Langevin target's width)."""
+        if self.tau is not None:
+            return self.requires
+        return dataclasses.replace(
+            self.requires, noise_positive=True, remedy="or set tau > 0 (the Langevin width)"
+        )
+
     def check(self, prior: DiffusionModel, problem: InverseProblem) -> None:
-        if problem.noise != "gaussian" or problem.log_likelihood_fn is not None:
-            raise ValueError(
-                "DAPS needs Gaussian observation noise and no custom log_likelihood_fn (its "
-                "Langevin target is exp(-||A x - y||^2 / (2 tau^2))); got "
-                f"{_describe_likelihood(problem)}"
-            )
-        if self.tau is None and problem.noise_std <= 0:
-            raise ValueError("DAPS needs tau > 0: set the tau field or use noise_std > 0")
+        """Gaussian noise (:attr:`requires`), ``tau > 0``, and ``ode_sigma_min`` in range."""
+        super().check(prior, problem)
         s0 = float(_ve_sigma(prior.schedule, torch.zeros((), dtype=torch.float64)))
         if not self.ode_sigma_min >= s0:
             raise ValueError(
@@ -194,8 +193,8 @@ class DAPS(Sampler):
         t = torch.cat([t, torch.zeros(1, dtype=torch.float64)])
         return t.to(dtype=problem.y.dtype, device=problem.y.device)
 
-    # ------------------------------------------------------------------ pieces
-    def init(self, ctx: Context):
+    # ------------------------------------------------------------------ the sampler
+    def setup(self, ctx: Context) -> DAPSSetup:
         sch = ctx.prior.schedule
         times = ctx.times
         # Inner ODE grids for every level: poly-7 from s_k to ode_sigma_min, as times.
@@ -203,34 +202,34 @@ class DAPS(Sampler):
         inner = poly_sigmas(s_levels, self.ode_sigma_min, self.ode_steps)  # (K, ode_steps + 1)
         inner_t = time_of_ve_sigma(sch, inner)
         inner_t[:, 0] = times[:-1].double()
-        ctx.cache["inner_t"] = inner_t.to(dtype=ctx.dtype, device=ctx.device)
         tau = self.tau if self.tau is not None else ctx.problem.noise_std
         factor = 1.0 if self.tau_convention == "paper" else 2.0
-        ctx.cache["data_coef"] = factor / tau**2
-        return {"x": sch.sigma(times[0]) * ctx.randn()}, None
+        return DAPSSetup(inner_t.to(dtype=ctx.dtype, device=ctx.device), factor / tau**2)
 
-    def step(self, ctx: Context, state, i, t, t_next):
+    def init(self, ctx: Context, setup: DAPSSetup) -> tuple[DAPSState, None]:
+        return DAPSState(ctx.prior.schedule.sigma(ctx.times[0]) * ctx.randn()), None
+
+    def move(self, ctx: Context, setup: DAPSSetup, state: DAPSState, k: int, t, t_next) -> Move:
         sch = ctx.prior.schedule
-        x = state["x"]
+        x = state.x
         # 1. x0_hat by the PF-ODE (Euler in the VE variable = DDIM eta=0 in ours).
-        ts = ctx.cache["inner_t"][i]
+        ts = setup.inner_t[k]
         for j in range(self.ode_steps):
             tj, tn = ts[j], ts[j + 1]
             d = ctx.denoise(x, tj)
-            a_s, c_eps, _, a_t = ddim_coefficients(sch, tj, tn, 0.0)
-            x = a_s * d + c_eps * (x - a_t * d) / sch.sigma(tj)
+            x = ddim_mean(x, d, ddim_coefficients(sch, tj, tn, 0.0), sch.sigma(tj))
         x0_hat = x / sch.alpha(ts[-1])
         # 2. Langevin on x0 targeting exp(-c ||A x - y||^2 / 2 - ||x - x0_hat||^2 / (2 r^2)),
         #    c = data_coef, r = s_k (the level's VE sigma).
         r2 = (_ve_sigma(sch, t)) ** 2
-        lr = self.lr * (1.0 + (i / (self.num_steps + 1)) * (self.lr_min_ratio - 1.0))
-        c = ctx.cache["data_coef"]
+        lr = self.lr * (1.0 + (k / (self.num_steps + 1)) * (self.lr_min_ratio - 1.0))
+        c = setup.data_coef
         noise_scale = math.sqrt(2.0 * lr)
         x0 = x0_hat
         for _ in range(self.langevin_steps):
             score = -c * ctx.problem.residual_gradient(x0) + (x0_hat - x0) / r2
             x0 = x0 + lr * score + noise_scale * ctx.randn()
         # 3. Re-noise to the next level (the last level returns x0_y itself).
-        if i == len(ctx.times) - 2:
-            return {"x": x0}, None
-        return {"x": sch.alpha(t_next) * x0 + sch.sigma(t_next) * ctx.randn()}, None
+        if k == len(ctx.times) - 2:
+            return Move(DAPSState(x0))
+        return Move(DAPSState(sch.alpha(t_next) * x0 + sch.sigma(t_next) * ctx.randn()))

@@ -4,6 +4,7 @@
 ``eta = 1`` (default) is DDPM's ancestral sampler, ``eta = 0`` deterministic DDIM.
 The observation is ignored: this draws from the prior, the reference every conditional
 sampler departs from (and what :class:`bayesfilter_diff.DiffusionPrior` samples with).
+See ``docs/methods/ddim.md``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .base import Context, Move, Sampler
+from .base import Context, Move, Requirements, Sampler
 from .kernels import ddim_coefficients, ddim_mean
 
 
@@ -24,6 +25,8 @@ class DDIMState:
 @dataclass(frozen=True)
 class DDIM(Sampler):
     """Prior sampling with the DDIM kernel; ``eta = 1`` is ancestral DDPM sampling."""
+
+    requires = Requirements(likelihoods=frozenset({"gaussian", "poisson", "custom"}))
 
     eta: float = 1.0
 

@@ -1,61 +1,57 @@
 """DDNM and DDNM+: denoising diffusion null-space models (Wang, Yu & Zhang, ICLR 2023).
 
-Code followed: wyhuai/DDNM ``functions/svd_ddnm.py`` (``ddnm_diffusion``,
-``ddnm_plus_diffusion``) and ``functions/svd_operators.py`` (``Lambda``, ``Lambda_noise``).
+Y. Wang, J. Yu and J. Zhang, "Zero-Shot Image Restoration Using Denoising Diffusion
+Null-Space Model", ICLR 2023 (arXiv 2212.00490). Reference code: wyhuai/DDNM
+(``functions/svd_ddnm.py``: ``ddnm_diffusion``, ``ddnm_plus_diffusion``;
+``functions/svd_operators.py``: ``Lambda``, ``Lambda_noise``). See ``docs/methods/ddnm.md``.
+
+Update
+------
 Notation: ``a = alpha(t_next)``, ``c = sigma(t_next)`` (VP: ``sqrt(abar_next)``,
-``sqrt(1 - abar_next)``), ``eps_hat = (x_t - alpha_t x0_hat) / sigma_t`` the model's noise,
-``A = U S V^T``, ``ybar_i = (U^T y)_i / s_i``.
+``sqrt(1 - abar_next)``), ``A = U S V^T``, ``ybar_i = (U^T y)_i / s_i``
+(:func:`.spectral.spectral_observation`). One step from ``t`` to ``t_next``:
 
-DDNM (:class:`DDNM`, noiseless ``y = A x0``; code ``ddnm_diffusion``)::
+1. ``x0_hat = E[x0 | x_t]`` and the model's noise ``eps_hat = (x_t - alpha_t x0_hat) / sigma_t``;
+2. range-null-space correction (:func:`.spectral.pinv_correction`)::
 
-    x0_hat' = x0_hat - A^+ (A x0_hat - y)                     # range-null-space projection
-    x_next  = a x0_hat' + c (eta z + sqrt(1 - eta^2) eps_hat)
+       x0_hat' = x0_hat - V Lambda V^T A^+ (A x0_hat - y),
+       i.e. x0bar'_i = x0bar_i + lambda_i (ybar_i - x0bar_i) on the observed coordinates;
 
-DDNM+ (:class:`DDNMPlus`, ``y = A x0 + sigma_y n``; code ``ddnm_plus_diffusion``, whose
-comments cite the paper's eqs. 12, 17 and 51), per spectral coordinate ``i``::
+3. ``x_next = a x0_hat' + V (d1 . zbar) + V (d2 . epsbar)``, ``zbar ~ N(0, I)``.
 
-    x0_hat' = x0_hat - V Lambda V^T A^+ (A x0_hat - y)
-    lambda_i = 1                                 if c >= a sigma_y / s_i
+DDNM (:class:`DDNM`, noiseless ``y = A x0``; ``ddnm_diffusion``): ``lambda = 1`` and
+``(d1, d2) = (c eta, c sqrt(1 - eta^2))`` everywhere, i.e.
+``x_next = a x0_hat' + c (eta z + sqrt(1 - eta^2) eps_hat)``.
+
+DDNM+ (:class:`DDNMPlus`, ``y = A x0 + sigma_y n``; ``ddnm_plus_diffusion``, the paper's
+eqs. 12, 17 and 51), per spectral coordinate ``i``::
+
+    lambda_i = 1                                    if c >= a sigma_y / s_i
              = s_i c sqrt(1 - eta^2) / (a sigma_y)  otherwise
-    x_next  = a x0_hat' + V (d1 . zbar) + V (d2 . epsbar),  zbar ~ N(0, I)
-    (d1, d2) = (c eta, 0)                          if c < a sigma_y / s_i
+    (d1, d2) = (c eta, 0)                           if c < a sigma_y / s_i
              = (sqrt(c^2 - a^2 sigma_y^2 / s_i^2), 0) if c > a sigma_y / s_i
-             = (c eta, c sqrt(1 - eta^2))          if s_i = 0 (i >= rank) or on a tie
+             = (c eta, c sqrt(1 - eta^2))           if s_i = 0 (i >= rank) or on a tie
 
-The ``sqrt(1 - eta^2)`` in ``lambda`` is the code's (the paper's eq. 19, per the literature
-notes, has none: its ``eta = 0`` case); it makes the noise carried in through ``A^+ y``,
-``lambda_i sigma_y / s_i = c sqrt(1 - eta^2) / a``, add up with ``d1`` to variance ``c^2``.
-For ``sigma_y = 0`` (or ``a = 0``) the code skips these rules, so DDNM+ equals DDNM; the
-same holds here.
+so that the noise carried in through ``A^+ y`` and the fresh noise ``d1`` add up to variance
+``c^2``. For ``sigma_y = 0`` (or ``a = 0``) DDNM+ equals DDNM, as in the code.
 
-Shared by both (as in the code):
+Both start from ``x_T = sigma_T z`` (the code's ``x_T ~ N(0, I)``; not y-informed); the last
+step (``a = 1``, ``c = 0``) returns ``x0_hat'``, so DDNM ends with ``A x = y`` (up to the
+projection of ``y`` on the range of ``A``). Not consistent posterior samplers
+(``docs/methods/ddnm.md``).
 
-- Defaults: ``eta = 0.85`` (``--eta``), 100 steps (``time_travel.T_sampling``) on the
-  code's respaced DDPM grid (``grid="ddpm"``: indices ``990, 980, ..., 0`` at times
-  ``(k + 1) / 1000``, then ``0``).
-- Initialisation ``x_T = sigma_T z`` (the code's ``x_T ~ N(0, I)``; not y-informed).
-- The last step (``t_next = 0``: ``a = 1``, ``c = 0``) returns ``x0_hat'``: for DDNM (and
-  DDNM+ with ``sigma_y = 0``) ``A x = y`` exactly (up to the projection of ``y`` on the range
-  of ``A``); for DDNM+ with ``sigma_y > 0`` ``lambda = 0`` there, so it returns ``x0_hat``.
-- Time travel (RePaint's ``get_schedule_jump`` with ``travel_length`` L and
-  ``travel_repeat`` R; the configs' default ``L = R = 1`` is off, and so it is here): after
-  arriving at the grid point whose DDPM index ``k = num_steps - 1 - position`` satisfies
-  ``k % L == 0`` and ``k < num_steps - L``, the code jumps back ``L`` grid points ``R - 1``
-  times by re-noising the last *unprojected* ``x0_hat``,
-  ``x_{t+L} = alpha x0_hat + sigma z`` (not ``q(x_{t+L} | x_t)``), and re-runs the ``L``
-  reverse steps. These extra steps run inside :meth:`step` (each is one more NFE); the
-  shared loop still sees one step per grid interval.
-
-On a standard normal prior (exact chain moments, ``tests/test_ddnm.py``) DDNM(+) is not a
-consistent posterior sampler: the ``c eta z`` noise is a fixed fraction of the noise level,
-so the null-space variance tends to about 0.76 of the prior's (0.63 / 0.73 / 0.76 at
-20 / 100 / 1000 steps). Per spectral coordinate DDNM+ is the same chain as DDRM with
-``eta_b = 1`` ("before" <-> ``lambda = 1``, "after" <-> ``lambda < 1``), apart from the
-initialisation (pure noise here, y-informed in DDRM) and ties.
-
-The paper's simplified (SVD-free) DDNM+ path is not implemented: both samplers need an
-operator with an SVD. DDNM ignores ``noise_std`` (use DDNM+ for noisy ``y``). NFE: one
-network call per step (times ``R`` where travelling), no backpropagation.
+Defaults and departures
+-----------------------
+- ``eta = 0.85`` (``--eta``), 100 steps (``time_travel.T_sampling``) on the code's respaced
+  DDPM grid (``grid="ddpm"``).
+- Time travel (RePaint's schedule, ``travel_length`` L and ``travel_repeat`` R; the configs'
+  ``L = R = 1`` is off, here too): after arriving at the grid point with DDPM index
+  ``j = num_steps - 1 - position``, ``j % L == 0`` and ``j < num_steps - L``, jump back ``L``
+  grid points ``R - 1`` times by re-noising the last *unprojected* ``x0_hat``
+  (``x_{t+L} = alpha x0_hat + sigma z``) and redo the ``L`` steps, inside :meth:`move` (one
+  NFE each).
+- ``sqrt(1 - eta^2)`` in DDNM+'s ``lambda`` is the code's (the paper's eq. 19 has none). The
+  paper's SVD-free DDNM+ is not implemented; DDNM ignores ``noise_std``.
 """
 
 from __future__ import annotations
@@ -65,14 +61,33 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import Context, Sampler
+from .base import Context, Move, Requirements, Sampler
+from .kernels import eps_from_x0
+from .spectral import pinv_correction, residual_std, spectral_observation
 
 __all__ = ["DDNM", "DDNMPlus"]
 
 
 @dataclass(frozen=True)
+class DDNMSetup:
+    """Singular values ``s`` ``(r,)`` and the spectral observation ``ybar`` ``(B, 1, r)``."""
+
+    s: Tensor
+    ybar: Tensor
+
+
+@dataclass(frozen=True)
+class DDNMState:
+    """Particles ``x_t``."""
+
+    x: Tensor
+
+
+@dataclass(frozen=True)
 class _NullSpaceSampler(Sampler):
     """Shared DDNM machinery: spectral correction, noise, time travel."""
+
+    requires = Requirements(svd=True)
 
     num_steps: int = 100
     grid: str = "ddpm"
@@ -94,15 +109,12 @@ class _NullSpaceSampler(Sampler):
                 f"({self.num_steps}) when travel_repeat > 1"
             )
 
-    def check(self, prior, problem) -> None:
-        self._require_svd(problem)
-        self._require_gaussian(problem)
+    def setup(self, ctx: Context) -> DDNMSetup:
+        obs = spectral_observation(ctx.problem.operator, ctx.y)
+        return DDNMSetup(obs.s, obs.y_bar.unsqueeze(1))
 
-    def init(self, ctx: Context):
-        op = ctx.problem.operator
-        s = op.singular_values()
-        ctx.cache["ybar"] = (op.Ut(ctx.y)[..., : s.numel()] / s).unsqueeze(1)  # (B, 1, r)
-        return {"x": ctx.prior.schedule.sigma(ctx.times[0]) * ctx.randn()}, None
+    def init(self, ctx: Context, setup: DDNMSetup) -> tuple[DDNMState, None]:
+        return DDNMState(ctx.prior.schedule.sigma(ctx.times[0]) * ctx.randn()), None
 
     # ------------------------------------------------------------------ per-method rule
     def _coefficients(
@@ -112,22 +124,23 @@ class _NullSpaceSampler(Sampler):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ one reverse step
-    def _reverse(self, ctx: Context, x: Tensor, t: Tensor, t_next: Tensor) -> tuple[Tensor, Tensor]:
+    def _reverse(
+        self, ctx: Context, setup: DDNMSetup, x: Tensor, t: Tensor, t_next: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """One reverse step ``t -> t_next``; returns ``(x_next, x0_hat)`` (unprojected)."""
         sch = ctx.prior.schedule
         op = ctx.problem.operator
-        s = op.singular_values()
+        s = setup.s
         r = s.numel()
         # 1. x0_hat and the model's eps_hat.
         x0 = ctx.denoise(x, t)
-        eps = (x - sch.alpha(t) * x0) / sch.sigma(t)
+        eps = eps_from_x0(x, x0, sch.alpha(t), sch.sigma(t))
         a, c = sch.alpha(t_next), sch.sigma(t_next)
         lam, d1, d2 = self._coefficients(s, a, c, ctx.problem.noise_std)
         # 2. x0_hat' = x0_hat - V Lambda V^T A^+ (A x0_hat - y): in spectral coordinates the
         #    observed part moves by lambda_i (ybar_i - x0bar_i), the null space is unchanged.
         x0b = op.Vt(x0)
-        corr = lam * (ctx.cache["ybar"] - x0b[..., :r])
-        x0p = x0 + op.V(op.pad_in(corr))
+        x0p = x0 + op.V(op.pad_in(pinv_correction(x0b, setup.ybar, lam)))
         # 3. noise: c (eta z + sqrt(1 - eta^2) eps_hat) on the null space, (d1, d2) on the
         #    observed coordinates.
         zb = ctx.randn(x0b.shape)
@@ -139,14 +152,14 @@ class _NullSpaceSampler(Sampler):
         )
         return a * x0p + op.V(noise), x0
 
-    def step(self, ctx: Context, state, i, t, t_next):
-        x, x0 = self._reverse(ctx, state["x"], t, t_next)
-        # Time travel (RePaint schedule): at DDPM index k = n - 1 - (i + 1) with k % L == 0
-        # and k < n - L, jump back L grid points R - 1 times and redo the L reverse steps.
+    def move(self, ctx: Context, setup: DDNMSetup, state: DDNMState, k: int, t, t_next) -> Move:
+        x, x0 = self._reverse(ctx, setup, state.x, t, t_next)
+        # Time travel (RePaint schedule): at DDPM index j = n - 1 - (k + 1) with j % L == 0
+        # and j < n - L, jump back L grid points R - 1 times and redo the L reverse steps.
         n, L, R = self.num_steps, self.travel_length, self.travel_repeat
-        p = i + 1
-        k = n - 1 - p
-        if R > 1 and k >= 0 and k % L == 0 and k < n - L:
+        p = k + 1
+        j = n - 1 - p
+        if R > 1 and j >= 0 and j % L == 0 and j < n - L:
             sch = ctx.prior.schedule
             times = ctx.times
             for _ in range(R - 1):
@@ -154,8 +167,8 @@ class _NullSpaceSampler(Sampler):
                 # re-noise the last unprojected x0_hat (code: x0_preds[-1]) to times[p - L]
                 x = sch.alpha(tb) * x0 + sch.sigma(tb) * ctx.randn()
                 for q in range(p - L, p):
-                    x, x0 = self._reverse(ctx, x, times[q], times[q + 1])
-        return {"x": x}, None
+                    x, x0 = self._reverse(ctx, setup, x, times[q], times[q + 1])
+        return Move(DDNMState(x))
 
 
 @dataclass(frozen=True)
@@ -202,12 +215,12 @@ class DDNMPlus(_NullSpaceSampler):
         d2 = c_det * torch.ones_like(s)
         if sigma_y == 0 or float(a) == 0:
             return lam, d1, d2
-        thr = a * sigma_y / s  # c compared with a sigma_y / s_i
+        thr = a * sigma_y / s  # c compared with a sigma_y / s_i (the noise a ybar_i carries)
         noisy = c < thr  # y noisier than x_next: shrink the correction, all noise fresh
         lam = torch.where(noisy, s * c_det / (a * sigma_y), lam)
         d1 = torch.where(noisy, c_eta, d1)
         d2 = torch.where(noisy, torch.zeros_like(d2), d2)
         clean = c > thr  # x_next noisier than y: top the noise of A^+ y up to c^2
-        d1 = torch.where(clean, (c**2 - thr**2).clamp_min(0).sqrt(), d1)
+        d1 = torch.where(clean, residual_std(c, thr), d1)
         d2 = torch.where(clean, torch.zeros_like(d2), d2)
         return lam, d1, d2

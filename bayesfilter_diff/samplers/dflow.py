@@ -2,68 +2,43 @@
 Karrer, Singer & Lipman, ICML 2024).
 
 Reference: the paper, and the reimplementation annegnx/PnP-Flow ``pnpflow/methods/d_flow.py``
-(``config/method_config/d_flow.yaml``); there is no official inverse-problem code.
+(``config/method_config/d_flow.yaml``); there is no official inverse-problem code. See
+``docs/methods/dflow.md``.
 
 D-Flow optimises the source noise ``z`` of the (deterministic) flow ODE so that the generated
 sample explains the data::
 
     min_z  L(z) = ||A Phi(z) - y||^2 + lam R(z),    R(z) = ||z||^2 / 2 - (d - 1) log ||z||
 
-where ``Phi`` integrates the probability-flow ODE ``dx/dt = dalpha E[x0|x_t] + dsigma E[eps|x_t]``
-(the prior's velocity, :meth:`~bayesfilter_diff.DiffusionModel.velocity`, with every denoiser
-call through ``ctx.denoise``) from ``x_T = sigma_T z`` at ``T = times[0]`` down to ``t = 0``,
-with ``ode_steps`` explicit steps (``solver = "midpoint"``, the reimplementation's, 2 NFEs per
-step, or ``"euler"``) on the inherited ``grid``, backpropagating through the solver (the
-result reports ``backprop = True``). ``R`` is ``-log chi_d(||z||)`` up to a constant: it keeps
-``||z||`` near ``sqrt(d - 1)``, the typical norm of a standard normal in ``d`` dimensions.
-Sign: PnP-Flow's code uses ``-||z||^2 / 2 + (d - 1) log ||z||`` (the opposite sign, which
-pushes ``||z||`` away from the typical set); we use the paper's.
+1. ``Phi`` integrates the probability-flow ODE ``dx/dt = dalpha E[x0|x_t] + dsigma E[eps|x_t]``
+   (the prior's velocity, every denoiser call through ``ctx.denoise``) from ``x_T = sigma_T z``
+   at the first time ``T`` of its grid down to ``t = 0``, in ``ode_steps`` explicit steps
+   (``solver``: ``"midpoint"``, 2 NFEs per step, or ``"euler"``) on the inherited ``grid``,
+   backpropagating through the solver (``Result.info.backprop`` is ``True``);
+2. initialisation ``z_0 = sqrt(a) z* + sqrt(1 - a) n``, ``a = init_blend``, ``n ~ N(0, I)``,
+   ``z* = Phi^-1(A^T y) / sigma_T`` (``z_0 = n`` for nonlinear operators, which have no
+   adjoint);
+3. L-BFGS on ``L``, every sample its own (per-sample histories, scaling and Armijo
+   backtracking line search, batched over ``(B, N)``; the samples are exactly independent),
+   ``lbfgs_iters`` iterations per move of the shared loop, ``max_iters`` moves; the output
+   is ``Phi(z)`` at the last accepted ``z``.
 
-Initialisation (PnP-Flow): ``z_0 = sqrt(a) z* + sqrt(1 - a) n`` with ``a = init_blend = 0.1``,
-``n ~ N(0, I)`` and ``z* = Phi^-1(A^T y) / sigma_T``, the adjoint (not the pseudo-inverse)
-pushed back through the ODE. The reimplementation inverts with dopri5 (``atol = rtol = 1e-5``);
-here the inversion uses ``ode_steps`` Euler steps from ``t = 0`` up, each evaluating the
-velocity at the *upper* end of its interval (the DDIM-inversion approximation, which avoids
-the velocity's ``0/0`` at ``t = 0``). Nonlinear operators have no adjoint: they start from
-``z_0 = n``.
-
-Optimiser. The reimplementation runs ``torch.optim.LBFGS([z], max_iter=LBFGS_iter,
-history_size=100, line_search_fn='strong_wolfe')`` on the loss *summed over the batch*,
-``max_iter`` times. On a summed loss L-BFGS is not a per-sample method: its curvature pairs,
-two-loop inner products and line search all mix the samples. Here every sample runs its own
-L-BFGS, batched over ``(B, N)``: per-sample histories ``(s_k, y_k)`` (kept only where
-``s^T y > 1e-10``), per-sample initial scaling ``gamma = s^T y / y^T y``, and a per-sample
-Armijo backtracking line search (``c1 = 1e-4``; the next trial minimises the quadratic
-through ``f``, ``g^T d`` and the failed value, safeguarded to ``[0.1, 0.5]`` of the last trial;
-at most ``max_ls`` trials; the first trial is ``t = 1``, or ``min(1, 1 / ||g||_1)`` while a
-sample has no history, as torch does at its first iteration). Each line-search trial is one
-batched forward and backward pass through ``Phi`` (every sample is evaluated until the last
-one accepts; a sample that never accepts does not move). The Armijo search replaces torch's
-strong-Wolfe search. A sample stops moving while its gradient's largest entry is below
-``tol_grad`` or its predicted decrease ``-g^T d`` is below ``tol_change`` (torch's
-tolerances). The samples are exactly independent (tested: a problem gives the same result
-alone and next to another).
-
-The shared loop drives the outer iterations: :meth:`DFlow.time_grid` returns ``max_iters + 1``
-placeholder times (``linspace(1, 0)``; they are not diffusion times), and each step runs
-``lbfgs_iters`` L-BFGS iterations; the inherited ``num_steps`` is unused. The output is
-``Phi(z)`` at the last accepted ``z``. ``Result.info`` gains ``dflow_evaluations`` (batched
-objective evaluations), ``dflow_initial_loss`` and ``dflow_final_loss`` (``(B, N)``) and
-``dflow_z_norm`` (``||z||`` at the end, ``(B, N)``). NFEs count every velocity evaluation
-(forward; the backward passes are not counted separately).
+``R`` is ``-log chi_d(||z||)`` up to a constant: it keeps ``||z||`` near ``sqrt(d - 1)``.
+:meth:`DFlow.time_grid` returns ``max_iters + 1`` placeholder times (not diffusion times);
+``num_steps`` is unused. Each move reports a :class:`DFlowStep` (``Result.info.steps``):
+the batched objective evaluations it made (one more is made before the first move), and per
+sample the loss at its start and end and ``||z||`` at its end. NFEs count every velocity
+evaluation (forward; the backward passes are not counted separately).
 
 Defaults (PnP-Flow ``d_flow.yaml``): ``max_iters = 20``, ``lbfgs_iters = 20``,
-``history_size = 100``, ``ode_steps = 5`` midpoint steps (``steps_euler = 6`` grid points),
-``init_blend = 0.1``; ``lam = 1e-3`` is the value of PnP-Flow's benchmark scripts (the yaml
-lists 0.01). The benchmark scripts set ``max_iter`` per task (3 for denoising up to 20 for
-random inpainting). The data term has no ``1 / (2 sigma_y^2)``: the noise level enters only
-through ``lam`` and the iteration budget (early stopping acts as the regulariser), as in
-PnP-Flow. Memory: the history costs ``2 history_size`` signals per sample.
+``history_size = 100`` (``2 history_size`` signals of memory per sample), ``ode_steps = 5``
+midpoint steps, ``init_blend = 0.1``; ``lam = 1e-3`` (PnP-Flow's benchmark scripts; the yaml
+lists 0.01). The data term has no ``1 / (2 sigma_y^2)``: noise enters only through ``lam``
+and the iteration budget, as in PnP-Flow.
 
-Convention: PnP-Flow's flow runs from noise at ``t = 0`` to data at ``t = 1`` with
-``v_pf = x_data - z``; ours is ``x_t = alpha x0 + sigma eps`` with data at ``t = 0``
-(``s = 1 - t``, ``v = -v_pf`` for the flow schedule). Any schedule works (the velocity of a VP
-or VE path is its probability-flow ODE); ``x_T = sigma_T z`` neglects ``alpha_T x0``.
+Departures from PnP-Flow (details in the notes): the paper's sign of ``R`` (PnP-Flow's is
+flipped); per-sample L-BFGS with an Armijo search instead of torch's L-BFGS with strong Wolfe
+on the batch-summed loss; ``Phi^-1`` by ``ode_steps`` Euler steps (dopri5 there).
 """
 
 from __future__ import annotations
@@ -77,9 +52,43 @@ from torch import Tensor
 from ..priors.base import DiffusionModel
 from ..problem import InverseProblem
 from ..schedules import x0_to_velocity
-from .base import Context, Sampler, _describe_likelihood
+from .base import Context, Move, Requirements, Sampler
 
 __all__ = ["DFlow"]
+
+
+@dataclass(frozen=True)
+class DFlowSetup:
+    """The time grid of the ODE solver inside ``Phi`` (``ode_steps + 1`` points)."""
+
+    ode_times: Tensor
+
+
+@dataclass(frozen=True)
+class DFlowState:
+    """Per sample: the source noise ``z`` ``(B, N, D)``, ``x = Phi(z)``, the loss ``f`` and its
+    gradient ``g``, and the L-BFGS memory (pairs ``S``, ``Y`` ``(B, N, H, D)``, ``rho = 1 /
+    s^T y`` ``(B, N, H)``, zero in unused slots, and the initial scaling ``gamma``)."""
+
+    z: Tensor
+    x: Tensor
+    f: Tensor
+    g: Tensor
+    S: Tensor
+    Y: Tensor
+    rho: Tensor
+    gamma: Tensor
+
+
+@dataclass(frozen=True)
+class DFlowStep:
+    """One move (``lbfgs_iters`` L-BFGS iterations): batched objective evaluations made, and
+    per sample ``(B, N)`` the loss at its start and end and ``||z||`` at its end."""
+
+    evaluations: int
+    loss_start: Tensor
+    loss: Tensor
+    z_norm: Tensor
 
 
 @dataclass(frozen=True)
@@ -115,6 +124,8 @@ class DFlow(Sampler):
         Unused (the ODE has ``ode_steps`` steps; the loop runs ``max_iters`` steps).
     """
 
+    requires = Requirements(likelihoods=frozenset({"gaussian"}), differentiates=True)
+
     max_iters: int = 20
     lbfgs_iters: int = 20
     ode_steps: int = 5
@@ -143,13 +154,6 @@ class DFlow(Sampler):
         if not self.tol_change >= 0:
             raise ValueError(f"tol_change must be >= 0, got {self.tol_change!r}")
 
-    def check(self, prior: DiffusionModel, problem: InverseProblem) -> None:
-        if problem.noise != "gaussian" or problem.log_likelihood_fn is not None:
-            raise ValueError(
-                "DFlow needs Gaussian observation noise and no custom log_likelihood_fn (its "
-                f"data term is ||A x - y||^2); got {_describe_likelihood(problem)}"
-            )
-
     def time_grid(self, prior: DiffusionModel, problem: InverseProblem) -> Tensor:
         """``max_iters + 1`` placeholder points: one loop step per outer iteration."""
         y = problem.y
@@ -161,9 +165,9 @@ class DFlow(Sampler):
         x0 = ctx.denoise(x, t)
         return x0_to_velocity(x, x0, sch.alpha(t), sch.sigma(t), sch.dalpha(t), sch.dsigma(t))
 
-    def _flow(self, ctx: Context, z: Tensor) -> Tensor:
+    def _flow(self, ctx: Context, setup: DFlowSetup, z: Tensor) -> Tensor:
         """``Phi(z)``: the ODE from ``x_T = sigma_T z`` down to ``t = 0`` (differentiable)."""
-        ts = ctx.cache["ode_times"]
+        ts = setup.ode_times
         x = ctx.prior.schedule.sigma(ts[0]) * z
         for j in range(self.ode_steps):
             t, tn = ts[j], ts[j + 1]
@@ -175,15 +179,17 @@ class DFlow(Sampler):
                 x = x + h * self._velocity(ctx, xm, t + 0.5 * h)
         return x
 
-    def _invert(self, ctx: Context, x: Tensor) -> Tensor:
+    def _invert(self, ctx: Context, setup: DFlowSetup, x: Tensor) -> Tensor:
         """Approximate ``Phi^-1(x) / sigma_T`` (Euler upwards, velocity at the upper end)."""
-        ts = ctx.cache["ode_times"]
+        ts = setup.ode_times
         for j in range(self.ode_steps, 0, -1):
             t_lo, t_hi = ts[j], ts[j - 1]
             x = x + (t_hi - t_lo) * self._velocity(ctx, x, t_hi)
         return x / ctx.prior.schedule.sigma(ts[0])
 
-    def _objective(self, ctx: Context, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _objective(
+        self, ctx: Context, setup: DFlowSetup, z: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Per-sample loss ``(B, N)``, its gradient ``(B, N, D)`` and ``Phi(z)``."""
         op = ctx.problem.operator
         shape = ctx.shape
@@ -191,7 +197,7 @@ class DFlow(Sampler):
         ctx.backprop = True
         with torch.enable_grad():
             zr = z.detach().reshape(shape).requires_grad_(True)
-            x = self._flow(ctx, zr)
+            x = self._flow(ctx, setup, zr)
             r = op(x) - ctx.y.unsqueeze(1)
             data = (r**2).reshape(shape[:2] + (-1,)).sum(-1)
             loss = data
@@ -203,69 +209,73 @@ class DFlow(Sampler):
         return loss.detach(), g.reshape(shape[:2] + (-1,)), x.detach()
 
     # ------------------------------------------------------------------ sampler
-    def init(self, ctx: Context):
-        ctx.cache["ode_times"] = ctx.prior.schedule.time_grid(
-            self.ode_steps, self.grid, dtype=ctx.dtype, device=ctx.device
+    def setup(self, ctx: Context) -> DFlowSetup:
+        return DFlowSetup(
+            ctx.prior.schedule.time_grid(
+                self.ode_steps, self.grid, dtype=ctx.dtype, device=ctx.device
+            )
         )
+
+    def init(self, ctx: Context, setup: DFlowSetup) -> tuple[DFlowState, None]:
         op = ctx.problem.operator
         n = ctx.randn()
         if op.is_linear and self.init_blend > 0:
+            # 2. z_0 = sqrt(a) Phi^-1(A^T y) / sigma_T + sqrt(1 - a) n
             with torch.no_grad():
                 x_adj = op.adjoint(ctx.y).unsqueeze(1).expand(ctx.shape)
-                z_star = self._invert(ctx, x_adj)
+                z_star = self._invert(ctx, setup, x_adj)
             z = math.sqrt(self.init_blend) * z_star + math.sqrt(1.0 - self.init_blend) * n
         else:
             z = n
-        f, g, x = self._objective(ctx, z)
+        f, g, x = self._objective(ctx, setup, z)
         B, N = ctx.B, ctx.N
         D = g.shape[-1]
         H = self.history_size
         kw = {"dtype": ctx.dtype, "device": ctx.device}
-        state = {
-            "z": z.reshape(B, N, D),
-            "x": x,
-            "f": f,
-            "g": g,
-            "S": torch.zeros(B, N, H, D, **kw),
-            "Y": torch.zeros(B, N, H, D, **kw),
-            "rho": torch.zeros(B, N, H, **kw),
-            "gamma": torch.ones(B, N, **kw),
-        }
-        info = ctx.cache.setdefault("info", {})
-        info["dflow_evaluations"] = 1
-        info["dflow_initial_loss"] = f.clone()
+        state = DFlowState(
+            z=z.reshape(B, N, D),
+            x=x,
+            f=f,
+            g=g,
+            S=torch.zeros(B, N, H, D, **kw),
+            Y=torch.zeros(B, N, H, D, **kw),
+            rho=torch.zeros(B, N, H, **kw),
+            gamma=torch.ones(B, N, **kw),
+        )
         return state, None
 
-    def _direction(self, state: dict, count: int) -> Tensor:
+    def _direction(
+        self, g: Tensor, S: Tensor, Y: Tensor, rho: Tensor, gamma: Tensor, count: int
+    ) -> Tensor:
         """Two-loop recursion, per sample, over the ``min(count, H)`` stored slots."""
-        S, Y, rho = state["S"], state["Y"], state["rho"]
         H = self.history_size
         slots = [(count - 1 - k) % H for k in range(min(count, H))]  # newest first
-        q = state["g"]
+        q = g
         alphas = []
         for j in slots:
             a = rho[..., j] * (S[..., j, :] * q).sum(-1)
             q = q - a[..., None] * Y[..., j, :]
             alphas.append(a)
-        r = state["gamma"][..., None] * q
+        r = gamma[..., None] * q
         for j, a in zip(reversed(slots), reversed(alphas)):
             b = rho[..., j] * (Y[..., j, :] * r).sum(-1)
             r = r + (a - b)[..., None] * S[..., j, :]
         return -r
 
-    def step(self, ctx: Context, state, i, t, t_next):
-        # Copy the history once per call, then update it in place (the caller's state is kept).
-        state = dict(state, S=state["S"].clone(), Y=state["Y"].clone(), rho=state["rho"].clone())
+    def move(self, ctx: Context, setup: DFlowSetup, state: DFlowState, k: int, t, t_next) -> Move:
+        # 3. lbfgs_iters L-BFGS iterations. The history is copied once per move, then
+        # updated in place (the caller's state is kept).
+        S, Y, rho = state.S.clone(), state.Y.clone(), state.rho.clone()
+        z, x, f, g, gamma = state.z, state.x, state.f, state.g, state.gamma
         H = self.history_size
         c1 = 1e-4
         tiny = torch.finfo(ctx.dtype).tiny
-        info = ctx.cache["info"]
+        evaluations = 0
         for j in range(self.lbfgs_iters):
-            count = i * self.lbfgs_iters + j  # pairs offered to the history so far
-            g, f, z = state["g"], state["f"], state["z"]
+            count = k * self.lbfgs_iters + j  # pairs offered to the history so far
             frozen = g.abs().amax(-1) <= self.tol_grad
-            has_hist = (state["rho"] > 0).any(-1)
-            d = self._direction(state, count)
+            has_hist = (rho > 0).any(-1)
+            d = self._direction(g, S, Y, rho, gamma, count)
             gtd = (g * d).sum(-1)
             # Fall back to steepest descent where the direction is not a descent direction.
             bad = ~(gtd < 0) & ~frozen
@@ -278,10 +288,10 @@ class DFlow(Sampler):
             step_t = t0
             acc = frozen.clone()
             t_acc = torch.zeros_like(f)
-            f_acc, g_acc, x_acc = f, g, state["x"]
+            f_acc, g_acc, x_acc = f, g, x
             for _ in range(self.max_ls):
-                f_try, g_try, x_try = self._objective(ctx, z + step_t[..., None] * d)
-                info["dflow_evaluations"] += 1
+                f_try, g_try, x_try = self._objective(ctx, setup, z + step_t[..., None] * d)
+                evaluations += 1
                 ok = ~acc & torch.isfinite(f_try) & (f_try <= f + c1 * step_t * gtd)
                 okx = ok.reshape(ok.shape + (1,) * (x_try.dim() - 2))
                 f_acc = torch.where(ok, f_try, f_acc)
@@ -304,15 +314,11 @@ class DFlow(Sampler):
             ys = (s * yv).sum(-1)
             keep = ys > 1e-10
             slot = count % H
-            state["S"][..., slot, :] = torch.where(keep[..., None], s, 0.0)
-            state["Y"][..., slot, :] = torch.where(keep[..., None], yv, 0.0)
-            state["rho"][..., slot] = torch.where(keep, 1.0 / ys.clamp_min(tiny), 0.0)
+            S[..., slot, :] = torch.where(keep[..., None], s, 0.0)
+            Y[..., slot, :] = torch.where(keep[..., None], yv, 0.0)
+            rho[..., slot] = torch.where(keep, 1.0 / ys.clamp_min(tiny), 0.0)
             yy = (yv * yv).sum(-1)
-            state["gamma"] = torch.where(keep, ys / yy.clamp_min(tiny), state["gamma"])
-            state.update(z=z + s, f=f_acc, g=g_acc, x=x_acc)
-        info["dflow_final_loss"] = state["f"].clone()
-        info["dflow_z_norm"] = state["z"].norm(dim=-1)
-        return state, None
-
-    def finalize(self, ctx: Context, state: dict):
-        return state["x"], None
+            gamma = torch.where(keep, ys / yy.clamp_min(tiny), gamma)
+            z, f, g, x = z + s, f_acc, g_acc, x_acc
+        new = DFlowState(z=z, x=x, f=f, g=g, S=S, Y=Y, rho=rho, gamma=gamma)
+        return Move(new, info=DFlowStep(evaluations, state.f, f, z.norm(dim=-1)))

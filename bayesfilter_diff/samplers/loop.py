@@ -32,6 +32,7 @@ bad step and the problems; NaN or inf samples raise
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -44,6 +45,7 @@ from ..priors.base import DiffusionModel
 from ..problem import InverseProblem
 from ..result import Result, RunInfo
 from ..smc.particles import ParticleWeights, distinct_count, index_particles
+from . import quality
 
 __all__ = ["Context", "Move", "run", "check_inputs"]
 
@@ -265,11 +267,6 @@ def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return a.double() if b is None else a.double() + b.double()
 
 
-import os
-
-_GOLDEN = bool(os.environ.get("BFD_GOLDEN"))  # TEMPORARY refactor check: remove
-
-
 @torch.no_grad()
 def run(
     sampler: Any,
@@ -316,7 +313,7 @@ def run(
                 w = w.reweight(g)
             ess_trace.append(w.ess())
             z_trace.append(w.log_z)
-            if g is None or last or (k == 0 and _GOLDEN):
+            if g is None or last:
                 res_trace.append(no)
             else:
                 w, idx, did = w.resample(
@@ -360,6 +357,12 @@ def run(
             f"(noise_std={problem.noise_std:g}), the sampler's step sizes and the prior"
         )
     info.distinct = _distinct_samples(x)
+    # the quality check: findings in info.quality, each warned with its remedy
+    start_scale = float(prior.schedule.sigma(times[0])) * math.sqrt(max(1, x[0, 0].numel()))
+    info.quality = quality.assess(
+        type(sampler).__name__, info, x, N, max(start_scale, 1.0), problem.batched
+    )
+    quality.warn(info.quality)
     info.wall_time = time.perf_counter() - start
     if not problem.batched:
         x = x[0]

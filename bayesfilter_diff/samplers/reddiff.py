@@ -2,63 +2,43 @@
 
 Mardani, Song, Kautz & Vahdat, "A Variational Perspective on Solving Inverse Problems with
 Diffusion Models", ICLR 2024. Reference code: NVlabs/RED-diff ``algos/reddiff.py``,
-``_configs/algo/reddiff.yaml``, ``_configs/exp/default.yaml``.
+``_configs/algo/reddiff.yaml``, ``_configs/exp/default.yaml``. See ``docs/methods/reddiff.md``.
 
 This is optimisation, not sampling: every sample is one independent optimisation of a
 signal ``mu`` (shape ``(B, N, *event)``; the ``N`` samples differ only through the noise
-drawn along the way). Paper (Eq. 10 and Alg. 1), with ``t`` running from ``T`` down to 0::
+drawn along the way). Paper (Eq. 10 and Alg. 1), one Adam step per grid time ``t`` from
+``T`` down::
 
-    x_t   = alpha_t mu + sigma_t eps,   eps ~ N(0, I)
-    loss  = ||y - A mu||^2 / (2 sigma_v^2) + lambda w_t sg(eps_hat(x_t, t) - eps)^T mu
-    mu   <- Adam(mu, grad loss)
+    loss = ||y - A mu||^2 / (2 sigma_v^2) + lambda w_t sg(eps_hat(x_t, t) - eps)^T mu
 
-``sg`` is stop-gradient (the network Jacobian is dropped, so no network gradients are
-needed) and ``w_t = sigma_t / alpha_t`` ("linear", the inverse square-root SNR). Here the
-gradient is formed in closed form per sample,
-``g = lambda w_t (eps_hat - eps) / c_reg + obs_weight * A^T (A mu - y) / c_obs``, and the
-Adam update (``torch.optim.Adam`` with ``weight_decay = 0``, bias-corrected) is done by
-hand elementwise, so the ``N`` optimisations are exactly independent.
+1. ``x0_pred = mu + sigma_x0 n0``; ``x_t = alpha_t x0_pred + sigma_t eps``, ``eps ~ N(0, I)``;
+2. ``eps_hat(x_t, t)`` from the denoiser (``sg``: stop-gradient, no network gradients);
+3. ``g = lambda w_t (eps_hat - eps) / c_reg + obs_weight * A^T (A mu - y) / c_obs``, the
+   gradient of the loss in closed form per sample (autograd for nonlinear operators);
+4. ``mu <- Adam(mu, g)``, done by hand elementwise (``torch.optim.Adam``, bias-corrected,
+   ``weight_decay = 0``), so the ``N`` optimisations are exactly independent.
 
-Scaling (``loss_scaling``):
-
-- ``"code"`` (default): the official code's
-  ``w_t * mean(sg(eps_hat - eps) * mu) + obs_weight * mean((y - A mu)^2) / 2``, i.e.
-  ``c_reg = d`` (entries of ``x``) and ``c_obs = m`` (entries of ``y``) per sample. The
-  code's means also include the image batch, which only rescales the gradient (Adam is
-  nearly scale-invariant); we use the per-sample ``d`` and ``m``. ``lambda = 0.25`` was
-  tuned with this scaling; ``sigma_y`` does not enter.
-- ``"paper"``: ``||y - A mu||^2 / (2 sigma_y^2) + lambda w_t (eps_hat - eps)^T mu``,
-  ``c_reg = 1`` and ``c_obs = sigma_y^2`` (needs ``noise_std > 0``).
+Scaling (``loss_scaling``): ``"code"`` (default), the official code's means,
+``c_reg = d`` (entries of ``x``) and ``c_obs = m`` (entries of ``y``) per sample, with which
+``lambda = 0.25`` was tuned (``sigma_y`` does not enter); ``"paper"``, ``c_reg = 1`` and
+``c_obs = sigma_y^2`` (needs ``noise_std > 0``).
 
 Weightings ``w_t`` (``weighting``, from the code): with ``snr_inv = sigma_t / alpha_t``,
 ``"linear"`` ``snr_inv``, ``"sqrt"`` ``sqrt(snr_inv)``, ``"square"`` ``snr_inv^2``,
 ``"log"`` ``log(1 + snr_inv)``, ``"trunc_linear"`` ``min(snr_inv, 1)``,
 ``"power2over3"`` ``snr_inv^(2/3)``, ``"const"`` ``1``.
 
-Defaults (``_configs/algo/reddiff.yaml`` and ``_configs/exp/default.yaml``): ``lam = 0.25``
-(``grad_term_weight``), ``weighting = "linear"``, ``obs_weight = 1``, ``lr = 0.1``,
-``betas = (0.9, 0.99)``, ``sigma_x0 = 0``, ``num_steps = 50`` on the ``"ddpm"`` grid (the
-code visits the discrete steps 980, 960, ..., 20, 0, i.e. ``t = (k + 1) / 1000``: one Adam
-step per grid time ``t = times[i]``, ``i < num_steps``; the final grid point is not
-visited). The README's example uses 100 steps and ``lr = 0.5``.
+Defaults (``_configs/algo/reddiff.yaml``, ``_configs/exp/default.yaml``): ``lam = 0.25``,
+``weighting = "linear"``, ``obs_weight = 1``, ``lr = 0.1``, ``betas = (0.9, 0.99)``,
+``sigma_x0 = 0``, ``num_steps = 50`` on the ``"ddpm"`` grid (the code's discrete steps
+980, ..., 0: one step per ``t = times[k]``, ``k < num_steps``; the last grid point is not
+visited). ``mu_init = "pinv"``: the code's ``A^+ y`` for operators with an SVD, damped to
+``A^T (A A^T + sigma_y^2 I)^-1 y`` when ``sigma_y > 0``; the adjoint ``A^T y`` for linear
+operators without one; zeros for nonlinear operators (``"adjoint"``, ``"zeros"`` on request).
 
-Initialisation ``mu_0`` (``mu_init``): ``"pinv"`` (default, the code's ``H.H_pinv(y)``) for
-operators with an SVD, damped to ``A^T (A A^T + sigma_y^2 I)^-1 y`` when ``sigma_y > 0``. The
-code's operators (DDRM's ``svd_utils``) zero the singular values of its deblurring operators
-below 3e-2, so its ``H_pinv`` never divides noise by a tiny ``s_i``; our ``Blur`` keeps the
-exact spectrum, and the undamped ``A^+ y`` of a noisy blurred digit (4 dB PSNR) is a start
-Adam does not recover from in 50 steps (RED-diff stayed at 4.6 dB on deblurring); for linear operators without one, the adjoint ``A^T y`` (a dense
-pseudo-inverse may be too large); ``"adjoint"`` and ``"zeros"`` on request. Nonlinear
-operators (Gaussian noise) start from zeros and get the data gradient by autograd.
-
-Where the official code departs from the paper, and what is done here:
-
-- Scaling of the two terms (see above); we default to the code's.
-- The code returns ``x0_pred`` computed *before* the last Adam step (``mu`` after all but
-  the last update, since ``sigma_x0 = 0``); we return ``mu`` after the last update.
-- The code's UNet forward runs with autograd enabled although ``eps_hat`` is detached; here
-  no graph is built at all (``ctx.denoise`` outside any autograd use).
-- ``x0_pred = mu + sigma_x0 n0`` with ``sigma_x0 = 0`` by default is kept as a field.
+Departures from the code (details in the notes): per-sample ``d`` and ``m`` in the means (the
+code's also cover the batch); the damped pseudo-inverse start; ``mu`` returned after the last
+Adam step (the code returns ``x0_pred`` from before it); no autograd graph for the network.
 """
 
 from __future__ import annotations
@@ -71,7 +51,8 @@ from torch import Tensor
 
 from ..priors.base import DiffusionModel
 from ..problem import InverseProblem
-from .base import Context, Sampler, _describe_likelihood
+from .base import Context, Move, Requirements, Sampler
+from .kernels import eps_from_x0
 
 __all__ = ["REDDiff"]
 
@@ -92,6 +73,23 @@ def _weight(snr_inv: Tensor, kind: str) -> Tensor:
     if kind == "power2over3":
         return snr_inv ** (2.0 / 3.0)
     return torch.ones_like(snr_inv)
+
+
+@dataclass(frozen=True)
+class REDDiffSetup:
+    """The divisors of the two loss terms: ``c_reg`` (regulariser) and ``c_obs`` (data)."""
+
+    c_reg: float
+    c_obs: float
+
+
+@dataclass(frozen=True)
+class REDDiffState:
+    """The optimised signal ``mu`` (``x``) and Adam's first and second moments."""
+
+    x: Tensor
+    m: Tensor
+    v: Tensor
 
 
 @dataclass(frozen=True)
@@ -123,6 +121,8 @@ class REDDiff(Sampler):
     sigma_x0
         Noise added to ``mu`` before noising, ``x0_pred = mu + sigma_x0 n0`` (default 0).
     """
+
+    requires = Requirements(likelihoods=frozenset({"gaussian"}))
 
     num_steps: int = 50
     grid: str = "ddpm"
@@ -158,16 +158,19 @@ class REDDiff(Sampler):
             raise ValueError(f"sigma_x0 must be a finite number >= 0, got {self.sigma_x0!r}")
 
     def check(self, prior: DiffusionModel, problem: InverseProblem) -> None:
-        if problem.noise != "gaussian" or problem.log_likelihood_fn is not None:
-            raise ValueError(
-                "REDDiff needs Gaussian observation noise and no custom log_likelihood_fn (its "
-                f"data term is a squared residual); got {_describe_likelihood(problem)}"
-            )
+        """Gaussian noise (:attr:`requires`); ``loss_scaling='paper'`` needs ``noise_std > 0``."""
+        super().check(prior, problem)
         if self.loss_scaling == "paper" and problem.noise_std <= 0:
             raise ValueError("REDDiff with loss_scaling='paper' needs noise_std > 0")
 
-    # ------------------------------------------------------------------ pieces
-    def init(self, ctx: Context):
+    # ------------------------------------------------------------------ the sampler
+    def setup(self, ctx: Context) -> REDDiffSetup:
+        op = ctx.problem.operator
+        if self.loss_scaling == "code":
+            return REDDiffSetup(float(op.in_dim), float(op.out_dim))
+        return REDDiffSetup(1.0, ctx.problem.noise_std**2)
+
+    def init(self, ctx: Context, setup: REDDiffSetup) -> tuple[REDDiffState, None]:
         op = ctx.problem.operator
         y = ctx.y
         if not op.is_linear or self.mu_init == "zeros":
@@ -181,40 +184,35 @@ class REDDiff(Sampler):
             else:
                 m = op.adjoint(y)
             mu0 = m.unsqueeze(1).expand(ctx.shape).clone()
-        if self.loss_scaling == "code":
-            c_reg, c_obs = float(op.in_dim), float(op.out_dim)
-        else:
-            c_reg, c_obs = 1.0, ctx.problem.noise_std**2
-        ctx.cache["scales"] = (c_reg, c_obs)
         zeros = torch.zeros_like(mu0)
-        return {"x": mu0, "m": zeros, "v": zeros.clone()}, None
+        return REDDiffState(mu0, zeros, zeros.clone()), None
 
-    def step(self, ctx: Context, state, i, t, t_next):
+    def move(
+        self, ctx: Context, setup: REDDiffSetup, state: REDDiffState, k: int, t, t_next
+    ) -> Move:
         sch = ctx.prior.schedule
-        mu, m, v = state["x"], state["m"], state["v"]
-        c_reg, c_obs = ctx.cache["scales"]
+        mu, m, v = state.x, state.m, state.v
         # 1. x0_pred = mu + sigma_x0 n0; x_t = alpha_t x0_pred + sigma_t eps (fresh eps).
         x0p = mu + self.sigma_x0 * ctx.randn() if self.sigma_x0 > 0 else mu
         a_t, s_t = sch.alpha(t), sch.sigma(t)
         eps = ctx.randn()
         x_t = a_t * x0p + s_t * eps
         # 2. eps_hat(x_t, t) from the denoiser (no gradient through the network).
-        x0_hat = ctx.denoise(x_t, t)
-        eps_hat = (x_t - a_t * x0_hat) / s_t
+        eps_hat = eps_from_x0(x_t, ctx.denoise(x_t, t), a_t, s_t)
         # 3. Gradient of lambda w_t sg(eps_hat - eps)^T x0_pred / c_reg
         #    + obs_weight ||y - A x0_pred||^2 / (2 c_obs) with respect to mu.
         #    (alpha_t = 0, a flow at t = 1: x_t = eps and eps_hat = eps, so the term is 0.)
         snr_inv = s_t / a_t.clamp_min(torch.finfo(mu.dtype).tiny)
         w_t = torch.where(a_t > 0, self.lam * _weight(snr_inv, self.weighting), 0.0)
-        g = (w_t / c_reg) * (eps_hat - eps)
+        g = (w_t / setup.c_reg) * (eps_hat - eps)
         if self.obs_weight > 0:
-            g = g + (self.obs_weight / c_obs) * ctx.problem.residual_gradient(x0p)
-        # 4. Adam (elementwise, bias-corrected; step count k = i + 1).
+            g = g + (self.obs_weight / setup.c_obs) * ctx.problem.residual_gradient(x0p)
+        # 4. Adam (elementwise, bias-corrected; step count n = k + 1).
         b1, b2 = self.betas
-        k = i + 1
+        n = k + 1
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
-        m_hat = m / (1 - b1**k)
-        v_hat = v / (1 - b2**k)
+        m_hat = m / (1 - b1**n)
+        v_hat = v / (1 - b2**n)
         mu = mu - self.lr * m_hat / (v_hat.sqrt() + self.adam_eps)
-        return {"x": mu, "m": m, "v": v}, None
+        return Move(REDDiffState(mu, m, v))

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..problem import InverseProblem
-from .base import Requirements, Sampler, likelihood_kind
+from .base import Requirements, Sampler
 from .daps import DAPS
 from .ddim import DDIM
 from .ddnm import DDNM, DDNMPlus
@@ -91,19 +91,11 @@ class SamplerEntry:
         kw.update(overrides)
         return self.cls(**kw)
 
-    def accepts(self, problem: InverseProblem) -> bool:
-        """Whether the declared requirements admit ``problem`` (the operator and likelihood)."""
-        req = self.requires
-        op = problem.operator
-        if req.mask and not getattr(op, "is_mask", False):
-            return False
-        if req.svd and not (op.is_linear and op.has_svd):
-            return False
-        if req.linear and not op.is_linear:
-            return False
-        if likelihood_kind(problem) not in req.likelihoods:
-            return False
-        return not (req.noise_positive and problem.noise == "gaussian" and problem.noise_std <= 0)
+    def accepts(self, problem: InverseProblem, sampler: Sampler | None = None) -> bool:
+        """Whether the declared requirements of ``sampler`` (default: the small settings'
+        instance) admit ``problem`` (its operator and likelihood)."""
+        sampler = self.build() if sampler is None else sampler
+        return sampler.requirements().unmet(problem) is None
 
 
 _ENTRIES = (

@@ -1,90 +1,39 @@
 """Twisted Diffusion Sampler (TDS): sequential Monte Carlo with twisted proposals.
 
 Wu, Trippe, Naesseth, Blei & Cunningham, "Practical and Asymptotically Exact Conditional
-Sampling in Diffusion Models", NeurIPS 2023. Reference code: blt2114/twisted_diffusion_sampler
-(``smc_utils/feynman_kac_pf.py``, ``image_exp/image_diffusion/feynman_kac_image_ddpm.py``,
-``image_exp/image_diffusion/operators.py``).
+Sampling in Diffusion Models", NeurIPS 2023. Reference code: blt2114/twisted_diffusion_sampler.
+See ``docs/methods/tds.md``.
 
-Update (paper notation ``t = T .. 0``, ours: a step from ``t`` to ``s < t`` on the grid)
----------------------------------------------------------------------------------------
-*Twisting function.* ``p~_t(y | x_t)`` approximates ``p(y | x_t)`` by the likelihood at the
-denoiser's estimate ``x0_hat(x_t) = E[x0 | x_t]``. For Gaussian noise,
+Twisting function ``log p~_t(y | x_t) = log N(y; A(x0_hat(x_t)), (sigma_y^2 + v_t) I)``
+(Gaussian noise; ``v_t`` from ``twist_variance``, ``sig2 = sigma_t^2 / alpha_t^2``:
+``"none"`` 0 (paper), ``"inflated"`` ``sig2``, ``"pigdm"`` ``tau2 sig2 / (tau2 + sig2)``),
+or ``log p(y | x0_hat(x_t))`` for Poisson noise and a custom ``log_likelihood_fn``.
+Update (paper notation ``t = T .. 0``; ours: a step from ``t`` to ``s < t``):
 
-    log p~_t(y | x_t) = log N(y; A(x0_hat(x_t)), (sigma_y^2 + v_t) I),
+1. ``x_T ~ N(0, sigma_T^2 I)`` with weight ``w_T = p~_T(y | x_T)``;
+2. twisted ``x0~ = x0_hat + (sigma_t^2 / alpha_t) grad_{x_t} log p~_t(y | x_t)``
+   (conditional Tweedie; untwisted where ``alpha_t = 0``);
+3. proposal ``q(x_s | x_t, y) = N(alpha_s x0~ + c_eps eps~, std^2 I)``, the ancestral
+   (DDIM ``eta = 1``) kernel at ``x0~``; deterministic (the untwisted mean) where
+   ``std = 0``, i.e. the last step of VP / flow paths;
+4. weight ``w_s = p(x_s | x_t) p~_s(y | x_s) / [q(x_s | x_t, y) p~_t(y | x_t)]``, with
+   the exact likelihood ``p(y | x_0)`` in place of ``p~_0`` at the last step.
 
-with ``v_t`` chosen by ``twist_variance`` (``sig2 := sigma_t^2 / alpha_t^2``, which is
-``(1 - abar_t) / abar_t`` on a VP path):
+The weighted particles target the posterior of the discrete chain
+``p_theta(x_0) p(y | x_0)`` as ``N -> inf``, and the loop's evidence estimate is unbiased
+for ``p_theta(y)``.
 
-- ``"none"`` (default): ``v_t = 0``, the paper's ``p~_t = p(y | x0_hat(x_t))``.
-- ``"inflated"``: ``v_t = sig2``, the code's ``var_type=1`` (the variance of the VE-scaled
-  ``x_t / alpha_t`` around ``x0``).
-- ``"pigdm"``: ``v_t = tau2 sig2 / (tau2 + sig2)`` with ``tau2 = prior_variance``; with
-  ``tau2 = 1`` this is ``1 - abar_t`` on a VP path, the code's ``var_type=2`` (PiGDM's
-  ``r_t^2``); a general ``tau2`` is the code's ``var_type=6``, whose default for the image
-  experiments is ``tau2 = 0.12`` (``run_image.py``). For an orthonormal-row operator (Mask,
-  Identity) and a prior ``N(m, tau2 I)`` this twist is the exact ``p(y | x_t)``.
+Defaults and departures:
 
-The reference code has no ``sigma_y`` (noiseless inpainting) and drops the normalising
-constant ``-(m/2) log 2 pi v_t``; we keep the full Gaussian density (the constants telescope
-in the weights either way). For non-Gaussian likelihoods (Poisson noise, a custom
-``log_likelihood_fn``) the twist is ``log p(y | x0_hat(x_t))`` from
-``problem.log_likelihood`` and ``twist_variance`` is ignored (the run's ``info`` records the
-twist used). Everything goes through autograd, so any differentiable operator works
-(linear operators, :class:`~bayesfilter_diff.operators.PhaseRetrieval`, ...).
-
-*Proposal.* Conditional Tweedie followed by the DDPM posterior mean:
-
-    x0~ = x0_hat + (sigma_t^2 / alpha_t) grad_{x_t} log p~_t(y | x_t)
-        (= x0_hat + (1 - abar_t) / sqrt(abar_t) grad log p~_t on a VP path),
-    q(x_s | x_t, y) = N(alpha_s x0~ + c_eps eps~, std^2 I),  eps~ = (x_t - alpha_t x0~) / sigma_t,
-
-the general-path ancestral (DDIM ``eta = 1``) kernel of ``samplers/base.py``; for VP paths
-``alpha_s x0 + c_eps eps`` is DDPM's posterior mean ``mu(x0, x_t)`` and ``std^2`` its
-posterior ("small") variance. The code uses the same mean (``_compute_twisted_step_helper``)
-with the model's variance (learned or DDPM's "large" ``beta_t``); we use the ancestral
-variance of the kernel, which is what the prior transition ``p(x_s | x_t)`` uses too.
-
-*Weights.* With ``p(x_s | x_t) = N(alpha_s x0_hat + c_eps eps_hat, std^2 I)`` (untwisted):
-
-    w_T = p~_T(y | x_T)                                            (x_T from the reference)
-    w_s = p(x_s | x_t) p~_s(y | x_s) / [q(x_s | x_t, y) p~_t(y | x_t)]
-    w_0 = p(x_0 | x_1) p(y | x_0) / [q(x_0 | x_1, y) p~_1(y | x_1)]  (last step)
-
-At the last step of a VP or flow path ``sigma(0) = 0``, so the kernel is deterministic
-(``std = 0``): like the code (``use_mean_pred``), ``x_0`` is the untwisted mean
-``x0_hat(x_1)`` with no noise and ``w_0 = p(y | x_0) / p~_1(y | x_1)``. On a VE path
-``sigma(0) > 0``: the last step is a twisted stochastic step and ``x_0`` (at noise level
-``sigma_min``) enters ``p(y | x_0)``. The target is the posterior of the *discrete* chain,
-``p_theta(x_0 | y) ∝ p_theta(x_0) p(y | x_0)``, which TDS samples exactly as ``N -> inf``.
-The shared loop turns the weights into the unbiased evidence estimate of ``p_theta(y)``,
-``log Z = sum_steps log sum_i W_i w_i`` (the code does not report it).
-
-Where ``alpha_t = 0`` (a flow path at ``t = 1``) ``x_t`` carries no information on ``x0``:
-the Tweedie shift is ``0 / 0`` there, so the proposal is the untwisted one (the weights stay
-exact, any proposal is valid), and an infinite ``v_t`` makes the twist constant (zero).
-
-Defaults and choices
---------------------
-- ``twist_variance="inflated"`` (default; the reference code's ``var_type=1``). The paper's
-  twist is ``"none"``; we do not default to it because it is too sharp at high noise whenever
-  ``sigma_y^2`` is small next to ``A Cov[x0 | x_t] A^T``: the Tweedie shift then overshoots
-  and the weights become heavy-tailed (measured on a 3-d Gaussian prior with
-  ``sigma_y = 0.5``: evidence estimates with a long right tail and moments off by several
-  standard errors at N = 300; with a mask and the exact twist, final ESS 0.6-1.7% of N
-  for ``"none"`` against 90% for ``"pigdm"`` without resampling). ``"inflated"`` or
-  ``"pigdm"`` (with ``prior_variance`` near the prior's scale) are the robust choices; all
-  three give a valid (asymptotically exact) sampler, only the variance differs.
-- ``clamp_x0=None``: the code clamps the twisted ``x0~`` to ``[-1, 1]``
-  (``clip_twisted=True``) for images; off here (the mixture priors live far outside
-  ``[-1, 1]``). When set, the clamp acts on the proposal mean only; the weights use the
-  proposal actually drawn from, so they stay exact.
-- Resampling ``"systematic"`` as in the code. ``ess_threshold=0.5`` (the protein code's
-  ``resample_threshold``); the image code resamples at every step (``ess_threshold=1``).
-- One network evaluation and one backward pass per particle per step
-  (``ctx.denoise_with_grad``); the evaluation at ``x_s`` serves both the weight of this step
-  and the proposal of the next one, as in the code's ``TwistedDDPM.G``.
-- Gaussian noise needs ``noise_std > 0`` (the final weight is ``p(y | x_0)``); the code's
-  noiseless inpainting replaces the observed pixels instead, which is not implemented.
+- ``twist_variance="inflated"`` (the code's ``var_type=1``): the paper's ``"none"`` makes
+  the weights heavy-tailed at small ``sigma_y``; ``prior_variance = 1`` for ``"pigdm"``.
+- Resampling ``"systematic"`` at ``ess_threshold = 0.5`` (the image code: every step).
+- The full Gaussian density with ``sigma_y`` (the code: noiseless, no normalising
+  constant); the kernel's ancestral variance (the code: the model's variance).
+- ``clamp_x0=None`` (the code clips ``x0~`` to ``[-1, 1]``); when set it acts on the
+  proposal mean only, so the weights stay exact.
+- One network call and one backward pass per particle per step; Gaussian noise needs
+  ``noise_std > 0``.
 """
 
 from __future__ import annotations
@@ -95,7 +44,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..priors.base import DiffusionModel
 from ..problem import InverseProblem
 from .base import Context, Move, Requirements, SMCSampler, check_clamp
 from .kernels import LOG2PI, ddim_coefficients, ddim_mean, tweedie_shift
@@ -153,8 +101,12 @@ class TDS(SMCSampler):
         ``(low, high)`` to clamp the twisted ``x0~`` of the proposal, or ``None`` (default).
     """
 
+    # noise_positive: the final weight is the likelihood p(y | x0), a point mass for
+    # noiseless Gaussian observations
     requires = Requirements(
-        likelihoods=frozenset({"gaussian", "poisson", "custom"}), differentiates=True
+        likelihoods=frozenset({"gaussian", "poisson", "custom"}),
+        noise_positive=True,
+        differentiates=True,
     )
     exact = True
 
@@ -172,15 +124,6 @@ class TDS(SMCSampler):
         if isinstance(pv, bool) or not isinstance(pv, int | float) or not 0 < pv < math.inf:
             raise ValueError(f"prior_variance must be a finite number > 0, got {pv!r}")
         check_clamp("clamp_x0", self.clamp_x0)
-
-    # ------------------------------------------------------------------ checks
-    def check(self, prior: DiffusionModel, problem: InverseProblem) -> None:
-        super().check(prior, problem)
-        if _uses_gaussian_twist(problem) and problem.noise_std == 0:
-            raise ValueError(
-                "TDS needs noise_std > 0 for Gaussian noise: its final weight is the "
-                "likelihood p(y | x0), a point mass when noise_std = 0"
-            )
 
     # ------------------------------------------------------------------ twisting function
     def _twist_extra_variance(self, ctx: Context, t: Tensor) -> Tensor:

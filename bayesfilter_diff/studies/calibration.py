@@ -21,9 +21,9 @@ import torch
 
 from ..priors.gmm import GaussianMixture
 from ..problem import InverseProblem
+from ..samplers.registry import build, entry, names
 from ..schedules import FlowSchedule, VPSchedule
 from .grid import run_study
-from .methods import METHODS, build_sampler
 from .report import markdown_table, write_text
 from .store import ResultStore
 
@@ -65,12 +65,12 @@ def _cell(cell: dict[str, Any]) -> dict[str, Any]:
     from ..diagnostics import coverage, sbc_ranks
 
     gmm, problem, x = calibration_problem(cell["d"], cell["chunk"], cell["B"])
-    spec = METHODS[cell["method"]]
+    spec = entry(cell["method"])
     prior = gmm.diffusion(FlowSchedule() if spec.path == "flow" else VPSchedule.linear())
     g = torch.Generator().manual_seed(
         _seed("calibration-run", cell["method"], cell["d"], cell["chunk"])
     )
-    res = build_sampler(cell["method"], cell["steps"]).sample(prior, problem, cell["N"] * 4, g)
+    res = build(cell["method"], cell["steps"]).sample(prior, problem, cell["N"] * 4, g)
     draws = res.draws(cell["N"], generator=g)
     if not torch.isfinite(draws).all():
         return {"finite": False}
@@ -101,7 +101,7 @@ def run_calibration(
 
     cfg = dict(FULL if full else QUICK)
     cfg.update(config or {})
-    methods = methods or [m for m, s in METHODS.items() if not s.mask_only and m != "D-Flow"]
+    methods = methods or [m for m in names(studies=True, mask=False) if m != "D-Flow"]
     out = Path(out)
     store = ResultStore(out)
     nchunks = cfg["replicates"] // cfg["chunk"]
@@ -132,7 +132,7 @@ def run_calibration(
                     {
                         "method": m,
                         "d": d,
-                        "exact": "yes" if METHODS[m].exact else "no",
+                        "exact": "yes" if entry(m).exact else "no",
                         "sbc_pvalue": float("nan"),
                         "note": "non-finite draws",
                     }
@@ -144,7 +144,7 @@ def run_calibration(
             row = {
                 "method": m,
                 "d": d,
-                "exact": "yes" if METHODS[m].exact else "no",
+                "exact": "yes" if entry(m).exact else "no",
                 "sbc_pvalue": test.pvalue,
                 "verdict": "uniformity not rejected" if test.pvalue > 0.01 else "miscalibrated",
             }
@@ -198,7 +198,7 @@ def _figures(hists, cfg, out: Path) -> list[Path]:
             ax.axis("off")
         for ax, (m, r) in zip(axes.flat, items):
             u = (r[:, 0].double() / cfg["N"]).numpy()
-            ax.hist(u, bins=10, range=(0, 1), color="tab:green" if METHODS[m].exact else "tab:gray")
+            ax.hist(u, bins=10, range=(0, 1), color="tab:green" if entry(m).exact else "tab:gray")
             ax.axhline(len(u) / 10, color="k", lw=1, ls="--")
             ax.set_title(m, fontsize=9)
             ax.set_yticks([])

@@ -31,8 +31,8 @@ import torch
 from ..operators.dense import gmm_benchmark_operator
 from ..priors.gmm import GaussianMixture
 from ..problem import InverseProblem
+from ..samplers.registry import build, entry
 from ..schedules import FlowSchedule, VPSchedule
-from .methods import METHODS, build_sampler
 
 __all__ = ["benchmark_prior", "benchmark_problem", "run_cell", "grid"]
 
@@ -70,10 +70,10 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     device = torch.device(cell.get("device", "cpu"))
     gmm, problem, _ = benchmark_problem(cell["d"], cell["d_y"], cell["seed"])
     gmm, problem = gmm.to(device), problem.to(device)
-    spec = METHODS[cell["method"]]
+    spec = entry(cell["method"])
     sched = FlowSchedule() if spec.path == "flow" else VPSchedule.linear()
     prior = gmm.diffusion(sched)
-    sampler = build_sampler(cell["method"], cell["steps"], **cell.get("overrides", {}))
+    sampler = build(cell["method"], cell["steps"], **cell.get("overrides", {}))
     g = torch.Generator(device=device).manual_seed(
         _seed("run", cell["method"], cell["seed"], cell["d"], cell["d_y"])
     )

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..samplers.registry import REGISTRY, entry, names
 from . import gmm_benchmark as gb
 from .grid import cell_key, run_study
-from .methods import METHODS, method_names
 from .report import markdown_table, summarize, write_text
 from .store import ResultStore
 
@@ -66,11 +66,14 @@ def validate(
     """
     cfg = dict(FULL if full else QUICK)
     cfg.update(config or {})
-    methods = methods or method_names()
-    unknown = [m for m in methods if m not in METHODS]
+    methods = methods or names(studies=True, mask=False)
+    unknown = [m for m in methods if m not in REGISTRY]
     if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
-    masked = [m for m in methods if METHODS[m].mask_only]
+        raise ValueError(f"unknown methods {unknown}; choose from {sorted(REGISTRY)}")
+    prior_only = [m for m in methods if not entry(m).posterior]
+    if prior_only:
+        raise ValueError(f"{prior_only} sample the prior, not a posterior")
+    masked = [m for m in methods if entry(m).requires.mask]
     if masked:
         raise ValueError(f"{masked} need mask operators and do not apply to this benchmark")
     out = Path(out)
@@ -106,7 +109,7 @@ def validate(
     overall = summarize(records, ["method"], ["sw", "sw_floor", "weight_tv", "wall_time"])
     overall.sort(key=lambda r: order[r["method"]])
     for r in overall:
-        r["exact"] = "yes" if METHODS[r["method"]].exact else "no"
+        r["exact"] = "yes" if entry(r["method"]).exact else "no"
         r["sw/floor"] = r["sw"] / r["sw_floor"] if r["sw_floor"] else math.nan
     figures = _figures(rows, records, out, methods)
     cmd = command or ("bayesfilter-diff validate" + (" --full" if full else ""))
@@ -199,7 +202,7 @@ def _figures(rows, records, out: Path, methods) -> list[Path]:
         names = [r["method"] for r in rs]
         vals = [r["sw"] for r in rs]
         errs = [0 if math.isnan(r["sw_ci"]) else r["sw_ci"] for r in rs]
-        colors = ["tab:green" if METHODS[m].exact else "tab:gray" for m in names]
+        colors = ["tab:green" if entry(m).exact else "tab:gray" for m in names]
         ax.barh(names, vals, xerr=errs, color=colors)
         floor = sum(r["sw_floor"] for r in rs) / len(rs)
         ax.axvline(floor, color="k", ls="--", lw=1, label="exact floor")

@@ -1,0 +1,139 @@
+""":func:`infer`: sample the posterior of a Pyro model's DiffusionPrior site, and its
+result :class:`Posterior`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..problem import InverseProblem
+from ..result import Result, RunInfo
+from ..samplers.base import Sampler
+from .handlers import unwrap
+from .reading import model_to_problem
+from .structure import ModelStructure
+
+__all__ = ["Posterior", "infer"]
+
+
+@dataclass
+class Posterior:
+    """Posterior draws of a Pyro model's DiffusionPrior site.
+
+    Attributes
+    ----------
+    result
+        The sampler's :class:`~bayesfilter_diff.Result`.
+    site
+        Name of the DiffusionPrior site.
+    problem
+        The :class:`~bayesfilter_diff.InverseProblem` built from the model.
+    structure
+        What was read from the model (``structure.kind``: how the likelihood was mapped).
+    """
+
+    result: Result
+    site: str
+    problem: InverseProblem
+    structure: ModelStructure = field(repr=False)
+
+    @property
+    def samples(self) -> Tensor:
+        """``(B, N, *event)`` or ``(N, *event)``."""
+        return self.result.samples
+
+    @property
+    def log_weights(self) -> Tensor | None:
+        return self.result.log_weights
+
+    @property
+    def log_evidence(self) -> Tensor | None:
+        return self.result.log_evidence
+
+    @property
+    def info(self) -> RunInfo:
+        """The sampler's run record (:class:`~bayesfilter_diff.result.RunInfo`)."""
+        return self.result.info
+
+    @property
+    def kind(self) -> str:
+        return self.structure.kind
+
+    def draws(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` equally weighted draws (resampled when the sampler is weighted)."""
+        return self.result.draws(n, generator=generator)
+
+    def mean(self) -> Tensor:
+        """Weighted posterior mean."""
+        return self.result.mean()
+
+    def to_arviz(self, **kwargs):
+        """ArviZ data of the draws (:func:`bayesfilter_diff.diagnostics.to_arviz`).
+
+        The variable is named after the prior site; keyword arguments are passed on.
+        """
+        try:
+            from ..diagnostics import to_arviz
+        except ImportError as e:  # pragma: no cover - depends on the diagnostics layer
+            raise ImportError(
+                f"Posterior.to_arviz needs bayesfilter_diff.diagnostics.to_arviz: {e}"
+            ) from e
+        kwargs.setdefault("var_name", self.site)
+        return to_arviz(self.result, **kwargs)
+
+
+def infer(
+    model: Callable,
+    sampler: Sampler,
+    *args,
+    num_samples: int = 1000,
+    generator: torch.Generator | None = None,
+    **kwargs,
+) -> Posterior:
+    """Sample the posterior of a Pyro model's DiffusionPrior site with ``sampler``.
+
+    Parameters
+    ----------
+    model
+        A Pyro model: one ``pyro.sample`` site with a
+        :class:`~bayesfilter_diff.DiffusionPrior` and observed sites (see
+        :mod:`bayesfilter_diff.inference` for how they are read and the vectorisation
+        contract).
+    sampler
+        Any sampler of :mod:`bayesfilter_diff.samplers`.
+    *args, **kwargs
+        The model's arguments (the names ``num_samples`` and ``generator`` are taken).
+    num_samples
+        Particles ``N`` per problem.
+    generator
+        Randomness of the sampler (the model is not run at random: the prior site gets a
+        placeholder, so a LinearGaussian model gives the same draws as calling the sampler
+        directly with the same generator state).
+
+    Returns
+    -------
+    Posterior
+    """
+    if not isinstance(sampler, Sampler):
+        raise TypeError(
+            f"sampler must be a bayesfilter_diff sampler (e.g. samplers.TDS()), "
+            f"got {type(sampler).__name__}"
+        )
+    prior, problem, st = model_to_problem(model, *args, **kwargs)
+    if st.kind != "linear_gaussian":
+        try:
+            sampler.check(prior, problem)
+        except ValueError as e:
+            fns = [type(unwrap(st.trace.nodes[n]["fn"])).__name__ for n in st.observed]
+            raise ValueError(
+                f"{type(sampler).__name__} cannot sample this model: the observed site(s) "
+                f"{list(st.observed)} ({', '.join(fns)}) give a {st.kind!r} likelihood, not a "
+                f"linear operator with Gaussian noise ({e}). Use a sampler for general "
+                "differentiable likelihoods (TDS; DPS for Gaussian or Poisson sites), or a "
+                "LinearGaussian observation of the prior site"
+            ) from e
+    res = sampler.sample(prior, problem, num_samples, generator)
+    return Posterior(result=res, site=st.prior_site, problem=problem, structure=st)

@@ -1,0 +1,250 @@
+"""Reading a Pyro model: its diffusion prior, the inverse problem and the model structure.
+
+See :mod:`bayesfilter_diff.inference` for the rules (steps 1-3 below follow them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pyro
+import torch
+import torch.distributions as tdist
+from pyro import poutine
+from pyro.distributions.util import broadcast_shape
+from torch import Tensor
+
+from ..distributions import DiffusionPrior, LinearGaussian
+from ..priors.base import DiffusionModel
+from ..problem import InverseProblem
+from .forward import PyroForward
+from .handlers import PriorPlaceholder, is_plate_site, is_unit_scale, unwrap
+from .structure import ModelStructure
+
+__all__ = ["model_to_problem"]
+
+
+def model_to_problem(
+    model: Callable, *args, **kwargs
+) -> tuple[DiffusionModel, InverseProblem, ModelStructure]:
+    """Read a Pyro model: its diffusion prior, the inverse problem and the model structure.
+
+    Parameters
+    ----------
+    model
+        A Pyro model with one DiffusionPrior site and observed sites (see
+        :mod:`bayesfilter_diff.inference`).
+    *args, **kwargs
+        The model's arguments (data).
+
+    Returns
+    -------
+    (DiffusionModel, InverseProblem, ModelStructure)
+        ``structure.kind`` is ``"linear_gaussian"``, ``"gaussian"``, ``"poisson"`` or
+        ``"custom"``.
+    """
+    if not callable(model):
+        raise TypeError(f"model must be callable, got {type(model).__name__}")
+    # 1. Trace with a placeholder at the prior site (no reverse diffusion).
+    with pyro.validation_enabled(False):
+        tr = poutine.trace(PriorPlaceholder()(model)).get_trace(*args, **kwargs)
+    sites = [
+        (name, s)
+        for name, s in tr.nodes.items()
+        if s["type"] == "sample"
+        and not is_plate_site(s)
+        and not s["infer"].get("_deterministic", False)
+    ]
+    priors = [(n, s) for n, s in sites if isinstance(unwrap(s["fn"]), DiffusionPrior)]
+    if not priors:
+        raise ValueError(
+            "the model has no DiffusionPrior site: sample the signal with "
+            "pyro.sample(name, bfd.DiffusionPrior(diffusion_model))"
+        )
+    if len(priors) > 1:
+        raise ValueError(
+            f"the model has {len(priors)} DiffusionPrior sites {[n for n, _ in priors]}; "
+            "infer supports exactly one"
+        )
+    prior_name, psite = priors[0]
+    if psite["is_observed"]:
+        raise ValueError(
+            f"the DiffusionPrior site {prior_name!r} is observed; infer needs it latent"
+        )
+    if not isinstance(psite["fn"], DiffusionPrior):
+        raise ValueError(
+            f"the DiffusionPrior at site {prior_name!r} is wrapped in "
+            f"{type(psite['fn']).__name__} (to_event / mask); infer needs it plain "
+            "(use pyro.plate for a batch of independent problems)"
+        )
+    prior: DiffusionPrior = psite["fn"]
+    observed = [n for n, s in sites if s["is_observed"] and n != prior_name]
+    if not observed:
+        raise ValueError(
+            "the model has no observed site: pass the data with obs= or "
+            "pyro.poutine.condition(model, data={...})"
+        )
+    latent = [n for n, s in sites if not s["is_observed"] and n != prior_name]
+    if latent:
+        raise ValueError(
+            f"the model has latent sites {latent} besides the DiffusionPrior site "
+            f"{prior_name!r}; infer supports one latent site: observe or remove them"
+        )
+    # 2. Problems: the prior's batch shape has at most one non-unit dimension.
+    P = tuple(psite["value"].shape[: psite["value"].dim() - len(prior.event_shape)])
+    # The layout's rank L: the largest batch rank of the prior and observed sites (an
+    # observed value may carry more leading dims than its distribution's batch shape).
+    L = max(
+        [len(P)]
+        + [
+            max(len(s["fn"].batch_shape), torch.as_tensor(s["value"]).dim() - s["fn"].event_dim)
+            for n, s in sites
+            if n in observed
+        ]
+    )
+    layout = (1,) * (L - len(P)) + P
+    big = [i for i, s in enumerate(layout) if s != 1]
+    if len(big) > 1:
+        raise ValueError(
+            f"the DiffusionPrior site {prior_name!r} has batch shape {P}; infer supports "
+            "one batch dimension of independent problems (one pyro.plate)"
+        )
+    batched = len(big) == 1
+    B = layout[big[0]] if batched else 1
+    bdim = big[0] - L if batched else 0
+    st = ModelStructure(
+        model, args, kwargs, prior_name, prior, tuple(observed), layout, batched, B, bdim, trace=tr
+    )
+    dtype, device = prior.dtype, prior.device
+
+    # 3a. A LinearGaussian of the prior value itself: the toolkit's own problem.
+    if len(observed) == 1:
+        s = tr.nodes[observed[0]]
+        fn = s["fn"]
+        if (
+            isinstance(fn, LinearGaussian)
+            and fn._source_x is psite["value"]
+            and is_unit_scale(s["scale"])
+            and s["mask"] is None
+            and tuple(fn.batch_shape) == P
+            and tuple(s["value"].shape) == P + tuple(fn.event_shape)
+        ):
+            out = tuple(fn.event_shape)
+            y = s["value"].reshape(((B,) if batched else ()) + out)
+            st.kind = "linear_gaussian"
+            return prior.model, InverseProblem(fn.operator, y, fn.noise_std), st
+
+    # 3b. A single Gaussian / Poisson observation: forward model by replay.
+    y, out, site_layout = _observed_data(st, tr, dtype, device)
+    if len(observed) == 1:
+        s = tr.nodes[observed[0]]
+        kind, noise_std = _structured_kind(st, s)
+        if kind is not None:
+            st.kind = kind
+            op = PyroForward(st, out, kind, site_layout)
+            if kind == "poisson":
+                problem = InverseProblem(op, y, noise="poisson")
+            else:
+                problem = InverseProblem(op, y, noise_std)
+            _probe(st, problem)
+            return prior.model, problem, st
+
+    # 3c. Anything else: the summed log_prob of the observed sites.
+    st.kind = "custom"
+    op = PyroForward(st, out, "custom")
+
+    def log_likelihood_fn(x: Tensor, y_unused: Tensor) -> Tensor:
+        return st.observed_log_prob(x)
+
+    problem = InverseProblem(op, y, log_likelihood_fn=log_likelihood_fn)
+    _probe(st, problem)
+    return prior.model, problem, st
+
+
+def _observed_data(st: ModelStructure, tr, dtype, device) -> tuple[Tensor, tuple[int, ...], tuple]:
+    """``y`` in the problem layout ``(B, *out)`` (or ``(*out)``), ``out`` and the event shape.
+
+    One site: its value (expanded to the site's batch shape, the problems' dimension first).
+    Several: the per-problem concatenation of the flattened values.
+    """
+    L = len(st.layout)
+    parts, site_layout = [], ((), ())
+    for name in st.observed:
+        s = tr.nodes[name]
+        fn = s["fn"]
+        ev = tuple(fn.event_shape)
+        v = torch.as_tensor(s["value"])
+        full = tuple(broadcast_shape(tuple(fn.batch_shape), tuple(v.shape[: v.dim() - len(ev)])))
+        full = (1,) * (L - len(full)) + full
+        v = v.expand(full + ev)
+        if st.batched and full[L + st.bdim] == 1:
+            full = full[: L + st.bdim] + (st.B,) + full[L + st.bdim + 1 :]
+        site_layout = (full, ev)
+        if st.batched:
+            pos = L + st.bdim
+            if v.shape[pos] == 1:
+                v = v.expand(v.shape[:pos] + (st.B,) + v.shape[pos + 1 :])
+            v = v.movedim(pos, 0)  # (B, *rest, *ev)
+        parts.append(v)
+    if len(parts) == 1:
+        y = parts[0]
+        lead = 1 if st.batched else 0
+        out = tuple(y.shape[lead:])
+        if not out:
+            out = (1,)
+            y = y.reshape(y.shape[:lead] + out)
+        return y.to(device=device, dtype=dtype), out, site_layout
+    if st.batched:
+        y = torch.cat([p.reshape(st.B, -1).to(device=device, dtype=dtype) for p in parts], dim=1)
+    else:
+        y = torch.cat([p.reshape(-1).to(device=device, dtype=dtype) for p in parts])
+    return y, (y.shape[-1],), ((), ())
+
+
+def _structured_kind(st: ModelStructure, s: dict) -> tuple[str | None, float]:
+    """``("gaussian", sigma)`` / ``("poisson", 0)`` for a site that maps onto a noise model."""
+    if not (is_unit_scale(s["scale"]) and s["mask"] is None):
+        return None, 0.0
+    fn = s["fn"]
+    while isinstance(fn, tdist.Independent):
+        fn = fn.base_dist
+    if isinstance(fn, LinearGaussian):
+        return ("gaussian", fn.noise_std) if fn.noise_std > 0 else (None, 0.0)
+    if isinstance(fn, tdist.Poisson):
+        return "poisson", 0.0
+    if type(fn) in (tdist.Normal, pyro.distributions.Normal):
+        # The scale must not depend on x: replay with particles that require grad.
+        x = torch.zeros(
+            ((st.B,) if st.batched else (1,)) + (2,) + tuple(st.event_shape),
+            dtype=st.prior.dtype,
+            device=st.prior.device,
+        ).requires_grad_(True)
+        with torch.enable_grad():
+            probe = unwrap(st.replay(x).nodes[st.observed[0]]["fn"])
+        scale = probe.scale
+        if scale.requires_grad or not bool((scale == scale.reshape(-1)[0]).all()):
+            return None, 0.0
+        sd = float(scale.reshape(-1)[0])
+        return ("gaussian", sd) if sd > 0 else (None, 0.0)
+    return None, 0.0
+
+
+def _probe(st: ModelStructure, problem: InverseProblem) -> None:
+    """Evaluate the likelihood on a few placeholder particles: shape errors before the run."""
+    n = 3
+    x = torch.zeros(
+        (problem.batch_size, n) + tuple(st.event_shape),
+        dtype=st.prior.dtype,
+        device=st.prior.device,
+    )
+    msg = (
+        f"the model's likelihood could not be evaluated for {n} particles at once (prior value "
+        f"of shape {tuple(st.to_value(x)[0].shape)}); the model must broadcast over the leading "
+        "dimensions of the prior site's value (see bayesfilter_diff.inference)"
+    )
+    try:
+        ll = problem.log_likelihood(x)
+    except RuntimeError as e:
+        raise ValueError(f"{msg}: {e}") from e
+    if tuple(ll.shape) != (problem.batch_size, n):
+        raise ValueError(f"{msg}: got a log-likelihood of shape {tuple(ll.shape)}")

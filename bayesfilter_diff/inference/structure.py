@@ -1,0 +1,137 @@
+"""What :func:`~bayesfilter_diff.inference.model_to_problem` reads from a model, and the
+map between the samplers' particle layout and the model's batch layout (the vectorisation
+contract of :mod:`bayesfilter_diff.inference`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.distributions.util import scale_and_mask
+from torch import Tensor
+
+from ..distributions import DiffusionPrior
+from .handlers import Substitute
+
+__all__ = ["ModelStructure"]
+
+
+@dataclass
+class ModelStructure:
+    """What :func:`~bayesfilter_diff.inference.model_to_problem` read from a model (for
+    replays and reports)."""
+
+    model: Callable
+    args: tuple
+    kwargs: dict
+    prior_site: str
+    prior: DiffusionPrior
+    observed: tuple[str, ...]
+    layout: tuple[int, ...]  # the prior value's batch layout, length L
+    batched: bool
+    B: int
+    bdim: int  # position of B in the layout (negative), or 0 when unbatched
+    kind: str = ""
+    trace: Any = field(default=None, repr=False)
+
+    @property
+    def event_shape(self) -> torch.Size:
+        return self.prior.event_shape
+
+    # ---- particles <-> the model's layout
+    def to_value(self, x: Tensor) -> tuple[Tensor, torch.Size]:
+        """``x`` (``(B, N, *event)``, or any leading shape when unbatched) -> model layout.
+
+        Returns the prior value ``(M, *layout, *event)`` and the leading shape to restore.
+        """
+        k = len(self.event_shape)
+        if x.dim() < k or tuple(x.shape[x.dim() - k :]) != tuple(self.event_shape):
+            raise ValueError(
+                f"particles must end with the event shape {tuple(self.event_shape)}, "
+                f"got {tuple(x.shape)}"
+            )
+        L = len(self.layout)
+        if self.batched:
+            if x.dim() != k + 2 or x.shape[0] != self.B:
+                raise ValueError(
+                    f"particles must have shape (B={self.B}, N, *event), got {tuple(x.shape)}"
+                )
+            lead = x.shape[:2]
+            v = x.transpose(0, 1)  # (N, B, *event)
+            shape = [1] * L
+            shape[self.bdim] = self.B
+            v = v.reshape((x.shape[1],) + tuple(shape) + tuple(self.event_shape))
+        else:
+            lead = x.shape[: x.dim() - k]
+            v = x.reshape((-1,) + (1,) * L + tuple(self.event_shape))
+        return v, lead
+
+    def from_layout(
+        self, t: Tensor, full: tuple[int, ...], trailing: tuple[int, ...], lead: torch.Size
+    ) -> Tensor:
+        """``t`` broadcastable to ``(M, *full, *trailing)`` -> the problem layout.
+
+        ``full`` is an observed site's batch shape padded to the layout's rank (with ``B``
+        at the problems' dimension). Returns ``(B, N, *rest, *trailing)`` (``rest``: ``full``
+        without the problems' dimension), or ``(*lead, *full, *trailing)`` when unbatched.
+        """
+        L = len(self.layout)
+        M = lead[1] if self.batched else math.prod(lead)
+        nt = len(trailing)
+        if t.dim() > 1 + L + nt:
+            raise ValueError(
+                f"a tensor of shape {tuple(t.shape)} computed from the particles has more "
+                f"leading dimensions than the model's layout (N, {L} batch dims); the model must "
+                "broadcast over the leading dimensions of the prior site's value"
+            )
+        t = t.reshape((1,) * (1 + L + nt - t.dim()) + tuple(t.shape))
+        t = t.expand((M,) + tuple(full) + tuple(trailing))
+        if self.batched:
+            return t.movedim(1 + L + self.bdim, 0)
+        return t.reshape(tuple(lead) + tuple(t.shape[1:]))
+
+    def replay(self, x: Tensor):
+        """Run the model with the particles ``x`` at the prior site; return its trace."""
+        value, _ = self.to_value(x)
+        with pyro.validation_enabled(False):
+            handled = poutine.trace(Substitute(self.prior_site, value)(self.model))
+            return handled.get_trace(*self.args, **self.kwargs)
+
+    def observed_log_prob(self, x: Tensor) -> Tensor:
+        """Sum of the observed sites' ``log_prob`` per particle: ``(B, N)``."""
+        value, lead = self.to_value(x)
+        tr = self.replay(x)
+        L = len(self.layout)
+        total = None
+        for name in self.observed:
+            site = tr.nodes[name]
+            lp = site["fn"].log_prob(site["value"])
+            lp = scale_and_mask(lp, site["scale"], site["mask"])
+            if not isinstance(lp, Tensor):
+                lp = torch.as_tensor(lp, dtype=value.dtype, device=value.device)
+            if lp.dim() > 1 + L:
+                raise ValueError(
+                    f"log_prob of site {name!r} has shape {tuple(lp.shape)}, more than the "
+                    f"(N, {L} batch dims) layout; the model must broadcast over the leading "
+                    "dimensions of the prior site's value"
+                )
+            lp = lp.reshape((1,) * (1 + L - lp.dim()) + tuple(lp.shape))
+            # Sum every layout dimension but the problems' one.
+            keep = [0] + ([1 + L + self.bdim] if self.batched else [])
+            red = [i for i in range(1, 1 + L) if i not in keep]
+            if red:
+                lp = lp.sum(red, keepdim=True)
+            total = lp if total is None else total + lp
+        N = lead[1] if self.batched else math.prod(lead)
+        shape = [N] + [1] * L
+        if self.batched:
+            shape[1 + L + self.bdim] = self.B
+        total = total.expand(shape)
+        if self.batched:
+            return total.reshape(N, self.B).transpose(0, 1)
+        return total.reshape(tuple(lead))

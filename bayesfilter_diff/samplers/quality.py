@@ -1,0 +1,158 @@
+"""The quality check every run ends with: does the Result say what it is worth?
+
+A weighted run can collapse and still return ``N`` equally weighted particles (resampling
+resets the weights), so the final weights alone say nothing. The loop records, per problem,
+the ESS of every reweighting before resampling, the surviving ancestors and the distinct
+final samples (:class:`~bayesfilter_diff.result.RunInfo`); this module reads them, and the
+draws of unweighted samplers, and reports each finding as a :class:`QualityIssue`, warned
+as a :class:`~bayesfilter_diff.PosteriorQualityWarning` with its remedy.
+
+Thresholds (:class:`QualityPolicy`, documented defaults; the particle checks apply from
+``N >= 10``, below which an ESS says little):
+
+- ``min_ess``: some reweighting left fewer than ``max(2, 0.01 N)`` effective particles: the
+  posterior was carried by one or two particles at that step, whatever happened after;
+- ``distinct``: fewer than ``max(2, 0.1 N)`` distinct final samples: the cloud is
+  copies of a few particles (resampling without enough diversity);
+- ``exploded``: an unweighted sampler returned draws more than ``1e3`` times the scale of
+  its starting noise ``sigma(t_max) sqrt(d)`` (and of the observation's pull-back): a
+  diverged step size (DPS, RED-diff, DAPS) rather than a posterior.
+
+Configure with the warnings filter: ``warnings.simplefilter("error",
+bfd.PosteriorQualityWarning)`` raises, ``"ignore"`` stays quiet.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import PosteriorQualityWarning
+from ..result import RunInfo
+
+__all__ = ["QualityIssue", "QualityPolicy", "assess", "warn"]
+
+
+@dataclass(frozen=True)
+class QualityIssue:
+    """One finding: its kind, the problems (batch indices) it concerns, and what to do."""
+
+    kind: str
+    problems: tuple[int, ...]
+    message: str
+
+
+@dataclass(frozen=True)
+class QualityPolicy:
+    """Thresholds of the quality check (module docstring)."""
+
+    min_ess_fraction: float = 0.01
+    distinct_fraction: float = 0.1
+    explode_factor: float = 1e3
+    min_particles: int = 10
+
+
+def _problems(mask: Tensor) -> tuple[int, ...]:
+    return tuple(int(i) for i in torch.nonzero(mask).flatten().tolist())
+
+
+def _where(problems: tuple[int, ...], batched: bool) -> str:
+    if not batched:
+        return ""
+    shown = list(problems[:8])
+    more = f" and {len(problems) - 8} more" if len(problems) > 8 else ""
+    return f" for problem(s) {shown}{more}"
+
+
+def assess(
+    name: str,
+    info: RunInfo,
+    samples: Tensor,
+    num_samples: int,
+    scale: float,
+    batched: bool,
+    policy: QualityPolicy = QualityPolicy(),
+) -> list[QualityIssue]:
+    """The findings of one run (empty for a healthy one).
+
+    Parameters
+    ----------
+    name
+        The sampler's name (for the messages).
+    info
+        The run's record (ESS trace, ancestors, distinct samples).
+    samples
+        ``(B, N, *event)``.
+    num_samples
+        ``N``.
+    scale
+        The typical norm of a draw the run started from (``sigma(t_max) sqrt(d)``, or
+        larger): draws far beyond it count as exploded.
+    batched
+        Whether to name problems in the messages.
+    """
+    N = num_samples
+    out: list[QualityIssue] = []
+    if info.min_ess is not None and info.ess is not None and N >= policy.min_particles:
+        floor = max(2.0, policy.min_ess_fraction * N)
+        low = info.min_ess < floor
+        if bool(low.any()):
+            probs = _problems(low)
+            k = int(info.ess[:, probs[0]].argmin())
+            t = float(info.times[min(k, info.num_steps)]) if info.times is not None else math.nan
+            worst = float(info.min_ess[list(probs)].min())
+            out.append(
+                QualityIssue(
+                    "min_ess",
+                    probs,
+                    f"{name}: the particle weights degenerated{_where(probs, batched)}: the "
+                    f"smallest ESS before resampling was {worst:.3g} of N = {N} (first at "
+                    f"step {k}, t = {t:.3g}), so a few particles carried the posterior and the "
+                    "draws and evidence are unreliable. Remedies: more particles; more steps; "
+                    "a gentler intermediate target (a tempered or variance-inflated twist, "
+                    "e.g. TDS twist_variance='inflated'); check that noise_std is not far "
+                    "smaller than the model's error.",
+                )
+            )
+    if info.distinct is not None and N >= policy.min_particles:
+        few = info.distinct < max(2.0, policy.distinct_fraction * N)
+        if bool(few.any()):
+            probs = _problems(few)
+            worst = int(info.distinct[list(probs)].min())
+            out.append(
+                QualityIssue(
+                    "distinct",
+                    probs,
+                    f"{name}: only {worst} distinct samples of N = {N}{_where(probs, batched)}: "
+                    "the cloud is copies of a few particles (the final weights' ESS overstates "
+                    "it). Remedies: more particles or steps; resample less often "
+                    "(ess_threshold < 1, systematic resampling).",
+                )
+            )
+    if info.ess is None:
+        norms = samples.reshape(samples.shape[0], samples.shape[1], -1).double().norm(dim=-1)
+        big = norms.max(-1).values > policy.explode_factor * scale
+        if bool(big.any()):
+            probs = _problems(big)
+            worst = float(norms[list(probs)].max())
+            out.append(
+                QualityIssue(
+                    "exploded",
+                    probs,
+                    f"{name}: draws exploded{_where(probs, batched)} (largest norm {worst:.3g}, "
+                    f"against {scale:.3g} for the starting noise): the run diverged, these are "
+                    "not posterior draws. Remedies: a smaller step size / guidance scale "
+                    "(DPS scale, RED-diff lr, DAPS lr), more steps.",
+                )
+            )
+    return out
+
+
+def warn(issues: list[QualityIssue]) -> None:
+    """Warn each finding as a :class:`~bayesfilter_diff.PosteriorQualityWarning`."""
+    for issue in issues:
+        warnings.warn(issue.message, PosteriorQualityWarning, stacklevel=4)

@@ -1,0 +1,244 @@
+"""Conditioning in an operator's SVD basis, written once (FPS, MCGdiff, SMCDiff, DDRM, DDNM).
+
+Notation of the samplers' docstrings: a linear operator ``A = U diag(s) V^T`` with ``r``
+positive singular values ``s`` (the operators list only those), ``d = in_dim``,
+``m = out_dim``, and ``y = A x + sigma_y n``. In the spectral coordinates
+``x_bar = V^T x`` and ``y~ = U^T y``:
+
+- the first ``r`` coordinates are observed: ``y~_i = s_i x_bar_i + sigma_y n_i``, i.e. the
+  *spectral observation* ``y_bar_i = y~_i / s_i = x_bar_i + (sigma_y / s_i) n_i``
+  (:func:`spectral_observation`); the other ``d - r`` coordinates of ``x_bar`` (the null
+  space of ``A``) are unobserved;
+- the last ``m - r`` coordinates of ``y~`` (outside the range of ``A``) are pure noise,
+  ``y~_i ~ N(0, sigma_y^2)``, the same for every ``x`` (:func:`out_of_range_log_likelihood`);
+- a Gaussian prior ``N(mu, v)`` on a coordinate times a Gaussian observation of it is a
+  Gaussian product (:func:`gaussian_product`); over all coordinates, the draw from
+  ``N(x; mu, v I) N(y; A x, r2 I)`` with its predictive likelihood (:func:`condition`);
+- the *observation time* ``tau_i`` of coordinate ``i``: ``alpha_t y_bar_i`` has the law of
+  the noised ``x_bar_t^i`` when ``sigma_t / alpha_t = sigma_y / s_i``
+  (:func:`exact_observation_times`, :func:`observation_time_indices`);
+- the pseudo-inverse correction ``-Lambda V^T A^+ (A x0 - y)``, which on the observed
+  coordinates is ``lambda_i (y_bar_i - x_bar0_i)`` (:func:`pinv_correction`), and the
+  fresh noise that tops up the noise ``y_bar`` carries to a given level
+  (:func:`residual_std`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..operators.base import LinearOperator
+from ..schedules import Schedule
+from .kernels import gaussian_log_density, log_normal
+
+__all__ = [
+    "SpectralObservation",
+    "spectral_observation",
+    "out_of_range_log_likelihood",
+    "GaussianProduct",
+    "gaussian_product",
+    "condition",
+    "observation_time_indices",
+    "exact_observation_times",
+    "pinv_correction",
+    "residual_std",
+]
+
+
+class SpectralObservation(NamedTuple):
+    """``s`` ``(r,)``, ``y~ = U^T y`` ``(B, m)`` and ``y_bar = y~_{:r} / s`` ``(B, r)``."""
+
+    s: Tensor
+    y_tilde: Tensor
+    y_bar: Tensor
+
+    @property
+    def r(self) -> int:
+        return self.s.numel()
+
+
+def spectral_observation(
+    op: LinearOperator, y: Tensor, dtype: torch.dtype | None = None
+) -> SpectralObservation:
+    """The observation in the SVD basis of ``op``.
+
+    Parameters
+    ----------
+    op
+        A linear operator with an SVD.
+    y
+        Observations ``(B, *out_shape)``.
+    dtype
+        Cast the singular values to this dtype (and ``y``'s device); default: as stored.
+    """
+    s = op.singular_values()
+    if dtype is not None:
+        s = s.to(dtype=dtype, device=y.device)
+    y_tilde = op.Ut(y)
+    return SpectralObservation(s, y_tilde, y_tilde[..., : s.numel()] / s)
+
+
+def out_of_range_log_likelihood(y_tilde: Tensor, r: int, var: float) -> Tensor:
+    """``log N(y~_{r:}; 0, var I)``: the part of ``y`` outside the range of ``A``, ``(...)``.
+
+    ``y~ = U^T y`` ``(..., m)``; zero when ``r = m``. The same for every ``x``: it enters an
+    evidence, never the relative weights.
+    """
+    yn = y_tilde[..., r:]
+    return gaussian_log_density(yn, torch.zeros_like(yn), var, event_dim=1)
+
+
+class GaussianProduct(NamedTuple):
+    """``N(x; mu, v) N(y; s x, r2) = N(y; s mu, pred_var) N(x; mean, var)``, per coordinate."""
+
+    mean: Tensor
+    var: Tensor
+    pred_var: Tensor
+
+
+def gaussian_product(
+    mu: Tensor | float,
+    v: Tensor | float,
+    y: Tensor,
+    r2: Tensor | float,
+    s: Tensor | None = None,
+) -> GaussianProduct:
+    """Condition the prior ``N(x; mu, v)`` on the observation ``y ~ N(s x, r2)``, per coordinate.
+
+    ::
+
+        pred_var = r2 + s^2 v,   mean = (r2 mu + v s y) / pred_var,   var = v r2 / pred_var;
+
+    for an observation of the coordinate itself (``s = None``, i.e. 1) this is
+    ``mean = K y + (1 - K) mu``, ``var = K r2`` with ``K = v / (v + r2)``. Everything
+    broadcasts; ``pred_var`` must be positive. The normaliser is the predictive
+    ``N(y; s mu, pred_var)``.
+    """
+    vs = v if s is None else v * s
+    den = r2 + (v if s is None else v * s**2)
+    return GaussianProduct((r2 * mu + vs * y) / den, v * r2 / den, den)
+
+
+def condition(
+    op: LinearOperator,
+    s: Tensor,
+    mu_bar: Tensor,
+    v: float,
+    r2: float,
+    y_tilde: Tensor,
+    z: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Draw ``x ~ N(x; mu, v I) N(y; A x, r2 I)`` (normalised) and return ``log p(y)``.
+
+    Per observed coordinate :func:`gaussian_product` with ``s_i``; the null space keeps
+    ``N(mu_bar_i, v)``; the predictive likelihood is ``log N(y; A mu, r2 I + v A A^T)``,
+    including the out-of-range part of ``y`` (for ``r2 > 0``).
+
+    Parameters
+    ----------
+    op
+        The operator (for ``V``).
+    s
+        Singular values ``(r,)``.
+    mu_bar
+        ``V^T mu``, ``(B, N, d)``.
+    v, r2
+        Prior and observation variances (``r2 + v s_i^2 > 0``).
+    y_tilde
+        ``U^T y``, ``(B, P, m)`` with ``P`` = 1 (shared by the particles) or ``N``.
+    z
+        Standard normal ``(B, N, d)`` (spectral coordinates).
+
+    Returns
+    -------
+    (x, log_pred)
+        ``x = V x_bar`` of shape ``(B, N, *in_shape)`` and ``log N(y; A mu, r2 I + v A A^T)``,
+        ``(B, N)``.
+    """
+    r = s.numel()
+    mr, yr = mu_bar[..., :r], y_tilde[..., :r]
+    p = gaussian_product(mr, v, yr, r2, s)
+    x_bar = torch.cat(
+        [p.mean + torch.sqrt(p.var) * z[..., :r], mu_bar[..., r:] + math.sqrt(v) * z[..., r:]],
+        dim=-1,
+    )
+    log_pred = log_normal(yr, s * mr, p.pred_var).sum(-1)
+    if y_tilde.shape[-1] > r and r2 > 0:
+        log_pred = log_pred + out_of_range_log_likelihood(y_tilde, r, r2)
+    return op.V(x_bar), log_pred
+
+
+def observation_time_indices(
+    schedule: Schedule, times: Tensor, singular_values: Tensor, noise_std: float
+) -> Tensor:
+    """Grid index of ``tau_i`` for each observed spectral coordinate.
+
+    ``tau_i`` is the grid time minimising ``|sigma_y^2 alpha_t^2 - s_i^2 sigma_t^2|`` (where
+    ``sigma_t / alpha_t = sigma_y / s_i``), among the times with ``alpha_t > 0``; for
+    ``noise_std = 0`` it is the last grid time (``t = t_min``, normally 0).
+
+    Parameters
+    ----------
+    schedule
+        The noising path.
+    times
+        Decreasing grid ``(n + 1,)``.
+    singular_values
+        ``(r,)``, all positive.
+    noise_std
+        ``sigma_y >= 0``.
+
+    Returns
+    -------
+    Tensor
+        Long tensor ``(r,)`` of indices into ``times``.
+    """
+    n = times.numel() - 1
+    r = singular_values.numel()
+    if noise_std == 0:
+        return torch.full((r,), n, dtype=torch.long, device=times.device)
+    a, s = schedule.alpha(times), schedule.sigma(times)
+    dist = (noise_std**2 * a**2 - singular_values[:, None] ** 2 * s**2).abs()
+    dist = torch.where(a > 0, dist, torch.full_like(dist, math.inf))
+    return dist.argmin(dim=1)
+
+
+def exact_observation_times(
+    schedule: Schedule, singular_values: Tensor, noise_std: float, t_min: Tensor, t_max: Tensor
+) -> Tensor:
+    """The times ``tau_i`` in ``[t_min, t_max]`` with ``sigma_t / alpha_t = sigma_y / s_i``.
+
+    Bisection (64 halvings, batched over ``i``) on the decreasing log-SNR:
+    ``log_snr(tau_i) = 2 log(s_i / sigma_y)``; clamped to the interval's ends.
+    """
+    target = 2 * (torch.log(singular_values) - math.log(noise_std))
+    lo = torch.full_like(singular_values, float(t_min))
+    hi = torch.full_like(singular_values, float(t_max))
+    for _ in range(64):
+        mid = 0.5 * (lo + hi)
+        above = schedule.log_snr(mid) > target  # tau is later than mid
+        lo = torch.where(above, mid, lo)
+        hi = torch.where(above, hi, mid)
+    return 0.5 * (lo + hi)
+
+
+def pinv_correction(x0_bar: Tensor, y_bar: Tensor, lam: Tensor | float) -> Tensor:
+    """``lambda_i (y_bar_i - x_bar0_i)`` on the ``r`` observed coordinates, ``(..., r)``.
+
+    ``-Lambda V^T A^+ (A x0 - y)`` in spectral coordinates (zero on the null space):
+    ``lambda = 1`` gives the range-null-space projection ``x0 - A^+ (A x0 - y)`` (DDNM),
+    a smaller ``lambda_i`` moves ``x_bar0_i`` only part of the way to ``y_bar_i`` (DDNM+,
+    DDRM's "after" case). ``x0_bar = V^T x0`` ``(..., d)``, ``y_bar`` broadcasting.
+    """
+    return lam * (y_bar - x0_bar[..., : y_bar.shape[-1]])
+
+
+def residual_std(total: Tensor | float, carried: Tensor | float) -> Tensor:
+    """``sqrt(max(total^2 - carried^2, 0))``: the fresh noise that brings a coordinate whose
+    value already carries noise of std ``carried`` (e.g. ``alpha sigma_y / s_i`` from
+    ``alpha y_bar_i``) up to the noise level ``total``."""
+    return torch.as_tensor(total**2 - carried**2).clamp_min(0).sqrt()
