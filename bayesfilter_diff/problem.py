@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -195,7 +196,7 @@ class InverseProblem:
     def grad_log_likelihood(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(log p(y|x), grad_x log p(y|x))``, exact for linear-Gaussian problems."""
         if self.is_linear_gaussian and self.noise_std > 0:
-            op: LinearOperator = self.operator  # type: ignore[assignment]
+            op = cast(LinearOperator, self.operator)
             r = self._y_for(x) - op(x)
             red = tuple(range(2, r.dim()))
             s2 = self.noise_std**2
@@ -216,7 +217,7 @@ class InverseProblem:
         op = self.operator
         y = self._y_for(x)
         if op.is_linear:
-            return op.adjoint(op(x) - y)
+            return cast(LinearOperator, op).adjoint(op(x) - y)
         with torch.enable_grad():
             xr = x.detach().requires_grad_(True)
             r = op(xr) - y

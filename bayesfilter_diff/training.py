@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -258,10 +258,12 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def build_network(self) -> nn.Module:
-        return network_from_config({**self.network, "parameterization": self.parameterization})
+        # network and schedule are dicts after __post_init__
+        network = cast(dict[str, Any], self.network)
+        return network_from_config({**network, "parameterization": self.parameterization})
 
     def build_schedule(self) -> Schedule:
-        return schedule_from_config(self.schedule)
+        return schedule_from_config(cast(dict[str, Any], self.schedule))
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -393,8 +395,8 @@ def _load_checkpoint(
     state: dict[int, dict[str, Any]] = {}
     for k, v in tensors.items():
         if k.startswith("optim."):
-            _, idx, key = k.split(".", 2)
-            state.setdefault(int(idx), {})[key] = v
+            _, pidx, key = k.split(".", 2)
+            state.setdefault(int(pidx), {})[key] = v
     for idx, sc in meta["optimizer"].get("scalars", {}).items():
         state.setdefault(int(idx), {}).update(sc)
     for idx, st in state.items():

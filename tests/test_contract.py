@@ -156,3 +156,17 @@ def test_contract(entry, pname, accepted):
 def test_every_problem_kind_is_accepted_by_some_posterior_sampler():
     for pname, problem in PROBLEMS.items():
         assert any(e.accepts(problem) for e in ENTRIES if e.posterior), pname
+
+
+def test_readme_method_table_states_the_declared_requirements():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| ") and "`" in line]
+    for e in ENTRIES:
+        row = [r for r in rows if f"`{e.cls.__name__}`" in r.split("|")[2]]
+        assert len(row) == 1, e.name
+        cells = [c.strip() for c in row[0].strip("|").split("|")]
+        req = e.cls.requires
+        assert cells[3] == req.operator_text(), (e.name, cells[3])
+        assert cells[4] == req.likelihood_text(), (e.name, cells[4])

@@ -98,13 +98,13 @@ def _chains(result_or_results, resample: bool, generator) -> tuple[Tensor, Tenso
     x = torch.cat(xs, 0)
     if all(lw is None for lw in lws):
         return x, None
-    lws = [
+    filled = [
         torch.full(xi.shape[:2], -float(np.log(xi.shape[1])), dtype=torch.float64, device=xi.device)
         if lw is None
         else lw
         for xi, lw in zip(xs, lws)
     ]
-    return x, torch.cat(lws, 0)
+    return x, torch.cat(filled, 0)
 
 
 def to_arviz(

@@ -22,12 +22,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ..priors.gmm import GaussianMixture
 from ._utils import check_positive_int, log_prob_fn, random_directions
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "sbc_ranks",
@@ -286,7 +290,9 @@ def coverage(
     return out
 
 
-def binomial_interval(n: int, p: float | Sequence[float] | Tensor, prob: float = 0.99) -> tuple:
+def binomial_interval(
+    n: int, p: float | Sequence[float] | Tensor | np.ndarray, prob: float = 0.99
+) -> tuple[Tensor, Tensor]:
     """Central ``prob`` interval of ``Binomial(n, p) / n``: the range an observed fraction
     (a coverage, a histogram bin's share) falls in with probability ``prob``.
 

@@ -6,6 +6,7 @@ See :mod:`bayesfilter_diff.inference` for the rules (steps 1-3 below follow them
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, cast
 
 import pyro
 import torch
@@ -48,9 +49,12 @@ def model_to_problem(
     # 1. Trace with a placeholder at the prior site (no reverse diffusion).
     with pyro.validation_enabled(False):
         tr = poutine.trace(PriorPlaceholder()(model)).get_trace(*args, **kwargs)
+    # The trace's sites as plain dicts: pyro types a Message's fn as any callable and its
+    # value / infer as optional; at a traced sample site they are a distribution and set.
+    nodes = cast("dict[str, dict[str, Any]]", tr.nodes)
     sites = [
         (name, s)
-        for name, s in tr.nodes.items()
+        for name, s in nodes.items()
         if s["type"] == "sample"
         and not is_plate_site(s)
         and not s["infer"].get("_deterministic", False)
@@ -119,7 +123,7 @@ def model_to_problem(
 
     # 3a. A LinearGaussian of the prior value itself: the toolkit's own problem.
     if len(observed) == 1:
-        s = tr.nodes[observed[0]]
+        s = nodes[observed[0]]
         fn = s["fn"]
         if (
             isinstance(fn, LinearGaussian)
@@ -137,7 +141,7 @@ def model_to_problem(
     # 3b. A single Gaussian / Poisson observation: forward model by replay.
     y, out, site_layout = _observed_data(st, tr, dtype, device)
     if len(observed) == 1:
-        s = tr.nodes[observed[0]]
+        s = nodes[observed[0]]
         kind, noise_std = _structured_kind(st, s)
         if kind is not None:
             st.kind = kind

@@ -127,6 +127,7 @@ class ModelStructure:
             if red:
                 lp = lp.sum(red, keepdim=True)
             total = lp if total is None else total + lp
+        assert total is not None  # model_to_problem requires an observed site
         N = lead[1] if self.batched else math.prod(lead)
         shape = [N] + [1] * L
         if self.batched:

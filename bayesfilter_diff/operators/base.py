@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -162,7 +163,7 @@ class LinearOperator(Operator):
     def matrix(self) -> Tensor:
         """The dense ``(m, d)`` matrix of the operator (built by applying it to a basis)."""
         ref = self._ref()
-        kw = {} if ref is None else {"dtype": ref.dtype, "device": ref.device}
+        kw: dict[str, Any] = {} if ref is None else {"dtype": ref.dtype, "device": ref.device}
         eye = torch.eye(self.in_dim, **kw).reshape((self.in_dim,) + self.in_shape)
         return self.flat_out(self.forward(eye)).T.contiguous()
 

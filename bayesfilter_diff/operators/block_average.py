@@ -34,6 +34,10 @@ class BlockAverage(LinearOperator):
 
     has_svd = True
 
+    groups: Tensor
+    H: Tensor
+    _s: Tensor
+
     def __init__(
         self,
         in_shape: Sequence[int],

@@ -78,6 +78,13 @@ class Blur(LinearOperator):
 
     has_svd = True
 
+    kernel: Tensor
+    D: Tensor
+    phase: Tensor
+    order: Tensor
+    inv_order: Tensor
+    _s: Tensor
+
     def __init__(self, kernel: Tensor, in_shape: Sequence[int], rtol: float | None = None) -> None:
         in_shape = tuple(in_shape)
         if len(in_shape) not in (2, 3):

@@ -36,6 +36,14 @@ class Dense(LinearOperator):
 
     has_svd = True
 
+    M: Tensor
+    _U: Tensor
+    _s: Tensor
+    _Vh: Tensor | None
+    _Y: Tensor
+    _T: Tensor
+    _sign: Tensor
+
     def __init__(
         self, matrix: Tensor, in_shape: Sequence[int] | None = None, rtol: float | None = None
     ) -> None:
@@ -89,6 +97,7 @@ class Dense(LinearOperator):
     def Vt(self, x: Tensor) -> Tensor:
         x = self.flat_in(x)
         if not self.thin:
+            assert self._Vh is not None
             return x @ self._Vh.T
         # x V = (x Q) diag(D, 1): x Q = x - ((x Y) T) Y^T
         x2 = x.reshape(-1, x.shape[-1])
@@ -97,6 +106,7 @@ class Dense(LinearOperator):
 
     def V(self, z: Tensor) -> Tensor:
         if not self.thin:
+            assert self._Vh is not None
             return (z @ self._Vh).reshape(z.shape[:-1] + self.in_shape)
         # V z = Q diag(D, 1) z; as rows: w - ((w Y) T^T) Y^T with w = z diag(D, 1)
         w2 = (z * self._sign).reshape(-1, z.shape[-1])

@@ -15,6 +15,8 @@ class Identity(LinearOperator):
 
     has_svd = True
 
+    _s: Tensor
+
     def __init__(self, shape: Sequence[int] | int, dtype: torch.dtype | None = None) -> None:
         super().__init__(shape, shape)
         self.register_buffer(
@@ -38,7 +40,8 @@ class Identity(LinearOperator):
     def V(self, z: Tensor) -> Tensor:
         return z.reshape(z.shape[:-1] + self.in_shape)
 
-    Ut = Vt
+    def Ut(self, y: Tensor) -> Tensor:
+        return self.flat_in(y)
 
     def U(self, z: Tensor) -> Tensor:
         return z.reshape(z.shape[:-1] + self.out_shape)

@@ -30,6 +30,12 @@ class Mask(LinearOperator):
     has_svd = True
     is_mask = True
 
+    mask: Tensor
+    obs_idx: Tensor
+    perm: Tensor
+    inv_perm: Tensor
+    _s: Tensor
+
     def __init__(self, mask: Tensor, dtype: torch.dtype | None = None) -> None:
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
             raise TypeError("mask must be a boolean torch.Tensor")

@@ -14,6 +14,7 @@ the network in chunks of at most ``chunk_size`` rows to bound memory.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -71,6 +72,11 @@ class DiffusionModel(nn.Module):
     chunk_size
         Largest number of rows per network call (``None``: one call).
     """
+
+    #: Set only on models loaded from files: the prior JSON (``load_prior``) and the
+    #: diffusers folder's description (``from_diffusers``).
+    checkpoint_info: dict[str, Any]
+    diffusers_info: dict[str, Any]
 
     def __init__(
         self,

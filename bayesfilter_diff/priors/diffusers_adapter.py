@@ -83,11 +83,14 @@ class DiffusersUNet(nn.Module):
     ``in_channels`` output channels (a learned-variance network outputs twice as many).
     """
 
+    #: a diffusers ModelMixin (``config``, ``dtype``, outputs with ``.sample``): untyped here
+    unet: Any
+
     def __init__(self, unet: nn.Module, num_train_steps: int) -> None:
         super().__init__()
         self.unet = unet
         self.num_train_steps = int(num_train_steps)
-        self.in_channels = int(unet.config.in_channels)
+        self.in_channels = int(self.unet.config.in_channels)
 
     def timestep(self, t: Tensor) -> Tensor:
         """The network's (fractional) timestep ``t T - 1`` for our time ``t``."""

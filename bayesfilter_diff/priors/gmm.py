@@ -28,12 +28,16 @@ Reference code: gabrielvc/mcg_diff ``scripts/viz_gaussian.py`` (``ou_mixt``,
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor, nn
 
 from ..schedules import Schedule
 from .base import DiffusionModel, broadcast_time
+
+if TYPE_CHECKING:
+    from ..operators.base import LinearOperator
 
 __all__ = ["GaussianMixture", "GaussianMixtureDiffusion"]
 
@@ -66,6 +70,13 @@ class GaussianMixture(nn.Module):
     Samples and densities use the layout of the toolkit: for a mixture of batch shape
     ``(B,)``, ``sample(n)`` returns ``(B, n, d)`` and ``log_prob`` takes ``(B, *S, d)``.
     """
+
+    weights: Tensor
+    means: Tensor
+    covariances: Tensor
+    eigvals: Tensor
+    eigvecs: Tensor | None
+    log_weights: Tensor
 
     def __init__(
         self,
@@ -220,6 +231,7 @@ class GaussianMixture(nn.Module):
         )
         mu = self._gather(self.means, comp)
         if self._cov_shared:
+            assert self.eigvecs is not None
             return mu + (z * self.eigvals[0].sqrt()) @ self.eigvecs[0].T
         lam = self._gather(
             self.eigvals.expand(self.means.shape[:-2] + self.eigvals.shape[-2:]), comp
@@ -267,6 +279,7 @@ class GaussianMixture(nn.Module):
             return lp, None, var
         diff = x - alpha * mu  # (..., K, d)
         if self._cov_shared:  # Q^T x once per point, Q^T mu_k once per call
+            assert self.eigvecs is not None
             Q = self.eigvecs[0]
             diff = x @ Q - alpha * (mu @ Q)
         elif self.eigvecs is not None:
@@ -354,6 +367,7 @@ class GaussianMixture(nn.Module):
         gain = alpha[..., None, None] * self.eigvals / var  # (..., K, d)
         corr = gain * diff  # rotated: diag(alpha l / var) Q^T (x - alpha mu)
         if self._cov_shared:  # Q sum_k r_k corr_k
+            assert self.eigvecs is not None
             corr = (r.unsqueeze(-1) * corr).sum(-2) @ self.eigvecs[0].T
         elif self.eigvecs is not None:
             # sum_k r_k Q_k corr_k
@@ -371,7 +385,7 @@ class GaussianMixture(nn.Module):
             raise TypeError(f"problem must be an InverseProblem, got {type(problem).__name__}")
         if len(self.batch_shape):
             raise ValueError("posterior/log_evidence need an unbatched prior mixture")
-        op = problem.operator
+        op = cast("LinearOperator", problem.operator)
         if not getattr(op, "is_linear", False):
             raise ValueError("the exact posterior needs a linear operator")
         if op.in_dim != self.dim:

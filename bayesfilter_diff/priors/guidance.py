@@ -35,6 +35,7 @@ their ``w'`` is our ``w - 1``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -123,7 +124,7 @@ class ClassifierGuidance(DiffusionModel):
 
     @property
     def prior(self) -> DiffusionModel:
-        return self.net.prior
+        return cast(_ClassifierGuidedDenoiser, self.net).prior
 
 
 class _CFGDenoiser(nn.Module):

@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -131,6 +131,7 @@ class _ResBlock(nn.Module):
         self.norm2 = nn.GroupNorm(_groups(cout, groups), cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)
+        assert self.conv2.bias is not None
         nn.init.zeros_(self.conv2.bias)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
@@ -203,7 +204,7 @@ class UNet(nn.Module):
         if emb_dim < 2:
             raise ValueError(f"emb_dim must be at least 2, got {emb_dim}")
         self.parameterization = _check_param(parameterization)
-        self._config = {
+        self._config: dict[str, Any] = {
             "type": "unet",
             "in_channels": in_channels,
             "channels": list(channels),
@@ -245,6 +246,7 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(_groups(ch, groups), ch)
         self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
+        assert self.conv_out.bias is not None
         nn.init.zeros_(self.conv_out.bias)
         self._num_levels = len(channels)
 
@@ -263,8 +265,8 @@ class UNet(nn.Module):
         h = self.conv_in(x.to(dtype))
         emb = self.time_embed(t.to(dtype))
         hs = [h]
-        for level, stage in enumerate(self.down):
-            for block in stage["blocks"]:
+        for level, stage in enumerate(cast("Iterable[nn.ModuleDict]", self.down)):
+            for block in cast("nn.ModuleList", stage["blocks"]):
                 h = block(h, emb)
                 hs.append(h)
             if level < self._num_levels - 1:
@@ -272,8 +274,8 @@ class UNet(nn.Module):
                 hs.append(h)
         for block in self.mid:
             h = block(h, emb)
-        for i, stage in enumerate(self.up):
-            for block in stage["blocks"]:
+        for i, stage in enumerate(cast("Iterable[nn.ModuleDict]", self.up)):
+            for block in cast("nn.ModuleList", stage["blocks"]):
                 h = block(torch.cat([h, hs.pop()], dim=1), emb)
             if i < self._num_levels - 1:
                 h = F.interpolate(h, size=hs[-1].shape[-2:], mode="nearest")
@@ -317,7 +319,7 @@ class MLP(nn.Module):
         if emb_dim < 2:
             raise ValueError(f"emb_dim must be at least 2, got {emb_dim}")
         self.parameterization = _check_param(parameterization)
-        self._config = {
+        self._config: dict[str, Any] = {
             "type": "mlp",
             "dim": dim,
             "hidden": hidden,
@@ -355,14 +357,14 @@ class MLP(nn.Module):
         return self.out(F.silu(self.norm_out(h))).to(x.dtype)
 
 
-_NETWORKS: dict[str, type[nn.Module]] = {"unet": UNet, "mlp": MLP}
+_NETWORKS: dict[str, type[UNet] | type[MLP]] = {"unet": UNet, "mlp": MLP}
 _ARGS = {
     "unet": {"in_channels", "channels", "num_res_blocks", "groups", "emb_dim", "parameterization"},
     "mlp": {"dim", "hidden", "depth", "emb_dim", "parameterization"},
 }
 
 
-def network_from_config(config: Mapping[str, Any]) -> nn.Module:
+def network_from_config(config: Mapping[str, Any]) -> UNet | MLP:
     """Build a :class:`UNet` or :class:`MLP` from its ``config`` dict (e.g. read from JSON).
 
     ``config`` is ``{"type": "unet" | "mlp", **arguments}`` as returned by ``net.config``;
@@ -434,9 +436,12 @@ def load_prior(
     """
     js, meta = read_prior_json(path)
     event_shape = meta["event_shape"]
-    net = network_from_config(meta.get("network"))
+    # JSON content (possibly missing): the *_from_config functions validate it
+    net_config: Any = meta.get("network")
+    schedule_config: Any = meta.get("schedule")
+    net = network_from_config(net_config)
     _check_event_shape(net, event_shape, js)
-    schedule = schedule_from_config(meta.get("schedule"))
+    schedule = schedule_from_config(schedule_config)
     tensors = read_checked_tensors(js, meta)
     load_state_checked(net, tensors, str(js.parent / meta["weights"]))
     net.eval().requires_grad_(False)
@@ -447,7 +452,7 @@ def load_prior(
     return prior
 
 
-def _check_event_shape(net: nn.Module, event_shape: list[int], src: Any) -> None:
+def _check_event_shape(net: UNet | MLP, event_shape: list[int], src: Any) -> None:
     cfg = net.config
     if cfg["type"] == "unet" and (len(event_shape) != 3 or event_shape[0] != cfg["in_channels"]):
         raise CheckpointError(

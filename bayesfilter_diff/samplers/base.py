@@ -109,19 +109,21 @@ class Requirements:
         why = self._unmet(problem)
         return why if why is None or not self.remedy else f"{why}; {self.remedy}"
 
-    def describe(self) -> str:
-        """A short phrase for tables: operator, then likelihoods."""
-        op = (
-            "mask"
-            if self.mask
-            else "linear with SVD"
-            if self.svd
-            else "linear"
-            if self.linear
-            else "any differentiable"
-        )
-        lik = ", ".join(sorted(self.likelihoods))
-        return f"{op}; {lik}" + (" (noise > 0)" if self.noise_positive else "")
+    def operator_text(self) -> str:
+        """The operator it needs, in words (the README's method table)."""
+        if self.mask:
+            return "mask"
+        if self.svd:
+            return "linear with SVD"
+        if self.linear:
+            return "linear"
+        return "any differentiable"
+
+    def likelihood_text(self) -> str:
+        """The observation models it accepts, in words (the README's method table)."""
+        order = ("gaussian", "poisson", "custom")
+        text = ", ".join(k for k in order if k in self.likelihoods)
+        return text + (" (noise > 0)" if self.noise_positive else "")
 
 
 def likelihood_kind(problem: InverseProblem) -> str:

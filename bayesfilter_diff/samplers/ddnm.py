@@ -57,10 +57,12 @@ Defaults and departures
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
 
+from ..operators.base import LinearOperator
 from .base import Context, Move, Requirements, Sampler
 from .kernels import eps_from_x0
 from .spectral import pinv_correction, residual_std, spectral_observation
@@ -110,7 +112,7 @@ class _NullSpaceSampler(Sampler):
             )
 
     def setup(self, ctx: Context) -> DDNMSetup:
-        obs = spectral_observation(ctx.problem.operator, ctx.y)
+        obs = spectral_observation(cast(LinearOperator, ctx.problem.operator), ctx.y)
         return DDNMSetup(obs.s, obs.y_bar.unsqueeze(1))
 
     def init(self, ctx: Context, setup: DDNMSetup) -> tuple[DDNMState, None]:
@@ -129,7 +131,7 @@ class _NullSpaceSampler(Sampler):
     ) -> tuple[Tensor, Tensor]:
         """One reverse step ``t -> t_next``; returns ``(x_next, x0_hat)`` (unprojected)."""
         sch = ctx.prior.schedule
-        op = ctx.problem.operator
+        op = cast(LinearOperator, ctx.problem.operator)
         s = setup.s
         r = s.numel()
         # 1. x0_hat and the model's eps_hat.

@@ -42,10 +42,12 @@ Defaults and departures
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
 
+from ..operators.base import LinearOperator
 from .base import Context, Move, Requirements, Sampler
 from .kernels import eps_from_x0
 from .spectral import pinv_correction, residual_std, spectral_observation
@@ -102,12 +104,12 @@ class DDRM(Sampler):
             raise ValueError(f"eta_b must be in [0, 1], got {self.eta_b!r}")
 
     def setup(self, ctx: Context) -> DDRMSetup:
-        obs = spectral_observation(ctx.problem.operator, ctx.y)
+        obs = spectral_observation(cast(LinearOperator, ctx.problem.operator), ctx.y)
         return DDRMSetup(obs.s, obs.y_bar.unsqueeze(1))
 
     def init(self, ctx: Context, setup: DDRMSetup) -> tuple[DDRMState, None]:
         sch = ctx.prior.schedule
-        op = ctx.problem.operator
+        op = cast(LinearOperator, ctx.problem.operator)
         s, ybar = setup.s, setup.ybar
         r = s.numel()
         sy = ctx.problem.noise_std
@@ -124,7 +126,7 @@ class DDRM(Sampler):
 
     def move(self, ctx: Context, setup: DDRMSetup, state: DDRMState, k: int, t, t_next) -> Move:
         sch = ctx.prior.schedule
-        op = ctx.problem.operator
+        op = cast(LinearOperator, ctx.problem.operator)
         s, ybar = setup.s, setup.ybar
         r = s.numel()
         sy = ctx.problem.noise_std

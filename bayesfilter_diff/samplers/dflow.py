@@ -45,10 +45,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
+from ..operators.base import LinearOperator
 from ..priors.base import DiffusionModel
 from ..problem import InverseProblem
 from ..schedules import x0_to_velocity
@@ -222,7 +224,7 @@ class DFlow(Sampler):
         if op.is_linear and self.init_blend > 0:
             # 2. z_0 = sqrt(a) Phi^-1(A^T y) / sigma_T + sqrt(1 - a) n
             with torch.no_grad():
-                x_adj = op.adjoint(ctx.y).unsqueeze(1).expand(ctx.shape)
+                x_adj = cast(LinearOperator, op).adjoint(ctx.y).unsqueeze(1).expand(ctx.shape)
                 z_star = self._invert(ctx, setup, x_adj)
             z = math.sqrt(self.init_blend) * z_star + math.sqrt(1.0 - self.init_blend) * n
         else:
@@ -231,7 +233,7 @@ class DFlow(Sampler):
         B, N = ctx.B, ctx.N
         D = g.shape[-1]
         H = self.history_size
-        kw = {"dtype": ctx.dtype, "device": ctx.device}
+        kw: dict[str, Any] = {"dtype": ctx.dtype, "device": ctx.device}
         state = DFlowState(
             z=z.reshape(B, N, D),
             x=x,

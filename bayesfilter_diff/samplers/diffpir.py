@@ -35,10 +35,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
 
+from ..operators.base import LinearOperator
 from ..priors.base import DiffusionModel
 from ..problem import InverseProblem
 from .base import Context, Move, Requirements, Sampler, check_positive_int
@@ -121,7 +123,7 @@ class DiffPIR(Sampler):
 
     def prox(self, ctx: Context, setup: DiffPIRSetup, x0: Tensor, rho: Tensor) -> Tensor:
         """Step 2: ``(A^T A + rho I)^-1 (A^T y + rho x0)`` (SVD, or CG from ``x0``)."""
-        return ctx.problem.operator.prox_l2(
+        return cast(LinearOperator, ctx.problem.operator).prox_l2(
             x0, setup.y, rho, cg_iters=self.cg_iters, cg_tol=self.cg_tol
         )
 

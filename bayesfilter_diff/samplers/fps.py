@@ -69,12 +69,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import Tensor
 from torch.nn.functional import pad
 
+from ..operators.base import LinearOperator
 from ..priors.base import DiffusionModel
 from ..problem import InverseProblem
 from ..schedules import Schedule
@@ -102,7 +103,7 @@ class FPSGrid:
     c_eps: list[float]
     std: list[float]
 
-    def step(self, k: int) -> DDIMCoefficients:
+    def step(self, k: int) -> DDIMCoefficients[float]:
         """The kernel of step ``k`` as :class:`~.kernels.DDIMCoefficients`."""
         return DDIMCoefficients(self.alpha[k + 1], self.c_eps[k], self.std[k], self.alpha[k])
 
@@ -195,13 +196,13 @@ def fps_y_sequence(
         ``(n + 1, B, num_paths, *out_shape)``; the last entry is ``alpha_{t_n} y`` plus
         ``sigma_{t_n}``-scaled noise, i.e. ``y`` itself when ``sigma(t_n) = 0``.
     """
-    op = problem.operator
+    op = cast(LinearOperator, problem.operator)
     y = problem.y_batched
     s = op.singular_values().to(dtype=y.dtype, device=y.device)
     return op.U(_y_path(s, op.Ut(y)[:, None, :], op.out_dim, grid, num_paths, generator))
 
 
-def _validate(sampler: Sampler) -> None:
+def _validate(sampler: FPS | FPSSMC) -> None:
     c = sampler.c_rate
     if isinstance(c, bool) or not isinstance(c, int | float) or not 0.0 <= c <= 1.0:
         raise ValueError(f"c_rate must be a number in [0, 1], got {c!r}")
@@ -238,14 +239,14 @@ class FPSState:
 
 def _setup(sampler: FPS | FPSSMC, ctx: Context) -> FPSSetup:
     grid = fps_grid(ctx.prior.schedule, ctx.times, sampler.c_rate, sampler.eta)
-    op = ctx.problem.operator
+    op = cast(LinearOperator, ctx.problem.operator)
     s = op.singular_values().to(dtype=ctx.dtype, device=ctx.device)
     return FPSSetup(grid, s, op.Ut(ctx.y)[:, None, :])
 
 
 def _init_x(ctx: Context, setup: FPSSetup, y_tilde: Tensor) -> tuple[Tensor, Tensor]:
     """Start: ``x_{t_0} ~ p(x_{t_0} | y_{t_0})`` under the prior ``N(0, sigma_{t_0}^2 I)``."""
-    op = ctx.problem.operator
+    op = cast(LinearOperator, ctx.problem.operator)
     d, grid = op.in_dim, setup.grid
     mu = torch.zeros((ctx.B, ctx.N, d), dtype=ctx.dtype, device=ctx.device)
     r2 = (grid.alpha[0] * ctx.problem.noise_std) ** 2
@@ -257,7 +258,7 @@ def _move_x(
     ctx: Context, setup: FPSSetup, x: Tensor, k: int, t: Tensor, y_tilde: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Steps 2-4 for ``times[k] -> times[k + 1]``: new particles and ``log p(y_s | x_t)``."""
-    op = ctx.problem.operator
+    op = cast(LinearOperator, ctx.problem.operator)
     coef = setup.grid.step(k)
     # 2. prior kernel: mu = alpha_s x0_hat + c_eps eps_hat, v = std^2
     mu = ddim_mean(x, ctx.denoise(x, t), coef, setup.grid.sigma[k])
@@ -329,7 +330,7 @@ class FPSSMC(SMCSampler):
     def setup(self, ctx: Context) -> FPSSetup:
         c = _setup(self, ctx)
         # 1. one y-sequence per observation, shared by the particles (drawn first).
-        op = ctx.problem.operator
+        op = cast(LinearOperator, ctx.problem.operator)
         path = _y_path(c.s, c.y_tilde, op.out_dim, c.grid, 1, ctx.generator)
         return FPSSetup(c.grid, c.s, c.y_tilde, path)
 

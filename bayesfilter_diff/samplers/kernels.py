@@ -23,7 +23,7 @@ step from grid time ``t`` to ``s < t``.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Generic, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -45,19 +45,22 @@ __all__ = [
 
 LOG2PI = math.log(2 * math.pi)
 
+#: Coefficient type of :class:`DDIMCoefficients`: tensors, or Python floats (FPS's grid).
+_C = TypeVar("_C", Tensor, float)
 
-class DDIMCoefficients(NamedTuple):
+
+class DDIMCoefficients(NamedTuple, Generic[_C]):
     """``x_s = alpha_s x0 + c_eps eps + std z`` for the step ``t -> s``; ``alpha_t`` too."""
 
-    alpha_s: Tensor
-    c_eps: Tensor
-    std: Tensor
-    alpha_t: Tensor
+    alpha_s: _C
+    c_eps: _C
+    std: _C
+    alpha_t: _C
 
 
 def ddim_coefficients(
     schedule: Schedule, t: Tensor, t_next: Tensor, eta: float
-) -> DDIMCoefficients:
+) -> DDIMCoefficients[Tensor]:
     """The DDIM step ``t -> s = t_next`` with parameter ``eta`` (module docstring)."""
     a_t, s_t = schedule.alpha(t), schedule.sigma(t)
     a_s, s_s = schedule.alpha(t_next), schedule.sigma(t_next)
@@ -78,7 +81,12 @@ def x0_from_eps(x: Tensor, eps: Tensor, alpha_t: Tensor | float, sigma_t: Tensor
     return (x - sigma_t * eps) / alpha_t
 
 
-def ddim_mean(x: Tensor, x0: Tensor, coef: DDIMCoefficients, sigma_t: Tensor | float) -> Tensor:
+def ddim_mean(
+    x: Tensor,
+    x0: Tensor,
+    coef: DDIMCoefficients[Tensor] | DDIMCoefficients[float],
+    sigma_t: Tensor | float,
+) -> Tensor:
     """Mean of the DDIM step: ``alpha_s x0 + c_eps (x_t - alpha_t x0) / sigma_t``."""
     return coef.alpha_s * x0 + coef.c_eps * eps_from_x0(x, x0, coef.alpha_t, sigma_t)
 

@@ -23,6 +23,10 @@ methods over typed records; this loop runs them (blackjax ``smc/base.py``, parti
 4. ``x, log_g = sampler.finalize(ctx, setup, state)``: the samples and a last weight, applied
    with the last move's weight.
 
+Log-weights and evidence accumulate in float64. A 16-bit problem (``y`` in float16 or
+bfloat16) runs in float32 (a copy of the operator), only a 16-bit network's calls staying in
+16 bits; its draws are returned in its dtype.
+
 Unweighted samplers return no weights and skip the bookkeeping. A problem whose weights all
 become zero or NaN raises :class:`~bayesfilter_diff.DegenerateWeightsError` naming the first
 bad step and the problems; NaN or inf samples raise
@@ -31,6 +35,7 @@ bad step and the problems; NaN or inf samples raise
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -238,6 +243,46 @@ def _stack(records: list[Any]) -> Any:
     return col(recs)
 
 
+_LOW = (torch.float16, torch.bfloat16)
+
+
+class _LowPrecisionCall(torch.nn.Module):
+    """A 16-bit prior's denoiser called from a float32 run: inputs cast down, output up."""
+
+    def __init__(self, prior: DiffusionModel, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.prior = prior
+        self.dtype = dtype
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.prior.denoise(x.to(self.dtype), t.to(self.dtype)).to(x.dtype)
+
+
+def _upcast(
+    prior: DiffusionModel, problem: InverseProblem
+) -> tuple[DiffusionModel, InverseProblem]:
+    """Run a 16-bit problem in float32: weights, evidence and linear algebra never in 16 bits.
+
+    The operator is copied to float32 (the caller's is left as it is) with ``y``; a 16-bit
+    prior keeps its precision for the network call only.
+    """
+    low = problem.y.dtype
+    op = copy.deepcopy(problem.operator).to(torch.float32)
+    problem32 = InverseProblem(
+        op,
+        problem.y.to(torch.float32),
+        problem.noise_std,
+        noise=problem.noise,
+        poisson_rate=problem.poisson_rate,
+        log_likelihood_fn=problem.log_likelihood_fn,
+    )
+    floats = [p for p in list(prior.parameters()) + list(prior.buffers()) if p.is_floating_point()]
+    if floats and floats[0].dtype != low:
+        return prior, problem32  # a float32 network already (cast y / operator only)
+    net = _LowPrecisionCall(prior, low)
+    return DiffusionModel(net, prior.schedule, prior.event_shape, prior.chunk_size), problem32
+
+
 def _distinct_samples(x: Tensor) -> Tensor:
     """Distinct rows of ``x`` ``(B, N, ...)`` per problem: values of a fixed projection."""
     flat = x.reshape(x.shape[0], x.shape[1], -1).double()
@@ -285,6 +330,9 @@ def run(
     check_inputs(prior, problem, num_samples, generator)
     sampler.check(prior, problem)
     start = time.perf_counter()
+    out_dtype = problem.y.dtype
+    if out_dtype in _LOW:
+        prior, problem = _upcast(prior, problem)
     times = sampler.time_grid(prior, problem)
     ctx = Context(prior, problem, num_samples, generator, times)
     B, N = ctx.B, ctx.N
@@ -364,6 +412,7 @@ def run(
     )
     quality.warn(info.quality)
     info.wall_time = time.perf_counter() - start
+    x = x.to(out_dtype)  # a 16-bit problem's draws, computed in float32, in its dtype
     if not problem.batched:
         x = x[0]
         out_w = None if out_w is None else out_w[0]

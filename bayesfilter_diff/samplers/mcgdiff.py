@@ -65,10 +65,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
 
+from ..operators.base import LinearOperator
 from .base import Context, Move, Requirements, SMCSampler
 from .kernels import ddim_coefficients, ddim_mean, log_normal
 from .spectral import (
@@ -177,7 +179,7 @@ class MCGdiff(SMCSampler):
     # ------------------------------------------------------------------ helpers
     def setup(self, ctx: Context) -> MCGdiffSetup:
         """The spectral data, the observation times and the potentials' variances."""
-        op = ctx.problem.operator
+        op = cast(LinearOperator, ctx.problem.operator)
         sch = ctx.prior.schedule
         times = ctx.times
         alpha, sigma = sch.alpha(times), sch.sigma(times)  # (n + 1,)
@@ -205,7 +207,7 @@ class MCGdiff(SMCSampler):
 
     def _predict(self, ctx: Context, xb: Tensor, k: int) -> Tensor:
         """Prior DDIM mean ``mu_k(x_bar)`` ``(B, N, d)`` of the move ``k -> k+1``."""
-        op = ctx.problem.operator
+        op = cast(LinearOperator, ctx.problem.operator)
         sch = ctx.prior.schedule
         t, t_next = ctx.times[k], ctx.times[k + 1]
         x0b = op.Vt(ctx.denoise(op.V(xb), t))
@@ -274,7 +276,7 @@ class MCGdiff(SMCSampler):
             # Noiseless: set the observed coordinates to y_bar (A x0 = y exactly).
             xb = torch.cat([ybar.expand(B, N, r), xb[..., r:]], dim=-1)
             lw = torch.zeros((B, N), dtype=xb.dtype, device=xb.device)
-        return ctx.problem.operator.V(xb), lw + c.const[:, None]
+        return cast(LinearOperator, ctx.problem.operator).V(xb), lw + c.const[:, None]
 
     def run_info(self, ctx: Context, setup: MCGdiffSetup) -> MCGdiffInfo:
         return MCGdiffInfo(ctx.times[setup.k_tau], setup.k_tau)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 from torch import Tensor
 
@@ -162,7 +163,8 @@ class PiGDM(Sampler):
         if self.x_init == "pinv":
             # A^+ y (sigma_y = 0), or the damped A^T (A A^T + sigma_y^2 I)^-1 y, which does not
             # blow up the noise along tiny singular values (e.g. a blur).
-            back = ctx.problem.operator.damped_pinv(setup.y, 1.0, setup.s2, cg_iters=self.cg_iters)
+            op = cast(LinearOperator, ctx.problem.operator)
+            back = op.damped_pinv(setup.y, 1.0, setup.s2, cg_iters=self.cg_iters)
             x = x + sch.alpha(t0) * back
         return PiGDMState(x), None
 
@@ -170,7 +172,7 @@ class PiGDM(Sampler):
         self, ctx: Context, setup: PiGDMSetup, state: PiGDMState, k: int, t: Tensor, t_next: Tensor
     ) -> Move:
         sch = ctx.prior.schedule
-        op = ctx.problem.operator
+        op = cast(LinearOperator, ctx.problem.operator)
         x = state.x
         a_t, s_t = sch.alpha(t), sch.sigma(t)
         r2 = pigdm_r2(a_t, s_t)

@@ -36,9 +36,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 from torch import Tensor
 
+from ..operators.base import LinearOperator
 from ..priors.base import DiffusionModel
 from ..problem import InverseProblem
 from .base import Context, Move, Requirements, Sampler, check_positive_int
@@ -110,7 +112,7 @@ class PiGDMFlow(Sampler):
 
     def init(self, ctx: Context, setup: PiGDMSetup) -> tuple[PiGDMState, None]:
         sch = ctx.prior.schedule
-        op = ctx.problem.operator
+        op = cast(LinearOperator, ctx.problem.operator)
         t0 = ctx.times[0]
         # x_tau0 = tau0 A^T y + (1 - tau0) z  ==  alpha(t0) A^T y + sigma(t0) z.
         if self.x_init == "adjoint":
@@ -122,7 +124,7 @@ class PiGDMFlow(Sampler):
     def move(
         self, ctx: Context, setup: PiGDMSetup, state: PiGDMState, k: int, t: Tensor, t_next: Tensor
     ) -> Move:
-        op = ctx.problem.operator
+        op = cast(LinearOperator, ctx.problem.operator)
         x = state.x
         tau = 1.0 - t
         r2 = pigdm_r2(tau, t)  # (1 - tau)^2 / ((1 - tau)^2 + tau^2)

@@ -45,10 +45,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
 
+from ..operators.base import LinearOperator
 from ..priors.base import DiffusionModel
 from ..problem import InverseProblem
 from .base import Context, Move, Requirements, Sampler
@@ -176,13 +178,14 @@ class REDDiff(Sampler):
         if not op.is_linear or self.mu_init == "zeros":
             mu0 = torch.zeros(ctx.shape, dtype=ctx.dtype, device=ctx.device)
         else:
-            if self.mu_init == "pinv" and op.has_svd and ctx.problem.noise_std > 0:
+            lin = cast(LinearOperator, op)
+            if self.mu_init == "pinv" and lin.has_svd and ctx.problem.noise_std > 0:
                 # damped: A^T (A A^T + sigma_y^2 I)^-1 y (module docstring)
-                m = op.adjoint(op.gram_solve(y, 1.0, ctx.problem.noise_std**2))
-            elif self.mu_init == "pinv" and op.has_svd:
-                m = op.pinv(y)
+                m = lin.adjoint(lin.gram_solve(y, 1.0, ctx.problem.noise_std**2))
+            elif self.mu_init == "pinv" and lin.has_svd:
+                m = lin.pinv(y)
             else:
-                m = op.adjoint(y)
+                m = lin.adjoint(y)
             mu0 = m.unsqueeze(1).expand(ctx.shape).clone()
         zeros = torch.zeros_like(mu0)
         return REDDiffState(mu0, zeros, zeros.clone()), None

@@ -31,10 +31,12 @@ Departures from the official code (details in the notes):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
 
+from ..operators.mask import Mask
 from ..priors.base import DiffusionModel
 from ..problem import InverseProblem
 from .base import Context, Move, Requirements, Sampler
@@ -145,7 +147,7 @@ class RePaint(Sampler):
         return g[idx]
 
     def setup(self, ctx: Context) -> RePaintSetup:
-        op = ctx.problem.operator
+        op = cast(Mask, ctx.problem.operator)
         return RePaintSetup(op.embed(ctx.y).unsqueeze(1), op.mask)
 
     def init(self, ctx: Context, setup: RePaintSetup) -> tuple[RePaintState, None]:

@@ -45,11 +45,12 @@ Defaults and departures
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import Tensor
 
+from ..operators.mask import Mask
 from .base import Context, Move, Requirements, SMCSampler
 from .kernels import ddim_coefficients, ddim_mean, gaussian_log_density
 from .spectral import observation_time_indices
@@ -114,7 +115,7 @@ class SMCDiff(SMCSampler):
     # ------------------------------------------------------------------ helpers
     def _replace(self, ctx: Context, x: Tensor, values: Tensor) -> Tensor:
         """``x`` with its observed entries set to ``values`` (``(B, m)``, shared by particles)."""
-        op = ctx.problem.operator
+        op = cast(Mask, ctx.problem.operator)
         xf = op.flat_in(x).clone()
         xf[..., op.obs_idx] = values[:, None, :].expand(xf.shape[0], xf.shape[1], -1)
         return xf.reshape(x.shape)
@@ -122,7 +123,7 @@ class SMCDiff(SMCSampler):
     # ------------------------------------------------------------------ interface
     def setup(self, ctx: Context) -> SMCDiffSetup:
         """Step 0: one forward-noised observation path ``x^M_{t_k}``, ``k <= k_tau``."""
-        op = ctx.problem.operator
+        op = cast(Mask, ctx.problem.operator)
         sch = ctx.prior.schedule
         times = ctx.times
         n = times.numel() - 1
@@ -146,7 +147,7 @@ class SMCDiff(SMCSampler):
         self, ctx: Context, setup: SMCDiffSetup, state: SMCDiffState, k: int, t, t_next
     ) -> Move:
         path, k_tau = setup.path, setup.k_tau
-        op = ctx.problem.operator
+        op = cast(Mask, ctx.problem.operator)
         sch = ctx.prior.schedule
         x = state.x
         # Step 2: replace the motif entries (while t >= tau).

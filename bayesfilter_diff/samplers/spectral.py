@@ -26,7 +26,7 @@ positive singular values ``s`` (the operators list only those), ``d = in_dim``,
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -120,7 +120,8 @@ def gaussian_product(
     """
     vs = v if s is None else v * s
     den = r2 + (v if s is None else v * s**2)
-    return GaussianProduct((r2 * mu + vs * y) / den, v * r2 / den, den)
+    # callers pass a tensor for at least one of v, r2 and s, so var and den are tensors
+    return GaussianProduct((r2 * mu + vs * y) / den, cast(Tensor, v * r2 / den), cast(Tensor, den))
 
 
 def condition(

@@ -39,6 +39,7 @@ Defaults and departures:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -140,6 +141,7 @@ class TDS(SMCSampler):
     def _twist(self, ctx: Context, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``x0_hat(x)``, ``log p~_t(y | x)`` ``(B, N)`` and its gradient w.r.t. ``x``."""
         problem = ctx.problem
+        fn: Callable[[Tensor], Tensor]
         if _uses_gaussian_twist(problem):
             var = problem.noise_std**2 + self._twist_extra_variance(ctx, t)
             if not bool(torch.isfinite(var)):

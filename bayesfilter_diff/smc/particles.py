@@ -106,16 +106,16 @@ def index_particles(record: T, idx: Tensor) -> T:
 
     if dataclasses.is_dataclass(record) and not isinstance(record, type):
         changes = {f.name: take(getattr(record, f.name)) for f in dataclasses.fields(record)}
-        return dataclasses.replace(record, **changes)  # type: ignore[type-var]
+        return dataclasses.replace(record, **changes)
     if isinstance(record, dict):
         return {k: take(v) for k, v in record.items()}  # type: ignore[return-value]
     if isinstance(record, tuple):
         items = [take(v) for v in record]
         if type(record) is tuple:
             return tuple(items)  # type: ignore[return-value]
-        return type(record)(*items)  # type: ignore[return-value]
+        return type(record)(*items)
     if isinstance(record, Tensor):
-        return take(record)  # type: ignore[no-any-return]
+        return take(record)
     raise TypeError(f"cannot index a particle record of type {type(record).__name__}")
 
 

@@ -30,8 +30,8 @@ from .store import ResultStore
 __all__ = ["run_calibration", "calibration_problem"]
 
 LEVELS = (0.5, 0.8, 0.9, 0.95)
-QUICK = {"dims": [2], "replicates": 100, "chunk": 50, "N": 99, "steps": 50}
-FULL = {"dims": [2, 8], "replicates": 400, "chunk": 100, "N": 99, "steps": 100}
+QUICK: dict[str, Any] = {"dims": [2], "replicates": 100, "chunk": 50, "N": 99, "steps": 50}
+FULL: dict[str, Any] = {"dims": [2, 8], "replicates": 400, "chunk": 100, "N": 99, "steps": 100}
 
 
 def _seed(*parts) -> int:

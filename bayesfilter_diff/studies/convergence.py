@@ -23,7 +23,7 @@ from .store import ResultStore
 
 __all__ = ["run_convergence", "slope"]
 
-QUICK = {
+QUICK: dict[str, Any] = {
     "methods": ["MCGdiff", "TDS", "FPS-SMC"],
     "dims": [8],
     "obs_dims": [1],
@@ -31,7 +31,7 @@ QUICK = {
     "Ns": [64, 256, 1024],
     "seeds": [0, 1],
 }
-FULL = {
+FULL: dict[str, Any] = {
     "methods": ["MCGdiff", "TDS", "FPS-SMC"],
     "dims": [8, 80],
     "obs_dims": [1, 2, 4],

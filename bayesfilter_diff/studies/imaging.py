@@ -66,7 +66,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -219,7 +219,7 @@ def daps_lr(problem: InverseProblem, sigma_min: float = 0.1) -> float:
     default budget of 1000 NFEs), so the step size is rescaled with ``tau = sigma_y`` and the
     operator, as the sampler's docstring prescribes.
     """
-    smax = float(problem.operator.singular_values().max())
+    smax = float(cast(ops.LinearOperator, problem.operator).singular_values().max())
     return 0.5 / (smax**2 / problem.noise_std**2 + 1.0 / sigma_min**2)
 
 
@@ -278,9 +278,7 @@ def _seed(base: int, *parts: str) -> int:
     return base + zlib.crc32("/".join(parts).encode()) % 100_000
 
 
-def supported(
-    sampler: Sampler, prior: DiffusionModel | None, problem: InverseProblem
-) -> str | None:
+def supported(sampler: Sampler, prior: DiffusionModel, problem: InverseProblem) -> str | None:
     """``None`` if ``sampler`` accepts the problem, else the reason."""
     try:
         sampler.check(prior, problem)
@@ -352,7 +350,7 @@ def run_cell(
 
 
 def baseline_cell(problem: InverseProblem, truth: Tensor) -> dict:
-    x = problem.operator.pinv(problem.y).clamp(-1, 1)
+    x = cast(ops.LinearOperator, problem.operator).pinv(problem.y).clamp(-1, 1)
     rec: dict[str, Any] = {
         "status": "ok",
         "psnr": _r(psnr(x, truth), 3),
@@ -760,8 +758,8 @@ def write_report(
         if figures:
             L += ["", f"![{t}](fig_{t}.png)"]
         L.append("")
-    sbc = [(n, cells.get(sbc_key(st, n))) for n in st.sbc_samplers]
-    sbc = [(n, r) for n, r in sbc if r is not None and r.get("status") == "ok"]
+    sbc_cells = [(n, cells.get(sbc_key(st, n))) for n in st.sbc_samplers]
+    sbc = [(n, r) for n, r in sbc_cells if r is not None and r.get("status") == "ok"]
     if sbc:
         r0 = sbc[0][1]
         L += [
@@ -888,7 +886,7 @@ def run_study(
     skipped: dict[str, dict[str, str]] = {}
     start = time.perf_counter()
 
-    def cell(key: str, fn: Callable[[], dict], config: dict) -> dict:
+    def cell(key: str, fn: Callable[..., dict], config: dict) -> dict:
         rec = None if fresh else store.load(key)
         if rec is not None and rec.get("config") == config:
             reused.append(key)
@@ -907,13 +905,14 @@ def run_study(
     obs = {}
     for t in tasks:
         problem = make_problem(t, truth, st.seed)
-        obs[t] = show_observation(problem.operator, problem.y)
+        obs[t] = show_observation(cast(ops.LinearOperator, problem.operator), problem.y)
         cells[f"{t}__pinv"] = cell(
             f"{t}__pinv", lambda p=problem: baseline_cell(p, truth), main_config
         )
         skipped[t] = {}
         for name in samplers:
-            pr = flow_prior if name in FLOW_SAMPLERS else prior
+            # flow_prior is loaded whenever a flow sampler is requested
+            pr = cast(DiffusionModel, flow_prior) if name in FLOW_SAMPLERS else prior
             why = supported(make_sampler(name, st, problem), pr, problem)
             if why is not None:
                 skipped[t][name] = why

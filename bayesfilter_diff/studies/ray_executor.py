@@ -56,7 +56,7 @@ class StudyFailedError(RuntimeError):
 
 def _run_batch(fn: Callable, cells: list[dict[str, Any]]) -> list[tuple[bool, Any]]:
     """The body of a Ray task: ``(True, record)`` or ``(False, traceback)`` per cell."""
-    out = []
+    out: list[tuple[bool, Any]] = []
     for cell in cells:
         start = time.perf_counter()
         try:
