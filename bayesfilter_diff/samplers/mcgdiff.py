@@ -138,6 +138,13 @@ class MCGdiff(SMCSampler):
     insert_tau
         At most this many exact observation times ``tau_i`` are added to the grid (one
         network call each; ``0``: none). See docs/methods/mcgdiff.md.
+    tail_variance
+        The backward kernel's variance for an observed coordinate after its time ``tau_i``:
+        ``"flat"`` (default) the exact reverse variance of a locally flat prior,
+        ``alpha_s^2 (sigma_t^2 / alpha_t^2 - sigma_s^2 / alpha_s^2)``; ``"ddpm"`` the
+        ancestral (DDIM ``eta``) variance of the reference code, which drops the term
+        ``b^2 Var[x0 | x_t]`` and so loses a fraction of the posterior variance that does
+        not vanish with the grid below ``tau`` (docs/methods/mcgdiff.md, "Tail variance").
     """
 
     requires = Requirements(svd=True)
@@ -148,6 +155,7 @@ class MCGdiff(SMCSampler):
     eta: float = 1.0
     kappa2: float = 1e-4
     insert_tau: int = 8
+    tail_variance: str = "flat"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -159,6 +167,8 @@ class MCGdiff(SMCSampler):
             raise ValueError(f"insert_tau must be an integer >= 0, got {self.insert_tau!r}")
         if self.insert_tau < 0:
             raise ValueError(f"insert_tau must be an integer >= 0, got {self.insert_tau!r}")
+        if self.tail_variance not in ("flat", "ddpm"):
+            raise ValueError(f"tail_variance must be 'flat' or 'ddpm', got {self.tail_variance!r}")
 
     def time_grid(self, prior, problem) -> Tensor:
         """The run's grid with up to ``insert_tau`` exact observation times added."""
@@ -241,6 +251,17 @@ class MCGdiff(SMCSampler):
         den = log_normal(state.xbar[..., :r], c.alpha[k] * ybar, c.v[k])
         return torch.where(act, num - den, torch.zeros_like(num)).sum(-1)
 
+    @staticmethod
+    def _tail_std(ctx: Context, t: Tensor, t_next: Tensor) -> Tensor:
+        """``alpha_s sqrt(sig~_t^2 - sig~_s^2)``: the variance of ``x_s | x_t`` when the prior
+        is flat on the scale ``sig~_t`` (the exact reverse transition then has the forward
+        increment's variance; ``Var[x0 | x_t] = sig~_t^2``)."""
+        sch = ctx.prior.schedule
+        a_t, a_s = sch.alpha(t), sch.alpha(t_next)
+        vt = (sch.sigma(t) / a_t) ** 2
+        vs = (sch.sigma(t_next) / a_s) ** 2
+        return a_s * (vt - vs).clamp_min(0).sqrt()
+
     def move(self, ctx: Context, setup: MCGdiffSetup, state: MCGdiffState, k: int, t, t_next):
         c = setup
         r = c.r
@@ -256,7 +277,12 @@ class MCGdiff(SMCSampler):
         # mean K alpha_{k+1} y_bar + (1 - K) mu, variance K v
         p = gaussian_product(mu[..., :r], std**2, c.alpha[k + 1] * c.ybar[:, None, :], c.v[k + 1])
         obs = p.mean + p.var.sqrt() * z[..., :r]
-        x_new = torch.cat([torch.where(act, obs, x_new[..., :r]), x_new[..., r:]], dim=-1)
+        # observed coordinates past their tau_i: the prior kernel, with the locally flat
+        # reverse variance alpha_s^2 (sig~_t^2 - sig~_s^2), sig~ = sigma / alpha ("flat")
+        tail = x_new[..., :r]
+        if self.tail_variance == "flat":
+            tail = mu[..., :r] + self._tail_std(ctx, t, t_next) * z[..., :r]
+        x_new = torch.cat([torch.where(act, obs, tail), x_new[..., r:]], dim=-1)
         # the prior mean of the next move (one network call), read by its look-ahead
         mu_new = mu if k + 1 == n else self._predict(ctx, x_new, k + 1)
         return Move(MCGdiffState(x_new, mu_new))
