@@ -56,8 +56,9 @@ class RunInfo:
         also warned as a :class:`~bayesfilter_diff.PosteriorQualityWarning`; empty for a
         healthy run.
 
-    ``info["name"]`` looks a name up among the attributes, then the fields of ``extra`` and
-    ``steps`` (the mapping interface of earlier versions).
+    ``info["name"]`` looks a name up among the attributes that are set (not ``None``), then
+    the fields of ``extra`` and ``steps`` (the mapping interface of earlier versions:
+    ``"ess" in info`` is false for an unweighted sampler).
     """
 
     times: Tensor | None = None
@@ -80,7 +81,7 @@ class RunInfo:
 
     def __getitem__(self, key: str) -> Any:
         names = {f.name for f in dataclasses.fields(self)} - {"steps", "extra", "quality"}
-        if key in names:
+        if key in names and getattr(self, key) is not None:
             return getattr(self, key)
         for rec in self._records():
             if isinstance(rec, dict) and key in rec:

@@ -136,6 +136,7 @@ def test_contract(entry, pname, accepted):
             assert res.log_evidence.shape == (B,)
     else:
         assert res.log_weights is None and res.log_evidence is None and info.ess is None
+        assert "ess" not in info and info.get("ess") is None
     # same generator state, same inputs: the same result, bit for bit
     again = sampler.sample(prior, problem, N, generator=torch.Generator().manual_seed(0))
     assert torch.equal(res.samples, again.samples)

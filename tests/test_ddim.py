@@ -1,10 +1,12 @@
 import math
 
+import pytest
 import torch
 
 import bayesfilter_diff as bfd
 
 
+@pytest.mark.slow
 def test_prior_sampling_recovers_mixture():
     g = torch.Generator().manual_seed(0)
     d64 = torch.float64

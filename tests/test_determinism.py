@@ -102,6 +102,7 @@ def _replicate_means(sampler, prior, problem, index, seeds, n):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.slow
 def test_problem_alone_and_in_a_batch_have_the_same_distribution(name):
     _, prior, A, y = _setup(name)
     sampler = SAMPLERS[name]

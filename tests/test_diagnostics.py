@@ -445,6 +445,7 @@ def test_coverage_exact_is_nominal_overconfident_is_low(calib):
 
 
 # ------------------------------------------------------------------------------ ArviZ
+@pytest.mark.slow
 def test_to_arviz_chains_and_rhat():
     import arviz as az
 

@@ -53,6 +53,7 @@ def test_log_prob_exact_divergence_matches_mixture(d):
     assert torch.equal(lp, prior.log_prob(x))
 
 
+@pytest.mark.slow
 def test_log_prob_hutchinson_within_standard_error_d64():
     d, R = 64, 32
     gmm = _mixture(d, 2, seed=5, spread=1.0)

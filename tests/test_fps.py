@@ -255,6 +255,7 @@ def test_predictive_weight_equals_three_term_ratio():
     torch.testing.assert_close(ly + lx - lq, pred)
 
 
+@pytest.mark.slow
 def test_fps_smc_is_biased_for_the_true_posterior():
     """The documented limitation: pooled over y-sequences, FPS-SMC is over-concentrated."""
     B, N, sigma_y, y0 = 64, 500, 0.5, 1.3

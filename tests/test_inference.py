@@ -113,6 +113,7 @@ def _chain_is_reference(loglik, y, num_steps, n=50_000):
 
 
 @pytest.mark.parametrize("likelihood", ["poisson", "nonlinear"])
+@pytest.mark.slow
 def test_tds_on_pyro_likelihood_matches_importance_sampling(likelihood):
     # R replicate problems (a plate over copies of y) give R independent TDS runs in one
     # vectorised call; the spread of their means is the Monte Carlo error.

@@ -126,6 +126,7 @@ def _replicate_moments(res):
 
 # ------------------------------------------------------------------ 1-D Gaussian posterior
 @pytest.mark.parametrize("steps", [20, 100])
+@pytest.mark.slow
 def test_one_dimensional_gaussian_posterior_mean_and_variance(steps):
     # N(0, 1) prior, y = x + 0.05 n: the posterior variance 0.00249 is built entirely below
     # tau (sig~_tau = 0.05). The ancestral kernel there ("ddpm", the reference code's) drops
@@ -162,6 +163,7 @@ def test_one_dimensional_gaussian_posterior_mean_and_variance(steps):
 @pytest.mark.parametrize(
     "schedule", [bfd.VPSchedule.linear(), bfd.FlowSchedule()], ids=["vp", "flow"]
 )
+@pytest.mark.slow
 def test_noisy_gaussian_matches_discrete_target_posterior_and_evidence(schedule):
     sy, R, N, steps = 0.5, 32, 500, 50
     gmm, prior, A, y, problem, mu, C = _gaussian_setup(sy, R, schedule)

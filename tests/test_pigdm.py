@@ -106,6 +106,7 @@ def gauss_problem():
 
 
 @pytest.mark.parametrize("sy,eta", [(0.5, 1.0), (0.0, 0.0)])
+@pytest.mark.slow
 def test_exact_for_standard_normal_prior(sy, eta):
     """PiGDM (Tweedie weighting) samples the exact posterior of N(0, I) up to discretisation.
 
@@ -150,6 +151,7 @@ def test_matches_exact_chain_moments(gauss_problem, weighting, eta):
     assert z_mean < 4.0 and z_var < 4.0, (z_mean, z_var)
 
 
+@pytest.mark.slow
 def test_exact_chain_converges_at_first_order(gauss_problem):
     """Tweedie weighting: the exact chain's mean is the posterior mean and the variance
     deficit (measured: 0.23 / 0.64 / 0.88 / 0.93 of the posterior variance in the best

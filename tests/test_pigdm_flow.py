@@ -46,6 +46,7 @@ def whitened(samples, post):
     return z_mean, z_cov, em.abs().max().item()
 
 
+@pytest.mark.slow
 def test_converges_to_exact_posterior(setup):
     """Started close to noise (tau0 = 0.01) with 400 Euler steps, OT-ODE with gamma = 1
     samples the exact posterior of N(0, I) (posterior variances 0.01 - 1): whitened means and

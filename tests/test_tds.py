@@ -95,6 +95,7 @@ def evidence_ratio_stats(res, log_z, P, R):
         ("pigdm", 0.5, bfd.VPSchedule.cosine()),
     ],
 )
+@pytest.mark.slow
 def test_gaussian_posterior_and_evidence(twist, sigma_y, schedule):
     P, R, N, n = 2, 16, 300, 100
     gmm, mu, S, problem, g = gaussian_setup(sigma_y, schedule, P, R, seed=1)
@@ -151,6 +152,7 @@ def test_flow_and_ve_schedules(schedule):
         assert ((r_hat - 1).abs() <= 4.5 * r_se).all()
 
 
+@pytest.mark.slow
 def test_exact_twist_keeps_weights_nearly_uniform():
     # Prior N(0, tau2 I) and a mask: the "pigdm" twist with prior_variance = tau2 is the
     # exact p(y | x_t) and the proposal the exact conditional Tweedie step, so only the time
@@ -172,6 +174,7 @@ def test_exact_twist_keeps_weights_nearly_uniform():
     assert (res0.ess() < 0.5 * N).all()
 
 
+@pytest.mark.slow
 def test_mixture_weights():
     # Two components in d = 2; the posterior weight of component k is E_post[r_k(x)] with
     # r_k the exact posterior responsibilities, estimated by the weighted particles.

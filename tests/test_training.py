@@ -154,6 +154,7 @@ def test_resume_continues_and_matches_uninterrupted_run(tmp_path):
     assert len(list((tmp_path / "killed").glob("checkpoint_*.safetensors"))) == 1
 
 
+@pytest.mark.slow
 def test_sigkilled_cli_training_resumes(tmp_path):
     out = tmp_path / "run"
     threads = torch.get_num_threads()
