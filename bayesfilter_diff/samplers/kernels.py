@@ -41,6 +41,7 @@ __all__ = [
     "log_normal",
     "gaussian_log_density",
     "event_sum",
+    "time_at_log_snr",
 ]
 
 LOG2PI = math.log(2 * math.pi)
@@ -115,3 +116,22 @@ def gaussian_log_density(x: Tensor, mean: Tensor, var: Tensor | float, event_dim
     k = math.prod(x.shape[x.dim() - event_dim :])
     # (x - mean)^2 / var + log var broadcasts to the full shape before the sum
     return -0.5 * (((x - mean) ** 2 / var + torch.log(var)).sum(red) + LOG2PI * k)
+
+
+def time_at_log_snr(
+    schedule: Schedule, target: Tensor, t_min: Tensor | float, t_max: Tensor | float
+) -> Tensor:
+    """The times in ``[t_min, t_max]`` where ``log(alpha^2 / sigma^2)`` equals ``target``.
+
+    ``t_min`` and ``t_max`` are numbers or tensors broadcasting with ``target``. Bisection
+    (64 halvings, batched over ``target``) on the decreasing log-SNR; a target
+    outside the interval's range gives the nearest end.
+    """
+    lo = torch.as_tensor(t_min, dtype=target.dtype, device=target.device).expand_as(target)
+    hi = torch.as_tensor(t_max, dtype=target.dtype, device=target.device).expand_as(target)
+    for _ in range(64):
+        mid = 0.5 * (lo + hi)
+        above = schedule.log_snr(mid) > target  # the time sought is later than mid
+        lo = torch.where(above, mid, lo)
+        hi = torch.where(above, hi, mid)
+    return 0.5 * (lo + hi)

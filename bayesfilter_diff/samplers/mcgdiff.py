@@ -72,7 +72,7 @@ from torch import Tensor
 
 from ..operators.base import LinearOperator
 from .base import Context, Move, Requirements, SMCSampler
-from .kernels import ddim_coefficients, ddim_mean, log_normal
+from .kernels import ddim_coefficients, ddim_mean, log_normal, time_at_log_snr
 from .spectral import (
     exact_observation_times,
     gaussian_product,
@@ -132,12 +132,22 @@ class MCGdiff(SMCSampler):
         DDIM parameter of the prior's backward kernel in ``[0, 1]`` (``1``: ancestral / DDPM,
         the default). The noisy case is consistent only for ``eta = 1`` (docs/methods/mcgdiff.md).
     kappa2
-        Variance ``kappa`` of the potential at ``t = tau_i`` (the code's ``gaussian_var``).
+        Variance ``kappa`` of the potential at ``t = tau_i`` (the code's ``gaussian_var``),
+        at most ``kappa_rel sigma_y^2 / s_max^2`` (noisy case).
+    kappa_rel
+        Cap of ``kappa`` relative to the sharpest observation variance ``sigma_y^2 / s_max^2``
+        (default 1e-2; inactive on the benchmark's noise levels, decisive below
+        ``sigma_y / s_max = 1e-2``).
     resampling, ess_threshold
         Resampling scheme and ESS trigger; ``1.0`` resamples at every step (the code).
     insert_tau
         At most this many exact observation times ``tau_i`` are added to the grid (one
         network call each; ``0``: none). See docs/methods/mcgdiff.md.
+    max_log_snr_step
+        Above the smallest observation time, no grid step spans more than this in log-SNR
+        ``log(alpha^2 / sigma^2)``: times are inserted (one network call each) where the
+        run's grid is coarser, which it is near ``t = 0`` on a uniform grid when
+        ``sigma_y`` is small. ``0`` disables it. See docs/methods/mcgdiff.md.
     tail_variance
         The backward kernel's variance for an observed coordinate after its time ``tau_i``:
         ``"flat"`` (default) the exact reverse variance of a locally flat prior,
@@ -154,8 +164,10 @@ class MCGdiff(SMCSampler):
     ess_threshold: float = 1.0
     eta: float = 1.0
     kappa2: float = 1e-4
+    kappa_rel: float = 1e-2
     insert_tau: int = 8
     tail_variance: str = "flat"
+    max_log_snr_step: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -163,30 +175,75 @@ class MCGdiff(SMCSampler):
             raise ValueError(f"eta must be in [0, 1], got {self.eta!r}")
         if not (math.isfinite(float(self.kappa2)) and float(self.kappa2) > 0):
             raise ValueError(f"kappa2 must be a finite number > 0, got {self.kappa2!r}")
+        if not (math.isfinite(float(self.kappa_rel)) and float(self.kappa_rel) > 0):
+            raise ValueError(f"kappa_rel must be a finite number > 0, got {self.kappa_rel!r}")
         if isinstance(self.insert_tau, bool) or not isinstance(self.insert_tau, int):
             raise ValueError(f"insert_tau must be an integer >= 0, got {self.insert_tau!r}")
         if self.insert_tau < 0:
             raise ValueError(f"insert_tau must be an integer >= 0, got {self.insert_tau!r}")
+        if not (math.isfinite(float(self.max_log_snr_step)) and self.max_log_snr_step >= 0):
+            raise ValueError(
+                f"max_log_snr_step must be a finite number >= 0, got {self.max_log_snr_step!r}"
+            )
         if self.tail_variance not in ("flat", "ddpm"):
             raise ValueError(f"tail_variance must be 'flat' or 'ddpm', got {self.tail_variance!r}")
 
     def time_grid(self, prior, problem) -> Tensor:
-        """The run's grid with up to ``insert_tau`` exact observation times added."""
+        """The run's grid with up to ``insert_tau`` exact observation times added, refined
+        in log-SNR above the smallest of them (``max_log_snr_step``)."""
         base = super().time_grid(prior, problem)
         sy = float(problem.noise_std)
-        if self.insert_tau == 0 or sy == 0:
+        if sy == 0:
             return base
         s = problem.operator.singular_values().to(base.dtype)
         tau = exact_observation_times(prior.schedule, s, sy, base[-1], base[0])
-        # not already (to rounding) a grid time
-        gap = (tau[:, None] - base[None, :]).abs().min(dim=1).values
-        new = torch.unique(tau[gap > 1e-6 * (base[0] - base[-1])])  # ascending
-        if new.numel() > self.insert_tau:
-            pick = torch.linspace(0, new.numel() - 1, self.insert_tau, device=new.device)
-            new = new[pick.round().long()]
-        return torch.sort(torch.cat([base, new]), descending=True).values
+        times = base
+        if self.insert_tau > 0:
+            # not already (to rounding, in log-SNR: tau may lie within 1e-9 of t = 0) a
+            # grid time
+            lt, lb = prior.schedule.log_snr(tau), prior.schedule.log_snr(base)
+            gap = (lt[:, None] - lb[None, :]).abs().nan_to_num(nan=math.inf).min(dim=1).values
+            new = torch.unique(tau[gap > 1e-6])  # ascending
+            if new.numel() > self.insert_tau:
+                pick = torch.linspace(0, new.numel() - 1, self.insert_tau, device=new.device)
+                new = new[pick.round().long()]
+            times = torch.sort(torch.cat([base, new]), descending=True).values
+        if self.max_log_snr_step > 0:
+            times = self._refine(prior.schedule, times, float(tau.min()))
+        return times
+
+    def _refine(self, schedule, times: Tensor, tau_min: float) -> Tensor:
+        """Insert times, evenly in log-SNR, wherever two consecutive grid times at or above
+        ``tau_min`` (where potentials are active) differ by more than ``max_log_snr_step``
+        in log-SNR: an informative coordinate's potential sharpens with the log-SNR, and a
+        step across much of it degenerates the look-ahead weights."""
+        lam = schedule.log_snr(times)
+        t, s = times[:-1], times[1:]
+        lt, ls = lam[:-1], lam[1:]
+        ok = (s >= tau_min) & torch.isfinite(lt) & torch.isfinite(ls)
+        gap = torch.where(ok, ls - lt, torch.zeros_like(lt))
+        count = torch.ceil(gap / self.max_log_snr_step).clamp_min(1).long() - 1  # per step
+        if int(count.sum()) == 0:
+            return times
+        # the inserted log-SNR targets, batched: step j gets count_j evenly spaced points
+        j = torch.repeat_interleave(torch.arange(count.numel(), device=times.device), count)
+        first = torch.cumsum(count, 0) - count
+        rank = torch.arange(j.numel(), device=times.device) - first[j] + 1
+        target = lt[j] + (ls[j] - lt[j]) * rank.to(lt.dtype) / (count[j] + 1).to(lt.dtype)
+        new = time_at_log_snr(schedule, target, s[j], t[j])
+        return torch.sort(torch.cat([times, new]), descending=True).values
 
     # ------------------------------------------------------------------ helpers
+    def potential_variance(self, singular_values: Tensor, noise_std: float) -> float:
+        """``kappa = min(kappa2, kappa_rel sigma_y^2 / s_max^2)``: the potentials' variance,
+        never wider than a fraction of the sharpest observation's variance (the final weight
+        swaps ``kappa`` for the observation variance and cannot narrow the cloud: with a
+        fixed ``1e-4`` it degenerates as soon as ``sigma_y / s_max < 1e-2``)."""
+        kap = float(self.kappa2)
+        if noise_std > 0:
+            kap = min(kap, float(self.kappa_rel) * noise_std**2 / float(singular_values.max()) ** 2)
+        return kap
+
     def setup(self, ctx: Context) -> MCGdiffSetup:
         """The spectral data, the observation times and the potentials' variances."""
         op = cast(LinearOperator, ctx.problem.operator)
@@ -198,7 +255,7 @@ class MCGdiff(SMCSampler):
         sy = float(ctx.problem.noise_std)
         k_tau = observation_time_indices(sch, times, s, sy)  # (r,)
         a_tau, s_tau = alpha[k_tau], sigma[k_tau]  # (r,)
-        kap = float(self.kappa2)
+        kap = self.potential_variance(s, sy)
         # v_k^i for every grid index k (meaningful where k <= k_tau_i): (n + 1, r)
         rho = alpha[:, None] / a_tau[None, :]
         v = (sigma[:, None] ** 2 - rho**2 * s_tau[None, :] ** 2).clamp_min(0) + kap * rho**2

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ..operators.base import LinearOperator
 from ..schedules import Schedule
-from .kernels import gaussian_log_density, log_normal
+from .kernels import gaussian_log_density, log_normal, time_at_log_snr
 
 __all__ = [
     "SpectralObservation",
@@ -217,14 +217,7 @@ def exact_observation_times(
     ``log_snr(tau_i) = 2 log(s_i / sigma_y)``; clamped to the interval's ends.
     """
     target = 2 * (torch.log(singular_values) - math.log(noise_std))
-    lo = torch.full_like(singular_values, float(t_min))
-    hi = torch.full_like(singular_values, float(t_max))
-    for _ in range(64):
-        mid = 0.5 * (lo + hi)
-        above = schedule.log_snr(mid) > target  # tau is later than mid
-        lo = torch.where(above, mid, lo)
-        hi = torch.where(above, hi, mid)
-    return 0.5 * (lo + hi)
+    return time_at_log_snr(schedule, target, t_min, t_max)
 
 
 def pinv_correction(x0_bar: Tensor, y_bar: Tensor, lam: Tensor | float) -> Tensor:
