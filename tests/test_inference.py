@@ -346,3 +346,23 @@ def test_to_arviz():
     data = post.to_arviz(generator=torch.Generator().manual_seed(0))
     assert "x" in data.posterior
     assert tuple(data.posterior["x"].shape) == (1, 16, 2)
+
+
+def test_no_sampler_named_picks_an_exact_default():
+    # A LinearGaussian site with an SVD: MCGdiff (its weighted mean within 4 s.e. of the
+    # exact posterior's); a Student-t site (a custom likelihood): TDS.
+    y = torch.tensor([0.7, -0.2], dtype=D64)
+    post = infer(_lg_model, y=y, num_samples=2000, generator=torch.Generator().manual_seed(0))
+    assert isinstance(post.sampler, bfd.samplers.MCGdiff)
+    exact = GMM.posterior(bfd.InverseProblem(A, y, 0.3))
+    se = (exact.covariance().diagonal() / float(post.result.ess())).sqrt()
+    assert ((post.mean() - exact.mean()).abs() < 4 * se).all()
+
+    def student(y=None):
+        x = pyro.sample("x", DiffusionPrior(PRIOR))
+        pyro.sample("y", dist.StudentT(3.0, x, 0.3).to_event(1), obs=y)
+
+    post = infer(student, y=y, num_samples=64, generator=torch.Generator().manual_seed(0))
+    assert isinstance(post.sampler, bfd.samplers.TDS) and post.kind != "linear_gaussian"
+    with pytest.raises(TypeError, match="keyword"):
+        infer(_lg_model, y)

@@ -402,7 +402,9 @@ def test_informative_likelihood_evidence_and_mean(sy):
     R, N, d = 8, 1000, 8
     g = torch.Generator().manual_seed(0)
     gmm = bfd.GaussianMixture(
-        torch.tensor([0.3, 0.7]), torch.stack([-2 * torch.ones(d), 2 * torch.ones(d)]), torch.ones(2)
+        torch.tensor([0.3, 0.7]),
+        torch.stack([-2 * torch.ones(d), 2 * torch.ones(d)]),
+        torch.ones(2),
     )
     A = bfd.operators.Dense(torch.randn(2, d, generator=g))
     y = (A(gmm.sample(1, g)[0]) + sy * torch.randn(2, generator=g)).expand(R, 2).contiguous()

@@ -12,6 +12,7 @@ from torch import Tensor
 from ..problem import InverseProblem
 from ..result import Result, RunInfo
 from ..samplers.base import Sampler
+from ..samplers.registry import default_sampler
 from .handlers import unwrap
 from .reading import model_to_problem
 from .structure import ModelStructure
@@ -33,12 +34,15 @@ class Posterior:
         The :class:`~bayesfilter_diff.InverseProblem` built from the model.
     structure
         What was read from the model (``structure.kind``: how the likelihood was mapped).
+    sampler
+        The sampler that ran (the default one when ``infer`` was given none).
     """
 
     result: Result
     site: str
     problem: InverseProblem
     structure: ModelStructure = field(repr=False)
+    sampler: Sampler | None = None
 
     @property
     def samples(self) -> Tensor:
@@ -87,7 +91,7 @@ class Posterior:
 
 def infer(
     model: Callable,
-    sampler: Sampler,
+    sampler: Sampler | None = None,
     *args,
     num_samples: int = 1000,
     generator: torch.Generator | None = None,
@@ -103,7 +107,10 @@ def infer(
         :mod:`bayesfilter_diff.inference` for how they are read and the vectorisation
         contract).
     sampler
-        Any sampler of :mod:`bayesfilter_diff.samplers`.
+        Any sampler of :mod:`bayesfilter_diff.samplers`; ``None`` (default) picks an
+        asymptotically exact one suited to the model
+        (:func:`~bayesfilter_diff.samplers.registry.default_sampler`: MCGdiff for a
+        LinearGaussian site with an SVD, TDS otherwise), recorded in ``Posterior.sampler``.
     *args, **kwargs
         The model's arguments (the names ``num_samples`` and ``generator`` are taken).
     num_samples
@@ -117,12 +124,15 @@ def infer(
     -------
     Posterior
     """
-    if not isinstance(sampler, Sampler):
+    if sampler is not None and not isinstance(sampler, Sampler):
         raise TypeError(
-            f"sampler must be a bayesfilter_diff sampler (e.g. samplers.TDS()), "
-            f"got {type(sampler).__name__}"
+            f"sampler must be a bayesfilter_diff sampler (e.g. samplers.TDS()) or None, "
+            f"got {type(sampler).__name__}; pass the model's arguments by keyword "
+            "(infer(model, y=y))"
         )
     prior, problem, st = model_to_problem(model, *args, **kwargs)
+    if sampler is None:
+        sampler = default_sampler(problem)
     if st.kind != "linear_gaussian":
         try:
             sampler.check(prior, problem)
@@ -136,4 +146,4 @@ def infer(
                 "LinearGaussian observation of the prior site"
             ) from e
     res = sampler.sample(prior, problem, num_samples, generator)
-    return Posterior(result=res, site=st.prior_site, problem=problem, structure=st)
+    return Posterior(result=res, site=st.prior_site, problem=problem, structure=st, sampler=sampler)

@@ -34,7 +34,7 @@ from .repaint import RePaint
 from .smcdiff import SMCDiff
 from .tds import TDS
 
-__all__ = ["SamplerEntry", "REGISTRY", "entry", "names", "build", "applicable"]
+__all__ = ["SamplerEntry", "REGISTRY", "entry", "names", "build", "applicable", "default_sampler"]
 
 
 def _steps(n: int) -> dict[str, Any]:
@@ -175,3 +175,20 @@ def build(name: str, num_steps: int | None = None, **overrides: Any) -> Sampler:
 def applicable(problem: InverseProblem, **filters: Any) -> list[str]:
     """Display names of the samplers whose declared requirements admit ``problem``."""
     return [n for n in names(**filters) if REGISTRY[n].accepts(problem)]
+
+
+def default_sampler(problem: InverseProblem, num_steps: int = 100) -> Sampler:
+    """An asymptotically exact sampler suited to ``problem``: MCGdiff for a linear operator
+    with an SVD and Gaussian noise (exact conditioning, no network gradients), TDS for every
+    other likelihood it accepts (nonlinear operators, Poisson, custom / Pyro sites)."""
+    for name in ("MCGdiff", "TDS"):
+        sampler = build(name, num_steps)
+        if sampler.requirements().unmet(problem) is None:
+            return sampler
+    raise ValueError(
+        "no asymptotically exact sampler accepts this problem: "
+        + "; ".join(
+            f"{n} needs {build(n, num_steps).requirements().unmet(problem)}"
+            for n in ("MCGdiff", "TDS")
+        )
+    )
