@@ -3,6 +3,7 @@
     python validation/run_studies.py benchmark   [--full] [--executor ray]
     python validation/run_studies.py convergence [--full]
     python validation/run_studies.py calibration [--full]
+    python validation/run_studies.py noise       [--full]
 
 Each study is resumable: rerunning the same command skips the cells already in
 ``<out>/cells``.
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parent / "results"
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("study", choices=["benchmark", "convergence", "calibration"])
+    p.add_argument("study", choices=["benchmark", "convergence", "calibration", "noise"])
     p.add_argument("--full", action="store_true")
     p.add_argument("--executor", default="local", choices=["local", "ray"])
     p.add_argument("--out", default=None)
@@ -49,6 +50,12 @@ def main(argv=None) -> int:
             config=config,
             command="python validation/run_studies.py " + " ".join(sys.argv[1:]),
             report_only=a.report_only,
+        )
+    elif a.study == "noise":
+        from bayesfilter_diff.studies.noise_levels import run_noise_levels
+
+        res = run_noise_levels(
+            a.out or ROOT / "noise_levels", full=a.full, executor=executor, config=config
         )
     elif a.study == "convergence":
         from bayesfilter_diff.studies.convergence import run_convergence
