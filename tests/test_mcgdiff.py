@@ -19,6 +19,7 @@ import bayesfilter_diff as bfd
 from bayesfilter_diff.samplers.base import ddim_coefficients
 from bayesfilter_diff.samplers.mcgdiff import MCGdiff
 from bayesfilter_diff.samplers.spectral import exact_observation_times, observation_time_indices
+from bayesfilter_diff.studies.noise_levels import noise_problem
 
 D64 = torch.float64
 
@@ -399,16 +400,10 @@ def test_informative_likelihood_evidence_and_mean(sy):
     # tau, the flat tail variance. Before: log-evidence errors of -3 (1e-3) and -530 (1e-4)
     # and a minimum step ESS of 1. Now the replicate mean of the evidence estimate and of the
     # posterior mean agree with the exact ones within 4 standard errors.
-    R, N, d = 8, 1000, 8
-    g = torch.Generator().manual_seed(0)
-    gmm = bfd.GaussianMixture(
-        torch.tensor([0.3, 0.7]),
-        torch.stack([-2 * torch.ones(d), 2 * torch.ones(d)]),
-        torch.ones(2),
-    )
-    A = bfd.operators.Dense(torch.randn(2, d, generator=g))
-    y = (A(gmm.sample(1, g)[0]) + sy * torch.randn(2, generator=g)).expand(R, 2).contiguous()
-    problem = bfd.InverseProblem(A, y, noise_std=sy)
+    R, N = 8, 1000
+    gmm, one = noise_problem(8, sy, seed=0)
+    y = one.y.expand(R, 2).contiguous()
+    problem = bfd.InverseProblem(one.operator, y, noise_std=sy)
     res = MCGdiff(num_steps=100).sample(
         gmm.diffusion(bfd.VPSchedule.linear()), problem, N, torch.Generator().manual_seed(1)
     )

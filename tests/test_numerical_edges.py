@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import bayesfilter_diff as bfd
+from bayesfilter_diff.studies.noise_levels import noise_problem
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _reliability_cases as rc  # noqa: E402
@@ -234,16 +235,11 @@ def test_sixteen_bit_network_runs_every_sampler_with_finite_weights(half):
 def test_sixteen_bit_problem_runs_in_float32_and_matches_the_exact_evidence(half):
     # A 16-bit y, operator and prior: the run is float32 inside (only the network call stays
     # 16-bit), so the evidence and the draws match a float32 run within Monte Carlo error.
-    R, N, d = 8, 500, 8
-    g = torch.Generator().manual_seed(0)
-    gmm = bfd.GaussianMixture(
-        torch.tensor([0.3, 0.7]),
-        torch.stack([-2 * torch.ones(d), 2 * torch.ones(d)]),
-        torch.ones(2),
-    )
-    A = bfd.operators.Dense(torch.randn(2, d, generator=g))
-    y = (A(gmm.sample(1, g)[0]) + 0.1 * torch.randn(2, generator=g)).expand(R, 2)
-    exact = float(gmm.log_evidence(bfd.InverseProblem(A, y[0], noise_std=0.1)))
+    R, N = 8, 500
+    gmm, one = noise_problem(8, 0.1, seed=0)
+    A = one.operator
+    y = one.y.expand(R, 2)
+    exact = float(gmm.log_evidence(one))
     sampler = bfd.samplers.MCGdiff(num_steps=50)
     runs = {}
     for dt in (F32, half):
