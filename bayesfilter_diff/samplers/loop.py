@@ -408,7 +408,13 @@ def run(
     # the quality check: findings in info.quality, each warned with its remedy
     start_scale = float(prior.schedule.sigma(times[0])) * math.sqrt(max(1, x[0, 0].numel()))
     info.quality = quality.assess(
-        type(sampler).__name__, info, x, N, max(start_scale, 1.0), problem.batched
+        type(sampler).__name__,
+        info,
+        x,
+        N,
+        max(start_scale, 1.0),
+        problem.batched,
+        log_weights=out_w,
     )
     quality.warn(info.quality)
     info.wall_time = time.perf_counter() - start

@@ -16,9 +16,9 @@ Thresholds (:class:`QualityPolicy`, documented defaults; the particle checks app
   at every step; the runs that dipped to 2-3% were 6-7 times the exact floor away);
 - ``distinct``: fewer than ``max(2, 0.1 N)`` distinct final samples: the cloud is
   copies of a few particles (resampling without enough diversity);
-- ``exploded``: an unweighted sampler returned draws more than ``1e3`` times the scale of
-  its starting noise ``sigma(t_max) sqrt(d)`` (and of the observation's pull-back): a
-  diverged step size (DPS, RED-diff, DAPS) rather than a posterior.
+- ``exploded``: draws (of positive weight) more than ``1e3`` times the scale of the starting
+  noise ``sigma(t_max) sqrt(d)`` (at least 1): a diverged step size (DPS, RED-diff, DAPS) or
+  an overshooting proposal (TDS at small noise) rather than a posterior.
 
 Configure with the warnings filter: ``warnings.simplefilter("error",
 bfd.PosteriorQualityWarning)`` raises, ``"ignore"`` stays quiet.
@@ -78,6 +78,7 @@ def assess(
     scale: float,
     batched: bool,
     policy: QualityPolicy = QualityPolicy(),
+    log_weights: Tensor | None = None,
 ) -> list[QualityIssue]:
     """The findings of one run (empty for a healthy one).
 
@@ -96,6 +97,11 @@ def assess(
         larger): draws far beyond it count as exploded.
     batched
         Whether to name problems in the messages.
+    policy
+        The thresholds.
+    log_weights
+        ``(B, N)`` final log-weights of a weighted sampler (particles of weight 0 are not
+        counted as exploded).
     """
     N = num_samples
     out: list[QualityIssue] = []
@@ -135,22 +141,30 @@ def assess(
                     "(ess_threshold < 1, systematic resampling).",
                 )
             )
-    if info.ess is None:
-        norms = samples.reshape(samples.shape[0], samples.shape[1], -1).double().norm(dim=-1)
-        big = norms.max(-1).values > policy.explode_factor * scale
-        if bool(big.any()):
-            probs = _problems(big)
-            worst = float(norms[list(probs)].max())
-            out.append(
-                QualityIssue(
-                    "exploded",
-                    probs,
-                    f"{name}: draws exploded{_where(probs, batched)} (largest norm {worst:.3g}, "
-                    f"against {scale:.3g} for the starting noise): the run diverged, these are "
-                    "not posterior draws. Remedies: a smaller step size / guidance scale "
-                    "(DPS scale, RED-diff lr, DAPS lr), more steps.",
-                )
+    # draws far beyond the starting noise: a diverged step size or proposal (for weighted
+    # samplers, among the particles that carry weight)
+    norms = samples.reshape(samples.shape[0], samples.shape[1], -1).double().norm(dim=-1)
+    if log_weights is not None:
+        norms = torch.where(log_weights > -math.inf, norms, torch.zeros_like(norms))
+    big = norms.max(-1).values > policy.explode_factor * scale
+    if bool(big.any()):
+        probs = _problems(big)
+        worst = float(norms[list(probs)].max())
+        remedy = (
+            "a smaller step size / guidance scale (DPS scale, RED-diff lr, DAPS lr), more steps"
+            if log_weights is None
+            else "more steps (the proposal overshoots), a variance-inflated twist, or an "
+            "exact sampler built for the likelihood (MCGdiff for linear-Gaussian problems)"
+        )
+        out.append(
+            QualityIssue(
+                "exploded",
+                probs,
+                f"{name}: draws exploded{_where(probs, batched)} (largest norm {worst:.3g}, "
+                f"against {scale:.3g} for the starting noise): the run diverged, these are "
+                f"not posterior draws. Remedies: {remedy}.",
             )
+        )
     return out
 
 

@@ -105,8 +105,9 @@ def run_noise_levels(
     progress: bool = True,
     executor: Any = None,
     config: dict | None = None,
-) -> list[dict[str, Any]]:
-    """Run the study into ``out`` (resumable) and write ``report.md``."""
+) -> dict[str, Any]:
+    """Run the study into ``out`` (resumable), write ``report.md``; return the cell
+    ``records``, the summary ``rows`` and the report ``text``."""
     cfg = dict(FULL if full else QUICK)
     cfg.update(config or {})
     out = Path(out)
@@ -165,6 +166,4 @@ def run_noise_levels(
     )
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "report.md", text)
-    if progress:
-        print(text)
-    return records
+    return {"records": records, "rows": rows, "text": text}
