@@ -7,7 +7,10 @@ See ``docs/methods/tds.md``.
 Twisting function ``log p~_t(y | x_t) = log N(y; A(x0_hat(x_t)), (sigma_y^2 + v_t) I)``
 (Gaussian noise; ``v_t`` from ``twist_variance``, ``sig2 = sigma_t^2 / alpha_t^2``:
 ``"none"`` 0 (paper), ``"inflated"`` ``sig2``, ``"pigdm"`` ``tau2 sig2 / (tau2 + sig2)``),
-or ``log p(y | x0_hat(x_t))`` for Poisson noise and a custom ``log_likelihood_fn``.
+or, ``"operator"`` (linear operators), ``N(y; A x0_hat, sigma_y^2 I + sig2 A A^T)``: the
+covariance of ``A x0`` given ``x_t`` under a locally flat prior, which the scalar
+``"inflated"`` matches only when ``A A^T = I`` (masks); ``log p(y | x0_hat(x_t))`` for
+Poisson noise and a custom ``log_likelihood_fn``.
 Update (paper notation ``t = T .. 0``; ours: a step from ``t`` to ``s < t``):
 
 1. ``x_T ~ N(0, sigma_T^2 I)`` with weight ``w_T = p~_T(y | x_T)``;
@@ -25,8 +28,11 @@ for ``p_theta(y)``.
 
 Defaults and departures:
 
-- ``twist_variance="inflated"`` (the code's ``var_type=1``): the paper's ``"none"`` makes
-  the weights heavy-tailed at small ``sigma_y``; ``prior_variance = 1`` for ``"pigdm"``.
+- ``twist_variance="operator"``: the code's ``var_type=1`` (``"inflated"``) with the
+  operator's ``A A^T`` (identical for masks; for other operators the scalar inflation is
+  too sharp by ``s_i^2`` and diverges when ``s_i >> 1``, measured in docs/methods/tds.md);
+  ``"inflated"`` for nonlinear operators. The paper's ``"none"`` makes the weights
+  heavy-tailed at small ``sigma_y``; ``prior_variance = 1`` for ``"pigdm"``.
 - Resampling ``"systematic"`` at ``ess_threshold = 0.5`` (the image code: every step).
 - The full Gaussian density with ``sigma_y`` (the code: noiseless, no normalising
   constant); the kernel's ancestral variance (the code: the model's variance).
@@ -41,17 +47,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
 
+from ..operators.base import LinearOperator
 from ..problem import InverseProblem
 from .base import Context, Move, Requirements, SMCSampler, check_clamp
 from .kernels import LOG2PI, ddim_coefficients, ddim_mean, tweedie_shift
 
 __all__ = ["TDS"]
 
-_TWISTS = ("none", "inflated", "pigdm")
+_TWISTS = ("none", "inflated", "pigdm", "operator")
 
 
 def _uses_gaussian_twist(problem: InverseProblem) -> bool:
@@ -92,9 +100,11 @@ class TDS(SMCSampler):
         Resample a problem's particles when ``ESS < ess_threshold * N`` (inherited,
         default 0.5; 1 resamples at every step, 0 never).
     twist_variance
-        ``"inflated"`` (default, code ``var_type=1``), ``"none"`` (paper) or ``"pigdm"`` (code
-        ``var_type=2`` / ``6``): the extra variance ``v_t`` of the Gaussian twist
-        ``N(y; A(x0_hat), (sigma_y^2 + v_t) I)``. Ignored for non-Gaussian likelihoods.
+        ``"operator"`` (default: ``N(y; A x0_hat, sigma_y^2 I + sig2 A A^T)`` for a linear
+        operator, ``"inflated"`` otherwise), ``"inflated"`` (code ``var_type=1``), ``"none"``
+        (paper) or ``"pigdm"`` (code ``var_type=2`` / ``6``): the extra variance ``v_t`` of
+        the Gaussian twist ``N(y; A(x0_hat), (sigma_y^2 + v_t) I)``. Ignored for non-Gaussian
+        likelihoods.
     prior_variance
         ``tau2`` of ``"pigdm"``: ``v_t = tau2 sig2 / (tau2 + sig2)`` (default 1; the
         reference code's image default is 0.12).
@@ -111,7 +121,7 @@ class TDS(SMCSampler):
     )
     exact = True
 
-    twist_variance: str = "inflated"
+    twist_variance: str = "operator"
     prior_variance: float = 1.0
     clamp_x0: tuple[float, float] | None = None
 
@@ -133,10 +143,26 @@ class TDS(SMCSampler):
         a2, s2 = sch.alpha(t) ** 2, sch.sigma(t) ** 2
         if self.twist_variance == "none":
             return torch.zeros_like(a2)
-        if self.twist_variance == "inflated":
+        if self.twist_variance in ("inflated", "operator"):
             return s2 / a2  # sig2 = sigma^2 / alpha^2 (inf at alpha = 0)
         tau2 = self.prior_variance
         return tau2 * s2 / (tau2 * a2 + s2)  # tau2 sig2 / (tau2 + sig2), finite at alpha = 0
+
+    def _operator_twist(self, ctx: Context, t: Tensor) -> Callable[[Tensor], Tensor]:
+        """``x0 -> log N(y; A x0, sigma_y^2 I + sig2 A A^T)`` per particle, without its
+        normalising constant (constant in ``x``, it telescopes through the weights: the
+        evidence estimate is unchanged)."""
+        op = cast(LinearOperator, ctx.problem.operator)
+        sig2 = self._twist_extra_variance(ctx, t)
+        s2 = ctx.problem.noise_std**2
+        y = ctx.y.unsqueeze(1)  # (B, 1, *out)
+
+        def fn(x0: Tensor) -> Tensor:
+            r = y - op(x0)
+            q = r * op.gram_solve(r, sig2, s2)
+            return -0.5 * q.reshape(q.shape[:2] + (-1,)).sum(-1)
+
+        return fn
 
     def _twist(self, ctx: Context, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``x0_hat(x)``, ``log p~_t(y | x)`` ``(B, N)`` and its gradient w.r.t. ``x``."""
@@ -149,6 +175,8 @@ class TDS(SMCSampler):
                 def fn(x0: Tensor) -> Tensor:
                     return 0.0 * x0.reshape(x0.shape[:2] + (-1,)).sum(-1)
 
+            elif self.twist_variance == "operator" and problem.operator.is_linear:
+                fn = self._operator_twist(ctx, t)
             else:
                 y = ctx.y.unsqueeze(1)  # (B, 1, *out)
                 m = problem.operator.out_dim
@@ -217,4 +245,8 @@ class TDS(SMCSampler):
         return Move(new_state, incr)
 
     def run_info(self, ctx: Context, setup: None) -> TDSInfo:
-        return TDSInfo(self.twist_variance if _uses_gaussian_twist(ctx.problem) else "likelihood")
+        if not _uses_gaussian_twist(ctx.problem):
+            return TDSInfo("likelihood")
+        if self.twist_variance == "operator" and not ctx.problem.operator.is_linear:
+            return TDSInfo("inflated")  # the operator form needs A A^T
+        return TDSInfo(self.twist_variance)
