@@ -121,9 +121,8 @@ def assess(
                     f"smallest ESS before resampling was {worst:.3g} of N = {N} (first at "
                     f"step {k}, t = {t:.3g}), so a few particles carried the posterior and the "
                     "draws and evidence are unreliable. Remedies: more particles; more steps; "
-                    "a gentler intermediate target (a tempered or variance-inflated twist, "
-                    "e.g. TDS twist_variance='inflated'); check that noise_std is not far "
-                    "smaller than the model's error.",
+                    "for a linear-Gaussian problem with an SVD, MCGdiff (exact conditioning); "
+                    "check that noise_std is not far smaller than the model's error.",
                 )
             )
     if info.distinct is not None and N >= policy.min_particles:
