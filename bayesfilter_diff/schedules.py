@@ -366,12 +366,12 @@ class DiscreteVPSchedule(Schedule):
 # Conversions between parameterisations. ``alpha`` and ``sigma`` broadcast against x.
 
 
-def eps_to_x0(x_t: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+def eps_to_x0(x_t: Tensor, eps: Tensor, alpha: Tensor | float, sigma: Tensor | float) -> Tensor:
     """``x0 = (x_t - sigma eps) / alpha``."""
     return (x_t - sigma * eps) / alpha
 
 
-def x0_to_eps(x_t: Tensor, x0: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+def x0_to_eps(x_t: Tensor, x0: Tensor, alpha: Tensor | float, sigma: Tensor | float) -> Tensor:
     """``eps = (x_t - alpha x0) / sigma``."""
     return (x_t - alpha * x0) / sigma
 

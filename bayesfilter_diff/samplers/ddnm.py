@@ -64,7 +64,7 @@ from torch import Tensor
 
 from ..operators.base import LinearOperator
 from .base import Context, Move, Requirements, Sampler
-from .kernels import eps_from_x0
+from .kernels import x0_to_eps
 from .spectral import pinv_correction, residual_std, spectral_observation
 
 __all__ = ["DDNM", "DDNMPlus"]
@@ -136,7 +136,7 @@ class _NullSpaceSampler(Sampler):
         r = s.numel()
         # 1. x0_hat and the model's eps_hat.
         x0 = ctx.denoise(x, t)
-        eps = eps_from_x0(x, x0, sch.alpha(t), sch.sigma(t))
+        eps = x0_to_eps(x, x0, sch.alpha(t), sch.sigma(t))
         a, c = sch.alpha(t_next), sch.sigma(t_next)
         lam, d1, d2 = self._coefficients(s, a, c, ctx.problem.noise_std)
         # 2. x0_hat' = x0_hat - V Lambda V^T A^+ (A x0_hat - y): in spectral coordinates the

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from ..operators.base import LinearOperator
 from .base import Context, Move, Requirements, Sampler
-from .kernels import eps_from_x0
+from .kernels import x0_to_eps
 from .spectral import pinv_correction, residual_std, spectral_observation
 
 __all__ = ["DDRM"]
@@ -133,7 +133,7 @@ class DDRM(Sampler):
         x = state.x
         # 1. x0_hat and eps_hat, in spectral coordinates.
         x0 = ctx.denoise(x, t)
-        eps = eps_from_x0(x, x0, sch.alpha(t), sch.sigma(t))
+        eps = x0_to_eps(x, x0, sch.alpha(t), sch.sigma(t))
         x0b, epsb = op.Vt(x0), op.Vt(eps)
         a_n = sch.alpha(t_next)
         S_n = sch.sigma(t_next) / a_n  # VE noise level of the next time

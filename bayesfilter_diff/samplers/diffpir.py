@@ -44,7 +44,7 @@ from ..operators.base import LinearOperator
 from ..priors.base import DiffusionModel
 from ..problem import InverseProblem
 from .base import Context, Move, Requirements, Sampler, check_positive_int
-from .kernels import eps_from_x0
+from .kernels import x0_to_eps
 
 __all__ = ["DiffPIR", "quad_time_grid"]
 
@@ -145,7 +145,7 @@ class DiffPIR(Sampler):
         rho = self.lam * ctx.problem.noise_std**2 * a_t**2 / s_t**2
         x0 = self.prox(ctx, setup, x0, rho)
         # 3. eps_hat from the corrected x0, then DDIM re-noising with zeta (Eq. 15).
-        eps = eps_from_x0(x, x0, a_t, s_t)
+        eps = x0_to_eps(x, x0, a_t, s_t)
         a_s, s_s = sch.alpha(t_next), sch.sigma(t_next)
         z = ctx.randn()
         x_next = a_s * x0 + s_s * (math.sqrt(1 - self.zeta) * eps + math.sqrt(self.zeta) * z)

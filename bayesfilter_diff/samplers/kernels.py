@@ -4,7 +4,8 @@ Notation of the samplers' docstrings: a Gaussian path ``x_t = alpha_t x0 + sigma
 (``schedules``), a clean-data estimate ``x0_hat = E[x0 | x_t]`` from the denoiser, and a
 step from grid time ``t`` to ``s < t``.
 
-- ``eps <-> x0``: ``eps = (x_t - alpha_t x0) / sigma_t``, ``x0 = (x_t - sigma_t eps) / alpha_t``.
+- ``eps <-> x0``: ``eps = (x_t - alpha_t x0) / sigma_t``, ``x0 = (x_t - sigma_t eps) / alpha_t``
+  (:func:`~bayesfilter_diff.schedules.x0_to_eps`, ``eps_to_x0``, re-exported here).
 - DDIM kernel for any Gaussian path (Song, Meng & Ermon 2021, eq. 12, written for general
   paths)::
 
@@ -28,19 +29,18 @@ from typing import Generic, NamedTuple, TypeVar
 import torch
 from torch import Tensor
 
-from ..schedules import Schedule
+from ..schedules import Schedule, eps_to_x0, x0_to_eps
 
 __all__ = [
     "LOG2PI",
     "DDIMCoefficients",
     "ddim_coefficients",
     "ddim_mean",
-    "eps_from_x0",
-    "x0_from_eps",
+    "x0_to_eps",
+    "eps_to_x0",
     "tweedie_shift",
     "log_normal",
     "gaussian_log_density",
-    "event_sum",
     "time_at_log_snr",
 ]
 
@@ -72,16 +72,6 @@ def ddim_coefficients(
     return DDIMCoefficients(a_s, c_eps, std, a_t)
 
 
-def eps_from_x0(x: Tensor, x0: Tensor, alpha_t: Tensor | float, sigma_t: Tensor | float) -> Tensor:
-    """``eps = (x_t - alpha_t x0) / sigma_t``."""
-    return (x - alpha_t * x0) / sigma_t
-
-
-def x0_from_eps(x: Tensor, eps: Tensor, alpha_t: Tensor | float, sigma_t: Tensor | float) -> Tensor:
-    """``x0 = (x_t - sigma_t eps) / alpha_t``."""
-    return (x - sigma_t * eps) / alpha_t
-
-
 def ddim_mean(
     x: Tensor,
     x0: Tensor,
@@ -89,7 +79,7 @@ def ddim_mean(
     sigma_t: Tensor | float,
 ) -> Tensor:
     """Mean of the DDIM step: ``alpha_s x0 + c_eps (x_t - alpha_t x0) / sigma_t``."""
-    return coef.alpha_s * x0 + coef.c_eps * eps_from_x0(x, x0, coef.alpha_t, sigma_t)
+    return coef.alpha_s * x0 + coef.c_eps * x0_to_eps(x, x0, coef.alpha_t, sigma_t)
 
 
 def tweedie_shift(x0: Tensor, grad: Tensor, alpha_t: Tensor, sigma_t: Tensor) -> Tensor:
@@ -102,11 +92,6 @@ def log_normal(x: Tensor, mean: Tensor | float, var: Tensor | float) -> Tensor:
     """Elementwise ``log N(x; mean, var)`` (``var`` a tensor or a number, broadcast)."""
     var = torch.as_tensor(var, dtype=x.dtype, device=x.device)
     return -0.5 * ((x - mean) ** 2 / var + torch.log(var) + LOG2PI)
-
-
-def event_sum(v: Tensor, event_dim: int) -> Tensor:
-    """Sum over the last ``event_dim`` axes."""
-    return v.sum(tuple(range(v.dim() - event_dim, v.dim()))) if event_dim else v
 
 
 def gaussian_log_density(x: Tensor, mean: Tensor, var: Tensor | float, event_dim: int) -> Tensor:

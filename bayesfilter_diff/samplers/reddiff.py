@@ -54,7 +54,7 @@ from ..operators.base import LinearOperator
 from ..priors.base import DiffusionModel
 from ..problem import InverseProblem
 from .base import Context, Move, Requirements, Sampler
-from .kernels import eps_from_x0
+from .kernels import x0_to_eps
 
 __all__ = ["REDDiff"]
 
@@ -201,7 +201,7 @@ class REDDiff(Sampler):
         eps = ctx.randn()
         x_t = a_t * x0p + s_t * eps
         # 2. eps_hat(x_t, t) from the denoiser (no gradient through the network).
-        eps_hat = eps_from_x0(x_t, ctx.denoise(x_t, t), a_t, s_t)
+        eps_hat = x0_to_eps(x_t, ctx.denoise(x_t, t), a_t, s_t)
         # 3. Gradient of lambda w_t sg(eps_hat - eps)^T x0_pred / c_reg
         #    + obs_weight ||y - A x0_pred||^2 / (2 c_obs) with respect to mu.
         #    (alpha_t = 0, a flow at t = 1: x_t = eps and eps_hat = eps, so the term is 0.)

@@ -34,7 +34,7 @@ from .repaint import RePaint
 from .smcdiff import SMCDiff
 from .tds import TDS
 
-__all__ = ["SamplerEntry", "REGISTRY", "entry", "names", "build", "applicable", "default_sampler"]
+__all__ = ["SamplerEntry", "REGISTRY", "entry", "names", "build", "default_sampler"]
 
 
 def _steps(n: int) -> dict[str, Any]:
@@ -170,11 +170,6 @@ def build(name: str, num_steps: int | None = None, **overrides: Any) -> Sampler:
     """Instantiate sampler ``name`` with its study settings for ``num_steps`` steps (or its
     small settings when ``num_steps`` is None); ``overrides`` replace settings."""
     return entry(name).build(num_steps, **overrides)
-
-
-def applicable(problem: InverseProblem, **filters: Any) -> list[str]:
-    """Display names of the samplers whose declared requirements admit ``problem``."""
-    return [n for n in names(**filters) if REGISTRY[n].accepts(problem)]
 
 
 def default_sampler(problem: InverseProblem, num_steps: int = 100) -> Sampler:
