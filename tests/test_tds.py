@@ -231,7 +231,8 @@ def test_phase_retrieval_runs(noise):
     assert res.samples.shape == (2, 16) + shape and res.samples.dtype == torch.float32
     assert torch.isfinite(res.samples).all()
     assert torch.isfinite(res.log_evidence).all() and torch.isfinite(res.log_weights).any(-1).all()
-    assert res.info["twist"] == ("inflated" if noise == "gaussian" else "likelihood")
+    # nonlinear operator / Poisson noise: the Laplace-smoothed likelihood, full Hessian (d = 16)
+    assert res.info["twist"] == "laplace(inflated, hessian)"
 
 
 def test_poisson_dense_vector():

@@ -4,6 +4,7 @@
     python validation/run_studies.py convergence [--full]
     python validation/run_studies.py calibration [--full]
     python validation/run_studies.py noise       [--full]
+    python validation/run_studies.py quadrature  [--full]
 
 Each study is resumable: rerunning the same command skips the cells already in
 ``<out>/cells``.
@@ -20,7 +21,9 @@ ROOT = Path(__file__).resolve().parent / "results"
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("study", choices=["benchmark", "convergence", "calibration", "noise"])
+    p.add_argument(
+        "study", choices=["benchmark", "convergence", "calibration", "noise", "quadrature"]
+    )
     p.add_argument("--full", action="store_true")
     p.add_argument("--executor", default="local", choices=["local", "ray"])
     p.add_argument("--out", default=None)
@@ -56,6 +59,12 @@ def main(argv=None) -> int:
 
         res = run_noise_levels(
             a.out or ROOT / "noise_levels", full=a.full, executor=executor, config=config
+        )
+    elif a.study == "quadrature":
+        from bayesfilter_diff.studies.quadrature import run_quadrature
+
+        res = run_quadrature(
+            a.out or ROOT / "quadrature", full=a.full, executor=executor, config=config
         )
     elif a.study == "convergence":
         from bayesfilter_diff.studies.convergence import run_convergence

@@ -39,6 +39,7 @@ import copy
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -129,6 +130,21 @@ class Context:
             x0 = self.prior.denoise(xr, t)
             v = fn(x0)
             (g,) = torch.autograd.grad(v.sum(), xr)
+        return x0.detach(), v.detach(), g
+
+    def denoise_with_vjp(
+        self, x: Tensor, t: Tensor | float, fn: Callable[[Tensor], tuple[Tensor, Tensor]]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``x0_hat``, ``v`` and ``J^T u`` for ``(v, u) = fn(x0_hat)``: ``u`` is a direction
+        in ``x0`` space pulled back through the denoiser's Jacobian ``J = d x0_hat / d x``
+        (one backward pass through the network; ``fn`` sees ``x0_hat`` detached)."""
+        self.nfe += 1
+        self.backprop = True
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(True)
+            x0 = self.prior.denoise(xr, t)
+            v, u = fn(x0.detach())
+            (g,) = torch.autograd.grad(x0, xr, grad_outputs=u)
         return x0.detach(), v.detach(), g
 
 

@@ -9,8 +9,13 @@ Twisting function ``log p~_t(y | x_t) = log N(y; A(x0_hat(x_t)), (sigma_y^2 + v_
 ``"none"`` 0 (paper), ``"inflated"`` ``sig2``, ``"pigdm"`` ``tau2 sig2 / (tau2 + sig2)``),
 or, ``"operator"`` (linear operators), ``N(y; A x0_hat, sigma_y^2 I + sig2 A A^T)``: the
 covariance of ``A x0`` given ``x_t`` under a locally flat prior, which the scalar
-``"inflated"`` matches only when ``A A^T = I`` (masks); ``log p(y | x0_hat(x_t))`` for
-Poisson noise and a custom ``log_likelihood_fn``.
+``"inflated"`` matches only when ``A A^T = I`` (masks). For every other likelihood (Poisson
+noise, a custom ``log_likelihood_fn`` such as a Pyro Student-t or Bernoulli site, Gaussian
+noise through a nonlinear operator) the twist is the same idea without a closed form: the
+Laplace approximation of ``log int p(y | x0) N(x0; x0_hat, v_t I) dx0`` at the integrand's
+mode (:func:`~bayesfilter_diff.samplers.kernels.smoothed_log_likelihood`), which equals the
+``"operator"`` twist for a linear-Gaussian likelihood; ``"none"`` keeps the paper's
+``log p(y | x0_hat(x_t))``, which collapses on informative sites.
 Update (paper notation ``t = T .. 0``; ours: a step from ``t`` to ``s < t``):
 
 1. ``x_T ~ N(0, sigma_T^2 I)`` with weight ``w_T = p~_T(y | x_T)``;
@@ -31,8 +36,10 @@ Defaults and departures:
 - ``twist_variance="operator"``: the code's ``var_type=1`` (``"inflated"``) with the
   operator's ``A A^T`` (identical for masks; for other operators the scalar inflation is
   too sharp by ``s_i^2`` and diverges when ``s_i >> 1``, measured in docs/methods/tds.md);
-  ``"inflated"`` for nonlinear operators. The paper's ``"none"`` makes the weights
-  heavy-tailed at small ``sigma_y``; ``prior_variance = 1`` for ``"pigdm"``.
+  the Laplace-smoothed likelihood with ``v_t = sig2`` for nonlinear operators and
+  non-Gaussian likelihoods (the code: the likelihood at ``x0_hat``, which collapses there:
+  docs/methods/tds.md). The paper's ``"none"`` makes the weights heavy-tailed at small
+  ``sigma_y``; ``prior_variance = 1`` for ``"pigdm"``.
 - Resampling ``"systematic"`` at ``ess_threshold = 0.5`` (the image code: every step).
 - The full Gaussian density with ``sigma_y`` (the code: noiseless, no normalising
   constant); the kernel's ancestral variance (the code: the model's variance).
@@ -55,7 +62,13 @@ from torch import Tensor
 from ..operators.base import LinearOperator
 from ..problem import InverseProblem
 from .base import Context, Move, Requirements, SMCSampler, check_clamp
-from .kernels import LOG2PI, ddim_coefficients, ddim_mean, tweedie_shift
+from .kernels import (
+    LOG2PI,
+    ddim_coefficients,
+    ddim_mean,
+    smoothed_log_likelihood,
+    tweedie_shift,
+)
 
 __all__ = ["TDS"]
 
@@ -79,7 +92,8 @@ class TDSState:
 
 @dataclass(frozen=True)
 class TDSInfo:
-    """What the run used: ``twist`` is the ``twist_variance`` or ``"likelihood"``."""
+    """What the run used: ``twist`` is the ``twist_variance``, ``"likelihood"`` (the
+    likelihood at ``x0_hat``) or ``"laplace(<variance>, <curvature>)"``."""
 
     twist: str
 
@@ -103,13 +117,19 @@ class TDS(SMCSampler):
         ``"operator"`` (default: ``N(y; A x0_hat, sigma_y^2 I + sig2 A A^T)`` for a linear
         operator, ``"inflated"`` otherwise), ``"inflated"`` (code ``var_type=1``), ``"none"``
         (paper) or ``"pigdm"`` (code ``var_type=2`` / ``6``): the extra variance ``v_t`` of
-        the Gaussian twist ``N(y; A(x0_hat), (sigma_y^2 + v_t) I)``. Ignored for non-Gaussian
-        likelihoods.
+        the Gaussian twist ``N(y; A(x0_hat), (sigma_y^2 + v_t) I)``. For non-Gaussian
+        likelihoods it sets the smoothing variance of the Laplace twist (``"operator"`` and
+        ``"inflated"``: ``sig2``; ``"pigdm"``: its ``v_t``; ``"none"``: the likelihood at
+        ``x0_hat``).
     prior_variance
         ``tau2`` of ``"pigdm"``: ``v_t = tau2 sig2 / (tau2 + sig2)`` (default 1; the
         reference code's image default is 0.12).
     clamp_x0
         ``(low, high)`` to clamp the twisted ``x0~`` of the proposal, or ``None`` (default).
+    laplace_max_dim
+        The Laplace twist uses the likelihood's full Hessian (``d`` backward passes of the
+        likelihood per Newton step, no network call) up to this signal dimension ``d``
+        (default 64), an isotropic curvature estimate above it.
     """
 
     # noise_positive: the final weight is the likelihood p(y | x0), a point mass for
@@ -124,6 +144,7 @@ class TDS(SMCSampler):
     twist_variance: str = "operator"
     prior_variance: float = 1.0
     clamp_x0: tuple[float, float] | None = None
+    laplace_max_dim: int = 64
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -135,6 +156,9 @@ class TDS(SMCSampler):
         if isinstance(pv, bool) or not isinstance(pv, int | float) or not 0 < pv < math.inf:
             raise ValueError(f"prior_variance must be a finite number > 0, got {pv!r}")
         check_clamp("clamp_x0", self.clamp_x0)
+        m = self.laplace_max_dim
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ValueError(f"laplace_max_dim must be an int >= 0, got {m!r}")
 
     # ------------------------------------------------------------------ twisting function
     def _twist_extra_variance(self, ctx: Context, t: Tensor) -> Tensor:
@@ -164,30 +188,53 @@ class TDS(SMCSampler):
 
         return fn
 
+    def _smooths_likelihood(self, problem: InverseProblem) -> bool:
+        """Whether the twist is the Laplace-smoothed likelihood (:func:`smoothed_log_likelihood`):
+        Poisson and custom likelihoods, and Gaussian noise through a nonlinear operator with
+        ``"operator"`` (the exact Gaussian form needs a linear ``A``)."""
+        if not _uses_gaussian_twist(problem):
+            return self.twist_variance != "none"
+        return self.twist_variance == "operator" and not problem.operator.is_linear
+
     def _twist(self, ctx: Context, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``x0_hat(x)``, ``log p~_t(y | x)`` ``(B, N)`` and its gradient w.r.t. ``x``."""
+        """``x0_hat(x)``, ``log p~_t(y | x)`` ``(B, N)`` and its gradient w.r.t. ``x`` (for the
+        Laplace twist: the gradient with the likelihood's curvature held fixed)."""
         problem = ctx.problem
         fn: Callable[[Tensor], Tensor]
-        if _uses_gaussian_twist(problem):
-            var = problem.noise_std**2 + self._twist_extra_variance(ctx, t)
-            if not bool(torch.isfinite(var)):
-                # An infinitely wide twist is flat: any constant works (it telescopes).
-                def fn(x0: Tensor) -> Tensor:
-                    return 0.0 * x0.reshape(x0.shape[:2] + (-1,)).sum(-1)
+        v = self._twist_extra_variance(ctx, t)
+        if not bool(torch.isfinite(v)):
+            # An infinitely wide twist is flat: any constant works (it telescopes).
+            def fn(x0: Tensor) -> Tensor:
+                return 0.0 * x0.reshape(x0.shape[:2] + (-1,)).sum(-1)
 
-            elif self.twist_variance == "operator" and problem.operator.is_linear:
-                fn = self._operator_twist(ctx, t)
-            else:
-                y = ctx.y.unsqueeze(1)  # (B, 1, *out)
-                m = problem.operator.out_dim
+        elif self._smooths_likelihood(problem):
 
-                def fn(x0: Tensor) -> Tensor:
-                    r = y - problem.operator(x0)
-                    sq = (r**2).reshape(r.shape[:2] + (-1,)).sum(-1)
-                    return -0.5 * sq / var - 0.5 * m * (torch.log(var) + LOG2PI)
+            def smooth(x0: Tensor) -> tuple[Tensor, Tensor]:
+                sm = smoothed_log_likelihood(
+                    problem.log_likelihood,
+                    x0,
+                    v,
+                    max_dim=self.laplace_max_dim,
+                    generator=ctx.generator,
+                )
+                return sm.value, sm.direction
 
+            x0, lt, g = ctx.denoise_with_vjp(x, t, smooth)
+            return x0, lt, torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+        elif not _uses_gaussian_twist(problem):
+            fn = problem.log_likelihood  # "none": the likelihood at x0_hat (paper)
+        elif self.twist_variance == "operator":
+            fn = self._operator_twist(ctx, t)
         else:
-            fn = problem.log_likelihood
+            var = problem.noise_std**2 + v
+            y = ctx.y.unsqueeze(1)  # (B, 1, *out)
+            m = problem.operator.out_dim
+
+            def fn(x0: Tensor) -> Tensor:
+                r = y - problem.operator(x0)
+                sq = (r**2).reshape(r.shape[:2] + (-1,)).sum(-1)
+                return -0.5 * sq / var - 0.5 * m * (torch.log(var) + LOG2PI)
+
         x0, lt, g = ctx.denoise_with_grad(x, t, fn)
         # A particle whose likelihood is undefined (e.g. a Poisson rate <= 0) gets weight 0.
         lt = torch.where(torch.isnan(lt), torch.full_like(lt, -math.inf), lt)
@@ -245,8 +292,11 @@ class TDS(SMCSampler):
         return Move(new_state, incr)
 
     def run_info(self, ctx: Context, setup: None) -> TDSInfo:
+        if self._smooths_likelihood(ctx.problem):
+            d = math.prod(ctx.prior.event_shape)
+            kind = "hessian" if d <= self.laplace_max_dim else "isotropic"
+            v = "inflated" if self.twist_variance == "operator" else self.twist_variance
+            return TDSInfo(f"laplace({v}, {kind})")
         if not _uses_gaussian_twist(ctx.problem):
             return TDSInfo("likelihood")
-        if self.twist_variance == "operator" and not ctx.problem.operator.is_linear:
-            return TDSInfo("inflated")  # the operator form needs A A^T
         return TDSInfo(self.twist_variance)
