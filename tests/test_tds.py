@@ -103,8 +103,11 @@ def test_gaussian_posterior_and_evidence(twist, sigma_y, schedule):
         gmm.diffusion(schedule), problem, num_samples=N, generator=g
     )
     assert res.samples.shape == (P * R, N, 3)
-    assert res.info["nfe"] == n and res.info["backprop"]
-    chain = chain_prior(mu, S, schedule, schedule.time_grid(n, dtype=DT))
+    # the grid refined where the twist is informative (max_log_snr_step): one call a step
+    times = res.info.times
+    assert times.numel() - 1 >= n and res.info["nfe"] == times.numel() - 1
+    assert res.info["backprop"]
+    chain = chain_prior(mu, S, schedule, times)
     sub = bfd.InverseProblem(problem.operator, problem.y[::R], noise_std=sigma_y)
     exact_c, exact_g = chain.posterior(sub), gmm.posterior(sub)
     log_z_c, log_z_g = chain.log_evidence(sub), gmm.log_evidence(sub)
@@ -138,18 +141,40 @@ def test_flow_and_ve_schedules(schedule):
     # for VE (stochastic last step). Both stay exact for the chain.
     P, R, N, n = 1, 16, 200, 60
     gmm, mu, S, problem, g = gaussian_setup(0.5, schedule, P, R, seed=1)
-    chain = chain_prior(mu, S, schedule, schedule.time_grid(n, dtype=DT))
     sub = bfd.InverseProblem(problem.operator, problem.y[:1], noise_std=0.5)
     for twist in ("inflated", "pigdm"):
         res = TDS(num_steps=n, twist_variance=twist).sample(
             gmm.diffusion(schedule), problem, num_samples=N, generator=g
         )
         assert torch.isfinite(res.samples).all()
+        chain = chain_prior(mu, S, schedule, res.info.times)
         mean, _ = weighted_moments(res)
         m_hat, m_se = copy_stats(mean, P, R)
         r_hat, r_se = evidence_ratio_stats(res, chain.log_evidence(sub), P, R)
         assert ((m_hat - chain.posterior(sub).mean()).abs() <= 4.5 * m_se).all()
         assert ((r_hat - 1).abs() <= 4.5 * r_se).all()
+
+
+@pytest.mark.slow
+def test_informative_noise_stays_exact():
+    # sigma_y = 1e-3: the plain uniform grid's last step sharpens the twist ~1000-fold (its
+    # ESS collapses); the refined grid (default max_log_snr_step) stays exact for the chain.
+    P, R, N, n = 1, 16, 300, 50
+    sched = bfd.VPSchedule.linear()
+    gmm, mu, S, problem, g = gaussian_setup(1e-3, sched, P, R, seed=3)
+    res = TDS(num_steps=n).sample(gmm.diffusion(sched), problem, num_samples=N, generator=g)
+    chain = chain_prior(mu, S, sched, res.info.times)
+    sub = bfd.InverseProblem(problem.operator, problem.y[::R], noise_std=1e-3)
+    mean, _ = weighted_moments(res)
+    m_hat, m_se = copy_stats(mean, P, R)
+    r_hat, r_se = evidence_ratio_stats(res, chain.log_evidence(sub), P, R)
+    assert ((m_hat - chain.posterior(sub).mean()).abs() <= 4.5 * m_se).all()
+    assert ((r_hat - 1).abs() <= 4.5 * r_se).all() and (r_se < 0.1).all()
+    assert float(res.info.ess.min()) > 0.1 * N and not res.info.quality
+    plain = TDS(num_steps=n, max_log_snr_step=0).sample(
+        gmm.diffusion(sched), problem, num_samples=N, generator=g
+    )
+    assert float(plain.info.ess[-1].max()) < 0.05 * N  # the final weight collapses
 
 
 @pytest.mark.slow
@@ -266,7 +291,9 @@ def test_shapes_images_and_unbatched():
     yb = torch.stack([problem.y, problem.y + 0.1])
     resb = TDS(num_steps=10).sample(prior, bfd.InverseProblem(A, yb, 0.1), 8, g)
     assert resb.samples.shape == (2, 8) + shape and resb.log_evidence.shape == (2,)
-    assert resb.info["ess"].shape == (11, 2)  # num_steps + 1: the initial weights too
+    # one row per step of the (refined) grid + 1: the initial weights too
+    assert resb.info["ess"].shape == (resb.info.times.numel(), 2)
+    assert resb.info.times.numel() > 11  # sigma_y = 0.1: the grid is extended near t = 0
 
 
 def test_wide_clamp_changes_nothing():

@@ -5,6 +5,7 @@ from .base import (
     Operator,
     adjointness_error,
     conjugate_gradient,
+    spectral_norm,
     svd_error,
 )
 from .block_average import BlockAverage, Colorize, Downsample
@@ -31,4 +32,5 @@ __all__ = [
     "adjointness_error",
     "svd_error",
     "conjugate_gradient",
+    "spectral_norm",
 ]

@@ -40,6 +40,7 @@ __all__ = [
     "adjointness_error",
     "svd_error",
     "conjugate_gradient",
+    "spectral_norm",
 ]
 
 
@@ -295,6 +296,27 @@ def _event(c: Tensor | float, event_dim: int) -> Tensor | float:
     if isinstance(c, Tensor) and c.dim() > 0:
         return c.reshape(c.shape + (1,) * event_dim)
     return c
+
+
+def spectral_norm(op: LinearOperator, iterations: int = 50) -> float:
+    """The largest singular value ``s_max`` of a linear operator: from its SVD where it has
+    one, else by power iteration on ``A^T A`` (``iterations`` steps from a fixed
+    pseudo-random start, so the value is deterministic; it can only underestimate)."""
+    if op.has_svd:
+        return float(op.singular_values().max())
+    ref = op._ref()
+    kw: dict[str, Any] = {} if ref is None else {"dtype": ref.dtype, "device": ref.device}
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(op.in_shape, generator=g, dtype=torch.float64).to(**kw)
+    v = v / v.norm()
+    s2 = 0.0
+    for _ in range(iterations):
+        w = op.adjoint(op(v))
+        s2 = float(w.norm())
+        if s2 == 0:
+            return 0.0
+        v = w / s2
+    return math.sqrt(s2)
 
 
 def conjugate_gradient(

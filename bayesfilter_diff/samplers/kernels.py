@@ -46,6 +46,8 @@ __all__ = [
     "log_normal",
     "gaussian_log_density",
     "time_at_log_snr",
+    "refine_in_log_snr",
+    "extend_to_log_snr",
     "SmoothedLogLikelihood",
     "smoothed_log_likelihood",
 ]
@@ -126,6 +128,44 @@ def time_at_log_snr(
         lo = torch.where(above, mid, lo)
         hi = torch.where(above, hi, mid)
     return 0.5 * (lo + hi)
+
+
+def refine_in_log_snr(schedule: Schedule, times: Tensor, active: Tensor, max_step: float) -> Tensor:
+    """Insert times, evenly in log-SNR, into every step ``times[j] -> times[j + 1]`` with
+    ``active[j]`` whose log-SNR gap exceeds ``max_step`` (batched over the steps): a
+    potential that sharpens with the log-SNR degenerates the weights of a step across much
+    of it. Steps with an infinite end (``t = 0``) are left alone."""
+    lam = schedule.log_snr(times)
+    t, s = times[:-1], times[1:]
+    lt, ls = lam[:-1], lam[1:]
+    ok = active & torch.isfinite(lt) & torch.isfinite(ls)
+    gap = torch.where(ok, ls - lt, torch.zeros_like(lt))
+    count = torch.ceil(gap / max_step).clamp_min(1).long() - 1  # per step
+    if int(count.sum()) == 0:
+        return times
+    # the inserted log-SNR targets, batched: step j gets count_j evenly spaced points
+    j = torch.repeat_interleave(torch.arange(count.numel(), device=times.device), count)
+    first = torch.cumsum(count, 0) - count
+    rank = torch.arange(j.numel(), device=times.device) - first[j] + 1
+    target = lt[j] + (ls[j] - lt[j]) * rank.to(lt.dtype) / (count[j] + 1).to(lt.dtype)
+    new = time_at_log_snr(schedule, target, s[j], t[j])
+    return torch.sort(torch.cat([times, new]), descending=True).values
+
+
+def extend_to_log_snr(schedule: Schedule, times: Tensor, target: float, max_step: float) -> Tensor:
+    """Insert times between the last two grid points, ``max_step`` apart in log-SNR, up to
+    log-SNR ``target`` (below the last point's): the final step then starts where the
+    potentials are already as sharp as ``target`` says, instead of jumping from the grid's
+    last positive time straight to ``t = 0``."""
+    lam = schedule.log_snr(times[-2:])
+    start, end = float(lam[0]), float(lam[1])
+    top = min(target, end - 1e-6) if math.isfinite(end) else target
+    if not top > start:
+        return times
+    k = math.ceil((top - start) / max_step)
+    levels = torch.linspace(start, top, k + 1, dtype=times.dtype, device=times.device)[1:]
+    new = time_at_log_snr(schedule, levels, times[-1], times[-2])
+    return torch.cat([times[:-1], new, times[-1:]])
 
 
 class SmoothedLogLikelihood(NamedTuple):

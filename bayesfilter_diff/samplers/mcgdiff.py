@@ -72,7 +72,7 @@ from torch import Tensor
 
 from ..operators.base import LinearOperator
 from .base import Context, Move, Requirements, SMCSampler
-from .kernels import ddim_coefficients, ddim_mean, log_normal, time_at_log_snr
+from .kernels import ddim_coefficients, ddim_mean, log_normal, refine_in_log_snr
 from .spectral import (
     exact_observation_times,
     gaussian_product,
@@ -213,25 +213,11 @@ class MCGdiff(SMCSampler):
         return times
 
     def _refine(self, schedule, times: Tensor, tau_min: float) -> Tensor:
-        """Insert times, evenly in log-SNR, wherever two consecutive grid times at or above
-        ``tau_min`` (where potentials are active) differ by more than ``max_log_snr_step``
-        in log-SNR: an informative coordinate's potential sharpens with the log-SNR, and a
-        step across much of it degenerates the look-ahead weights."""
-        lam = schedule.log_snr(times)
-        t, s = times[:-1], times[1:]
-        lt, ls = lam[:-1], lam[1:]
-        ok = (s >= tau_min) & torch.isfinite(lt) & torch.isfinite(ls)
-        gap = torch.where(ok, ls - lt, torch.zeros_like(lt))
-        count = torch.ceil(gap / self.max_log_snr_step).clamp_min(1).long() - 1  # per step
-        if int(count.sum()) == 0:
-            return times
-        # the inserted log-SNR targets, batched: step j gets count_j evenly spaced points
-        j = torch.repeat_interleave(torch.arange(count.numel(), device=times.device), count)
-        first = torch.cumsum(count, 0) - count
-        rank = torch.arange(j.numel(), device=times.device) - first[j] + 1
-        target = lt[j] + (ls[j] - lt[j]) * rank.to(lt.dtype) / (count[j] + 1).to(lt.dtype)
-        new = time_at_log_snr(schedule, target, s[j], t[j])
-        return torch.sort(torch.cat([times, new]), descending=True).values
+        """Refine (``refine_in_log_snr``) the steps at or above ``tau_min``, where the
+        potentials are active, to ``max_log_snr_step`` in log-SNR: an informative
+        coordinate's potential sharpens with the log-SNR, and a step across much of it
+        degenerates the look-ahead weights."""
+        return refine_in_log_snr(schedule, times, times[1:] >= tau_min, self.max_log_snr_step)
 
     # ------------------------------------------------------------------ helpers
     def potential_variance(self, singular_values: Tensor, noise_std: float) -> float:

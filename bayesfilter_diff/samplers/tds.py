@@ -59,13 +59,15 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from ..operators.base import LinearOperator
+from ..operators.base import LinearOperator, spectral_norm
 from ..problem import InverseProblem
 from .base import Context, Move, Requirements, SMCSampler, check_clamp
 from .kernels import (
     LOG2PI,
     ddim_coefficients,
     ddim_mean,
+    extend_to_log_snr,
+    refine_in_log_snr,
     smoothed_log_likelihood,
     tweedie_shift,
 )
@@ -126,6 +128,12 @@ class TDS(SMCSampler):
         reference code's image default is 0.12).
     clamp_x0
         ``(low, high)`` to clamp the twisted ``x0~`` of the proposal, or ``None`` (default).
+    max_log_snr_step
+        Refine the time grid to this log-SNR step where a Gaussian twist through a linear
+        operator is informative, and extend it past the last positive time until the
+        twist's inflation is under 1% of ``sigma_y^2`` (default 1.0; 0: the plain grid).
+        Inserted times cost one network call each (``info.nfe``): +5 to +35 on a
+        100-step uniform grid for ``sigma_y / s_max`` from 1e-1 to 1e-4.
     laplace_max_dim
         The Laplace twist uses the likelihood's full Hessian (``d`` backward passes of the
         likelihood per Newton step, no network call) up to this signal dimension ``d``
@@ -145,6 +153,7 @@ class TDS(SMCSampler):
     prior_variance: float = 1.0
     clamp_x0: tuple[float, float] | None = None
     laplace_max_dim: int = 64
+    max_log_snr_step: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -159,6 +168,41 @@ class TDS(SMCSampler):
         m = self.laplace_max_dim
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:
             raise ValueError(f"laplace_max_dim must be an int >= 0, got {m!r}")
+        st = self.max_log_snr_step
+        if isinstance(st, bool) or not isinstance(st, int | float) or not 0 <= st < math.inf:
+            raise ValueError(f"max_log_snr_step must be a finite number >= 0, got {st!r}")
+
+    # ------------------------------------------------------------------ time grid
+    def time_grid(self, prior, problem: InverseProblem) -> Tensor:
+        """The run's grid, refined where a Gaussian twist through a linear operator is
+        informative (``max_log_snr_step``; 0 keeps the grid as it is).
+
+        The twist's extra variance ``sig2 A A^T`` must fall well below ``sigma_y^2`` before
+        the last step swaps the twist for the likelihood: a uniform grid's last positive
+        time has ``sig2 ~ 2e-3`` on the linear VP path, so at ``sigma_y = 1e-2`` the final
+        weight sharpened the twist ~100-fold and its ESS fell to 2% of N. Times are
+        inserted past the grid's last positive time up to log-SNR
+        ``log(s_max^2 / sigma_y^2) + log(100)`` (twist inflation at most 1% of
+        ``sigma_y^2``), and into every step beyond log-SNR ``log(s_max^2 / sigma_y^2)``
+        wider than ``max_log_snr_step``; each inserted time costs one network call.
+        """
+        base = super().time_grid(prior, problem)
+        if (
+            self.max_log_snr_step == 0
+            or not _uses_gaussian_twist(problem)
+            or not problem.operator.is_linear
+            or problem.noise_std == 0
+        ):
+            return base
+        s_max = spectral_norm(cast(LinearOperator, problem.operator))
+        if not s_max > 0:
+            return base
+        informative = math.log(s_max**2 / problem.noise_std**2)
+        sch = prior.schedule
+        times = refine_in_log_snr(
+            sch, base, sch.log_snr(base[1:]) >= informative, self.max_log_snr_step
+        )
+        return extend_to_log_snr(sch, times, informative + math.log(100.0), self.max_log_snr_step)
 
     # ------------------------------------------------------------------ twisting function
     def _twist_extra_variance(self, ctx: Context, t: Tensor) -> Tensor:
