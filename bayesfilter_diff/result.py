@@ -24,6 +24,10 @@ class RunInfo:
         The time grid ``(num_steps + 1,)`` the run used.
     num_steps
         Moves made (``times.numel() - 1``).
+    inserted_steps
+        Times the run inserted into its grid adaptively (a move whose weights would leave
+        too small an ESS redone to an intermediate time: TDS's ``adaptive_ess``); each
+        discarded move's network calls count in ``nfe``.
     nfe
         Network evaluations per particle.
     backprop
@@ -63,6 +67,7 @@ class RunInfo:
 
     times: Tensor | None = None
     num_steps: int = 0
+    inserted_steps: int = 0
     nfe: int = 0
     backprop: bool = False
     wall_time: float = 0.0

@@ -142,7 +142,7 @@ def test_tds_is_exact_for_non_gaussian_sites(kind):
     sampler = bfd.samplers.registry.default_sampler(
         bfd.inference.model_to_problem(model, qp.y.expand(R, -1))[1], steps
     )
-    assert isinstance(sampler, TDS)
+    assert isinstance(sampler, TDS) and sampler.adaptive_ess == 0.1
     post = bfd.infer(
         model,
         sampler,

@@ -178,6 +178,38 @@ def test_informative_noise_stays_exact():
 
 
 @pytest.mark.slow
+def test_adaptive_steps_keep_a_custom_likelihood_exact():
+    # The same informative Gaussian noise as a custom log_likelihood_fn (no static grid
+    # refinement for it): the moves whose weights would leave < 10% of N are redone to
+    # intermediate times; without them the final weight collapses.
+    P, R, N, n, sy = 1, 16, 300, 50, 1e-3
+    sched = bfd.VPSchedule.linear()
+    gmm, mu, S, problem, g = gaussian_setup(sy, sched, P, R, seed=3)
+    A = problem.operator
+
+    def ll(x, y):
+        r = y - A(x)
+        return -0.5 * (r**2).sum(-1) / sy**2 - r.shape[-1] * math.log(sy * math.sqrt(2 * math.pi))
+
+    custom = bfd.InverseProblem(A, problem.y, log_likelihood_fn=ll)
+    sampler = TDS(num_steps=n, adaptive_ess=0.1)
+    res = sampler.sample(gmm.diffusion(sched), custom, num_samples=N, generator=g)
+    info = res.info
+    assert info.inserted_steps > 0 and info.times.numel() == n + 1 + info.inserted_steps
+    assert info.ess.shape == (info.times.numel(), P * R)
+    assert float(info.ess.min()) >= 0.1 * N and not info.quality
+    chain = chain_prior(mu, S, sched, info.times)
+    sub = bfd.InverseProblem(A, problem.y[::R], noise_std=sy)
+    mean, _ = weighted_moments(res)
+    m_hat, m_se = copy_stats(mean, P, R)
+    r_hat, r_se = evidence_ratio_stats(res, chain.log_evidence(sub), P, R)
+    assert ((m_hat - chain.posterior(sub).mean()).abs() <= 4.5 * m_se).all()
+    assert ((r_hat - 1).abs() <= 4.5 * r_se).all() and (r_se < 0.1).all()
+    off = TDS(num_steps=n).sample(gmm.diffusion(sched), custom, num_samples=N, generator=g)
+    assert off.info.inserted_steps == 0 and float(off.info.ess.min()) < 0.05 * N
+
+
+@pytest.mark.slow
 def test_exact_twist_keeps_weights_nearly_uniform():
     # Prior N(0, tau2 I) and a mask: the "pigdm" twist with prior_variance = tau2 is the
     # exact p(y | x_t) and the proposal the exact conditional Tweedie step, so only the time

@@ -52,6 +52,7 @@ from ..problem import InverseProblem
 from ..result import Result, RunInfo
 from ..smc.particles import ParticleWeights, distinct_count, index_particles
 from . import quality
+from .kernels import time_at_log_snr
 
 __all__ = ["Context", "Move", "run", "check_inputs"]
 
@@ -322,6 +323,20 @@ def _raise_degenerate(sampler: Any, w: ParticleWeights, z_trace: list[Tensor], t
     )
 
 
+def _intermediate_time(schedule: Any, t: Tensor, t_next: Tensor) -> Tensor | None:
+    """A time strictly between ``t_next < t``: the log-SNR midpoint, or the time midpoint
+    where an end's log-SNR is infinite (``t = 0`` on VP and flow paths); ``None`` when the
+    step is too short to split."""
+    lam = schedule.log_snr(torch.stack([t, t_next]))
+    if bool(torch.isfinite(lam).all()):
+        mid = time_at_log_snr(schedule, 0.5 * (lam[0] + lam[1]), t_next, t)
+    else:
+        mid = 0.5 * (t + t_next)
+    if not bool((mid < t) & (mid > t_next)) or float(t - t_next) < 1e-7:
+        return None
+    return mid
+
+
 def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     if a is None:
         return None if b is None else b.double()
@@ -352,8 +367,11 @@ def run(
     times = sampler.time_grid(prior, problem)
     ctx = Context(prior, problem, num_samples, generator, times)
     B, N = ctx.B, ctx.N
-    n = times.numel() - 1
     weighted = bool(sampler.weighted)
+    # adaptive steps (samplers whose move carries its whole incremental weight, e.g. TDS)
+    adaptive = float(getattr(sampler, "adaptive_ess", 0.0)) if weighted else 0.0
+    max_insert = int(getattr(sampler, "max_inserted_steps", 0))
+    inserted = 0
     setup = sampler.setup(ctx)
     state, log_w0 = sampler.init(ctx, setup)
     w = ParticleWeights.start(None, B, N, ctx.device)
@@ -364,8 +382,9 @@ def run(
     no = torch.zeros(B, dtype=torch.bool, device=ctx.device)
     # the weight still to apply: the initial weights, then each move's incremental weight
     pending: Tensor | None = log_w0
-    for k in range(n + 1):
-        last = k == n
+    k = 0
+    while True:
+        last = k == ctx.times.numel() - 1
         if last:
             x, log_g = sampler.finalize(ctx, setup, state)
             g = _add(pending, log_g)
@@ -389,12 +408,29 @@ def run(
         if last:
             break
         # move M_k
-        out = sampler.move(ctx, setup, state, k, times[k], times[k + 1])
+        t, t_next = ctx.times[k], ctx.times[k + 1]
+        out = sampler.move(ctx, setup, state, k, t, t_next)
+        while adaptive > 0 and inserted < max_insert and out.log_weight is not None:
+            # a move whose weights would leave less than `adaptive` of N (conditional ESS)
+            # is redone to an intermediate time, halving the step in log-SNR (in time
+            # towards t = 0): the discarded move costs its network calls
+            if bool((w.reweight(out.log_weight).ess() >= adaptive * N).all()):
+                break
+            mid = _intermediate_time(prior.schedule, t, t_next)
+            if mid is None:
+                break
+            ctx.times = torch.cat([ctx.times[: k + 1], mid.reshape(1), ctx.times[k + 1 :]])
+            inserted += 1
+            t_next = mid
+            out = sampler.move(ctx, setup, state, k, t, t_next)
         state, pending = out.state, out.log_weight
         step_records.append(out.info)
+        k += 1
+    times = ctx.times
     info = RunInfo(
         times=times,
-        num_steps=n,
+        num_steps=times.numel() - 1,
+        inserted_steps=inserted,
         nfe=ctx.nfe,
         backprop=ctx.backprop,
         steps=_stack(step_records),

@@ -121,7 +121,8 @@ def assess(
                     f"smallest ESS before resampling was {worst:.3g} of N = {N} (first at "
                     f"step {k}, t = {t:.3g}), so a few particles carried the posterior and the "
                     "draws and evidence are unreliable. Remedies: more particles; more steps; "
-                    "for a linear-Gaussian problem with an SVD, MCGdiff (exact conditioning); "
+                    + ("adaptive steps (TDS(adaptive_ess=0.1)); " if name == "TDS" else "")
+                    + "for a linear-Gaussian problem with an SVD, MCGdiff (exact conditioning); "
                     "check that noise_std is not far smaller than the model's error.",
                 )
             )

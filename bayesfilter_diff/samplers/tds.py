@@ -134,6 +134,18 @@ class TDS(SMCSampler):
         twist's inflation is under 1% of ``sigma_y^2`` (default 1.0; 0: the plain grid).
         Inserted times cost one network call each (``info.nfe``): +5 to +35 on a
         100-step uniform grid for ``sigma_y / s_max`` from 1e-1 to 1e-4.
+    adaptive_ess
+        Adaptive steps: a move whose incremental weights would bring a problem's ESS below
+        this fraction of ``N`` is discarded and redone to an intermediate time (the log-SNR
+        midpoint; the time midpoint towards ``t = 0``), repeatedly, at most
+        ``max_inserted_steps`` times per run (default 200). Default 0 (off);
+        :func:`~bayesfilter_diff.samplers.registry.default_sampler` (``bfd.infer`` with no
+        sampler) sets 0.1. The discarded moves' network calls count in ``info.nfe``, the
+        insertions in ``info.inserted_steps``; the final grid is ``info.times``. The grid
+        is shared by the problems of a batch, so with adaptive steps a problem's grid (not
+        its target's limit) can depend on its neighbours.
+    max_inserted_steps
+        See ``adaptive_ess``.
     laplace_max_dim
         The Laplace twist uses the likelihood's full Hessian (``d`` backward passes of the
         likelihood per Newton step, no network call) up to this signal dimension ``d``
@@ -154,6 +166,8 @@ class TDS(SMCSampler):
     clamp_x0: tuple[float, float] | None = None
     laplace_max_dim: int = 64
     max_log_snr_step: float = 1.0
+    adaptive_ess: float = 0.0
+    max_inserted_steps: int = 200
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -168,6 +182,12 @@ class TDS(SMCSampler):
         m = self.laplace_max_dim
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:
             raise ValueError(f"laplace_max_dim must be an int >= 0, got {m!r}")
+        a = self.adaptive_ess
+        if isinstance(a, bool) or not isinstance(a, int | float) or not 0 <= a < 1:
+            raise ValueError(f"adaptive_ess must be a number in [0, 1), got {a!r}")
+        mi = self.max_inserted_steps
+        if isinstance(mi, bool) or not isinstance(mi, int) or mi < 0:
+            raise ValueError(f"max_inserted_steps must be an int >= 0, got {mi!r}")
         st = self.max_log_snr_step
         if isinstance(st, bool) or not isinstance(st, int | float) or not 0 <= st < math.inf:
             raise ValueError(f"max_log_snr_step must be a finite number >= 0, got {st!r}")
