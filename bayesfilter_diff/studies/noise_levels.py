@@ -25,7 +25,7 @@ from ..problem import InverseProblem
 from ..samplers.registry import build
 from ..schedules import VPSchedule
 from .grid import run_study
-from .report import markdown_table, summarize, write_text
+from .report import SW_SETTINGS, markdown_table, summarize, write_study_report
 from .store import ResultStore
 
 __all__ = ["run_noise_levels", "noise_problem", "run_cell"]
@@ -143,27 +143,18 @@ def run_noise_levels(
         r["goal met"] = "yes" if good else ("no, warned" if r["warned"] > 0 else "**no, silent**")
     rows.sort(key=lambda r: (r["d"], cfg["methods"].index(r["method"]), -r["noise"]))
     cmd = "python validation/run_studies.py noise" + (" --full" if full else "")
-    text = "\n".join(
-        [
-            "# Exact samplers under informative likelihoods",
-            "",
-            f"Command: `{cmd}`; {len(records)} cells ({wall:.0f} s computed in this invocation).",
-            "",
-            (__doc__ or "").split("\n\n", 1)[1].strip(),
-            "",
-            f"Settings: {cfg['steps']} steps, N = {cfg['N']}, seeds {cfg['seeds']}; `sw_ratio` = "
-            "sliced W1 (1000 directions, 10 000 exact draws) over the same for N exact draws; "
-            "`warned` = fraction of runs with a `PosteriorQualityWarning`; mean ± 95% interval "
-            "over seeds.",
-            "",
-            markdown_table(
-                rows,
-                ["method", "d", "noise", *metrics, "goal met", "n"],
-                ci=["sw_ratio", "abs_log_evidence_error"],
-            ),
-            "",
-        ]
+    text = write_study_report(
+        out,
+        "Exact samplers under informative likelihoods",
+        cmd,
+        len(records),
+        wall,
+        __doc__,
+        f"Settings: {cfg['steps']} steps, N = {cfg['N']}, seeds {cfg['seeds']}; {SW_SETTINGS}.",
+        markdown_table(
+            rows,
+            ["method", "d", "noise", *metrics, "goal met", "n"],
+            ci=["sw_ratio", "abs_log_evidence_error"],
+        ),
     )
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "report.md", text)
     return {"records": records, "rows": rows, "text": text}

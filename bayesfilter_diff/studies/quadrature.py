@@ -45,7 +45,7 @@ from ..priors import GaussianMixture
 from ..samplers.registry import REGISTRY, build, default_sampler, names
 from ..schedules import FlowSchedule, VPSchedule
 from .grid import run_study
-from .report import markdown_table, summarize, write_text
+from .report import SW_SETTINGS, markdown_table, summarize, write_study_report
 from .store import ResultStore
 
 __all__ = [
@@ -355,27 +355,19 @@ def run_quadrature(
         if r["method"] == "default":
             r["method"] = f"default ({chosen[r['problem'], r['steps']]})"
     cmd = "python validation/run_studies.py quadrature" + (" --full" if full else "")
-    text = "\n".join(
-        [
-            "# Non-Gaussian and nonlinear likelihoods against quadrature",
-            "",
-            f"Command: `{cmd}`; {len(records)} cells ({wall:.0f} s computed in this invocation).",
-            "",
-            (__doc__ or "").split("\n\n", 1)[1].strip(),
-            "",
-            f"Settings: {cfg['steps']} steps, N = {cfg['N']}, seeds {cfg['seeds']}; `sw_ratio` = "
-            "sliced W1 (1000 directions, 10 000 exact draws) over the same for N exact draws; "
-            "`warned` = fraction of runs with a `PosteriorQualityWarning`; mean ± 95% interval "
-            "over seeds; an empty evidence column: the sampler has no evidence estimate.",
-            "",
-            markdown_table(
-                rows,
-                ["problem", "method", "steps", *metrics, "goal met", "n"],
-                ci=["sw_ratio", "abs_log_evidence_error"],
-            ),
-            "",
-        ]
+    text = write_study_report(
+        out,
+        "Non-Gaussian and nonlinear likelihoods against quadrature",
+        cmd,
+        len(records),
+        wall,
+        __doc__,
+        f"Settings: {cfg['steps']} steps, N = {cfg['N']}, seeds {cfg['seeds']}; {SW_SETTINGS}; "
+        "an empty evidence column: the sampler has no evidence estimate.",
+        markdown_table(
+            rows,
+            ["problem", "method", "steps", *metrics, "goal met", "n"],
+            ci=["sw_ratio", "abs_log_evidence_error"],
+        ),
     )
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "report.md", text)
     return {"records": records, "rows": rows, "text": text}

@@ -74,3 +74,42 @@ def write_text(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+#: The settings sentence the exact-posterior studies share.
+SW_SETTINGS = (
+    "`sw_ratio` = sliced W1 (1000 directions, 10 000 exact draws) over the same for N exact "
+    "draws; `warned` = fraction of runs with a `PosteriorQualityWarning`; mean ± 95% "
+    "interval over seeds"
+)
+
+
+def write_study_report(
+    out: Path,
+    title: str,
+    command: str,
+    num_cells: int,
+    wall: float,
+    doc: str | None,
+    settings: str,
+    table: str,
+) -> str:
+    """Write ``out/report.md``: title, command, the study module's docstring (after its
+    first paragraph), the settings and the table; return the text."""
+    text = "\n".join(
+        [
+            f"# {title}",
+            "",
+            f"Command: `{command}`; {num_cells} cells ({wall:.0f} s computed in this invocation).",
+            "",
+            (doc or "").split("\n\n", 1)[1].strip(),
+            "",
+            settings,
+            "",
+            table,
+            "",
+        ]
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "report.md", text)
+    return text
