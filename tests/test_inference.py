@@ -366,3 +366,77 @@ def test_no_sampler_named_picks_an_exact_default():
     assert isinstance(post.sampler, bfd.samplers.TDS) and post.kind != "linear_gaussian"
     with pytest.raises(TypeError, match="keyword"):
         infer(_lg_model, y)
+
+
+# ------------------------------------------------------------------ Pyro conventions
+
+
+@pytest.mark.parametrize("site", ["normal", "student_t"])
+def test_observation_plate_equals_to_event(site):
+    """A per-coordinate pyro.plate around the observation (not around the prior site) is
+    the same likelihood as .to_event(1): the same problem, the same draws."""
+    y = torch.tensor([0.7, -0.2], dtype=D64)
+
+    def obs(x):
+        return dist.Normal(f_nl(x), 0.7) if site == "normal" else dist.StudentT(4.0, f_nl(x), 0.7)
+
+    def plated(y=None):
+        x = pyro.sample("x", DiffusionPrior(PRIOR))
+        with pyro.plate("coords", 2):
+            pyro.sample("y", obs(x), obs=y)
+
+    def evented(y=None):
+        x = pyro.sample("x", DiffusionPrior(PRIOR))
+        pyro.sample("y", obs(x).to_event(1), obs=y)
+
+    sampler = TDS(num_steps=10)
+    a = infer(plated, sampler, y=y, num_samples=64, generator=torch.Generator().manual_seed(3))
+    b = infer(evented, sampler, y=y, num_samples=64, generator=torch.Generator().manual_seed(3))
+    assert a.kind == b.kind == ("gaussian" if site == "normal" else "custom")
+    assert torch.equal(a.samples, b.samples) and torch.equal(a.log_evidence, b.log_evidence)
+
+
+def test_observation_plate_left_of_the_prior_plates_is_refused():
+    Y = torch.zeros(2, 3, dtype=D64)
+
+    def model(y):
+        with pyro.plate("coords", 2, dim=-2):
+            with pyro.plate("problems", 3, dim=-1):
+                x = pyro.sample("x", DiffusionPrior(PRIOR))  # noqa: F841
+        with pyro.plate("coords2", 2, dim=-2):
+            pyro.sample("y", dist.Normal(torch.zeros(2, 3, dtype=D64), 1.0), obs=y)
+
+    with pytest.raises(ValueError, match="coords2"):
+        infer(model, TDS(num_steps=3), Y, num_samples=4)
+
+
+def test_subsampling_is_refused_with_the_plate_named():
+    y = torch.tensor([0.7, -0.2, 0.3], dtype=D64)
+
+    def model(y=None):
+        x = pyro.sample("x", DiffusionPrior(PRIOR))
+        with pyro.plate("data", 3, subsample_size=2) as idx:
+            pyro.sample("y", dist.Normal(x[..., :1].expand(x.shape[:-1] + (2,)), 1.0), obs=y[idx])
+
+    with pytest.raises(ValueError, match=r"pyro.plate\('data', 3, subsample_size=2\)"):
+        infer(model, TDS(num_steps=3), y=y, num_samples=4)
+
+
+def test_to_arviz_accepts_posteriors():
+    y = torch.tensor([0.7, -0.2], dtype=D64)
+
+    def model(y=None):
+        theta = pyro.sample("theta", DiffusionPrior(PRIOR))
+        pyro.sample("y", LinearGaussian(A, theta, noise_std=0.3), obs=y)
+
+    posts = [
+        infer(
+            model, TDS(num_steps=5), y=y, num_samples=16, generator=torch.Generator().manual_seed(s)
+        )
+        for s in range(2)
+    ]
+    one = bfd.diagnostics.to_arviz(posts[0])
+    two = bfd.diagnostics.to_arviz(posts)
+    for data, chains in ((one, 1), (two, 2)):
+        post = data["posterior"]
+        assert "theta" in post and tuple(post["theta"].shape) == (chains, 16, 2)

@@ -120,14 +120,23 @@ def to_arviz(
     result_or_results
         A batched Result ``(B, N, *event)`` (``B`` chains of ``N`` draws), an unbatched
         Result (one chain), a list of unbatched Results of the same size (one chain each),
-        or a tensor ``(chains, draws, *event)``.
+        a :class:`~bayesfilter_diff.inference.Posterior` from ``bfd.infer`` (or a list of
+        them: their Results), or a tensor ``(chains, draws, *event)``.
     var_name
-        Name of the variable in the posterior group.
+        Name of the variable in the posterior group (default ``"x"``; a Posterior's prior
+        site name when Posteriors are passed).
     resample
         For weighted Results: resample the particles to ``N`` equally weighted draws
-        (multinomial, with ``generator``) so that every ArviZ statistic is right. With
-        ``False`` the particles are kept and their normalised log-weights are stored in
-        ``sample_stats`` as ``"log_weight"`` (ArviZ itself ignores them).
+        (multinomial, with ``generator``), so that ArviZ's summaries weigh them right.
+        With ``False`` the particles are kept and their normalised log-weights are stored
+        in ``sample_stats`` as ``"log_weight"`` (ArviZ itself ignores them).
+
+    The draws of one SMC run are not independent (they share ancestors through
+    resampling), so ArviZ's ESS and MCSE computed *within* a chain overstate the precision
+    of an SMC run, often several-fold (measured: 12 MCGdiff runs of N = 500, ArviZ
+    ``mcse_mean`` 0.038 per run against a spread of 0.111 between runs). Pass independent
+    runs (different generators, or independent copies of a problem in a batch) as chains
+    and read the between-chain statistics (R-hat, the spread of the chains' means).
     generator
         Randomness of the resampling.
 
@@ -137,9 +146,24 @@ def to_arviz(
         Posterior group ``{var_name: (chain, draw, *event)}``; event axes are named
         ``{var_name}_dim_0``, ...
     """
+    from ..inference.posterior import Posterior
+
+    items = result_or_results
+    posts = [items] if isinstance(items, Posterior) else None
+    if posts is None and isinstance(items, list | tuple) and items:
+        if all(isinstance(p, Posterior) for p in items):
+            posts = list(items)
+    if posts is not None:
+        if var_name == "x":
+            var_name = posts[0].site
+        items = (
+            posts[0].result
+            if isinstance(result_or_results, Posterior)
+            else [p.result for p in posts]
+        )
     if not isinstance(var_name, str) or not var_name:
         raise ValueError(f"var_name must be a non-empty string, got {var_name!r}")
-    x, lw = _chains(result_or_results, bool(resample), generator)
+    x, lw = _chains(items, bool(resample), generator)
     groups = {"posterior": {var_name: x.detach().cpu().numpy()}}
     if lw is not None:
         groups["sample_stats"] = {"log_weight": lw.detach().cpu().numpy()}

@@ -55,7 +55,9 @@ class PyroForward(Operator):
             if isinstance(fn, LinearGaussian)
             else (fn.loc if self.mode == "gaussian" else fn.rate)
         )
-        t = st.from_layout(t, self._full, self._trailing, lead)
+        t = st.from_layout(
+            t, self._full, self._trailing, lead, st.obs_plates.get(st.observed[0], 0)
+        )
         lead_out = t.shape[: 2 if st.batched else len(lead)]
         return t.reshape(tuple(lead_out) + tuple(self.out_shape))
 

@@ -52,6 +52,16 @@ def model_to_problem(
     # The trace's sites as plain dicts: pyro types a Message's fn as any callable and its
     # value / infer as optional; at a traced sample site they are a distribution and set.
     nodes = cast("dict[str, dict[str, Any]]", tr.nodes)
+    for name, s in nodes.items():
+        if s["type"] == "sample" and is_plate_site(s):
+            size, sub = s["fn"].size, s["fn"].subsample_size
+            if sub is not None and sub < size:
+                raise ValueError(
+                    f"pyro.plate({name!r}, {size}, subsample_size={sub}): infer does not "
+                    "support subsampling: the SMC weights need the whole likelihood p(y | x) "
+                    "(a rescaled minibatch is an estimate of log p(y | x), not of p(y | x)); "
+                    "remove subsample_size"
+                )
     sites = [
         (name, s)
         for name, s in nodes.items()
@@ -96,6 +106,22 @@ def model_to_problem(
         )
     # 2. Problems: the prior's batch shape has at most one non-unit dimension.
     P = tuple(psite["value"].shape[: psite["value"].dim() - len(prior.event_shape)])
+    # Plates around an observed site but not around the prior site index observations
+    # (iid data, or a per-coordinate pyro.plate whose dim the model computes from the
+    # event): they must be the rightmost batch dims.
+    prior_plates = {f.name for f in psite["cond_indep_stack"]}
+    obs_plates: dict[str, int] = {}
+    for n in observed:
+        own = [f for f in nodes[n]["cond_indep_stack"] if f.name not in prior_plates]
+        dims = sorted(f.dim for f in own)
+        if dims != list(range(-len(own), 0)):
+            raise ValueError(
+                f"observed site {n!r} is in plate(s) {[f.name for f in own]} (dims {dims}) "
+                f"that do not contain the DiffusionPrior site {prior_name!r}: infer needs "
+                "such observation plates at the rightmost dims (dim=-1, -2, ...), with the "
+                "plates shared with the prior site to their left"
+            )
+        obs_plates[n] = len(own)
     # The layout's rank L: the largest batch rank of the prior and observed sites (an
     # observed value may carry more leading dims than its distribution's batch shape).
     L = max(
@@ -117,7 +143,18 @@ def model_to_problem(
     B = layout[big[0]] if batched else 1
     bdim = big[0] - L if batched else 0
     st = ModelStructure(
-        model, args, kwargs, prior_name, prior, tuple(observed), layout, batched, B, bdim, trace=tr
+        model,
+        args,
+        kwargs,
+        prior_name,
+        prior,
+        tuple(observed),
+        layout,
+        batched,
+        B,
+        bdim,
+        trace=tr,
+        obs_plates=obs_plates,
     )
     dtype, device = prior.dtype, prior.device
 

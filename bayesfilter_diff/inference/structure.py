@@ -38,6 +38,9 @@ class ModelStructure:
     bdim: int  # position of B in the layout (negative), or 0 when unbatched
     kind: str = ""
     trace: Any = field(default=None, repr=False)
+    #: observed site -> how many of its rightmost batch dims are observation plates (plates
+    #: that do not contain the prior site; summed in the log-likelihood)
+    obs_plates: dict[str, int] = field(default_factory=dict)
 
     @property
     def event_shape(self) -> torch.Size:
@@ -72,17 +75,28 @@ class ModelStructure:
         return v, lead
 
     def from_layout(
-        self, t: Tensor, full: tuple[int, ...], trailing: tuple[int, ...], lead: torch.Size
+        self,
+        t: Tensor,
+        full: tuple[int, ...],
+        trailing: tuple[int, ...],
+        lead: torch.Size,
+        plates: int = 0,
     ) -> Tensor:
         """``t`` broadcastable to ``(M, *full, *trailing)`` -> the problem layout.
 
         ``full`` is an observed site's batch shape padded to the layout's rank (with ``B``
-        at the problems' dimension). Returns ``(B, N, *rest, *trailing)`` (``rest``: ``full``
+        at the problems' dimension); up to ``plates`` unit dims after the first, pushed
+        there by observation plates the model computed from the event, are dropped
+        (unbatched models). Returns ``(B, N, *rest, *trailing)`` (``rest``: ``full``
         without the problems' dimension), or ``(*lead, *full, *trailing)`` when unbatched.
         """
         L = len(self.layout)
         M = lead[1] if self.batched else math.prod(lead)
         nt = len(trailing)
+        extra = t.dim() - 1 - L - nt
+        if 0 < extra <= plates and not self.batched and all(n == 1 for n in t.shape[1 : 1 + extra]):
+            # observation plates computed from the event pushed the layout's unit dims left
+            t = t.reshape((t.shape[0],) + tuple(t.shape[1 + extra :]))
         if t.dim() > 1 + L + nt:
             raise ValueError(
                 f"a tensor of shape {tuple(t.shape)} computed from the particles has more "
@@ -114,6 +128,11 @@ class ModelStructure:
             lp = scale_and_mask(lp, site["scale"], site["mask"])
             if not isinstance(lp, Tensor):
                 lp = torch.as_tensor(lp, dtype=value.dtype, device=value.device)
+            extra = lp.dim() - 1 - L
+            if 0 < extra <= self.obs_plates.get(name, 0):
+                # observation plates computed from the event (x @ W.T in a plate of the
+                # output coordinates): batch dims beyond the layout, summed
+                lp = lp.sum(tuple(range(-extra, 0)))
             if lp.dim() > 1 + L:
                 raise ValueError(
                     f"log_prob of site {name!r} has shape {tuple(lp.shape)}, more than the "
