@@ -13,7 +13,10 @@ How the model is read
 ---------------------
 1. The model is traced once with a placeholder (zeros of the site's shape) substituted for
    the DiffusionPrior site, so the reverse diffusion never runs. Exactly one DiffusionPrior
-   site and at least one observed site are required; any other latent site is an error.
+   site and at least one observed site are required. Other latent sites must be global
+   (outside every plate) and continuous: they are sampled with the image by SMC^2
+   (:mod:`~bayesfilter_diff.inference.hierarchical`), the diffusion SMC estimating
+   ``p(y | theta)`` for a batch of theta-particles at once.
 2. The prior site's batch shape gives the problems: ``()`` (one problem) or one non-unit
    dimension of size ``B`` (``pyro.plate`` over ``B`` independent observations), which maps
    onto the samplers' ``(B, N)`` layout.
@@ -52,8 +55,17 @@ ignores the observation: with it, :func:`infer` returns prior draws.
 """
 
 from .forward import PyroForward
+from .hierarchical import HierarchicalPosterior, infer_hierarchical
 from .posterior import Posterior, infer
 from .reading import model_to_problem
 from .structure import ModelStructure
 
-__all__ = ["infer", "Posterior", "model_to_problem", "PyroForward", "ModelStructure"]
+__all__ = [
+    "infer",
+    "infer_hierarchical",
+    "Posterior",
+    "HierarchicalPosterior",
+    "model_to_problem",
+    "PyroForward",
+    "ModelStructure",
+]

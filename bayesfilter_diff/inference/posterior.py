@@ -14,6 +14,7 @@ from ..result import Result, RunInfo
 from ..samplers.base import Sampler
 from ..samplers.registry import default_sampler
 from .handlers import unwrap
+from .hierarchical import HierarchicalPosterior, global_latent_sites, infer_hierarchical
 from .reading import model_to_problem
 from .structure import ModelStructure
 
@@ -95,8 +96,10 @@ def infer(
     *args,
     num_samples: int = 1000,
     generator: torch.Generator | None = None,
+    num_theta: int = 64,
+    moves: int = 3,
     **kwargs,
-) -> Posterior:
+) -> Posterior | HierarchicalPosterior:
     """Sample the posterior of a Pyro model's DiffusionPrior site with ``sampler``.
 
     Parameters
@@ -112,9 +115,17 @@ def infer(
         (:func:`~bayesfilter_diff.samplers.registry.default_sampler`: MCGdiff for a
         LinearGaussian site with an SVD, TDS otherwise), recorded in ``Posterior.sampler``.
     *args, **kwargs
-        The model's arguments (the names ``num_samples`` and ``generator`` are taken).
+        The model's arguments (the names ``num_samples``, ``generator``, ``num_theta`` and
+        ``moves`` are taken).
     num_samples
-        Particles ``N`` per problem.
+        Particles ``N`` per problem (per theta-particle for a model with global latent
+        sites).
+    num_theta, moves
+        For a model with global latent sites besides the DiffusionPrior site (an unknown
+        noise scale, an operator parameter): the number of theta-particles and of particle
+        marginal Metropolis-Hastings moves of the SMC^2 sampler
+        (:mod:`bayesfilter_diff.inference.hierarchical`), which then returns a
+        :class:`~bayesfilter_diff.inference.hierarchical.HierarchicalPosterior`.
     generator
         Randomness of the sampler (the model is not run at random: the prior site gets a
         placeholder, so a LinearGaussian model gives the same draws as calling the sampler
@@ -129,6 +140,17 @@ def infer(
             f"sampler must be a bayesfilter_diff sampler (e.g. samplers.TDS()) or None, "
             f"got {type(sampler).__name__}; pass the model's arguments by keyword "
             "(infer(model, y=y))"
+        )
+    if global_latent_sites(model, *args, **kwargs):
+        return infer_hierarchical(
+            model,
+            sampler,
+            *args,
+            num_samples=num_samples,
+            num_theta=num_theta,
+            moves=moves,
+            generator=generator,
+            **kwargs,
         )
     prior, problem, st = model_to_problem(model, *args, **kwargs)
     if sampler is None:

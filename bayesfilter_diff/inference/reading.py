@@ -68,6 +68,7 @@ def model_to_problem(
         if s["type"] == "sample"
         and not is_plate_site(s)
         and not s["infer"].get("_deterministic", False)
+        and not s["infer"].get("_bfd_fixed", False)  # globals set by SMC^2 (hierarchical)
     ]
     priors = [(n, s) for n, s in sites if isinstance(unwrap(s["fn"]), DiffusionPrior)]
     if not priors:
@@ -102,7 +103,8 @@ def model_to_problem(
     if latent:
         raise ValueError(
             f"the model has latent sites {latent} besides the DiffusionPrior site "
-            f"{prior_name!r}; infer supports one latent site: observe or remove them"
+            f"{prior_name!r}: model_to_problem reads one latent site; bfd.infer samples "
+            "global latent sites too (SMC^2, bayesfilter_diff.inference.hierarchical)"
         )
     # 2. Problems: the prior's batch shape has at most one non-unit dimension.
     P = tuple(psite["value"].shape[: psite["value"].dim() - len(prior.event_shape)])

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from ..distributions import DiffusionPrior
-from ..inference.posterior import infer
+from ..inference.posterior import Posterior, infer
 from ..inference.reading import model_to_problem
 from ..priors import GaussianMixture
 from ..samplers.registry import REGISTRY, build, default_sampler, names
@@ -263,6 +263,7 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         post = infer(qp.model(prior), sampler, y=qp.y, num_samples=cell["N"], generator=g)
+    assert isinstance(post, Posterior)  # no global latent site in these models
     wall = time.perf_counter() - start
     res = post.result
     ref, ref2 = exact.sample(10_000, g), exact.sample(cell["N"], g)

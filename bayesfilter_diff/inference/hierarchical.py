@@ -1,0 +1,372 @@
+"""Global latent sites besides the DiffusionPrior site: SMC^2 with the diffusion SMC inside.
+
+A model such as::
+
+    def model(y=None):
+        sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
+        x = pyro.sample("x", bfd.DiffusionPrior(prior))
+        pyro.sample("y", dist.Normal(A(x), sigma).to_event(1), obs=y)
+
+has a posterior over ``(theta, x)`` with ``theta = sigma``. An SMC sampler run on the
+problem ``p(y | x, theta)`` returns an unbiased estimate ``Z(theta)`` of ``p(y | theta)``,
+which makes the following exact as the number ``K`` of theta-particles grows, for any
+number ``N`` of inner particles (pseudo-marginal importance sampling, Tran, Scharth, Pitt &
+Kohn 2014, and particle marginal Metropolis-Hastings, Andrieu, Doucet & Holenstein 2010,
+together the one-step version of SMC^2, Chopin, Jacob & Papaspiliopoulos 2013):
+
+1. ``theta_k ~ p(theta)``, ``k = 1..K``; one inner run for all of them at once: the model
+   is read as ``K`` independent problems (the prior site expanded to batch ``K``, theta
+   substituted per problem), so the diffusion SMC runs as one ``(K, N)`` batch;
+2. weights ``Z(theta_k)``; ``log p(y) ~ log mean_k Z(theta_k)`` (unbiased in ``p(y)``),
+   the ESS of the weights; resample the theta-particles with their inner clouds;
+3. ``moves`` particle-marginal Metropolis-Hastings moves: a Gaussian random walk in the
+   unconstrained space of theta (``torch.distributions.biject_to``; scale ``2.38 /
+   sqrt(D)`` times the cloud's standard deviation), one batched inner run for the ``K``
+   proposals, acceptance ``Z(theta') p(theta') |J'| / (Z(theta) p(theta) |J|)``. The
+   moves leave the pseudo-marginal posterior invariant; the acceptance rates are reported.
+
+Every theta-particle keeps one draw of ``x`` from its inner cloud, so ``(theta_k, x_k)``
+are joint posterior draws. Supported: continuous global latent sites (outside every plate;
+they may depend on each other), any likelihood :func:`~bayesfilter_diff.infer` reads. The
+model must broadcast a global over the observation: it is substituted with shape
+``(K, 1, ..., 1, *event)``, with as many unit dims as the observed value has dims (a scalar
+``sigma`` multiplies an observation of shape ``(m,)`` as a ``(K, 1)`` tensor).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.poutine.messenger import Messenger
+from torch import Tensor
+from torch.distributions import biject_to
+
+from ..distributions import DiffusionPrior
+from ..errors import PosteriorQualityWarning
+from ..result import Result
+from ..samplers.base import Sampler
+from ..samplers.registry import default_sampler
+from ..smc.resampling import systematic
+from ..smc.weights import ess as weights_ess
+from ..smc.weights import log_mean_exp, normalize
+from .handlers import PriorPlaceholder, is_plate_site, unwrap
+from .reading import model_to_problem
+
+__all__ = ["HierarchicalPosterior", "global_latent_sites", "infer_hierarchical"]
+
+
+class FixGlobals(Messenger):
+    """Set the global latent sites to the theta-particles (shape ``(K, 1.., *event)``,
+    marked fixed so that reading the model skips them) and expand the DiffusionPrior site
+    to batch ``K``: the model becomes ``K`` independent problems, one per theta."""
+
+    def __init__(self, values: dict[str, Tensor], K: int, trailing: int) -> None:
+        super().__init__()
+        self.values, self.K, self.trailing = values, K, trailing
+
+    def _pyro_sample(self, msg) -> None:
+        if msg["is_observed"]:
+            return
+        if msg["name"] in self.values:
+            ev = tuple(msg["fn"].event_shape)
+            v = self.values[msg["name"]]
+            msg["value"] = v.reshape((self.K,) + (1,) * self.trailing + ev)
+            msg["done"] = True
+            msg["infer"] = {**msg["infer"], "_bfd_fixed": True}
+        elif isinstance(msg["fn"], DiffusionPrior):
+            msg["fn"] = msg["fn"].expand(torch.Size([self.K]) + msg["fn"].batch_shape)
+
+
+@dataclass(frozen=True)
+class _Global:
+    name: str
+    event_shape: tuple[int, ...]
+    transform: Any  # constrained <- unconstrained bijection
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.event_shape)
+
+
+def global_latent_sites(model: Callable, *args, **kwargs) -> list[str]:
+    """The latent sample sites of ``model`` other than its DiffusionPrior site(s)."""
+    with pyro.validation_enabled(False):
+        tr = poutine.trace(PriorPlaceholder()(model)).get_trace(*args, **kwargs)
+    nodes = cast("dict[str, dict[str, Any]]", tr.nodes)
+    return [
+        n
+        for n, s in nodes.items()
+        if s["type"] == "sample"
+        and not s["is_observed"]
+        and not is_plate_site(s)
+        and not isinstance(unwrap(s["fn"]), DiffusionPrior)
+        and not s["infer"].get("_deterministic", False)
+    ]
+
+
+@dataclass
+class HierarchicalPosterior:
+    """Joint posterior draws of the global sites and the DiffusionPrior site.
+
+    Attributes
+    ----------
+    theta
+        Site -> ``(K, *event)`` equally weighted draws of each global site.
+    x
+        ``(K, *event)``: one draw of the prior site per theta-particle (from its inner
+        cloud), so ``(theta_k, x_k)`` is a joint draw.
+    site
+        The prior site's name.
+    log_evidence
+        ``log mean_k Z(theta_k)`` over the prior draws of step 1 (unbiased for ``p(y)``;
+        the log is not).
+    theta_ess
+        ESS of the importance weights of step 1, out of ``K``: how many prior draws of
+        theta carried the posterior (below ~10% of K, the moves do the work; more ``K``
+        or more moves).
+    acceptance
+        Acceptance rate of each particle-marginal move.
+    inner
+        The last inner run's Result (the ``(K, N)`` batch).
+    nfe
+        Network evaluations per inner particle, over all inner runs.
+    sampler
+        The inner sampler.
+    """
+
+    theta: dict[str, Tensor]
+    x: Tensor
+    site: str
+    log_evidence: Tensor
+    theta_ess: float
+    acceptance: list[float]
+    inner: Result
+    nfe: int
+    sampler: Sampler
+    log_z: Tensor = field(repr=False, default_factory=lambda: torch.empty(0))
+
+    def get_samples(self) -> dict[str, Tensor]:
+        """Site -> equally weighted draws, Pyro's ``MCMC.get_samples`` convention."""
+        return {**self.theta, self.site: self.x}
+
+
+def _degenerate(res: Result, N: int) -> Tensor:
+    """``(K,)`` bool: the inner runs whose ESS fell below the quality check's floor."""
+    assert res.info.min_ess is not None
+    return res.info.min_ess < max(2.0, 0.05 * N)
+
+
+def _check(
+    theta_ess: float, K: int, degenerate: Tensor, log_w: Tensor, acceptance: list[float]
+) -> None:
+    """Warn (``PosteriorQualityWarning``) when the theta-particles degenerated, when inner
+    runs that degenerated carry much of the posterior, or when no move was accepted."""
+    msgs = []
+    if theta_ess < max(2.0, 0.05 * K):
+        msgs.append(
+            f"the importance weights of the {K} prior draws of theta had ESS {theta_ess:.3g}: "
+            "a few draws carried the posterior (remedies: more num_theta, more moves)"
+        )
+    mass = float(torch.exp(log_w)[degenerate].sum()) if bool(degenerate.any()) else 0.0
+    if mass > 0.5:
+        msgs.append(
+            f"inner runs whose weights degenerated carry {mass:.0%} of the posterior over "
+            "theta: their evidence estimates are noisy (remedies: more num_samples, more "
+            "steps, an inner sampler with adaptive steps)"
+        )
+    if acceptance and max(acceptance) == 0:
+        msgs.append("no particle-marginal move was accepted (remedy: more num_samples)")
+    if msgs:
+        warnings.warn("SMC^2: " + "; ".join(msgs) + ".", PosteriorQualityWarning, stacklevel=3)
+
+
+def _seed(generator: torch.Generator | None) -> int:
+    return int(torch.randint(0, 2**62, (1,), generator=generator))
+
+
+def infer_hierarchical(
+    model: Callable,
+    sampler: Sampler | None = None,
+    *args,
+    num_samples: int = 256,
+    num_theta: int = 64,
+    moves: int = 3,
+    generator: torch.Generator | None = None,
+    **kwargs,
+) -> HierarchicalPosterior:
+    """Sample ``p(theta, x | y)`` for a model with global latent sites ``theta`` (module
+    docstring): ``num_theta`` theta-particles, ``num_samples`` inner particles each, then
+    ``moves`` particle-marginal Metropolis-Hastings moves; ``sampler`` is the inner SMC
+    sampler (default: :func:`~bayesfilter_diff.samplers.registry.default_sampler` of the
+    problem)."""
+    for name, v, low in (("num_theta", num_theta, 2), ("moves", moves, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+    K = num_theta
+    with pyro.validation_enabled(False):
+        tr = poutine.trace(PriorPlaceholder()(model)).get_trace(*args, **kwargs)
+    nodes = cast("dict[str, dict[str, Any]]", tr.nodes)
+    names = global_latent_sites(model, *args, **kwargs)
+    globals_: list[_Global] = []
+    for n in names:
+        s = nodes[n]
+        if s["cond_indep_stack"]:
+            raise ValueError(
+                f"latent site {n!r} is inside pyro.plate {[f.name for f in s['cond_indep_stack']]}: "
+                "infer supports global latent sites (outside every plate) besides the "
+                "DiffusionPrior site; local latent variables are not supported"
+            )
+        fn = s["fn"]
+        if fn.support.is_discrete:
+            raise ValueError(
+                f"latent site {n!r} is discrete ({type(unwrap(fn)).__name__}): infer "
+                "supports continuous global latent sites only; enumerate the values yourself "
+                "and compare the models by their evidence"
+            )
+        globals_.append(_Global(n, tuple(fn.event_shape), biject_to(fn.support)))
+    observed = [s for s in nodes.values() if s["type"] == "sample" and s["is_observed"]]
+    trailing = max(torch.as_tensor(s["value"]).dim() for s in observed) if observed else 0
+    priors = [
+        n
+        for n, s in nodes.items()
+        if s["type"] == "sample" and isinstance(unwrap(s["fn"]), DiffusionPrior)
+    ]
+    site = priors[0] if priors else ""
+
+    def wrapped(values: dict[str, Tensor]) -> Callable:
+        return FixGlobals(values, K, trailing)(model)
+
+    def draw_prior() -> dict[str, Tensor]:
+        values: dict[str, Tensor] = {}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_seed(generator))
+            for gl in globals_:
+                # the site's prior given the globals drawn so far (batched over K)
+                with pyro.validation_enabled(False):
+                    t = poutine.trace(PriorPlaceholder()(FixGlobals(values, K, trailing)(model)))
+                    fn = cast(Any, t.get_trace(*args, **kwargs).nodes[gl.name]["fn"])
+                    # FixGlobals did not fix this one: its fn is the unbatched or K-batched prior
+                v = fn.sample() if fn.batch_shape.numel() == K else fn.sample((K,))
+                values[gl.name] = v.reshape((K,) + gl.event_shape)
+        return values
+
+    def log_prior(values: dict[str, Tensor]) -> Tensor:
+        with pyro.validation_enabled(False):
+            t = poutine.trace(PriorPlaceholder()(wrapped(values))).get_trace(*args, **kwargs)
+        total = torch.zeros(K, dtype=torch.float64)
+        for gl in globals_:
+            node = cast("dict[str, Any]", t.nodes[gl.name])
+            lp = node["fn"].log_prob(node["value"])
+            total = (
+                total + lp.double().reshape(-1).expand(K)
+                if lp.numel() == 1
+                else total + lp.double().reshape(K)
+            )
+        return total
+
+    def unconstrained(values: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """``u`` ``(K, D)`` and ``log |d theta / d u|`` ``(K,)``."""
+        us, ljs = [], []
+        for gl in globals_:
+            th = values[gl.name]
+            u = gl.transform.inv(th)
+            lj = gl.transform.log_abs_det_jacobian(u, th).reshape(K, -1).sum(-1)
+            us.append(u.reshape(K, -1))
+            ljs.append(lj)
+        return torch.cat(us, -1).double(), torch.stack(ljs).sum(0).double()
+
+    def constrained(u: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
+        out, i = {}, 0
+        for gl in globals_:
+            ref = like[gl.name]
+            part = u[:, i : i + gl.size].to(ref.dtype).reshape((K,) + gl.event_shape)
+            out[gl.name] = gl.transform(part)
+            i += gl.size
+        return out
+
+    used: list[Sampler] = []
+    degenerate: list[Tensor] = []
+    nfe = 0
+
+    def inner(values: dict[str, Tensor]) -> tuple[Tensor, Tensor, Result]:
+        nonlocal nfe
+        prior_model, problem, _ = model_to_problem(wrapped(values), *args, **kwargs)
+        smp = sampler if sampler is not None else (used[0] if used else default_sampler(problem))
+        if not used:
+            used.append(smp)
+        with warnings.catch_warnings():
+            # an inner run for a theta far in the tail may degenerate: its Z(theta) is
+            # still unbiased; the run-level check below weighs such runs by their mass
+            warnings.simplefilter("ignore", PosteriorQualityWarning)
+            res = smp.sample(prior_model, problem, num_samples, generator)
+        nfe += res.info.nfe
+        degenerate.append(_degenerate(res, num_samples))
+        if res.log_evidence is None:
+            raise ValueError(
+                f"{type(smp).__name__} gives no evidence estimate: infer needs an SMC sampler "
+                "(TDS, MCGdiff, SMCDiff) for models with global latent sites"
+            )
+        # one draw of x per theta-particle from its weighted cloud
+        idx = torch.multinomial(res.weights().double(), 1, generator=generator).squeeze(-1)
+        x = res.samples[torch.arange(K), idx]
+        return res.log_evidence.double(), x, res
+
+    # 1. prior draws and one batched inner run
+    theta = draw_prior()
+    log_z, x, res = inner(theta)
+    log_w = torch.where(torch.isnan(log_z), torch.full_like(log_z, -math.inf), log_z)
+    if not bool(torch.isfinite(log_w).any()):
+        raise ValueError("every inner run gave evidence 0 (or NaN): check the model and y")
+    log_evidence = log_mean_exp(log_w)
+    theta_ess = float(weights_ess(normalize(log_w)))
+    # 2. resample the theta-particles with their clouds
+    idx = systematic(normalize(log_w), K, generator)
+    theta = {k: v[idx] for k, v in theta.items()}
+    log_z, x = log_w[idx], x[idx]
+    # 3. particle-marginal Metropolis-Hastings moves
+    acceptance: list[float] = []
+    lp = log_prior(theta)
+    for _ in range(moves):
+        u, lj = unconstrained(theta)
+        D = u.shape[1]
+        scale = 2.38 / math.sqrt(D) * u.std(0).clamp_min(1e-3)
+        noise = torch.randn(u.shape, generator=generator, dtype=u.dtype, device=u.device)
+        u_new = u + scale * noise
+        theta_new = constrained(u_new, theta)
+        _, lj_new = unconstrained(theta_new)
+        lp_new = log_prior(theta_new)
+        log_z_new, x_new, res = inner(theta_new)
+        log_z_new = torch.where(
+            torch.isnan(log_z_new), torch.full_like(log_z_new, -math.inf), log_z_new
+        )
+        log_a = (log_z_new + lp_new + lj_new) - (log_z + lp + lj)
+        uni = torch.rand(K, generator=generator, dtype=torch.float64)
+        acc = torch.log(uni) < log_a
+        acceptance.append(float(acc.double().mean()))
+        theta = {
+            k: torch.where(acc.reshape((K,) + (1,) * (v.dim() - 1)), theta_new[k], v)
+            for k, v in theta.items()
+        }
+        x = torch.where(acc.reshape((K,) + (1,) * (x.dim() - 1)), x_new, x)
+        log_z = torch.where(acc, log_z_new, log_z)
+        lp = torch.where(acc, lp_new, lp)
+    _check(theta_ess, K, degenerate[0], normalize(log_w), acceptance)
+    return HierarchicalPosterior(
+        theta=theta,
+        x=x,
+        site=site,
+        log_evidence=log_evidence,
+        theta_ess=theta_ess,
+        acceptance=acceptance,
+        inner=res,
+        nfe=nfe,
+        sampler=used[0],
+        log_z=log_z,
+    )
