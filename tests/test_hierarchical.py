@@ -117,3 +117,32 @@ def test_unsupported_global_sites_are_named():
         bfd.infer(local, TDS(num_steps=3), y=y, num_samples=4, num_theta=4)
     with pytest.raises(ValueError, match="num_theta"):
         bfd.infer(model, TDS(num_steps=3), y=y, num_samples=4, num_theta=1)
+
+
+@pytest.mark.slow
+def test_log_bayes_factor_between_two_priors():
+    """Two Gaussian priors for the same observation: the log Bayes factor from 16
+    independent copies of each run against the chains' exact evidences, within 4.5 of
+    its reported standard error."""
+    sched = bfd.VPSchedule.linear()
+    A = bfd.operators.Dense(torch.tensor([[1.0, 0.3], [-0.4, 1.0]], dtype=DT))
+    y = torch.tensor([0.9, -1.2], dtype=DT)
+    R, N, n = 16, 256, 30
+    problem = bfd.InverseProblem(A, y.expand(R, 2).contiguous(), noise_std=0.3)
+    sub = bfd.InverseProblem(A, y, noise_std=0.3)
+    runs, exact = [], []
+    for mu in (torch.tensor([0.5, -0.3], dtype=DT), torch.tensor([-1.0, 1.0], dtype=DT)):
+        S = torch.tensor([[1.0, 0.4], [0.4, 0.8]], dtype=DT)
+        gmm = bfd.GaussianMixture(torch.ones(1, dtype=DT), mu[None], S[None])
+        res = TDS(num_steps=n, max_log_snr_step=0).sample(
+            gmm.diffusion(sched), problem, N, torch.Generator().manual_seed(len(runs))
+        )
+        runs.append(res.log_evidence)
+        exact.append(float(chain_prior(mu, S, sched, res.info.times).log_evidence(sub)))
+    bf = bfd.diagnostics.log_bayes_factor(runs[0], runs[1])
+    assert bf.runs == R and bf.std_error > 0
+    assert abs(bf.value - (exact[0] - exact[1])) <= 4.5 * bf.std_error, (bf, exact)
+    # a decisive comparison, resolved by the runs: the factor is many standard errors
+    assert abs(exact[0] - exact[1]) > 20 * bf.std_error
+    with pytest.raises(ValueError, match="at least 2"):
+        bfd.diagnostics.pooled_log_evidence([1.0])

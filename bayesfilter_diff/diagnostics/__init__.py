@@ -46,7 +46,14 @@ from .plots import (
     plot_rank_histogram,
     plot_samples_vs_posterior,
 )
-from .smc import ess_trace, log_evidence_error, resampling_events
+from .smc import (
+    EvidenceEstimate,
+    ess_trace,
+    log_bayes_factor,
+    log_evidence_error,
+    pooled_log_evidence,
+    resampling_events,
+)
 
 __all__ = [
     "random_directions",
@@ -65,6 +72,9 @@ __all__ = [
     "ess_trace",
     "resampling_events",
     "log_evidence_error",
+    "EvidenceEstimate",
+    "pooled_log_evidence",
+    "log_bayes_factor",
     "sbc_ranks",
     "rank_uniformity_test",
     "RankTest",
