@@ -288,8 +288,12 @@ def test_errors():
         s = pyro.sample("s", dist.LogNormal(torch.tensor(0.0, dtype=D64), 1.0))
         pyro.sample("y", dist.Normal(x, s).to_event(1), obs=y)
 
+    # model_to_problem reads one latent site; infer samples a global one by SMC^2
     with pytest.raises(ValueError, match=r"latent sites \['s'\]"):
-        infer(extra_latent, TDS(num_steps=5), y)
+        model_to_problem(extra_latent, y)
+    post = infer(extra_latent, TDS(num_steps=3), y, num_samples=4, num_theta=4, moves=1)
+    assert isinstance(post, bfd.inference.HierarchicalPosterior)
+    assert set(post.get_samples()) == {"s", "x"}
 
     with pytest.raises(TypeError, match="sampler"):
         infer(_lg_model, object(), y)
