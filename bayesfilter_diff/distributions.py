@@ -315,9 +315,12 @@ class LinearGaussian(TorchDistribution):
     x
         Signals of shape ``(*batch, *operator.in_shape)``; ``batch_shape`` is ``*batch``.
     noise_std
-        ``sigma_y >= 0`` (a number or a one-element tensor, stored as a float). With
-        ``sigma_y = 0`` the distribution is a point mass: :meth:`sample` returns ``A x`` and
-        :meth:`log_prob` raises.
+        ``sigma_y >= 0`` (a number or a one-element tensor, stored as a float), or a tensor
+        of scales ``> 0``, one per batch element (broadcasting against
+        ``batch_shape + event_shape`` with unit trailing event dims, e.g. a global noise
+        scale of shape ``(K, 1)`` set per theta-particle). With ``sigma_y = 0`` the
+        distribution is a point mass: :meth:`sample` returns ``A x`` and :meth:`log_prob`
+        raises.
     validate_args
         Validate values passed to :meth:`log_prob`.
 
@@ -348,11 +351,34 @@ class LinearGaussian(TorchDistribution):
             raise ValueError(
                 f"x must end with the operator's input shape {ins}, got shape {tuple(x.shape)}"
             )
+        batch = tuple(x.shape[: x.dim() - k])
+        if isinstance(noise_std, Tensor) and noise_std.numel() == 1:
+            noise_std = float(noise_std.detach().reshape(-1)[0])
         if isinstance(noise_std, Tensor):
-            if noise_std.numel() != 1:
-                raise ValueError(f"noise_std must be a scalar, got shape {tuple(noise_std.shape)}")
-            noise_std = float(noise_std)
-        if (
+            # one scale per batch element (e.g. a global latent noise scale set per
+            # theta-particle by SMC^2): broadcasting against batch_shape + event_shape
+            out = tuple(operator.out_shape)
+            try:
+                full = torch.broadcast_shapes(noise_std.shape, batch + out)
+            except RuntimeError:
+                full = None
+            if full != torch.Size(batch + out) or noise_std.dim() > len(batch) + len(out):
+                raise ValueError(
+                    f"noise_std of shape {tuple(noise_std.shape)} must broadcast against the "
+                    f"batch and event shape {batch + out} (one scale per batch element: shape "
+                    f"({', '.join(map(str, batch))}{',' if len(batch) == 1 else ''}"
+                    f"{', 1' * len(out)}))"
+                )
+            if noise_std.dim() <= len(out) or any(
+                noise_std.shape[i] != 1 for i in range(noise_std.dim() - len(out), noise_std.dim())
+            ):
+                raise ValueError(
+                    "noise_std must be one scale per batch element, the same for every output "
+                    f"coordinate (trailing dims of size 1); got shape {tuple(noise_std.shape)}"
+                )
+            if not bool(torch.isfinite(noise_std).all()) or bool((noise_std <= 0).any()):
+                raise ValueError("a noise_std tensor must hold finite numbers > 0")
+        elif (
             isinstance(noise_std, bool)
             or not isinstance(noise_std, int | float)
             or not math.isfinite(noise_std)
@@ -361,7 +387,9 @@ class LinearGaussian(TorchDistribution):
             raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
         self.operator = operator
         self.x = x
-        self.noise_std = float(noise_std)
+        self.noise_std: float | Tensor = (
+            noise_std if isinstance(noise_std, Tensor) else float(noise_std)
+        )
         # The tensor the user passed (kept through expand), so infer can tell whether the
         # observation is of the prior site's value itself.
         self._source_x = x
@@ -389,7 +417,7 @@ class LinearGaussian(TorchDistribution):
 
     @property
     def variance(self) -> Tensor:
-        return torch.full_like(self.mean, self.noise_std**2)
+        return torch.zeros_like(self.mean) + self.noise_std**2
 
     def rsample(
         self, sample_shape: Sequence[int] = torch.Size(), generator: torch.Generator | None = None
@@ -397,7 +425,7 @@ class LinearGaussian(TorchDistribution):
         """``A x + sigma_y n`` with ``n ~ N(0, I)`` drawn with ``generator``."""
         loc = self.mean
         shape = self._extended_shape(torch.Size(sample_shape))
-        if self.noise_std == 0:
+        if isinstance(self.noise_std, float) and self.noise_std == 0:
             return loc.expand(shape).clone()
         n = torch.randn(shape, generator=generator, dtype=loc.dtype, device=loc.device)
         return loc + self.noise_std * n
@@ -412,7 +440,7 @@ class LinearGaussian(TorchDistribution):
         """``log N(value; A x, sigma_y^2 I)`` summed over the event; shape ``sample + batch``."""
         if self._validate_args:
             self._validate_sample(value)
-        if self.noise_std == 0:
+        if isinstance(self.noise_std, float) and self.noise_std == 0:
             raise ValueError("LinearGaussian.log_prob needs noise_std > 0 (a point mass otherwise)")
         loc = self.mean
         k = len(self.event_shape)
@@ -420,4 +448,7 @@ class LinearGaussian(TorchDistribution):
         red = tuple(range(r.dim() - k, r.dim()))
         s2 = self.noise_std**2
         m = math.prod(self.event_shape)
+        if isinstance(s2, Tensor):  # one scale per batch element, constant over the event
+            s2b = s2.reshape(s2.shape[: s2.dim() - k])
+            return -0.5 * (r**2).sum(red) / s2b - 0.5 * m * (torch.log(s2b) + _LOG2PI)
         return -0.5 * (r**2).sum(red) / s2 - 0.5 * m * (math.log(s2) + _LOG2PI)

@@ -33,7 +33,10 @@ class InverseProblem:
     y
         Observations of shape ``operator.out_shape`` or ``(B, *operator.out_shape)``.
     noise_std
-        ``sigma_y >= 0`` for Gaussian noise (0: noiseless). Ignored for Poisson noise.
+        ``sigma_y >= 0`` for Gaussian noise (0: noiseless), or a ``(B,)`` tensor of
+        per-problem scales ``> 0`` for a batched ``y`` (e.g. the theta-particles of SMC^2;
+        only samplers declaring ``Requirements.per_problem_noise`` accept it). Ignored for
+        Poisson noise.
     noise
         ``"gaussian"`` or ``"poisson"`` (``y ~ Poisson(rate * A(x))``, ``A(x) > 0``).
     poisson_rate
@@ -81,14 +84,35 @@ class InverseProblem:
                 f"y has dtype {y.dtype} but the operator has dtype {ref.dtype}; "
                 f"use operator.to({y.dtype}) or cast y"
             )
+        if operator.per_problem:
+            B_op = cast(int, getattr(operator, "batch_size", 0))
+            if not batched or y.shape[0] != B_op:
+                raise ValueError(
+                    f"the operator has one forward model per problem (B={B_op}); y must have "
+                    f"shape (B, *{out}) with that B, got {tuple(y.shape)}"
+                )
         if noise not in ("gaussian", "poisson"):
             raise ValueError(f"noise must be 'gaussian' or 'poisson', got {noise!r}")
+        per_problem: Tensor | None = None
         if isinstance(noise_std, Tensor):
-            if noise_std.numel() != 1:
+            B = y.shape[0] if batched else 1
+            flat = noise_std.detach().reshape(-1)
+            if flat.numel() == 1:
+                noise_std = float(flat[0])
+            elif batched and flat.numel() == B and noise_std.dim() >= 1 and noise_std.shape[0] == B:
+                if not bool(torch.isfinite(flat).all()) or bool((flat < 0).any()):
+                    raise ValueError("noise_std must hold finite numbers >= 0 (one per problem)")
+                if bool((flat == flat[0]).all()):
+                    noise_std = float(flat[0])
+                else:
+                    per_problem = flat.to(dtype=y.dtype, device=y.device)
+                    noise_std = float(flat.min())
+            else:
                 raise ValueError(
-                    f"noise_std must be a scalar, got a tensor of shape {tuple(noise_std.shape)}"
+                    "noise_std must be a number, a one-element tensor, or one value per problem "
+                    f"(shape (B,) = ({B},) for y of shape {tuple(y.shape)}); got a tensor of "
+                    f"shape {tuple(noise_std.shape)}"
                 )
-            noise_std = float(noise_std)
         if (
             isinstance(noise_std, bool)
             or not isinstance(noise_std, int | float)
@@ -97,16 +121,23 @@ class InverseProblem:
         ):
             raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
         fi = torch.finfo(y.dtype)
-        if 0 < noise_std < math.sqrt(fi.tiny):
+        low = noise_std if per_problem is None else float(per_problem.min())
+        high = noise_std if per_problem is None else float(per_problem.max())
+        if per_problem is not None and low == 0:
+            raise ValueError(
+                "per-problem noise_std must be > 0 for every problem (noiseless problems "
+                "cannot share a batch with noisy ones)"
+            )
+        if 0 < low < math.sqrt(fi.tiny):
             # 1 / noise_std^2 would overflow and the log-likelihood turn into inf / NaN
             raise ValueError(
-                f"noise_std={noise_std!r} is too small for {y.dtype}: noise_std**2 underflows "
+                f"noise_std={low!r} is too small for {y.dtype}: noise_std**2 underflows "
                 f"(needs noise_std >= {math.sqrt(fi.tiny):.3g}); use noise_std=0 for a "
                 "noiseless problem"
             )
-        if noise_std > math.sqrt(fi.max):
+        if high > math.sqrt(fi.max):
             raise ValueError(
-                f"noise_std={noise_std!r} is too large for {y.dtype}: noise_std**2 overflows "
+                f"noise_std={high!r} is too large for {y.dtype}: noise_std**2 overflows "
                 f"(needs noise_std <= {math.sqrt(fi.max):.3g})"
             )
         if noise == "poisson":
@@ -116,11 +147,60 @@ class InverseProblem:
                 raise ValueError("Poisson observations y must be non-negative")
         self.operator = operator
         self.y = y
-        self.noise_std = float(noise_std)
+        self._noise_std = float(noise_std)
+        self._per_problem = per_problem
         self.noise = noise
         self.poisson_rate = float(poisson_rate)
         self.batched = batched
         self.log_likelihood_fn = log_likelihood_fn
+
+    # ------------------------------------------------------------------ noise
+    @property
+    def per_problem_noise(self) -> bool:
+        """Whether the ``B`` problems have different Gaussian noise scales."""
+        return self._per_problem is not None
+
+    @property
+    def noise_std(self) -> float:
+        """The Gaussian noise scale shared by all problems.
+
+        Raises ``ValueError`` for per-problem noise (:attr:`per_problem_noise`): code that
+        handles it reads :attr:`noise_stds` or :meth:`noise_variance` instead, and samplers
+        that do not are refused before the run (``Requirements.per_problem_noise``).
+        """
+        if self._per_problem is not None:
+            raise ValueError(
+                "this problem has one noise_std per problem (a (B,) tensor); this code path "
+                "needs one noise_std shared by all problems (read noise_stds instead)"
+            )
+        return self._noise_std
+
+    @property
+    def noise_stds(self) -> Tensor:
+        """``(B,)``: each problem's noise scale (all equal for a shared ``noise_std``)."""
+        if self._per_problem is not None:
+            return self._per_problem
+        return torch.full(
+            (self.batch_size,), self._noise_std, dtype=self.y.dtype, device=self.y.device
+        )
+
+    @property
+    def min_noise_std(self) -> float:
+        """The smallest noise scale over the problems (the most informative one)."""
+        return self._noise_std  # the minimum for per-problem noise (set in __init__)
+
+    def noise_variance(self, event_dim: int = 0) -> Tensor | float:
+        """``sigma_y^2`` broadcasting against ``(B, N, *event)``: a float for a shared scale,
+        a ``(B, 1, 1 * event_dim)`` tensor for per-problem noise."""
+        if self._per_problem is None:
+            return self._noise_std**2
+        return (self._per_problem**2).reshape((-1, 1) + (1,) * event_dim)
+
+    @property
+    def noise_argument(self) -> float | Tensor:
+        """What ``noise_std`` was given as (a float, or the ``(B,)`` per-problem scales):
+        pass it on to build a copy of the problem."""
+        return self._noise_std if self._per_problem is None else self._per_problem
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -149,7 +229,7 @@ class InverseProblem:
         return InverseProblem(
             self.operator.to(*args, **kwargs),
             self.y.to(*args, **kwargs),
-            self.noise_std,
+            self._noise_std if self._per_problem is None else self._per_problem.to(*args, **kwargs),
             noise=self.noise,
             poisson_rate=self.poisson_rate,
             log_likelihood_fn=self.log_likelihood_fn,
@@ -187,21 +267,27 @@ class InverseProblem:
         if self.noise == "poisson":
             rate = self.poisson_rate * Ax
             return (y * torch.log(rate) - rate - torch.lgamma(y + 1)).sum(red)
-        if self.noise_std == 0:
+        if self.min_noise_std == 0:
             raise ValueError("the Gaussian log-likelihood needs noise_std > 0")
-        s2 = self.noise_std**2
+        return self._gaussian_log_likelihood(y - Ax)
+
+    def _gaussian_log_likelihood(self, r: Tensor) -> Tensor:
+        """``log N(r; 0, sigma_y^2 I)`` per particle for residuals ``r`` ``(B, N, *out)``."""
+        red = tuple(range(2, r.dim()))
         m = self.operator.out_dim
-        return -0.5 * ((y - Ax) ** 2).sum(red) / s2 - 0.5 * m * (math.log(s2) + _LOG2PI)
+        if self._per_problem is None:
+            s2 = self._noise_std**2
+            return -0.5 * (r**2).sum(red) / s2 - 0.5 * m * (math.log(s2) + _LOG2PI)
+        s2t = (self._per_problem**2).to(r.dtype)[:, None]  # (B, 1)
+        return -0.5 * (r**2).sum(red) / s2t - 0.5 * m * (torch.log(s2t) + _LOG2PI)
 
     def grad_log_likelihood(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(log p(y|x), grad_x log p(y|x))``, exact for linear-Gaussian problems."""
-        if self.is_linear_gaussian and self.noise_std > 0:
+        if self.is_linear_gaussian and self.min_noise_std > 0:
             op = cast(LinearOperator, self.operator)
             r = self._y_for(x) - op(x)
-            red = tuple(range(2, r.dim()))
-            s2 = self.noise_std**2
-            ll = -0.5 * (r**2).sum(red) / s2 - 0.5 * op.out_dim * (math.log(s2) + _LOG2PI)
-            return ll, op.adjoint(r) / s2
+            s2 = self.noise_variance(len(op.out_shape))
+            return self._gaussian_log_likelihood(r), op.adjoint(r / s2)
         with torch.enable_grad():
             xr = x.detach().requires_grad_(True)
             ll = self.log_likelihood(xr)
@@ -230,10 +316,15 @@ class InverseProblem:
         if self.noise == "poisson":
             return torch.poisson(self.poisson_rate * Ax, generator=generator)
         n = torch.randn(Ax.shape, generator=generator, dtype=Ax.dtype, device=Ax.device)
-        return Ax + self.noise_std * n
+        if self._per_problem is not None:
+            # per-problem noise: x carries the problems' axis first, (B, ..., *in_shape)
+            k = Ax.dim() - 1
+            return Ax + self._per_problem.reshape((-1,) + (1,) * k).to(Ax.dtype) * n
+        return Ax + self._noise_std * n
 
     def __repr__(self) -> str:
         return (
             f"InverseProblem(operator={type(self.operator).__name__}, y={tuple(self.y.shape)}, "
-            f"noise={self.noise!r}, noise_std={self.noise_std})"
+            f"noise={self.noise!r}, noise_std="
+            f"{'per-problem' if self._per_problem is not None else self._noise_std})"
         )

@@ -706,7 +706,9 @@ _BAD_NOISE = st.one_of(
     st.none(),
     st.just([0.1]),
     st.just(complex(0.1, 0.0)),
-    st.just(torch.tensor([0.1, 0.2], dtype=D)),
+    # a (B,) tensor is one scale per problem: 5 values fit no batch of 1-3 problems
+    st.just(torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5], dtype=D)),
+    st.just(torch.tensor([[0.1, 0.2]], dtype=D)),
     st.just(_Strange()),
 )
 _EDGE_NOISE = st.one_of(

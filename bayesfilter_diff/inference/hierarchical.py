@@ -57,6 +57,7 @@ from ..smc.resampling import systematic
 from ..smc.weights import ess as weights_ess
 from ..smc.weights import log_mean_exp, normalize
 from .handlers import PriorPlaceholder, is_plate_site, unwrap
+from .linearize import check_linearization
 from .reading import model_to_problem
 
 __all__ = ["HierarchicalPosterior", "global_latent_sites", "infer_hierarchical"]
@@ -199,6 +200,7 @@ def infer_hierarchical(
     num_theta: int = 64,
     moves: int = 3,
     generator: torch.Generator | None = None,
+    linearize: bool = True,
     **kwargs,
 ) -> HierarchicalPosterior:
     """Sample ``p(theta, x | y)`` for a model with global latent sites ``theta`` (module
@@ -297,7 +299,9 @@ def infer_hierarchical(
 
     def inner(values: dict[str, Tensor]) -> tuple[Tensor, Tensor, Result]:
         nonlocal nfe
-        prior_model, problem, _ = model_to_problem(wrapped(values), *args, **kwargs)
+        prior_model, problem, st = model_to_problem(
+            wrapped(values), *args, linearize=linearize, **kwargs
+        )
         smp = sampler if sampler is not None else (used[0] if used else default_sampler(problem))
         if not used:
             used.append(smp)
@@ -307,6 +311,8 @@ def infer_hierarchical(
             warnings.simplefilter("ignore", PosteriorQualityWarning)
             res = smp.sample(prior_model, problem, num_samples, generator)
         nfe += res.info.nfe
+        if st.kind == "affine_gaussian":
+            check_linearization(st, problem, res.samples)
         degenerate.append(_degenerate(res, num_samples))
         if res.log_evidence is None:
             raise ValueError(

@@ -15,6 +15,7 @@ from ..samplers.base import Sampler
 from ..samplers.registry import default_sampler
 from .handlers import unwrap
 from .hierarchical import HierarchicalPosterior, global_latent_sites, infer_hierarchical
+from .linearize import check_linearization
 from .reading import model_to_problem
 from .structure import ModelStructure
 
@@ -98,6 +99,7 @@ def infer(
     generator: torch.Generator | None = None,
     num_theta: int = 64,
     moves: int = 3,
+    linearize: bool = True,
     **kwargs,
 ) -> Posterior | HierarchicalPosterior:
     """Sample the posterior of a Pyro model's DiffusionPrior site with ``sampler``.
@@ -115,8 +117,8 @@ def infer(
         (:func:`~bayesfilter_diff.samplers.registry.default_sampler`: MCGdiff for a
         LinearGaussian site with an SVD, TDS otherwise), recorded in ``Posterior.sampler``.
     *args, **kwargs
-        The model's arguments (the names ``num_samples``, ``generator``, ``num_theta`` and
-        ``moves`` are taken).
+        The model's arguments (the names ``num_samples``, ``generator``, ``num_theta``,
+        ``moves`` and ``linearize`` are taken).
     num_samples
         Particles ``N`` per problem (per theta-particle for a model with global latent
         sites).
@@ -126,6 +128,12 @@ def infer(
         marginal Metropolis-Hastings moves of the SMC^2 sampler
         (:mod:`bayesfilter_diff.inference.hierarchical`), which then returns a
         :class:`~bayesfilter_diff.inference.hierarchical.HierarchicalPosterior`.
+    linearize
+        Read a Gaussian observation whose mean is affine in the prior value (``x @ M.T``,
+        ``g * A(x) + c``) as a linear operator, so that the linear-Gaussian samplers (and
+        the default MCGdiff) apply (:mod:`bayesfilter_diff.inference.linearize`; checked
+        against the model's own likelihood at the returned draws). ``False`` keeps the
+        forward model a differentiable black box.
     generator
         Randomness of the sampler (the model is not run at random: the prior site gets a
         placeholder, so a LinearGaussian model gives the same draws as calling the sampler
@@ -150,9 +158,10 @@ def infer(
             num_theta=num_theta,
             moves=moves,
             generator=generator,
+            linearize=linearize,
             **kwargs,
         )
-    prior, problem, st = model_to_problem(model, *args, **kwargs)
+    prior, problem, st = model_to_problem(model, *args, linearize=linearize, **kwargs)
     if sampler is None:
         sampler = default_sampler(problem)
     if st.kind != "linear_gaussian":
@@ -168,4 +177,6 @@ def infer(
                 "LinearGaussian observation of the prior site"
             ) from e
     res = sampler.sample(prior, problem, num_samples, generator)
+    if st.kind == "affine_gaussian":
+        check_linearization(st, problem, res.samples if res.batched else res.samples[None])
     return Posterior(result=res, site=st.prior_site, problem=problem, structure=st, sampler=sampler)

@@ -20,13 +20,14 @@ from ..priors.base import DiffusionModel
 from ..problem import InverseProblem
 from .forward import PyroForward
 from .handlers import PriorPlaceholder, is_plate_site, is_unit_scale, unwrap
+from .linearize import linearize as linearize_forward
 from .structure import ModelStructure
 
 __all__ = ["model_to_problem"]
 
 
 def model_to_problem(
-    model: Callable, *args, **kwargs
+    model: Callable, *args, linearize: bool = True, **kwargs
 ) -> tuple[DiffusionModel, InverseProblem, ModelStructure]:
     """Read a Pyro model: its diffusion prior, the inverse problem and the model structure.
 
@@ -36,16 +37,22 @@ def model_to_problem(
         A Pyro model with one DiffusionPrior site and observed sites (see
         :mod:`bayesfilter_diff.inference`).
     *args, **kwargs
-        The model's arguments (data).
+        The model's arguments (data; the name ``linearize`` is taken).
+    linearize
+        Read a Gaussian site whose mean is affine in the prior value as a linear operator
+        (:mod:`bayesfilter_diff.inference.linearize`; ``kind = "affine_gaussian"``).
 
     Returns
     -------
     (DiffusionModel, InverseProblem, ModelStructure)
-        ``structure.kind`` is ``"linear_gaussian"``, ``"gaussian"``, ``"poisson"`` or
-        ``"custom"``.
+        ``structure.kind`` is ``"linear_gaussian"``, ``"affine_gaussian"``, ``"gaussian"``,
+        ``"poisson"`` or ``"custom"``.
     """
     if not callable(model):
         raise TypeError(f"model must be callable, got {type(model).__name__}")
+    linear = linearize
+    if not isinstance(linear, bool):
+        raise TypeError(f"linearize must be a bool, got {linear!r}")
     # 1. Trace with a placeholder at the prior site (no reverse diffusion).
     with pyro.validation_enabled(False):
         tr = poutine.trace(PriorPlaceholder()(model)).get_trace(*args, **kwargs)
@@ -170,23 +177,32 @@ def model_to_problem(
             and is_unit_scale(s["scale"])
             and s["mask"] is None
             and tuple(fn.batch_shape) == P
-            and tuple(s["value"].shape) == P + tuple(fn.event_shape)
+            and _broadcasts(tuple(s["value"].shape), P + tuple(fn.event_shape))
         ):
             out = tuple(fn.event_shape)
-            y = s["value"].reshape(((B,) if batched else ()) + out)
+            y = s["value"].expand(P + out).reshape(((B,) if batched else ()) + out)
+            noise: float | Tensor = fn.noise_std
+            if isinstance(noise, Tensor):  # one scale per problem (e.g. set by SMC^2)
+                per = noise.reshape(noise.shape[: noise.dim() - len(out)])
+                noise = per.expand(P).reshape(-1) if batched else per.reshape(-1)
             st.kind = "linear_gaussian"
-            return prior.model, InverseProblem(fn.operator, y, fn.noise_std), st
+            return prior.model, InverseProblem(fn.operator, y, noise), st
 
     # 3b. A single Gaussian / Poisson observation: forward model by replay.
     y, out, site_layout = _observed_data(st, tr, dtype, device)
     if len(observed) == 1:
         s = nodes[observed[0]]
-        kind, noise_std = _structured_kind(st, s)
+        kind, noise_std = _structured_kind(st, s, site_layout)
         if kind is not None:
             st.kind = kind
             op = PyroForward(st, out, kind, site_layout)
+            lin = linearize_forward(st, op, y) if kind == "gaussian" and linear else None
             if kind == "poisson":
                 problem = InverseProblem(op, y, noise="poisson")
+            elif lin is not None:
+                # the mean is affine in x: a linear-Gaussian problem (y - c = M x + noise)
+                st.kind = "affine_gaussian"
+                problem = InverseProblem(lin[0], lin[1], noise_std)
             else:
                 problem = InverseProblem(op, y, noise_std)
             _probe(st, problem)
@@ -202,6 +218,14 @@ def model_to_problem(
     problem = InverseProblem(op, y, log_likelihood_fn=log_likelihood_fn)
     _probe(st, problem)
     return prior.model, problem, st
+
+
+def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Whether ``shape`` broadcasts to ``target`` (without growing it)."""
+    try:
+        return tuple(torch.broadcast_shapes(shape, target)) == target
+    except RuntimeError:
+        return False
 
 
 def _observed_data(st: ModelStructure, tr, dtype, device) -> tuple[Tensor, tuple[int, ...], tuple]:
@@ -244,32 +268,57 @@ def _observed_data(st: ModelStructure, tr, dtype, device) -> tuple[Tensor, tuple
     return y, (y.shape[-1],), ((), ())
 
 
-def _structured_kind(st: ModelStructure, s: dict) -> tuple[str | None, float]:
-    """``("gaussian", sigma)`` / ``("poisson", 0)`` for a site that maps onto a noise model."""
+def _structured_kind(
+    st: ModelStructure, s: dict, site_layout: tuple
+) -> tuple[str | None, float | Tensor]:
+    """``("gaussian", sigma)`` / ``("poisson", 0)`` for a site that maps onto a noise model;
+    ``sigma`` is a ``(B,)`` tensor when the scale differs between problems but not within one
+    (e.g. a global noise scale set per theta-particle by SMC^2)."""
     if not (is_unit_scale(s["scale"]) and s["mask"] is None):
         return None, 0.0
     fn = s["fn"]
     while isinstance(fn, tdist.Independent):
         fn = fn.base_dist
-    if isinstance(fn, LinearGaussian):
-        return ("gaussian", fn.noise_std) if fn.noise_std > 0 else (None, 0.0)
     if isinstance(fn, tdist.Poisson):
         return "poisson", 0.0
-    if type(fn) in (tdist.Normal, pyro.distributions.Normal):
-        # The scale must not depend on x: replay with particles that require grad.
-        x = torch.zeros(
-            ((st.B,) if st.batched else (1,)) + (2,) + tuple(st.event_shape),
-            dtype=st.prior.dtype,
-            device=st.prior.device,
-        ).requires_grad_(True)
-        with torch.enable_grad():
-            probe = unwrap(st.replay(x).nodes[st.observed[0]]["fn"])
+    if not isinstance(fn, LinearGaussian) and type(fn) not in (
+        tdist.Normal,
+        pyro.distributions.Normal,
+    ):
+        return None, 0.0
+    # The scale must not depend on x: replay with particles that require grad.
+    x = torch.zeros(
+        ((st.B,) if st.batched else (1,)) + (2,) + tuple(st.event_shape),
+        dtype=st.prior.dtype,
+        device=st.prior.device,
+    ).requires_grad_(True)
+    with torch.enable_grad():
+        probe = unwrap(st.replay(x).nodes[st.observed[0]]["fn"])
+    if isinstance(probe, LinearGaussian):
+        if isinstance(probe.noise_std, float):
+            return ("gaussian", probe.noise_std) if probe.noise_std > 0 else (None, 0.0)
+        scale = probe.noise_std + torch.zeros_like(probe.mean)
+    else:
         scale = probe.scale
-        if scale.requires_grad or not bool((scale == scale.reshape(-1)[0]).all()):
-            return None, 0.0
+    if scale.requires_grad:
+        return None, 0.0
+    if bool((scale == scale.reshape(-1)[0]).all()):
         sd = float(scale.reshape(-1)[0])
         return ("gaussian", sd) if sd > 0 else (None, 0.0)
-    return None, 0.0
+    if not st.batched:
+        return None, 0.0
+    # one scale per problem? (the problem layout (B, 2, *out), constant past the B axis)
+    _, lead = st.to_value(x.detach())
+    full, trailing = site_layout
+    try:
+        per = st.from_layout(
+            scale.detach(), full, trailing, lead, st.obs_plates.get(st.observed[0], 0)
+        ).reshape(st.B, -1)
+    except (ValueError, RuntimeError):
+        return None, 0.0
+    if not bool((per == per[:, :1]).all()) or not bool((per[:, 0] > 0).all()):
+        return None, 0.0
+    return "gaussian", per[:, 0].clone()
 
 
 def _probe(st: ModelStructure, problem: InverseProblem) -> None:

@@ -10,7 +10,7 @@ from .base import (
 )
 from .block_average import BlockAverage, Colorize, Downsample
 from .blur import Blur, gaussian_kernel, motion_kernel
-from .dense import Dense, gmm_benchmark_operator
+from .dense import Dense, PerProblemDense, gmm_benchmark_operator
 from .identity import Identity
 from .mask import Mask
 from .phase_retrieval import PhaseRetrieval
@@ -20,6 +20,7 @@ __all__ = [
     "LinearOperator",
     "Identity",
     "Dense",
+    "PerProblemDense",
     "Mask",
     "BlockAverage",
     "Downsample",

@@ -67,6 +67,8 @@ class Operator(nn.Module):
     is_linear: bool = False
     has_svd: bool = False
     is_mask: bool = False
+    #: One forward model per problem of a batch (signals carry the problems' axis first).
+    per_problem: bool = False
 
     def __init__(self, in_shape: Sequence[int] | int, out_shape: Sequence[int] | int) -> None:
         super().__init__()
@@ -304,6 +306,9 @@ def spectral_norm(op: LinearOperator, iterations: int = 50) -> float:
     pseudo-random start, so the value is deterministic; it can only underestimate)."""
     if op.has_svd:
         return float(op.singular_values().max())
+    per_problem = getattr(op, "max_singular_value", None)
+    if per_problem is not None:  # per-problem matrices: the largest over the problems
+        return float(per_problem())
     ref = op._ref()
     kw: dict[str, Any] = {} if ref is None else {"dtype": ref.dtype, "device": ref.device}
     g = torch.Generator().manual_seed(0)

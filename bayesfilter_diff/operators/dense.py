@@ -169,3 +169,110 @@ def gmm_benchmark_operator(
     A = U @ torch.diag(s) @ Vh
     sigma_y = float(torch.rand((), generator=generator, dtype=torch.float64) * s.max())
     return Dense(A.to(dtype)), sigma_y
+
+
+class PerProblemDense(LinearOperator):
+    """``A_b x = M_b x``: one ``(m, d)`` matrix per problem of a batch of ``B`` problems.
+
+    For problems whose forward models differ (an operator parameter per theta-particle of
+    SMC^2, a gain per problem). Signals carry the problems' axis first: ``x`` of shape
+    ``(B, ..., *in_shape)``. No shared SVD (``has_svd = False``): :meth:`gram_solve` is a
+    batched dense solve per problem; samplers accept it only where they declare
+    ``Requirements.per_problem`` (TDS).
+
+    Parameters
+    ----------
+    matrices
+        ``(B, m, d)`` floating-point tensor.
+    in_shape
+        Event shape of ``x`` (default ``(d,)``).
+    """
+
+    per_problem = True
+    M: Tensor
+
+    def __init__(self, matrices: Tensor, in_shape: Sequence[int] | None = None) -> None:
+        if not isinstance(matrices, Tensor) or matrices.dim() != 3:
+            raise ValueError(
+                "matrices must be a 3-D tensor (B, m, d), got "
+                f"{getattr(matrices, 'shape', matrices)}"
+            )
+        if not matrices.is_floating_point():
+            raise TypeError(f"matrices must be floating point, got {matrices.dtype}")
+        if not torch.isfinite(matrices).all():
+            raise ValueError("matrices must be finite (no NaN or inf)")
+        _, m, d = matrices.shape
+        in_shape = (d,) if in_shape is None else tuple(in_shape)
+        super().__init__(in_shape, (m,))
+        if self.in_dim != d:
+            raise ValueError(
+                f"in_shape {in_shape} has {self.in_dim} entries, matrices have d={d} columns"
+            )
+        self.register_buffer("M", matrices)
+
+    @property
+    def batch_size(self) -> int:
+        return self.M.shape[0]
+
+    def _per_problem(self, lead: torch.Size, what: str) -> None:
+        if len(lead) < 1 or lead[0] != self.batch_size:
+            raise ValueError(
+                f"PerProblemDense: {what} must carry the problems' axis first, "
+                f"(B={self.batch_size}, ...), got leading shape {tuple(lead)}"
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = self._lead(x, self.in_shape, "x")
+        self._per_problem(lead, "x")
+        xf = x.reshape(lead[0], -1, self.in_dim)
+        return (xf @ self.M.transpose(-1, -2)).reshape(lead + self.out_shape)
+
+    def adjoint(self, y: Tensor) -> Tensor:
+        lead = self._lead(y, self.out_shape, "y")
+        self._per_problem(lead, "y")
+        yf = y.reshape(lead[0], -1, self.out_dim)
+        return (yf @ self.M).reshape(lead + self.in_shape)
+
+    def matrix(self) -> Tensor:
+        """The ``(B, m, d)`` matrices."""
+        return self.M
+
+    def max_singular_value(self) -> float:
+        """The largest singular value over the problems."""
+        return float(torch.linalg.matrix_norm(self.M.double(), ord=2).max())
+
+    def gram_solve(
+        self,
+        y: Tensor,
+        r2: Tensor | float,
+        s2: Tensor | float,
+        *,
+        cg_iters: int | None = None,
+        cg_tol: float = 1e-10,
+    ) -> Tensor:
+        """``(r2 A_b A_b^T + s2 I)^-1 y`` per problem, by a batched Cholesky solve.
+
+        ``r2`` and ``s2`` are numbers or tensors broadcasting against ``y``'s leading
+        dimensions ``(B, ...)``; a coefficient that varies along the particles is solved per
+        particle (``cg_iters`` is ignored: the matrices are dense)."""
+        lead = self._lead(y, self.out_shape, "y")
+        self._per_problem(lead, "y")
+        B, m = self.batch_size, self.out_dim
+        kw = {"dtype": y.dtype, "device": y.device}
+        r2t = torch.as_tensor(r2, **kw)
+        s2t = torch.as_tensor(s2, **kw)
+        # the coefficients' shape over the leading dims, padded to y's rank
+        cshape = torch.broadcast_shapes(r2t.shape, s2t.shape)
+        cshape = (1,) * (len(lead) - len(cshape)) + tuple(cshape)
+        r2t = r2t.reshape((1,) * (len(lead) - r2t.dim()) + tuple(r2t.shape)).expand(cshape)
+        s2t = s2t.reshape((1,) * (len(lead) - s2t.dim()) + tuple(s2t.shape)).expand(cshape)
+        if cshape[0] not in (1, B):
+            raise ValueError(f"coefficients of leading shape {cshape} do not match B={B}")
+        MMt = self.M @ self.M.transpose(-1, -2)  # (B, m, m)
+        MMt = MMt.reshape((B,) + (1,) * (len(lead) - 1) + (m, m))
+        eye = torch.eye(m, **kw)
+        G = r2t[..., None, None] * MMt + s2t[..., None, None] * eye  # (B, c.., m, m)
+        L = torch.linalg.cholesky(G)
+        yf = y.reshape(lead + (m,))
+        sol = torch.cholesky_solve(yf.unsqueeze(-1), L).squeeze(-1)
+        return sol.reshape(lead + self.out_shape)

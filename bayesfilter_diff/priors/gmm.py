@@ -394,18 +394,25 @@ class GaussianMixture(nn.Module):
             )
         if problem.noise != "gaussian":
             raise ValueError("the exact posterior needs Gaussian observation noise")
-        A = op.matrix().double()  # (m, d)
+        A = op.matrix().double()  # (m, d), or (B, m, d) for per-problem operators
         y = problem.y_flat.double()  # (B, m)
-        s2 = float(problem.noise_std) ** 2
         S = self.covariance_matrices().double().expand(self.num_components, self.dim, self.dim)
         mu = self.means.double()
-        SAt = S @ A.T  # (K, d, m)
-        G = A @ SAt + s2 * torch.eye(A.shape[0], dtype=torch.float64, device=A.device)
-        L = torch.linalg.cholesky(G)  # (K, m, m)
-        resid = y[:, None, :] - mu @ A.T  # (B, K, m)
+        if A.dim() == 3:
+            A = A[:, None]  # (B, 1, m, d): broadcast against the components
+        At = A.transpose(-1, -2)
+        SAt = S @ At  # (K, d, m) or (B, K, d, m)
+        eye = torch.eye(A.shape[-2], dtype=torch.float64, device=A.device)
+        if problem.per_problem_noise:  # (B, K, m, m): one noise scale per problem
+            s2b = problem.noise_stds.double().reshape(-1, 1, 1, 1) ** 2
+            G = A @ SAt + s2b * eye
+        else:
+            G = A @ SAt + float(problem.noise_std) ** 2 * eye
+        L = torch.linalg.cholesky(G)  # (K, m, m) or (B, K, m, m)
+        resid = y[:, None, :] - (A @ mu[..., None]).squeeze(-1)  # (B, K, m)
         sol = torch.cholesky_solve(resid.unsqueeze(-1), L).squeeze(-1)  # G^-1 (y - A mu)
-        logdet = 2 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)  # (K,)
-        m = A.shape[0]
+        logdet = 2 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)  # (K,) or (B, K)
+        m = A.shape[-2]
         loglik = -0.5 * ((resid * sol).sum(-1) + logdet + m * _LOG2PI)  # (B, K)
         return A, S, SAt, L, mu, sol, loglik
 
@@ -413,8 +420,16 @@ class GaussianMixture(nn.Module):
         """Exact posterior mixture under a linear-Gaussian ``problem``.
 
         Batched over the problem's observations: weights ``(B, K)``, means ``(B, K, d)``
-        and shared covariances ``(K, d, d)``; unbatched when ``problem.y`` is.
+        and shared covariances ``(K, d, d)``; unbatched when ``problem.y`` is. Per-problem
+        noise and operators are for :meth:`log_evidence` only (the
+        covariances would differ per problem): build one problem per noise scale here.
         """
+        if problem.per_problem_noise or problem.operator.per_problem:
+            raise ValueError(
+                "GaussianMixture.posterior needs one noise_std and one operator shared by the "
+                "problems (the posterior covariances would differ per problem); log_evidence "
+                "accepts per-problem noise and operators"
+            )
         A, S, SAt, L, mu, sol, loglik = self._observation_terms(problem)
         lw = self.log_weights.double() + loglik
         w = torch.softmax(lw, dim=-1)

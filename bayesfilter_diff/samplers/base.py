@@ -66,6 +66,10 @@ class Requirements:
         ``log_likelihood_fn``, e.g. from a Pyro model).
     noise_positive
         Gaussian noise with ``noise_std > 0``.
+    per_problem
+        Accepts a batch of problems with different Gaussian noise scales (``noise_std`` a
+        ``(B,)`` tensor) or forward models (an operator with ``per_problem = True``), e.g.
+        the theta-particles of SMC^2 over an unknown noise scale or operator parameter.
     differentiates
         Whether the sampler differentiates the network or the likelihood (informative).
     remedy
@@ -77,12 +81,18 @@ class Requirements:
     mask: bool = False
     likelihoods: frozenset[str] = frozenset({"gaussian"})
     noise_positive: bool = False
+    per_problem: bool = False
     differentiates: bool = False
     remedy: str = ""
 
     def _unmet(self, problem: InverseProblem) -> str | None:
         op = problem.operator
         got = type(op).__name__
+        if op.per_problem and not self.per_problem:
+            return (
+                f"one operator shared by all problems; got {got}, one forward model per "
+                "problem: use a sampler that accepts per-problem operators (TDS)"
+            )
         if self.mask and not getattr(op, "is_mask", False):
             return f"a masking operator (operators.Mask, operator.is_mask=True); got {got}"
         if self.svd and not (op.is_linear and op.has_svd):
@@ -97,7 +107,13 @@ class Requirements:
             accepted = " or ".join(sorted(self.likelihoods))
             extra = "" if "custom" in self.likelihoods else " (no custom log_likelihood_fn)"
             return f"a {accepted} observation model{extra}; got {_describe_likelihood(problem)}"
-        if self.noise_positive and kind == "gaussian" and problem.noise_std <= 0:
+        if kind == "gaussian" and problem.per_problem_noise and not self.per_problem:
+            return (
+                "one noise_std shared by all problems; got one per problem (a (B,) tensor): "
+                "run the problems separately, or use a sampler that accepts per-problem noise "
+                "(TDS)"
+            )
+        if self.noise_positive and kind == "gaussian" and problem.min_noise_std <= 0:
             return (
                 "Gaussian noise with noise_std > 0 (its weights or data term divide by the "
                 "noise variance); got noise_std = 0"

@@ -288,7 +288,7 @@ def _upcast(
     problem32 = InverseProblem(
         op,
         problem.y.to(torch.float32),
-        problem.noise_std,
+        problem.noise_stds.float() if problem.per_problem_noise else problem.noise_std,
         noise=problem.noise,
         poisson_rate=problem.poisson_rate,
         log_likelihood_fn=problem.log_likelihood_fn,
@@ -454,7 +454,7 @@ def run(
         raise NonFiniteSamplesError(
             f"{type(sampler).__name__} returned NaN or inf samples for problem(s) {probs} "
             f"({int(bad.sum())} of {B * N} particles): the run diverged; check the noise level "
-            f"(noise_std={problem.noise_std:g}), the sampler's step sizes and the prior"
+            f"(noise_std={problem.min_noise_std:g}), the sampler's step sizes and the prior"
         )
     info.distinct = _distinct_samples(x)
     # the quality check: findings in info.quality, each warned with its remedy

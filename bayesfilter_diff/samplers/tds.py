@@ -157,6 +157,7 @@ class TDS(SMCSampler):
     requires = Requirements(
         likelihoods=frozenset({"gaussian", "poisson", "custom"}),
         noise_positive=True,
+        per_problem=True,
         differentiates=True,
     )
     exact = True
@@ -211,13 +212,14 @@ class TDS(SMCSampler):
             self.max_log_snr_step == 0
             or not _uses_gaussian_twist(problem)
             or not problem.operator.is_linear
-            or problem.noise_std == 0
+            or problem.min_noise_std == 0
         ):
             return base
         s_max = spectral_norm(cast(LinearOperator, problem.operator))
         if not s_max > 0:
             return base
-        informative = math.log(s_max**2 / problem.noise_std**2)
+        # per-problem noise: refine for the most informative problem
+        informative = math.log(s_max**2 / problem.min_noise_std**2)
         sch = prior.schedule
         times = refine_in_log_snr(
             sch, base, sch.log_snr(base[1:]) >= informative, self.max_log_snr_step
@@ -242,7 +244,7 @@ class TDS(SMCSampler):
         evidence estimate is unchanged)."""
         op = cast(LinearOperator, ctx.problem.operator)
         sig2 = self._twist_extra_variance(ctx, t)
-        s2 = ctx.problem.noise_std**2
+        s2 = ctx.problem.noise_variance()  # a float, or (B, 1) per problem
         y = ctx.y.unsqueeze(1)  # (B, 1, *out)
 
         def fn(x0: Tensor) -> Tensor:
@@ -290,7 +292,7 @@ class TDS(SMCSampler):
         elif self.twist_variance == "operator":
             fn = self._operator_twist(ctx, t)
         else:
-            var = problem.noise_std**2 + v
+            var = problem.noise_variance() + v  # (B, 1) for per-problem noise
             y = ctx.y.unsqueeze(1)  # (B, 1, *out)
             m = problem.operator.out_dim
 
