@@ -15,7 +15,7 @@ import bayesfilter_diff as bfd
 from bayesfilter_diff.inference import model_to_problem
 from bayesfilter_diff.inference.linearize import check_linearization
 from bayesfilter_diff.operators import Dense, PerProblemDense, spectral_norm
-from bayesfilter_diff.samplers import MCGdiff, TDS
+from bayesfilter_diff.samplers import TDS, MCGdiff
 
 
 def _matrices(B=3, m=2, d=3, seed=0):

@@ -52,12 +52,17 @@ def linearize(
     dtype, device = st.prior.dtype, st.prior.device
     if not dtype.is_floating_point:
         return None
-    kw = {"dtype": dtype, "device": device}
     ev = tuple(st.event_shape)
     g = torch.Generator(device="cpu").manual_seed(20261203)
-    z = torch.randn(4, d, generator=g, dtype=torch.float64).to(**kw)
+    z = torch.randn(4, d, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
     probes = torch.stack([z[0], -z[0], 100 * z[1], -100 * z[2], 0.01 * z[3]])  # (5, d)
-    basis = torch.cat([torch.zeros(1, d, **kw), torch.eye(d, **kw), probes])  # (d + 6, d)
+    basis = torch.cat(
+        [
+            torch.zeros(1, d, dtype=dtype, device=device),
+            torch.eye(d, dtype=dtype, device=device),
+            probes,
+        ]
+    )  # (d + 6, d)
     x = basis.expand(B, -1, -1).reshape((B, basis.shape[0]) + ev)
     try:
         with torch.no_grad():

@@ -258,9 +258,8 @@ class PerProblemDense(LinearOperator):
         lead = self._lead(y, self.out_shape, "y")
         self._per_problem(lead, "y")
         B, m = self.batch_size, self.out_dim
-        kw = {"dtype": y.dtype, "device": y.device}
-        r2t = torch.as_tensor(r2, **kw)
-        s2t = torch.as_tensor(s2, **kw)
+        r2t = torch.as_tensor(r2, dtype=y.dtype, device=y.device)
+        s2t = torch.as_tensor(s2, dtype=y.dtype, device=y.device)
         # the coefficients' shape over the leading dims, padded to y's rank
         cshape = torch.broadcast_shapes(r2t.shape, s2t.shape)
         cshape = (1,) * (len(lead) - len(cshape)) + tuple(cshape)
@@ -270,7 +269,7 @@ class PerProblemDense(LinearOperator):
             raise ValueError(f"coefficients of leading shape {cshape} do not match B={B}")
         MMt = self.M @ self.M.transpose(-1, -2)  # (B, m, m)
         MMt = MMt.reshape((B,) + (1,) * (len(lead) - 1) + (m, m))
-        eye = torch.eye(m, **kw)
+        eye = torch.eye(m, dtype=y.dtype, device=y.device)
         G = r2t[..., None, None] * MMt + s2t[..., None, None] * eye  # (B, c.., m, m)
         L = torch.linalg.cholesky(G)
         yf = y.reshape(lead + (m,))
