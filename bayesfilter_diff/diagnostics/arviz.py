@@ -121,7 +121,11 @@ def to_arviz(
         A batched Result ``(B, N, *event)`` (``B`` chains of ``N`` draws), an unbatched
         Result (one chain), a list of unbatched Results of the same size (one chain each),
         a :class:`~bayesfilter_diff.inference.Posterior` from ``bfd.infer`` (or a list of
-        them: their Results), or a tensor ``(chains, draws, *event)``.
+        them: their Results), a
+        :class:`~bayesfilter_diff.inference.HierarchicalPosterior` (or a list of them from
+        independent runs: one chain each; every site, global and prior, becomes a
+        variable of the posterior group, the ``K`` theta-particles its draws), or a tensor
+        ``(chains, draws, *event)``.
     var_name
         Name of the variable in the posterior group (default ``"x"``; a Posterior's prior
         site name when Posteriors are passed).
@@ -146,9 +150,16 @@ def to_arviz(
         Posterior group ``{var_name: (chain, draw, *event)}``; event axes are named
         ``{var_name}_dim_0``, ...
     """
+    from ..inference.hierarchical import HierarchicalPosterior
     from ..inference.posterior import Posterior
 
     items = result_or_results
+    hier = [items] if isinstance(items, HierarchicalPosterior) else None
+    if hier is None and isinstance(items, list | tuple) and items:
+        if all(isinstance(p, HierarchicalPosterior) for p in items):
+            hier = list(items)
+    if hier is not None:
+        return _hierarchical(hier)
     posts = [items] if isinstance(items, Posterior) else None
     if posts is None and isinstance(items, list | tuple) and items:
         if all(isinstance(p, Posterior) for p in items):
@@ -168,4 +179,30 @@ def to_arviz(
     if lw is not None:
         groups["sample_stats"] = {"log_weight": lw.detach().cpu().numpy()}
     attrs = {"inference_library": "bayesfilter_diff"}
+    return _from_dict(groups, attrs)
+
+
+def _hierarchical(posts: list) -> object:
+    """Every site of SMC^2 runs: ``{site: (runs, K, *event)}``, the runs' log-evidence."""
+    sites = list(posts[0].get_samples())
+    for i, p in enumerate(posts):
+        got = p.get_samples()
+        if list(got) != sites or {tuple(v.shape) for v in got.values()} != {
+            tuple(v.shape) for v in posts[0].get_samples().values()
+        }:
+            raise ValueError(
+                f"HierarchicalPosterior {i} has other sites or shapes than the first: "
+                f"{ {k: tuple(v.shape) for k, v in got.items()} }"
+            )
+    groups = {
+        "posterior": {
+            k: torch.stack([p.get_samples()[k] for p in posts]).detach().cpu().numpy()
+            for k in sites
+        }
+    }
+    attrs = {
+        "inference_library": "bayesfilter_diff",
+        "sampler": "SMC^2 with " + type(posts[0].sampler).__name__,
+        "log_evidence": [float(p.log_evidence) for p in posts],
+    }
     return _from_dict(groups, attrs)

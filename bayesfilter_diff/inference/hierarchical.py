@@ -10,20 +10,26 @@ A model such as::
 has a posterior over ``(theta, x)`` with ``theta = sigma``. An SMC sampler run on the
 problem ``p(y | x, theta)`` returns an unbiased estimate ``Z(theta)`` of ``p(y | theta)``,
 which makes the following exact as the number ``K`` of theta-particles grows, for any
-number ``N`` of inner particles (pseudo-marginal importance sampling, Tran, Scharth, Pitt &
-Kohn 2014, and particle marginal Metropolis-Hastings, Andrieu, Doucet & Holenstein 2010,
-together the one-step version of SMC^2, Chopin, Jacob & Papaspiliopoulos 2013):
+number ``N`` of inner particles (SMC^2, Chopin, Jacob & Papaspiliopoulos 2013, in its
+density-tempered form, Duan & Fulop 2015, with particle-marginal Metropolis-Hastings
+moves, Andrieu, Doucet & Holenstein 2010):
 
 1. ``theta_k ~ p(theta)``, ``k = 1..K``; one inner run for all of them at once: the model
    is read as ``K`` independent problems (the prior site expanded to batch ``K``, theta
    substituted per problem), so the diffusion SMC runs as one ``(K, N)`` batch;
-2. weights ``Z(theta_k)``; ``log p(y) ~ log mean_k Z(theta_k)`` (unbiased in ``p(y)``),
-   the ESS of the weights; resample the theta-particles with their inner clouds;
-3. ``moves`` particle-marginal Metropolis-Hastings moves: a Gaussian random walk in the
-   unconstrained space of theta (``torch.distributions.biject_to``; scale ``2.38 /
-   sqrt(D)`` times the cloud's standard deviation), one batched inner run for the ``K``
-   proposals, acceptance ``Z(theta') p(theta') |J'| / (Z(theta) p(theta) |J|)``. The
-   moves leave the pseudo-marginal posterior invariant; the acceptance rates are reported.
+2. tempering from ``lambda = 0`` to 1 through the targets ``p(theta) Z(theta)^lambda``
+   (on the extended space of theta and the inner runs' randomness): each next
+   ``lambda'`` is chosen by bisection so that the incremental weights
+   ``Z^(lambda' - lambda)`` keep an ESS of ``ess_target * K``; reweight, add
+   ``log mean_k Z_k^(lambda' - lambda)`` to the log-evidence (the product is unbiased in
+   ``p(y)``), resample the theta-particles with their draws of ``x``;
+3. after each reweighting, ``moves`` particle-marginal Metropolis-Hastings moves: a
+   Gaussian random walk in the unconstrained space of theta
+   (``torch.distributions.biject_to``; scale ``2.38 / sqrt(D)`` times the cloud's standard
+   deviation), one batched inner run for the ``K`` proposals, acceptance
+   ``Z'^lambda p(theta') |J'| / (Z^lambda p(theta) |J|)``. They leave the level's target
+   invariant; the acceptance rates are reported. With ``moves = 0``: one step to
+   ``lambda = 1`` (pseudo-marginal importance sampling, Tran et al. 2014).
 
 Every theta-particle keeps one draw of ``x`` from its inner cloud, so ``(theta_k, x_k)``
 are joint posterior draws. Supported: continuous global latent sites (outside every plate;
@@ -126,14 +132,19 @@ class HierarchicalPosterior:
     site
         The prior site's name.
     log_evidence
-        ``log mean_k Z(theta_k)`` over the prior draws of step 1 (unbiased for ``p(y)``;
-        the log is not).
+        The sum over the tempering levels of ``log mean_k Z_k^(lambda' - lambda)``: the log
+        of an unbiased estimate of ``p(y)`` (the log itself is biased low by about half
+        its variance).
     theta_ess
-        ESS of the importance weights of step 1, out of ``K``: how many prior draws of
-        theta carried the posterior (below ~10% of K, the moves do the work; more ``K``
-        or more moves).
+        The smallest ESS of a reweighting of the theta-particles, out of ``K``
+        (``ess_target * K`` by construction while tempering; the prior draws' importance
+        weights with ``moves = 0``).
     acceptance
-        Acceptance rate of each particle-marginal move.
+        Acceptance rate of each particle-marginal move, in order.
+    temperatures
+        The tempering levels ``lambda`` reached (the last is 1).
+    level_ess
+        The ESS of each level's incremental weights.
     inner
         The last inner run's Result (the ``(K, N)`` batch).
     nfe
@@ -152,6 +163,8 @@ class HierarchicalPosterior:
     nfe: int
     sampler: Sampler
     log_z: Tensor = field(repr=False, default_factory=lambda: torch.empty(0))
+    temperatures: list[float] = field(default_factory=list)
+    level_ess: list[float] = field(default_factory=list)
 
     def get_samples(self) -> dict[str, Tensor]:
         """Site -> equally weighted draws, Pyro's ``MCMC.get_samples`` convention."""
@@ -164,28 +177,48 @@ def _degenerate(res: Result, N: int) -> Tensor:
     return res.info.min_ess < max(2.0, 0.05 * N)
 
 
-def _check(
-    theta_ess: float, K: int, degenerate: Tensor, log_w: Tensor, acceptance: list[float]
-) -> None:
-    """Warn (``PosteriorQualityWarning``) when the theta-particles degenerated, when inner
-    runs that degenerated carry much of the posterior, or when no move was accepted."""
+def _check(theta_ess: float, K: int, degenerate: Tensor, acceptance: list[float]) -> None:
+    """Warn (``PosteriorQualityWarning``) when a reweighting of the theta-particles
+    degenerated, when most final theta-particles carry the evidence of an inner run that
+    degenerated, or when no move was accepted."""
     msgs = []
     if theta_ess < max(2.0, 0.05 * K):
         msgs.append(
-            f"the importance weights of the {K} prior draws of theta had ESS {theta_ess:.3g}: "
-            "a few draws carried the posterior (remedies: more num_theta, more moves)"
+            f"a reweighting of the {K} theta-particles had ESS {theta_ess:.3g}: a few "
+            "particles carried the posterior (remedies: more num_theta, more moves)"
         )
-    mass = float(torch.exp(log_w)[degenerate].sum()) if bool(degenerate.any()) else 0.0
-    if mass > 0.5:
+    frac = float(degenerate.double().mean())
+    if frac > 0.5:
         msgs.append(
-            f"inner runs whose weights degenerated carry {mass:.0%} of the posterior over "
-            "theta: their evidence estimates are noisy (remedies: more num_samples, more "
-            "steps, an inner sampler with adaptive steps)"
+            f"{frac:.0%} of the final theta-particles hold the evidence estimate of an inner "
+            "run whose weights degenerated: those estimates are noisy (remedies: more "
+            "num_samples, more steps, an inner sampler with adaptive steps)"
         )
     if acceptance and max(acceptance) == 0:
         msgs.append("no particle-marginal move was accepted (remedy: more num_samples)")
     if msgs:
         warnings.warn("SMC^2: " + "; ".join(msgs) + ".", PosteriorQualityWarning, stacklevel=3)
+
+
+def _next_temperature(log_z: Tensor, lam: float, target: float) -> float:
+    """The next temperature ``lam' in (lam, 1]``: the largest whose incremental weights
+    ``Z^(lam' - lam)`` keep an ESS of at least ``target`` (bisection), at least
+    ``lam + 1e-4`` so that tempering always advances."""
+
+    def ess_at(delta: float) -> float:
+        return float(weights_ess(normalize(delta * log_z)))
+
+    rest = 1.0 - lam
+    if ess_at(rest) >= target:
+        return 1.0
+    lo, hi = 0.0, rest
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if ess_at(mid) >= target:
+            lo = mid
+        else:
+            hi = mid
+    return min(1.0, lam + max(lo, 1e-4))
 
 
 def _seed(generator: torch.Generator | None) -> int:
@@ -201,6 +234,8 @@ def infer_hierarchical(
     moves: int = 3,
     generator: torch.Generator | None = None,
     linearize: bool = True,
+    ess_target: float = 0.5,
+    max_levels: int = 50,
     **kwargs,
 ) -> HierarchicalPosterior:
     """Sample ``p(theta, x | y)`` for a model with global latent sites ``theta`` (module
@@ -208,9 +243,19 @@ def infer_hierarchical(
     ``moves`` particle-marginal Metropolis-Hastings moves; ``sampler`` is the inner SMC
     sampler (default: :func:`~bayesfilter_diff.samplers.registry.default_sampler` of the
     problem)."""
-    for name, v, low in (("num_theta", num_theta, 2), ("moves", moves, 0)):
+    for name, v, low in (
+        ("num_theta", num_theta, 2),
+        ("moves", moves, 0),
+        ("max_levels", max_levels, 1),
+    ):
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+    if (
+        isinstance(ess_target, bool)
+        or not isinstance(ess_target, int | float)
+        or not 0 < ess_target < 1
+    ):
+        raise ValueError(f"ess_target must be a number in (0, 1), got {ess_target!r}")
     K = num_theta
     with pyro.validation_enabled(False):
         tr = poutine.trace(PriorPlaceholder()(model)).get_trace(*args, **kwargs)
@@ -327,43 +372,69 @@ def infer_hierarchical(
     # 1. prior draws and one batched inner run
     theta = draw_prior()
     log_z, x, res = inner(theta)
-    log_w = torch.where(torch.isnan(log_z), torch.full_like(log_z, -math.inf), log_z)
-    if not bool(torch.isfinite(log_w).any()):
+    log_z = torch.where(torch.isnan(log_z), torch.full_like(log_z, -math.inf), log_z)
+    if not bool(torch.isfinite(log_z).any()):
         raise ValueError("every inner run gave evidence 0 (or NaN): check the model and y")
-    log_evidence = log_mean_exp(log_w)
-    theta_ess = float(weights_ess(normalize(log_w)))
-    # 2. resample the theta-particles with their clouds
-    idx = systematic(normalize(log_w), K, generator)
-    theta = {k: v[idx] for k, v in theta.items()}
-    log_z, x = log_w[idx], x[idx]
-    # 3. particle-marginal Metropolis-Hastings moves
-    acceptance: list[float] = []
+    deg = degenerate[0]
     lp = log_prior(theta)
-    for _ in range(moves):
-        u, lj = unconstrained(theta)
-        D = u.shape[1]
-        scale = 2.38 / math.sqrt(D) * u.std(0).clamp_min(1e-3)
-        noise = torch.randn(u.shape, generator=generator, dtype=u.dtype, device=u.device)
-        u_new = u + scale * noise
-        theta_new = constrained(u_new, theta)
-        _, lj_new = unconstrained(theta_new)
-        lp_new = log_prior(theta_new)
-        log_z_new, x_new, res = inner(theta_new)
-        log_z_new = torch.where(
-            torch.isnan(log_z_new), torch.full_like(log_z_new, -math.inf), log_z_new
-        )
-        log_a = (log_z_new + lp_new + lj_new) - (log_z + lp + lj)
-        uni = torch.rand(K, generator=generator, dtype=torch.float64)
-        acc = torch.log(uni) < log_a
-        acceptance.append(float(acc.double().mean()))
-        theta = {
-            k: torch.where(acc.reshape((K,) + (1,) * (v.dim() - 1)), theta_new[k], v)
-            for k, v in theta.items()
-        }
-        x = torch.where(acc.reshape((K,) + (1,) * (x.dim() - 1)), x_new, x)
-        log_z = torch.where(acc, log_z_new, log_z)
-        lp = torch.where(acc, lp_new, lp)
-    _check(theta_ess, K, degenerate[0], normalize(log_w), acceptance)
+    # 2. density tempering (Duan & Fulop 2015): targets p(theta) Z(theta)^lam on the
+    # extended space of theta and the inner runs' randomness, lam from 0 to 1, each level
+    # chosen so that the ESS of the incremental weights Z^(lam' - lam) is ess_target * K;
+    # reweight, resample, then PMMH moves invariant for the level's target. The product of
+    # the mean incremental weights is unbiased for p(y). Without moves: one step to lam = 1
+    # (importance sampling squared).
+    lam = 0.0
+    log_evidence = torch.zeros((), dtype=torch.float64)
+    temperatures: list[float] = []
+    level_ess: list[float] = []
+    acceptance: list[float] = []
+    while lam < 1.0:
+        if len(temperatures) >= max_levels:
+            warnings.warn(
+                f"SMC^2: stopped tempering at lambda = {lam:.3g} after {max_levels} levels "
+                "(remedies: more num_theta, more moves)",
+                PosteriorQualityWarning,
+                stacklevel=2,
+            )
+            break
+        new = 1.0 if moves == 0 else _next_temperature(log_z, lam, ess_target * K)
+        log_w = (new - lam) * log_z
+        log_evidence = log_evidence + log_mean_exp(log_w)
+        w = normalize(log_w)
+        level_ess.append(float(weights_ess(w)))
+        temperatures.append(new)
+        idx = systematic(w, K, generator)
+        theta = {k: v[idx] for k, v in theta.items()}
+        log_z, x, deg, lp = log_z[idx], x[idx], deg[idx], lp[idx]
+        lam = new
+        for _ in range(moves):
+            u, lj = unconstrained(theta)
+            D = u.shape[1]
+            scale = 2.38 / math.sqrt(D) * u.std(0).clamp_min(1e-3)
+            noise = torch.randn(u.shape, generator=generator, dtype=u.dtype, device=u.device)
+            theta_new = constrained(u + scale * noise, theta)
+            _, lj_new = unconstrained(theta_new)
+            lp_new = log_prior(theta_new)
+            log_z_new, x_new, res = inner(theta_new)
+            log_z_new = torch.where(
+                torch.isnan(log_z_new), torch.full_like(log_z_new, -math.inf), log_z_new
+            )
+            # lam * (log Z' - log Z), with 0 * (-inf) read as 0 never needed: lam > 0 here
+            log_a = lam * (log_z_new - log_z) + (lp_new + lj_new) - (lp + lj)
+            log_a = torch.where(torch.isnan(log_a), torch.full_like(log_a, -math.inf), log_a)
+            uni = torch.rand(K, generator=generator, dtype=torch.float64)
+            acc = torch.log(uni) < log_a
+            acceptance.append(float(acc.double().mean()))
+            theta = {
+                k: torch.where(acc.reshape((K,) + (1,) * (v.dim() - 1)), theta_new[k], v)
+                for k, v in theta.items()
+            }
+            x = torch.where(acc.reshape((K,) + (1,) * (x.dim() - 1)), x_new, x)
+            log_z = torch.where(acc, log_z_new, log_z)
+            lp = torch.where(acc, lp_new, lp)
+            deg = torch.where(acc, degenerate[-1], deg)
+    theta_ess = min(level_ess)
+    _check(theta_ess, K, deg, acceptance)
     return HierarchicalPosterior(
         theta=theta,
         x=x,
@@ -371,6 +442,8 @@ def infer_hierarchical(
         log_evidence=log_evidence,
         theta_ess=theta_ess,
         acceptance=acceptance,
+        temperatures=temperatures,
+        level_ess=level_ess,
         inner=res,
         nfe=nfe,
         sampler=used[0],

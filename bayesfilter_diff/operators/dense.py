@@ -268,10 +268,15 @@ class PerProblemDense(LinearOperator):
         if cshape[0] not in (1, B):
             raise ValueError(f"coefficients of leading shape {cshape} do not match B={B}")
         MMt = self.M @ self.M.transpose(-1, -2)  # (B, m, m)
-        MMt = MMt.reshape((B,) + (1,) * (len(lead) - 1) + (m, m))
         eye = torch.eye(m, dtype=y.dtype, device=y.device)
-        G = r2t[..., None, None] * MMt + s2t[..., None, None] * eye  # (B, c.., m, m)
-        L = torch.linalg.cholesky(G)
         yf = y.reshape(lead + (m,))
-        sol = torch.cholesky_solve(yf.unsqueeze(-1), L).squeeze(-1)
+        if all(c == 1 for c in cshape[1:]):
+            # one system per problem: the particles are its right-hand sides (one solve)
+            G = r2t.reshape(-1, 1, 1) * MMt + s2t.reshape(-1, 1, 1) * eye  # (B, m, m)
+            rhs = yf.reshape(B, -1, m).transpose(-1, -2)  # (B, m, R)
+            sol = torch.cholesky_solve(rhs, torch.linalg.cholesky(G)).transpose(-1, -2)
+        else:
+            MMt = MMt.reshape((B,) + (1,) * (len(lead) - 1) + (m, m))
+            G = r2t[..., None, None] * MMt + s2t[..., None, None] * eye  # (B, c.., m, m)
+            sol = torch.cholesky_solve(yf.unsqueeze(-1), torch.linalg.cholesky(G)).squeeze(-1)
         return sol.reshape(lead + self.out_shape)

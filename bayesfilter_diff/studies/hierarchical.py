@@ -87,9 +87,7 @@ class HierSetup:
         # data from the true mixture, whichever prior the cell assumes
         k = int(torch.multinomial(self.true_weights, 1, generator=g))
         x = self.true_means[k] + torch.randn(d, generator=g, dtype=D64)
-        self.y = GAIN_TRUE * (self.A @ x) + SIGMA_TRUE * torch.randn(
-            self.m, generator=g, dtype=D64
-        )
+        self.y = GAIN_TRUE * (self.A @ x) + SIGMA_TRUE * torch.randn(self.m, generator=g, dtype=D64)
         self.dtype = dtype
         self.sigma_prior = torch.distributions.HalfNormal(torch.tensor(1.0, dtype=D64))
         self.gain_prior = torch.distributions.LogNormal(
@@ -176,7 +174,10 @@ def exact_grid(setup: HierSetup, n: int = 400) -> dict[str, Tensor | float]:
     # sigma's posterior may reach 0 (m < d: y can be fit without noise): start there
     lo_s = 0.0 if int(si.min()) <= 1 else float(wide_s[int(si.min()) - 1])
     hi_s = float(wide_s[min(int(si.max()) + 1, 299)])
-    lo_g, hi_g = float(wide_g[max(int(gi.min()) - 1, 0)]), float(wide_g[min(int(gi.max()) + 1, 299)])
+    lo_g, hi_g = (
+        float(wide_g[max(int(gi.min()) - 1, 0)]),
+        float(wide_g[min(int(gi.max()) + 1, 299)]),
+    )
     # cell midpoints (draws jitter within the cells, which stay >= lo)
     ds, dg = (hi_s - lo_s) / n, (hi_g - lo_g) / n
     s = lo_s + (torch.arange(n, dtype=D64) + 0.5) * ds
@@ -367,7 +368,8 @@ def run_hierarchical(
         f"Settings: K = {cfg['K']} theta-particles of N = {cfg['N']} inner particles, "
         f"{cfg['moves']} particle-marginal moves, {cfg['steps']} steps, seeds "
         f"{cfg['seeds']}; {SW_SETTINGS}.",
-        table + "\n\nLog Bayes factor, prior `true` vs `alt` (goal: |error| <= 0.1 nats):\n\n"
+        table
+        + "\n\nLog Bayes factor, prior `true` vs `alt` (goal: |error| <= 0.1 nats):\n\n"
         + bf_table,
     )
     return {"records": records, "rows": rows, "bayes_factors": bf, "text": text}
