@@ -32,8 +32,11 @@ moves, Andrieu, Doucet & Holenstein 2010):
    ``lambda = 1`` (pseudo-marginal importance sampling, Tran et al. 2014).
 
 Every theta-particle keeps one draw of ``x`` from its inner cloud, so ``(theta_k, x_k)``
-are joint posterior draws. Supported: continuous global latent sites (outside every plate;
-they may depend on each other), any likelihood :func:`~bayesfilter_diff.infer` reads. The
+are joint posterior draws. Supported: continuous global latent sites and discrete ones
+with a finite support (outside every plate; they may depend on each other), any
+likelihood :func:`~bayesfilter_diff.infer` reads. A discrete site moves by a symmetric
+proposal (keep its value, or with probability 1/2 a uniform value of its support), jointly
+with the random walk of the continuous ones. The
 model must broadcast a global over the observation: it is substituted with shape
 ``(K, 1, ..., 1, *event)``, with as many unit dims as the observed value has dims (a scalar
 ``sigma`` multiplies an observation of shape ``(m,)`` as a ``(K, 1)`` tensor).
@@ -95,7 +98,8 @@ class FixGlobals(Messenger):
 class _Global:
     name: str
     event_shape: tuple[int, ...]
-    transform: Any  # constrained <- unconstrained bijection
+    transform: Any  # constrained <- unconstrained bijection (continuous sites)
+    values: Tensor | None = None  # the finite support (discrete sites), (n, *event)
 
     @property
     def size(self) -> int:
@@ -271,13 +275,20 @@ def infer_hierarchical(
                 "DiffusionPrior site; local latent variables are not supported"
             )
         fn = s["fn"]
+        ev = tuple(fn.event_shape)
         if fn.support.is_discrete:
-            raise ValueError(
-                f"latent site {n!r} is discrete ({type(unwrap(fn)).__name__}): infer "
-                "supports continuous global latent sites only; enumerate the values yourself "
-                "and compare the models by their evidence"
-            )
-        globals_.append(_Global(n, tuple(fn.event_shape), biject_to(fn.support)))
+            if not getattr(fn, "has_enumerate_support", False):
+                raise ValueError(
+                    f"latent site {n!r} is discrete with an unbounded support "
+                    f"({type(unwrap(fn)).__name__}): infer supports discrete global sites "
+                    "with a finite support (Categorical, Bernoulli, OneHotCategorical, ...)"
+                )
+            support = fn.enumerate_support(expand=False).reshape((-1,) + ev)
+            globals_.append(_Global(n, ev, None, support))
+        else:
+            globals_.append(_Global(n, ev, biject_to(fn.support)))
+    continuous = [gl for gl in globals_ if gl.values is None]
+    discrete = [gl for gl in globals_ if gl.values is not None]
     observed = [s for s in nodes.values() if s["type"] == "sample" and s["is_observed"]]
     trailing = max(torch.as_tensor(s["value"]).dim() for s in observed) if observed else 0
     priors = [
@@ -320,18 +331,19 @@ def infer_hierarchical(
 
     def unconstrained(values: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """``u`` ``(K, D)`` and ``log |d theta / d u|`` ``(K,)``."""
-        us, ljs = [], []
-        for gl in globals_:
+        us: list[Tensor] = [torch.zeros(K, 0, dtype=torch.float64)]
+        ljs: list[Tensor] = [torch.zeros(K, dtype=torch.float64)]
+        for gl in continuous:
             th = values[gl.name]
             u = gl.transform.inv(th)
             lj = gl.transform.log_abs_det_jacobian(u, th).reshape(K, -1).sum(-1)
             us.append(u.reshape(K, -1))
             ljs.append(lj)
-        return torch.cat(us, -1).double(), torch.stack(ljs).sum(0).double()
+        return torch.cat([v.double() for v in us], -1), torch.stack(ljs).double().sum(0)
 
     def constrained(u: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
-        out, i = {}, 0
-        for gl in globals_:
+        out, i = dict(like), 0
+        for gl in continuous:
             ref = like[gl.name]
             part = u[:, i : i + gl.size].to(ref.dtype).reshape((K,) + gl.event_shape)
             out[gl.name] = gl.transform(part)
@@ -410,9 +422,21 @@ def infer_hierarchical(
         for _ in range(moves):
             u, lj = unconstrained(theta)
             D = u.shape[1]
-            scale = 2.38 / math.sqrt(D) * u.std(0).clamp_min(1e-3)
-            noise = torch.randn(u.shape, generator=generator, dtype=u.dtype, device=u.device)
-            theta_new = constrained(u + scale * noise, theta)
+            if D:  # continuous sites: Gaussian random walk in the unconstrained space
+                scale = 2.38 / math.sqrt(D) * u.std(0).clamp_min(1e-3)
+                noise = torch.randn(u.shape, generator=generator, dtype=u.dtype, device=u.device)
+                u = u + scale * noise
+            theta_new = constrained(u, theta)
+            for gl in discrete:  # symmetric: keep, or a uniform value of the support
+                assert gl.values is not None
+                n_val = gl.values.shape[0]
+                pick = torch.randint(n_val, (K,), generator=generator)
+                jump = torch.rand(K, generator=generator) < 0.5
+                cur = theta_new[gl.name]
+                prop = gl.values.to(cur.device)[pick].to(cur.dtype)
+                theta_new[gl.name] = torch.where(
+                    jump.reshape((K,) + (1,) * (cur.dim() - 1)), prop, cur
+                )
             _, lj_new = unconstrained(theta_new)
             lp_new = log_prior(theta_new)
             log_z_new, x_new, res = inner(theta_new)
