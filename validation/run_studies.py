@@ -5,6 +5,7 @@
     python validation/run_studies.py calibration [--full]
     python validation/run_studies.py noise       [--full]
     python validation/run_studies.py quadrature  [--full]
+    python validation/run_studies.py hierarchical [--full]
 
 Each study is resumable: rerunning the same command skips the cells already in
 ``<out>/cells``.
@@ -22,7 +23,8 @@ ROOT = Path(__file__).resolve().parent / "results"
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument(
-        "study", choices=["benchmark", "convergence", "calibration", "noise", "quadrature"]
+        "study",
+        choices=["benchmark", "convergence", "calibration", "noise", "quadrature", "hierarchical"],
     )
     p.add_argument("--full", action="store_true")
     p.add_argument("--executor", default="local", choices=["local", "ray"])
@@ -65,6 +67,12 @@ def main(argv=None) -> int:
 
         res = run_quadrature(
             a.out or ROOT / "quadrature", full=a.full, executor=executor, config=config
+        )
+    elif a.study == "hierarchical":
+        from bayesfilter_diff.studies.hierarchical import run_hierarchical
+
+        res = run_hierarchical(
+            a.out or ROOT / "hierarchical", full=a.full, executor=executor, config=config
         )
     elif a.study == "convergence":
         from bayesfilter_diff.studies.convergence import run_convergence
