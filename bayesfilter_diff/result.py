@@ -48,6 +48,10 @@ class RunInfo:
     ancestors
         ``(B,)``: how many of the ``N`` initial particles still have descendants at the
         end (1 means the whole cloud descends from one particle).
+    roots
+        ``(B, N)``: each final particle's ancestor among the initial ``N`` (its "Eve"
+        index), for the genealogy estimate of the Monte Carlo error
+        (:func:`~bayesfilter_diff.diagnostics.genealogy_mcse`).
     distinct
         ``(B,)``: how many of the final samples are distinct.
     steps
@@ -76,6 +80,7 @@ class RunInfo:
     log_evidence: Tensor | None = None
     min_ess: Tensor | None = None
     ancestors: Tensor | None = None
+    roots: Tensor | None = None
     distinct: Tensor | None = None
     steps: Any = None
     extra: Any = None

@@ -559,3 +559,39 @@ def test_cuda_matches_cpu():
     cov = diag.coverage(truth.to(dev), x.to(dev), projections=theta[:2].to(dev))
     torch.testing.assert_close(cov.cpu(), diag.coverage(truth, x, projections=theta[:2]))
     assert diag.wasserstein2_exact(x[:, :50].to(dev), y[:, :50].to(dev)).device.type == "cuda"
+
+
+@pytest.mark.slow
+def test_monte_carlo_errors_from_runs_and_from_the_genealogy():
+    """128 independent copies of a Gaussian problem in one batch (TDS, many surviving
+    lineages): the genealogy variance of one run, averaged over the copies, matches the
+    copies' spread of the posterior-mean estimates within 4.5 standard errors of the
+    comparison; runs_mcse pools the copies and covers the chain's exact posterior mean."""
+    from test_tds import chain_prior, gaussian_setup
+
+    sched = bfd.VPSchedule.linear()
+    R = 128
+    gmm, mu, S, problem, g = gaussian_setup(0.5, sched, P=1, R=R, seed=1)
+    res = bfd.samplers.TDS(num_steps=20).sample(gmm.diffusion(sched), problem, 300, g)
+    est = bfd.diagnostics.genealogy_mcse(res)
+    assert est.std_error.shape == (R, 3) and bool((est.lineages > 100).all())
+    W = res.weights().double()
+    means = (W[..., None] * res.samples).sum(1)  # (R, 3)
+    emp = means.var(0)
+    gen_v = est.std_error.double() ** 2
+    ratio = gen_v.mean(0) / emp
+    # relative s.e. of a sample variance of R values, and of the mean of the R estimates
+    se = torch.sqrt(2 / (R - 1) + gen_v.var(0) / (R * gen_v.mean(0) ** 2))
+    assert ((ratio - 1).abs() <= 4.5 * se).all(), (ratio, se)
+
+    pooled = bfd.diagnostics.runs_mcse(res)
+    assert pooled.runs == R and pooled.value.shape == (3,)
+    torch.testing.assert_close(pooled.std_error, means.std(0) / math.sqrt(R))
+    sub = bfd.InverseProblem(problem.operator, problem.y[0], noise_std=0.5)
+    exact = chain_prior(mu, S, sched, res.info.times).posterior(sub).mean()
+    assert ((pooled.value - exact).abs() <= 4.5 * pooled.std_error).all()
+    # few lineages: the estimate says it cannot be trusted
+    with pytest.warns(bfd.PosteriorQualityWarning, match="use independent runs"):
+        bfd.diagnostics.genealogy_mcse(res, min_lineages=10_000)
+    with pytest.raises(ValueError, match="independent"):
+        bfd.diagnostics.runs_mcse([res])

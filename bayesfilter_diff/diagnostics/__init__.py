@@ -48,14 +48,20 @@ from .plots import (
 )
 from .smc import (
     EvidenceEstimate,
+    MeanEstimate,
     ess_trace,
+    genealogy_mcse,
     log_bayes_factor,
     log_evidence_error,
     pooled_log_evidence,
     resampling_events,
+    runs_mcse,
 )
 
 __all__ = [
+    "MeanEstimate",
+    "runs_mcse",
+    "genealogy_mcse",
     "random_directions",
     "wasserstein_1d",
     "sliced_wasserstein",

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..result import Result
+from ..smc.particles import distinct_count
 
 __all__ = [
     "ess_trace",
@@ -26,6 +27,9 @@ __all__ = [
     "EvidenceEstimate",
     "pooled_log_evidence",
     "log_bayes_factor",
+    "MeanEstimate",
+    "runs_mcse",
+    "genealogy_mcse",
 ]
 
 
@@ -157,3 +161,114 @@ def log_bayes_factor(runs_a: Any, runs_b: Any) -> EvidenceEstimate:
     return EvidenceEstimate(
         a.value - b.value, math.hypot(a.std_error, b.std_error), min(a.runs, b.runs)
     )
+
+
+@dataclass(frozen=True)
+class MeanEstimate:
+    """A posterior mean with its Monte Carlo standard error.
+
+    ``value`` and ``std_error`` have the shape of the test function's value (``event``, or
+    ``(B, *event)`` per problem for :func:`genealogy_mcse`); ``runs`` is the number of
+    independent runs pooled (:func:`runs_mcse`), ``lineages`` the number of distinct
+    time-0 ancestors the genealogy estimate rests on (:func:`genealogy_mcse`)."""
+
+    value: Tensor
+    std_error: Tensor
+    runs: int = 1
+    lineages: Tensor | None = None
+
+
+def _weighted_mean(res: Result, fn) -> tuple[Tensor, Tensor, Tensor]:
+    """Per problem: ``W`` ``(B, N)``, ``phi`` ``(B, N, k)`` and the weighted mean ``(B, k)``."""
+    x = res.samples if res.batched else res.samples.unsqueeze(0)
+    W = res.weights().double()
+    W = W if res.batched else W.unsqueeze(0)
+    phi = (x if fn is None else fn(x)).double()
+    if phi.shape[:2] != x.shape[:2]:
+        raise ValueError(
+            f"fn must map samples (B, N, ...) to (B, N, ...) values, got {tuple(phi.shape)}"
+        )
+    phi = phi.reshape(phi.shape[:2] + (-1,))
+    return W, phi, (W[..., None] * phi).sum(1)
+
+
+def runs_mcse(runs: Any, fn=None) -> MeanEstimate:
+    """The posterior mean of ``fn(x)`` (``x`` by default) pooled over independent runs, with
+    its Monte Carlo standard error from their spread (``sd_r / sqrt(R)``).
+
+    ``runs``: a sequence of unbatched Results or Posteriors of the same problem (different
+    generators), or one batched Result whose problems are independent copies of one
+    observation. This is the error to trust for SMC output: the draws of one run share
+    ancestors, so within-run statistics (ArviZ's ESS / MCSE of one chain) overstate the
+    precision, often several-fold.
+    """
+    if isinstance(runs, Result):
+        if not runs.batched or runs.samples.shape[0] < 2:
+            raise ValueError("one Result must be batched over >= 2 independent copies")
+        means = _weighted_mean(runs, fn)[2]
+        event = tuple(runs.samples.shape[2:]) if fn is None else None
+    elif isinstance(runs, Sequence) and not isinstance(runs, str) and len(runs) >= 2:
+        rs: list[Result] = []
+        for i, r in enumerate(runs):
+            r = getattr(r, "result", r)
+            if not isinstance(r, Result) or r.batched:
+                raise ValueError(f"run {i} must be an unbatched Result or Posterior")
+            rs.append(r)
+        means = torch.cat([_weighted_mean(r, fn)[2] for r in rs])
+        event = tuple(rs[0].samples.shape[1:]) if fn is None else None
+    else:
+        raise ValueError(
+            "runs must be >= 2 independent runs: a sequence of Results / Posteriors, or one "
+            "Result batched over independent copies"
+        )
+    R = means.shape[0]
+    value, se = means.mean(0), means.std(0) / math.sqrt(R)
+    if event is not None:
+        value, se = value.reshape(event), se.reshape(event)
+    return MeanEstimate(value, se, R)
+
+
+def genealogy_mcse(result: Result, fn=None, min_lineages: int = 50) -> MeanEstimate:
+    """The Monte Carlo standard error of one SMC run's posterior mean of ``fn(x)``, from its
+    genealogy (Chan & Lai 2013; Lee & Whiteley 2018): with ``E_i`` the time-0 ancestor of
+    final particle ``i`` and ``W_i`` its weight,
+    ``Var ~ sum_e (sum_{i: E_i = e} W_i (phi_i - phi_hat))^2``.
+
+    The estimate needs many surviving lineages: with few (long runs, sharp likelihoods)
+    it is biased low (measured, 128 copies of a 3-D Gaussian problem: variance ratio to
+    the copies' spread 0.8-1.3 with 180-300 lineages, 0.63-0.98 with 32-38), so below
+    ``min_lineages`` distinct ancestors a
+    :class:`~bayesfilter_diff.PosteriorQualityWarning` says to use independent runs
+    (:func:`runs_mcse`) instead. Per problem: ``value`` / ``std_error`` ``(B, *event)``
+    (unbatched: ``event``).
+    """
+    import warnings
+
+    from ..errors import PosteriorQualityWarning
+
+    _check_result(result)
+    roots = result.info.roots
+    if roots is None:
+        raise ValueError("this Result has no genealogy (info.roots): an unweighted sampler?")
+    W, phi, mean = _weighted_mean(result, fn)
+    c = W[..., None] * (phi - mean[:, None])  # (B, N, k)
+    idx = roots.to(c.device).long()
+    idx = idx if result.batched else idx.reshape(1, -1)
+    sums = torch.zeros_like(c).scatter_add_(1, idx[..., None].expand_as(c), c)
+    var = (sums**2).sum(1)  # (B, k)
+    lineages = distinct_count(idx)
+    if bool((lineages < min_lineages).any()):
+        warnings.warn(
+            f"the genealogy estimate of the Monte Carlo error rests on {int(lineages.min())} "
+            f"surviving time-0 lineage(s) (< {min_lineages}): it underestimates the error; "
+            "use independent runs (diagnostics.runs_mcse)",
+            PosteriorQualityWarning,
+            stacklevel=2,
+        )
+    shape = tuple(phi.shape[:1]) + (
+        tuple(result.samples.shape[2 if result.batched else 1 :]) if fn is None else (-1,)
+    )
+    value, se = mean.reshape(shape), var.sqrt().reshape(shape)
+    if not result.batched:
+        value, se = value[0], se[0]
+    return MeanEstimate(value, se, 1, lineages)

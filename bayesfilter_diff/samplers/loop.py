@@ -444,6 +444,7 @@ def run(
         info.log_evidence = torch.stack(z_trace)
         info.min_ess = info.ess.min(0).values
         info.ancestors = distinct_count(w.roots)
+        info.roots = w.roots
         out_w = w.log_w
         # samplers whose normalising constant is not log p(y) (FPS-SMC: the likelihood of
         # its own y-sequence) keep it in the trace only
