@@ -115,6 +115,14 @@ def test_unsupported_global_sites_are_named():
 
     with pytest.raises(ValueError, match="'s' is inside pyro.plate"):
         bfd.infer(local, TDS(num_steps=3), y=y, num_samples=4, num_theta=4)
+    def plated(y=None):
+        s = pyro.sample("s", dist.HalfNormal(torch.tensor(1.0, dtype=DT)))
+        with pyro.plate("problems", 3):
+            x = pyro.sample("x", bfd.DiffusionPrior(gmm_prior))
+            pyro.sample("y", dist.Normal(x, s).to_event(1), obs=y)
+
+    with pytest.raises(ValueError, match="shared by a plate of problems"):
+        bfd.infer(plated, TDS(num_steps=3), y=torch.zeros(3, 2, dtype=DT), num_theta=4)
     with pytest.raises(ValueError, match="num_theta"):
         bfd.infer(model, TDS(num_steps=3), y=y, num_samples=4, num_theta=1)
 

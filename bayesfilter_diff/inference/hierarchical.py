@@ -297,6 +297,13 @@ def infer_hierarchical(
         if s["type"] == "sample" and isinstance(unwrap(s["fn"]), DiffusionPrior)
     ]
     site = priors[0] if priors else ""
+    if site and nodes[site]["cond_indep_stack"]:
+        raise ValueError(
+            f"the DiffusionPrior site {site!r} is inside pyro.plate "
+            f"{[f.name for f in nodes[site]['cond_indep_stack']]} and the model has global "
+            f"latent sites {names}: infer does not yet support global sites shared by a plate "
+            "of problems; infer each observation with its own model call"
+        )
 
     def wrapped(values: dict[str, Tensor]) -> Callable:
         return FixGlobals(values, K, trailing)(model)
