@@ -14,9 +14,9 @@ How the model is read
 1. The model is traced once with a placeholder (zeros of the site's shape) substituted for
    the DiffusionPrior site, so the reverse diffusion never runs. Exactly one DiffusionPrior
    site and at least one observed site are required. Other latent sites must be global
-   (outside every plate) and continuous: they are sampled with the image by SMC^2
-   (:mod:`~bayesfilter_diff.inference.hierarchical`), the diffusion SMC estimating
-   ``p(y | theta)`` for a batch of theta-particles at once.
+   (outside every plate), continuous or discrete with a finite support: they are sampled
+   with the image by SMC^2 (:mod:`~bayesfilter_diff.inference.hierarchical`), the
+   diffusion SMC estimating ``p(y | theta)`` for a batch of theta-particles at once.
 2. The prior site's batch shape gives the problems: ``()`` (one problem) or one non-unit
    dimension of size ``B`` (``pyro.plate`` over ``B`` independent observations), which maps
    onto the samplers' ``(B, N)`` layout.
@@ -26,11 +26,22 @@ How the model is read
    - ``"linear_gaussian"``: a single :class:`~bayesfilter_diff.LinearGaussian` site whose
      ``x`` is the prior site's value: ``InverseProblem(operator, y, noise_std)``; every
      sampler applies, and calling the sampler directly gives the same draws bit for bit.
-   - ``"gaussian"`` / ``"poisson"``: a single ``Normal`` (``.to_event`` allowed) site with one
-     scale that does not depend on ``x``, a ``LinearGaussian`` of a function of ``x``, or a
-     ``Poisson`` site: the forward model ``x -> loc`` (or ``rate``) is read by replaying the
-     model (:class:`PyroForward`, a nonlinear operator), with Gaussian or Poisson noise, so
-     gradient samplers that need a forward model (DPS) apply.
+   - ``"affine_gaussian"``: a single ``Normal`` (``.to_event`` allowed) or
+     ``LinearGaussian`` site with a scale that does not depend on ``x`` (one per problem
+     at most) and a mean that is affine in ``x``, ``M x + c``: ``M`` and ``c`` are
+     materialised by replays and checked at random probes
+     (:mod:`~bayesfilter_diff.inference.linearize`), giving
+     ``InverseProblem(Dense(M), y - c, noise_std)`` (every linear-Gaussian sampler) or, when
+     ``M`` differs between problems (an operator parameter per theta-particle), a
+     :class:`~bayesfilter_diff.operators.PerProblemDense` (TDS). The model's own likelihood
+     is compared with the linear one at the returned draws; ``infer(..., linearize=False)``
+     skips this rule.
+   - ``"gaussian"`` / ``"poisson"``: a single ``Normal`` (``.to_event`` allowed) site with a
+     scale that does not depend on ``x`` (one per problem at most), a ``LinearGaussian`` of
+     a function of ``x``, or a ``Poisson`` site: the forward model ``x -> loc`` (or
+     ``rate``) is read by replaying the model (:class:`PyroForward`, a nonlinear
+     operator), with Gaussian or Poisson noise, so gradient samplers that need a forward
+     model (DPS) apply.
    - ``"custom"``: anything else (Laplace, Student-t, Bernoulli, several observed sites,
      heteroscedastic noise, ``poutine.scale`` / ``mask``): ``log_likelihood_fn`` replays
      the model with the particles substituted at the prior site and sums the observed
