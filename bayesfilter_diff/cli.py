@@ -6,11 +6,51 @@ import argparse
 import sys
 
 
+def _check_device(device: str) -> None:
+    """A one-line error for a device torch does not know or this machine does not have."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r} is not a torch device (e.g. cpu, cuda): {e}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: this machine has no CUDA device; use --device cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {device!r}: use cpu, cuda or mps")
+
+
+def _check_out(out: str) -> None:
+    """A one-line error for an output folder that is a file or cannot be created."""
+    from pathlib import Path
+
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"--out {out!r} is a file, not a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out!r} cannot be created: {e.strerror or e}") from e
+
+
+def _methods(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    methods = [m.strip() for m in text.split(",")]
+    if not any(methods):
+        raise ValueError("--methods is empty: give comma-separated method names (see --help)")
+    if not all(methods):
+        raise ValueError(f"--methods {text!r} has an empty name")
+    return methods
+
+
 def _validate(args: argparse.Namespace) -> int:
     from .studies.ray_executor import RayExecutor, StudyFailedError
     from .studies.validate import validate
 
-    methods = args.methods.split(",") if args.methods else None
+    methods = _methods(args.methods)
+    _check_device(args.device)
+    _check_out(args.out)
     executor = None
     if args.executor == "ray":
         gpus = args.gpus_per_task
@@ -47,7 +87,18 @@ def _train(args: argparse.Namespace) -> int:
 
     from .training import TrainConfig, train
 
+    from pathlib import Path
+
+    _check_device(args.device)
+    if args.resume and not (Path(args.out) / "checkpoint.json").exists():
+        raise ValueError(
+            f"--resume: {args.out!r} holds no checkpoint to continue; drop --resume to start a "
+            "new run there"
+        )
+    _check_out(args.out)
     if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     net = None
     if args.channels is not None:
@@ -82,20 +133,34 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import __version__
+    from .samplers.registry import names
+
     parser = argparse.ArgumentParser(
         prog="bayesfilter-diff",
         description="Posterior sampling with diffusion priors, validated against exact posteriors.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="run every sampler on the Gaussian-mixture benchmark")
     v.add_argument("--full", action="store_true", help="the published protocol (hours on CPU)")
-    v.add_argument("--methods", default=None, help="comma-separated method names (default: all)")
+    v.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated method names (default: all of the benchmark's): "
+        + ", ".join(names(studies=True, mask=False)),
+    )
     v.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     v.add_argument(
-        "--out", default="validation/demo", help="output folder (report.md, figures, cells)"
+        "--out",
+        default="validation/demo",
+        help="output folder: report.md, figures, cells (default: validation/demo)",
     )
     v.add_argument(
-        "--resume", action="store_true", default=True, help="reuse completed cells (default)"
+        "--resume",
+        action="store_true",
+        default=True,
+        help="reuse completed cells: always on, the study resumes unless --fresh",
     )
     v.add_argument("--fresh", action="store_true", help="discard completed cells and start over")
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -133,7 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--kind", required=True, choices=["diffusion", "flow"])
     tr.add_argument("--steps", required=True, type=int, help="total optimiser steps")
     tr.add_argument("--out", required=True, help="output folder (checkpoints, prior.json)")
-    tr.add_argument("--resume", action="store_true", help="continue from the folder's checkpoint")
+    tr.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the folder's checkpoint (an error if it has none)",
+    )
     tr.add_argument(
         "--parameterization",
         default=None,
@@ -141,12 +210,16 @@ def main(argv: list[str] | None = None) -> int:
         help="network output (default: eps for diffusion, velocity for flow)",
     )
     tr.add_argument("--channels", default=None, help="U-Net channels per resolution, e.g. 32,64")
-    tr.add_argument("--batch-size", type=int, default=None)
-    tr.add_argument("--lr", type=float, default=None)
-    tr.add_argument("--warmup", type=int, default=None)
-    tr.add_argument("--ema-decay", type=float, default=None)
-    tr.add_argument("--checkpoint-every", type=int, default=None)
-    tr.add_argument("--seed", type=int, default=None)
+    tr.add_argument(
+        "--batch-size", type=int, default=None, help="examples per step (default: TrainConfig's)"
+    )
+    tr.add_argument("--lr", type=float, default=None, help="peak learning rate (Adam)")
+    tr.add_argument("--warmup", type=int, default=None, help="linear learning-rate warm-up steps")
+    tr.add_argument(
+        "--ema-decay", type=float, default=None, help="decay of the weights' moving average"
+    )
+    tr.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
+    tr.add_argument("--seed", type=int, default=None, help="seed of the run's generators")
     tr.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     tr.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
