@@ -82,12 +82,11 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     import shlex
+    from pathlib import Path
 
     import torch
 
     from .training import TrainConfig, train
-
-    from pathlib import Path
 
     _check_device(args.device)
     if args.resume and not (Path(args.out) / "checkpoint.json").exists():

@@ -115,6 +115,7 @@ def test_unsupported_global_sites_are_named():
 
     with pytest.raises(ValueError, match="'s' is inside pyro.plate"):
         bfd.infer(local, TDS(num_steps=3), y=y, num_samples=4, num_theta=4)
+
     def plated(y=None):
         s = pyro.sample("s", dist.HalfNormal(torch.tensor(1.0, dtype=DT)))
         with pyro.plate("problems", 3):
