@@ -290,6 +290,11 @@ class DiffusionPrior(TorchDistribution):
         )
         if exact is None:
             exact = math.prod(ev) <= self.exact_divergence_max_dim
+        dev = self.device
+        if x.device != dev:
+            raise ValueError(f"x is on {x.device} but the diffusion prior is on {dev}; move one")
+        out_dtype = x.dtype
+        x = x.to(self.dtype)  # the network's precision; returned in x's dtype
         if not exact and generator is None:
             generator = torch.Generator(device=x.device).manual_seed(self.probe_seed)
         return ode_density.ode_log_prob(
@@ -301,6 +306,32 @@ class DiffusionPrior(TorchDistribution):
             exact=exact,
             num_probes=num_probes,
             generator=generator,
+        ).to(out_dtype)
+
+    # ------------------------------------------------------------------ not available
+    def _unavailable(self, what: str) -> NotImplementedError:
+        return NotImplementedError(
+            f"DiffusionPrior.{what} is not available in closed form for a diffusion model; "
+            "estimate it from draws (prior.sample((n,))) or, for a Gaussian-mixture prior, "
+            "use the GaussianMixture itself"
+        )
+
+    @property
+    def mean(self) -> Tensor:
+        raise self._unavailable("mean")
+
+    @property
+    def variance(self) -> Tensor:
+        raise self._unavailable("variance")
+
+    def entropy(self) -> Tensor:
+        raise self._unavailable("entropy()")
+
+    def rsample(self, sample_shape: Sequence[int] = torch.Size()) -> Tensor:
+        raise NotImplementedError(
+            "DiffusionPrior.rsample: the reverse diffusion is not reparameterised here "
+            "(has_rsample is False); use sample(), or a sampler of bayesfilter_diff.samplers "
+            "for posterior draws"
         )
 
 

@@ -14,7 +14,18 @@ from .smc.resampling import get_resampler
 __all__ = ["Result", "RunInfo"]
 
 
-@dataclass
+def _short(t: Any) -> str:
+    """A tensor as its shape and dtype (a value when it has at most 4 entries)."""
+    if not isinstance(t, Tensor):
+        return repr(t)
+    dt = str(t.dtype).replace("torch.", "")
+    if t.numel() <= 4:
+        vals = ", ".join(f"{float(v):.4g}" for v in t.detach().reshape(-1).cpu())
+        return f"[{vals}] ({dt})" if t.dim() else f"{vals} ({dt})"
+    return f"<{tuple(t.shape)} {dt}>"
+
+
+@dataclass(repr=False)
 class RunInfo:
     """What happened during a run (the loop's trace plus the sampler's own records).
 
@@ -86,6 +97,19 @@ class RunInfo:
     extra: Any = None
     quality: list[Any] = field(default_factory=list)
 
+    def __repr__(self) -> str:
+        """A summary; the fields (``info.ess``, ``info.times``, ...) hold the tensors."""
+        parts = [f"num_steps={self.num_steps}"]
+        if self.inserted_steps:
+            parts.append(f"inserted_steps={self.inserted_steps}")
+        parts += [f"nfe={self.nfe}", f"backprop={self.backprop}", f"wall_time={self.wall_time:.3g}"]
+        for name in ("min_ess", "ancestors", "distinct"):
+            v = getattr(self, name)
+            if v is not None:
+                parts.append(f"{name}={_short(v)}")
+        parts.append(f"quality={[q.kind for q in self.quality]}")
+        return f"RunInfo({', '.join(parts)})"
+
     def _records(self) -> list[Any]:
         return [r for r in (self.extra, self.steps) if r is not None]
 
@@ -111,7 +135,7 @@ class RunInfo:
         return self[key] if key in self else default
 
 
-@dataclass
+@dataclass(repr=False)
 class Result:
     """Samples (weighted or not) from a posterior sampler.
 
@@ -136,6 +160,19 @@ class Result:
     log_evidence: Tensor | None = None
     info: RunInfo = field(default_factory=RunInfo)
     batched: bool = False
+
+    def __repr__(self) -> str:
+        """A summary (shapes, evidence, ESS), not the tensors: ``res.samples`` has them."""
+        parts = [f"samples={_short(self.samples)}"]
+        parts.append("weighted" if self.log_weights is not None else "unweighted")
+        if self.log_evidence is not None:
+            parts.append(f"log_evidence={_short(self.log_evidence)}")
+        if self.info.min_ess is not None:
+            parts.append(f"min_ess={_short(self.info.min_ess)}")
+        parts.append(f"nfe={self.info.nfe}")
+        if self.info.quality:
+            parts.append(f"quality findings={len(self.info.quality)}")
+        return f"Result({', '.join(parts)})"
 
     @property
     def num_samples(self) -> int:

@@ -198,3 +198,20 @@ def test_linear_gaussian_density_sample_and_shapes():
         point.log_prob(y)
     with pytest.raises(ValueError):
         LinearGaussian(A, x, 0.5, validate_args=True).log_prob(torch.zeros(4, 2, dtype=D64))
+
+
+def test_diffusion_prior_says_what_it_cannot_do_and_casts_log_prob_inputs():
+    gmm = bfd.GaussianMixture(torch.tensor([1.0]), torch.zeros(1, 2), torch.ones(1))
+    p = bfd.DiffusionPrior(gmm.diffusion(bfd.VPSchedule.linear()))
+    for what in ("mean", "variance"):
+        with pytest.raises(NotImplementedError, match=f"DiffusionPrior.{what} is not available"):
+            getattr(p, what)
+    with pytest.raises(NotImplementedError, match="entropy"):
+        p.entropy()
+    with pytest.raises(NotImplementedError, match="not reparameterised"):
+        p.rsample()
+    # a float64 value on a float32 prior: evaluated in the prior's precision, returned in
+    # the value's dtype
+    lp64 = p.log_prob(torch.zeros(2, dtype=torch.float64))
+    assert lp64.dtype == torch.float64
+    torch.testing.assert_close(lp64.float(), p.log_prob(torch.zeros(2)))

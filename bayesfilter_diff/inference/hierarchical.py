@@ -122,7 +122,7 @@ def global_latent_sites(model: Callable, *args, **kwargs) -> list[str]:
     ]
 
 
-@dataclass
+@dataclass(repr=False)
 class HierarchicalPosterior:
     """Joint posterior draws of the global sites and the DiffusionPrior site.
 
@@ -169,6 +169,15 @@ class HierarchicalPosterior:
     log_z: Tensor = field(repr=False, default_factory=lambda: torch.empty(0))
     temperatures: list[float] = field(default_factory=list)
     level_ess: list[float] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        sites = {k: tuple(v.shape) for k, v in self.get_samples().items()}
+        return (
+            f"HierarchicalPosterior(sites={sites}, log_evidence={float(self.log_evidence):.4g}, "
+            f"levels={len(self.temperatures)}, theta_ess={self.theta_ess:.3g}, "
+            f"acceptance={[round(a, 2) for a in self.acceptance]}, nfe={self.nfe}, "
+            f"sampler={type(self.sampler).__name__})"
+        )
 
     def get_samples(self) -> dict[str, Tensor]:
         """Site -> equally weighted draws, Pyro's ``MCMC.get_samples`` convention."""

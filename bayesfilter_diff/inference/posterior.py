@@ -22,7 +22,7 @@ from .structure import ModelStructure
 __all__ = ["Posterior", "infer"]
 
 
-@dataclass
+@dataclass(repr=False)
 class Posterior:
     """Posterior draws of a Pyro model's DiffusionPrior site.
 
@@ -45,6 +45,13 @@ class Posterior:
     problem: InverseProblem
     structure: ModelStructure = field(repr=False)
     sampler: Sampler | None = None
+
+    def __repr__(self) -> str:
+        smp = type(self.sampler).__name__ if self.sampler is not None else None
+        return (
+            f"Posterior(site={self.site!r}, kind={self.structure.kind!r}, sampler={smp}, "
+            f"result={self.result!r})"
+        )
 
     @property
     def samples(self) -> Tensor:
