@@ -215,3 +215,23 @@ def test_diffusion_prior_says_what_it_cannot_do_and_casts_log_prob_inputs():
     lp64 = p.log_prob(torch.zeros(2, dtype=torch.float64))
     assert lp64.dtype == torch.float64
     torch.testing.assert_close(lp64.float(), p.log_prob(torch.zeros(2)))
+
+
+@pytest.mark.parametrize(
+    "net, err, match",
+    [
+        (lambda x, t: x[..., :1], ValueError, "returned shape"),
+        (lambda x, t: (x * 0).long(), TypeError, "floating point"),
+        (lambda x, t: 3.0, TypeError, "not a tensor"),
+    ],
+)
+def test_a_network_with_the_wrong_output_is_named(net, err, match):
+    sch = bfd.VPSchedule.linear()
+    for model in (bfd.DiffusionModel.from_eps(net, sch, (4,)), bfd.DiffusionModel(net, sch, (4,))):
+        with pytest.raises(err, match=match):
+            model.denoise(torch.zeros(2, 4), 0.5)
+
+
+def test_a_network_in_another_float_dtype_is_cast():
+    model = bfd.DiffusionModel.from_eps(lambda x, t: x.double(), bfd.VPSchedule.linear(), (4,))
+    assert model.denoise(torch.zeros(2, 4), 0.5).dtype == torch.float32

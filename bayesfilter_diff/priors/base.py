@@ -158,11 +158,11 @@ class DiffusionModel(nn.Module):
         flat = x_t.reshape((-1,) + tuple(self.event_shape))
         tf = tt.reshape(-1)
         if self.chunk_size is None or flat.shape[0] <= self.chunk_size:
-            out = self.net(flat, tf)
+            out = _checked_call(self.net, flat, tf)
         else:
             out = torch.cat(
                 [
-                    self.net(xc, tc)
+                    _checked_call(self.net, xc, tc)
                     for xc, tc in zip(flat.split(self.chunk_size), tf.split(self.chunk_size))
                 ]
             )
@@ -197,6 +197,26 @@ class DiffusionModel(nn.Module):
         )
 
 
+def _checked_call(net: Denoiser, x: Tensor, t: Tensor) -> Tensor:
+    """``net(x, t)``, with a clear error when it does not return a floating-point tensor of
+    ``x``'s shape (cast to ``x``'s dtype otherwise)."""
+    out = net(x, t)
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"the network returned a {type(out).__name__}, not a tensor: net(x, t) must return "
+            f"a tensor of x's shape {tuple(x.shape)}"
+        )
+    if tuple(out.shape) != tuple(x.shape):
+        raise ValueError(
+            f"the network returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)}: "
+            "net(x, t) must return one value per input entry, of x's shape (batch first, "
+            "then the event shape)"
+        )
+    if not out.is_floating_point():
+        raise TypeError(f"the network returned {out.dtype} values; it must return floating point")
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
 class _Adapter(nn.Module):
     """Turn an eps / v / score / velocity network into an x0-denoiser."""
 
@@ -210,7 +230,7 @@ class _Adapter(nn.Module):
         self.event_dim = event_dim
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        out = self.net(x, t)
+        out = _checked_call(self.net, x, t)
         tt = _pad(t, self.event_dim)
         sch = self.schedule
         a, s = sch.alpha(tt), sch.sigma(tt)
