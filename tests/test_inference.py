@@ -469,3 +469,48 @@ def test_reprs_are_short_summaries():
         assert len(text) < 600, text
     assert "samples=<(3, 500, 4) float32>" in repr(post.result)
     assert "log_evidence=[" in repr(post.result) and "kind='linear_gaussian'" in repr(post)
+
+
+@pytest.mark.parametrize(
+    "case, err, match",
+    [
+        ("wrong_shape", ValueError, "must end with the event shape"),
+        ("list", TypeError, "pass a torch.Tensor"),
+        ("meta", ValueError, "meta device"),
+        ("no_broadcast", ValueError, "must compute with x by broadcasting"),
+    ],
+)
+def test_bad_models_and_data_get_the_librarys_errors(case, err, match):
+    gmm = bfd.GaussianMixture(
+        torch.tensor([0.3, 0.7]),
+        torch.stack([-2 * torch.ones(4), 2 * torch.ones(4)]),
+        torch.ones(2),
+    )
+    prior = gmm.diffusion(bfd.VPSchedule.linear())
+    A = bfd.operators.Dense(torch.randn(2, 4, generator=torch.Generator().manual_seed(0)))
+
+    def model(y=None):
+        x = pyro.sample("x", bfd.DiffusionPrior(prior))
+        pyro.sample("y", bfd.LinearGaussian(A, x, 0.1), obs=y)
+
+    def no_broadcast(y=None):
+        x = pyro.sample("x", bfd.DiffusionPrior(prior))
+        pyro.sample("y", dist.Normal(A.matrix() @ x, 0.1).to_event(1), obs=y)
+
+    m, y = {
+        "wrong_shape": (model, torch.zeros(3)),
+        "list": (model, [0.0, 1.0]),
+        "meta": (model, torch.zeros(2, device="meta")),
+        "no_broadcast": (no_broadcast, torch.zeros(2)),
+    }[case]
+    with pytest.raises(err, match=match):
+        bfd.infer(m, bfd.samplers.TDS(num_steps=3), y=y, num_samples=4)
+
+
+def test_an_operator_cast_after_the_problem_is_named():
+    gmm = bfd.GaussianMixture(torch.tensor([1.0]), torch.zeros(1, 2), torch.ones(1))
+    A = bfd.operators.Dense(torch.eye(2))
+    problem = bfd.InverseProblem(A, torch.zeros(2), 0.1)
+    A.to(torch.float64)
+    with pytest.raises(ValueError, match="cast or moved after the InverseProblem was built"):
+        bfd.samplers.TDS(num_steps=3).sample(gmm.diffusion(bfd.VPSchedule.linear()), problem, 4)

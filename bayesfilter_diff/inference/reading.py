@@ -106,6 +106,8 @@ def model_to_problem(
             "the model has no observed site: pass the data with obs= or "
             "pyro.poutine.condition(model, data={...})"
         )
+    for n in observed:
+        _check_observed_value(n, nodes[n], prior)
     latent = [n for n, s in sites if not s["is_observed"] and n != prior_name]
     if latent:
         raise ValueError(
@@ -218,6 +220,40 @@ def model_to_problem(
     problem = InverseProblem(op, y, log_likelihood_fn=log_likelihood_fn)
     _probe(st, problem)
     return prior.model, problem, st
+
+
+def _check_observed_value(name: str, s: dict, prior: DiffusionPrior) -> None:
+    """A clear error for observed data that is not a tensor of the site's event shape on
+    the prior's device (before any replay)."""
+    v = s["value"]
+    if not isinstance(v, Tensor):
+        raise TypeError(
+            f"the observed value of site {name!r} is a {type(v).__name__}; pass a torch.Tensor "
+            f"(e.g. torch.as_tensor(y, dtype={prior.dtype}))"
+        )
+    if v.device.type == "meta":
+        raise ValueError(f"the observed value of site {name!r} is on the meta device (no data)")
+    if v.device != prior.device:
+        raise ValueError(
+            f"the observed value of site {name!r} is on {v.device} but the prior is on "
+            f"{prior.device}; move one"
+        )
+    ev = tuple(s["fn"].event_shape)
+    k = len(ev)
+    if v.dim() < k or tuple(v.shape[v.dim() - k :]) != ev:
+        raise ValueError(
+            f"the observed value of site {name!r} has shape {tuple(v.shape)}, but the site's "
+            f"distribution has event shape {ev} (and batch shape {tuple(s['fn'].batch_shape)}): "
+            "the value must end with the event shape"
+        )
+    try:
+        torch.broadcast_shapes(tuple(v.shape[: v.dim() - k]), tuple(s["fn"].batch_shape))
+    except RuntimeError:
+        raise ValueError(
+            f"the observed value of site {name!r} has batch dims {tuple(v.shape[: v.dim() - k])} "
+            f"that do not broadcast against the distribution's batch shape "
+            f"{tuple(s['fn'].batch_shape)}"
+        ) from None
 
 
 def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:

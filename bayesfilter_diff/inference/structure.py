@@ -110,11 +110,24 @@ class ModelStructure:
         return t.reshape(tuple(lead) + tuple(t.shape[1:]))
 
     def replay(self, x: Tensor):
-        """Run the model with the particles ``x`` at the prior site; return its trace."""
+        """Run the model with the particles ``x`` at the prior site; return its trace.
+
+        An error raised by the model itself (typically a computation that does not
+        broadcast over the particles) becomes a ``ValueError`` explaining the vectorisation
+        contract of :mod:`bayesfilter_diff.inference`."""
         value, _ = self.to_value(x)
         with pyro.validation_enabled(False):
             handled = poutine.trace(Substitute(self.prior_site, value)(self.model))
-            return handled.get_trace(*self.args, **self.kwargs)
+            try:
+                return handled.get_trace(*self.args, **self.kwargs)
+            except (RuntimeError, IndexError) as e:
+                raise ValueError(
+                    f"the model failed when run with {value.shape[0]} particles at the prior "
+                    f"site {self.prior_site!r} (a value of shape {tuple(value.shape)}): it must "
+                    "compute with x by broadcasting over the leading dimensions (x @ W.T, "
+                    f"x[..., i], operators), not A @ x or x.reshape(-1) (see "
+                    f"bayesfilter_diff.inference). The model's error: {str(e).splitlines()[0]}"
+                ) from e
 
     def observed_log_prob(self, x: Tensor) -> Tensor:
         """Sum of the observed sites' ``log_prob`` per particle: ``(B, N)``."""

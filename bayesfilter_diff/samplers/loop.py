@@ -170,6 +170,13 @@ def check_inputs(prior: Any, problem: Any, num_samples: Any, generator: Any = No
             f"prior's event shape {tuple(prior.event_shape)}"
         )
     y = problem.y
+    op_ref = problem.operator._ref()
+    if op_ref is not None and (op_ref.dtype != y.dtype or op_ref.device != y.device):
+        raise ValueError(
+            f"the operator holds {op_ref.dtype} on {op_ref.device} but y is {y.dtype} on "
+            f"{y.device}: was the operator cast or moved after the InverseProblem was built? "
+            "Use problem.to(...) to move both"
+        )
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(
