@@ -350,3 +350,37 @@ def test_errors():
     noiseless = bfd.InverseProblem(A, torch.zeros(1, dtype=DT), noise_std=0.0)
     with pytest.raises(ValueError, match="noise_std > 0"):
         TDS(num_steps=5).sample(gmm.diffusion(bfd.VPSchedule.linear()), noiseless, 4)
+
+
+@pytest.mark.slow
+def test_analytic_reverse_variance_targets_the_continuous_model():
+    """reverse_variance="analytic" adds the b^2 Var[x0 | x_t] that the DDIM kernel drops
+    (Var from the denoiser's Jacobian with a Rademacher probe, exact for an isotropic
+    Gaussian prior): the chain's reverse transitions are then the continuous model's own,
+    so with 10 steps TDS matches the continuous-time posterior and evidence within 4.5
+    standard errors, where the DDIM chain misses them by far."""
+    sched = bfd.VPSchedule.linear()
+    mu = torch.tensor([1.0, -0.5, 0.3], dtype=DT)
+    gmm = bfd.GaussianMixture(torch.ones(1, dtype=DT), mu[None], torch.tensor([1.5], dtype=DT))
+    g = torch.Generator().manual_seed(0)
+    A = bfd.operators.Dense(torch.randn(2, 3, generator=g, dtype=DT))
+    y = torch.tensor([0.5, 1.0], dtype=DT)
+    P, R, N = 1, 32, 512
+    problem = bfd.InverseProblem(A, y.expand(R, 2).contiguous(), 0.3)
+    sub = bfd.InverseProblem(A, y, 0.3)
+    exact, log_z = gmm.posterior(sub), gmm.log_evidence(sub)
+    res = {}
+    for rv in ("ddim", "analytic"):
+        res[rv] = TDS(num_steps=10, reverse_variance=rv, max_log_snr_step=0).sample(
+            gmm.diffusion(sched), problem, N, torch.Generator().manual_seed(1)
+        )
+    mean, cov = weighted_moments(res["analytic"])
+    m_hat, m_se = copy_stats(mean, P, R)
+    c_hat, c_se = copy_stats(cov, P, R)
+    r_hat, r_se = evidence_ratio_stats(res["analytic"], log_z.reshape(1), P, R)
+    assert ((m_hat - exact.mean()).abs() <= 4.5 * m_se).all()
+    assert ((c_hat - exact.covariance()).abs() <= 4.5 * c_se).all()
+    assert ((r_hat - 1).abs() <= 4.5 * r_se).all()
+    # the DDIM chain at 10 steps: its evidence is far off the continuous model's
+    r_ddim, se_ddim = evidence_ratio_stats(res["ddim"], log_z.reshape(1), P, R)
+    assert ((r_ddim - 1).abs() > 10 * se_ddim).all()

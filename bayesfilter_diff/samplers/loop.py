@@ -124,14 +124,8 @@ class Context:
         Backpropagates through the network; per-particle values are summed only to get the
         gradient, which is exact per particle since particles do not interact.
         """
-        self.nfe += 1
-        self.backprop = True
-        with torch.enable_grad():
-            xr = x.detach().requires_grad_(True)
-            x0 = self.prior.denoise(xr, t)
-            v = fn(x0)
-            (g,) = torch.autograd.grad(v.sum(), xr)
-        return x0.detach(), v.detach(), g
+        x0, v, g, _ = self.denoise_backward(x, t, fn, direction=False)
+        return x0, v, g
 
     def denoise_with_vjp(
         self, x: Tensor, t: Tensor | float, fn: Callable[[Tensor], tuple[Tensor, Tensor]]
@@ -139,14 +133,41 @@ class Context:
         """``x0_hat``, ``v`` and ``J^T u`` for ``(v, u) = fn(x0_hat)``: ``u`` is a direction
         in ``x0`` space pulled back through the denoiser's Jacobian ``J = d x0_hat / d x``
         (one backward pass through the network; ``fn`` sees ``x0_hat`` detached)."""
+        x0, v, g, _ = self.denoise_backward(x, t, fn, direction=True)
+        return x0, v, g
+
+    def denoise_backward(
+        self,
+        x: Tensor,
+        t: Tensor | float,
+        fn: Callable[[Tensor], Any],
+        *,
+        direction: bool,
+        probe: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """``x0_hat``, ``v`` and a gradient: with ``direction``, ``(v, u) = fn(x0_hat)`` and
+        ``J^T u`` (``fn`` sees ``x0_hat`` detached); else ``v = fn(x0_hat)`` and
+        ``grad_x sum v`` through the network. With a ``probe`` ``z`` (``*event``, shared by the particles), also
+        ``z^T J z`` per particle, ``(B, N)``: Hutchinson's estimate of ``tr J`` (exact for
+        an isotropic ``J`` with a Rademacher ``z``), one more backward pass."""
         self.nfe += 1
         self.backprop = True
         with torch.enable_grad():
             xr = x.detach().requires_grad_(True)
             x0 = self.prior.denoise(xr, t)
-            v, u = fn(x0.detach())
-            (g,) = torch.autograd.grad(x0, xr, grad_outputs=u)
-        return x0.detach(), v.detach(), g
+            keep = probe is not None
+            if direction:
+                v, u = fn(x0.detach())
+                (g,) = torch.autograd.grad(x0, xr, grad_outputs=u, retain_graph=keep)
+            else:
+                v = fn(x0)
+                (g,) = torch.autograd.grad(v.sum(), xr, retain_graph=keep)
+            tr = None
+            if probe is not None:
+                z = probe.expand_as(x0)
+                (jz,) = torch.autograd.grad(x0, xr, grad_outputs=z)
+                tr = (jz * z).reshape(x.shape[:2] + (-1,)).sum(-1).detach()
+        return x0.detach(), v.detach(), g, tr
 
 
 def check_inputs(prior: Any, problem: Any, num_samples: Any, generator: Any = None) -> None:

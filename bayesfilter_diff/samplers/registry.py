@@ -175,11 +175,15 @@ def build(name: str, num_steps: int | None = None, **overrides: Any) -> Sampler:
 def default_sampler(problem: InverseProblem, num_steps: int = 100) -> Sampler:
     """An asymptotically exact sampler suited to ``problem``: MCGdiff for a linear operator
     with an SVD and Gaussian noise (exact conditioning, no network gradients), TDS for every
-    other likelihood it accepts (nonlinear operators, Poisson, custom / Pyro sites), with
-    adaptive steps (``adaptive_ess=0.1``: a move that would leave less than 10% of N is
-    redone to an intermediate time)."""
+    other likelihood it accepts (nonlinear operators, Poisson, custom / Pyro sites,
+    per-problem noise or operators), with adaptive steps (``adaptive_ess=0.1``: a move that
+    would leave less than 10% of N is redone to an intermediate time) and the analytic
+    reverse variance (``reverse_variance="analytic"``: the chain's transitions carry the
+    ``Var[x0 | x_t]`` that DDIM drops, so it targets the continuous model, not its
+    discretisation)."""
     for name in ("MCGdiff", "TDS"):
-        sampler = build(name, num_steps, **({"adaptive_ess": 0.1} if name == "TDS" else {}))
+        kw = {"adaptive_ess": 0.1, "reverse_variance": "analytic"} if name == "TDS" else {}
+        sampler = build(name, num_steps, **kw)
         if sampler.requirements().unmet(problem) is None:
             return sampler
     raise ValueError(

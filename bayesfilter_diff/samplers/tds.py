@@ -90,6 +90,7 @@ class TDSState:
     x0: Tensor | None = None
     grad: Tensor | None = None
     log_twist: Tensor | None = None
+    x0_var: Tensor | None = None  # (B, N): Var[x0 | x_t] per coordinate ("analytic")
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,7 @@ class TDS(SMCSampler):
     max_log_snr_step: float = 1.0
     adaptive_ess: float = 0.0
     max_inserted_steps: int = 200
+    reverse_variance: str = "ddim"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -186,6 +188,10 @@ class TDS(SMCSampler):
         a = self.adaptive_ess
         if isinstance(a, bool) or not isinstance(a, int | float) or not 0 <= a < 1:
             raise ValueError(f"adaptive_ess must be a number in [0, 1), got {a!r}")
+        if self.reverse_variance not in ("ddim", "analytic"):
+            raise ValueError(
+                f"reverse_variance must be 'ddim' or 'analytic', got {self.reverse_variance!r}"
+            )
         mi = self.max_inserted_steps
         if isinstance(mi, bool) or not isinstance(mi, int) or mi < 0:
             raise ValueError(f"max_inserted_steps must be an int >= 0, got {mi!r}")
@@ -262,9 +268,19 @@ class TDS(SMCSampler):
             return self.twist_variance != "none"
         return self.twist_variance == "operator" and not problem.operator.is_linear
 
-    def _twist(self, ctx: Context, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``x0_hat(x)``, ``log p~_t(y | x)`` ``(B, N)`` and its gradient w.r.t. ``x`` (for the
-        Laplace twist: the gradient with the likelihood's curvature held fixed)."""
+    def _twist(
+        self, ctx: Context, x: Tensor, t: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """``x0_hat(x)``, ``log p~_t(y | x)`` ``(B, N)``, its gradient w.r.t. ``x`` (for the
+        Laplace twist: the gradient with the likelihood's curvature held fixed) and, with
+        ``reverse_variance="analytic"``, ``Var[x0 | x_t]`` per coordinate ``(B, N)``."""
+        probe = None
+        if self.reverse_variance == "analytic":
+            # one Rademacher probe per step, shared by the particles (the kernel stays a
+            # function of x_t given the step's probe)
+            shape = tuple(ctx.prior.event_shape)
+            bits = torch.randint(0, 2, shape, generator=ctx.generator, device=x.device)
+            probe = (2 * bits - 1).to(x.dtype)
         problem = ctx.problem
         fn: Callable[[Tensor], Tensor]
         v = self._twist_extra_variance(ctx, t)
@@ -285,8 +301,9 @@ class TDS(SMCSampler):
                 )
                 return sm.value, sm.direction
 
-            x0, lt, g = ctx.denoise_with_vjp(x, t, smooth)
-            return x0, lt, torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+            x0, lt, g, tr = ctx.denoise_backward(x, t, smooth, direction=True, probe=probe)
+            g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+            return x0, lt, g, self._x0_variance(ctx, t, tr)
         elif not _uses_gaussian_twist(problem):
             fn = problem.log_likelihood  # "none": the likelihood at x0_hat (paper)
         elif self.twist_variance == "operator":
@@ -301,20 +318,33 @@ class TDS(SMCSampler):
                 sq = (r**2).reshape(r.shape[:2] + (-1,)).sum(-1)
                 return -0.5 * sq / var - 0.5 * m * (torch.log(var) + LOG2PI)
 
-        x0, lt, g = ctx.denoise_with_grad(x, t, fn)
+        x0, lt, g, tr = ctx.denoise_backward(x, t, fn, direction=False, probe=probe)
         # A particle whose likelihood is undefined (e.g. a Poisson rate <= 0) gets weight 0.
         lt = torch.where(torch.isnan(lt), torch.full_like(lt, -math.inf), lt)
         g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
-        return x0, lt, g
+        return x0, lt, g, self._x0_variance(ctx, t, tr)
+
+    def _x0_variance(self, ctx: Context, t: Tensor, tr: Tensor | None) -> Tensor | None:
+        """``Var[x0 | x_t]`` per coordinate from ``z^T J z`` (Tweedie's second moment:
+        ``Cov[x0 | x_t] = sigma_t^2 / alpha_t * d x0_hat / d x_t``), clamped at 0; ``None``
+        without a probe or where ``alpha_t = 0``."""
+        if tr is None:
+            return None
+        sch = ctx.prior.schedule
+        a, s = sch.alpha(t), sch.sigma(t)
+        if not bool(a > 0):
+            return None
+        d = math.prod(ctx.prior.event_shape)
+        return (s**2 / a * tr / d).clamp_min(0.0)
 
     # ------------------------------------------------------------------ the sampler
     def init(self, ctx: Context, setup: None) -> tuple[TDSState, Tensor]:
         t0 = ctx.times[0]
         # x_T ~ N(0, sigma_T^2 I), the reference distribution of the chain (as in DDIM).
         x = ctx.prior.schedule.sigma(t0) * ctx.randn()
-        x0, lt, g = self._twist(ctx, x, t0)
+        x0, lt, g, var = self._twist(ctx, x, t0)
         # w_T = p~_T(y | x_T): the proposal of x_T is the chain's own reference.
-        return TDSState(x, x0, g, lt), lt
+        return TDSState(x, x0, g, lt, var), lt
 
     def move(self, ctx: Context, setup: None, state: TDSState, k: int, t, t_next) -> Move:
         sch = ctx.prior.schedule
@@ -325,8 +355,18 @@ class TDS(SMCSampler):
         s_t = sch.sigma(t)
         # 1. Prior (untwisted) ancestral mean: alpha_s x0_hat + c_eps eps_hat.
         mean_u = ddim_mean(x, x0, coef, s_t)
-        std = coef.std
-        if bool(std > 0):
+        std: Tensor = coef.std
+        keep = None  # particles whose kernel is deterministic ("analytic" with no variance)
+        if state.x0_var is not None:
+            # "analytic": the reverse kernel's variance std^2 + b^2 Var[x0 | x_t] with b the
+            # weight of x0 in the DDIM mean (the term DDIM drops; Bao et al. 2022), per
+            # particle
+            b = coef.alpha_s - coef.c_eps * coef.alpha_t / s_t
+            var = std**2 + b**2 * state.x0_var
+            keep = (var <= 0).reshape(var.shape + (1,) * len(red))
+            std = torch.where(var > 0, var, torch.ones_like(var)).sqrt()
+            std = std.reshape(var.shape + (1,) * len(red))
+        if keep is not None or bool(std > 0):
             # 2. Twisted x0 (conditional Tweedie): x0~ = x0_hat + sigma_t^2 / alpha_t * grad.
             x0_tw = tweedie_shift(x0, g, coef.alpha_t, s_t)
             if self.clamp_x0 is not None:
@@ -337,7 +377,10 @@ class TDS(SMCSampler):
             x_new = mean_tw + std * z
             # 4. log p(x_s | x_t) - log q(x_s | x_t, y) with x_s - mean_tw = std z.
             delta = mean_tw - mean_u
-            log_ratio = -((2 * std * z * delta + delta**2).sum(red)) / (2 * std**2)
+            log_ratio = -((2 * std * z * delta + delta**2) / (2 * std**2)).sum(red)
+            if keep is not None:
+                x_new = torch.where(keep, mean_u, x_new)
+                log_ratio = torch.where(keep.reshape(log_ratio.shape), 0.0, log_ratio)
         else:
             # Deterministic kernel (last step of VP / flow paths): x_0 = the untwisted mean.
             x_new = mean_u
@@ -349,8 +392,8 @@ class TDS(SMCSampler):
             new_state = TDSState(x_new)
         else:
             # 5b. Twist at the new particles (also gives the next step's proposal).
-            x0_new, lt_new, g_new = self._twist(ctx, x_new, t_next)
-            new_state = TDSState(x_new, x0_new, g_new, lt_new)
+            x0_new, lt_new, g_new, var_new = self._twist(ctx, x_new, t_next)
+            new_state = TDSState(x_new, x0_new, g_new, lt_new, var_new)
         # 6. w_s = p(x_s | x_t) p~_s(y | x_s) / [q(x_s | x_t, y) p~_t(y | x_t)]; a particle
         #    already at p~_t = 0 (weight 0) stays at weight 0.
         incr = log_ratio + lt_new - lt

@@ -10,7 +10,7 @@ times the ones vector, identity covariances), a ``(d/2) x d`` operator ``A`` wit
 with ``y`` drawn at ``sigma* = 0.5``, ``gain* = 1.2``. ``bfd.infer(model, y=y)`` runs SMC^2
 (``num_theta`` theta-particles, the default inner sampler: TDS with adaptive steps on the
 per-theta problems, which ``infer`` reads as one ``PerProblemDense`` operator with
-per-problem noise). For an identity-covariance mixture ``p(y | sigma, gain)`` is closed
+per-problem noise, with the analytic reverse variance). For an identity-covariance mixture ``p(y | sigma, gain)`` is closed
 form through the SVD of ``A`` (covariance ``gain^2 A A^T + sigma^2 I``), so the exact
 posterior of ``(sigma, gain)`` and the evidence follow by 2-D quadrature, and exact draws
 of ``x`` by drawing ``(sigma, gain)`` from the grid and ``x`` from its Gaussian-mixture
@@ -214,7 +214,8 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         warnings.simplefilter("always")
         post = infer(
             setup.model(),
-            build("TDS", cell["steps"], adaptive_ess=0.1),  # the default inner sampler
+            # the default inner sampler (registry.default_sampler) at the cell's steps
+            build("TDS", cell["steps"], adaptive_ess=0.1, reverse_variance="analytic"),
             y=setup.y.to(setup.dtype),
             num_samples=cell["N"],
             num_theta=cell["K"],
@@ -351,12 +352,7 @@ def run_hierarchical(
         r["goal met"] = "yes" if good else ("no, warned" if r["warned"] > 0 else "no")
     rows.sort(key=lambda r: (r["d"], r["steps"], r["prior"]))
     bf = bayes_factor_rows(records)
-    cmd = (
-        "python validation/run_studies.py hierarchical --full; the 400-step rows: --config "
-        """'{"steps": 400, "dims": [8]}' and '{"steps": 400, "dims": [80], "seeds": [0]}'"""
-        if full
-        else "python validation/run_studies.py hierarchical"
-    )
+    cmd = "python validation/run_studies.py hierarchical" + (" --full" if full else "")
     table = markdown_table(
         rows,
         ["d", "steps", "prior", *metrics, "goal met", "n"],
