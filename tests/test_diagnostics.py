@@ -162,7 +162,14 @@ def test_sliced_errors():
 
 
 # ------------------------------------------------------------------------------ exact W2
-def test_wasserstein2_exact_closed_forms():
+@pytest.mark.parametrize("backend", ["pot", "scipy"])
+def test_wasserstein2_exact_closed_forms(backend, monkeypatch):
+    from bayesfilter_diff.diagnostics import distances
+
+    if backend == "pot":
+        pytest.importorskip("ot")
+    else:
+        monkeypatch.setattr(distances, "_pot", lambda: None)
     g = gen(10)
     x = torch.randn(2, 40, 3, generator=g, dtype=DT)
     perm = torch.randperm(40, generator=g)
@@ -190,8 +197,12 @@ def test_wasserstein2_exact_closed_forms():
     assert float(lp) == pytest.approx(
         float(diag.wasserstein2_exact(xs.repeat_interleave(k, 0), zz)), rel=1e-7
     )
-    with pytest.raises(ValueError, match="linear programme"):
-        diag.wasserstein2_exact(torch.randn(600, 2), torch.randn(601, 2))
+    if backend == "scipy":
+        with pytest.raises(ValueError, match="linear programme"):
+            diag.wasserstein2_exact(torch.randn(600, 2), torch.randn(601, 2))
+    else:
+        with pytest.raises(ValueError, match="cost matrix"):
+            diag.wasserstein2_exact(torch.randn(5001, 2), torch.randn(5001, 2))
 
 
 # ------------------------------------------------------------------------------ Gaussian W2
@@ -595,3 +606,42 @@ def test_monte_carlo_errors_from_runs_and_from_the_genealogy():
         bfd.diagnostics.genealogy_mcse(res, min_lineages=10_000)
     with pytest.raises(ValueError, match="independent"):
         bfd.diagnostics.runs_mcse([res])
+
+
+def test_sliced_wasserstein_equals_pots_with_the_same_directions():
+    ot = pytest.importorskip("ot")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 5, generator=g, dtype=torch.float64)
+    y = 1.5 * torch.randn(200, 5, generator=g, dtype=torch.float64) + 0.3
+    wx = torch.rand(300, generator=g, dtype=torch.float64)
+    wy = torch.rand(200, generator=g, dtype=torch.float64)
+    theta = bfd.diagnostics.random_directions(64, 5, g, x.device, x.dtype)
+    for p in (1, 2):
+        ours = bfd.diagnostics.sliced_wasserstein(
+            x, y, p=p, weights_x=wx, weights_y=wy, directions=theta
+        )
+        theirs = ot.sliced_wasserstein_distance(
+            x, y, a=wx / wx.sum(), b=wy / wy.sum(), p=p, projections=theta.T
+        )
+        torch.testing.assert_close(ours, torch.as_tensor(theirs, dtype=torch.float64))
+
+
+def test_exact_w2_with_pot_matches_scipy_and_scales_past_the_lp(monkeypatch):
+    pytest.importorskip("ot")
+    from bayesfilter_diff.diagnostics import distances
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 60, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(2, 50, 3, generator=g, dtype=torch.float64) + 0.5
+    wx = torch.rand(2, 60, generator=g, dtype=torch.float64)
+    with_pot = bfd.diagnostics.wasserstein2_exact(x, y, weights_x=wx)
+    same = bfd.diagnostics.wasserstein2_exact(x[:, :50], y)
+    monkeypatch.setattr(distances, "_pot", lambda: None)  # the scipy fallback
+    torch.testing.assert_close(with_pot, bfd.diagnostics.wasserstein2_exact(x, y, weights_x=wx))
+    torch.testing.assert_close(same, bfd.diagnostics.wasserstein2_exact(x[:, :50], y))
+    big_x = torch.randn(1500, 2, generator=g, dtype=torch.float64)
+    big_y = torch.randn(1200, 2, generator=g, dtype=torch.float64)
+    with pytest.raises(ValueError, match="install POT"):
+        bfd.diagnostics.wasserstein2_exact(big_x, big_y)
+    monkeypatch.undo()
+    assert float(bfd.diagnostics.wasserstein2_exact(big_x, big_y)) > 0  # 1.8e6 variables

@@ -57,6 +57,8 @@ __all__ = [
 
 #: Largest transport plan (N * M variables) :func:`wasserstein2_exact` hands to ``linprog``.
 MAX_LP_VARIABLES = 250_000
+#: With POT: the largest cost matrix ``N * M`` of :func:`wasserstein2_exact` (float64, 200 MB).
+MAX_EMD_ENTRIES = 25_000_000
 #: Elements of the largest intermediate tensor built at once (projections, kernel matrices).
 _CHUNK_ELEMENTS = 1 << 24
 
@@ -271,15 +273,16 @@ def wasserstein2_exact(
     weights_x: Tensor | None = None,
     weights_y: Tensor | None = None,
 ) -> Tensor:
-    """Exact ``W_2`` between two small (weighted) point sets, with scipy.
+    """Exact ``W_2`` between two (weighted) point sets.
 
-    Equal sizes with uniform weights: the optimal coupling is a permutation (Birkhoff), found
-    by ``scipy.optimize.linear_sum_assignment`` on the squared-distance matrix
-    (``O(N^3)``, fine for a few thousand points). Otherwise the transport linear programme
-    (``N M`` variables, ``N + M - 1`` equality constraints) is solved by
-    ``scipy.optimize.linprog`` (HiGHS); it is limited to ``N M <= MAX_LP_VARIABLES``
-    (a few hundred points each). Problems of a batch are solved one after the other on the
-    CPU (POT is not a dependency).
+    With POT installed (``pip install pot``, the extra ``bayesfilter-diff[ot]``): the
+    transport problem by ``ot.emd2`` (network simplex in C++), any sizes and weights up to
+    ``N M <= MAX_EMD_ENTRIES`` (the cost matrix in memory: tens of thousands of points).
+    Without it, scipy: equal sizes with uniform weights by
+    ``scipy.optimize.linear_sum_assignment`` (the optimal coupling is a permutation), else
+    the transport linear programme by ``scipy.optimize.linprog`` (HiGHS), limited to
+    ``N M <= MAX_LP_VARIABLES`` (a few hundred points each). Problems of a batch are
+    solved one after the other on the CPU.
 
     Returns
     -------
@@ -295,27 +298,46 @@ def wasserstein2_exact(
     X, WX, Y, WY, batched = broadcast_pair(X, WX, bx, Y, WY, by)
     B, N, _ = X.shape
     M = Y.shape[1]
+    ot = _pot()
     assignment = WX is None and WY is None and N == M
-    if not assignment and N * M > MAX_LP_VARIABLES:
+    if ot is not None:
+        if N * M > MAX_EMD_ENTRIES:
+            raise ValueError(
+                f"wasserstein2_exact: the cost matrix would have N * M = {N * M} > "
+                f"{MAX_EMD_ENTRIES} entries; subsample, or use sliced_wasserstein"
+            )
+    elif not assignment and N * M > MAX_LP_VARIABLES:
         raise ValueError(
             f"wasserstein2_exact with unequal sizes or weights solves a linear programme with "
-            f"N * M = {N * M} > {MAX_LP_VARIABLES} variables; subsample, or use "
-            "sliced_wasserstein"
+            f"N * M = {N * M} > {MAX_LP_VARIABLES} variables; install POT (pip install pot) "
+            "for larger sets, subsample, or use sliced_wasserstein"
         )
     Xn = X.detach().double().cpu().numpy()
     Yn = Y.detach().double().cpu().numpy()
     Wx = uniform_or(WX, X.shape[:2], X.device).cpu().numpy()
     Wy = uniform_or(WY, Y.shape[:2], Y.device).cpu().numpy()
     out = np.empty(B)
-    for b in range(B):  # scipy solvers are not batched
+    for b in range(B):  # the exact solvers are not batched
         C = cdist(Xn[b], Yn[b], "sqeuclidean")
-        if assignment:
+        if ot is not None:
+            wx, wy = Wx[b] / Wx[b].sum(), Wy[b] / Wy[b].sum()
+            cost = float(ot.emd2(wx, wy, C, numItermax=max(100_000, 50 * (N + M))))
+        elif assignment:
             r, c = linear_sum_assignment(C)
             cost = C[r, c].mean()
         else:
             cost = _transport_lp(C, Wx[b], Wy[b])
         out[b] = math.sqrt(max(cost, 0.0))
     return _finish(torch.as_tensor(out, dtype=torch.float64, device=X.device), batched)
+
+
+def _pot():
+    """The POT module (``ot``) if installed, else ``None``."""
+    try:
+        import ot
+    except ImportError:
+        return None
+    return ot
 
 
 # ---------------------------------------------------------------------------------- MMD
