@@ -116,14 +116,6 @@ def test_unsupported_global_sites_are_named():
     with pytest.raises(ValueError, match="'s' is inside pyro.plate"):
         bfd.infer(local, TDS(num_steps=3), y=y, num_samples=4, num_theta=4)
 
-    def plated(y=None):
-        s = pyro.sample("s", dist.HalfNormal(torch.tensor(1.0, dtype=DT)))
-        with pyro.plate("problems", 3):
-            x = pyro.sample("x", bfd.DiffusionPrior(gmm_prior))
-            pyro.sample("y", dist.Normal(x, s).to_event(1), obs=y)
-
-    with pytest.raises(ValueError, match="shared by a plate of problems"):
-        bfd.infer(plated, TDS(num_steps=3), y=torch.zeros(3, 2, dtype=DT), num_theta=4)
     with pytest.raises(ValueError, match="num_theta"):
         bfd.infer(model, TDS(num_steps=3), y=y, num_samples=4, num_theta=1)
 
@@ -309,3 +301,55 @@ def test_discrete_global_against_the_exact_posterior():
     # (+ 1 / K: one particle's worth, for a level no run visits, where the spread is 0)
     assert ((probs.mean(0) - exact).abs() <= 4.5 * se + 1 / K).all(), (probs.mean(0), exact, se)
     assert runs[0].theta["k"].dtype == torch.int64
+
+
+@pytest.mark.slow
+def test_globals_shared_by_a_plate_of_problems():
+    """One noise scale for B observations in a pyro.plate: the inner run is the K x B
+    (theta, problem) pairs, Z(theta) the product over the plate; against the chain's exact
+    p(sigma | y_1..y_B) and evidence (importance-sampling standard errors, as above)."""
+    mu = torch.tensor([0.5, -0.3], dtype=DT)
+    S = torch.tensor([[1.0, 0.4], [0.4, 0.8]], dtype=DT)
+    gmm = bfd.GaussianMixture(torch.ones(1, dtype=DT), mu[None], S[None])
+    sched = bfd.VPSchedule.linear()
+    M = torch.tensor([[1.0, 0.3], [-0.4, 1.0]], dtype=DT)
+    g = torch.Generator().manual_seed(3)
+    B = 3
+    Y = gmm.sample(B, g) @ M.T + 0.5 * torch.randn(B, 2, generator=g, dtype=DT)
+    half = dist.HalfNormal(torch.tensor(1.0, dtype=DT))
+
+    def model(y=None):
+        sigma = pyro.sample("sigma", half)
+        with pyro.plate("problems", B):
+            x = pyro.sample("x", bfd.DiffusionPrior(gmm.diffusion(sched)))
+            pyro.sample("y", dist.Normal(x @ M.T, sigma).to_event(1), obs=y)
+
+    K, N = 256, 64
+    post = bfd.infer(
+        model,
+        TDS(num_steps=STEPS, max_log_snr_step=0),
+        y=Y,
+        num_samples=N,
+        num_theta=K,
+        moves=0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert isinstance(post, HierarchicalPosterior)
+    assert post.x.shape == (K, B, 2) and post.theta["sigma"].shape == (K,)
+    chain = chain_prior(mu, S, sched, post.inner.info.times)
+    s = torch.linspace(1e-3, 5.0, 20_000, dtype=DT)
+    m_, P = chain.means[0], chain.covariance_matrices()[0]
+    C = M @ P @ M.T + s[:, None, None] ** 2 * torch.eye(2, dtype=DT)
+    lz = torch.distributions.MultivariateNormal(M @ m_, C[:, None]).log_prob(Y[None]).sum(-1)
+    lp = half.log_prob(s) + lz
+    w = torch.softmax(lp, 0)
+    mean = float((w * s).sum())
+    sd = float((w * (s - mean) ** 2).sum().sqrt())
+    log_z = float(torch.logsumexp(lp, 0)) + math.log(float(s[1] - s[0]))
+    ess = post.theta_ess
+    se = sd * math.sqrt(1 / ess + 1 / K)
+    assert abs(float(post.theta["sigma"].mean()) - mean) <= 4.5 * se, (
+        post.theta["sigma"].mean(),
+        mean,
+    )
+    assert abs(float(post.log_evidence) - log_z) <= 4.5 * math.sqrt((K / ess - 1) / K)

@@ -92,6 +92,8 @@ class FixGlobals(Messenger):
             msg["infer"] = {**msg["infer"], "_bfd_fixed": True}
         elif isinstance(msg["fn"], DiffusionPrior):
             msg["fn"] = msg["fn"].expand(torch.Size([self.K]) + msg["fn"].batch_shape)
+            # reading: the theta-particles' dimension, before a plate of problems
+            msg["infer"] = {**msg["infer"], "_bfd_outer": self.K}
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,8 @@ class HierarchicalPosterior:
         Site -> ``(K, *event)`` equally weighted draws of each global site.
     x
         ``(K, *event)``: one draw of the prior site per theta-particle (from its inner
-        cloud), so ``(theta_k, x_k)`` is a joint draw.
+        cloud), so ``(theta_k, x_k)`` is a joint draw; ``(K, B, *event)`` for a plate of
+        ``B`` problems sharing the globals.
     site
         The prior site's name.
     log_evidence
@@ -306,13 +309,6 @@ def infer_hierarchical(
         if s["type"] == "sample" and isinstance(unwrap(s["fn"]), DiffusionPrior)
     ]
     site = priors[0] if priors else ""
-    if site and nodes[site]["cond_indep_stack"]:
-        raise ValueError(
-            f"the DiffusionPrior site {site!r} is inside pyro.plate "
-            f"{[f.name for f in nodes[site]['cond_indep_stack']]} and the model has global "
-            f"latent sites {names}: infer does not yet support global sites shared by a plate "
-            "of problems; infer each observation with its own model call"
-        )
 
     def wrapped(values: dict[str, Tensor]) -> Callable:
         return FixGlobals(values, K, trailing)(model)
@@ -386,16 +382,20 @@ def infer_hierarchical(
         nfe += res.info.nfe
         if st.kind == "affine_gaussian":
             check_linearization(st, problem, res.samples)
-        degenerate.append(_degenerate(res, num_samples))
         if res.log_evidence is None:
             raise ValueError(
                 f"{type(smp).__name__} gives no evidence estimate: infer needs an SMC sampler "
                 "(TDS, MCGdiff, SMCDiff) for models with global latent sites"
             )
-        # one draw of x per theta-particle from its weighted cloud
+        # the problems are the theta-particles, or (theta, problem) pairs theta-major for a
+        # plate of problems sharing the globals: Z(theta) is the product over the plate
+        P = res.samples.shape[0] // K
+        degenerate.append(_degenerate(res, num_samples).reshape(K, P).any(-1))
+        # one draw of x per problem from its weighted cloud
         idx = torch.multinomial(res.weights().double(), 1, generator=generator).squeeze(-1)
-        x = res.samples[torch.arange(K), idx]
-        return res.log_evidence.double(), x, res
+        x = res.samples[torch.arange(K * P), idx]
+        x = x.reshape((K,) + ((P,) if st.outer > 1 else ()) + tuple(x.shape[1:]))
+        return res.log_evidence.double().reshape(K, P).sum(-1), x, res
 
     # 1. prior draws and one batched inner run
     theta = draw_prior()

@@ -145,13 +145,20 @@ def model_to_problem(
     )
     layout = (1,) * (L - len(P)) + P
     big = [i for i, s in enumerate(layout) if s != 1]
+    # SMC^2 (hierarchical.FixGlobals) puts the theta-particles in a dimension of their own,
+    # right before a plate of problems: the problems are then the (theta, problem) pairs
+    outer = int(psite["infer"].get("_bfd_outer", 1))
+    if len(big) == 2 and outer > 1 and big[1] == big[0] + 1 and layout[big[0]] == outer:
+        big = big[1:]
+    else:
+        outer = 1
     if len(big) > 1:
         raise ValueError(
             f"the DiffusionPrior site {prior_name!r} has batch shape {P}; infer supports "
             "one batch dimension of independent problems (one pyro.plate)"
         )
     batched = len(big) == 1
-    B = layout[big[0]] if batched else 1
+    B = layout[big[0]] * outer if batched else 1
     bdim = big[0] - L if batched else 0
     st = ModelStructure(
         model,
@@ -166,6 +173,7 @@ def model_to_problem(
         bdim,
         trace=tr,
         obs_plates=obs_plates,
+        outer=outer,
     )
     dtype, device = prior.dtype, prior.device
 
@@ -271,7 +279,8 @@ def _observed_data(st: ModelStructure, tr, dtype, device) -> tuple[Tensor, tuple
     Several: the per-problem concatenation of the flattened values.
     """
     L = len(st.layout)
-    parts, site_layout = [], ((), ())
+    parts: list[Tensor] = []
+    site_layout: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
     for name in st.observed:
         s = tr.nodes[name]
         fn = s["fn"]
@@ -280,14 +289,11 @@ def _observed_data(st: ModelStructure, tr, dtype, device) -> tuple[Tensor, tuple
         full = tuple(broadcast_shape(tuple(fn.batch_shape), tuple(v.shape[: v.dim() - len(ev)])))
         full = (1,) * (L - len(full)) + full
         v = v.expand(full + ev)
-        if st.batched and full[L + st.bdim] == 1:
-            full = full[: L + st.bdim] + (st.B,) + full[L + st.bdim + 1 :]
+        if st.batched:
+            full = st.with_problems(full)
         site_layout = (full, ev)
         if st.batched:
-            pos = L + st.bdim
-            if v.shape[pos] == 1:
-                v = v.expand(v.shape[:pos] + (st.B,) + v.shape[pos + 1 :])
-            v = v.movedim(pos, 0)  # (B, *rest, *ev)
+            v = st.problems_first(v.expand(full + ev), 0)  # (B, *rest, *ev)
         parts.append(v)
     if len(parts) == 1:
         y = parts[0]

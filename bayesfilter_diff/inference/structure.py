@@ -41,6 +41,34 @@ class ModelStructure:
     #: observed site -> how many of its rightmost batch dims are observation plates (plates
     #: that do not contain the prior site; summed in the log-likelihood)
     obs_plates: dict[str, int] = field(default_factory=dict)
+    #: SMC^2 over a plate of problems: the theta-particles' dimension, right before the
+    #: plate's (``bdim - 1``), of this size; the problems are the ``B = outer * inner``
+    #: pairs, theta-major
+    outer: int = 1
+
+    # ---- the problems' dimension(s) of the layout
+    def problem_dims(self) -> list[int]:
+        """Positions (negative, in the layout) of the problems' dimension(s)."""
+        return [self.bdim - 1, self.bdim] if self.outer > 1 else [self.bdim]
+
+    def problem_sizes(self) -> list[int]:
+        return [self.outer, self.B // self.outer] if self.outer > 1 else [self.B]
+
+    def with_problems(self, full: tuple[int, ...]) -> tuple[int, ...]:
+        """A batch shape of the layout's rank with the problems' sizes at their dims."""
+        out = list(full)
+        L = len(full)
+        for d, n in zip(self.problem_dims(), self.problem_sizes()):
+            if out[L + d] == 1:
+                out[L + d] = n
+        return tuple(out)
+
+    def problems_first(self, t: Tensor, offset: int) -> Tensor:
+        """Move the problems' dim(s) (at ``offset + L + dim``) to the front, flattened."""
+        L = len(self.layout)
+        pos = [offset + L + d for d in self.problem_dims()]
+        t = t.movedim(pos, list(range(len(pos))))
+        return t.reshape((self.B,) + tuple(t.shape[len(pos) :]))
 
     @property
     def event_shape(self) -> torch.Size:
@@ -66,8 +94,7 @@ class ModelStructure:
                 )
             lead = x.shape[:2]
             v = x.transpose(0, 1)  # (N, B, *event)
-            shape = [1] * L
-            shape[self.bdim] = self.B
+            shape = self.with_problems((1,) * L)
             v = v.reshape((x.shape[1],) + tuple(shape) + tuple(self.event_shape))
         else:
             lead = x.shape[: x.dim() - k]
@@ -106,7 +133,7 @@ class ModelStructure:
         t = t.reshape((1,) * (1 + L + nt - t.dim()) + tuple(t.shape))
         t = t.expand((M,) + tuple(full) + tuple(trailing))
         if self.batched:
-            return t.movedim(1 + L + self.bdim, 0)
+            return self.problems_first(t, 1)
         return t.reshape(tuple(lead) + tuple(t.shape[1:]))
 
     def replay(self, x: Tensor):
@@ -154,16 +181,14 @@ class ModelStructure:
                 )
             lp = lp.reshape((1,) * (1 + L - lp.dim()) + tuple(lp.shape))
             # Sum every layout dimension but the problems' one.
-            keep = [0] + ([1 + L + self.bdim] if self.batched else [])
+            keep = [0] + ([1 + L + d for d in self.problem_dims()] if self.batched else [])
             red = [i for i in range(1, 1 + L) if i not in keep]
             if red:
                 lp = lp.sum(red, keepdim=True)
             total = lp if total is None else total + lp
         assert total is not None  # model_to_problem requires an observed site
         N = lead[1] if self.batched else math.prod(lead)
-        shape = [N] + [1] * L
-        if self.batched:
-            shape[1 + L + self.bdim] = self.B
+        shape = [N, *self.with_problems((1,) * L)] if self.batched else [N] + [1] * L
         total = total.expand(shape)
         if self.batched:
             return total.reshape(N, self.B).transpose(0, 1)
