@@ -16,7 +16,8 @@ How the model is read
    site and at least one observed site are required. Other latent sites must be global
    (outside every plate), continuous or discrete with a finite support: they are sampled
    with the image by SMC^2 (:mod:`~bayesfilter_diff.inference.hierarchical`), the
-   diffusion SMC estimating ``p(y | theta)`` for a batch of theta-particles at once.
+   diffusion SMC estimating ``p(y | theta)`` for a batch of theta-particles at once (and
+   for a plate of problems sharing them).
 2. The prior site's batch shape gives the problems: ``()`` (one problem) or one non-unit
    dimension of size ``B`` (``pyro.plate`` over ``B`` independent observations), which maps
    onto the samplers' ``(B, N)`` layout.

@@ -34,7 +34,9 @@ moves, Andrieu, Doucet & Holenstein 2010):
 Every theta-particle keeps one draw of ``x`` from its inner cloud, so ``(theta_k, x_k)``
 are joint posterior draws. Supported: continuous global latent sites and discrete ones
 with a finite support (outside every plate; they may depend on each other), any
-likelihood :func:`~bayesfilter_diff.infer` reads. A discrete site moves by a symmetric
+likelihood :func:`~bayesfilter_diff.infer` reads, one problem or a ``pyro.plate`` of
+problems sharing the globals (the inner run then covers the (theta, problem) pairs and
+``Z(theta)`` is the product over the plate). A discrete site moves by a symmetric
 proposal (keep its value, or with probability 1/2 a uniform value of its support), jointly
 with the random walk of the continuous ones. The
 model must broadcast a global over the observation: it is substituted with shape
