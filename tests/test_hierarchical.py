@@ -353,3 +353,50 @@ def test_globals_shared_by_a_plate_of_problems():
         mean,
     )
     assert abs(float(post.log_evidence) - log_z) <= 4.5 * math.sqrt((K / ess - 1) / K)
+
+
+@pytest.mark.slow
+def test_the_label_of_a_conditional_prior():
+    """Which of two Gaussian priors (a Categorical site choosing the DiffusionPrior through
+    LabelledPriors.given): the posterior probability of each label, mean over R runs, within
+    4.5 standard errors of the chains' exact one."""
+    sched = bfd.VPSchedule.linear()
+    mus = [torch.tensor([0.5, -0.3], dtype=DT), torch.tensor([-1.0, 1.2], dtype=DT)]
+    S = torch.tensor([[1.0, 0.4], [0.4, 0.8]], dtype=DT)
+    gmms = [bfd.GaussianMixture(torch.ones(1, dtype=DT), m[None], S[None]) for m in mus]
+    family = bfd.priors.LabelledPriors([gm.diffusion(sched) for gm in gmms])
+    A = bfd.operators.Dense(torch.tensor([[1.0, 0.3], [-0.4, 1.0]], dtype=DT))
+    y = torch.tensor([-0.4, 0.6], dtype=DT)
+    pc = torch.tensor([0.4, 0.6], dtype=DT)
+
+    def model(y=None):
+        c = pyro.sample("c", dist.Categorical(pc))
+        x = pyro.sample("x", bfd.DiffusionPrior(family.given(c)))
+        pyro.sample("y", bfd.LinearGaussian(A, x, 0.3), obs=y)
+
+    K, N, R = 128, 64, 4
+    runs = [
+        bfd.infer(
+            model,
+            TDS(num_steps=STEPS, max_log_snr_step=0),
+            y=y,
+            num_samples=N,
+            num_theta=K,
+            moves=2,
+            generator=torch.Generator().manual_seed(r),
+        )
+        for r in range(R)
+    ]
+    times = runs[0].inner.info.times
+    sub = bfd.InverseProblem(A, y, 0.3)
+    lz = torch.stack([chain_prior(m, S, sched, times).log_evidence(sub) for m in mus])
+    exact = torch.softmax(lz + torch.log(pc), 0)
+    assert 0.1 < float(exact[0]) < 0.9  # both labels matter
+    probs = torch.stack([(p.theta["c"] == 1).double().mean() for p in runs])
+    se = float(probs.std()) / math.sqrt(R)
+    assert abs(float(probs.mean()) - float(exact[1])) <= 4.5 * se + 1 / K, (probs, exact)
+    pooled = bfd.diagnostics.pooled_log_evidence([p.log_evidence for p in runs])
+    log_z = float(torch.logsumexp(lz + torch.log(pc), 0))
+    assert abs(pooled.value - log_z) <= 4.5 * pooled.std_error, (pooled, log_z)
+    with pytest.raises(ValueError, match="out of range"):
+        family.given(2)

@@ -11,6 +11,7 @@ from .checkpoint_io import CheckpointError, pretrained_names, save_prior
 from .diffusers_adapter import from_diffusers
 from .gmm import GaussianMixture, GaussianMixtureDiffusion
 from .guidance import ClassifierFreeGuidance, ClassifierGuidance
+from .labelled import LabelledPriors
 from .networks import MLP, UNet, load_pretrained, load_prior, network_from_config
 from .ode_density import ode_log_prob
 
@@ -21,6 +22,7 @@ __all__ = [
     "broadcast_time",
     "ClassifierGuidance",
     "ClassifierFreeGuidance",
+    "LabelledPriors",
     "MLP",
     "UNet",
     "load_pretrained",
