@@ -56,6 +56,7 @@ class LabelledPriors(nn.Module):
                     f"{priors[0].schedule!r}): the family needs one path"
                 )
         self.priors = nn.ModuleList(priors)
+        self.members: list[DiffusionModel] = priors
 
     def __len__(self) -> int:
         return len(self.priors)
@@ -67,19 +68,21 @@ class LabelledPriors(nn.Module):
         if isinstance(label, int):
             if not 0 <= label < len(self):
                 raise ValueError(f"label {label} is out of range for {len(self)} priors")
-            return self.priors[label]
+            return self.members[label]
         if not isinstance(label, Tensor) or label.is_floating_point() or label.is_complex():
             raise TypeError(f"label must be an int or an integer tensor, got {label!r}")
         labels = label.reshape(-1).long()
         if bool(((labels < 0) | (labels >= len(self))).any()):
             raise ValueError(f"labels must lie in [0, {len(self)}), got {labels.tolist()}")
         if labels.numel() == 1:
-            return self.priors[int(labels[0])]
+            return self.members[int(labels[0])]
         return _LabelledModel(self, labels)
 
 
 class _Members(nn.Module):
     """Holds the family (so the model's parameters give its dtype and device); not called."""
+
+    labels: Tensor
 
     def __init__(self, family: LabelledPriors, labels: Tensor) -> None:
         super().__init__()
@@ -97,8 +100,7 @@ class _LabelledModel(DiffusionModel):
     net: _Members
 
     def __init__(self, family: LabelledPriors, labels: Tensor) -> None:
-        first = family.priors[0]
-        assert isinstance(first, DiffusionModel)
+        first = family.members[0]
         super().__init__(_Members(family, labels), first.schedule, first.event_shape)
 
     def denoise(self, x_t: Tensor, t: Tensor | float) -> Tensor:
@@ -116,7 +118,7 @@ class _LabelledModel(DiffusionModel):
         rows = labels.repeat_interleave(lead[0] // n)  # (P,)
         tt = broadcast_time(t, x_t, k)
         out = torch.zeros_like(x_t)
-        for c, prior in enumerate(self.net.family.priors):
+        for c, prior in enumerate(self.net.family.members):
             sel = rows == c
             if bool(sel.any()):
                 out = out.index_put((sel,), prior.denoise(x_t[sel], tt[sel]))
