@@ -147,9 +147,10 @@ class Context:
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """``x0_hat``, ``v`` and a gradient: with ``direction``, ``(v, u) = fn(x0_hat)`` and
         ``J^T u`` (``fn`` sees ``x0_hat`` detached); else ``v = fn(x0_hat)`` and
-        ``grad_x sum v`` through the network. With a ``probe`` ``z`` (``*event``, shared by the particles), also
-        ``z^T J z`` per particle, ``(B, N)``: Hutchinson's estimate of ``tr J`` (exact for
-        an isotropic ``J`` with a Rademacher ``z``), one more backward pass."""
+        ``grad_x sum v`` through the network. With ``probe`` ``(P, *event)`` (shared by the particles), also
+        ``sum_p z_p^T J z_p`` per particle, ``(B, N)``: Hutchinson's estimate of ``tr J``
+        for one Rademacher vector (exact for an isotropic ``J``), the exact trace for the
+        coordinate basis; one more backward pass per probe."""
         self.nfe += 1
         self.backprop = True
         with torch.enable_grad():
@@ -164,9 +165,14 @@ class Context:
                 (g,) = torch.autograd.grad(v.sum(), xr, retain_graph=keep)
             tr = None
             if probe is not None:
-                z = probe.expand_as(x0)
-                (jz,) = torch.autograd.grad(x0, xr, grad_outputs=z)
-                tr = (jz * z).reshape(x.shape[:2] + (-1,)).sum(-1).detach()
+                # probes (P, *event) with E[sum_p z_p z_p^T] = I: a Rademacher vector, or
+                # the coordinate basis (then the sum is the exact trace)
+                tr = torch.zeros(x.shape[:2], dtype=x0.dtype, device=x0.device)
+                for i, zi in enumerate(probe):
+                    z = zi.expand_as(x0)
+                    last = i == probe.shape[0] - 1
+                    (jz,) = torch.autograd.grad(x0, xr, grad_outputs=z, retain_graph=not last)
+                    tr = tr + (jz * z).reshape(x.shape[:2] + (-1,)).sum(-1).detach()
         return x0.detach(), v.detach(), g, tr
 
 

@@ -77,6 +77,11 @@ __all__ = ["TDS"]
 _TWISTS = ("none", "inflated", "pigdm", "operator")
 
 
+#: ``reverse_variance="analytic"``: the exact trace of the denoiser's Jacobian (one backward
+#: pass per coordinate) up to this dimension, one Rademacher probe above it.
+_EXACT_TRACE_MAX_DIM = 4
+
+
 def _uses_gaussian_twist(problem: InverseProblem) -> bool:
     return problem.noise == "gaussian" and problem.log_likelihood_fn is None
 
@@ -276,11 +281,16 @@ class TDS(SMCSampler):
         ``reverse_variance="analytic"``, ``Var[x0 | x_t]`` per coordinate ``(B, N)``."""
         probe = None
         if self.reverse_variance == "analytic":
-            # one Rademacher probe per step, shared by the particles (the kernel stays a
-            # function of x_t given the step's probe)
             shape = tuple(ctx.prior.event_shape)
-            bits = torch.randint(0, 2, shape, generator=ctx.generator, device=x.device)
-            probe = (2 * bits - 1).to(x.dtype)
+            d = math.prod(shape)
+            if d <= _EXACT_TRACE_MAX_DIM:
+                # the exact trace: d backward passes through the network
+                probe = torch.eye(d, dtype=x.dtype, device=x.device).reshape((d,) + shape)
+            else:
+                # one Rademacher probe per step, shared by the particles (the kernel stays
+                # a function of x_t given the step's probe)
+                bits = torch.randint(0, 2, shape, generator=ctx.generator, device=x.device)
+                probe = (2 * bits - 1).to(x.dtype)[None]
         problem = ctx.problem
         fn: Callable[[Tensor], Tensor]
         v = self._twist_extra_variance(ctx, t)
