@@ -6,15 +6,16 @@ import argparse
 import sys
 
 
-def _check_device(device: str) -> None:
-    """A one-line error for a device torch does not know or this machine does not have."""
+def _check_device(device: str, local: bool = True) -> None:
+    """A one-line error for a device torch does not know or (``local``: the work runs
+    here, not on a Ray cluster) this machine does not have."""
     import torch
 
     try:
         dev = torch.device(device)
     except RuntimeError as e:
         raise ValueError(f"--device {device!r} is not a torch device (e.g. cpu, cuda): {e}") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if local and dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device!r}: this machine has no CUDA device; use --device cpu")
     if dev.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"--device {device!r}: use cpu, cuda or mps")
@@ -49,7 +50,7 @@ def _validate(args: argparse.Namespace) -> int:
     from .studies.validate import validate
 
     methods = _methods(args.methods)
-    _check_device(args.device)
+    _check_device(args.device, local=args.executor == "local")
     _check_out(args.out)
     executor = None
     if args.executor == "ray":
