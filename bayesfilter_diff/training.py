@@ -56,8 +56,10 @@ from torch import Tensor, nn
 from .priors.checkpoint_io import (
     CheckpointError,
     atomic_write_text,
+    config_sha256,
     load_state_checked,
     read_checked_tensors,
+    read_prior_json,
     save_prior,
     save_tensors,
     schedule_from_config,
@@ -595,9 +597,8 @@ def export_prior(src: str | Path, dest: str | Path) -> Path:
     verified first). Returns the new JSON path.
     """
     src = Path(src)
-    js = src / "prior.json" if src.is_dir() else src
-    meta = json.loads(js.read_text())
-    read_checked_tensors(js, meta)  # verifies the checksum
+    js, meta = read_prior_json(src)  # verifies the model description's checksum
+    read_checked_tensors(js, meta)  # and the weights' checksum
     dest = Path(dest)
     if dest.suffix in (".json", ".safetensors"):
         dest = dest.with_suffix("")
@@ -605,6 +606,7 @@ def export_prior(src: str | Path, dest: str | Path) -> Path:
     weights = dest.with_name(dest.name + ".safetensors")
     weights.write_bytes((js.parent / meta["weights"]).read_bytes())
     meta["weights"] = weights.name
+    meta["config_sha256"] = config_sha256(meta)  # the weights' file name is covered
     out = dest.with_name(dest.name + ".json")
     atomic_write_text(out, json.dumps(meta, indent=1) + "\n")
     load_prior(out)  # round-trip check

@@ -250,6 +250,11 @@ def test_cli_errors(tmp_path, capsys):
 
 
 def test_tampered_checkpoints_are_refused(tmp_path):
+    from bayesfilter_diff.priors.checkpoint_io import config_sha256
+
+    def signed(m):  # an edit that also recomputes the config checksum
+        return dict(m, config_sha256=config_sha256(m))
+
     train(cfg(10), tmp_path / "t", progress=False)
     d = tmp_path / "t"
     js = d / "prior.json"
@@ -271,7 +276,9 @@ def test_tampered_checkpoints_are_refused(tmp_path):
     save_file(tensors, str(d / "evil.safetensors"))
     js.write_text(
         json.dumps(
-            dict(meta, weights="evil.safetensors", sha256=file_sha256(d / "evil.safetensors"))
+            signed(
+                dict(meta, weights="evil.safetensors", sha256=file_sha256(d / "evil.safetensors"))
+            )
         )
     )
     with pytest.raises(CheckpointError, match=f"tensor '{key}' has shape"):
@@ -282,18 +289,29 @@ def test_tampered_checkpoints_are_refused(tmp_path):
     save_file(tensors, str(d / "evil.safetensors"))
     js.write_text(
         json.dumps(
-            dict(meta, weights="evil.safetensors", sha256=file_sha256(d / "evil.safetensors"))
+            signed(
+                dict(meta, weights="evil.safetensors", sha256=file_sha256(d / "evil.safetensors"))
+            )
         )
     )
     with pytest.raises(CheckpointError, match="missing"):
         load_prior(d)
     # 4. a weights path outside the folder, an unknown network type
-    js.write_text(json.dumps(dict(meta, weights="../x.safetensors")))
+    js.write_text(json.dumps(signed(dict(meta, weights="../x.safetensors"))))
     with pytest.raises(CheckpointError, match="file name in the same folder"):
         load_prior(d)
-    js.write_text(json.dumps(dict(meta, network={"type": "pickle"})))
+    js.write_text(json.dumps(signed(dict(meta, network={"type": "pickle"}))))
     with pytest.raises(CheckpointError, match="network type"):
         load_prior(d)
+    # 4b. the JSON's model description edited without re-signing (an event shape): refused
+    js.write_text(json.dumps(dict(meta, event_shape=[1, 4, 16])))
+    with pytest.raises(CheckpointError, match="edited after saving"):
+        load_prior(d)
+    unsigned = {k: v for k, v in meta.items() if k != "config_sha256"}
+    js.write_text(json.dumps(unsigned))
+    with pytest.raises(CheckpointError, match="no 'config_sha256'"):
+        load_prior(d)
+    js.write_text(json.dumps(meta))
     # 5. a tampered training checkpoint is refused on resume
     ck = json.loads((d / "checkpoint.json").read_text())
     cw = d / ck["weights"]

@@ -37,6 +37,7 @@ __all__ = [
     "PRETRAINED_DIR",
     "CheckpointError",
     "file_sha256",
+    "config_sha256",
     "atomic_write_text",
     "save_tensors",
     "read_checked_tensors",
@@ -150,9 +151,22 @@ def save_prior(
         "num_parameters": sum(p.numel() for p in net.parameters()),
         **extra,
     }
+    meta["config_sha256"] = config_sha256(meta)
     js = stem.with_name(stem.name + ".json")
     atomic_write_text(js, json.dumps(meta, indent=1) + "\n")
     return js
+
+
+#: The JSON fields that define the model; ``config_sha256`` covers them, so an edited
+#: network, schedule or event shape is refused like edited weights.
+MODEL_FIELDS = ("format", "weights", "sha256", "network", "schedule", "event_shape")
+
+
+def config_sha256(meta: Mapping[str, Any]) -> str:
+    """SHA-256 of the model-defining fields of a prior JSON (canonical JSON encoding)."""
+    fields = {k: meta.get(k) for k in MODEL_FIELDS}
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _stem(path: Path) -> Path:
@@ -255,6 +269,17 @@ def read_prior_json(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     ):
         raise CheckpointError(
             f"{js}: event_shape must be a list of positive ints, got {event_shape!r}"
+        )
+    recorded = meta.get("config_sha256")
+    if not isinstance(recorded, str):
+        raise CheckpointError(
+            f"{js}: no 'config_sha256' recorded (written by an older version, or edited); "
+            "re-save the prior with bayesfilter_diff.priors.save_prior"
+        )
+    if recorded != config_sha256(meta):
+        raise CheckpointError(
+            f"{js}: the model description ({', '.join(MODEL_FIELDS[1:])}) does not match its "
+            "recorded config_sha256: the JSON was edited after saving, refusing to load it"
         )
     return js, meta
 
