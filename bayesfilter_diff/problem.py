@@ -196,12 +196,6 @@ class InverseProblem:
             return self._noise_std**2
         return (self._per_problem**2).reshape((-1, 1) + (1,) * event_dim)
 
-    @property
-    def noise_argument(self) -> float | Tensor:
-        """What ``noise_std`` was given as (a float, or the ``(B,)`` per-problem scales):
-        pass it on to build a copy of the problem."""
-        return self._noise_std if self._per_problem is None else self._per_problem
-
     # ------------------------------------------------------------------ shapes
     @property
     def batch_size(self) -> int:

@@ -127,15 +127,6 @@ class Context:
         x0, v, g, _ = self.denoise_backward(x, t, fn, direction=False)
         return x0, v, g
 
-    def denoise_with_vjp(
-        self, x: Tensor, t: Tensor | float, fn: Callable[[Tensor], tuple[Tensor, Tensor]]
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """``x0_hat``, ``v`` and ``J^T u`` for ``(v, u) = fn(x0_hat)``: ``u`` is a direction
-        in ``x0`` space pulled back through the denoiser's Jacobian ``J = d x0_hat / d x``
-        (one backward pass through the network; ``fn`` sees ``x0_hat`` detached)."""
-        x0, v, g, _ = self.denoise_backward(x, t, fn, direction=True)
-        return x0, v, g
-
     def denoise_backward(
         self,
         x: Tensor,
