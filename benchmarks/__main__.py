@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .harness import batch_speedup, default_methods, run_one
+from .harness import batch_speedup, default_methods, run_fresh, run_one
 
 
 def main(argv=None) -> int:
@@ -31,6 +31,12 @@ def main(argv=None) -> int:
         default=0,
         metavar="B",
         help="instead: time B problems in one call vs B separate calls",
+    )
+    p.add_argument(
+        "--same-process",
+        action="store_true",
+        help="run every configuration in this process (default: a fresh process each, so "
+        "that peak memory is that configuration's own)",
     )
     a = p.parse_args(argv)
     methods = a.methods.split(",") if a.methods else default_methods()
@@ -78,7 +84,8 @@ def main(argv=None) -> int:
         for B in map(int, a.batch.split(",")):
             for N in map(int, a.particles.split(",")):
                 for m in methods:
-                    r = run_one(
+                    runner = run_one if a.same_process else run_fresh
+                    r = runner(
                         m, a.prior, d, 2, B, N, a.steps, dtype, a.device, a.compile, a.chunk_size
                     )
                     print(

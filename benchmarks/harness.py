@@ -3,8 +3,9 @@
 For each sampler and setting it records wall time, particle-steps per second
 (``B * N * num_steps / wall``), NFEs, the **overhead ratio** = sampler wall time over
 ``NFE x`` the time of one denoiser call on the same ``(B, N)`` batch (forward, or forward
-plus backward for samplers that differentiate the network), and peak memory (CUDA peak
-allocation on a GPU; the growth of the process's maximum resident set on CPU).
+plus the input-only backward for samplers that differentiate the network), and peak memory
+(CUDA peak allocation on a GPU; on CPU the growth of the maximum resident set of a fresh
+process per configuration, :func:`run_fresh`, during the run).
 
 Priors: the exact Gaussian-mixture denoiser of the benchmark (25 isotropic components), an
 MLP denoiser (random weights; its cost stands in for a trained network of that size), and
@@ -149,8 +150,11 @@ def denoiser_call_time(prior, B: int, N: int, d: int, dtype, device, backprop: b
             prior.denoise(x, t)
 
     def fwd_bwd():
+        # the gradient with respect to the input only, as the samplers take it (a
+        # .backward() would also compute the weights' gradients of a trainable network)
         xr = x.detach().requires_grad_(True)
-        (prior.denoise(xr, t) ** 2).sum().backward()
+        out = prior.denoise(xr, t)
+        torch.autograd.grad(out, xr, grad_outputs=torch.ones_like(out))
 
     return _time(fwd_bwd if backprop else fwd, device)
 
@@ -222,6 +226,16 @@ def run_one(
         "compile_warmup_s": compile_s,
         "chunk_size": chunk_size,
     }
+
+
+def run_fresh(*args: Any, **kw: Any) -> dict[str, Any]:
+    """:func:`run_one` in a new (spawned) Python process: its peak memory is that of this
+    configuration alone, not the high-water mark of earlier runs in the same process."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(run_one, *args, **kw).result()
 
 
 def default_methods() -> list[str]:

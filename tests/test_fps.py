@@ -126,7 +126,7 @@ def fps_chain_moments(sched, times, m0, S0, A, sigma_y, y, c_rate=0.95, eta=None
 
 
 # ------------------------------------------------------------------ problems
-def _gaussian_problem(B, sigma_y, seed=0, d=3, m=2):
+def _gaussian_problem(B, sigma_y, seed=0, d=3, m=2, mask=False):
     g = torch.Generator().manual_seed(seed)
     m0 = torch.tensor([0.5, -0.3, 0.2], dtype=D64)[:d]
     L0 = 0.4 * torch.randn(d, d, generator=g, dtype=D64)
@@ -134,6 +134,9 @@ def _gaussian_problem(B, sigma_y, seed=0, d=3, m=2):
     gmm = bfd.GaussianMixture(torch.ones(1, dtype=D64), m0[None], S0[None])
     Am = torch.randn(m, d, generator=g, dtype=D64)
     A = bfd.operators.Dense(Am)
+    if mask:  # observe entries 0 and 2 (the elementwise pixel path)
+        A = bfd.operators.Mask(torch.tensor([True, False, True]), dtype=D64)
+        Am = A.matrix()
     x = gmm.sample(B, g)
     y = A(x) + sigma_y * torch.randn(B, m, generator=g, dtype=D64)
     return gmm, m0, S0, Am, bfd.InverseProblem(A, y, noise_std=sigma_y)
@@ -176,13 +179,17 @@ def _assert_moments(mean, cov, ref_mean, ref_cov, ess, k=5.0):
 # unique-ESS standard error, that of the log-evidence 1.1-1.8x and 1.8-3.0x the heuristic
 # sqrt(sum_k (1/ESS_k - 1/N)); no bias was detectable (|mean error| < 2 sd / sqrt(30)).
 @pytest.mark.parametrize(
-    "schedule, c_rate, eta, inflation",
-    [(bfd.VPSchedule.linear(), 0.95, None, 2.0), (bfd.FlowSchedule(), 0.95, 1.0, 3.5)],
-    ids=["vp-c0.95", "flow-ddpm"],
+    "schedule, c_rate, eta, inflation, mask",
+    [
+        (bfd.VPSchedule.linear(), 0.95, None, 2.0, False),
+        (bfd.FlowSchedule(), 0.95, 1.0, 3.5, False),
+        (bfd.VPSchedule.linear(), 0.95, None, 2.0, True),
+    ],
+    ids=["vp-c0.95", "flow-ddpm", "vp-mask-pixels"],
 )
-def test_fps_smc_matches_kalman_of_filtering_model(schedule, c_rate, eta, inflation):
+def test_fps_smc_matches_kalman_of_filtering_model(schedule, c_rate, eta, inflation, mask):
     B, N, sigma_y = 4, 8000, 0.3
-    gmm, m0, S0, Am, problem = _gaussian_problem(B, sigma_y)
+    gmm, m0, S0, Am, problem = _gaussian_problem(B, sigma_y, mask=mask)
     prior = gmm.diffusion(schedule)
     sampler = FPSSMC(num_steps=20, c_rate=c_rate, eta=eta)
     seed = 5
@@ -253,6 +260,32 @@ def test_predictive_weight_equals_three_term_ratio():
     )
     torch.testing.assert_close(log_pred, pred)
     torch.testing.assert_close(ly + lx - lq, pred)
+
+
+@pytest.mark.parametrize("per_particle_y", [False, True])
+@pytest.mark.parametrize("r2", [0.2, 0.0])
+def test_pixel_conditioning_equals_the_spectral_one(per_particle_y, r2):
+    """For a mask (and the identity), condition_pixels with noise z = V z' is condition with
+    spectral noise z': the same draws and predictive likelihoods, without V / V^T."""
+    from bayesfilter_diff.samplers.spectral import condition_pixels
+
+    g = torch.Generator().manual_seed(1)
+    shape = (2, 3, 4)
+    for op in (
+        bfd.operators.Mask.random(shape, 0.5, g, dtype=D64),
+        bfd.operators.Identity(shape, dtype=D64),
+    ):
+        d, P = op.in_dim, 5 if per_particle_y else 1
+        mu = torch.randn((2, 5) + shape, generator=g, dtype=D64)
+        yt = op.Ut(torch.randn((2, P) + tuple(op.out_shape), generator=g, dtype=D64))
+        z = torch.randn(2, 5, d, generator=g, dtype=D64)
+        s = op.singular_values()
+        v = torch.tensor(0.7, dtype=D64)
+        x, lp = condition(op, s, op.Vt(mu), v, r2, yt, z)
+        xp, lpp = condition_pixels(op, mu, v, r2, op.pixel_observation(yt), op.flat_in(op.V(z)))
+        torch.testing.assert_close(xp, x, rtol=0, atol=1e-12)
+        if r2 > 0:
+            torch.testing.assert_close(lpp, lp, rtol=0, atol=1e-10)
 
 
 @pytest.mark.slow

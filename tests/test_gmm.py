@@ -261,3 +261,47 @@ def test_isotropic_gemm_path_is_exact_in_float32_far_from_the_origin():
     # the result is a float32 number of magnitude ~1.7e3 (resolution 1.2e-4); a float32
     # expansion of the square would be off by ~20 here (its maha error is ~38)
     assert (got - exact32).abs().max() < 2e-3
+
+
+def test_diagonal_and_identity_full_covariances_take_the_compact_path():
+    """(K, d, d) matrices with zero off-diagonal entries are stored as (K, d) variances and
+    scaled identities as (K,) ones: the same densities, denoiser, evidence and posterior as the dense
+    eigendecomposition path (float64, to rounding)."""
+    g = torch.Generator().manual_seed(3)
+    K, d = 3, 5
+    D = torch.float64
+    w = torch.softmax(torch.randn(K, generator=g, dtype=D), 0)
+    mu = torch.randn(K, d, generator=g, dtype=D)
+    iso = torch.tensor([0.5, 1.0, 2.0], dtype=D)
+    diag = 0.5 + torch.rand(K, d, generator=g, dtype=D)
+    x = torch.randn(6, d, generator=g, dtype=D)
+    a, s = torch.full((6,), 0.8, dtype=D), torch.full((6,), 0.6, dtype=D)
+    for full, kind in (
+        (iso[:, None, None] * torch.eye(d, dtype=D), "iso"),
+        (torch.diag_embed(diag), "diag"),
+        (torch.diag_embed(iso[:, None].expand(K, d)).clone(), "iso"),
+    ):
+        fast = bfd.GaussianMixture(w, mu, full.clone())
+        assert fast.kind == kind
+        ref = bfd.GaussianMixture(w, mu, full.clone())
+        # the dense path: a rotation that is the identity, set by hand
+        lam = torch.diagonal(full, dim1=-2, dim2=-1)
+        ref.kind, ref._cov_shared = "full", False
+        ref.eigvals, ref.eigvecs = lam, torch.eye(d, dtype=D).expand(K, d, d).clone()
+        torch.testing.assert_close(fast.log_prob(x), ref.log_prob(x), rtol=0, atol=1e-12)
+        torch.testing.assert_close(
+            fast.noisy_denoise(x, a, s), ref.noisy_denoise(x, a, s), rtol=0, atol=1e-12
+        )
+        torch.testing.assert_close(fast.covariance_matrices(), full)
+        A = torch.randn(2, d, generator=g, dtype=D)
+        prob = bfd.InverseProblem(bfd.operators.Dense(A), y=x[:2, :2], noise_std=0.3)
+        torch.testing.assert_close(
+            fast.log_evidence(prob), ref.log_evidence(prob), rtol=0, atol=1e-12
+        )
+        torch.testing.assert_close(
+            fast.posterior(prob).means, ref.posterior(prob).means, rtol=0, atol=1e-12
+        )
+    # a non-diagonal entry keeps the full path
+    full = torch.eye(d, dtype=D).expand(K, d, d).clone()
+    full[:, 0, 1] = full[:, 1, 0] = 0.1
+    assert bfd.GaussianMixture(w, mu, full).kind == "full"

@@ -73,3 +73,28 @@ def test_bad_schedule_arguments():
         bfd.VPSchedule.linear(beta_min=5, beta_max=1)
     with pytest.raises(ValueError, match="sigma_min"):
         bfd.VESchedule(sigma_min=2.0, sigma_max=1.0)
+
+
+@pytest.mark.parametrize("kind", ["eps", "v", "score", "velocity", "x0"])
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_denoise_affine_equals_the_combination_of_x0(kind, chunk_size, gen):
+    """c_x x + c_x0 E[x0 | x] from the network's own output (no x0 formed for eps / v /
+    score networks) equals the same combination of denoise(x): the DDIM means of the
+    samplers that use it are those of the x0 form."""
+    sch = bfd.FlowSchedule() if kind == "velocity" else bfd.VPSchedule.linear()
+    lin = torch.nn.Linear(4, 4).double()
+
+    def net(x, t):
+        return lin(x) * (1 + t[:, None])
+
+    shape = (4,)
+    if kind == "x0":
+        prior = bfd.DiffusionModel(net, sch, shape, chunk_size=chunk_size)
+    else:
+        wrap = {"eps": "from_eps", "v": "from_v", "score": "from_score"}.get(kind, "from_velocity")
+        prior = getattr(bfd.DiffusionModel, wrap)(net, sch, shape, chunk_size=chunk_size)
+    x = torch.randn(2, 5, 4, generator=gen, dtype=torch.float64)
+    t = torch.tensor(0.4, dtype=torch.float64)
+    c_x, c_x0 = torch.tensor(0.3, dtype=torch.float64), torch.tensor(-1.7, dtype=torch.float64)
+    want = c_x * x + c_x0 * prior.denoise(x, t)
+    torch.testing.assert_close(prior.denoise_affine(x, t, c_x, c_x0), want, rtol=1e-12, atol=1e-12)

@@ -69,6 +69,11 @@ class Operator(nn.Module):
     is_mask: bool = False
     #: One forward model per problem of a batch (signals carry the problems' axis first).
     per_problem: bool = False
+    #: The SVD is diagonal in pixel coordinates (``V`` a permutation, ``U = I``, rank =
+    #: ``out_dim``): conditioning can run elementwise on the signal grid, without the
+    #: permutation gathers of ``V`` / ``V^T`` (:meth:`pixel_singular_values`,
+    #: :meth:`pixel_observation`).
+    pixel_svd: bool = False
 
     def __init__(self, in_shape: Sequence[int] | int, out_shape: Sequence[int] | int) -> None:
         super().__init__()
@@ -138,6 +143,15 @@ class LinearOperator(Operator):
 
     def U(self, z: Tensor) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no SVD")
+
+    def pixel_singular_values(self) -> Tensor:
+        """(``pixel_svd`` operators) ``(d,)``: each pixel's singular value, 0 off the range."""
+        raise NotImplementedError(f"{type(self).__name__} is not diagonal in pixel coordinates")
+
+    def pixel_observation(self, y_tilde: Tensor) -> Tensor:
+        """(``pixel_svd`` operators) ``U^T y`` coordinates ``(..., m)`` placed at their
+        pixels, ``(..., d)``, 0 elsewhere."""
+        raise NotImplementedError(f"{type(self).__name__} is not diagonal in pixel coordinates")
 
     @property
     def rank(self) -> int:

@@ -14,6 +14,7 @@ class Identity(LinearOperator):
     """``A x = x`` on signals of shape ``shape``."""
 
     has_svd = True
+    pixel_svd = True
 
     _s: Tensor
 
@@ -33,6 +34,12 @@ class Identity(LinearOperator):
 
     def singular_values(self) -> Tensor:
         return self._s
+
+    def pixel_singular_values(self) -> Tensor:
+        return self._s
+
+    def pixel_observation(self, y_tilde: Tensor) -> Tensor:
+        return y_tilde
 
     def Vt(self, x: Tensor) -> Tensor:
         return self.flat_in(x)

@@ -29,6 +29,7 @@ class Mask(LinearOperator):
 
     has_svd = True
     is_mask = True
+    pixel_svd = True
 
     mask: Tensor
     obs_idx: Tensor
@@ -123,6 +124,14 @@ class Mask(LinearOperator):
 
     def singular_values(self) -> Tensor:
         return self._s
+
+    def pixel_singular_values(self) -> Tensor:
+        return self.mask.reshape(-1).to(self._s.dtype)
+
+    def pixel_observation(self, y_tilde: Tensor) -> Tensor:
+        out = y_tilde.new_zeros(y_tilde.shape[:-1] + (self.in_dim,))
+        out[..., self.obs_idx] = y_tilde
+        return out
 
     def Vt(self, x: Tensor) -> Tensor:
         return self.flat_in(x)[..., self.perm]

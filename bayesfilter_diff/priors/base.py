@@ -153,20 +153,46 @@ class DiffusionModel(nn.Module):
 
         ``t`` is a scalar or a tensor broadcasting to ``lead``.
         """
+        return self._evaluate(self.net, x_t, t)
+
+    def _evaluate(self, net: Denoiser, x_t: Tensor, t: Tensor | float) -> Tensor:
+        """``net`` on the flattened batch (in chunks of ``chunk_size``), in ``x_t``'s shape."""
         self._check(x_t)
         tt = broadcast_time(t, x_t, self.event_dim)
         flat = x_t.reshape((-1,) + tuple(self.event_shape))
         tf = tt.reshape(-1)
         if self.chunk_size is None or flat.shape[0] <= self.chunk_size:
-            out = _checked_call(self.net, flat, tf)
+            out = _checked_call(net, flat, tf)
         else:
             out = torch.cat(
                 [
-                    _checked_call(self.net, xc, tc)
+                    _checked_call(net, xc, tc)
                     for xc, tc in zip(flat.split(self.chunk_size), tf.split(self.chunk_size))
                 ]
             )
         return out.reshape(x_t.shape)
+
+    def denoise_affine(
+        self, x_t: Tensor, t: Tensor | float, c_x: Tensor | float, c_x0: Tensor | float
+    ) -> Tensor:
+        """``c_x x_t + c_x0 E[x0 | x_t]`` for a scalar time ``t`` and scalar coefficients.
+
+        For an eps / v / score network ``x0_hat = p x_t + q out`` is affine in the network's
+        own output, so this is ``(c_x + c_x0 p) x_t + c_x0 q out``: two scaled passes, and
+        no ``x0_hat`` formed and converted back (a DDIM mean costs 3 passes instead of ~8).
+        Other denoisers (x0 networks, closed-form priors, velocity networks) evaluate
+        ``denoise`` and combine.
+        """
+        net = self.net
+        tt = torch.as_tensor(t)
+        native = type(self).denoise is DiffusionModel.denoise  # a subclass may override it
+        if native and isinstance(net, _Adapter) and tt.dim() == 0:
+            pq = net.affine(tt.to(dtype=x_t.dtype, device=x_t.device))
+            if pq is not None:
+                out = self._evaluate(net.net, x_t, t)
+                p, q = pq
+                return (c_x + c_x0 * p) * x_t + (c_x0 * q) * out
+        return c_x * x_t + c_x0 * self.denoise(x_t, t)
 
     def coefficients(self, t: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor]:
         """``alpha(t)`` and ``sigma(t)`` shaped to broadcast against ``x``."""
@@ -228,6 +254,19 @@ class _Adapter(nn.Module):
         self.schedule = schedule
         self.kind = kind
         self.event_dim = event_dim
+
+    def affine(self, t: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``(p, q)`` with ``x0 = p x_t + q out`` at the scalar time ``t`` (eps, v, score
+        networks); ``None`` for a velocity network."""
+        a, s = self.schedule.alpha(t), self.schedule.sigma(t)
+        if self.kind == "eps":  # x0 = (x - s eps) / a
+            return 1 / a, -s / a
+        if self.kind == "v":  # x0 = (a x - s v) / (a^2 + s^2)
+            n = a**2 + s**2
+            return a / n, -s / n
+        if self.kind == "score":  # x0 = (x + s^2 score) / a
+            return 1 / a, s**2 / a
+        return None
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         out = _checked_call(self.net, x, t)

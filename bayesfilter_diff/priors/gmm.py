@@ -49,6 +49,22 @@ def _check_finite(name: str, x: Tensor) -> None:
         raise ValueError(f"{name} must be finite (no NaN or inf)")
 
 
+def _compact_covariances(cov: Tensor, K: int, d: int) -> Tensor:
+    """The cheapest exact form of ``cov``: full ``(K, d, d)`` matrices with exactly zero
+    off-diagonal entries become diagonal variances ``(K, d)``, and diagonal variances that
+    are equal along ``d`` become isotropic variances ``(K,)`` (one check at construction;
+    e.g. identity matrices from ``torch.eye`` take the ``O(K d)`` isotropic path instead of
+    the ``O(K d^2)`` full one). Batched and other shapes are returned unchanged."""
+    if cov.dim() == 3 and cov.shape == (K, d, d):
+        diag = torch.diagonal(cov, dim1=-2, dim2=-1)
+        if bool((cov == torch.diag_embed(diag)).all()):
+            cov = diag.contiguous()
+    if cov.dim() == 2 and cov.shape == (K, d):
+        if bool((cov == cov[:, :1]).all()):
+            cov = cov[:, 0].contiguous()
+    return cov
+
+
 class GaussianMixture(nn.Module):
     """A mixture of Gaussians in ``R^d``, optionally batched.
 
@@ -61,7 +77,9 @@ class GaussianMixture(nn.Module):
     covariances
         ``(K,)`` isotropic variances, ``(K, d)`` diagonal variances or ``(K, d, d)`` full
         symmetric positive-definite matrices (a leading batch shape is allowed for full
-        covariances).
+        covariances). Stored in its cheapest exact form: full matrices with zero
+        off-diagonal entries as diagonal variances, diagonal variances equal along ``d`` as
+        isotropic ones (``kind`` says which; :meth:`covariance_matrices` is always dense).
     validate
         Check the arguments (default ``True``).
 
@@ -118,6 +136,7 @@ class GaussianMixture(nn.Module):
             tot = weights.sum(-1)
             if ((tot - 1).abs() > tol * K).any():
                 raise ValueError(f"weights must sum to one along the last axis, got sums {tot}")
+        covariances = _compact_covariances(covariances, K, d)
         if covariances.shape == (K,):
             kind = "iso"
             lam = covariances[:, None]

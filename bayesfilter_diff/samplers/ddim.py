@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from .base import Context, Move, Requirements, Sampler
-from .kernels import ddim_coefficients, ddim_mean
+from .kernels import ddim_coefficients
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,6 @@ class DDIM(Sampler):
         return DDIMState(ctx.prior.schedule.sigma(ctx.times[0]) * ctx.randn()), None
 
     def move(self, ctx: Context, setup: None, state: DDIMState, k: int, t, t_next) -> Move:
-        x0 = ctx.denoise(state.x, t)
         coef = ddim_coefficients(ctx.prior.schedule, t, t_next, self.eta)
-        mean = ddim_mean(state.x, x0, coef, ctx.prior.schedule.sigma(t))
+        mean = ctx.denoise_mean(state.x, t, coef, ctx.prior.schedule.sigma(t))
         return Move(DDIMState(mean + coef.std * ctx.randn()))

@@ -81,7 +81,7 @@ from ..problem import InverseProblem
 from ..schedules import Schedule
 from .base import Context, Move, Requirements, Sampler, SMCSampler
 from .kernels import DDIMCoefficients, ddim_coefficients, ddim_mean
-from .spectral import condition
+from .spectral import condition, condition_pixels
 
 __all__ = ["FPS", "FPSSMC", "FPSGrid", "fps_grid", "fps_y_sequence"]
 
@@ -248,10 +248,26 @@ def _init_x(ctx: Context, setup: FPSSetup, y_tilde: Tensor) -> tuple[Tensor, Ten
     """Start: ``x_{t_0} ~ p(x_{t_0} | y_{t_0})`` under the prior ``N(0, sigma_{t_0}^2 I)``."""
     op = cast(LinearOperator, ctx.problem.operator)
     d, grid = op.in_dim, setup.grid
-    mu = torch.zeros((ctx.B, ctx.N, d), dtype=ctx.dtype, device=ctx.device)
+    mu = torch.zeros((ctx.B, ctx.N) + tuple(op.in_shape), dtype=ctx.dtype, device=ctx.device)
     r2 = (grid.alpha[0] * ctx.problem.noise_std) ** 2
     z = ctx.randn((ctx.B, ctx.N, d))
-    return condition(op, setup.s, mu, grid.sigma[0] ** 2, r2, y_tilde, z)
+    return _condition(op, setup.s, mu, grid.sigma[0] ** 2, r2, y_tilde, z)
+
+
+def _condition(
+    op: LinearOperator,
+    s: Tensor,
+    mu: Tensor,
+    v: Tensor | float,
+    r2: Tensor | float,
+    y_tilde: Tensor,
+    z: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Step 3-4 for a prior mean ``mu`` on the signal grid: elementwise for operators whose
+    SVD is diagonal in pixels (masks: no permutation gathers), else in the SVD basis."""
+    if op.pixel_svd:
+        return condition_pixels(op, mu, v, r2, op.pixel_observation(y_tilde), z)
+    return condition(op, s, op.Vt(mu), v, r2, y_tilde, z)
 
 
 def _move_x(
@@ -261,11 +277,11 @@ def _move_x(
     op = cast(LinearOperator, ctx.problem.operator)
     coef = setup.grid.step(k)
     # 2. prior kernel: mu = alpha_s x0_hat + c_eps eps_hat, v = std^2
-    mu = ddim_mean(x, ctx.denoise(x, t), coef, setup.grid.sigma[k])
+    mu = ctx.denoise_mean(x, t, coef, setup.grid.sigma[k])
     r2 = (coef.alpha_s * ctx.problem.noise_std) ** 2
     # 3-4. proposal given y_s and the predictive log-likelihood
     z = ctx.randn((ctx.B, ctx.N, op.in_dim))
-    return condition(op, setup.s, op.Vt(mu), coef.std**2, r2, y_tilde, z)
+    return _condition(op, setup.s, mu, coef.std**2, r2, y_tilde, z)
 
 
 # --------------------------------------------------------------------------------------

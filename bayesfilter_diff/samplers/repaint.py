@@ -40,7 +40,7 @@ from ..operators.mask import Mask
 from ..priors.base import DiffusionModel
 from ..problem import InverseProblem
 from .base import Context, Move, Requirements, Sampler
-from .kernels import ddim_coefficients, ddim_mean
+from .kernels import ddim_coefficients
 
 __all__ = ["RePaint", "repaint_jump_schedule"]
 
@@ -167,9 +167,8 @@ class RePaint(Sampler):
             std = (s_s**2 - ratio**2 * s_t**2).clamp_min(0).sqrt()
             return Move(RePaintState(ratio * x + std * ctx.randn()))
         # 1. Unknown region: DDPM ancestral step x_s ~ p(x_s | x_t) (DDIM kernel, eta = 1).
-        x0 = ctx.denoise(x, t)
         coef = ddim_coefficients(sch, t, t_next, 1.0)
-        x_next = ddim_mean(x, x0, coef, sch.sigma(t)) + coef.std * ctx.randn()
+        x_next = ctx.denoise_mean(x, t, coef, sch.sigma(t)) + coef.std * ctx.randn()
         # 2. Known region: forward-noised observation at the new level, alpha_s y + sigma_s z;
         # 3. merge with the mask.
         known = coef.alpha_s * setup.y_embed + sch.sigma(t_next) * ctx.randn()

@@ -52,7 +52,7 @@ from torch import Tensor
 
 from ..operators.mask import Mask
 from .base import Context, Move, Requirements, SMCSampler
-from .kernels import ddim_coefficients, ddim_mean, gaussian_log_density
+from .kernels import ddim_coefficients, gaussian_log_density
 from .spectral import observation_time_indices
 
 __all__ = ["SMCDiff"]
@@ -154,7 +154,7 @@ class SMCDiff(SMCSampler):
         if k <= k_tau:
             x = self._replace(ctx, x, path[k])
         coef = ddim_coefficients(sch, t, t_next, float(self.eta))
-        mu = ddim_mean(x, ctx.denoise(x, t), coef, sch.sigma(t))
+        mu = ctx.denoise_mean(x, t, coef, sch.sigma(t))
         std = coef.std
         # Step 3: weight = p_theta(x^M_s | x_t), skipped where the kernel is deterministic.
         if k + 1 <= k_tau and float(std) > 0:

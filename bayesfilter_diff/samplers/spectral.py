@@ -42,6 +42,7 @@ __all__ = [
     "GaussianProduct",
     "gaussian_product",
     "condition",
+    "condition_pixels",
     "observation_time_indices",
     "exact_observation_times",
     "pinv_correction",
@@ -82,7 +83,7 @@ def spectral_observation(
     return SpectralObservation(s, y_tilde, y_tilde[..., : s.numel()] / s)
 
 
-def out_of_range_log_likelihood(y_tilde: Tensor, r: int, var: float) -> Tensor:
+def out_of_range_log_likelihood(y_tilde: Tensor, r: int, var: Tensor | float) -> Tensor:
     """``log N(y~_{r:}; 0, var I)``: the part of ``y`` outside the range of ``A``, ``(...)``.
 
     ``y~ = U^T y`` ``(..., m)``; zero when ``r = m``. The same for every ``x``: it enters an
@@ -128,8 +129,8 @@ def condition(
     op: LinearOperator,
     s: Tensor,
     mu_bar: Tensor,
-    v: float,
-    r2: float,
+    v: Tensor | float,
+    r2: Tensor | float,
     y_tilde: Tensor,
     z: Tensor,
 ) -> tuple[Tensor, Tensor]:
@@ -171,6 +172,50 @@ def condition(
     if y_tilde.shape[-1] > r and r2 > 0:
         log_pred = log_pred + out_of_range_log_likelihood(y_tilde, r, r2)
     return op.V(x_bar), log_pred
+
+
+def condition_pixels(
+    op: LinearOperator,
+    mu: Tensor,
+    v: Tensor | float,
+    r2: Tensor | float,
+    y_pix: Tensor,
+    z: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """:func:`condition` for an operator whose SVD is diagonal in pixel coordinates
+    (``op.pixel_svd``: masks, the identity), elementwise on the signal grid.
+
+    With each pixel's singular value ``s_j`` (0 off the range) the Gaussian product is, per
+    pixel, ``x_j = a_j mu_j + b_j y_j + c_j z_j`` with ``(d,)`` coefficient vectors
+    (``a = r2 / pred``, ``b = v s / pred``, ``c^2 = v r2 / pred``, ``pred = r2 + v s^2``;
+    ``a = 1``, ``b = 0``, ``c^2 = v`` off the range) and ``log_pred`` a weighted sum of
+    squares: no ``V`` / ``V^T`` gathers. The same law as :func:`condition` (with ``z`` in
+    pixel coordinates: ``condition`` with spectral noise ``z'`` equals this with
+    ``z = V z'``).
+
+    Parameters
+    ----------
+    mu
+        Prior mean on the signal grid, ``(B, N, *in_shape)``.
+    y_pix
+        ``op.pixel_observation(U^T y)``, ``(B, P, d)`` with ``P`` = 1 or ``N``.
+    z
+        Standard normal ``(B, N, d)``.
+    """
+    s = op.pixel_singular_values().to(dtype=mu.dtype, device=mu.device)  # (d,)
+    obs = s > 0
+    pred = r2 + v * s**2
+    safe = torch.where(obs, pred, torch.ones_like(pred))
+    a = torch.where(obs, r2 / safe, torch.ones_like(pred))
+    b = torch.where(obs, v * s / safe, torch.zeros_like(pred))
+    c = torch.where(obs, v * r2 / safe, v * torch.ones_like(pred)).sqrt()
+    m = op.flat_in(mu)
+    x = torch.addcmul(torch.addcmul(a * m, b, y_pix), c, z)
+    w = torch.where(obs, 1 / safe, torch.zeros_like(pred))  # 1 / pred on the range
+    resid = torch.addcmul(y_pix, s, m, value=-1.0)  # y - s mu
+    const = -0.5 * torch.where(obs, torch.log(2 * math.pi * safe), torch.zeros_like(pred)).sum()
+    log_pred = -0.5 * (resid * resid).mul_(w).sum(-1) + const
+    return x.reshape(mu.shape), log_pred
 
 
 def observation_time_indices(

@@ -69,7 +69,6 @@ from .kernels import (
     extend_to_log_snr,
     refine_in_log_snr,
     smoothed_log_likelihood,
-    tweedie_shift,
 )
 
 __all__ = ["TDS"]
@@ -378,15 +377,19 @@ class TDS(SMCSampler):
             std = std.reshape(var.shape + (1,) * len(red))
         if keep is not None or bool(std > 0):
             # 2. Twisted x0 (conditional Tweedie): x0~ = x0_hat + sigma_t^2 / alpha_t * grad.
-            x0_tw = tweedie_shift(x0, g, coef.alpha_t, s_t)
+            # 3. Proposal q(x_s | x_t, y) = N(alpha_s x0~ + c_eps eps~, std^2 I); the DDIM
+            #    mean is affine in x0 with weight b, so mean_tw = mean_u + b (x0~ - x0_hat).
+            a_t = coef.alpha_t
+            dx0 = g * torch.where(a_t > 0, s_t**2 / a_t, torch.zeros_like(a_t))  # x0~ - x0_hat
             if self.clamp_x0 is not None:
-                x0_tw = x0_tw.clamp(self.clamp_x0[0], self.clamp_x0[1])
-            # 3. Proposal q(x_s | x_t, y) = N(alpha_s x0~ + c_eps eps~, std^2 I).
-            mean_tw = ddim_mean(x, x0_tw, coef, s_t)
+                x0_tw = x0 + dx0
+                clamped = x0_tw.clamp(self.clamp_x0[0], self.clamp_x0[1])
+                dx0 = torch.where(clamped == x0_tw, dx0, clamped - x0)
+            delta = dx0 * (coef.alpha_s - coef.c_eps * a_t / s_t)
+            mean_tw = mean_u + delta
             z = ctx.randn()
             x_new = mean_tw + std * z
             # 4. log p(x_s | x_t) - log q(x_s | x_t, y) with x_s - mean_tw = std z.
-            delta = mean_tw - mean_u
             log_ratio = -((2 * std * z * delta + delta**2) / (2 * std**2)).sum(red)
             if keep is not None:
                 x_new = torch.where(keep, mean_u, x_new)
