@@ -5,6 +5,7 @@
 """
 
 from . import diagnostics, operators, samplers, smc
+from ._alloc import tune_allocator
 from .distributions import DiffusionPrior, LinearGaussian
 from .errors import DegenerateWeightsError, NonFiniteSamplesError, PosteriorQualityWarning
 from .inference import Posterior, infer
@@ -16,6 +17,7 @@ from .schedules import DiscreteVPSchedule, FlowSchedule, Schedule, VESchedule, V
 __version__ = "0.1.0"
 
 __all__ = [
+    "tune_allocator",
     "diagnostics",
     "operators",
     "samplers",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 
 def _check_device(device: str, local: bool = True) -> None:
@@ -52,7 +53,11 @@ def _validate(args: argparse.Namespace) -> int:
     methods = _methods(args.methods)
     _check_device(args.device, local=args.executor == "local")
     _check_out(args.out)
-    executor = None
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.num_workers is not None and args.num_workers < 1:
+        raise ValueError(f"--num-workers must be >= 1, got {args.num_workers}")
+    executor: Any
     if args.executor == "ray":
         gpus = args.gpus_per_task
         if gpus is None:
@@ -60,8 +65,15 @@ def _validate(args: argparse.Namespace) -> int:
         executor = RayExecutor(
             address=args.address, num_gpus_per_task=gpus, num_workers=args.num_workers
         )
-    elif args.address is not None or args.num_workers is not None or args.gpus_per_task is not None:
-        raise ValueError("--address, --num-workers and --gpus-per-task need --executor ray")
+    elif args.address is not None or args.gpus_per_task is not None:
+        raise ValueError("--address and --gpus-per-task need --executor ray")
+    else:
+        from .studies.grid import ProcessExecutor
+
+        workers = args.num_workers
+        if workers is None and not args.device.startswith("cpu"):
+            workers = 1  # one process per accelerator
+        executor = ProcessExecutor(workers, threads=args.threads)
     try:
         res = validate(
             out=args.out,
@@ -173,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         "--executor",
         default="local",
         choices=["local", "ray"],
-        help="run cells in this process (local) or as Ray tasks (ray)",
+        help="run cells in worker processes on this machine (local) or as Ray tasks (ray)",
     )
     v.add_argument(
         "--address",
@@ -184,7 +196,15 @@ def main(argv: list[str] | None = None) -> int:
         "--num-workers",
         type=int,
         default=None,
-        help="Ray tasks in flight (default: the cluster's CPUs; local instance size)",
+        help="local: worker processes (default: one per core, one with a GPU); ray: tasks in "
+        "flight (default: the cluster's CPUs; local instance size)",
+    )
+    v.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per worker process (default 1: many small cells run fastest as "
+        "one single-threaded process per core)",
     )
     v.add_argument(
         "--gpus-per-task",
@@ -225,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.set_defaults(func=_train, argv=argv)
     args = parser.parse_args(argv)
+    from ._alloc import tune_allocator
+
+    tune_allocator()  # freed tensors stay in the process: no page faults per step
     try:
         return args.func(args)
     except (ValueError, TypeError) as e:

@@ -38,6 +38,11 @@ def main(argv=None) -> int:
         help="run every configuration in this process (default: a fresh process each, so "
         "that peak memory is that configuration's own)",
     )
+    p.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="leave glibc's malloc as it is (default: bfd.tune_allocator(), as the CLI does)",
+    )
     a = p.parse_args(argv)
     methods = a.methods.split(",") if a.methods else default_methods()
     dtype = getattr(torch, a.dtype)
@@ -86,7 +91,18 @@ def main(argv=None) -> int:
                 for m in methods:
                     runner = run_one if a.same_process else run_fresh
                     r = runner(
-                        m, a.prior, d, 2, B, N, a.steps, dtype, a.device, a.compile, a.chunk_size
+                        m,
+                        a.prior,
+                        d,
+                        2,
+                        B,
+                        N,
+                        a.steps,
+                        dtype,
+                        a.device,
+                        a.compile,
+                        a.chunk_size,
+                        tune_allocator=not a.default_allocator,
                     )
                     print(
                         "| "

@@ -195,8 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="append JSON lines here")
+    p.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="leave glibc's malloc as it is (default: bfd.tune_allocator(), as the CLI does)",
+    )
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if not a.default_allocator:
+        bfd.tune_allocator()
     shape = tuple(int(s) for s in a.shape.split(","))
     print("| " + " | ".join(COLS) + " |")
     print("|" + "|".join("---" for _ in COLS) + "|")

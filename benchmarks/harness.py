@@ -171,10 +171,14 @@ def run_one(
     device: str = "cpu",
     compile: bool = False,
     chunk_size: int | None = None,
+    tune_allocator: bool = True,
 ) -> dict[str, Any]:
     """Time one sampler run (``compile``: ``torch.compile`` the network first, its compile
     time excluded by a warm-up run; ``chunk_size``: the network sees at most this many
-    particles per call)."""
+    particles per call; ``tune_allocator``: :func:`bayesfilter_diff.tune_allocator` first,
+    as the command line does)."""
+    if tune_allocator:
+        bfd.tune_allocator()
     dev = torch.device(device)
     prior, problem = make_problem(prior_kind, d, d_y, B, dtype, dev)
     d = prior.event_shape.numel()

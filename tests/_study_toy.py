@@ -18,3 +18,12 @@ def cells(n=12, sleep=0.0):
 if __name__ == "__main__":
     root, n, sleep = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
     run_study(toy_cell, cells(n, sleep), ResultStore(root), progress=False)
+
+
+def threads_cell(cell):
+    """The worker's torch thread count (and a failure for seed -1)."""
+    import torch
+
+    if cell["seed"] == -1:
+        raise RuntimeError("this cell fails")
+    return {"threads": torch.get_num_threads(), "value": cell["seed"] ** 2 + 0.5}

@@ -27,6 +27,9 @@ def test_version(capsys):
         (["validate", "--device", "banana"], "--device 'banana' is not a torch device"),
         (["validate", "--out", "FILE"], "is a file, not a folder"),
         (["validate", "--out", "FILE/sub"], "cannot be created"),
+        (["validate", "--threads", "0"], "--threads must be >= 1"),
+        (["validate", "--num-workers", "0"], "--num-workers must be >= 1"),
+        (["validate", "--address", "auto"], "--address and --gpus-per-task need --executor ray"),
         (
             [
                 "train",

@@ -134,3 +134,29 @@ def test_noise_level_study_measures_against_the_exact_posterior(tmp_path):
     # resumable: a second call computes nothing new and reads the same record
     again = run_noise_levels(tmp_path, config=cfg, progress=False)["records"]
     assert again[0]["sw"] == r["sw"]
+
+
+def test_process_executor_runs_cells_in_single_threaded_workers(tmp_path):
+    """Two spawned workers of one torch thread each; every cell saved by the driver; a rerun
+    computes nothing; a failing cell is reported after the others are saved."""
+    from bayesfilter_diff.studies import ProcessExecutor
+    from bayesfilter_diff.studies.grid import describe
+
+    store = ResultStore(tmp_path)
+    cells = _study_toy.cells(5)
+    ex = ProcessExecutor(workers=2, threads=1)
+    computed = ex.run(_study_toy.threads_cell, cells, store, progress=False)
+    assert len(computed) == 5
+    recs = [store.load(cell_key(c)) for c in cells]
+    assert all(
+        r["threads"] == 1 and r["value"] == c["seed"] ** 2 + 0.5 for r, c in zip(recs, cells)
+    )
+    assert ex.run(_study_toy.threads_cell, cells, store, progress=False) == []
+    bad = [{"study": "toy", "method": "m", "seed": -1}, *_study_toy.cells(7)[5:]]
+    with pytest.raises(RuntimeError, match="(?s)1 cell\\(s\\) failed.*this cell fails"):
+        ex.run(_study_toy.threads_cell, bad, store, progress=False)
+    assert store.done(cell_key(bad[1])) and store.done(cell_key(bad[2]))
+    assert not store.done(cell_key(bad[0]))
+    assert describe({"method": "TDS", "d": 8, "seed": 3, "x": 1}) == "TDS d=8 seed=3"
+    with pytest.raises(ValueError, match="workers"):
+        ProcessExecutor(workers=0)
