@@ -263,9 +263,10 @@ class MCGdiff(SMCSampler):
         op = cast(LinearOperator, ctx.problem.operator)
         sch = ctx.prior.schedule
         t, t_next = ctx.times[k], ctx.times[k + 1]
-        x0b = op.Vt(ctx.denoise(op.V(xb), t))
         coef = ddim_coefficients(sch, t, t_next, float(self.eta))
-        return ddim_mean(xb, x0b, coef, sch.sigma(t))
+        # the DDIM mean is linear in (x, x0_hat), so it commutes with the basis change; from
+        # the network's own output (no eps -> x0 -> eps round trip)
+        return op.Vt(ctx.denoise_mean(op.V(xb), t, coef, sch.sigma(t)))
 
     # ------------------------------------------------------------------ interface
     def init(self, ctx: Context, setup: MCGdiffSetup) -> tuple[MCGdiffState, Tensor]:
