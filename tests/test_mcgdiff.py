@@ -93,7 +93,7 @@ def _snap(m, S, op, y):
     return VT.T @ mb, VT.T @ Sb @ VT
 
 
-def _gaussian_setup(sy, R, schedule):
+def _gaussian_setup(sy, R, schedule, mask=False):
     g = torch.Generator().manual_seed(0)
     d = 4
     Lm = torch.randn(d, d, generator=g, dtype=D64) * 0.5
@@ -103,6 +103,8 @@ def _gaussian_setup(sy, R, schedule):
     # distinct singular values (2, 0.6): the two observed coordinates get different tau
     U, _, Vh = torch.linalg.svd(torch.randn(2, d, generator=g, dtype=D64), full_matrices=False)
     A = bfd.operators.Dense(U @ torch.diag(torch.tensor([2.0, 0.6], dtype=D64)) @ Vh)
+    if mask:  # observe entries 0 and 2 (MCGdiff's pixel layout: no V / V^T)
+        A = bfd.operators.Mask(torch.tensor([True, False, True, False]), dtype=D64)
     x = gmm.sample(1, g)
     y = A(x)[0] + sy * torch.randn(2, generator=g, dtype=D64)
     problem = bfd.InverseProblem(A, y.expand(R, 2).clone(), noise_std=sy)  # R replicates
@@ -162,12 +164,18 @@ def test_one_dimensional_gaussian_posterior_mean_and_variance(steps):
 
 # ------------------------------------------------------------------ Gaussian prior, noisy
 @pytest.mark.parametrize(
-    "schedule", [bfd.VPSchedule.linear(), bfd.FlowSchedule()], ids=["vp", "flow"]
+    "schedule, mask",
+    [
+        (bfd.VPSchedule.linear(), False),
+        (bfd.FlowSchedule(), False),
+        (bfd.VPSchedule.linear(), True),
+    ],
+    ids=["vp", "flow", "vp-mask-pixels"],
 )
 @pytest.mark.slow
-def test_noisy_gaussian_matches_discrete_target_posterior_and_evidence(schedule):
+def test_noisy_gaussian_matches_discrete_target_posterior_and_evidence(schedule, mask):
     sy, R, N, steps = 0.5, 32, 500, 50
-    gmm, prior, A, y, problem, mu, C = _gaussian_setup(sy, R, schedule)
+    gmm, prior, A, y, problem, mu, C = _gaussian_setup(sy, R, schedule, mask)
     exact = gmm.posterior(problem)
     em, ec = exact.mean()[0], exact.covariance()[0]
     # the closed-form discrete target models the ancestral kernel below tau ("ddpm")
@@ -234,10 +242,11 @@ def test_discretisation_bias_vanishes_with_steps_only_for_eta_one():
     assert out[0.5, 0.6, 400] > 0.2 and out[0.5, 0.6, 400] > 3 * out[0.5, 1.0, 400]
 
 
-def test_noiseless_exact_constraint_and_posterior():
+@pytest.mark.parametrize("mask", [False, True], ids=["dense", "mask-pixels"])
+def test_noiseless_exact_constraint_and_posterior(mask):
     R, N, steps = 32, 500, 50
     sched = bfd.VPSchedule.linear()
-    gmm, prior, A, y, problem, mu, C = _gaussian_setup(0.0, R, sched)
+    gmm, prior, A, y, problem, mu, C = _gaussian_setup(0.0, R, sched, mask)
     exact = gmm.posterior(problem)
     em, ec = exact.mean()[0], exact.covariance()[0]
     times = sched.time_grid(steps, dtype=D64)

@@ -191,7 +191,7 @@ class DiffusionModel(nn.Module):
             if pq is not None:
                 out = self._evaluate(net.net, x_t, t)
                 p, q = pq
-                return (c_x + c_x0 * p) * x_t + (c_x0 * q) * out
+                return torch.addcmul(out * (c_x0 * q), x_t, c_x + c_x0 * p)
         return c_x * x_t + c_x0 * self.denoise(x_t, t)
 
     def coefficients(self, t: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -72,7 +72,7 @@ from torch import Tensor
 
 from ..operators.base import LinearOperator
 from .base import Context, Move, Requirements, SMCSampler
-from .kernels import ddim_coefficients, ddim_mean, log_normal, refine_in_log_snr
+from .kernels import ddim_coefficients, log_normal, refine_in_log_snr
 from .spectral import (
     exact_observation_times,
     gaussian_product,
@@ -85,19 +85,78 @@ __all__ = ["MCGdiff", "exact_observation_times", "observation_time_indices"]
 
 
 @dataclass(frozen=True)
+class Layout:
+    """Where the filter's coordinates live.
+
+    In general the spectral coordinates ``x_bar = V^T x``, the observed ones first (the
+    first ``r``): the network sees ``V x_bar``. For an operator whose SVD is diagonal in
+    pixels (``op.pixel_svd``: masks, the identity) the pixel grid itself, the observed
+    coordinates being the observed pixels: no ``V`` / ``V^T`` gathers of the full signal
+    per step. The per-coordinate constants of the filter are kept on the *observed part*,
+    ``part(x)``: the first ``r`` spectral coordinates, or every pixel (those off the range
+    carry placeholders that ``observed`` masks out).
+    """
+
+    op: LinearOperator
+    r: int
+    pixels: bool
+    coord: Tensor | None = None  # (d,) the spectral coordinate of each pixel (pixel layout)
+
+    @staticmethod
+    def of(op: LinearOperator, r: int, device: torch.device) -> Layout:
+        if not op.pixel_svd:
+            return Layout(op, r, False)
+        d = op.in_dim
+        idx = torch.arange(d, dtype=torch.float64, device=device)
+        return Layout(op, r, True, op.flat_in(op.V(idx)).round().long())
+
+    def part(self, x: Tensor) -> Tensor:
+        """The observed part ``(..., R)`` of coordinates ``(..., d)``."""
+        return x if self.pixels else x[..., : self.r]
+
+    def merge(self, part: Tensor, full: Tensor) -> Tensor:
+        """Coordinates with ``part`` on the observed part and ``full`` elsewhere."""
+        return part if self.pixels else torch.cat([part, full[..., self.r :]], dim=-1)
+
+    def spread(self, v: Tensor, fill: float | bool) -> Tensor:
+        """Per-coordinate values ``(..., r)`` on the observed part, ``fill`` elsewhere."""
+        if not self.pixels:
+            return v
+        assert self.coord is not None
+        on = self.coord < self.r
+        out = v[..., self.coord.clamp(max=self.r - 1)]
+        return torch.where(on, out, torch.full_like(out, fill))
+
+    @property
+    def observed(self) -> Tensor | None:
+        """Bool mask of the observed part (``None``: all of it is observed)."""
+        return None if self.coord is None else self.coord < self.r
+
+    def to_signal(self, xb: Tensor) -> Tensor:
+        if self.pixels:
+            return xb.reshape(xb.shape[:-1] + tuple(self.op.in_shape))
+        return self.op.V(xb)
+
+    def from_signal(self, x: Tensor) -> Tensor:
+        return self.op.flat_in(x) if self.pixels else self.op.Vt(x)
+
+
+@dataclass(frozen=True)
 class MCGdiffSetup:
-    """Per-run constants of MCGdiff (grid index ``k``, observed coordinate ``i <= r``)."""
+    """Per-run constants of MCGdiff (grid index ``k``; the per-coordinate ones on the
+    layout's observed part, ``R`` = ``r`` spectral coordinates or ``d`` pixels)."""
 
     alpha: Tensor  # (n + 1,) alpha_{t_k}
     sigma: Tensor  # (n + 1,) sigma_{t_k}
     s: Tensor  # (r,) singular values
     k_tau: Tensor  # (r,) grid index of tau_i
-    ybar: Tensor  # (B, r) y_bar = (U^T y)_{:r} / s
-    v: Tensor  # (n + 1, r) potential variances v_k^i (1 where inactive)
-    active: Tensor  # (n + 1, r) bool, t_k >= tau_i
-    c: Tensor  # (r,) implicit observation variance of the target, c_i
-    a: Tensor  # (r,) true observation variance a_i = sigma_y^2 / s_i^2
+    ybar: Tensor  # (B, R) y_bar = (U^T y)_{:r} / s (0 off the range)
+    v: Tensor  # (n + 1, R) potential variances v_k^i (1 where inactive)
+    active: Tensor  # (n + 1, R) bool, t_k >= tau_i (False off the range)
+    c: Tensor  # (R,) implicit observation variance of the target, c_i (1 off the range)
+    a: Tensor  # (R,) true observation variance a_i = sigma_y^2 / s_i^2 (1 off the range)
     const: Tensor  # (B,) log-evidence constant of the final weight
+    layout: Layout
 
     @property
     def r(self) -> int:
@@ -254,46 +313,61 @@ class MCGdiff(SMCSampler):
         if sy > 0:
             # the part of y outside range(A): N(u_i^T y; 0, sigma_y^2), i > r
             const = const + out_of_range_log_likelihood(obs.y_tilde, r, sy**2)
+        lay = Layout.of(op, r, ybar.device)
         return MCGdiffSetup(
-            alpha, sigma, s, k_tau, ybar, v, active, c, (sy / s) ** 2, const.expand(ctx.B)
+            alpha,
+            sigma,
+            s,
+            k_tau,
+            lay.spread(ybar, 0.0),
+            lay.spread(v, 1.0),
+            lay.spread(active, False),
+            lay.spread(c, 1.0),
+            lay.spread((sy / s) ** 2, 1.0),
+            const.expand(ctx.B),
+            lay,
         )
 
-    def _predict(self, ctx: Context, xb: Tensor, k: int) -> Tensor:
+    def _predict(self, ctx: Context, lay: Layout, xb: Tensor, k: int) -> Tensor:
         """Prior DDIM mean ``mu_k(x_bar)`` ``(B, N, d)`` of the move ``k -> k+1``."""
-        op = cast(LinearOperator, ctx.problem.operator)
         sch = ctx.prior.schedule
         t, t_next = ctx.times[k], ctx.times[k + 1]
         coef = ddim_coefficients(sch, t, t_next, float(self.eta))
         # the DDIM mean is linear in (x, x0_hat), so it commutes with the basis change; from
         # the network's own output (no eps -> x0 -> eps round trip)
-        return op.Vt(ctx.denoise_mean(op.V(xb), t, coef, sch.sigma(t)))
+        return lay.from_signal(ctx.denoise_mean(lay.to_signal(xb), t, coef, sch.sigma(t)))
 
     # ------------------------------------------------------------------ interface
     def init(self, ctx: Context, setup: MCGdiffSetup) -> tuple[MCGdiffState, Tensor]:
-        c = setup
-        r, d = c.r, ctx.problem.operator.in_dim
+        c, lay = setup, setup.layout
+        d = ctx.problem.operator.in_dim
         B, N = ctx.B, ctx.N
         # x_{t_0} ~ N(0, sigma_0^2 I) g_0: a Gaussian product on the observed coordinates
         # (every observed coordinate is active at t_0), N(x; 0, sigma_0^2) N(alpha_0 y_bar; x, v_0)
-        m0 = c.alpha[0] * c.ybar  # (B, r)
+        m0 = c.alpha[0] * c.ybar  # (B, R)
         p = gaussian_product(0.0, c.sigma[0] ** 2, m0, c.v[0])
         z = ctx.randn((B, N, d))
         xb = c.sigma[0] * z
-        xb = torch.cat([p.mean[:, None, :] + p.var.sqrt() * z[..., :r], xb[..., r:]], dim=-1)
-        log_norm = log_normal(m0, torch.zeros_like(m0), p.pred_var).sum(-1)  # (B,)
-        return MCGdiffState(xb, self._predict(ctx, xb, 0)), log_norm[:, None].expand(B, N)
+        part = p.mean[:, None, :] + p.var.sqrt() * lay.part(z)
+        lp = log_normal(m0, torch.zeros_like(m0), p.pred_var)  # (B, R)
+        obs = lay.observed
+        if obs is not None:  # pixels off the range keep the prior draw
+            part = torch.where(obs, part, lay.part(xb))
+            lp = torch.where(obs, lp, torch.zeros_like(lp))
+        xb = lay.merge(part, xb)
+        log_norm = lp.sum(-1)  # (B,)
+        return MCGdiffState(xb, self._predict(ctx, lay, xb, 0)), log_norm[:, None].expand(B, N)
 
     def lookahead(self, ctx: Context, setup: MCGdiffSetup, state: MCGdiffState, k: int) -> Tensor:
         """Step 1: ``log int p(x'|x) g_{k+1}(x') dx' - log g_k(x)`` over ``A_{k+1}``."""
-        c = setup
-        r = c.r
+        c, lay = setup, setup.layout
         t, t_next = ctx.times[k], ctx.times[k + 1]
         std = ddim_coefficients(ctx.prior.schedule, t, t_next, float(self.eta)).std
-        act = c.active[k + 1]  # (r,)
-        ybar = c.ybar[:, None, :]  # (B, 1, r)
-        num = log_normal(state.mu[..., :r], c.alpha[k + 1] * ybar, std**2 + c.v[k + 1])
-        den = log_normal(state.xbar[..., :r], c.alpha[k] * ybar, c.v[k])
-        return torch.where(act, num - den, torch.zeros_like(num)).sum(-1)
+        act = c.active[k + 1].to(state.mu.dtype)  # (R,) 1 on A_{k+1}
+        ybar = c.ybar[:, None, :]  # (B, 1, R)
+        num = log_normal(lay.part(state.mu), c.alpha[k + 1] * ybar, std**2 + c.v[k + 1])
+        den = log_normal(lay.part(state.xbar), c.alpha[k] * ybar, c.v[k])
+        return ((num - den) * act).sum(-1)
 
     @staticmethod
     def _tail_std(ctx: Context, t: Tensor, t_next: Tensor) -> Tensor:
@@ -307,46 +381,56 @@ class MCGdiff(SMCSampler):
         return a_s * (vt - vs).clamp_min(0).sqrt()
 
     def move(self, ctx: Context, setup: MCGdiffSetup, state: MCGdiffState, k: int, t, t_next):
-        c = setup
-        r = c.r
+        c, lay = setup, setup.layout
         n = ctx.times.numel() - 1
         xb, mu = state.xbar, state.mu
         std = ddim_coefficients(ctx.prior.schedule, t, t_next, float(self.eta)).std
         # Step 3: move k -> k+1 with the optimal kernel on the active coordinates (step 2,
-        # the ancestors, was done by the loop from the look-ahead weights of step 1).
+        # the ancestors, was done by the loop from the look-ahead weights of step 1). Per
+        # coordinate of the observed part, x = mu + K (alpha_{k+1} y_bar - mu) + sd z with:
+        # - active: N(x; mu, std^2) N(alpha_{k+1} y_bar; x, v), K = std^2 / (std^2 + v),
+        #   sd^2 = K v;
+        # - observed, past its tau_i: the prior kernel, K = 0, with the locally flat reverse
+        #   variance alpha_s^2 (sig~_t^2 - sig~_s^2), sig~ = sigma / alpha ("flat"), or std;
+        # - off the range (pixel layout): the prior kernel, K = 0, sd = std.
         z = ctx.randn(xb.shape)
-        x_new = mu + std * z
-        act = c.active[k + 1]
-        # N(x; mu, std^2) N(alpha_{k+1} y_bar; x, v): K = std^2 / (std^2 + v),
-        # mean K alpha_{k+1} y_bar + (1 - K) mu, variance K v
-        p = gaussian_product(mu[..., :r], std**2, c.alpha[k + 1] * c.ybar[:, None, :], c.v[k + 1])
-        obs = p.mean + p.var.sqrt() * z[..., :r]
-        # observed coordinates past their tau_i: the prior kernel, with the locally flat
-        # reverse variance alpha_s^2 (sig~_t^2 - sig~_s^2), sig~ = sigma / alpha ("flat")
-        tail = x_new[..., :r]
-        if self.tail_variance == "flat":
-            tail = mu[..., :r] + self._tail_std(ctx, t, t_next) * z[..., :r]
-        x_new = torch.cat([torch.where(act, obs, tail), x_new[..., r:]], dim=-1)
+        act = c.active[k + 1]  # (R,)
+        v = c.v[k + 1]
+        gain = std**2 / (std**2 + v)
+        tail = self._tail_std(ctx, t, t_next) if self.tail_variance == "flat" else std
+        sd_off = tail if lay.observed is None else torch.where(lay.observed, tail, std)
+        K = torch.where(act, gain, torch.zeros_like(gain))
+        sd = torch.where(act, (gain * v).sqrt(), sd_off * torch.ones_like(gain))
+        mu_o = lay.part(mu)
+        part = mu_o + K * (c.alpha[k + 1] * c.ybar[:, None, :] - mu_o) + sd * lay.part(z)
+        x_new = part if lay.pixels else lay.merge(part, mu + std * z)
         # the prior mean of the next move (one network call), read by its look-ahead
-        mu_new = mu if k + 1 == n else self._predict(ctx, x_new, k + 1)
+        mu_new = mu if k + 1 == n else self._predict(ctx, lay, x_new, k + 1)
         return Move(MCGdiffState(x_new, mu_new))
 
     def finalize(
         self, ctx: Context, setup: MCGdiffSetup, state: MCGdiffState
     ) -> tuple[Tensor, Tensor]:
-        c = setup
-        r = c.r
+        c, lay = setup, setup.layout
         xb = state.xbar
         ybar = c.ybar[:, None, :]
         B, N = xb.shape[:2]
+        obs = lay.observed
         if ctx.problem.noise_std > 0:
             # Final weight: the target carries N(y_bar; x_bar0, c_i); swap in a_i.
-            lw = (log_normal(ybar, xb[..., :r], c.a) - log_normal(ybar, xb[..., :r], c.c)).sum(-1)
+            x_o = lay.part(xb)
+            lw_i = log_normal(ybar, x_o, c.a) - log_normal(ybar, x_o, c.c)
+            if obs is not None:
+                lw_i = lw_i * obs.to(lw_i.dtype)
+            lw = lw_i.sum(-1)
         else:
             # Noiseless: set the observed coordinates to y_bar (A x0 = y exactly).
-            xb = torch.cat([ybar.expand(B, N, r), xb[..., r:]], dim=-1)
+            part = ybar.expand(B, N, ybar.shape[-1])
+            if obs is not None:
+                part = torch.where(obs, part, lay.part(xb))
+            xb = lay.merge(part, xb)
             lw = torch.zeros((B, N), dtype=xb.dtype, device=xb.device)
-        return cast(LinearOperator, ctx.problem.operator).V(xb), lw + c.const[:, None]
+        return lay.to_signal(xb), lw + c.const[:, None]
 
     def run_info(self, ctx: Context, setup: MCGdiffSetup) -> MCGdiffInfo:
         return MCGdiffInfo(ctx.times[setup.k_tau], setup.k_tau)

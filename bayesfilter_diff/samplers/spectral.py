@@ -214,7 +214,7 @@ def condition_pixels(
     w = torch.where(obs, 1 / safe, torch.zeros_like(pred))  # 1 / pred on the range
     resid = torch.addcmul(y_pix, s, m, value=-1.0)  # y - s mu
     const = -0.5 * torch.where(obs, torch.log(2 * math.pi * safe), torch.zeros_like(pred)).sum()
-    log_pred = -0.5 * (resid * resid).mul_(w).sum(-1) + const
+    log_pred = -0.5 * (resid * resid) @ w + const
     return x.reshape(mu.shape), log_pred
 
 
