@@ -365,9 +365,13 @@ class MCGdiff(SMCSampler):
         std = ddim_coefficients(ctx.prior.schedule, t, t_next, float(self.eta)).std
         act = c.active[k + 1].to(state.mu.dtype)  # (R,) 1 on A_{k+1}
         ybar = c.ybar[:, None, :]  # (B, 1, R)
-        num = log_normal(lay.part(state.mu), c.alpha[k + 1] * ybar, std**2 + c.v[k + 1])
-        den = log_normal(lay.part(state.xbar), c.alpha[k] * ybar, c.v[k])
-        return ((num - den) * act).sum(-1)
+        # sum over A_{k+1} of log N(mu; alpha_{k+1} y_bar, w1) - log N(x; alpha_k y_bar, w0):
+        # two weighted sums of squares per particle, the log-variances once per step
+        w1, w0 = std**2 + c.v[k + 1], c.v[k]
+        r1 = lay.part(state.mu) - c.alpha[k + 1] * ybar
+        r0 = lay.part(state.xbar) - c.alpha[k] * ybar
+        const = -0.5 * (act * torch.log(w1 / w0)).sum()
+        return -0.5 * ((r1 * r1) @ (act / w1) - (r0 * r0) @ (act / w0)) + const
 
     @staticmethod
     def _tail_std(ctx: Context, t: Tensor, t_next: Tensor) -> Tensor:
