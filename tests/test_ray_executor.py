@@ -150,7 +150,14 @@ def test_cli_validate_executor_options(monkeypatch, tmp_path):
 
     monkeypatch.setattr(validate_module, "validate", fake_validate)
     assert cli.main(["validate", "--out", str(tmp_path)]) == 0
-    assert seen["executor"] is None
+    from bayesfilter_diff.studies import ProcessExecutor
+
+    ex = seen["executor"]  # local: one single-threaded worker process per core
+    assert isinstance(ex, ProcessExecutor) and ex.threads == 1 and ex.workers >= 1
+    assert (
+        cli.main(["validate", "--num-workers", "3", "--threads", "2", "--out", str(tmp_path)]) == 0
+    )
+    assert (seen["executor"].workers, seen["executor"].threads) == (3, 2)
     argv = ["validate", "--executor", "ray", "--address", "auto", "--device", "cuda:0"]
     assert cli.main(argv + ["--out", str(tmp_path)]) == 0
     ex = seen["executor"]

@@ -384,3 +384,30 @@ def test_analytic_reverse_variance_targets_the_continuous_model():
     # the DDIM chain at 10 steps: its evidence is far off the continuous model's
     r_ddim, se_ddim = evidence_ratio_stats(res["ddim"], log_z.reshape(1), P, R)
     assert ((r_ddim - 1).abs() > 10 * se_ddim).all()
+
+
+@pytest.mark.parametrize("per_problem", [False, True])
+def test_pixel_twist_equals_the_operator_twist(per_problem):
+    """For masks and the identity the Gaussian twist on the pixel grid (no gather of the
+    observed entries) has the value and gradient of the operator form."""
+    from bayesfilter_diff.samplers.tds import _pixel_twist
+
+    g = torch.Generator().manual_seed(0)
+    shape = (2, 3, 3)
+    D = torch.float64
+    sig2 = torch.tensor(0.3, dtype=D)
+    s2 = torch.tensor([[0.04], [0.09]], dtype=D) if per_problem else 0.04
+    for op in (
+        bfd.operators.Mask.random(shape, 0.5, g, dtype=D),
+        bfd.operators.Identity(shape, dtype=D),
+    ):
+        y = torch.randn((2, 1) + tuple(op.out_shape), generator=g, dtype=D)
+        x0 = torch.randn((2, 4) + shape, generator=g, dtype=D, requires_grad=True)
+        r = y - op(x0)
+        q = r * op.gram_solve(r, sig2, s2)
+        want = -0.5 * q.reshape(2, 4, -1).sum(-1)
+        got = _pixel_twist(op, y, sig2, s2)(x0)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        (gw,) = torch.autograd.grad(want.sum(), x0)
+        (gg,) = torch.autograd.grad(got.sum(), x0)
+        torch.testing.assert_close(gg, gw, rtol=1e-12, atol=1e-12)

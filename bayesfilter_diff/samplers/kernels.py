@@ -86,8 +86,10 @@ def ddim_mean(
     coef: DDIMCoefficients[Tensor] | DDIMCoefficients[float],
     sigma_t: Tensor | float,
 ) -> Tensor:
-    """Mean of the DDIM step: ``alpha_s x0 + c_eps (x_t - alpha_t x0) / sigma_t``."""
-    return coef.alpha_s * x0 + coef.c_eps * x0_to_eps(x, x0, coef.alpha_t, sigma_t)
+    """Mean of the DDIM step: ``alpha_s x0 + c_eps (x_t - alpha_t x0) / sigma_t``, computed
+    as ``(c_eps / sigma_t) x_t + (alpha_s - c_eps alpha_t / sigma_t) x0`` (two passes)."""
+    c_x = coef.c_eps / sigma_t
+    return torch.addcmul(x * c_x, x0, torch.as_tensor(coef.alpha_s - c_x * coef.alpha_t))
 
 
 def tweedie_shift(x0: Tensor, grad: Tensor, alpha_t: Tensor, sigma_t: Tensor) -> Tensor:

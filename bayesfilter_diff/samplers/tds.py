@@ -105,6 +105,27 @@ class TDSInfo:
     twist: str
 
 
+def _pixel_twist(
+    op: LinearOperator, y: Tensor, sig2: Tensor, s2: Tensor | float
+) -> Callable[[Tensor], Tensor]:
+    """:meth:`TDS._operator_twist` for an operator whose SVD is diagonal in pixels (masks,
+    the identity): ``A A^T`` is diagonal, so ``log N(y; A x0, s2 I + sig2 A A^T)`` is a
+    weighted sum of squares on the image, ``sum_j (y~_j - s_j x0_j)^2 / (sig2 s_j^2 + s2)``
+    over the observed pixels (``y~`` placed on the pixel grid): no gather of the observed
+    entries and no scatter in its gradient."""
+    sp = op.pixel_singular_values().to(dtype=y.dtype, device=y.device)  # (d,)
+    y_pix = op.pixel_observation(op.Ut(y))  # (B, 1, d)
+    noise = s2 if not isinstance(s2, Tensor) else s2.reshape(-1, 1, 1)
+    den = sig2 * sp**2 + noise  # (d,) or (B, 1, d)
+    w = torch.where(sp > 0, 1 / torch.where(sp > 0, den, torch.ones_like(den)), 0.0)
+
+    def fn(x0: Tensor) -> Tensor:
+        r = y_pix - sp * op.flat_in(x0)
+        return -0.5 * (r * r * w).sum(-1)
+
+    return fn
+
+
 @dataclass(frozen=True)
 class TDS(SMCSampler):
     """Twisted Diffusion Sampler (Wu et al., NeurIPS 2023) for any differentiable likelihood.
@@ -256,6 +277,8 @@ class TDS(SMCSampler):
         sig2 = self._twist_extra_variance(ctx, t)
         s2 = ctx.problem.noise_variance()  # a float, or (B, 1) per problem
         y = ctx.y.unsqueeze(1)  # (B, 1, *out)
+        if op.pixel_svd:
+            return _pixel_twist(op, y, sig2, s2)
 
         def fn(x0: Tensor) -> Tensor:
             r = y - op(x0)
