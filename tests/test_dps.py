@@ -256,3 +256,35 @@ def test_errors():
     )
     with pytest.raises(ValueError, match="log_likelihood_fn"):
         DPS(num_steps=5).sample(gmm.diffusion(bfd.VPSchedule.linear()), custom, 4)
+
+
+def test_pixel_distance_equals_the_operator_form():
+    """For a mask under Gaussian noise the data fit runs on the pixel grid (no gather of the
+    observed entries): the same ||y - A x0||^2 and gradient as the operator form."""
+    g = torch.Generator().manual_seed(4)
+    shape = (2, 3, 3)
+    op = bfd.operators.Mask.random(shape, 0.5, g, dtype=torch.float64)
+    gmm = bfd.GaussianMixture(
+        torch.ones(1, dtype=torch.float64),
+        torch.zeros(1, 18, dtype=torch.float64),
+        torch.ones(1, dtype=torch.float64),
+    )
+    y = torch.randn(2, op.out_dim, generator=g, dtype=torch.float64)
+    problem = bfd.InverseProblem(op, y, noise_std=0.1)
+    prior = bfd.DiffusionModel(
+        lambda x, t: gmm.noisy_denoise(
+            x.reshape(x.shape[0], -1), torch.ones_like(t), torch.zeros_like(t)
+        ).reshape(x.shape),
+        bfd.VPSchedule.linear(),
+        shape,
+    )
+    sampler = DPS(num_steps=5)
+    ctx, setup = make_ctx(prior, problem, 4, 0, sampler)
+    assert setup.residual is not None
+    x0 = torch.randn((2, 4) + shape, generator=g, dtype=torch.float64, requires_grad=True)
+    got = sampler.distance(ctx, setup, x0)
+    want = ((y[:, None] - op(x0)) ** 2).sum(-1)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    (gg,) = torch.autograd.grad(got.sum(), x0)
+    (gw,) = torch.autograd.grad(want.sum(), x0)
+    torch.testing.assert_close(gg, gw, rtol=1e-12, atol=1e-12)

@@ -33,13 +33,17 @@ Defaults and departures:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
 
+from ..operators.base import LinearOperator
 from .base import Context, Move, Requirements, Sampler, check_clamp
 from .kernels import ddim_coefficients, ddim_mean
+from .spectral import pixel_residual
 
 __all__ = ["DPS"]
 
@@ -54,6 +58,8 @@ class DPSSetup:
 
     y: Tensor
     weight: Tensor | None = None
+    #: masks / the identity under Gaussian noise: ``x0 -> U^T y - s x0`` on the pixel grid
+    residual: Callable[[Tensor], Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,9 @@ class DPS(Sampler):
             return v.reshape(v.shape[:2] + (-1,)).sum(-1)
 
         if problem.noise == "gaussian":
+            if setup.residual is not None:  # masks: on the pixel grid, no gather / scatter
+                r = setup.residual(x0)
+                return (r * r).sum(-1)
             return flat_sum((y - op(x0)) ** 2)
         rate = problem.poisson_rate
         if self.poisson == "weighted":
@@ -143,7 +152,10 @@ class DPS(Sampler):
     def setup(self, ctx: Context) -> DPSSetup:
         y = ctx.y.unsqueeze(1)  # (B, 1, *out)
         weighted = ctx.problem.noise == "poisson" and self.poisson == "weighted"
-        return DPSSetup(y, 0.5 / y.clamp_min(1.0) if weighted else None)
+        op = ctx.problem.operator
+        pixels = ctx.problem.noise == "gaussian" and op.pixel_svd
+        residual = pixel_residual(cast(LinearOperator, op), y) if pixels else None
+        return DPSSetup(y, 0.5 / y.clamp_min(1.0) if weighted else None, residual)
 
     def init(self, ctx: Context, setup: DPSSetup) -> tuple[DPSState, None]:
         # x_T ~ N(0, sigma_T^2 I) (the code's x_start = randn at t = T).

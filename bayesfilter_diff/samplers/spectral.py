@@ -26,6 +26,7 @@ positive singular values ``s`` (the operators list only those), ``d = in_dim``,
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple, cast
 
 import torch
@@ -43,6 +44,7 @@ __all__ = [
     "gaussian_product",
     "condition",
     "condition_pixels",
+    "pixel_residual",
     "observation_time_indices",
     "exact_observation_times",
     "pinv_correction",
@@ -216,6 +218,20 @@ def condition_pixels(
     const = -0.5 * torch.where(obs, torch.log(2 * math.pi * safe), torch.zeros_like(pred)).sum()
     log_pred = -0.5 * (resid * resid) @ w + const
     return x.reshape(mu.shape), log_pred
+
+
+def pixel_residual(op: LinearOperator, y: Tensor) -> Callable[[Tensor], Tensor]:
+    """For an operator whose SVD is diagonal in pixels (``op.pixel_svd``): ``x -> U^T y - s
+    x`` on the pixel grid, ``(..., d)``, 0 off the range. Its squares summed are
+    ``||y - A x||^2`` (the sum of the weighted squares, Gaussian log-likelihoods) without the
+    gather of the observed entries or the scatter of its gradient. ``y``: ``(B, 1, *out)``."""
+    s = op.pixel_singular_values().to(dtype=y.dtype, device=y.device)  # (d,)
+    y_pix = op.pixel_observation(op.Ut(y))
+
+    def residual(x: Tensor) -> Tensor:
+        return torch.addcmul(y_pix, s, op.flat_in(x), value=-1.0)
+
+    return residual
 
 
 def observation_time_indices(

@@ -70,6 +70,7 @@ from .kernels import (
     refine_in_log_snr,
     smoothed_log_likelihood,
 )
+from .spectral import pixel_residual
 
 __all__ = ["TDS"]
 
@@ -114,13 +115,13 @@ def _pixel_twist(
     over the observed pixels (``y~`` placed on the pixel grid): no gather of the observed
     entries and no scatter in its gradient."""
     sp = op.pixel_singular_values().to(dtype=y.dtype, device=y.device)  # (d,)
-    y_pix = op.pixel_observation(op.Ut(y))  # (B, 1, d)
+    residual = pixel_residual(op, y)  # (B, N, d)
     noise = s2 if not isinstance(s2, Tensor) else s2.reshape(-1, 1, 1)
     den = sig2 * sp**2 + noise  # (d,) or (B, 1, d)
     w = torch.where(sp > 0, 1 / torch.where(sp > 0, den, torch.ones_like(den)), 0.0)
 
     def fn(x0: Tensor) -> Tensor:
-        r = y_pix - sp * op.flat_in(x0)
+        r = residual(x0)
         return -0.5 * (r * r * w).sum(-1)
 
     return fn
