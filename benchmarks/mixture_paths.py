@@ -1,5 +1,5 @@
 """A mixture given with identity covariance matrices against the same mixture given with
-variances (issue #18): ``python -m benchmarks.mixture_paths [--d 800] [--N 1024]``.
+variances (issue #18): ``python -m benchmarks.mixture_paths [--d 80] [--N 1024]``.
 
 ``GaussianMixture`` stores covariances in their cheapest exact form: ``(K, d, d)`` identity
 matrices become ``(K,)`` variances. This times the exact denoiser (one call on ``N``
@@ -31,7 +31,7 @@ def _cpu(fn, repeats: int = 5) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.mixture_paths")
-    p.add_argument("--d", type=int, default=800)
+    p.add_argument("--d", type=int, default=80)
     p.add_argument("--K", type=int, default=25)
     p.add_argument("--N", type=int, default=1024)
     a = p.parse_args(argv)
