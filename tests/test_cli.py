@@ -101,3 +101,22 @@ def test_help_lists_the_method_names():
     for name in bfd.samplers.registry.names(studies=True, mask=False):
         assert name in text
     assert "default: validation/demo" in text
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["validate", "--threads", "0"], "--threads"),
+        (["validate", "--methods", "Nope"], "methods"),
+        (["validate", "--device", "banana"], "--device"),
+        (["train", "--data", "moons", "--kind", "gan", "--steps", "1", "--out", "X"], "--kind"),
+    ],
+)
+def test_refusals_in_a_subprocess_are_one_line_without_traceback(argv, flag, tmp_path):
+    """As a user's shell sees them: exit code 2, the flag named, no traceback."""
+    args = [a if a != "X" else str(tmp_path / "run") for a in argv]
+    out = subprocess.run(
+        [sys.executable, "-m", "bayesfilter_diff.cli", *args], capture_output=True, text=True
+    )
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr and flag in out.stderr.strip().splitlines()[-1]

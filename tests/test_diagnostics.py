@@ -546,6 +546,21 @@ def test_plots_return_figures(calib):
     fig = Figure()
     ax = fig.add_subplot()
     assert diag.plot_samples_vs_posterior(res, gmm.posterior(problem), ax=ax, index=1) is fig
+    assert ax.get_legend() is not None
+    # a grid shows its legend once: legend=False for the other panels
+    ax2 = Figure().add_subplot()
+    diag.plot_samples_vs_posterior(res, gmm.posterior(problem), ax=ax2, legend=False)
+    assert ax2.get_legend() is None
+
+
+def test_log_axis_error_bars_stay_on_the_axis():
+    """A 95% interval whose lower end is at or below 0 is clipped above 0 (a log axis
+    cannot draw it); the others are kept as given."""
+    err = diag.log_axis_errors([1.0, 0.2, 0.5], [0.3, 0.5, 0.5])
+    assert err.shape == (2, 3)
+    np.testing.assert_allclose(err[1], [0.3, 0.5, 0.5])
+    np.testing.assert_allclose(err[0], [0.3, 0.198, 0.495])
+    assert ((np.array([1.0, 0.2, 0.5]) - err[0]) > 0).all()
 
 
 # ------------------------------------------------------------------------------ CUDA

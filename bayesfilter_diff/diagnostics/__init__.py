@@ -40,6 +40,7 @@ from .mixture import (
     moment_errors,
 )
 from .plots import (
+    log_axis_errors,
     plot_coverage,
     plot_distance_vs_particles,
     plot_ess,
@@ -96,4 +97,5 @@ __all__ = [
     "plot_distance_vs_particles",
     "plot_rank_histogram",
     "plot_coverage",
+    "log_axis_errors",
 ]

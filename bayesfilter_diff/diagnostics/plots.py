@@ -25,6 +25,7 @@ __all__ = [
     "plot_distance_vs_particles",
     "plot_rank_histogram",
     "plot_coverage",
+    "log_axis_errors",
 ]
 
 
@@ -60,6 +61,7 @@ def plot_samples_vs_posterior(
     index: int = 0,
     max_points: int = 2000,
     grid_size: int = 120,
+    legend: bool = True,
 ):
     """Scatter of the draws over the exact posterior's 2-D marginal density.
 
@@ -80,6 +82,8 @@ def plot_samples_vs_posterior(
         Which problem of a batch to show.
     max_points
         At most this many points are drawn (the first ones).
+    legend
+        Draw the legend (``False`` for all but one panel of a grid).
     """
     if not isinstance(posterior, GaussianMixture):
         raise TypeError(f"posterior must be a GaussianMixture, got {type(posterior).__name__}")
@@ -126,8 +130,18 @@ def plot_samples_vs_posterior(
         ax.plot([], [], color="C3", lw=1.0, label="exact posterior (50/90/99% HPD)")
     ax.set_xlabel(f"x[{dims[0]}]")
     ax.set_ylabel(f"x[{dims[1]}]")
-    ax.legend(loc="best", fontsize="small")
+    if legend:
+        ax.legend(loc="best", fontsize="small")
     return fig
+
+
+def log_axis_errors(values, errors, floor_fraction: float = 0.01) -> np.ndarray:
+    """``(2, n)`` lower / upper error lengths for bars on a log axis: a symmetric interval
+    whose lower end is at or below 0 cannot be drawn there (it runs off the axis), so its
+    lower end is clipped to ``floor_fraction`` of the value (say so in the caption)."""
+    v, e = np.asarray(values, dtype=float), np.asarray(errors, dtype=float)
+    lower = np.minimum(e, (1 - floor_fraction) * np.abs(v))
+    return np.stack([lower, e])
 
 
 def plot_ess(result: Result, ax=None, relative: bool = True, max_problems: int = 10):
@@ -138,15 +152,17 @@ def plot_ess(result: Result, ax=None, relative: bool = True, max_problems: int =
         e, r = e[:, None], r[:, None]
     fig, ax = _figure_and_ax(ax)
     steps = np.arange(1, e.shape[0] + 1)
-    for b in range(min(e.shape[1], max_problems)):
+    shown = min(e.shape[1], max_problems)
+    for b in range(shown):
         (line,) = ax.plot(steps, e[:, b], lw=1.0, label=f"problem {b}" if e.shape[1] > 1 else None)
         ax.plot(steps[r[:, b]], e[r[:, b], b], "v", ms=4, color=line.get_color())
     ax.set_xlabel("step")
     ax.set_ylabel("ESS / N" if relative else "ESS")
     if relative:
         ax.set_ylim(0, 1.05)
-    ax.set_title("effective sample size (triangles: resampled)")
-    if 1 < e.shape[1] <= max_problems:
+    more = f", first {shown} of {e.shape[1]} problems" if shown < e.shape[1] else ""
+    ax.set_title(f"effective sample size (triangles: resampled{more})")
+    if e.shape[1] > 1:
         ax.legend(fontsize="small")
     return fig
 

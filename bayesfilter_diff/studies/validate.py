@@ -190,6 +190,8 @@ def _figures(rows, records, out: Path, methods) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..diagnostics.plots import log_axis_errors
+
     figs = []
     configs = sorted({(r["d"], r["d_y"], r["steps"]) for r in rows})
     ncols = min(6, len(configs))
@@ -203,12 +205,13 @@ def _figures(rows, records, out: Path, methods) -> list[Path]:
         vals = [r["sw"] for r in rs]
         errs = [0 if math.isnan(r["sw_ci"]) else r["sw_ci"] for r in rs]
         colors = ["tab:green" if entry(m).exact else "tab:gray" for m in names]
-        ax.barh(names, vals, xerr=errs, color=colors)
+        # 95% intervals; a lower end at or below 0 is clipped on the log axis
+        ax.barh(names, vals, xerr=log_axis_errors(vals, errs), color=colors)
         floor = sum(r["sw_floor"] for r in rs) / len(rs)
         ax.axvline(floor, color="k", ls="--", lw=1, label="exact floor")
         ax.set_xscale("log")
         ax.set_title(f"d={d}, d_y={dy}, {n} steps")
-        ax.set_xlabel("sliced W1 to exact posterior")
+        ax.set_xlabel("sliced W1 to exact posterior (95% interval)")
         ax.invert_yaxis()
     axes.flat[0].legend(loc="lower right")
     fig.tight_layout()
@@ -247,11 +250,11 @@ def _scatter_figures(records, out: Path, methods, plt) -> list[Path]:
         fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
         for ax in axes.flat[len(names) :]:
             ax.axis("off")
-        for ax, m in zip(axes.flat, names):
+        for i, (ax, m) in enumerate(zip(axes.flat, names)):
             pts = torch.tensor(rs[m]["scatter"], dtype=torch.float64)
             full = torch.zeros(pts.shape[0], d, dtype=torch.float64)
             full[:, :2] = pts
-            plot_samples_vs_posterior(full, post, dims=(0, 1), ax=ax)
+            plot_samples_vs_posterior(full, post, dims=(0, 1), ax=ax, legend=i == 0)
             ax.set_title(m, fontsize=10)
         fig.suptitle(
             f"draws vs exact posterior (coordinates 0, 1), d={d}, d_y={dy}, {n} steps, seed 0"
