@@ -248,3 +248,17 @@ def test_thin_dense_svd_is_the_svd_without_a_d_by_d_factor(dtype, tol):
     x = torch.randn(5, 200, generator=g, dtype=torch.float64).to(dtype)
     assert torch.allclose(op.V(op.Vt(x)), x, atol=tol * 10)
     assert op.Vt(x).dtype == dtype
+
+
+def test_matrix_is_a_tensor_and_still_callable():
+    """``A.matrix @ x`` works (a tensor), ``A.matrix()`` too (the method form); results of
+    operations on it are plain tensors."""
+    M = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for op in (bfd.operators.Dense(M), bfd.operators.Mask(torch.tensor([True, False, True]))):
+        x = torch.randn(3, dtype=op.matrix.dtype, generator=torch.Generator().manual_seed(1))
+        got = op.matrix @ x
+        assert type(got) is torch.Tensor
+        torch.testing.assert_close(got, op(x))
+        assert type(op.matrix()) is torch.Tensor and op.matrix().shape == (2, 3)
+        assert type(op.matrix.T) is torch.Tensor and type(op.matrix.double()) is torch.Tensor
+    torch.testing.assert_close(bfd.operators.Dense(M).matrix(), M)

@@ -53,6 +53,31 @@ def _shape(shape: Sequence[int] | int, name: str) -> tuple[int, ...]:
     return shape
 
 
+class OperatorMatrix(Tensor):
+    """An operator's dense matrix: a tensor (``A.matrix @ x``, ``A.matrix.T``) that can
+    also be called, ``A.matrix()``, returning it as a plain tensor. Every operation on it
+    returns plain tensors."""
+
+    @staticmethod
+    def of(t: Tensor) -> OperatorMatrix:
+        return t.as_subclass(OperatorMatrix)  # shares t's storage, no copy
+
+    def __call__(self) -> Tensor:
+        return self.as_subclass(Tensor)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **(kwargs or {}))
+        # an op that returns its input (``.double()`` of a float64 matrix) returns a plain view
+        if isinstance(out, OperatorMatrix):
+            return out.as_subclass(Tensor)
+        if isinstance(out, tuple | list) and any(isinstance(o, OperatorMatrix) for o in out):
+            items = [o.as_subclass(Tensor) if isinstance(o, OperatorMatrix) else o for o in out]
+            return type(out)(items) if type(out) in (tuple, list) else tuple(items)
+        return out
+
+
 class Operator(nn.Module):
     """A (possibly nonlinear) forward model ``x -> A(x)``.
 
@@ -177,8 +202,15 @@ class LinearOperator(Operator):
         Ap = torch.linalg.pinv(self.matrix().double()).to(y.dtype)
         return (self.flat_out(y) @ Ap.T).reshape(lead + self.in_shape)
 
-    def matrix(self) -> Tensor:
-        """The dense ``(m, d)`` matrix of the operator (built by applying it to a basis)."""
+    @property
+    def matrix(self) -> OperatorMatrix:
+        """The dense ``(m, d)`` matrix of the operator, a tensor: ``A.matrix @ x``. Calling
+        it, ``A.matrix()``, also gives the matrix (the method form of earlier versions)."""
+        return OperatorMatrix.of(self._matrix())
+
+    def _matrix(self) -> Tensor:
+        """The matrix, built by applying the operator to a basis (operators that store
+        theirs return it)."""
         ref = self._ref()
         kw: dict[str, Any] = {} if ref is None else {"dtype": ref.dtype, "device": ref.device}
         eye = torch.eye(self.in_dim, **kw).reshape((self.in_dim,) + self.in_shape)

@@ -88,7 +88,7 @@ class Dense(LinearOperator):
         lead = self._lead(y, self.out_shape, "y")
         return (y @ self.M).reshape(lead + self.in_shape)
 
-    def matrix(self) -> Tensor:
+    def _matrix(self) -> Tensor:
         return self.M
 
     def singular_values(self) -> Tensor:
@@ -233,7 +233,7 @@ class PerProblemDense(LinearOperator):
         yf = y.reshape(lead[0], -1, self.out_dim)
         return (yf @ self.M).reshape(lead + self.in_shape)
 
-    def matrix(self) -> Tensor:
+    def _matrix(self) -> Tensor:
         """The ``(B, m, d)`` matrices."""
         return self.M
 
