@@ -1,7 +1,9 @@
 """The sampler's own work per particle-step against the memory-traffic floor (issue #18).
 
 ``python -m benchmarks.floor [--methods FPS-SMC,MCGdiff,TDS,DPS] [--particles 8,32]
-[--shape 3,256,256] [--steps 20] [--out F.jsonl]``
+[--shape 3,256,256] [--steps 20] [--out F.jsonl]``; ``--shape 800``: a vector of that
+dimension under a ``(2, d)`` dense operator (the mixture benchmark's ``d_y = 2``) with an
+elementwise stand-in network.
 
 Setting: box inpainting (the central half-size box of every channel hidden),
 ``sigma_y = 0.05``, a one-convolution eps network (``Conv2d(C, C, 3, padding=1)``, the time
@@ -93,9 +95,56 @@ class OneConv(nn.Module):
         return self.schedule.sigma(t).reshape(-1, 1, 1, 1) * out
 
 
+class _TimedScale(torch.autograd.Function):
+    """``x * w`` with its forward and input-gradient CPU times recorded (as _TimedConv)."""
+
+    @staticmethod
+    def forward(ctx, x, w, timer):  # type: ignore[override]
+        start = time.process_time()
+        out = x * w
+        timer.fwd_cpu += time.process_time() - start
+        ctx.save_for_backward(w)
+        ctx.timer = timer
+        return out
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        start = time.process_time()
+        (w,) = ctx.saved_tensors
+        gx = g * w
+        ctx.timer.bwd_cpu += time.process_time() - start
+        return gx, None, None
+
+
+class OneScale(nn.Module):
+    """The vector analogue of :class:`OneConv`: ``eps(x, t) = sigma_t (w * x)``, ``w`` near 1."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(1 + 0.01 * torch.randn(d), requires_grad=False)
+        self.schedule = bfd.VPSchedule.linear()
+        self.fwd_cpu = 0.0
+        self.bwd_cpu = 0.0
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.schedule.sigma(t).reshape(-1, 1) * _TimedScale.apply(x, self.w, self)
+
+
 def problem(shape: tuple[int, ...], seed: int = 0):
-    """``(prior, problem)``: the one-convolution prior and a box-inpainting problem."""
+    """``(prior, problem)``: the one-convolution prior and a box-inpainting problem for an
+    image shape ``(C, H, W)``; for a vector shape ``(d,)`` the elementwise network and a
+    ``(2, d)`` Gaussian ``Dense`` operator (the mixture benchmark's ``d_y = 2``)."""
     torch.manual_seed(seed)
+    if len(shape) == 1:
+        vnet = OneScale(shape[0])
+        prior = bfd.DiffusionModel.from_eps(vnet, bfd.VPSchedule.linear(), shape)
+        prior.timed = vnet  # type: ignore[attr-defined]
+        g = torch.Generator().manual_seed(seed)
+        A = bfd.operators.Dense(torch.randn(2, shape[0], generator=g) / shape[0] ** 0.5)
+        y = A(torch.randn((1,) + shape, generator=g)) + 0.05 * torch.randn(1, 2, generator=g)
+        return prior, bfd.InverseProblem(A, y, 0.05)
     net = OneConv(shape[0])
     for p in net.parameters():
         p.requires_grad_(False)
