@@ -59,6 +59,23 @@ def test_metrics():
     assert torch.allclose(mean, draws.mean(1)) and torch.allclose(std, draws.std(1, correction=0))
 
 
+@pytest.mark.parametrize("shape, std", [((2, 1, 16, 16), 1.0), ((2, 3, 32, 32), 1.5)])
+def test_metrics_match_torchmetrics(shape, std):
+    """PSNR and SSIM equal torchmetrics' (its Gaussian SSIM picks the window
+    2 int(3.5 std + 0.5) + 1 from std; ours takes it as an argument)."""
+    tm = pytest.importorskip("torchmetrics.functional.image")
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1
+    r = (x + 0.2 * torch.randn(shape, generator=g, dtype=torch.float64)).clamp(-1, 1)
+    want_p = tm.peak_signal_noise_ratio(x, r, data_range=2.0, reduction="none", dim=(1, 2, 3))
+    torch.testing.assert_close(psnr(x, r), want_p, rtol=1e-6, atol=0)  # log10 vs log / log 10
+    want_s = tm.structural_similarity_index_measure(
+        x, r, gaussian_kernel=True, sigma=std, data_range=2.0, reduction="none"
+    )
+    size = 2 * int(3.5 * std + 0.5) + 1
+    torch.testing.assert_close(ssim(x, r, size=size, std=std), want_s, rtol=1e-10, atol=1e-10)
+
+
 def test_samplers_come_from_the_registry():
     # the registry's study samplers (by class name, the names of the stored cells), but the
     # ones left out, plus the study's variants
