@@ -72,7 +72,7 @@ from torch import Tensor
 
 from ..operators.base import LinearOperator
 from .base import Context, Move, Requirements, SMCSampler
-from .kernels import ddim_coefficients, log_normal, refine_in_log_snr
+from .kernels import DDIMCoefficients, ddim_coefficients, log_normal, refine_in_log_snr
 from .spectral import (
     exact_observation_times,
     gaussian_product,
@@ -157,6 +157,8 @@ class MCGdiffSetup:
     a: Tensor  # (R,) true observation variance a_i = sigma_y^2 / s_i^2 (1 off the range)
     const: Tensor  # (B,) log-evidence constant of the final weight
     layout: Layout
+    step: DDIMCoefficients[Tensor]  # the prior kernel of every step k -> k+1, (n,) each
+    tail: Tensor  # (n,) the "flat" tail std of every step
 
     @property
     def r(self) -> int:
@@ -314,6 +316,8 @@ class MCGdiff(SMCSampler):
             # the part of y outside range(A): N(u_i^T y; 0, sigma_y^2), i > r
             const = const + out_of_range_log_likelihood(obs.y_tilde, r, sy**2)
         lay = Layout.of(op, r, ybar.device)
+        # the prior kernel and the tail std of every step, once (not per step and call)
+        step = ddim_coefficients(sch, times[:-1], times[1:], float(self.eta))
         return MCGdiffSetup(
             alpha,
             sigma,
@@ -326,16 +330,18 @@ class MCGdiff(SMCSampler):
             lay.spread((sy / s) ** 2, 1.0),
             const.expand(ctx.B),
             lay,
+            step,
+            self._tail_std(ctx, times[:-1], times[1:]),
         )
 
-    def _predict(self, ctx: Context, lay: Layout, xb: Tensor, k: int) -> Tensor:
+    def _predict(self, ctx: Context, setup: MCGdiffSetup, xb: Tensor, k: int) -> Tensor:
         """Prior DDIM mean ``mu_k(x_bar)`` ``(B, N, d)`` of the move ``k -> k+1``."""
-        sch = ctx.prior.schedule
-        t, t_next = ctx.times[k], ctx.times[k + 1]
-        coef = ddim_coefficients(sch, t, t_next, float(self.eta))
+        lay = setup.layout
+        coef = DDIMCoefficients(*(v[k] for v in setup.step))
         # the DDIM mean is linear in (x, x0_hat), so it commutes with the basis change; from
         # the network's own output (no eps -> x0 -> eps round trip)
-        return lay.from_signal(ctx.denoise_mean(lay.to_signal(xb), t, coef, sch.sigma(t)))
+        x = lay.to_signal(xb)
+        return lay.from_signal(ctx.denoise_mean(x, ctx.times[k], coef, setup.sigma[k]))
 
     # ------------------------------------------------------------------ interface
     def init(self, ctx: Context, setup: MCGdiffSetup) -> tuple[MCGdiffState, Tensor]:
@@ -356,13 +362,12 @@ class MCGdiff(SMCSampler):
             lp = torch.where(obs, lp, torch.zeros_like(lp))
         xb = lay.merge(part, xb)
         log_norm = lp.sum(-1)  # (B,)
-        return MCGdiffState(xb, self._predict(ctx, lay, xb, 0)), log_norm[:, None].expand(B, N)
+        return MCGdiffState(xb, self._predict(ctx, c, xb, 0)), log_norm[:, None].expand(B, N)
 
     def lookahead(self, ctx: Context, setup: MCGdiffSetup, state: MCGdiffState, k: int) -> Tensor:
         """Step 1: ``log int p(x'|x) g_{k+1}(x') dx' - log g_k(x)`` over ``A_{k+1}``."""
         c, lay = setup, setup.layout
-        t, t_next = ctx.times[k], ctx.times[k + 1]
-        std = ddim_coefficients(ctx.prior.schedule, t, t_next, float(self.eta)).std
+        std = c.step.std[k]
         act = c.active[k + 1].to(state.mu.dtype)  # (R,) 1 on A_{k+1}
         ybar = c.ybar[:, None, :]  # (B, 1, R)
         # sum over A_{k+1} of log N(mu; alpha_{k+1} y_bar, w1) - log N(x; alpha_k y_bar, w0):
@@ -388,7 +393,7 @@ class MCGdiff(SMCSampler):
         c, lay = setup, setup.layout
         n = ctx.times.numel() - 1
         xb, mu = state.xbar, state.mu
-        std = ddim_coefficients(ctx.prior.schedule, t, t_next, float(self.eta)).std
+        std = c.step.std[k]
         # Step 3: move k -> k+1 with the optimal kernel on the active coordinates (step 2,
         # the ancestors, was done by the loop from the look-ahead weights of step 1). Per
         # coordinate of the observed part, x = mu + K (alpha_{k+1} y_bar - mu) + sd z with:
@@ -401,7 +406,7 @@ class MCGdiff(SMCSampler):
         act = c.active[k + 1]  # (R,)
         v = c.v[k + 1]
         gain = std**2 / (std**2 + v)
-        tail = self._tail_std(ctx, t, t_next) if self.tail_variance == "flat" else std
+        tail = c.tail[k] if self.tail_variance == "flat" else std
         sd_off = tail if lay.observed is None else torch.where(lay.observed, tail, std)
         K = torch.where(act, gain, torch.zeros_like(gain))
         sd = torch.where(act, (gain * v).sqrt(), sd_off * torch.ones_like(gain))
@@ -409,7 +414,7 @@ class MCGdiff(SMCSampler):
         part = mu_o + K * (c.alpha[k + 1] * c.ybar[:, None, :] - mu_o) + sd * lay.part(z)
         x_new = part if lay.pixels else lay.merge(part, mu + std * z)
         # the prior mean of the next move (one network call), read by its look-ahead
-        mu_new = mu if k + 1 == n else self._predict(ctx, lay, x_new, k + 1)
+        mu_new = mu if k + 1 == n else self._predict(ctx, c, x_new, k + 1)
         return Move(MCGdiffState(x_new, mu_new))
 
     def finalize(
