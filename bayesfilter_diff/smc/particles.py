@@ -102,7 +102,14 @@ def index_particles(record: T, idx: Tensor) -> T:
     rows = torch.arange(idx.shape[0], device=idx.device)[:, None]
 
     def take(v: Any) -> Any:
-        return v[rows, idx] if isinstance(v, Tensor) else v
+        if not isinstance(v, Tensor):
+            return v
+        # v[rows, idx] as one index_select over the flattened (B * N) particles: a copy of
+        # whole particles (2.5 ms against 6.8 ms for advanced indexing of a (1, 32) batch of
+        # 3x256x256 images on one CPU thread)
+        flat = (idx + rows * v.shape[1]).reshape(-1)
+        out = v.reshape((-1,) + v.shape[2:]).index_select(0, flat)
+        return out.reshape(idx.shape + v.shape[2:])
 
     if dataclasses.is_dataclass(record) and not isinstance(record, type):
         changes = {f.name: take(getattr(record, f.name)) for f in dataclasses.fields(record)}
