@@ -12,21 +12,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
 
 import bayesfilter_diff as bfd
 
-
-def _cpu(fn, repeats: int = 5) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.process_time()
-        fn()
-        best = min(best, time.process_time() - start)
-    return best
+from .floor import _cpu
 
 
 def main(argv: list[str] | None = None) -> int:
