@@ -64,6 +64,25 @@ def _problem(d: int, seed: int = 0):
     return op, y
 
 
+def _timed(impl: str, go: Any, net: OneScale, N: int) -> dict[str, Any]:
+    """A warm-up call of ``go``, then one timed: CPU time, the network's share (timed inside
+    the run) and the own time per particle-step in microseconds."""
+    go()
+    net.fwd_cpu, net.calls = 0.0, 0
+    start = time.process_time()
+    go()
+    cpu = time.process_time() - start
+    own = (cpu - net.fwd_cpu) / (N * net.calls)
+    return {
+        "impl": impl,
+        "N": N,
+        "net_calls": net.calls,
+        "cpu_s": cpu,
+        "net_s": net.fwd_cpu,
+        "own_us": 1e6 * own,
+    }
+
+
 def official_run(pf: Any, ScoreModel: Any, N: int, d: int, steps: int) -> dict[str, Any]:
     net = OneScale(d)
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
@@ -87,19 +106,7 @@ def official_run(pf: Any, ScoreModel: Any, N: int, d: int, steps: int) -> dict[s
                 gaussian_var=1e-4,
             )
 
-    go()
-    net.fwd_cpu, net.calls = 0.0, 0
-    start = time.process_time()
-    go()
-    cpu = time.process_time() - start
-    return {
-        "impl": "official",
-        "N": N,
-        "net_calls": net.calls,
-        "cpu_s": cpu,
-        "net_s": net.fwd_cpu,
-        "own_us": 1e6 * (cpu - net.fwd_cpu) / (N * net.calls),
-    }
+    return _timed("official", go, net, N)
 
 
 def our_run(N: int, d: int, steps: int) -> dict[str, Any]:
@@ -112,19 +119,7 @@ def our_run(N: int, d: int, steps: int) -> dict[str, Any]:
     def go() -> None:
         sampler.sample(prior, problem, N, generator=torch.Generator().manual_seed(0))
 
-    go()
-    net.fwd_cpu, net.calls = 0.0, 0
-    start = time.process_time()
-    go()
-    cpu = time.process_time() - start
-    return {
-        "impl": "ours",
-        "N": N,
-        "net_calls": net.calls,
-        "cpu_s": cpu,
-        "net_s": net.fwd_cpu,
-        "own_us": 1e6 * (cpu - net.fwd_cpu) / (N * net.calls),
-    }
+    return _timed("ours", go, net, N)
 
 
 def main(argv: list[str] | None = None) -> int:
