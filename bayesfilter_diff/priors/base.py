@@ -177,22 +177,20 @@ class DiffusionModel(nn.Module):
     ) -> Tensor:
         """``c_x x_t + c_x0 E[x0 | x_t]`` for a scalar time ``t`` and scalar coefficients.
 
-        For an eps / v / score network ``x0_hat = p x_t + q out`` is affine in the network's
-        own output, so this is ``(c_x + c_x0 p) x_t + c_x0 q out``: two scaled passes, and
-        no ``x0_hat`` formed and converted back (a DDIM mean costs 3 passes instead of ~8).
-        Other denoisers (x0 networks, closed-form priors, velocity networks) evaluate
+        For an eps / v / score / velocity network ``x0_hat = p x_t + q out`` is affine in
+        the network's own output, so this is ``(c_x + c_x0 p) x_t + c_x0 q out``: two scaled
+        passes, and no ``x0_hat`` formed and converted back (a DDIM mean costs 3 passes
+        instead of ~8). Other denoisers (x0 networks, closed-form priors) evaluate
         ``denoise`` and combine.
         """
         net = self.net
         tt = torch.as_tensor(t)
         native = type(self).denoise is DiffusionModel.denoise  # a subclass may override it
         if native and isinstance(net, _Adapter) and tt.dim() == 0:
-            pq = net.affine(tt.to(dtype=x_t.dtype, device=x_t.device))
-            if pq is not None:
-                out = self._evaluate(net.net, x_t, t)
-                p, q = pq
-                return torch.addcmul(out * (c_x0 * q), x_t, c_x + c_x0 * p)
-        return c_x * x_t + c_x0 * self.denoise(x_t, t)
+            p, q = net.affine(tt.to(dtype=x_t.dtype, device=x_t.device))
+            out = self._evaluate(net.net, x_t, t)
+            return torch.addcmul(out * (c_x0 * q), x_t, c_x + c_x0 * p)
+        return torch.addcmul(x_t * c_x, self.denoise(x_t, t), torch.as_tensor(c_x0))
 
     def coefficients(self, t: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor]:
         """``alpha(t)`` and ``sigma(t)`` shaped to broadcast against ``x``."""
@@ -255,22 +253,16 @@ class _Adapter(nn.Module):
         self.kind = kind
         self.event_dim = event_dim
 
-    def affine(self, t: Tensor) -> tuple[Tensor, Tensor] | None:
-        """``(p, q)`` with ``x0 = p x_t + q out`` at the scalar time ``t`` (eps, v, score
-        networks); ``None`` for a velocity network."""
-        a, s = self.schedule.alpha(t), self.schedule.sigma(t)
-        if self.kind == "eps":  # x0 = (x - s eps) / a
-            return 1 / a, -s / a
-        if self.kind == "v":  # x0 = (a x - s v) / (a^2 + s^2)
-            n = a**2 + s**2
-            return a / n, -s / n
-        if self.kind == "score":  # x0 = (x + s^2 score) / a
-            return 1 / a, s**2 / a
-        return None
+    def affine(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(p, q)`` with ``x0 = p x_t + q out`` at the scalar time ``t``: every
+        parameterisation's conversion is affine in ``(x_t, out)``, so its coefficients are
+        the conversion itself evaluated at ``(1, 0)`` and ``(0, 1)``."""
+        one, zero = torch.ones_like(t), torch.zeros_like(t)
+        return self._to_x0(one, zero, t), self._to_x0(zero, one, t)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        out = _checked_call(self.net, x, t)
-        tt = _pad(t, self.event_dim)
+    def _to_x0(self, x: Tensor, out: Tensor, tt: Tensor) -> Tensor:
+        """The network's output ``out`` at ``(x, tt)`` converted to ``x0`` (``tt``
+        broadcasting against ``x``)."""
         sch = self.schedule
         a, s = sch.alpha(tt), sch.sigma(tt)
         if self.kind == "eps":
@@ -280,3 +272,7 @@ class _Adapter(nn.Module):
         if self.kind == "score":
             return score_to_x0(x, out, a, s)
         return velocity_to_x0(x, out, a, s, sch.dalpha(tt), sch.dsigma(tt))
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        out = _checked_call(self.net, x, t)
+        return self._to_x0(x, out, _pad(t, self.event_dim))

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Generic, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -40,6 +40,8 @@ __all__ = [
     "DDIMCoefficients",
     "ddim_coefficients",
     "ddim_mean",
+    "ddim_weights",
+    "tweedie_coefficient",
     "x0_to_eps",
     "eps_to_x0",
     "tweedie_shift",
@@ -87,15 +89,30 @@ def ddim_mean(
     sigma_t: Tensor | float,
 ) -> Tensor:
     """Mean of the DDIM step: ``alpha_s x0 + c_eps (x_t - alpha_t x0) / sigma_t``, computed
-    as ``(c_eps / sigma_t) x_t + (alpha_s - c_eps alpha_t / sigma_t) x0`` (two passes)."""
+    as ``c_x x_t + c_x0 x0`` (:func:`ddim_weights`, two passes)."""
+    c_x, c_x0 = ddim_weights(coef, sigma_t)
+    return torch.addcmul(x * c_x, x0, torch.as_tensor(c_x0))
+
+
+def ddim_weights(
+    coef: DDIMCoefficients[Tensor] | DDIMCoefficients[float], sigma_t: Tensor | float
+) -> tuple[Any, Any]:
+    """``(c_x, c_x0)``: the DDIM mean is ``c_x x_t + c_x0 x0_hat`` with ``c_x = c_eps /
+    sigma_t`` and ``c_x0 = alpha_s - c_eps alpha_t / sigma_t`` (the weight of ``x0`` that
+    the reverse variance and a twisted ``x0`` scale by)."""
     c_x = coef.c_eps / sigma_t
-    return torch.addcmul(x * c_x, x0, torch.as_tensor(coef.alpha_s - c_x * coef.alpha_t))
+    return c_x, coef.alpha_s - c_x * coef.alpha_t
+
+
+def tweedie_coefficient(alpha_t: Tensor, sigma_t: Tensor) -> Tensor:
+    """``sigma_t^2 / alpha_t``, the step of conditional Tweedie ``x0 + (sigma_t^2 / alpha_t)
+    grad``; zero where ``alpha_t = 0``."""
+    return torch.where(alpha_t > 0, sigma_t**2 / alpha_t, torch.zeros_like(alpha_t))
 
 
 def tweedie_shift(x0: Tensor, grad: Tensor, alpha_t: Tensor, sigma_t: Tensor) -> Tensor:
     """``x0 + (sigma_t^2 / alpha_t) grad``; the shift is zero where ``alpha_t = 0``."""
-    coef = torch.where(alpha_t > 0, sigma_t**2 / alpha_t, torch.zeros_like(alpha_t))
-    return x0 + coef * grad
+    return x0 + tweedie_coefficient(alpha_t, sigma_t) * grad
 
 
 def log_normal(x: Tensor, mean: Tensor | float, var: Tensor | float) -> Tensor:

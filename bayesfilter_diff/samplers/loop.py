@@ -52,7 +52,7 @@ from ..problem import InverseProblem
 from ..result import Result, RunInfo
 from ..smc.particles import ParticleWeights, distinct_count, index_particles
 from . import quality
-from .kernels import DDIMCoefficients, time_at_log_snr
+from .kernels import DDIMCoefficients, ddim_weights, time_at_log_snr
 
 __all__ = ["Context", "Move", "run", "check_inputs"]
 
@@ -129,8 +129,7 @@ class Context:
         ``coef`` from ``x`` at the scalar time ``t`` (one network evaluation per particle),
         from the network's own output (:meth:`DiffusionModel.denoise_affine`)."""
         self.nfe += 1
-        c_x = coef.c_eps / sigma_t
-        return self.prior.denoise_affine(x, t, c_x, coef.alpha_s - c_x * coef.alpha_t)
+        return self.prior.denoise_affine(x, t, *ddim_weights(coef, sigma_t))
 
     def denoise_with_grad(self, x: Tensor, t: Tensor | float, fn) -> tuple[Tensor, Tensor, Tensor]:
         """``x0_hat``, ``v = fn(x0_hat)`` (per particle, ``(B, N)``) and ``grad_x v``.

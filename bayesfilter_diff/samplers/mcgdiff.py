@@ -101,6 +101,8 @@ class Layout:
     r: int
     pixels: bool
     coord: Tensor | None = None  # (d,) the spectral coordinate of each pixel (pixel layout)
+    #: bool mask of the observed part (``None``: all of it is observed)
+    observed: Tensor | None = None
 
     @staticmethod
     def of(op: LinearOperator, r: int, device: torch.device) -> Layout:
@@ -108,7 +110,8 @@ class Layout:
             return Layout(op, r, False)
         d = op.in_dim
         idx = torch.arange(d, dtype=torch.float64, device=device)
-        return Layout(op, r, True, op.flat_in(op.V(idx)).round().long())
+        coord = op.flat_in(op.V(idx)).round().long()
+        return Layout(op, r, True, coord, coord < r)
 
     def part(self, x: Tensor) -> Tensor:
         """The observed part ``(..., R)`` of coordinates ``(..., d)``."""
@@ -120,17 +123,10 @@ class Layout:
 
     def spread(self, v: Tensor, fill: float | bool) -> Tensor:
         """Per-coordinate values ``(..., r)`` on the observed part, ``fill`` elsewhere."""
-        if not self.pixels:
+        if self.coord is None or self.observed is None:
             return v
-        assert self.coord is not None
-        on = self.coord < self.r
         out = v[..., self.coord.clamp(max=self.r - 1)]
-        return torch.where(on, out, torch.full_like(out, fill))
-
-    @property
-    def observed(self) -> Tensor | None:
-        """Bool mask of the observed part (``None``: all of it is observed)."""
-        return None if self.coord is None else self.coord < self.r
+        return torch.where(self.observed, out, torch.full_like(out, fill))
 
     def to_signal(self, xb: Tensor) -> Tensor:
         if self.pixels:

@@ -66,9 +66,11 @@ from .kernels import (
     LOG2PI,
     ddim_coefficients,
     ddim_mean,
+    ddim_weights,
     extend_to_log_snr,
     refine_in_log_snr,
     smoothed_log_likelihood,
+    tweedie_coefficient,
 )
 from .spectral import pixel_residual
 
@@ -388,13 +390,13 @@ class TDS(SMCSampler):
         s_t = sch.sigma(t)
         # 1. Prior (untwisted) ancestral mean: alpha_s x0_hat + c_eps eps_hat.
         mean_u = ddim_mean(x, x0, coef, s_t)
+        b = ddim_weights(coef, s_t)[1]  # the weight of x0_hat in the DDIM mean
         std: Tensor = coef.std
         keep = None  # particles whose kernel is deterministic ("analytic" with no variance)
         if state.x0_var is not None:
             # "analytic": the reverse kernel's variance std^2 + b^2 Var[x0 | x_t] with b the
             # weight of x0 in the DDIM mean (the term DDIM drops; Bao et al. 2022), per
             # particle
-            b = coef.alpha_s - coef.c_eps * coef.alpha_t / s_t
             var = std**2 + b**2 * state.x0_var
             keep = (var <= 0).reshape(var.shape + (1,) * len(red))
             std = torch.where(var > 0, var, torch.ones_like(var)).sqrt()
@@ -403,13 +405,12 @@ class TDS(SMCSampler):
             # 2. Twisted x0 (conditional Tweedie): x0~ = x0_hat + sigma_t^2 / alpha_t * grad.
             # 3. Proposal q(x_s | x_t, y) = N(alpha_s x0~ + c_eps eps~, std^2 I); the DDIM
             #    mean is affine in x0 with weight b, so mean_tw = mean_u + b (x0~ - x0_hat).
-            a_t = coef.alpha_t
-            dx0 = g * torch.where(a_t > 0, s_t**2 / a_t, torch.zeros_like(a_t))  # x0~ - x0_hat
+            dx0 = g * tweedie_coefficient(coef.alpha_t, s_t)  # x0~ - x0_hat
             if self.clamp_x0 is not None:
                 x0_tw = x0 + dx0
                 clamped = x0_tw.clamp(self.clamp_x0[0], self.clamp_x0[1])
                 dx0 = torch.where(clamped == x0_tw, dx0, clamped - x0)
-            delta = dx0 * (coef.alpha_s - coef.c_eps * a_t / s_t)
+            delta = dx0 * b
             mean_tw = mean_u + delta
             z = ctx.randn()
             x_new = mean_tw + std * z

@@ -47,6 +47,12 @@ def _bar(total: int, done: int, progress: bool) -> Any:
     return tqdm(total=total, initial=done, desc="cells", unit="cell")
 
 
+def _timed(fn: Callable[[dict[str, Any]], dict[str, Any]], cell: dict[str, Any]) -> dict[str, Any]:
+    start = time.perf_counter()
+    record = fn(cell)
+    return {"cell": cell, **record, "cell_seconds": time.perf_counter() - start}
+
+
 class LocalExecutor:
     """Run cells one after another in this process, saving each as it completes.
 
@@ -83,10 +89,7 @@ class LocalExecutor:
                     continue
                 if bar is not None:  # the running cell, not the previous one
                     bar.set_postfix_str(describe(cell))
-                start = time.perf_counter()
-                record = fn(cell)
-                record = {"cell": cell, **record, "cell_seconds": time.perf_counter() - start}
-                store.save(key, record)
+                store.save(key, _timed(fn, cell))
                 computed.append(key)
                 if bar is not None:
                     bar.update(1)
@@ -102,12 +105,6 @@ def _init_worker(threads: int) -> None:
 
     torch.set_num_threads(threads)
     tune_allocator()
-
-
-def _timed(fn: Callable[[dict[str, Any]], dict[str, Any]], cell: dict[str, Any]) -> dict[str, Any]:
-    start = time.perf_counter()
-    record = fn(cell)
-    return {"cell": cell, **record, "cell_seconds": time.perf_counter() - start}
 
 
 class ProcessExecutor:

@@ -29,13 +29,12 @@ on every node (install the package on the nodes, or pass a ``runtime_env`` throu
 from __future__ import annotations
 
 import os
-import time
 import traceback
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from .grid import cell_key
+from .grid import _timed, cell_key
 from .store import ResultStore
 
 __all__ = ["RayExecutor", "StudyFailedError"]
@@ -58,13 +57,10 @@ def _run_batch(fn: Callable, cells: list[dict[str, Any]]) -> list[tuple[bool, An
     """The body of a Ray task: ``(True, record)`` or ``(False, traceback)`` per cell."""
     out: list[tuple[bool, Any]] = []
     for cell in cells:
-        start = time.perf_counter()
         try:
-            record = fn(cell)
+            out.append((True, _timed(fn, cell)))
         except Exception:  # an application error of this cell only
             out.append((False, traceback.format_exc()))
-            continue
-        out.append((True, {"cell": cell, **record, "cell_seconds": time.perf_counter() - start}))
     return out
 
 
