@@ -7,7 +7,12 @@
 from . import diagnostics, operators, samplers, smc
 from ._alloc import tune_allocator
 from .distributions import DiffusionPrior, LinearGaussian
-from .errors import DegenerateWeightsError, NonFiniteSamplesError, PosteriorQualityWarning
+from .errors import (
+    DegenerateWeightsError,
+    NonFiniteSamplesError,
+    ODESolverError,
+    PosteriorQualityWarning,
+)
 from .inference import Posterior, infer
 from .priors import DiffusionModel, GaussianMixture, GaussianMixtureDiffusion
 from .problem import InverseProblem
@@ -34,6 +39,7 @@ __all__ = [
     "DiscreteVPSchedule",
     "DegenerateWeightsError",
     "NonFiniteSamplesError",
+    "ODESolverError",
     "PosteriorQualityWarning",
     "DiffusionPrior",
     "LinearGaussian",

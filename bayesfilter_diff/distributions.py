@@ -55,6 +55,17 @@ def _positive_int(value, name: str) -> int:
     return value
 
 
+def _check_solver(solver, rtol, atol, adjoint) -> None:
+    methods = tuple(m for m in ode_density.SOLVERS if m != "scipy_solver")
+    if solver not in methods:
+        raise ValueError(f"solver must be one of {methods}, got {solver!r}")
+    for name, tol in (("rtol", rtol), ("atol", atol)):
+        if isinstance(tol, bool) or not isinstance(tol, int | float) or not tol > 0:
+            raise ValueError(f"{name} must be a positive number, got {tol!r}")
+    if not isinstance(adjoint, bool):
+        raise ValueError(f"adjoint must be a bool, got {adjoint!r}")
+
+
 class DiffusionPrior(TorchDistribution):
     r"""A diffusion model as a Pyro distribution over its event shape.
 
@@ -70,7 +81,21 @@ class DiffusionPrior(TorchDistribution):
     grid
         ``"uniform"`` or ``"ddpm"`` time grid for :meth:`sample`.
     ode_steps
-        Fixed RK4 steps of the probability-flow ODE used by :meth:`log_prob`.
+        Steps of the probability-flow ODE used by :meth:`log_prob` (fixed-grid solvers).
+    ode_grid
+        Fixed grid of the ODE: ``"quadratic"`` (default; ``t = t_min + (t_max - t_min)
+        u^2`` with ``u`` uniform, i.e. uniform in ``sigma`` near ``t = 0`` for VP paths,
+        where the flow of a concentrated prior is stiffest) or ``"uniform"`` in ``t``.
+    solver
+        The ``torchdiffeq`` solver of that ODE: ``"rk4"`` (default; fixed grid of
+        ``ode_steps`` steps, a density smooth in ``x``), another fixed-grid method, or an
+        adaptive one (``"dopri5"``, ``"bosh3"``, ...) with tolerances ``rtol`` / ``atol``
+        (its steps depend on the whole batch of points).
+    rtol, atol
+        Tolerances of an adaptive ``solver``.
+    adjoint
+        Differentiate :meth:`log_prob` by the adjoint method (memory independent of the
+        number of solver steps, one more solve) rather than through the solver's steps.
     t_min, t_max
         Integration interval of the ODE. ``t = 0`` itself is singular for VP and flow
         paths (``sigma(0) = 0``: the velocity is ``0 / 0``), so the density returned is that
@@ -115,6 +140,11 @@ class DiffusionPrior(TorchDistribution):
         *,
         grid: str = "uniform",
         ode_steps: int = 100,
+        ode_grid: str = "quadratic",
+        solver: str = "rk4",
+        rtol: float = 1e-5,
+        atol: float = 1e-5,
+        adjoint: bool = False,
         t_min: float = 1e-5,
         t_max: float | None = None,
         exact_divergence_max_dim: int = 16,
@@ -132,6 +162,9 @@ class DiffusionPrior(TorchDistribution):
         if grid not in ("uniform", "ddpm"):
             raise ValueError(f"grid must be 'uniform' or 'ddpm', got {grid!r}")
         _positive_int(ode_steps, "ode_steps")
+        _check_solver(solver, rtol, atol, adjoint)
+        if ode_grid not in ("quadratic", "uniform"):
+            raise ValueError(f"ode_grid must be 'quadratic' or 'uniform', got {ode_grid!r}")
         if t_max is None:
             # The clipped cosine VP schedule has dalpha/dt ~ tan(pi/2) at t = 1.
             cosine = getattr(model.schedule, "kind", "") == "vp" and (
@@ -160,6 +193,11 @@ class DiffusionPrior(TorchDistribution):
         self.num_steps = num_steps
         self.grid = grid
         self.ode_steps = ode_steps
+        self.ode_grid = ode_grid
+        self.solver = solver
+        self.rtol = float(rtol)
+        self.atol = float(atol)
+        self.adjoint = adjoint
         self.t_min = float(t_min)
         self.t_max = float(t_max)
         self.exact_divergence_max_dim = exact_divergence_max_dim
@@ -190,6 +228,11 @@ class DiffusionPrior(TorchDistribution):
             "num_steps",
             "grid",
             "ode_steps",
+            "ode_grid",
+            "solver",
+            "rtol",
+            "atol",
+            "adjoint",
             "t_min",
             "t_max",
             "exact_divergence_max_dim",
@@ -236,7 +279,9 @@ class DiffusionPrior(TorchDistribution):
     def log_prob(self, value: Tensor) -> Tensor:
         """Probability-flow ODE estimate of ``log p(value)`` (see :meth:`ode_log_prob`).
 
-        Returns shape ``broadcast(value.shape[:-event_dim], batch_shape)``; detached.
+        Returns shape ``broadcast(value.shape[:-event_dim], batch_shape)``, differentiable
+        in ``value`` when ``value`` requires grad (Pyro's HMC / NUTS get the prior's
+        gradient), detached otherwise.
         """
         if self._validate_args:
             self._validate_sample(value)
@@ -255,11 +300,12 @@ class DiffusionPrior(TorchDistribution):
         r"""``log p(x)`` by the instantaneous change of variables along the probability flow.
 
         ``log p_{t_min}(x) = log p_{t_max}(x_{t_max}) + int_{t_min}^{t_max} div v(x_t, t) dt``
-        with fixed-step RK4 from ``x_{t_min} = x``, a second-order Gaussian approximation of
-        the terminal density, and the exact divergence or Hutchinson's estimator: see
-        :mod:`bayesfilter_diff.priors.ode_density` for the approximations, their errors and
-        the cost (``4 ode_steps + 2`` network calls, each with ``d`` or ``num_probes``
-        vector-Jacobian products).
+        solved by ``torchdiffeq`` from ``x_{t_min} = x`` (``solver``), a second-order
+        Gaussian approximation of the terminal density, and the exact divergence or
+        Hutchinson's estimator: see :mod:`bayesfilter_diff.priors.ode_density` for the
+        approximations, their errors and the cost (RK4: ``4 ode_steps + 2`` network calls,
+        each with ``d`` or ``num_probes`` vector-Jacobian products; a gradient adds one
+        backward solve).
 
         Parameters
         ----------
@@ -276,7 +322,7 @@ class DiffusionPrior(TorchDistribution):
         Returns
         -------
         Tensor
-            ``(*lead)``, in ``x``'s dtype, detached.
+            ``(*lead)``, in ``x``'s dtype; differentiable in ``x`` when ``x`` requires grad.
         """
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise TypeError("x must be a floating-point torch.Tensor")
@@ -306,6 +352,11 @@ class DiffusionPrior(TorchDistribution):
             exact=exact,
             num_probes=num_probes,
             generator=generator,
+            method=self.solver,
+            rtol=self.rtol,
+            atol=self.atol,
+            adjoint=self.adjoint,
+            ode_grid=self.ode_grid,
         ).to(out_dtype)
 
     # ------------------------------------------------------------------ not available

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-__all__ = ["DegenerateWeightsError", "NonFiniteSamplesError", "PosteriorQualityWarning"]
+__all__ = [
+    "DegenerateWeightsError",
+    "NonFiniteSamplesError",
+    "ODESolverError",
+    "PosteriorQualityWarning",
+]
 
 
 class DegenerateWeightsError(RuntimeError):
@@ -11,6 +16,10 @@ class DegenerateWeightsError(RuntimeError):
 
 class NonFiniteSamplesError(FloatingPointError):
     """A sampler returned NaN or inf samples (the run diverged); raised instead of them."""
+
+
+class ODESolverError(RuntimeError):
+    """The probability-flow ODE solver of a density failed (an adaptive step underflowed)."""
 
 
 class PosteriorQualityWarning(UserWarning):

@@ -31,7 +31,7 @@ Checkpoints
 :func:`network_from_config`, wrapped in a :class:`~bayesfilter_diff.DiffusionModel` with the
 adapter of its parameterisation (:func:`prior_from_network`). :func:`load_pretrained` loads
 the priors shipped in ``bayesfilter_diff/priors/checkpoints`` by name
-(``"digits_diffusion"``, ``"digits_flow"``).
+(``"digits_diffusion"``, ``"digits_flow"``, ``"moons_diffusion"``).
 """
 
 from __future__ import annotations
@@ -472,8 +472,10 @@ def load_pretrained(
 
     Shipped: ``"digits_diffusion"`` (VP-linear, eps-prediction U-Net) and ``"digits_flow"``
     (rectified flow, velocity U-Net), both trained on scikit-learn's 8x8 digits scaled to
-    ``[-1, 1]`` (event shape ``(1, 8, 8)``); see each JSON's ``training`` entry for the
-    command that made it.
+    ``[-1, 1]`` (event shape ``(1, 8, 8)``), and ``"moons_diffusion"`` (VP-linear,
+    eps-prediction MLP on the 2-D two-moons data, event shape ``(2,)``: a learned prior
+    small enough for exact references by quadrature or NUTS); see each JSON's
+    ``training`` entry for the command that made it.
     """
     names = pretrained_names()
     if name not in names:
