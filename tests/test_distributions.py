@@ -136,7 +136,8 @@ def test_log_prob_gradient_is_that_of_the_value_for_a_learned_prior():
 def test_nuts_through_the_ode_density_recovers_a_gaussian_posterior():
     # Pyro's NUTS on a Pyro model with a DiffusionPrior: a Gaussian prior N(m, diag(v))
     # (one-component mixture) and y = x + 0.5 n, so the posterior is Gaussian in closed
-    # form. Four chains as one NUTS over the product target (a plate of copies).
+    # form. Eight chains as one NUTS over the product target (a plate of copies): one ODE
+    # solve per leapfrog step for all of them.
     from pyro.infer import MCMC, NUTS
 
     m, v, s = torch.tensor([1.0, -0.5], dtype=D64), torch.tensor([0.6, 1.5], dtype=D64), 0.5
@@ -145,7 +146,7 @@ def test_nuts_through_the_ode_density_recovers_a_gaussian_posterior():
     y = torch.tensor([0.2, 0.4], dtype=D64)
     post_var = 1 / (1 / v + 1 / s**2)
     post_mean = post_var * (m / v + y / s**2)
-    C = 4
+    C = 8
 
     def model(y):
         with pyro.plate("chains", C):
@@ -153,14 +154,15 @@ def test_nuts_through_the_ode_density_recovers_a_gaussian_posterior():
             pyro.sample("y", dist.Normal(x, s).to_event(1), obs=y.expand(C, 2))
 
     pyro.set_rng_seed(0)
-    mcmc = MCMC(NUTS(model), num_samples=150, warmup_steps=75, disable_progbar=True)
+    mcmc = MCMC(NUTS(model), num_samples=50, warmup_steps=50, disable_progbar=True)
     mcmc.run(y)
-    x = mcmc.get_samples()["x"]  # (150, C, 2)
+    x = mcmc.get_samples()["x"]  # (50, C, 2)
     import arviz as az
 
     idata = az.convert_to_dataset({"x": x.transpose(0, 1).numpy()})
     ess = torch.as_tensor(az.ess(idata)["x"].values)
-    assert (torch.as_tensor(az.rhat(idata)["x"].values) < 1.05).all()
+    # Gelman's classic threshold: with 50 draws per chain R-hat itself varies by a few 0.01.
+    assert (torch.as_tensor(az.rhat(idata)["x"].values) < 1.1).all()
     se = (post_var / ess).sqrt()
     err = x.reshape(-1, 2).mean(0) - post_mean
     assert (err.abs() < 4 * se).all(), (err, se)
