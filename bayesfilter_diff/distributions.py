@@ -22,6 +22,7 @@ probability-flow ODE estimate of Song et al. (ICLR 2021, Sec. 4.3 and App. D.2),
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -29,6 +30,7 @@ from pyro.distributions import TorchDistribution, constraints
 from pyro.distributions.util import broadcast_shape
 from torch import Tensor
 
+from .errors import PosteriorQualityWarning
 from .operators.base import Operator
 from .operators.identity import Identity
 from .priors import ode_density
@@ -336,6 +338,17 @@ class DiffusionPrior(TorchDistribution):
         )
         if exact is None:
             exact = math.prod(ev) <= self.exact_divergence_max_dim
+        if not exact and torch.is_grad_enabled() and x.requires_grad:
+            warnings.warn(
+                "DiffusionPrior.log_prob is differentiated with Hutchinson's divergence "
+                f"estimator (event size {math.prod(ev)} > exact_divergence_max_dim = "
+                f"{self.exact_divergence_max_dim}): the density is then a random estimate, "
+                "and HMC / NUTS on it sample a perturbed posterior, not the model's; raise "
+                "exact_divergence_max_dim to the event size for an exact reference (d "
+                "vector-Jacobian products per network call)",
+                PosteriorQualityWarning,
+                stacklevel=2,
+            )
         dev = self.device
         if x.device != dev:
             raise ValueError(f"x is on {x.device} but the diffusion prior is on {dev}; move one")

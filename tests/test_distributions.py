@@ -125,7 +125,9 @@ def test_log_prob_gradient_is_that_of_the_value_for_a_learned_prior():
     # gradient is that of its own (seeded, hence deterministic) value.
     hut = DiffusionPrior(net, ode_steps=6, exact_divergence_max_dim=1)
     xr = x.clone().requires_grad_(True)
-    (gh,) = torch.autograd.grad(hut.log_prob(xr).sum(), xr)
+    # ... but a random density is no exact target for HMC: said, with the remedy.
+    with pytest.warns(bfd.PosteriorQualityWarning, match="exact_divergence_max_dim"):
+        (gh,) = torch.autograd.grad(hut.log_prob(xr).sum(), xr)
     fdh = torch.stack(
         [(hut.log_prob(x + e[i]) - hut.log_prob(x - e[i])) / (2 * h) for i in (0, 1)], -1
     )

@@ -92,14 +92,16 @@ class Counter:
 
 def grid_reference(model, y, s, ode_steps: int, n: int, half: float = 1.25):
     """Posterior of the ODE density on an ``n x n`` grid of half-width ``half`` around
-    ``y`` (5 noise sds): cell centres, normalised masses and the cell width."""
+    ``y`` (5 noise sds): cell centres, normalised masses and the cell width. ``s = None``:
+    the prior density itself."""
     h = 2 * half / n
     c = -half + h * (torch.arange(n, dtype=DT) + 0.5)
     pts = torch.stack(torch.meshgrid(c + y[0], c + y[1], indexing="ij"), -1).reshape(-1, 2)
     prior = bfd.DiffusionPrior(model, ode_steps=ode_steps)
     with torch.no_grad():
         lp = torch.cat([prior.log_prob(p) for p in pts.split(20_000)])
-    lp = lp + dist.Normal(pts, s).to_event(1).log_prob(y)
+    if s is not None:
+        lp = lp + dist.Normal(pts, s).to_event(1).log_prob(y)
     return pts, torch.softmax(lp, 0), h
 
 
@@ -190,7 +192,15 @@ def cell(name: str, method: str, cfg: dict, out: Path) -> dict:
         return json.loads(path.read_text())
     g = torch.Generator().manual_seed(100)
     _, y, exact = problem(name)
-    if method == "NUTS":
+    if method == "prior":  # the learned reverse chain alone against its own ODE density
+        model, _, _ = problem(name)
+        prior = bfd.DiffusionPrior(model, num_steps=cfg["steps"])
+        start = time.perf_counter()
+        x, w = prior.sample((cfg["N"],), generator=torch.Generator().manual_seed(1)), None
+        rec = {"N": cfg["N"], "steps": cfg["steps"], "nfe": cfg["steps"]}
+        rec["wall_time"] = time.perf_counter() - start
+        rec["mean"] = [float(v) for v in x.mean(0)]
+    elif method == "NUTS":
         x, rec = run_nuts(
             name, cfg["chains"], cfg["warmup"], cfg["samples"], cfg["ode_steps"], 0, cfg["depth"]
         )
@@ -210,7 +220,10 @@ def cell(name: str, method: str, cfg: dict, out: Path) -> dict:
         model, _, _ = problem(name)
         targets = {"own": cfg["ode_steps"], "converged": cfg["converged_steps"]}
         for label, steps in targets.items():
-            ref_grid = grid_reference(model, y, NOISE[name], steps, cfg["grid"])
+            if method == "prior":  # the data lie in [-2, 2]^2
+                ref_grid = grid_reference(model, torch.zeros(2, dtype=DT), None, steps, 201, 2.5)
+            else:
+                ref_grid = grid_reference(model, y, NOISE[name], steps, cfg["grid"])
             ref = grid_draws(ref_grid, 10_000, g)
             rec[f"sw_{label}"] = sw_pair(x, ref, g, w)
             rec[f"sw_floor_{label}"] = sw_pair(grid_draws(ref_grid, n_iid, g), ref, g)
@@ -225,12 +238,112 @@ def cell(name: str, method: str, cfg: dict, out: Path) -> dict:
     return rec
 
 
+def _fmt(v: Any, nd: int = 3) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.{nd}g}"
+    return str(v)
+
+
+def report(out: Path) -> str:
+    """``report.md`` from the cells computed so far."""
+    cfg = json.loads((out / "config.json").read_text())
+    cells = {p.stem: json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))}
+    lines = [
+        "# NUTS through the probability-flow ODE density against exact posteriors",
+        "",
+        "Command: `OMP_NUM_THREADS=1 python validation/nuts_reference.py` (resumable; "
+        "`--report` rewrites this file from the cells).",
+        "",
+        __doc__.split("\n\n", 2)[2].strip(),
+        "",
+        f"Settings: {json.dumps(cfg)}. Sliced W1 with 1000 directions against 10 000 "
+        "reference draws; `floor` = the same for as many exact (or grid) draws as the "
+        "method returns; NUTS's `n` = chains x draws after warm-up. Network calls per draw: "
+        "velocity evaluations per draw of one chain (NUTS: each with d vector-Jacobian "
+        "products and a backward pass; SMC: `nfe`, one network call per step for all "
+        "particles).",
+        "",
+        "## gmm: against the exact posterior",
+        "",
+        "| method | n | sw | floor | sw / floor | posterior mean (exact) | R-hat max | ESS bulk min "
+        "| divergences | network calls per draw | wall time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in ("NUTS", "TDS", "MCGdiff"):
+        c = cells.get(f"gmm_{m}")
+        if c is None:
+            continue
+        per_draw = c.get("velocity_calls_per_draw", c.get("nfe"))
+        lines.append(
+            f"| {m} | {c['n']} | {_fmt(c['sw'])} | {_fmt(c['sw_floor'])} | "
+            f"{c['sw'] / c['sw_floor']:.2f} | "
+            f"({c['mean'][0]:.3f}, {c['mean'][1]:.3f}) vs ({c['exact_mean'][0]:.3f}, "
+            f"{c['exact_mean'][1]:.3f}) | {_fmt(c.get('rhat_max'))} | "
+            f"{_fmt(c.get('ess_bulk_min'))} | {_fmt(c.get('divergences'))} | "
+            f"{_fmt(float(per_draw))} | {_fmt(float(c['wall_time']))} |"
+        )
+    lines += [
+        "",
+        "## moons: against the ODE density's posterior on a grid",
+        "",
+        "`own`: the grid posterior of the density with NUTS's ODE settings "
+        f"({cfg['ode_steps']} steps), NUTS's exact target; `converged`: "
+        f"{cfg['converged_steps']} steps.",
+        "",
+        "| method | n | sw / floor (own) | sw / floor (converged) | posterior mean "
+        "(converged grid) | R-hat max | ESS bulk min | divergences | network calls per draw "
+        "| wall time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in ("NUTS", "TDS", "MCGdiff", "prior"):
+        c = cells.get(f"moons_{m}")
+        if c is None:
+            continue
+        if m == "prior":
+            m = "prior chain alone (DDPM, no data; vs the prior ODE density)"
+        per_draw = c.get("velocity_calls_per_draw", c.get("nfe"))
+        gm = c["grid_mean_converged"]
+        lines.append(
+            f"| {m} | {c['n']} | {c['sw_own'] / c['sw_floor_own']:.2f} "
+            f"({_fmt(c['sw_own'])}) | {c['sw_converged'] / c['sw_floor_converged']:.2f} "
+            f"({_fmt(c['sw_converged'])}) | ({c['mean'][0]:.3f}, {c['mean'][1]:.3f}) vs "
+            f"({gm[0]:.3f}, {gm[1]:.3f}) | {_fmt(c.get('rhat_max'))} | "
+            f"{_fmt(c.get('ess_bulk_min'))} | {_fmt(c.get('divergences'))} | "
+            f"{_fmt(float(per_draw))} | {_fmt(float(c['wall_time']))} |"
+        )
+    pairs = [("NUTS", "TDS"), ("MCGdiff", "TDS"), ("NUTS", "MCGdiff")]
+    have = [p for p in pairs if all((out / "cells" / f"moons_{m}.pt").exists() for m in p)]
+    if have:
+        lines += ["", "Between methods (sliced W1, 1000 directions):", ""]
+        g = torch.Generator().manual_seed(7)
+        for a, b in have:
+            A = torch.load(out / "cells" / f"moons_{a}.pt")
+            B = torch.load(out / "cells" / f"moons_{b}.pt")
+            xa = A["x"] if A["w"] is None else _resample(A["x"], A["w"], 4096, g)
+            sw = sw_pair(xa, B["x"], g, B["w"])
+            lines.append(f"- {a} vs {b}: {sw:.4f}")
+    text = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(text)
+    return text
+
+
+def _resample(x: Tensor, w: Tensor, n: int, g: torch.Generator) -> Tensor:
+    return x[torch.multinomial(w, n, replacement=True, generator=g)]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="validation/results/nuts_reference")
     ap.add_argument("--quick", action="store_true", help="a few iterations (smoke run)")
     ap.add_argument("--problems", default="gmm,moons")
+    ap.add_argument("--methods", default="TDS,MCGdiff,NUTS,prior")
+    ap.add_argument("--report", action="store_true", help="only rewrite report.md")
     args = ap.parse_args(argv)
+    if args.report:
+        print(report(Path(args.out)))
+        return
     torch.set_num_threads(1)
     cfg = {
         "chains": 16,
@@ -250,8 +363,10 @@ def main(argv: list[str] | None = None) -> None:
     (out / "cells").mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
     for name in args.problems.split(","):
-        for method in ("TDS", "MCGdiff", "NUTS"):
-            cell(name, method, cfg, out)
+        for method in args.methods.split(","):
+            if method != "prior" or name == "moons":  # the gmm prior is exact
+                cell(name, method, cfg, out)
+    report(out)
 
 
 if __name__ == "__main__":
