@@ -18,6 +18,7 @@ import json
 import multiprocessing as mp
 import resource
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 
 
@@ -34,6 +35,7 @@ def one(steps: int, adjoint: bool, batch: int) -> dict:
     from bayesfilter_diff.training import load_dataset
 
     torch.set_num_threads(1)
+    warnings.simplefilter("ignore", bfd.PosteriorQualityWarning)  # Hutchinson: a cost study
     model = load_pretrained("digits_diffusion")
     prior = bfd.DiffusionPrior(model, ode_steps=steps, adjoint=adjoint)
     x = load_dataset("digits", "test")[:batch].clone()

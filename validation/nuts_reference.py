@@ -322,7 +322,7 @@ def report(out: Path) -> str:
             A = torch.load(out / "cells" / f"moons_{a}.pt")
             B = torch.load(out / "cells" / f"moons_{b}.pt")
             xa = A["x"] if A["w"] is None else _resample(A["x"], A["w"], 4096, g)
-            sw = sw_pair(xa, B["x"], g, B["w"])
+            sw = sw_pair(B["x"], xa, g, B["w"])
             lines.append(f"- {a} vs {b}: {sw:.4f}")
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
