@@ -385,3 +385,58 @@ def test_the_label_of_a_conditional_prior():
     assert abs(pooled.value - log_z) <= 4.5 * pooled.std_error, (pooled, log_z)
     with pytest.raises(ValueError, match="out of range"):
         family.given(2)
+
+
+@pytest.mark.slow
+def test_two_observed_sites_share_a_global_noise_scale():
+    # y1 = M1 x + sigma n1 and y2 = M2 x + 2 sigma n2: two observation sites with one
+    # unknown scale. Under the chain, p(y1, y2 | sigma) is the Gaussian of the stacked
+    # operator with noise diag(sigma^2, sigma^2, 4 sigma^2): quadrature over sigma.
+    mu = torch.tensor([0.5, -0.3], dtype=DT)
+    S = torch.tensor([[1.0, 0.4], [0.4, 0.8]], dtype=DT)
+    gmm = bfd.GaussianMixture(torch.ones(1, dtype=DT), mu[None], S[None])
+    sched = bfd.VPSchedule.linear()
+    chain = chain_prior(mu, S, sched, sched.time_grid(STEPS, dtype=DT))
+    M1 = torch.tensor([[1.0, 0.3], [-0.4, 1.0]], dtype=DT)
+    M2 = torch.tensor([[0.7, -0.5]], dtype=DT)
+    y1, y2 = torch.tensor([0.9, -1.2], dtype=DT), torch.tensor([0.4], dtype=DT)
+
+    def model(y1=None, y2=None):
+        sigma = pyro.sample("sigma", dist.HalfNormal(torch.tensor(1.0, dtype=DT)))
+        x = pyro.sample("x", bfd.DiffusionPrior(gmm.diffusion(sched)))
+        pyro.sample("y1", dist.Normal(x @ M1.T, sigma).to_event(1), obs=y1)
+        pyro.sample("y2", dist.Normal(x @ M2.T, 2 * sigma).to_event(1), obs=y2)
+
+    s = torch.linspace(1e-4, 6.0, 20_000, dtype=DT)
+    m, P = chain.means[0], chain.covariance_matrices()[0]
+    A = torch.cat([M1, M2])
+    noise = torch.tensor([1.0, 1.0, 4.0], dtype=DT)
+    C = A @ P @ A.T + torch.diag_embed(s[:, None] ** 2 * noise)
+    lz = torch.distributions.MultivariateNormal(A @ m, C).log_prob(torch.cat([y1, y2]))
+    lp = dist.HalfNormal(torch.tensor(1.0, dtype=DT)).log_prob(s) + lz
+    w = torch.softmax(lp, 0)
+    mean = float((w * s).sum())
+    sd = float((w * (s - mean) ** 2).sum().sqrt())
+    log_z = float(torch.logsumexp(lp, 0)) + math.log(float(s[1] - s[0]))
+
+    K, N = 256, 128
+    post = bfd.infer(
+        model,
+        TDS(num_steps=STEPS),
+        y1=y1,
+        y2=y2,
+        num_samples=N,
+        num_theta=K,
+        moves=0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert isinstance(post, HierarchicalPosterior)
+    draws = post.get_samples()
+    assert draws["sigma"].shape == (K,) and draws["x"].shape == (K, 2)
+    ess = post.theta_ess
+    se = sd * math.sqrt(1 / ess + 1 / K)
+    assert abs(float(draws["sigma"].mean()) - mean) <= 4.5 * se, (draws["sigma"].mean(), mean, se)
+    assert abs(float(post.log_evidence) - log_z) <= 4.5 * math.sqrt((K / ess - 1) / K), (
+        post.log_evidence,
+        log_z,
+    )
