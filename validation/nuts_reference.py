@@ -324,6 +324,37 @@ def report(out: Path) -> str:
             xa = A["x"] if A["w"] is None else _resample(A["x"], A["w"], 4096, g)
             sw = sw_pair(B["x"], xa, g, B["w"])
             lines.append(f"- {a} vs {b}: {sw:.4f}")
+    gn, mn, mt, mp = (cells.get(k) for k in ("gmm_NUTS", "moons_NUTS", "moons_TDS", "moons_prior"))
+    if gn and mn and mt and mp:
+        lines += [
+            "",
+            "## Reading",
+            "",
+            f"- On the mixture NUTS through the ODE density samples the exact posterior: sliced W "
+            f"{gn['sw'] / gn['sw_floor']:.2f}x the floor of as many exact draws, R-hat "
+            f"{gn['rhat_max']:.2f}, bulk ESS {gn['ess_bulk_min']:.0f} of {gn['n']}: the density "
+            "and its gradient are right. Its price: "
+            f"{gn['velocity_calls_per_draw']:.0f} network calls per draw (each with d "
+            f"vector-Jacobian products and a backward pass), {gn['wall_time']:.0f} s against "
+            "2 s for TDS with 10x the draws.",
+            f"- On the learned moons posterior (a thin curved band) the same budget does not "
+            f"converge: R-hat {mn['rhat_max']:.2f}, bulk ESS {mn['ess_bulk_min']:.0f} of "
+            f"{mn['n']} at {mn['velocity_calls_per_draw']:.0f} network calls per draw "
+            f"({mn['wall_time'] / 60:.0f} min); R-hat says so, and its distance to its own "
+            f"target ({mn['sw_own'] / mn['sw_floor_own']:.1f}x the floor of {mn['n']} draws) is "
+            "what ~60 effective draws give. A NUTS reference there needs several times more "
+            "iterations (or longer trajectories than depth 5).",
+            "- TDS and MCGdiff agree with each other (sliced W between them about half their "
+            "distance to the grid) but sit "
+            f"{mt['sw_converged'] / mt['sw_floor_converged']:.0f}x the floor from the ODE "
+            "density's posterior, and the learned reverse chain alone (no data) is "
+            f"{mp['sw_converged'] / mp['sw_floor_converged']:.1f}x the floor from the prior "
+            "ODE density: for a learned score the SDE chain and the probability-flow ODE define "
+            "different distributions. SMC samplers are exact for the chain's posterior, NUTS "
+            "through the density for the ODE's; on a learned prior the two references answer "
+            "different questions, and their gap measures the model's inconsistency, not a "
+            "sampler's error.",
+        ]
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     return text
