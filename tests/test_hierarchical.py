@@ -41,30 +41,57 @@ def _independent_runs(model, R, K, N, moves, **data):
     ]
 
 
-def _setup():
+def _gaussian_prior():
+    """A Gaussian prior with its exact diffusion and the chain's exact law of ``x_0``."""
     mu = torch.tensor([0.5, -0.3], dtype=DT)
     S = torch.tensor([[1.0, 0.4], [0.4, 0.8]], dtype=DT)
     gmm = bfd.GaussianMixture(torch.ones(1, dtype=DT), mu[None], S[None])
     sched = bfd.VPSchedule.linear()
     chain = chain_prior(mu, S, sched, sched.time_grid(STEPS, dtype=DT))
-    M = torch.tensor([[1.0, 0.3], [-0.4, 1.0]], dtype=DT)
-    y = torch.tensor([0.9, -1.2], dtype=DT)
+    return gmm.diffusion(sched), chain
 
-    def model(y=None):
-        sigma = pyro.sample("sigma", dist.HalfNormal(torch.tensor(1.0, dtype=DT)))
-        x = pyro.sample("x", bfd.DiffusionPrior(gmm.diffusion(sched)))
-        pyro.sample("y", dist.Normal(x @ M.T, sigma).to_event(1), obs=y)
 
-    # exact p(sigma | y) and p(y) under the chain, by quadrature over sigma
+def _sigma_quadrature(chain, A, noise, y):
+    """Exact p(sigma | y) (mean, sd) and log p(y) under the chain, by quadrature over sigma,
+    for ``y = A x + sigma sqrt(noise) n`` and ``sigma ~ HalfNormal(1)``."""
     s = torch.linspace(1e-4, 6.0, 20_000, dtype=DT)
     m, P = chain.means[0], chain.covariance_matrices()[0]
-    C = M @ P @ M.T + s[:, None, None] ** 2 * torch.eye(2, dtype=DT)
-    lz = torch.distributions.MultivariateNormal(M @ m, C).log_prob(y)
+    C = A @ P @ A.T + torch.diag_embed(s[:, None] ** 2 * noise)
+    lz = torch.distributions.MultivariateNormal(A @ m, C).log_prob(y)
     lp = dist.HalfNormal(torch.tensor(1.0, dtype=DT)).log_prob(s) + lz
     w = torch.softmax(lp, 0)
     mean = float((w * s).sum())
     sd = float((w * (s - mean) ** 2).sum().sqrt())
     log_z = float(torch.logsumexp(lp, 0)) + math.log(float(s[1] - s[0]))
+    return mean, sd, log_z
+
+
+def _check_sigma_and_evidence(post, mean, sd, log_z, K):
+    """Resampled importance sampling: the mean of sigma within 4.5 standard errors
+    ``sd sqrt(1 / ESS + 1 / K)``; the evidence within 4.5 relative standard errors of the
+    mean of the K estimates ``Z(theta_k)``, ``(K / ESS - 1) / K`` from the weights' spread."""
+    assert isinstance(post, HierarchicalPosterior)
+    draws = post.get_samples()
+    assert draws["sigma"].shape == (K,) and draws["x"].shape == (K, 2)
+    ess = post.theta_ess
+    se = sd * math.sqrt(1 / ess + 1 / K)
+    assert abs(float(draws["sigma"].mean()) - mean) <= 4.5 * se, (draws["sigma"].mean(), mean, se)
+    err = float(post.log_evidence) - log_z
+    assert abs(err) <= 4.5 * math.sqrt((K / ess - 1) / K), (post.log_evidence, log_z)
+    return ess
+
+
+def _setup():
+    prior, chain = _gaussian_prior()
+    M = torch.tensor([[1.0, 0.3], [-0.4, 1.0]], dtype=DT)
+    y = torch.tensor([0.9, -1.2], dtype=DT)
+
+    def model(y=None):
+        sigma = pyro.sample("sigma", dist.HalfNormal(torch.tensor(1.0, dtype=DT)))
+        x = pyro.sample("x", bfd.DiffusionPrior(prior))
+        pyro.sample("y", dist.Normal(x @ M.T, sigma).to_event(1), obs=y)
+
+    mean, sd, log_z = _sigma_quadrature(chain, M, torch.ones(2, dtype=DT), y)
     return model, y, mean, sd, log_z
 
 
@@ -81,17 +108,8 @@ def test_unknown_noise_against_quadrature():
         moves=0,
         generator=torch.Generator().manual_seed(0),
     )
-    assert isinstance(post, HierarchicalPosterior)
-    draws = post.get_samples()
-    assert draws["sigma"].shape == (K,) and draws["x"].shape == (K, 2)
-    ess = post.theta_ess
+    ess = _check_sigma_and_evidence(post, mean, sd, log_z, K)
     assert ess > 0.3 * K  # the prior proposal is reasonable here: a sharp test
-    # resampled importance sampling: variance sd^2 (1 / ESS + 1 / K)
-    se = sd * math.sqrt(1 / ess + 1 / K)
-    assert abs(float(draws["sigma"].mean()) - mean) <= 4.5 * se, (draws["sigma"].mean(), mean, se)
-    # the evidence: relative standard error of the mean of the K estimates Z(theta_k),
-    # (K / ESS - 1) / K from the weights' own spread
-    assert abs(float(post.log_evidence) - log_z) <= 4.5 * math.sqrt((K / ess - 1) / K)
 
     # with particle-marginal moves: the same target, the moves accept some proposals
     moved = bfd.infer(
@@ -391,34 +409,21 @@ def test_the_label_of_a_conditional_prior():
 def test_two_observed_sites_share_a_global_noise_scale():
     # y1 = M1 x + sigma n1 and y2 = M2 x + 2 sigma n2: two observation sites with one
     # unknown scale. Under the chain, p(y1, y2 | sigma) is the Gaussian of the stacked
-    # operator with noise diag(sigma^2, sigma^2, 4 sigma^2): quadrature over sigma.
-    mu = torch.tensor([0.5, -0.3], dtype=DT)
-    S = torch.tensor([[1.0, 0.4], [0.4, 0.8]], dtype=DT)
-    gmm = bfd.GaussianMixture(torch.ones(1, dtype=DT), mu[None], S[None])
-    sched = bfd.VPSchedule.linear()
-    chain = chain_prior(mu, S, sched, sched.time_grid(STEPS, dtype=DT))
+    # operator with noise diag(sigma^2, sigma^2, 4 sigma^2). (Ignoring either site would
+    # move log p(y) by 1.5 nats or more: far outside the tolerance.)
+    prior, chain = _gaussian_prior()
     M1 = torch.tensor([[1.0, 0.3], [-0.4, 1.0]], dtype=DT)
     M2 = torch.tensor([[0.7, -0.5]], dtype=DT)
     y1, y2 = torch.tensor([0.9, -1.2], dtype=DT), torch.tensor([0.4], dtype=DT)
 
     def model(y1=None, y2=None):
         sigma = pyro.sample("sigma", dist.HalfNormal(torch.tensor(1.0, dtype=DT)))
-        x = pyro.sample("x", bfd.DiffusionPrior(gmm.diffusion(sched)))
+        x = pyro.sample("x", bfd.DiffusionPrior(prior))
         pyro.sample("y1", dist.Normal(x @ M1.T, sigma).to_event(1), obs=y1)
         pyro.sample("y2", dist.Normal(x @ M2.T, 2 * sigma).to_event(1), obs=y2)
 
-    s = torch.linspace(1e-4, 6.0, 20_000, dtype=DT)
-    m, P = chain.means[0], chain.covariance_matrices()[0]
-    A = torch.cat([M1, M2])
     noise = torch.tensor([1.0, 1.0, 4.0], dtype=DT)
-    C = A @ P @ A.T + torch.diag_embed(s[:, None] ** 2 * noise)
-    lz = torch.distributions.MultivariateNormal(A @ m, C).log_prob(torch.cat([y1, y2]))
-    lp = dist.HalfNormal(torch.tensor(1.0, dtype=DT)).log_prob(s) + lz
-    w = torch.softmax(lp, 0)
-    mean = float((w * s).sum())
-    sd = float((w * (s - mean) ** 2).sum().sqrt())
-    log_z = float(torch.logsumexp(lp, 0)) + math.log(float(s[1] - s[0]))
-
+    mean, sd, log_z = _sigma_quadrature(chain, torch.cat([M1, M2]), noise, torch.cat([y1, y2]))
     K, N = 256, 128
     post = bfd.infer(
         model,
@@ -430,13 +435,4 @@ def test_two_observed_sites_share_a_global_noise_scale():
         moves=0,
         generator=torch.Generator().manual_seed(0),
     )
-    assert isinstance(post, HierarchicalPosterior)
-    draws = post.get_samples()
-    assert draws["sigma"].shape == (K,) and draws["x"].shape == (K, 2)
-    ess = post.theta_ess
-    se = sd * math.sqrt(1 / ess + 1 / K)
-    assert abs(float(draws["sigma"].mean()) - mean) <= 4.5 * se, (draws["sigma"].mean(), mean, se)
-    assert abs(float(post.log_evidence) - log_z) <= 4.5 * math.sqrt((K / ess - 1) / K), (
-        post.log_evidence,
-        log_z,
-    )
+    _check_sigma_and_evidence(post, mean, sd, log_z, K)
