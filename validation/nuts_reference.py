@@ -209,12 +209,11 @@ def cell(name: str, method: str, cfg: dict, out: Path) -> dict:
     else:
         x, w, rec = run_smc(name, method, cfg["N"], cfg["steps"], 1)
         rec["mean"] = [float(v) for v in (w[:, None] * x).sum(0)]
-    n = x.shape[0]
-    n_iid = n if w is None else n  # the floor uses as many exact draws as the method returns
+    n = x.shape[0]  # the floors use as many exact draws as the method returns
     if exact is not None:
         ref = exact.sample(10_000, g)
         rec["sw"] = sw_pair(x, ref, g, w)
-        rec["sw_floor"] = sw_pair(exact.sample(n_iid, g), ref, g)
+        rec["sw_floor"] = sw_pair(exact.sample(n, g), ref, g)
         rec["exact_mean"] = [float(v) for v in exact.mean()]
     else:
         model, _, _ = problem(name)
@@ -226,7 +225,7 @@ def cell(name: str, method: str, cfg: dict, out: Path) -> dict:
                 ref_grid = grid_reference(model, y, NOISE[name], steps, cfg["grid"])
             ref = grid_draws(ref_grid, 10_000, g)
             rec[f"sw_{label}"] = sw_pair(x, ref, g, w)
-            rec[f"sw_floor_{label}"] = sw_pair(grid_draws(ref_grid, n_iid, g), ref, g)
+            rec[f"sw_floor_{label}"] = sw_pair(grid_draws(ref_grid, n, g), ref, g)
             rec[f"grid_mean_{label}"] = [
                 float(v) for v in (ref_grid[1][:, None] * ref_grid[0]).sum(0)
             ]

@@ -159,16 +159,16 @@ def ode_log_prob(
     lead = tuple(x.shape[: x.dim() - k])
     red = tuple(range(len(lead), x.dim()))
     track = torch.is_grad_enabled() and x.requires_grad
-    if exact:
-        # grad_outputs e_i (one-hot over the flattened event), batched over i.
-        eye = torch.eye(d, dtype=x.dtype, device=x.device)
-        probes = eye.reshape((d,) + (1,) * len(lead) + ev).expand((d,) + tuple(x.shape))
-    else:
-        probes = rademacher((num_probes,) + tuple(x.shape), generator, x)
     # Hutchinson probes afresh at every evaluation on a fixed grid solved forward only
     # (7x less variance, see the module); fixed over the solve when an adaptive step control
     # or the adjoint's backward solve must see one smooth integrand.
     fresh = not exact and method in FIXED_GRID_METHODS and not (track and adjoint)
+    if exact:
+        # grad_outputs e_i (one-hot over the flattened event), batched over i.
+        eye = torch.eye(d, dtype=x.dtype, device=x.device)
+        probes = eye.reshape((d,) + (1,) * len(lead) + ev).expand((d,) + tuple(x.shape))
+    elif not fresh:
+        probes = rademacher((num_probes,) + tuple(x.shape), generator, x)
 
     def dynamics(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         nonlocal probes
