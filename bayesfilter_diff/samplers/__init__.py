@@ -5,9 +5,11 @@ from .daps import DAPS
 from .ddim import DDIM
 from .ddnm import DDNM, DDNMPlus
 from .ddrm import DDRM
+from .ddsmc import DDSMC
 from .dflow import DFlow
 from .diffpir import DiffPIR
 from .dps import DPS
+from .filtering import FilteringSMC
 from .fps import FPS, FPSSMC
 from .mcgdiff import MCGdiff
 from .pigdm import PiGDM
@@ -26,8 +28,10 @@ __all__ = [
     "REGISTRY",
     "SamplerEntry",
     "DDIM",
+    "DDSMC",
     "FPS",
     "FPSSMC",
+    "FilteringSMC",
     "MCGdiff",
     "SMCDiff",
     "RePaint",

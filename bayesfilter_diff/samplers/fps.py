@@ -69,7 +69,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, cast
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor
@@ -202,7 +202,8 @@ def fps_y_sequence(
     return op.U(_y_path(s, op.Ut(y)[:, None, :], op.out_dim, grid, num_paths, generator))
 
 
-def _validate(sampler: FPS | FPSSMC) -> None:
+def _validate(sampler: Any) -> None:
+    """``c_rate`` and ``eta`` of FPS, FPS-SMC and :class:`~.filtering.FilteringSMC`."""
     c = sampler.c_rate
     if isinstance(c, bool) or not isinstance(c, int | float) or not 0.0 <= c <= 1.0:
         raise ValueError(f"c_rate must be a number in [0, 1], got {c!r}")

@@ -22,9 +22,11 @@ from .daps import DAPS
 from .ddim import DDIM
 from .ddnm import DDNM, DDNMPlus
 from .ddrm import DDRM
+from .ddsmc import DDSMC
 from .dflow import DFlow
 from .diffpir import DiffPIR
 from .dps import DPS
+from .filtering import FilteringSMC
 from .fps import FPS, FPSSMC
 from .mcgdiff import MCGdiff
 from .pigdm import PiGDM
@@ -101,6 +103,8 @@ class SamplerEntry:
 _ENTRIES = (
     SamplerEntry("MCGdiff", MCGdiff),
     SamplerEntry("TDS", TDS),
+    SamplerEntry("DDSMC", DDSMC),
+    SamplerEntry("Filtering-SMC", FilteringSMC),
     SamplerEntry("FPS-SMC", FPSSMC),
     SamplerEntry("FPS", FPS),
     SamplerEntry("DPS", DPS),

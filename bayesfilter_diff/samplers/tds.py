@@ -67,8 +67,7 @@ from .kernels import (
     ddim_coefficients,
     ddim_mean,
     ddim_weights,
-    extend_to_log_snr,
-    refine_in_log_snr,
+    informative_time_grid,
     smoothed_log_likelihood,
     tweedie_coefficient,
 )
@@ -246,19 +245,13 @@ class TDS(SMCSampler):
             self.max_log_snr_step == 0
             or not _uses_gaussian_twist(problem)
             or not problem.operator.is_linear
-            or problem.min_noise_std == 0
         ):
             return base
         s_max = spectral_norm(cast(LinearOperator, problem.operator))
-        if not s_max > 0:
-            return base
         # per-problem noise: refine for the most informative problem
-        informative = math.log(s_max**2 / problem.min_noise_std**2)
-        sch = prior.schedule
-        times = refine_in_log_snr(
-            sch, base, sch.log_snr(base[1:]) >= informative, self.max_log_snr_step
+        return informative_time_grid(
+            prior.schedule, base, s_max, problem.min_noise_std, self.max_log_snr_step
         )
-        return extend_to_log_snr(sch, times, informative + math.log(100.0), self.max_log_snr_step)
 
     # ------------------------------------------------------------------ twisting function
     def _twist_extra_variance(self, ctx: Context, t: Tensor) -> Tensor:

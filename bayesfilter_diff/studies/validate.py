@@ -176,12 +176,43 @@ def _report(cfg, cmd, rows, overall, figures, wall, ncells, missing=0) -> str:
             ci=["sw", "weight_tv", "log_evidence_error"],
         ),
         "",
+        "## Exact samplers against the floor, cell by cell",
+        "",
+        "Each exact sampler's `sw / sw_floor` (means over seeds, each against its own N exact "
+        "draws); `within 2x` lists those at most twice the floor.",
+        "",
+        *_exact_vs_floor(rows),
+        "",
         "## Figures",
         "",
     ]
     lines += [f"![{f.stem}]({f.name})" for f in figures]
     lines.append("")
     return "\n".join(lines)
+
+
+def _exact_vs_floor(rows) -> list[str]:
+    """Markdown rows: per (d, d_y, steps), every exact sampler's ``sw / sw_floor``, the best
+    one and those within 2x of the floor."""
+    exact = [m for m in dict.fromkeys(r["method"] for r in rows) if entry(m).exact]
+    out = [
+        "| d | d_y | steps | " + " | ".join(exact) + " | best | within 2x |",
+        "|---" * (len(exact) + 5) + "|",
+    ]
+    for d, dy, n in sorted({(r["d"], r["d_y"], r["steps"]) for r in rows}):
+        ratio = {
+            r["method"]: r["sw"] / r["sw_floor"]
+            for r in rows
+            if (r["d"], r["d_y"], r["steps"]) == (d, dy, n)
+            and r["method"] in exact
+            and r["sw_floor"]
+        }
+        cells = [f"{ratio[m]:.2f}" if m in ratio else "—" for m in exact]
+        ok = {m: v for m, v in ratio.items() if not math.isnan(v)}
+        best = min(ok, key=ok.__getitem__) if ok else "—"
+        within = ", ".join(m for m, v in ok.items() if v <= 2) or "none"
+        out.append(f"| {d} | {dy} | {n} | " + " | ".join(cells) + f" | {best} | {within} |")
+    return out
 
 
 def _figures(rows, records, out: Path, methods) -> list[Path]:
