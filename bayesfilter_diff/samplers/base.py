@@ -196,6 +196,12 @@ def check_clamp(name: str, c) -> None:
         raise ValueError(f"{name} must be None or a pair (low, high) with low < high, got {c!r}")
 
 
+def check_finite_nonnegative(name: str, v) -> None:
+    """Raise unless ``v`` is a finite real number (not a bool) ``>= 0``."""
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+
+
 def check_positive_int(name: str, v) -> None:
     """Raise unless ``v`` is an ``int`` (not a bool) ``>= 1``."""
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:

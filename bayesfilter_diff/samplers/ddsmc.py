@@ -70,12 +70,24 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from ..operators.base import LinearOperator, spectral_norm
+from ..operators.base import LinearOperator
 from ..problem import InverseProblem
 from ..schedules import Schedule
-from .base import Context, Move, Requirements, SMCSampler, check_positive_int
-from .kernels import informative_time_grid, log_normal
-from .spectral import gaussian_product, out_of_range_log_likelihood, spectral_observation
+from .base import (
+    Context,
+    Move,
+    Requirements,
+    SMCSampler,
+    check_finite_nonnegative,
+    check_positive_int,
+)
+from .kernels import log_normal
+from .spectral import (
+    gaussian_product,
+    informative_time_grid,
+    out_of_range_log_likelihood,
+    spectral_observation,
+)
 
 __all__ = ["DDSMC", "decoupled_coefficients"]
 
@@ -177,18 +189,15 @@ class DDSMC(SMCSampler):
         check_positive_int("ode_steps", self.ode_steps)
         if self.final_step not in _FINAL:
             raise ValueError(f"final_step must be one of {_FINAL}, got {self.final_step!r}")
-        if not 0 <= self.max_log_snr_step < math.inf:
-            raise ValueError(
-                f"max_log_snr_step must be a finite number >= 0, got {self.max_log_snr_step!r}"
-            )
+        check_finite_nonnegative("max_log_snr_step", self.max_log_snr_step)
 
     def time_grid(self, prior, problem: InverseProblem) -> Tensor:
-        base = super().time_grid(prior, problem)
-        if self.max_log_snr_step == 0:
-            return base
-        s_max = spectral_norm(cast(LinearOperator, problem.operator))
         return informative_time_grid(
-            prior.schedule, base, s_max, problem.min_noise_std, self.max_log_snr_step
+            prior.schedule,
+            super().time_grid(prior, problem),
+            problem.operator,
+            problem.min_noise_std,
+            self.max_log_snr_step,
         )
 
     # ------------------------------------------------------------------ pieces

@@ -42,19 +42,23 @@ resampling at ``ESS < N / 2`` (the code: stratified at ``0.7 N``); an evidence e
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import cast
 
 import torch
 from torch import Tensor
 
-from ..operators.base import LinearOperator, spectral_norm
+from ..operators.base import LinearOperator
 from ..problem import InverseProblem
-from .base import Context, Move, Requirements, SMCSampler
+from .base import Context, Move, Requirements, SMCSampler, check_finite_nonnegative
 from .fps import FPSGrid, _validate, _y_path, fps_grid
-from .kernels import informative_time_grid, log_normal
-from .spectral import gaussian_product, out_of_range_log_likelihood, spectral_observation
+from .kernels import log_normal
+from .spectral import (
+    gaussian_product,
+    informative_time_grid,
+    out_of_range_log_likelihood,
+    spectral_observation,
+)
 
 __all__ = ["FilteringSMC"]
 
@@ -116,22 +120,19 @@ class FilteringSMC(SMCSampler):
         if self.twist not in _TWISTS:
             raise ValueError(f"twist must be one of {_TWISTS}, got {self.twist!r}")
         _validate(self)
-        if not 0 <= self.max_log_snr_step < math.inf:
-            raise ValueError(
-                f"max_log_snr_step must be a finite number >= 0, got {self.max_log_snr_step!r}"
-            )
+        check_finite_nonnegative("max_log_snr_step", self.max_log_snr_step)
 
     def time_grid(self, prior, problem: InverseProblem) -> Tensor:
         """The grid refined where the potentials sharpen, and extended before the last step
         until ``sigma_t^2 s_max^2`` is under 1% of ``sigma_y^2``
         (:func:`~.kernels.informative_time_grid`, as TDS): the last weight swaps ``g`` for
         the likelihood."""
-        base = super().time_grid(prior, problem)
-        if self.max_log_snr_step == 0:
-            return base
-        s_max = spectral_norm(cast(LinearOperator, problem.operator))
         return informative_time_grid(
-            prior.schedule, base, s_max, problem.min_noise_std, self.max_log_snr_step
+            prior.schedule,
+            super().time_grid(prior, problem),
+            problem.operator,
+            problem.min_noise_std,
+            self.max_log_snr_step,
         )
 
     # ------------------------------------------------------------------ the potentials

@@ -50,7 +50,6 @@ __all__ = [
     "time_at_log_snr",
     "refine_in_log_snr",
     "extend_to_log_snr",
-    "informative_time_grid",
     "SmoothedLogLikelihood",
     "smoothed_log_likelihood",
 ]
@@ -186,23 +185,6 @@ def extend_to_log_snr(schedule: Schedule, times: Tensor, target: float, max_step
     levels = torch.linspace(start, top, k + 1, dtype=times.dtype, device=times.device)[1:]
     new = time_at_log_snr(schedule, levels, times[-1], times[-2])
     return torch.cat([times[:-1], new, times[-1:]])
-
-
-def informative_time_grid(
-    schedule: Schedule, times: Tensor, s_max: float, noise_std: float, max_step: float
-) -> Tensor:
-    """``times`` refined where a Gaussian twist through a linear operator of spectral norm
-    ``s_max`` is informative (log-SNR beyond ``log(s_max^2 / sigma_y^2)``: steps wider than
-    ``max_step`` are split, :func:`refine_in_log_snr`) and extended past the last positive
-    time up to log-SNR ``log(s_max^2 / sigma_y^2) + log(100)`` (:func:`extend_to_log_snr`),
-    where a twist's inflation ``~ s_max^2 sigma_t^2 / alpha_t^2`` is at most 1% of
-    ``sigma_y^2``: the last step, which swaps the twist for the likelihood, then no longer
-    sharpens it many-fold. ``times`` unchanged for ``noise_std = 0`` or ``s_max = 0``."""
-    if noise_std == 0 or not s_max > 0:
-        return times
-    informative = math.log(s_max**2 / noise_std**2)
-    times = refine_in_log_snr(schedule, times, schedule.log_snr(times[1:]) >= informative, max_step)
-    return extend_to_log_snr(schedule, times, informative + math.log(100.0), max_step)
 
 
 class SmoothedLogLikelihood(NamedTuple):

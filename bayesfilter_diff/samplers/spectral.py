@@ -32,9 +32,15 @@ from typing import NamedTuple, cast
 import torch
 from torch import Tensor
 
-from ..operators.base import LinearOperator
+from ..operators.base import LinearOperator, Operator, spectral_norm
 from ..schedules import Schedule
-from .kernels import gaussian_log_density, log_normal, time_at_log_snr
+from .kernels import (
+    extend_to_log_snr,
+    gaussian_log_density,
+    log_normal,
+    refine_in_log_snr,
+    time_at_log_snr,
+)
 
 __all__ = [
     "SpectralObservation",
@@ -49,6 +55,7 @@ __all__ = [
     "exact_observation_times",
     "pinv_correction",
     "residual_std",
+    "informative_time_grid",
 ]
 
 
@@ -297,3 +304,27 @@ def residual_std(total: Tensor | float, carried: Tensor | float) -> Tensor:
     value already carries noise of std ``carried`` (e.g. ``alpha sigma_y / s_i`` from
     ``alpha y_bar_i``) up to the noise level ``total``."""
     return torch.as_tensor(total**2 - carried**2).clamp_min(0).sqrt()
+
+
+def informative_time_grid(
+    schedule: Schedule, times: Tensor, op: Operator, noise_std: float, max_step: float
+) -> Tensor:
+    """``times`` refined where a Gaussian potential through the linear operator ``op`` (spectral
+    norm ``s_max``) is informative and extended before the last step.
+
+    Steps beyond log-SNR ``log(s_max^2 / sigma_y^2)`` wider than ``max_step`` are split
+    (:func:`~.kernels.refine_in_log_snr`), and times are inserted past the last positive one up
+    to log-SNR ``log(s_max^2 / sigma_y^2) + log(100)`` (:func:`~.kernels.extend_to_log_snr`),
+    where a twist's inflation ``~ s_max^2 sigma_t^2 / alpha_t^2`` is at most 1% of
+    ``sigma_y^2``: the last step, which swaps the twist for the likelihood, then no longer
+    sharpens it many-fold (TDS, DDSMC, FilteringSMC; docs/methods/tds.md). ``times`` as they
+    are for ``max_step = 0``, a nonlinear operator, ``noise_std = 0`` or ``s_max = 0``.
+    """
+    if max_step == 0 or not op.is_linear or noise_std == 0:
+        return times
+    s_max = spectral_norm(cast(LinearOperator, op))
+    if not s_max > 0:
+        return times
+    informative = math.log(s_max**2 / noise_std**2)
+    times = refine_in_log_snr(schedule, times, schedule.log_snr(times[1:]) >= informative, max_step)
+    return extend_to_log_snr(schedule, times, informative + math.log(100.0), max_step)

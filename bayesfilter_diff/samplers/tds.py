@@ -59,19 +59,18 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from ..operators.base import LinearOperator, spectral_norm
+from ..operators.base import LinearOperator
 from ..problem import InverseProblem
-from .base import Context, Move, Requirements, SMCSampler, check_clamp
+from .base import Context, Move, Requirements, SMCSampler, check_clamp, check_finite_nonnegative
 from .kernels import (
     LOG2PI,
     ddim_coefficients,
     ddim_mean,
     ddim_weights,
-    informative_time_grid,
     smoothed_log_likelihood,
     tweedie_coefficient,
 )
-from .spectral import pixel_residual
+from .spectral import informative_time_grid, pixel_residual
 
 __all__ = ["TDS"]
 
@@ -222,9 +221,7 @@ class TDS(SMCSampler):
         mi = self.max_inserted_steps
         if isinstance(mi, bool) or not isinstance(mi, int) or mi < 0:
             raise ValueError(f"max_inserted_steps must be an int >= 0, got {mi!r}")
-        st = self.max_log_snr_step
-        if isinstance(st, bool) or not isinstance(st, int | float) or not 0 <= st < math.inf:
-            raise ValueError(f"max_log_snr_step must be a finite number >= 0, got {st!r}")
+        check_finite_nonnegative("max_log_snr_step", self.max_log_snr_step)
 
     # ------------------------------------------------------------------ time grid
     def time_grid(self, prior, problem: InverseProblem) -> Tensor:
@@ -241,16 +238,11 @@ class TDS(SMCSampler):
         wider than ``max_log_snr_step``; each inserted time costs one network call.
         """
         base = super().time_grid(prior, problem)
-        if (
-            self.max_log_snr_step == 0
-            or not _uses_gaussian_twist(problem)
-            or not problem.operator.is_linear
-        ):
+        if not _uses_gaussian_twist(problem):
             return base
-        s_max = spectral_norm(cast(LinearOperator, problem.operator))
         # per-problem noise: refine for the most informative problem
         return informative_time_grid(
-            prior.schedule, base, s_max, problem.min_noise_std, self.max_log_snr_step
+            prior.schedule, base, problem.operator, problem.min_noise_std, self.max_log_snr_step
         )
 
     # ------------------------------------------------------------------ twisting function
