@@ -14,6 +14,7 @@ from .fps import FPS, FPSSMC
 from .mcgdiff import MCGdiff
 from .pigdm import PiGDM
 from .pigdm_flow import OTODE, PiGDMFlow
+from .pnpdm import PnPDM
 from .reddiff import REDDiff
 from .registry import REGISTRY, SamplerEntry
 from .repaint import RePaint
@@ -44,6 +45,7 @@ __all__ = [
     "PiGDM",
     "PiGDMFlow",
     "OTODE",
+    "PnPDM",
     "DDRM",
     "DDNM",
     "DDNMPlus",

@@ -31,6 +31,7 @@ from .fps import FPS, FPSSMC
 from .mcgdiff import MCGdiff
 from .pigdm import PiGDM
 from .pigdm_flow import PiGDMFlow
+from .pnpdm import PnPDM
 from .reddiff import REDDiff
 from .repaint import RePaint
 from .smcdiff import SMCDiff
@@ -115,6 +116,8 @@ _ENTRIES = (
     SamplerEntry("DiffPIR", DiffPIR, small={"num_steps": 4, "cg_iters": 5}),
     SamplerEntry("RED-diff", REDDiff),
     SamplerEntry("DAPS", DAPS, small={"num_steps": 3, "ode_steps": 2, "langevin_steps": 3}),
+    # PnP-DM's K = 100 Gibbs iterations do not follow a study's step count (2000 NFEs each)
+    SamplerEntry("PnP-DM", PnPDM, study=lambda n: {}, small={"num_steps": 3, "prior_steps": 2}),
     SamplerEntry("PiGDM-flow", PiGDMFlow, path="flow"),
     # D-Flow's defaults (20 x 20 L-BFGS iterations through a 5-step midpoint solve) cost
     # ~30 000 NFEs per sample; studies bound it to 3 x 5 iterations (~1 000 NFEs).

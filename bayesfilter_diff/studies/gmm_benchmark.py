@@ -31,7 +31,7 @@ import torch
 from ..operators.dense import gmm_benchmark_operator
 from ..priors.gmm import GaussianMixture
 from ..problem import InverseProblem
-from ..samplers.registry import build, entry
+from ..samplers.registry import entry
 from ..schedules import FlowSchedule, VPSchedule
 
 __all__ = ["benchmark_prior", "benchmark_problem", "run_cell", "grid"]
@@ -73,7 +73,8 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     spec = entry(cell["method"])
     sched = FlowSchedule() if spec.path == "flow" else VPSchedule.linear()
     prior = gmm.diffusion(sched)
-    sampler = build(cell["method"], cell["steps"], **cell.get("overrides", {}))
+    # overrides may set any field, num_steps included (PnP-DM's iterations)
+    sampler = spec.build(cell["steps"], **cell.get("overrides", {}))
     g = torch.Generator(device=device).manual_seed(
         _seed("run", cell["method"], cell["seed"], cell["d"], cell["d_y"])
     )

@@ -163,6 +163,13 @@ SETTINGS: dict[str, Callable[[int, InverseProblem], dict[str, Any]]] = {
         "ode_steps": 2,
         "lr": daps_lr(problem),
     },
+    # PnP-DM at the budget: n / 5 Gibbs iterations of 5 prior steps, its coupling annealed
+    # from 10 to 0.3 over the first 70% of them (the code: 100 x ~10-60, over 34)
+    "PnP-DM": lambda n, problem: {
+        "num_steps": max(1, n // 5),
+        "prior_steps": 5,
+        "decay": (0.3 / 10.0) ** (1.0 / max(1.0, 0.7 * max(1, n // 5))),
+    },
     # D-Flow's default (20 x 20 L-BFGS iterations through a 5-step midpoint solve) costs
     # ~30 000 NFEs per sample: bounded to 2 x 5 iterations (each NFE with backprop)
     "D-Flow": lambda n, problem: {"max_iters": 2, "lbfgs_iters": 5},
