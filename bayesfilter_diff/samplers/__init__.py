@@ -12,6 +12,7 @@ from .dps import DPS
 from .filtering import FilteringSMC
 from .fps import FPS, FPSSMC
 from .mcgdiff import MCGdiff
+from .mgps import MGPS
 from .pigdm import PiGDM
 from .pigdm_flow import OTODE, PiGDMFlow
 from .pnpdm import PnPDM
@@ -34,6 +35,7 @@ __all__ = [
     "FPSSMC",
     "FilteringSMC",
     "MCGdiff",
+    "MGPS",
     "SMCDiff",
     "RePaint",
     "REDDiff",

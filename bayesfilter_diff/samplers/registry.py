@@ -29,6 +29,7 @@ from .dps import DPS
 from .filtering import FilteringSMC
 from .fps import FPS, FPSSMC
 from .mcgdiff import MCGdiff
+from .mgps import MGPS
 from .pigdm import PiGDM
 from .pigdm_flow import PiGDMFlow
 from .pnpdm import PnPDM
@@ -88,8 +89,9 @@ class SamplerEntry:
     def weighted(self) -> bool:
         return bool(self.cls.weighted)
 
-    def build(self, num_steps: int | None = None, **overrides: Any) -> Sampler:
-        """An instance with the study settings for ``num_steps`` (or the small settings)."""
+    def build(self, num_steps: int | None = None, /, **overrides: Any) -> Sampler:
+        """An instance with the study settings for ``num_steps`` (or the small settings);
+        ``overrides`` may set any field, ``num_steps`` included (PnP-DM's iterations)."""
         kw = dict(self.small) if num_steps is None else self.study(num_steps)
         kw.update(overrides)
         return self.cls(**kw)
@@ -116,6 +118,19 @@ _ENTRIES = (
     SamplerEntry("DiffPIR", DiffPIR, small={"num_steps": 4, "cg_iters": 5}),
     SamplerEntry("RED-diff", REDDiff),
     SamplerEntry("DAPS", DAPS, small={"num_steps": 3, "ode_steps": 2, "langevin_steps": 3}),
+    # MGPS with the code's Gaussian-mixture setting (lr 0.1, 20 Adam steps in the first ten
+    # steps and every tenth)
+    SamplerEntry(
+        "MGPS",
+        MGPS,
+        study=lambda n: {
+            "num_steps": n,
+            "lr": 0.1,
+            "first_grad_steps": 20,
+            "every_tenth_grad_steps": 20,
+        },
+        small={"num_steps": 3, "grad_steps": 1, "first_grad_steps": 1},
+    ),
     # PnP-DM's K = 100 Gibbs iterations do not follow a study's step count (2000 NFEs each)
     SamplerEntry("PnP-DM", PnPDM, study=lambda n: {}, small={"num_steps": 3, "prior_steps": 2}),
     SamplerEntry("PiGDM-flow", PiGDMFlow, path="flow"),
@@ -173,7 +188,7 @@ def names(
     return out
 
 
-def build(name: str, num_steps: int | None = None, **overrides: Any) -> Sampler:
+def build(name: str, num_steps: int | None = None, /, **overrides: Any) -> Sampler:
     """Instantiate sampler ``name`` with its study settings for ``num_steps`` steps (or its
     small settings when ``num_steps`` is None); ``overrides`` replace settings."""
     return entry(name).build(num_steps, **overrides)
