@@ -44,6 +44,10 @@ SETTINGS: list[tuple[str, dict]] = [
 OUT = Path(__file__).resolve().parent / "results" / "frontier_variants"
 
 
+def _fmt(x: float) -> str:
+    return "—" if math.isnan(x) else f"{x:.3g}"
+
+
 def _label(method: str, ov: dict) -> str:
     return method + ("" if not ov else " " + ", ".join(f"{k}={v}" for k, v in ov.items()))
 
@@ -99,7 +103,7 @@ def main() -> None:
         rows.append(
             f"| {_label(method, ov)} | {mean('sw'):.3g} | {mean('sw_floor'):.3g} | "
             f"{mean('sw') / mean('sw_floor'):.3g} | {mean('weight_tv'):.3g} | "
-            f"{mean('log_evidence_error'):.3g} | {sum(v['warned'] for v in vals)}/{len(vals)} | "
+            f"{_fmt(mean('log_evidence_error'))} | {sum(v['warned'] for v in vals)}/{len(vals)} | "
             f"{mean('nfe'):.3g} |"
         )
     head = (
