@@ -163,6 +163,13 @@ SETTINGS: dict[str, Callable[[int, InverseProblem], dict[str, Any]]] = {
         "ode_steps": 2,
         "lr": daps_lr(problem),
     },
+    # MGPS at the budget: n / 4 steps of 2 network calls and 2 Adam steps (the code's image
+    # settings give 10 Adam steps to the first ten steps)
+    "MGPS": lambda n, problem: {
+        "num_steps": max(1, n // 4),
+        "first_grad_steps": 2,
+        "every_tenth_grad_steps": 2,
+    },
     # PnP-DM at the budget: n / 5 Gibbs iterations of 5 prior steps, its coupling annealed
     # from 10 to 0.3 over the first 70% of them (the code: 100 x ~10-60, over 34)
     "PnP-DM": lambda n, problem: {
