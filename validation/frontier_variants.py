@@ -1,4 +1,4 @@
-"""DDSMC's, FilteringSMC's, MGPS's and PnP-DM's settings side by side on cells of the Gaussian-mixture
+"""DDSMC's, FilteringSMC's, DCPS's, MGPS's and PnP-DM's settings side by side on cells of the Gaussian-mixture
 benchmark (``bayesfilter_diff/studies/gmm_benchmark.py``), with TDS, MCGdiff and FPS-SMC.
 
     python validation/frontier_variants.py            # d = 8, d_y = 1, 20 steps, seeds 0-4
@@ -34,6 +34,8 @@ SETTINGS: list[tuple[str, dict]] = [
     ("DDSMC", {"eta": 1.0}),
     ("DDSMC", {"reconstruction": "ode"}),
     ("DDSMC", {"rho": "flat", "eta": 1.0}),
+    ("DCPS", {}),
+    ("DCPS", {"lr": 1.5}),
     ("MGPS", {}),
     ("MGPS", {"lr": 3e-2, "first_grad_steps": 10, "every_tenth_grad_steps": 2}),
     ("PnP-DM", {}),
@@ -107,7 +109,7 @@ def main() -> None:
             f"{mean('nfe'):.3g} |"
         )
     head = (
-        f"# DDSMC, FilteringSMC, MGPS and PnP-DM settings: d = {a.d}, d_y = {a.dy}, {a.steps} steps, "
+        f"# DDSMC, FilteringSMC, DCPS, MGPS and PnP-DM settings: d = {a.d}, d_y = {a.dy}, {a.steps} steps, "
         f"N = {a.N}, seeds 0..{a.seeds - 1}\n\n"
         f"Command: `python validation/frontier_variants.py --d {a.d} --dy {a.dy} --steps "
         f"{a.steps} --seeds {a.seeds} --N {a.N}`. Means over seeds; `warned` = runs whose "

@@ -2,6 +2,7 @@
 
 from .base import Move, Requirements, Sampler, SMCSampler
 from .daps import DAPS
+from .dcps import DCPS
 from .ddim import DDIM
 from .ddnm import DDNM, DDNMPlus
 from .ddrm import DDRM
@@ -41,6 +42,7 @@ __all__ = [
     "REDDiff",
     "DiffPIR",
     "DAPS",
+    "DCPS",
     "DFlow",
     "TDS",
     "DPS",
