@@ -167,7 +167,6 @@ SETTINGS: dict[str, Callable[[int, InverseProblem], dict[str, Any]]] = {
     "DCPS": lambda n, problem: {
         "num_steps": max(3, n // 3),
         "langevin_steps": 0,
-        "lr": 5e-2,
     },
     # MGPS at the budget: n / 4 steps of 2 network calls and 2 Adam steps (the code's image
     # settings give 10 Adam steps to the first ten steps)
