@@ -266,7 +266,9 @@ def make_sampler(
     overrides = SETTINGS[e.name](n, problem) if e.name in SETTINGS else {}
     if name == "DPS-tuned":
         overrides["scale"] = dps_scale
-    return e.build(overrides.pop("num_steps", n), **overrides)
+    # the study's num_steps override (DAPS, RePaint, DCPS, MGPS, PnP-DM) replaces the
+    # registry's study setting, whatever that setting makes of n
+    return e.build(n, **overrides)
 
 
 def make_problem(task: str, truth: Tensor, seed: int) -> InverseProblem:
@@ -698,7 +700,7 @@ def write_report(
         "in training), pixels in [-1, 1].",
         "",
         f"Budget: {st.particles} particles / samples per image, about {st.steps} network "
-        "evaluations per particle (grid steps; RePaint and DAPS adjusted, see "
+        "evaluations per particle (grid steps; RePaint, DAPS, DCPS, MGPS and PnP-DM adjusted, see "
         "`bayesfilter_diff/studies/imaging.py`), every other hyper-parameter at the sampler's default. The noise of each "
         "observation is drawn once per task; all samplers see the same y. Two departures "
         "from the defaults (see `make_sampler` in `bayesfilter_diff/studies/imaging.py`): PiGDM with "
