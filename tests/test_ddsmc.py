@@ -126,3 +126,17 @@ def test_decoupled_chain_with_tweedie_is_underdispersed_at_any_step_count():
             err[eta, n] = float((chain.covariance() - S).abs().max())
     assert err[1.0, 1000] < 0.02 and err[1.0, 1000] < err[1.0, 20] / 10
     assert err[0.0, 1000] > 0.8 and err[0.0, 1000] > 0.8 * err[0.0, 20]
+
+
+def test_the_default_decoupled_chain_warns_of_its_bias_and_the_consistent_ones_do_not():
+    import warnings
+
+    gmm, _, _, problem, g = gaussian_setup(0.5, bfd.VPSchedule.linear(), 1, 1, seed=1)
+    prior = gmm.diffusion(bfd.VPSchedule.linear())
+    with pytest.warns(bfd.PosteriorQualityWarning, match="narrower than the model"):
+        DDSMC(num_steps=4).sample(prior, problem, 8, generator=g)
+    for sampler in (DDSMC(num_steps=4, eta=1.0), DDSMC(num_steps=4, reconstruction="ode")):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            sampler.sample(prior, problem, 8, generator=g)
+        assert not [x for x in w if "narrower than the model" in str(x.message)]

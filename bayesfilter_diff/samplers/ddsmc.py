@@ -64,12 +64,14 @@ Defaults and departures from the code
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import cast
 
 import torch
 from torch import Tensor
 
+from ..errors import PosteriorQualityWarning
 from ..operators.base import LinearOperator
 from ..problem import InverseProblem
 from ..schedules import Schedule
@@ -243,6 +245,18 @@ class DDSMC(SMCSampler):
 
     # ------------------------------------------------------------------ the sampler
     def setup(self, ctx: Context) -> DDSMCSetup:
+        if self.eta < 1 and self.reconstruction == "tweedie":
+            # a bias of the target itself: no weight can show it
+            warnings.warn(
+                PosteriorQualityWarning(
+                    f"DDSMC: with eta = {self.eta:g} < 1 and Tweedie's reconstruction the chain "
+                    "DDSMC targets drops Var[x0 | x_t] at every step, so its prior (and these "
+                    "draws) are narrower than the model's at any step count "
+                    "(docs/methods/ddsmc.md). Remedies: eta=1 (the DDPM kernel), or "
+                    "reconstruction='ode'."
+                ),
+                stacklevel=4,
+            )
         op = cast(LinearOperator, ctx.problem.operator)
         obs = spectral_observation(op, ctx.y, dtype=ctx.dtype)
         return DDSMCSetup(obs.s, obs.y_tilde[:, None, :], ctx.problem.noise_variance(1))
