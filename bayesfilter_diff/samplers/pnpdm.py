@@ -104,20 +104,22 @@ class PnPDM(Sampler):
         if not 0 < self.decay <= 1:
             raise ValueError(f"decay must be in (0, 1], got {self.decay!r}")
 
+    def _rho(self) -> Tensor:
+        """The coupling of every iteration, ``max(rho_0 decay^k, rho_min)``, ``(K,)`` float64."""
+        k = torch.arange(self.num_steps, dtype=torch.float64)
+        return (self.rho_0 * self.decay**k).clamp_min(self.rho_min)
+
     def time_grid(self, prior: DiffusionModel, problem: InverseProblem) -> Tensor:
         """The start time ``t*`` of every iteration's prior step (``sigma / alpha = rho_k``),
         then 0: ``K + 1`` times, non-increasing (constant once ``rho_min`` is reached)."""
-        k = torch.arange(self.num_steps, dtype=torch.float64)
-        rho = (self.rho_0 * self.decay**k).clamp_min(self.rho_min)
-        t = time_of_ve_sigma(prior.schedule, rho)
+        t = time_of_ve_sigma(prior.schedule, self._rho())
         t = torch.cat([t, torch.zeros(1, dtype=torch.float64)])
         return t.to(dtype=problem.y.dtype, device=problem.y.device)
 
     def setup(self, ctx: Context) -> PnPDMSetup:
         op = cast(LinearOperator, ctx.problem.operator)
         obs = spectral_observation(op, ctx.y, dtype=ctx.dtype)
-        k = torch.arange(self.num_steps, dtype=torch.float64)
-        rho = (self.rho_0 * self.decay**k).clamp_min(self.rho_min)
+        rho = self._rho()
         grid = torch.linspace(1.0, 0.0, self.prior_steps + 1, dtype=torch.float64)
         return PnPDMSetup(
             obs.s,
