@@ -171,3 +171,16 @@ def test_readme_method_table_states_the_declared_requirements():
         req = e.cls.requires
         assert cells[3] == req.operator_text(), (e.name, cells[3])
         assert cells[4] == req.likelihood_text(), (e.name, cells[4])
+
+
+def test_method_labels_name_a_sampler_and_its_overrides():
+    from bayesfilter_diff.samplers.registry import build, parse_label
+
+    assert parse_label("TDS") == ("TDS", {})
+    name, ov = parse_label("TDS[proposal=gradient, ess_threshold=0.3]")
+    assert (name, ov) == ("TDS", {"proposal": "gradient", "ess_threshold": 0.3})
+    s = build(name, 20, **ov)
+    assert s.proposal == "gradient" and s.ess_threshold == 0.3 and s.num_steps == 20
+    for bad in ("TDS[proposal=gradient", "TDS[gradient]"):
+        with pytest.raises(ValueError, match="method label"):
+            parse_label(bad)

@@ -25,6 +25,7 @@ from bayesfilter_diff.studies import gmm_benchmark as gb
 
 SETTINGS: list[tuple[str, dict]] = [
     ("TDS", {}),
+    ("TDS", {"proposal": "gradient"}),
     ("MCGdiff", {}),
     ("FPS-SMC", {}),
     ("Filtering-SMC", {}),

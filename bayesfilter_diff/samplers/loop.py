@@ -40,7 +40,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -77,6 +77,8 @@ class Context:
     times: Tensor
     nfe: int = 0
     backprop: bool = False
+    #: per-run values a sampler derives from the inputs (e.g. from the grid), by name
+    cache: dict[Any, Any] = field(default_factory=dict)
 
     @property
     def B(self) -> int:

@@ -12,6 +12,7 @@ Adding a sampler: write its module (a frozen dataclass subclassing ``Sampler`` o
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +40,15 @@ from .repaint import RePaint
 from .smcdiff import SMCDiff
 from .tds import TDS
 
-__all__ = ["SamplerEntry", "REGISTRY", "entry", "names", "build", "default_sampler"]
+__all__ = [
+    "SamplerEntry",
+    "REGISTRY",
+    "entry",
+    "names",
+    "build",
+    "parse_label",
+    "default_sampler",
+]
 
 
 def _steps(n: int) -> dict[str, Any]:
@@ -201,6 +210,27 @@ def build(name: str, num_steps: int | None = None, /, **overrides: Any) -> Sampl
     """Instantiate sampler ``name`` with its study settings for ``num_steps`` steps (or its
     small settings when ``num_steps`` is None); ``overrides`` replace settings."""
     return entry(name).build(num_steps, **overrides)
+
+
+def parse_label(label: str) -> tuple[str, dict[str, Any]]:
+    """A study's method label, ``"Name"`` or ``"Name[key=value, ...]"`` (values as JSON,
+    else strings), as ``(name, overrides)`` for :func:`build`: ``"TDS[proposal=gradient]"``
+    is ``("TDS", {"proposal": "gradient"})``."""
+    name, sep, rest = label.partition("[")
+    if not sep:
+        return label, {}
+    if not rest.endswith("]"):
+        raise ValueError(f"method label {label!r}: expected 'Name[key=value, ...]'")
+    overrides: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in rest[:-1].split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"method label {label!r}: {item!r} is not key=value")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value.strip()
+    return name.strip(), overrides
 
 
 def default_sampler(problem: InverseProblem, num_steps: int = 100) -> Sampler:

@@ -27,6 +27,19 @@ Update (paper notation ``t = T .. 0``; ours: a step from ``t`` to ``s < t``):
 4. weight ``w_s = p(x_s | x_t) p~_s(y | x_s) / [q(x_s | x_t, y) p~_t(y | x_t)]``, with
    the exact likelihood ``p(y | x_0)`` in place of ``p~_0`` at the last step.
 
+``proposal="conditioned"`` (the default where it applies: Gaussian noise through a linear
+operator with an SVD, ``twist_variance="operator"``) replaces step 3 where the twist is
+sharper than the prior (``v_s <= prior_variance``) by the model's kernel
+``N(x_s; m, std^2 I)`` (``m`` its untwisted mean) conditioned exactly on the twist at ``s``
+linearised as ``A x0_hat(x_s) ~ A (x0_hat(x_t) + (x_s - m) / alpha_s)`` (a rank-``r`` Gaussian
+update in the operator's spectral coordinates); the weight is then
+``Z(x_t) p~_s(y | x_s) / [p~_lin(y | x_s) p~_t(y | x_t)]`` with ``Z`` the linearised
+predictive ``N(y; A x0_hat(x_t), sigma_y^2 I + (v_s + std^2 / alpha_s^2) A A^T)``. Its twist
+variance is the chain's own, ``v_{t_k} = sum_{j >= k} std_j^2 / alpha_{t_{j+1}}^2`` over the
+rest of the grid (``v = 0`` at the last time), so ``Z(x_t) = p~_t(y | x_t)`` exactly: where
+``x0_hat`` is linear (a locally flat prior, the informative end of the path) the weights are
+constant and nothing is resampled. No backward pass in those steps.
+
 The weighted particles target the posterior of the discrete chain
 ``p_theta(x_0) p(y | x_0)`` as ``N -> inf``, and the loop's evidence estimate is unbiased
 for ``p_theta(y)``.
@@ -64,6 +77,7 @@ from ..problem import InverseProblem
 from .base import Context, Move, Requirements, SMCSampler, check_clamp, check_finite_nonnegative
 from .kernels import (
     LOG2PI,
+    DDIMCoefficients,
     ddim_coefficients,
     ddim_mean,
     ddim_weights,
@@ -75,6 +89,7 @@ from .spectral import informative_time_grid, pixel_residual
 __all__ = ["TDS"]
 
 _TWISTS = ("none", "inflated", "pigdm", "operator")
+_PROPOSALS = ("auto", "gradient", "conditioned")
 
 
 #: ``reverse_variance="analytic"``: the exact trace of the denoiser's Jacobian (one backward
@@ -100,10 +115,13 @@ class TDSState:
 
 @dataclass(frozen=True)
 class TDSInfo:
-    """What the run used: ``twist`` is the ``twist_variance``, ``"likelihood"`` (the
-    likelihood at ``x0_hat``) or ``"laplace(<variance>, <curvature>)"``."""
+    """What the run used: ``twist`` is the ``twist_variance`` (``"chain"``: the chain's own
+    variance of the conditioned proposal), ``"likelihood"`` (the likelihood at ``x0_hat``)
+    or ``"laplace(<variance>, <curvature>)"``; ``proposal`` is ``"gradient"`` or
+    ``"conditioned"``."""
 
     twist: str
+    proposal: str = "gradient"
 
 
 def _pixel_twist(
@@ -173,6 +191,15 @@ class TDS(SMCSampler):
         its target's limit) can depend on its neighbours.
     max_inserted_steps
         See ``adaptive_ess``.
+    proposal
+        ``"auto"`` (default): ``"conditioned"`` where it applies (Gaussian noise, a linear
+        operator with an SVD, ``twist_variance="operator"``, ``reverse_variance="ddim"``, no
+        ``clamp_x0``), ``"gradient"`` otherwise; ``"gradient"``: the paper's twisted
+        ancestral step everywhere; ``"conditioned"``: the exact Gaussian conditioning of the
+        model's kernel on the linearised twist wherever the twist's variance is below
+        ``prior_variance`` (module docstring), an error where it does not apply. On the
+        informative end of the path it keeps the weights flat, so far fewer lineages are
+        lost to resampling (measured in docs/methods/tds.md).
     laplace_max_dim
         The Laplace twist uses the likelihood's full Hessian (``d`` backward passes of the
         likelihood per Newton step, no network call) up to this signal dimension ``d``
@@ -197,6 +224,7 @@ class TDS(SMCSampler):
     adaptive_ess: float = 0.0
     max_inserted_steps: int = 200
     reverse_variance: str = "ddim"
+    proposal: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -218,10 +246,117 @@ class TDS(SMCSampler):
             raise ValueError(
                 f"reverse_variance must be 'ddim' or 'analytic', got {self.reverse_variance!r}"
             )
+        if self.proposal not in _PROPOSALS:
+            raise ValueError(f"proposal must be one of {_PROPOSALS}, got {self.proposal!r}")
         mi = self.max_inserted_steps
         if isinstance(mi, bool) or not isinstance(mi, int) or mi < 0:
             raise ValueError(f"max_inserted_steps must be an int >= 0, got {mi!r}")
         check_finite_nonnegative("max_log_snr_step", self.max_log_snr_step)
+
+    def check(self, prior, problem: InverseProblem) -> None:
+        super().check(prior, problem)
+        if self.proposal == "conditioned" and not self._conditions(problem):
+            raise ValueError(
+                "TDS proposal='conditioned' needs Gaussian noise through a linear operator "
+                "with an SVD (has_svd or pixel_svd), twist_variance='operator', "
+                "reverse_variance='ddim' and clamp_x0=None; use proposal='gradient' or 'auto'"
+            )
+
+    def _conditions(self, problem: InverseProblem) -> bool:
+        """Whether the run uses the conditioned proposal (``proposal`` and the problem)."""
+        if self.proposal == "gradient":
+            return False
+        op = problem.operator
+        return (
+            _uses_gaussian_twist(problem)
+            and op.is_linear
+            and bool(getattr(op, "has_svd", False) or getattr(op, "pixel_svd", False))
+            and self.twist_variance == "operator"
+            and self.reverse_variance == "ddim"
+            and self.clamp_x0 is None
+        )
+
+    def _grid_table(self, ctx: Context) -> tuple[Tensor, list[str]]:
+        """For the current grid (computed once per grid): the chain's twist variance at
+        each time (:meth:`_chain_variance`) and each move's kind (:meth:`_move_kind`)."""
+        ts = ctx.times
+        key = ("tds.grid", ts.data_ptr(), ts.numel())  # a refined grid is a new tensor
+        table = ctx.cache.get(key)
+        if table is None:
+            coef = ddim_coefficients(ctx.prior.schedule, ts[:-1], ts[1:], 1.0)
+            a_s = coef.alpha_s
+            term = torch.where(a_s > 0, coef.std**2 / torch.where(a_s > 0, a_s, 1.0) ** 2, 0.0)
+            tail = torch.cat([term.flip(0).cumsum(0).flip(0), term.new_zeros(1)]).to(ctx.dtype)
+            kinds = [
+                "deterministic" if not pos else ("conditioned" if sharp else "gradient")
+                for pos, sharp in zip(
+                    (coef.std > 0).tolist(), (tail[1:] <= self.prior_variance).tolist()
+                )
+            ]
+            table = ctx.cache[key] = (tail, kinds)
+        return table
+
+    def _chain_variance(self, ctx: Context, t: Tensor) -> Tensor:
+        """The conditioned proposal's twist variance at grid time ``t``: ``v_{t_k} =
+        sum_{j >= k} std_j^2 / alpha_{t_{j+1}}^2`` over the rest of the (current) grid, 0 at
+        its last time, so that the kernel's predictive at ``t_k`` is the twist there."""
+        tail = self._grid_table(ctx)[0]
+        hit = ctx.times == t  # the first match (a degenerate grid can repeat a time)
+        return tail[hit.to(torch.int8).argmax()]
+
+    def _move_kind(self, ctx: Context, k: int) -> str:
+        """The move from grid index ``k``: ``"gradient"`` (the paper's; always without the
+        conditioned proposal), ``"deterministic"`` (``std = 0``) or ``"conditioned"`` (the
+        twist at the arrival time no wider than ``prior_variance``)."""
+        if not self._conditions(ctx.problem) or k + 1 >= ctx.times.numel():
+            return "gradient"
+        return self._grid_table(ctx)[1][k]
+
+    def _conditioned_move(
+        self,
+        ctx: Context,
+        x0: Tensor,
+        mean: Tensor,
+        coef: DDIMCoefficients[Tensor],
+        t_next: Tensor,
+        last: bool,
+    ) -> tuple[Tensor, Tensor]:
+        """``x_s`` from the kernel ``N(mean, std^2 I)`` conditioned on the twist at ``s``
+        linearised around ``x0_hat(x_t)``, and ``log Z(x_t) - log p~_lin(y | x_s)`` (module
+        docstring). At the last step the twist is the likelihood of ``x_s`` itself."""
+        op = cast(LinearOperator, ctx.problem.operator)
+        std = coef.std
+        s2 = ctx.problem.noise_variance()
+        if last:  # p(y | x_s): linear in x_s with slope 1, around the kernel's mean
+            a_s, v_s, centre = torch.ones_like(std), torch.zeros_like(std), mean
+        else:
+            a_s, v_s, centre = coef.alpha_s, self._chain_variance(ctx, t_next), x0
+        y = ctx.y.unsqueeze(1)  # (B, 1, *out)
+        if op.pixel_svd:
+            sv = op.pixel_singular_values().to(dtype=y.dtype, device=y.device)  # (d,)
+            r = pixel_residual(op, y)(centre)  # (B, N, d), 0 off the range
+            noise = s2 if not isinstance(s2, Tensor) else s2.reshape(-1, 1, 1)
+        else:
+            sv = op.singular_values().to(dtype=y.dtype, device=y.device)  # (r,)
+            r = op.Ut(y - op(centre))[..., : sv.numel()]  # (B, N, r)
+            noise = s2 if not isinstance(s2, Tensor) else s2.reshape(-1, 1, 1)
+        den = noise + v_s * sv**2  # the twist's variance at s per coordinate
+        den_z = den + (std / a_s) ** 2 * sv**2  # the linearised predictive's
+        prec = 1 / std**2 + sv**2 / (a_s**2 * den)
+        shift = sv / (a_s * den) * r / prec  # conditional mean of the coordinate's move
+        if op.pixel_svd:
+            z = ctx.randn()
+            u = shift + prec.rsqrt() * op.flat_in(z)  # = std z off the range
+            x_new = mean + u.reshape(mean.shape)
+        else:
+            z = ctx.randn()
+            zr = op.Vt(z)[..., : sv.numel()]
+            u = shift + prec.rsqrt() * zr
+            x_new = mean + std * z + op.V(op.pad_in(u - std * zr))
+        on = sv > 0
+        quad_z = torch.where(on, r**2 / den_z + torch.log(den_z), 0.0)
+        quad_s = torch.where(on, (r - sv * u / a_s) ** 2 / den + torch.log(den), 0.0)
+        return x_new, -0.5 * (quad_z - quad_s).sum(-1)
 
     # ------------------------------------------------------------------ time grid
     def time_grid(self, prior, problem: InverseProblem) -> Tensor:
@@ -252,6 +387,8 @@ class TDS(SMCSampler):
         a2, s2 = sch.alpha(t) ** 2, sch.sigma(t) ** 2
         if self.twist_variance == "none":
             return torch.zeros_like(a2)
+        if self._conditions(ctx.problem):
+            return self._chain_variance(ctx, t)
         if self.twist_variance in ("inflated", "operator"):
             return s2 / a2  # sig2 = sigma^2 / alpha^2 (inf at alpha = 0)
         tau2 = self.prior_variance
@@ -284,10 +421,11 @@ class TDS(SMCSampler):
         return self.twist_variance == "operator" and not problem.operator.is_linear
 
     def _twist(
-        self, ctx: Context, x: Tensor, t: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        self, ctx: Context, x: Tensor, t: Tensor, grad: bool = True
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """``x0_hat(x)``, ``log p~_t(y | x)`` ``(B, N)``, its gradient w.r.t. ``x`` (for the
-        Laplace twist: the gradient with the likelihood's curvature held fixed) and, with
+        Laplace twist: the gradient with the likelihood's curvature held fixed; ``None``
+        with ``grad=False``, the conditioned proposal's forward-only call) and, with
         ``reverse_variance="analytic"``, ``Var[x0 | x_t]`` per coordinate ``(B, N)``."""
         probe = None
         if self.reverse_variance == "analytic":
@@ -338,6 +476,10 @@ class TDS(SMCSampler):
                 sq = (r**2).reshape(r.shape[:2] + (-1,)).sum(-1)
                 return -0.5 * sq / var - 0.5 * m * (torch.log(var) + LOG2PI)
 
+        if not grad:
+            x0 = ctx.denoise(x, t)
+            lt = fn(x0)
+            return x0, torch.where(torch.isnan(lt), torch.full_like(lt, -math.inf), lt), None, None
         x0, lt, g, tr = ctx.denoise_backward(x, t, fn, direction=False, probe=probe)
         # A particle whose likelihood is undefined (e.g. a Poisson rate <= 0) gets weight 0.
         lt = torch.where(torch.isnan(lt), torch.full_like(lt, -math.inf), lt)
@@ -362,14 +504,18 @@ class TDS(SMCSampler):
         t0 = ctx.times[0]
         # x_T ~ N(0, sigma_T^2 I), the reference distribution of the chain (as in DDIM).
         x = ctx.prior.schedule.sigma(t0) * ctx.randn()
-        x0, lt, g, var = self._twist(ctx, x, t0)
+        x0, lt, g, var = self._twist(ctx, x, t0, grad=self._move_kind(ctx, 0) == "gradient")
         # w_T = p~_T(y | x_T): the proposal of x_T is the chain's own reference.
         return TDSState(x, x0, g, lt, var), lt
 
     def move(self, ctx: Context, setup: None, state: TDSState, k: int, t, t_next) -> Move:
         sch = ctx.prior.schedule
         x, x0, g, lt = state.x, state.x0, state.grad, state.log_twist
-        assert x0 is not None and g is not None and lt is not None
+        assert x0 is not None and lt is not None
+        kind = self._move_kind(ctx, k)
+        if kind == "gradient" and g is None:  # a time inserted after a conditioned move
+            kind = "conditioned"
+        last = k == ctx.times.numel() - 2
         red = tuple(range(2, x.dim()))
         coef = ddim_coefficients(sch, t, t_next, 1.0)
         s_t = sch.sigma(t)
@@ -386,7 +532,11 @@ class TDS(SMCSampler):
             keep = (var <= 0).reshape(var.shape + (1,) * len(red))
             std = torch.where(var > 0, var, torch.ones_like(var)).sqrt()
             std = std.reshape(var.shape + (1,) * len(red))
-        if keep is not None or bool(std > 0):
+        if kind == "conditioned":
+            # 2-3'. The kernel conditioned on the linearised twist at s (module docstring).
+            x_new, log_ratio = self._conditioned_move(ctx, x0, mean_u, coef, t_next, last)
+        elif keep is not None or bool(std > 0):
+            assert g is not None
             # 2. Twisted x0 (conditional Tweedie): x0~ = x0_hat + sigma_t^2 / alpha_t * grad.
             # 3. Proposal q(x_s | x_t, y) = N(alpha_s x0~ + c_eps eps~, std^2 I); the DDIM
             #    mean is affine in x0 with weight b, so mean_tw = mean_u + b (x0~ - x0_hat).
@@ -408,14 +558,15 @@ class TDS(SMCSampler):
             # Deterministic kernel (last step of VP / flow paths): x_0 = the untwisted mean.
             x_new = mean_u
             log_ratio = torch.zeros_like(lt)
-        if k == ctx.times.numel() - 2:
+        if last:
             # 5a. Final weight: exact likelihood p(y | x_0) over the last twist p~_1(y | x_1).
             lt_new = ctx.problem.log_likelihood(x_new)
             lt_new = torch.where(torch.isnan(lt_new), torch.full_like(lt_new, -math.inf), lt_new)
             new_state = TDSState(x_new)
         else:
             # 5b. Twist at the new particles (also gives the next step's proposal).
-            x0_new, lt_new, g_new, var_new = self._twist(ctx, x_new, t_next)
+            grad = self._move_kind(ctx, k + 1) == "gradient"
+            x0_new, lt_new, g_new, var_new = self._twist(ctx, x_new, t_next, grad=grad)
             new_state = TDSState(x_new, x0_new, g_new, lt_new, var_new)
         # 6. w_s = p(x_s | x_t) p~_s(y | x_s) / [q(x_s | x_t, y) p~_t(y | x_t)]; a particle
         #    already at p~_t = 0 (weight 0) stays at weight 0.
@@ -431,4 +582,6 @@ class TDS(SMCSampler):
             return TDSInfo(f"laplace({v}, {kind})")
         if not _uses_gaussian_twist(ctx.problem):
             return TDSInfo("likelihood")
+        if self._conditions(ctx.problem):
+            return TDSInfo("chain", "conditioned")
         return TDSInfo(self.twist_variance)

@@ -22,7 +22,7 @@ import torch
 from ..operators import Dense
 from ..priors import GaussianMixture
 from ..problem import InverseProblem
-from ..samplers.registry import build
+from ..samplers.registry import build, parse_label
 from ..schedules import VPSchedule
 from .grid import run_study
 from .report import SW_SETTINGS, markdown_table, summarize, write_study_report
@@ -39,7 +39,7 @@ QUICK: dict[str, Any] = {
     "seeds": [0, 1],
 }
 FULL: dict[str, Any] = {
-    "methods": ["MCGdiff", "TDS"],
+    "methods": ["MCGdiff", "TDS", "TDS[proposal=gradient]"],
     "dims": [8, 80],
     "noise": [1e-1, 1e-2, 1e-3, 1e-4],
     "steps": 100,
@@ -69,7 +69,8 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     from .. import diagnostics as dg
 
     gmm, problem = noise_problem(cell["d"], cell["noise"], cell["seed"])
-    sampler = build(cell["method"], cell["steps"])
+    name, overrides = parse_label(cell["method"])  # e.g. "TDS[proposal=gradient]"
+    sampler = build(name, cell["steps"], **overrides)
     g = torch.Generator().manual_seed(cell["seed"])
     start = time.perf_counter()
     with warnings.catch_warnings(record=True):
