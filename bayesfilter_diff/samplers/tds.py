@@ -28,7 +28,7 @@ Update (paper notation ``t = T .. 0``; ours: a step from ``t`` to ``s < t``):
    the exact likelihood ``p(y | x_0)`` in place of ``p~_0`` at the last step.
 
 ``proposal="conditioned"`` (the default where it applies: Gaussian noise through a linear
-operator with an SVD, ``twist_variance="operator"``) replaces step 3 where the twist is
+operator with an SVD or a small matrix, ``twist_variance="operator"``) replaces step 3 where the twist is
 sharper than the prior (``v_s <= prior_variance``) by the model's kernel
 ``N(x_s; m, std^2 I)`` (``m`` its untwisted mean) conditioned exactly on the twist at ``s``
 linearised as ``A x0_hat(x_s) ~ A (x0_hat(x_t) + (x_s - m) / alpha_s)`` (a rank-``r`` Gaussian
@@ -90,6 +90,9 @@ __all__ = ["TDS"]
 
 _TWISTS = ("none", "inflated", "pigdm", "operator")
 _PROPOSALS = ("auto", "gradient", "conditioned")
+#: the conditioned proposal takes the SVD of an operator's matrix (per problem for a
+#: per-problem operator) when the operator has none, up to this many entries in all
+_DENSE_MAX = 2**24
 
 
 #: ``reverse_variance="analytic"``: the exact trace of the denoiser's Jacobian (one backward
@@ -193,8 +196,8 @@ class TDS(SMCSampler):
         See ``adaptive_ess``.
     proposal
         ``"auto"`` (default): ``"conditioned"`` where it applies (Gaussian noise, a linear
-        operator with an SVD, ``twist_variance="operator"``, ``reverse_variance="ddim"``, no
-        ``clamp_x0``), ``"gradient"`` otherwise; ``"gradient"``: the paper's twisted
+        operator with an SVD or a matrix of at most 2**24 entries, per problem included,
+        ``twist_variance="operator"``, ``reverse_variance="ddim"``, no ``clamp_x0``), ``"gradient"`` otherwise; ``"gradient"``: the paper's twisted
         ancestral step everywhere; ``"conditioned"``: the exact Gaussian conditioning of the
         model's kernel on the linearised twist wherever the twist's variance is below
         ``prior_variance`` (module docstring), an error where it does not apply. On the
@@ -258,7 +261,8 @@ class TDS(SMCSampler):
         if self.proposal == "conditioned" and not self._conditions(problem):
             raise ValueError(
                 "TDS proposal='conditioned' needs Gaussian noise through a linear operator "
-                "with an SVD (has_svd or pixel_svd), twist_variance='operator', "
+                "with an SVD (has_svd or pixel_svd) or a matrix of at most 2**24 entries, "
+                "twist_variance='operator', "
                 "reverse_variance='ddim' and clamp_x0=None; use proposal='gradient' or 'auto'"
             )
 
@@ -270,7 +274,11 @@ class TDS(SMCSampler):
         return (
             _uses_gaussian_twist(problem)
             and op.is_linear
-            and bool(getattr(op, "has_svd", False) or getattr(op, "pixel_svd", False))
+            and bool(
+                getattr(op, "has_svd", False)
+                or getattr(op, "pixel_svd", False)
+                or _DENSE_MAX >= op.in_dim * op.out_dim * int(getattr(op, "batch_size", 1))
+            )
             and self.twist_variance == "operator"
             and self.reverse_variance == "ddim"
             and self.clamp_x0 is None
@@ -312,6 +320,19 @@ class TDS(SMCSampler):
             return "gradient"
         return self._grid_table(ctx)[1][k]
 
+    @staticmethod
+    def _matrix_svd(ctx: Context) -> tuple[Tensor, Tensor, Tensor]:
+        """``(U, s, V^T)`` of the operator's matrix, per problem for a per-problem operator:
+        ``(B | 1, m, k)``, ``(B | 1, 1, k)``, ``(B | 1, k, d)``, ``k = min(m, d)``; cached."""
+        svd = ctx.cache.get("tds.matrix_svd")
+        if svd is None:
+            M = torch.as_tensor(cast(LinearOperator, ctx.problem.operator).matrix)
+            M = M.to(dtype=ctx.dtype, device=ctx.device)
+            M = M if M.dim() == 3 else M[None]
+            U, s, Vh = torch.linalg.svd(M, full_matrices=False)
+            svd = ctx.cache["tds.matrix_svd"] = (U, s[:, None, :], Vh)
+        return svd
+
     def _conditioned_move(
         self,
         ctx: Context,
@@ -332,14 +353,18 @@ class TDS(SMCSampler):
         else:
             a_s, v_s, centre = coef.alpha_s, self._chain_variance(ctx, t_next), x0
         y = ctx.y.unsqueeze(1)  # (B, 1, *out)
+        noise = s2 if not isinstance(s2, Tensor) else s2.reshape(-1, 1, 1)
+        dense = None
         if op.pixel_svd:
             sv = op.pixel_singular_values().to(dtype=y.dtype, device=y.device)  # (d,)
             r = pixel_residual(op, y)(centre)  # (B, N, d), 0 off the range
-            noise = s2 if not isinstance(s2, Tensor) else s2.reshape(-1, 1, 1)
-        else:
+        elif op.has_svd:
             sv = op.singular_values().to(dtype=y.dtype, device=y.device)  # (r,)
             r = op.Ut(y - op(centre))[..., : sv.numel()]  # (B, N, r)
-            noise = s2 if not isinstance(s2, Tensor) else s2.reshape(-1, 1, 1)
+        else:  # the SVD of the matrix (per problem), once per run
+            dense = self._matrix_svd(ctx)
+            U, sv, Vh = dense  # (B | 1, m, k), (B | 1, 1, k), (B | 1, k, d)
+            r = op.flat_out(y - op(centre)) @ U  # (B, N, k)
         den = noise + v_s * sv**2  # the twist's variance at s per coordinate
         den_z = den + (std / a_s) ** 2 * sv**2  # the linearised predictive's
         prec = 1 / std**2 + sv**2 / (a_s**2 * den)
@@ -348,11 +373,17 @@ class TDS(SMCSampler):
             z = ctx.randn()
             u = shift + prec.rsqrt() * op.flat_in(z)  # = std z off the range
             x_new = mean + u.reshape(mean.shape)
-        else:
+        elif dense is None:
             z = ctx.randn()
             zr = op.Vt(z)[..., : sv.numel()]
             u = shift + prec.rsqrt() * zr
             x_new = mean + std * z + op.V(op.pad_in(u - std * zr))
+        else:
+            Vh = dense[2]
+            z = ctx.randn()
+            zr = op.flat_in(z) @ Vh.transpose(-1, -2)  # (B, N, k)
+            u = shift + prec.rsqrt() * zr
+            x_new = mean + std * z + ((u - std * zr) @ Vh).reshape(mean.shape)
         on = sv > 0
         quad_z = torch.where(on, r**2 / den_z + torch.log(den_z), 0.0)
         quad_s = torch.where(on, (r - sv * u / a_s) ** 2 / den + torch.log(den), 0.0)
