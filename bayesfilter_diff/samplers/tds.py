@@ -28,8 +28,8 @@ Update (paper notation ``t = T .. 0``; ours: a step from ``t`` to ``s < t``):
    the exact likelihood ``p(y | x_0)`` in place of ``p~_0`` at the last step.
 
 ``proposal="conditioned"`` (the default where it applies: Gaussian noise through a linear
-operator with an SVD or a small matrix, ``twist_variance="operator"``) replaces step 3 where the twist is
-sharper than the prior (``v_s <= prior_variance``) by the model's kernel
+operator with an SVD or a small matrix, ``twist_variance="operator"``) replaces step 3
+where the twist is sharper than the prior (``v_s <= prior_variance``) by the model's kernel
 ``N(x_s; m, std^2 I)`` (``m`` its untwisted mean) conditioned exactly on the twist at ``s``
 linearised as ``A x0_hat(x_s) ~ A (x0_hat(x_t) + (x_s - m) / alpha_s)`` (a rank-``r`` Gaussian
 update in the operator's spectral coordinates); the weight is then
@@ -197,8 +197,9 @@ class TDS(SMCSampler):
     proposal
         ``"auto"`` (default): ``"conditioned"`` where it applies (Gaussian noise, a linear
         operator with an SVD or a matrix of at most 2**24 entries, per problem included,
-        ``twist_variance="operator"``, ``reverse_variance="ddim"``, no ``clamp_x0``), ``"gradient"`` otherwise; ``"gradient"``: the paper's twisted
-        ancestral step everywhere; ``"conditioned"``: the exact Gaussian conditioning of the
+        ``twist_variance="operator"``, ``reverse_variance="ddim"``, no ``clamp_x0``),
+        ``"gradient"`` otherwise; ``"gradient"``: the paper's twisted ancestral step
+        everywhere; ``"conditioned"``: the exact Gaussian conditioning of the
         model's kernel on the linearised twist wherever the twist's variance is below
         ``prior_variance`` (module docstring), an error where it does not apply. On the
         informative end of the path it keeps the weights flat, so far fewer lineages are
