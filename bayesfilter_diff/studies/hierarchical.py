@@ -63,6 +63,9 @@ FULL: dict[str, Any] = {
     "steps": 100,
     "seeds": [0, 1, 2],
 }
+#: the inner sampler's settings besides TDS's defaults (``registry.default_sampler``'s); a
+#: config ``"inner"`` replaces them (recorded in the cell)
+INNER: dict[str, Any] = {"adaptive_ess": 0.1, "reverse_variance": "analytic"}
 SIGMA_TRUE, GAIN_TRUE = 0.5, 1.2
 D64 = torch.float64
 
@@ -214,8 +217,9 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         warnings.simplefilter("always")
         post = infer(
             setup.model(),
-            # the default inner sampler (registry.default_sampler) at the cell's steps
-            build("TDS", cell["steps"], adaptive_ess=0.1, reverse_variance="analytic"),
+            # the default inner sampler (registry.default_sampler) at the cell's steps, or
+            # the cell's own inner settings
+            build("TDS", cell["steps"], **cell.get("inner", INNER)),
             y=setup.y.to(setup.dtype),
             num_samples=cell["N"],
             num_theta=cell["K"],
@@ -322,6 +326,7 @@ def run_hierarchical(
             "moves": cfg["moves"],
             "steps": cfg["steps"],
             "seed": seed,
+            **({"inner": cfg["inner"]} if "inner" in cfg else {}),
         }
         for d in cfg["dims"]
         for seed in cfg["seeds"]
@@ -372,7 +377,8 @@ def run_hierarchical(
         __doc__,
         f"Settings: K = {cfg['K']} theta-particles of N = {cfg['N']} inner particles, "
         f"{cfg['moves']} particle-marginal moves per tempering level, seeds {cfg['seeds']} "
-        f"(fewer where n says so), inner TDS with adaptive steps at the steps of each row; "
+        f"(fewer where n says so), inner TDS at the steps of each row with "
+        f"{cfg.get('inner', INNER)} (TDS's own defaults otherwise); "
         f"floors: as many exact draws as theta-particles; {SW_SETTINGS}.",
         table
         + "\n\nLog Bayes factor, prior `true` vs `alt` (goal: mean |error| <= 0.1 nats):\n\n"
