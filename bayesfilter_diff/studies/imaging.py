@@ -851,8 +851,11 @@ def write_report(
         "the exact tau_i into its grid (64 distinct particles, final ESS ~64). RED-diff "
         "started from the undamped `A^+ y`, which on the blur amplifies the noise by "
         "1 / s_min (4.6 dB); it now starts from the damped pseudo-inverse (17 dB). The "
-        "weighted SMC samplers TDS, FPS-SMC and SMCDiff still lose most of their 64 particles "
-        "to resampling in 64 dimensions (column `distinct`).",
+        "weighted SMC samplers FPS-SMC and SMCDiff still lose most of their 64 particles "
+        "to resampling in 64 dimensions (column `distinct`); TDS, with its conditioned "
+        "proposal (docs/methods/tds.md), keeps 64 distinct particles at the end, though its "
+        "weights still degenerate somewhere on the path with 64 particles (the quality "
+        "check warns).",
         "",
         "Per-cell JSON (settings, per-image metrics, mean, std, draws): `cells/`.",
         "",
