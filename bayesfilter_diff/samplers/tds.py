@@ -370,21 +370,19 @@ class TDS(SMCSampler):
         den_z = den + (std / a_s) ** 2 * sv**2  # the linearised predictive's
         prec = 1 / std**2 + sv**2 / (a_s**2 * den)
         shift = sv / (a_s * den) * r / prec  # conditional mean of the coordinate's move
+        z = ctx.randn()
         if op.pixel_svd:
-            z = ctx.randn()
             u = shift + prec.rsqrt() * op.flat_in(z)  # = std z off the range
             x_new = mean + u.reshape(mean.shape)
-        elif dense is None:
-            z = ctx.randn()
-            zr = op.Vt(z)[..., : sv.numel()]
+        else:  # the observed coordinates' part of std z replaced by their conditional draw
+            if dense is None:
+                zr = op.Vt(z)[..., : sv.numel()]
+            else:
+                zr = op.flat_in(z) @ dense[2].transpose(-1, -2)  # (B, N, k)
             u = shift + prec.rsqrt() * zr
-            x_new = mean + std * z + op.V(op.pad_in(u - std * zr))
-        else:
-            Vh = dense[2]
-            z = ctx.randn()
-            zr = op.flat_in(z) @ Vh.transpose(-1, -2)  # (B, N, k)
-            u = shift + prec.rsqrt() * zr
-            x_new = mean + std * z + ((u - std * zr) @ Vh).reshape(mean.shape)
+            du = u - std * zr
+            back = op.V(op.pad_in(du)) if dense is None else (du @ dense[2]).reshape(mean.shape)
+            x_new = mean + std * z + back
         on = sv > 0
         quad_z = torch.where(on, r**2 / den_z + torch.log(den_z), 0.0)
         quad_s = torch.where(on, (r - sv * u / a_s) ** 2 / den + torch.log(den), 0.0)
