@@ -353,11 +353,13 @@ def test_to_arviz():
 
 
 def test_no_sampler_named_picks_an_exact_default():
-    # A LinearGaussian site with an SVD: MCGdiff (its weighted mean within 4 s.e. of the
-    # exact posterior's); a Student-t site (a custom likelihood): TDS.
+    # A LinearGaussian site with an SVD: TDS with its conditioned proposal (its weighted
+    # mean within 4 s.e. of the exact posterior's); a Student-t site (a custom
+    # likelihood): TDS with the analytic reverse variance.
     y = torch.tensor([0.7, -0.2], dtype=D64)
     post = infer(_lg_model, y=y, num_samples=2000, generator=torch.Generator().manual_seed(0))
-    assert isinstance(post.sampler, bfd.samplers.MCGdiff)
+    assert isinstance(post.sampler, bfd.samplers.TDS) and post.sampler.adaptive_ess == 0.1
+    assert post.result.info.extra.proposal == "conditioned"
     exact = GMM.posterior(bfd.InverseProblem(A, y, 0.3))
     se = (exact.covariance().diagonal() / float(post.result.ess())).sqrt()
     assert ((post.mean() - exact.mean()).abs() < 4 * se).all()
@@ -368,6 +370,7 @@ def test_no_sampler_named_picks_an_exact_default():
 
     post = infer(student, y=y, num_samples=64, generator=torch.Generator().manual_seed(0))
     assert isinstance(post.sampler, bfd.samplers.TDS) and post.kind != "linear_gaussian"
+    assert post.sampler.reverse_variance == "analytic"
     with pytest.raises(TypeError, match="keyword"):
         infer(_lg_model, y)
 

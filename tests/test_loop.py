@@ -135,6 +135,61 @@ def test_genealogy_counts_report_a_collapse():
     assert healthy.info.quality == []
 
 
+def test_genealogy_ess_counts_independent_lineages():
+    g = torch.Generator().manual_seed(0)
+    N, K = 600, 30
+    W = torch.full((2, N), 1.0 / N, dtype=torch.float64)
+    own = torch.arange(N).expand(2, N)
+    x = torch.randn(2, N, 3, generator=g, dtype=torch.float64)
+    # every particle its own lineage, equal weights: worth N draws
+    assert torch.allclose(bfd.smc.genealogy_ess(W, x, own), torch.full((2,), float(N)).double())
+    # K lineages whose particles agree: worth exactly K draws
+    roots = (torch.arange(N) % K).expand(2, N)
+    xk = torch.randn(2, K, 3, generator=g, dtype=torch.float64)[:, torch.arange(N) % K]
+    assert torch.allclose(bfd.smc.genealogy_ess(W, xk, roots), torch.full((2,), float(K)).double())
+    # ... and when they are independent within each lineage, again about N (the estimate's
+    # relative spread is ~ sqrt(2 / K) = 0.26 here; 5 times that stays below 1)
+    e = bfd.smc.genealogy_ess(W, x, roots)
+    assert ((e / N - 1).abs() < 5 * math.sqrt(2 / K)).all()
+    # a cloud with no spread is worth one draw; float16 clouds are estimated in float32
+    assert torch.equal(bfd.smc.genealogy_ess(W, torch.zeros(2, N, 3), own), torch.ones(2).double())
+    assert bfd.smc.genealogy_ess(W, xk.half(), roots).dtype == torch.float64
+
+
+def test_thin_genealogy_warns_although_every_step_looks_healthy():
+    # resampling at every step under mildly uneven weights (ESS ~ 0.9 N each time) with a
+    # jitter too small to decorrelate: the particles stay distinct and no step's ESS is low,
+    # but after 150 steps the cloud descends from a few dozen lineages
+    @dataclass(frozen=True)
+    class _Drift(SMCSampler):
+        ess_threshold: float = 1.0
+        keep: float = 1.0  # x <- keep x + sqrt(1 - keep^2) z: how much a move decorrelates
+
+        def init(self, ctx, setup):
+            return _State(ctx.randn()), None
+
+        def move(self, ctx, setup, state, k, t, t_next):
+            lw = 0.3 * torch.randn(ctx.B, ctx.N, generator=ctx.generator, dtype=torch.float64)
+            jitter = max(1e-3, math.sqrt(1 - self.keep**2))
+            return Move(_State(self.keep * state.x + jitter * ctx.randn()), lw)
+
+    _, prior = _prior()
+    with pytest.warns(bfd.PosteriorQualityWarning, match="thin genealogy") as rec:
+        res = _Drift(num_steps=150).sample(prior, _problem(), 400, torch.Generator().manual_seed(0))
+    assert {i.kind for i in res.info.quality} == {"genealogy"} and len(rec) == 1
+    assert (res.info.min_ess > 0.8 * 400).all() and (res.info.distinct == 400).all()
+    assert (res.info.genealogy_ess < 40).all()
+    # one lineage per ancestor at most, up to the estimate's noise
+    assert (res.info.genealogy_ess < 2 * res.info.ancestors).all()
+    # moves that forget their start (x <- 0.5 x + ...) lose as many lineages, but the
+    # particles of a lineage no longer agree: worth about N, and quiet
+    quiet = _Drift(num_steps=150, keep=0.5).sample(
+        prior, _problem(), 400, torch.Generator().manual_seed(0)
+    )
+    assert (quiet.info.ancestors < 0.2 * 400).all()
+    assert quiet.info.quality == [] and (quiet.info.genealogy_ess > 0.5 * 400).all()
+
+
 def test_index_particles_on_records():
     idx = torch.tensor([[1, 1, 0], [2, 0, 2]])
     x = torch.arange(6.0).reshape(2, 3)

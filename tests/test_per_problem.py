@@ -199,7 +199,8 @@ def test_affine_site_is_read_as_a_dense_operator():
     # the same likelihood as the model's own
     x = torch.randn(1, 7, 2, dtype=DT)
     torch.testing.assert_close(problem.log_likelihood(x), st.observed_log_prob(x))
-    assert bfd.samplers.registry.default_sampler(problem).__class__ is MCGdiff
+    picked = bfd.samplers.registry.default_sampler(problem)
+    assert picked.__class__ is TDS and picked.conditions(problem)
     _, kept, st2 = model_to_problem(model, y=y, linearize=False)
     assert st2.kind == "gaussian" and not kept.operator.is_linear
 

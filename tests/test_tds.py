@@ -411,12 +411,14 @@ def test_conditioned_proposal_on_a_mask_is_exact_and_keeps_its_lineages():
 
 
 @pytest.mark.slow
-def test_analytic_reverse_variance_targets_the_continuous_model():
+@pytest.mark.parametrize("proposal", ["gradient", "conditioned"])
+def test_analytic_reverse_variance_targets_the_continuous_model(proposal):
     """reverse_variance="analytic" adds the b^2 Var[x0 | x_t] that the DDIM kernel drops
     (Var from the denoiser's Jacobian with a Rademacher probe, exact for an isotropic
     Gaussian prior): the chain's reverse transitions are then the continuous model's own,
     so with 10 steps TDS matches the continuous-time posterior and evidence within 4.5
-    standard errors, where the DDIM chain misses them by far."""
+    standard errors, where the DDIM chain misses them by far; with either proposal (the
+    conditioned one then conditions the analytic kernel, last step included)."""
     sched = bfd.VPSchedule.linear()
     mu = torch.tensor([1.0, -0.5, 0.3], dtype=DT)
     gmm = bfd.GaussianMixture(torch.ones(1, dtype=DT), mu[None], torch.tensor([1.5], dtype=DT))
@@ -429,9 +431,10 @@ def test_analytic_reverse_variance_targets_the_continuous_model():
     exact, log_z = gmm.posterior(sub), gmm.log_evidence(sub)
     res = {}
     for rv in ("ddim", "analytic"):
-        res[rv] = TDS(num_steps=10, reverse_variance=rv, max_log_snr_step=0).sample(
-            gmm.diffusion(sched), problem, N, torch.Generator().manual_seed(1)
-        )
+        res[rv] = TDS(
+            num_steps=10, reverse_variance=rv, max_log_snr_step=0, proposal=proposal
+        ).sample(gmm.diffusion(sched), problem, N, torch.Generator().manual_seed(1))
+    assert res["analytic"].info.extra.proposal == proposal
     mean, cov = weighted_moments(res["analytic"])
     m_hat, m_se = copy_stats(mean, P, R)
     c_hat, c_se = copy_stats(cov, P, R)

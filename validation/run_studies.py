@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     )
     a = p.parse_args(argv)
     import json
+    import re
 
     executor = None
     if a.executor == "ray":
@@ -43,7 +44,9 @@ def main(argv=None) -> int:
 
         executor = RayExecutor()
     config = json.loads(a.config) if a.config else None
-    methods = a.methods.split(",") if a.methods else None
+    # commas inside a label's brackets ("TDS[reverse_variance=analytic,proposal=gradient]")
+    # belong to the label
+    methods = re.findall(r"[^,\[]+(?:\[[^\]]*\])?", a.methods) if a.methods else None
     if a.study == "benchmark":
         from bayesfilter_diff.studies.validate import validate
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..result import Result
-from ..smc.particles import distinct_count
+from ..smc.particles import distinct_count, genealogy_variance
 
 __all__ = [
     "ess_trace",
@@ -250,12 +250,10 @@ def genealogy_mcse(result: Result, fn=None, min_lineages: int = 50) -> MeanEstim
     roots = result.info.roots
     if roots is None:
         raise ValueError("this Result has no genealogy (info.roots): an unweighted sampler?")
-    W, phi, mean = _weighted_mean(result, fn)
-    c = W[..., None] * (phi - mean[:, None])  # (B, N, k)
-    idx = roots.to(c.device).long()
+    W, phi, _ = _weighted_mean(result, fn)
+    idx = roots.to(phi.device).long()
     idx = idx if result.batched else idx.reshape(1, -1)
-    sums = torch.zeros_like(c).scatter_add_(1, idx[..., None].expand_as(c), c)
-    var = (sums**2).sum(1)  # (B, k)
+    mean, var = genealogy_variance(W, phi, idx)  # (B, k) each
     lineages = distinct_count(idx)
     if bool((lineages < min_lineages).any()):
         warnings.warn(

@@ -260,7 +260,7 @@ def infer_hierarchical(
     docstring): ``num_theta`` theta-particles, ``num_samples`` inner particles each, then
     ``moves`` particle-marginal Metropolis-Hastings moves; ``sampler`` is the inner SMC
     sampler (default: :func:`~bayesfilter_diff.samplers.registry.default_sampler` of the
-    problem)."""
+    problem with ``evidence=True``: TDS with the analytic reverse variance)."""
     for name, v, low in (
         ("num_theta", num_theta, 2),
         ("moves", moves, 0),
@@ -373,7 +373,9 @@ def infer_hierarchical(
         prior_model, problem, st = model_to_problem(
             wrapped(values), *args, linearize=linearize, **kwargs
         )
-        smp = sampler if sampler is not None else (used[0] if used else default_sampler(problem))
+        smp = sampler
+        if smp is None:
+            smp = used[0] if used else default_sampler(problem, evidence=True)
         if not used:
             used.append(smp)
         with warnings.catch_warnings():

@@ -7,8 +7,8 @@ at the ``d`` basis vectors (one replay of ``d + 1`` particles per problem) give 
 ``M``; the affine fit is then checked at random probes of several scales (``+-z``,
 ``100 z``, ``0.01 z``), which a polynomial, piecewise-linear (``relu``, ``abs``) or clipped
 map fails. A map that passes becomes a :class:`~bayesfilter_diff.operators.Dense` operator
-(one matrix for all problems, with its SVD: every linear-Gaussian sampler, MCGdiff by
-default) or a :class:`~bayesfilter_diff.operators.PerProblemDense` (one matrix per
+(one matrix for all problems, with its SVD: every linear-Gaussian sampler, TDS's
+conditioned proposal by default) or a :class:`~bayesfilter_diff.operators.PerProblemDense` (one matrix per
 problem: an operator parameter per theta-particle of SMC^2), with ``y - c`` as the data.
 
 :func:`check_linearization` compares the linear likelihood with the model's own at the

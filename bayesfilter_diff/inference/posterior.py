@@ -121,8 +121,9 @@ def infer(
     sampler
         Any sampler of :mod:`bayesfilter_diff.samplers`; ``None`` (default) picks an
         asymptotically exact one suited to the model
-        (:func:`~bayesfilter_diff.samplers.registry.default_sampler`: MCGdiff for a
-        LinearGaussian site with an SVD, TDS otherwise), recorded in ``Posterior.sampler``.
+        (:func:`~bayesfilter_diff.samplers.registry.default_sampler`: TDS with adaptive
+        steps, its conditioned proposal for a linear-Gaussian site with an SVD or a small
+        matrix, the analytic reverse variance otherwise), recorded in ``Posterior.sampler``.
     *args, **kwargs
         The model's arguments (the names ``num_samples``, ``generator``, ``num_theta``,
         ``moves`` and ``linearize`` are taken).
@@ -138,7 +139,7 @@ def infer(
     linearize
         Read a Gaussian observation whose mean is affine in the prior value (``x @ M.T``,
         ``g * A(x) + c``) as a linear operator, so that the linear-Gaussian samplers (and
-        the default MCGdiff) apply (:mod:`bayesfilter_diff.inference.linearize`; checked
+        the default TDS's conditioned proposal) apply (:mod:`bayesfilter_diff.inference.linearize`; checked
         against the model's own likelihood at the returned draws). ``False`` keeps the
         forward model a differentiable black box.
     generator

@@ -50,7 +50,7 @@ from ..errors import DegenerateWeightsError, NonFiniteSamplesError
 from ..priors.base import DiffusionModel
 from ..problem import InverseProblem
 from ..result import Result, RunInfo
-from ..smc.particles import ParticleWeights, distinct_count, index_particles
+from ..smc.particles import ParticleWeights, distinct_count, genealogy_ess, index_particles
 from . import quality
 from .kernels import DDIMCoefficients, ddim_weights, time_at_log_snr
 
@@ -169,17 +169,33 @@ class Context:
             else:
                 v = fn(x0)
                 (g,) = torch.autograd.grad(v.sum(), xr, retain_graph=keep)
-            tr = None
-            if probe is not None:
-                # probes (P, *event) with E[sum_p z_p z_p^T] = I: a Rademacher vector, or
-                # the coordinate basis (then the sum is the exact trace)
-                tr = torch.zeros(x.shape[:2], dtype=x0.dtype, device=x0.device)
-                for i, zi in enumerate(probe):
-                    z = zi.expand_as(x0)
-                    last = i == probe.shape[0] - 1
-                    (jz,) = torch.autograd.grad(x0, xr, grad_outputs=z, retain_graph=not last)
-                    tr = tr + (jz * z).reshape(x.shape[:2] + (-1,)).sum(-1).detach()
+            tr = None if probe is None else _probe_trace(x0, xr, probe)
         return x0.detach(), v.detach(), g, tr
+
+    def denoise_trace(self, x: Tensor, t: Tensor | float, probe: Tensor) -> tuple[Tensor, Tensor]:
+        """``x0_hat`` and ``sum_p z_p^T J z_p`` per particle ``(B, N)`` (as in
+        :meth:`denoise_backward`) without a gradient of any function: one backward pass per
+        probe."""
+        self.nfe += 1
+        self.backprop = True
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(True)
+            x0 = self.prior.denoise(xr, t)
+            tr = _probe_trace(x0, xr, probe)
+        return x0.detach(), tr
+
+
+def _probe_trace(x0: Tensor, xr: Tensor, probe: Tensor) -> Tensor:
+    """``sum_p z_p^T (d x0 / d xr) z_p`` per particle for probes ``(P, *event)`` with
+    ``E[sum_p z_p z_p^T] = I`` (a Rademacher vector, or the coordinate basis: then the sum is
+    the exact trace); frees the graph after the last probe."""
+    tr = torch.zeros(xr.shape[:2], dtype=x0.dtype, device=x0.device)
+    for i, zi in enumerate(probe):
+        z = zi.expand_as(x0)
+        last = i == probe.shape[0] - 1
+        (jz,) = torch.autograd.grad(x0, xr, grad_outputs=z, retain_graph=not last)
+        tr = tr + (jz * z).reshape(xr.shape[:2] + (-1,)).sum(-1).detach()
+    return tr
 
 
 def check_inputs(prior: Any, problem: Any, num_samples: Any, generator: Any = None) -> None:
@@ -498,6 +514,8 @@ def run(
             f"(noise_std={problem.min_noise_std:g}), the sampler's step sizes and the prior"
         )
     info.distinct = _distinct_samples(x)
+    if weighted:
+        info.genealogy_ess = genealogy_ess(w.log_w.exp(), x, w.roots)
     # the quality check: findings in info.quality, each warned with its remedy
     start_scale = float(prior.schedule.sigma(times[0])) * math.sqrt(max(1, x[0, 0].numel()))
     info.quality = quality.assess(

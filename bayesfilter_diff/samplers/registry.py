@@ -233,24 +233,38 @@ def parse_label(label: str) -> tuple[str, dict[str, Any]]:
     return name.strip(), overrides
 
 
-def default_sampler(problem: InverseProblem, num_steps: int = 100) -> Sampler:
-    """An asymptotically exact sampler suited to ``problem``: MCGdiff for a linear operator
-    with an SVD and Gaussian noise (exact conditioning, no network gradients), TDS for every
-    other likelihood it accepts (nonlinear operators, Poisson, custom / Pyro sites,
-    per-problem noise or operators), with adaptive steps (``adaptive_ess=0.1``: a move that
-    would leave less than 10% of N is redone to an intermediate time) and the analytic
-    reverse variance (``reverse_variance="analytic"``: the chain's transitions carry the
-    ``Var[x0 | x_t]`` that DDIM drops, so it targets the continuous model, not its
-    discretisation)."""
-    for name in ("MCGdiff", "TDS"):
-        kw = {"adaptive_ess": 0.1, "reverse_variance": "analytic"} if name == "TDS" else {}
-        sampler = build(name, num_steps, **kw)
-        if sampler.requirements().unmet(problem) is None:
-            return sampler
+def default_sampler(
+    problem: InverseProblem, num_steps: int = 100, evidence: bool = False
+) -> Sampler:
+    """An asymptotically exact sampler suited to ``problem``: TDS with adaptive steps
+    (``adaptive_ess=0.1``: a move that would leave less than 10% of N is redone to an
+    intermediate time), and
+
+    - for Gaussian noise through a linear operator with an SVD or a small matrix, its
+      conditioned proposal (``proposal="auto"`` with the DDPM kernel: exact Gaussian
+      conditioning at the informative end of the path, which keeps the lineages; on the
+      noise-level study 1.4-1.75x the exact floor where MCGdiff, the default before
+      2026-12-03, was 2.8-4.7x, and 4.0x against 5.2x over the mixture protocol);
+    - for every other likelihood it accepts (nonlinear operators, Poisson, custom / Pyro
+      sites), and with ``evidence=True`` (SMC^2's inner sampler, whose error is the
+      evidence's), the analytic reverse variance (``reverse_variance="analytic"``: the
+      chain's transitions carry the ``Var[x0 | x_t]`` that DDIM drops, so it targets the
+      continuous model, not its discretisation; SMC^2's log Bayes factor error at d = 80
+      -0.14 +- 0.39 against -0.58 +- 0.39 with the conditioned proposal);
+
+    MCGdiff where TDS does not apply."""
+    tds = build("TDS", num_steps, adaptive_ess=0.1)
+    assert isinstance(tds, TDS)
+    if tds.requirements().unmet(problem) is None:
+        if not evidence and tds.conditions(problem):
+            return tds
+        return build("TDS", num_steps, adaptive_ess=0.1, reverse_variance="analytic")
+    mcg = build("MCGdiff", num_steps)
+    if mcg.requirements().unmet(problem) is None:
+        return mcg
     raise ValueError(
         "no asymptotically exact sampler accepts this problem: "
         + "; ".join(
-            f"{n} needs {build(n, num_steps).requirements().unmet(problem)}"
-            for n in ("MCGdiff", "TDS")
+            f"{type(s).__name__} needs {s.requirements().unmet(problem)}" for s in (tds, mcg)
         )
     )

@@ -77,7 +77,6 @@ from ..problem import InverseProblem
 from .base import Context, Move, Requirements, SMCSampler, check_clamp, check_finite_nonnegative
 from .kernels import (
     LOG2PI,
-    DDIMCoefficients,
     ddim_coefficients,
     ddim_mean,
     ddim_weights,
@@ -119,7 +118,9 @@ class TDSState:
 @dataclass(frozen=True)
 class TDSInfo:
     """What the run used: ``twist`` is the ``twist_variance`` (``"chain"``: the chain's own
-    variance of the conditioned proposal), ``"likelihood"`` (the likelihood at ``x0_hat``)
+    variance of the conditioned proposal; ``"gaussian_prior"``: the conditioned proposal
+    with the analytic reverse variance, ``Var[x0 | x_t]`` of a ``N(0, prior_variance I)``
+    prior), ``"likelihood"`` (the likelihood at ``x0_hat``)
     or ``"laplace(<variance>, <curvature>)"``; ``proposal`` is ``"gradient"`` or
     ``"conditioned"``."""
 
@@ -259,15 +260,14 @@ class TDS(SMCSampler):
 
     def check(self, prior, problem: InverseProblem) -> None:
         super().check(prior, problem)
-        if self.proposal == "conditioned" and not self._conditions(problem):
+        if self.proposal == "conditioned" and not self.conditions(problem):
             raise ValueError(
                 "TDS proposal='conditioned' needs Gaussian noise through a linear operator "
                 "with an SVD (has_svd or pixel_svd) or a matrix of at most 2**24 entries, "
-                "twist_variance='operator', "
-                "reverse_variance='ddim' and clamp_x0=None; use proposal='gradient' or 'auto'"
+                "twist_variance='operator' and clamp_x0=None; use proposal='gradient' or 'auto'"
             )
 
-    def _conditions(self, problem: InverseProblem) -> bool:
+    def conditions(self, problem: InverseProblem) -> bool:
         """Whether the run uses the conditioned proposal (``proposal`` and the problem)."""
         if self.proposal == "gradient":
             return False
@@ -281,8 +281,10 @@ class TDS(SMCSampler):
                 or _DENSE_MAX >= op.in_dim * op.out_dim * int(getattr(op, "batch_size", 1))
             )
             and self.twist_variance == "operator"
-            and self.reverse_variance == "ddim"
             and self.clamp_x0 is None
+            # "auto" keeps the analytic reverse variance with the gradient proposal (with
+            # the conditioned one it measured worse on the noise-level study, tds.md)
+            and (self.proposal == "conditioned" or self.reverse_variance == "ddim")
         )
 
     def _grid_table(self, ctx: Context) -> tuple[Tensor, list[str]]:
@@ -317,7 +319,7 @@ class TDS(SMCSampler):
         """The move from grid index ``k``: ``"gradient"`` (the paper's; always without the
         conditioned proposal), ``"deterministic"`` (``std = 0``) or ``"conditioned"`` (the
         twist at the arrival time no wider than ``prior_variance``)."""
-        if not self._conditions(ctx.problem) or k + 1 >= ctx.times.numel():
+        if not self.conditions(ctx.problem) or k + 1 >= ctx.times.numel():
             return "gradient"
         return self._grid_table(ctx)[1][k]
 
@@ -339,20 +341,23 @@ class TDS(SMCSampler):
         ctx: Context,
         x0: Tensor,
         mean: Tensor,
-        coef: DDIMCoefficients[Tensor],
+        std_x: Tensor,
+        alpha_s: Tensor,
         t_next: Tensor,
         last: bool,
     ) -> tuple[Tensor, Tensor]:
         """``x_s`` from the kernel ``N(mean, std^2 I)`` conditioned on the twist at ``s``
         linearised around ``x0_hat(x_t)``, and ``log Z(x_t) - log p~_lin(y | x_s)`` (module
-        docstring). At the last step the twist is the likelihood of ``x_s`` itself."""
+        docstring). At the last step the twist is the likelihood of ``x_s`` itself.
+        ``std_x``: the kernel's standard deviation, a scalar or per particle (``(B, N, 1,
+        ...)``, the analytic reverse variance)."""
         op = cast(LinearOperator, ctx.problem.operator)
-        std = coef.std
+        std = std_x.reshape(std_x.shape[:2] + (1,)) if std_x.dim() > 1 else std_x
         s2 = ctx.problem.noise_variance()
         if last:  # p(y | x_s): linear in x_s with slope 1, around the kernel's mean
             a_s, v_s, centre = torch.ones_like(std), torch.zeros_like(std), mean
         else:
-            a_s, v_s, centre = coef.alpha_s, self._chain_variance(ctx, t_next), x0
+            a_s, v_s, centre = alpha_s, self._twist_extra_variance(ctx, t_next), x0
         y = ctx.y.unsqueeze(1)  # (B, 1, *out)
         noise = s2 if not isinstance(s2, Tensor) else s2.reshape(-1, 1, 1)
         dense = None
@@ -382,7 +387,7 @@ class TDS(SMCSampler):
             u = shift + prec.rsqrt() * zr
             du = u - std * zr
             back = op.V(op.pad_in(du)) if dense is None else (du @ dense[2]).reshape(mean.shape)
-            x_new = mean + std * z + back
+            x_new = mean + std_x * z + back
         on = sv > 0
         quad_z = torch.where(on, r**2 / den_z + torch.log(den_z), 0.0)
         quad_s = torch.where(on, (r - sv * u / a_s) ** 2 / den + torch.log(den), 0.0)
@@ -417,7 +422,12 @@ class TDS(SMCSampler):
         a2, s2 = sch.alpha(t) ** 2, sch.sigma(t) ** 2
         if self.twist_variance == "none":
             return torch.zeros_like(a2)
-        if self._conditions(ctx.problem):
+        if self.conditions(ctx.problem):
+            if self.reverse_variance == "analytic":
+                # the chain then follows the continuous model, whose Var[x0 | x_t] for a
+                # N(0, tau2 I) prior is tau2 sig2 / (tau2 + sig2)
+                tau2 = self.prior_variance
+                return tau2 * s2 / (tau2 * a2 + s2)
             return self._chain_variance(ctx, t)
         if self.twist_variance in ("inflated", "operator"):
             return s2 / a2  # sig2 = sigma^2 / alpha^2 (inf at alpha = 0)
@@ -507,9 +517,17 @@ class TDS(SMCSampler):
                 return -0.5 * sq / var - 0.5 * m * (torch.log(var) + LOG2PI)
 
         if not grad:
-            x0 = ctx.denoise(x, t)
+            # the conditioned proposal's call: no gradient of the twist (with the analytic
+            # reverse variance, the probes' backward passes only)
+            x0_var = None
+            if probe is None:
+                x0 = ctx.denoise(x, t)
+            else:
+                x0, tr = ctx.denoise_trace(x, t, probe)
+                x0_var = self._x0_variance(ctx, t, tr)
             lt = fn(x0)
-            return x0, torch.where(torch.isnan(lt), torch.full_like(lt, -math.inf), lt), None, None
+            lt = torch.where(torch.isnan(lt), torch.full_like(lt, -math.inf), lt)
+            return x0, lt, None, x0_var
         x0, lt, g, tr = ctx.denoise_backward(x, t, fn, direction=False, probe=probe)
         # A particle whose likelihood is undefined (e.g. a Poisson rate <= 0) gets weight 0.
         lt = torch.where(torch.isnan(lt), torch.full_like(lt, -math.inf), lt)
@@ -562,9 +580,15 @@ class TDS(SMCSampler):
             keep = (var <= 0).reshape(var.shape + (1,) * len(red))
             std = torch.where(var > 0, var, torch.ones_like(var)).sqrt()
             std = std.reshape(var.shape + (1,) * len(red))
+        if kind == "deterministic" and state.x0_var is not None:
+            kind = "conditioned"  # "analytic": the last step draws x0 ~ N(x0_hat, b^2 v)
         if kind == "conditioned":
             # 2-3'. The kernel conditioned on the linearised twist at s (module docstring).
-            x_new, log_ratio = self._conditioned_move(ctx, x0, mean_u, coef, t_next, last)
+            if state.x0_var is not None:  # a deterministic particle: a vanishing variance
+                std = var.clamp_min(1e-20).sqrt().reshape(std.shape)
+            x_new, log_ratio = self._conditioned_move(
+                ctx, x0, mean_u, std, coef.alpha_s, t_next, last
+            )
         elif keep is not None or bool(std > 0):
             assert g is not None
             # 2. Twisted x0 (conditional Tweedie): x0~ = x0_hat + sigma_t^2 / alpha_t * grad.
@@ -612,6 +636,7 @@ class TDS(SMCSampler):
             return TDSInfo(f"laplace({v}, {kind})")
         if not _uses_gaussian_twist(ctx.problem):
             return TDSInfo("likelihood")
-        if self._conditions(ctx.problem):
-            return TDSInfo("chain", "conditioned")
+        if self.conditions(ctx.problem):
+            twist = "gaussian_prior" if self.reverse_variance == "analytic" else "chain"
+            return TDSInfo(twist, "conditioned")
         return TDSInfo(self.twist_variance)

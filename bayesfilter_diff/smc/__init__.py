@@ -5,7 +5,13 @@ The driver that runs samplers over these lives beside them, in
 :mod:`bayesfilter_diff.samplers.loop`.
 """
 
-from .particles import ParticleWeights, distinct_count, index_particles
+from .particles import (
+    ParticleWeights,
+    distinct_count,
+    genealogy_ess,
+    genealogy_variance,
+    index_particles,
+)
 from .resampling import (
     RESAMPLERS,
     get_resampler,
@@ -20,6 +26,8 @@ from .weights import ess, log_evidence_increment, log_mean_exp, normalize
 __all__ = [
     "ParticleWeights",
     "distinct_count",
+    "genealogy_ess",
+    "genealogy_variance",
     "index_particles",
     "RESAMPLERS",
     "get_resampler",

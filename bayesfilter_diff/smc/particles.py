@@ -22,7 +22,13 @@ from torch import Tensor
 from .resampling import get_resampler
 from .weights import ess, log_evidence_increment, normalize
 
-__all__ = ["ParticleWeights", "index_particles", "distinct_count"]
+__all__ = [
+    "ParticleWeights",
+    "index_particles",
+    "distinct_count",
+    "genealogy_variance",
+    "genealogy_ess",
+]
 
 T = TypeVar("T")
 
@@ -130,3 +136,39 @@ def distinct_count(index: Tensor) -> Tensor:
     """Number of distinct values along the last axis of an integer tensor, batched."""
     s = index.sort(dim=-1).values
     return (s[..., 1:] != s[..., :-1]).sum(-1) + 1
+
+
+def genealogy_variance(W: Tensor, phi: Tensor, roots: Tensor) -> tuple[Tensor, Tensor]:
+    """The weighted mean of ``phi`` and the genealogy estimate of its Monte Carlo variance
+    (Chan & Lai 2013; Lee & Whiteley 2018), per problem and component.
+
+    ``W`` ``(B, N)`` normalised weights, ``phi`` ``(B, N, k)`` values, ``roots`` ``(B, N)``
+    each particle's time-0 ancestor. With ``E_i`` the root of particle ``i``,
+    ``Var ~ sum_e (sum_{i: E_i = e} W_i (phi_i - phi_hat))^2``: particles of one lineage
+    count as one draw, as far as their values agree. Returns ``(mean, var)``, ``(B, k)``
+    each, in ``phi``'s dtype.
+    """
+    W = W.to(phi.dtype)
+    mean = (W[..., None] * phi).sum(1)
+    c = W[..., None] * (phi - mean[:, None])
+    idx = roots.to(c.device).long()[..., None].expand_as(c)
+    sums = torch.zeros_like(c).scatter_add_(1, idx, c)
+    return mean, (sums**2).sum(1)
+
+
+def genealogy_ess(W: Tensor, x: Tensor, roots: Tensor) -> Tensor:
+    """How many independent draws the weighted cloud ``x`` ``(B, N, ...)`` is worth for
+    posterior means, from its genealogy: the total posterior variance over the total
+    genealogy variance of the mean (:func:`genealogy_variance`, summed over coordinates),
+    ``(B,)`` float64, at most ``N``. ``N`` for a cloud whose particles all have distinct
+    roots and equal weights; close to the number of surviving lineages when each lineage's
+    particles agree. 1 for a cloud with no spread."""
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    phi = x.reshape(x.shape[0], x.shape[1], -1).to(dt)
+    Wd = W.to(dt)
+    mean, var_mean = genealogy_variance(Wd, phi, roots)
+    spread = (Wd[..., None] * (phi - mean[:, None]) ** 2).sum((1, 2)).double()
+    tot = var_mean.sum(-1).double()
+    out = torch.where(tot > 0, spread / tot.clamp_min(1e-300), torch.ones_like(spread))
+    out = torch.where(spread > 0, out, torch.ones_like(out))
+    return out.clamp(1.0, float(x.shape[1]))

@@ -21,7 +21,7 @@ import torch
 
 from ..priors.gmm import GaussianMixture
 from ..problem import InverseProblem
-from ..samplers.registry import build, entry, names
+from ..samplers.registry import build, entry, names, parse_label
 from ..schedules import FlowSchedule, VPSchedule
 from .grid import run_study
 from .report import markdown_table, write_text
@@ -65,12 +65,13 @@ def _cell(cell: dict[str, Any]) -> dict[str, Any]:
     from ..diagnostics import coverage, sbc_ranks
 
     gmm, problem, x = calibration_problem(cell["d"], cell["chunk"], cell["B"])
-    spec = entry(cell["method"])
+    name, overrides = parse_label(cell["method"])  # e.g. "TDS[proposal=gradient]"
+    spec = entry(name)
     prior = gmm.diffusion(FlowSchedule() if spec.path == "flow" else VPSchedule.linear())
     g = torch.Generator().manual_seed(
         _seed("calibration-run", cell["method"], cell["d"], cell["chunk"])
     )
-    res = build(cell["method"], cell["steps"]).sample(prior, problem, cell["N"] * 4, g)
+    res = build(name, cell["steps"], **overrides).sample(prior, problem, cell["N"] * 4, g)
     draws = res.draws(cell["N"], generator=g)
     if not torch.isfinite(draws).all():
         return {"finite": False}
@@ -132,7 +133,7 @@ def run_calibration(
                     {
                         "method": m,
                         "d": d,
-                        "exact": "yes" if entry(m).exact else "no",
+                        "exact": "yes" if entry(parse_label(m)[0]).exact else "no",
                         "sbc_pvalue": float("nan"),
                         "note": "non-finite draws",
                     }
@@ -144,7 +145,7 @@ def run_calibration(
             row = {
                 "method": m,
                 "d": d,
-                "exact": "yes" if entry(m).exact else "no",
+                "exact": "yes" if entry(parse_label(m)[0]).exact else "no",
                 "sbc_pvalue": test.pvalue,
                 "verdict": "uniformity not rejected" if test.pvalue > 0.01 else "miscalibrated",
             }
@@ -198,7 +199,12 @@ def _figures(hists, cfg, out: Path) -> list[Path]:
             ax.axis("off")
         for ax, (m, r) in zip(axes.flat, items):
             u = (r[:, 0].double() / cfg["N"]).numpy()
-            ax.hist(u, bins=10, range=(0, 1), color="tab:green" if entry(m).exact else "tab:gray")
+            ax.hist(
+                u,
+                bins=10,
+                range=(0, 1),
+                color="tab:green" if entry(parse_label(m)[0]).exact else "tab:gray",
+            )
             ax.axhline(len(u) / 10, color="k", lw=1, ls="--")
             ax.set_title(m, fontsize=9)
             ax.set_yticks([])
