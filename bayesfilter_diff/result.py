@@ -56,6 +56,10 @@ class RunInfo:
         ``(num_steps + 1, B)``: the running estimate of the log normalising constant.
     min_ess
         ``(B,)``: the smallest entry of ``ess`` (the sharpest weight degeneracy of the run).
+    acceptance
+        ``(num_steps + 1, B)``: the acceptance rate of the resample-move (rejuvenation)
+        moves made after that reweighting's resampling (TDS's ``rejuvenation_steps``), NaN
+        where none were made; ``None`` for a run without them.
     ancestors
         ``(B,)``: how many of the ``N`` initial particles still have descendants at the
         end (1 means the whole cloud descends from one particle).
@@ -100,6 +104,7 @@ class RunInfo:
     resampled: Tensor | None = None
     log_evidence: Tensor | None = None
     min_ess: Tensor | None = None
+    acceptance: Tensor | None = None
     ancestors: Tensor | None = None
     roots: Tensor | None = None
     genealogy_ess: Tensor | None = None

@@ -296,6 +296,15 @@ class Sampler:
         """Move ``k``, from ``t = times[k]`` to ``t_next = times[k + 1]``."""
         raise NotImplementedError
 
+    def rejuvenate(
+        self, ctx: Context, setup: Any, state: Any, k: int, moved: Tensor
+    ) -> tuple[Any, Tensor | None]:
+        """Resample-move: moves right after resampling ``k`` that leave the current weighted
+        target invariant, for the problems in ``moved`` ``(B,)``; returns the state and the
+        acceptance rate per problem ``(B,)`` (NaN where none moved), or ``None`` (default: no
+        moves)."""
+        return state, None
+
     def finalize(self, ctx: Context, setup: Any, state: Any) -> tuple[Tensor, Tensor | None]:
         """The samples and a last log-weight (default: ``state.x``, none)."""
         return state.x, None

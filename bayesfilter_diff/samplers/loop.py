@@ -435,6 +435,7 @@ def run(
     res_trace: list[Tensor] = []
     z_trace: list[Tensor] = []
     step_records: list[Any] = []
+    acc_trace: dict[int, Tensor] = {}  # rejuvenation's acceptance after reweighting k
     no = torch.zeros(B, dtype=torch.bool, device=ctx.device)
     # the weight still to apply: the initial weights, then each move's incremental weight
     pending: Tensor | None = log_w0
@@ -460,6 +461,10 @@ def run(
                 )
                 if idx is not None:
                     state = index_particles(state, idx)
+                    if bool(did.any()):
+                        state, acc = sampler.rejuvenate(ctx, setup, state, k, did)
+                        if acc is not None:
+                            acc_trace[len(res_trace)] = acc
                 res_trace.append(did)
         if last:
             break
@@ -499,6 +504,11 @@ def run(
         info.resampled = torch.stack(res_trace)
         info.log_evidence = torch.stack(z_trace)
         info.min_ess = info.ess.min(0).values
+        if acc_trace:
+            acc = torch.full(info.ess.shape, math.nan, dtype=torch.float64, device=ctx.device)
+            for i, a in acc_trace.items():
+                acc[i] = a.double()
+            info.acceptance = acc
         info.ancestors = distinct_count(w.roots)
         info.roots = w.roots
         out_w = w.log_w

@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import cast
 
 import torch
@@ -113,6 +113,9 @@ class TDSState:
     grad: Tensor | None = None
     log_twist: Tensor | None = None
     x0_var: Tensor | None = None  # (B, N): Var[x0 | x_t] per coordinate ("analytic")
+    # with rejuvenation: the model's kernel that made x_t from its parent, N(mean, var I)
+    kernel_mean: Tensor | None = None
+    kernel_var: Tensor | None = None  # (B, N)
 
 
 @dataclass(frozen=True)
@@ -202,9 +205,16 @@ class TDS(SMCSampler):
         ``"gradient"`` otherwise; ``"gradient"``: the paper's twisted ancestral step
         everywhere; ``"conditioned"``: the exact Gaussian conditioning of the
         model's kernel on the linearised twist wherever the twist's variance is below
-        ``prior_variance`` (module docstring), an error where it does not apply. On the
-        informative end of the path it keeps the weights flat, so far fewer lineages are
-        lost to resampling (measured in docs/methods/tds.md).
+        ``prior_variance`` (module docstring), an error where it does not apply (it also
+        takes ``reverse_variance="analytic"``, then conditioning the analytic kernel; not
+        chosen by ``"auto"``). On the informative end of the path it keeps the weights
+        flat, so far fewer lineages are lost to resampling (measured in
+        docs/methods/tds.md).
+    rejuvenation_steps, rejuvenation_scale
+        Resample-move: after each resampling, this many MALA moves of every particle's
+        current state given its parent (:meth:`rejuvenate`; default 0, off), step
+        ``rejuvenation_scale`` (default 0.5) times the kernel's standard deviation,
+        adapted towards an acceptance of 0.57; acceptance in ``info.acceptance``.
     laplace_max_dim
         The Laplace twist uses the likelihood's full Hessian (``d`` backward passes of the
         likelihood per Newton step, no network call) up to this signal dimension ``d``
@@ -230,6 +240,8 @@ class TDS(SMCSampler):
     max_inserted_steps: int = 200
     reverse_variance: str = "ddim"
     proposal: str = "auto"
+    rejuvenation_steps: int = 0
+    rejuvenation_scale: float = 0.5
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -257,6 +269,12 @@ class TDS(SMCSampler):
         if isinstance(mi, bool) or not isinstance(mi, int) or mi < 0:
             raise ValueError(f"max_inserted_steps must be an int >= 0, got {mi!r}")
         check_finite_nonnegative("max_log_snr_step", self.max_log_snr_step)
+        r = self.rejuvenation_steps
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ValueError(f"rejuvenation_steps must be an int >= 0, got {r!r}")
+        c = self.rejuvenation_scale
+        if isinstance(c, bool) or not isinstance(c, int | float) or not 0 < c < math.inf:
+            raise ValueError(f"rejuvenation_scale must be a finite number > 0, got {c!r}")
 
     def check(self, prior, problem: InverseProblem) -> None:
         super().check(prior, problem)
@@ -554,7 +572,12 @@ class TDS(SMCSampler):
         x = ctx.prior.schedule.sigma(t0) * ctx.randn()
         x0, lt, g, var = self._twist(ctx, x, t0, grad=self._move_kind(ctx, 0) == "gradient")
         # w_T = p~_T(y | x_T): the proposal of x_T is the chain's own reference.
-        return TDSState(x, x0, g, lt, var), lt
+        state = TDSState(x, x0, g, lt, var)
+        if self.rejuvenation_steps:
+            s2 = ctx.prior.schedule.sigma(t0) ** 2
+            kvar = s2.to(x.dtype).expand(lt.shape)
+            state = replace(state, kernel_mean=torch.zeros_like(x), kernel_var=kvar)
+        return state, lt
 
     def move(self, ctx: Context, setup: None, state: TDSState, k: int, t, t_next) -> Move:
         sch = ctx.prior.schedule
@@ -622,11 +645,89 @@ class TDS(SMCSampler):
             grad = self._move_kind(ctx, k + 1) == "gradient"
             x0_new, lt_new, g_new, var_new = self._twist(ctx, x_new, t_next, grad=grad)
             new_state = TDSState(x_new, x0_new, g_new, lt_new, var_new)
+            if self.rejuvenation_steps:  # the model's kernel, for the moves after resampling
+                kvar = var if state.x0_var is not None else coef.std**2
+                kvar = kvar.to(x_new.dtype).expand(lt_new.shape)
+                new_state = replace(new_state, kernel_mean=mean_u, kernel_var=kvar)
         # 6. w_s = p(x_s | x_t) p~_s(y | x_s) / [q(x_s | x_t, y) p~_t(y | x_t)]; a particle
         #    already at p~_t = 0 (weight 0) stays at weight 0.
         incr = log_ratio + lt_new - lt
         incr = torch.where(torch.isfinite(lt), incr, torch.full_like(incr, -math.inf))
         return Move(new_state, incr)
+
+    def rejuvenate(
+        self, ctx: Context, setup: None, state: TDSState, k: int, moved: Tensor
+    ) -> tuple[TDSState, Tensor | None]:
+        """Resample-move: ``rejuvenation_steps`` MALA moves of ``x_t`` (``t = times[k]``) that
+        leave the current target invariant, for the problems that resampled (``moved``).
+
+        The weighted particles target the model's path with the twist at its end,
+        ``prod_j p(x_{t_j} | x_{t_{j-1}}) p~_t(y | x_t)``; the chain's marginals are unknown,
+        so the only exactly invariant moves keep the path before ``x_t`` and move ``x_t``
+        under ``N(x_t; m, v I) p~_t(y | x_t)``, ``m, v`` the model's kernel from the
+        particle's parent (the reference ``N(0, sigma_T^2 I)`` at ``k = 0``). Proposal
+        ``x' = x + h/2 (-(x - m) / v + grad log p~_t) + sqrt(h) z`` with ``h = c^2 v``; ``c``
+        starts at ``rejuvenation_scale`` and is adapted per problem between steps towards
+        an acceptance of 0.57. Each move costs one network call with a backward pass.
+        Returns the acceptance rate per problem (NaN where none moved)."""
+        if not self.rejuvenation_steps or state.kernel_mean is None:
+            return state, None
+        assert state.kernel_var is not None and state.log_twist is not None
+        t = ctx.times[k]
+        x, m = state.x, state.kernel_mean
+        red = tuple(range(2, x.dim()))
+        v = state.kernel_var.reshape(state.kernel_var.shape + (1,) * len(red))
+        x0, lt, g, var = state.x0, state.log_twist, state.grad, state.x0_var
+        if g is None:
+            x0, lt, g, var = self._twist(ctx, x, t)
+        assert g is not None
+        scale = ctx.cache.get("tds.rejuvenation_scale")
+        if scale is None:
+            scale = torch.full((ctx.B,), float(self.rejuvenation_scale), dtype=x.dtype)
+        h = scale.to(x.device).reshape((-1, 1) + (1,) * len(red)) ** 2 * v
+
+        def log_target(x: Tensor, lt: Tensor) -> Tensor:
+            return -0.5 * ((x - m) ** 2 / v).sum(red) + lt
+
+        def drift(x: Tensor, g: Tensor) -> Tensor:
+            return x + 0.5 * h * (g - (x - m) / v)
+
+        accepted = torch.zeros(ctx.B, dtype=torch.float64, device=x.device)
+        for _ in range(self.rejuvenation_steps):
+            mu = drift(x, g)
+            xp = mu + h.sqrt() * ctx.randn()
+            x0p, ltp, gp, varp = self._twist(ctx, xp, t)
+            assert gp is not None
+            log_a = (
+                log_target(xp, ltp)
+                - log_target(x, lt)
+                - ((x - drift(xp, gp)) ** 2 / (2 * h)).sum(red)
+                + ((xp - mu) ** 2 / (2 * h)).sum(red)
+            )
+            u = torch.rand(lt.shape, generator=ctx.generator, dtype=torch.float64, device=x.device)
+            ok = (torch.log(u) < log_a.double()) & moved[:, None] & torch.isfinite(ltp)
+            keep = ok.reshape(ok.shape + (1,) * len(red))
+            x, g = torch.where(keep, xp, x), torch.where(keep, gp, g)
+            lt = torch.where(ok, ltp, lt)
+            if x0 is not None:
+                x0 = torch.where(keep, x0p, x0)
+            if var is not None and varp is not None:
+                var = torch.where(ok, varp, var)
+            accepted = accepted + ok.double().mean(-1)
+        rate = accepted / self.rejuvenation_steps
+        # adapt the scale towards an acceptance of 0.57 (Roberts & Rosenthal 1998) for the
+        # next rejuvenation: a function of the past, so the next moves stay invariant
+        adapted = scale * torch.exp(rate.to(scale) - 0.57)
+        ctx.cache["tds.rejuvenation_scale"] = torch.where(moved.to(scale.device), adapted, scale)
+        out = replace(
+            state,
+            x=x,
+            x0=x0,
+            grad=None if state.grad is None else g,
+            log_twist=lt,
+            x0_var=var,
+        )
+        return out, torch.where(moved, rate, torch.full_like(rate, math.nan))
 
     def run_info(self, ctx: Context, setup: None) -> TDSInfo:
         if self._smooths_likelihood(ctx.problem):

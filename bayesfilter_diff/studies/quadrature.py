@@ -45,7 +45,7 @@ from ..priors import GaussianMixture
 from ..samplers.registry import REGISTRY, build, default_sampler, names
 from ..schedules import FlowSchedule, VPSchedule
 from .grid import run_study
-from .report import SW_SETTINGS, markdown_table, summarize, write_study_report
+from .report import SW_SETTINGS, goal_label, markdown_table, summarize, write_study_report
 from .store import ResultStore
 
 __all__ = [
@@ -289,6 +289,8 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         rec["log_evidence_error"] = dz
         rec["abs_log_evidence_error"] = abs(dz)
         rec["min_ess_fraction"] = float(res.info.min_ess or 0) / cell["N"]
+        if res.info.genealogy_ess is not None:
+            rec["genealogy_ess_fraction"] = float(res.info.genealogy_ess) / cell["N"]
     return rec
 
 
@@ -334,6 +336,7 @@ def run_quadrature(
         "sw_ratio",
         "abs_log_evidence_error",
         "min_ess_fraction",
+        "genealogy_ess_fraction",
         "warned",
         "nfe",
         "wall_time",
@@ -342,7 +345,7 @@ def run_quadrature(
     for r in rows:
         dz = r.get("abs_log_evidence_error")
         good = r["sw_ratio"] <= 2 and (dz is None or math.isnan(dz) or dz <= 0.1)
-        r["goal met"] = "yes" if good else ("no, warned" if r["warned"] > 0 else "**no, silent**")
+        r["goal met"] = goal_label(good, r["warned"])
     order = {p: i for i, p in enumerate(("prior", *PROBLEMS))}
     rows.sort(
         key=lambda r: (order[r["problem"]], methods[r["problem"]].index(r["method"]), r["steps"])

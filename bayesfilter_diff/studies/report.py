@@ -45,6 +45,17 @@ def summarize(
     return rows
 
 
+def goal_label(good: bool, warned: float) -> str:
+    """A row's verdict against a study's goal: ``"yes"``, or a miss that every run warned
+    of (``warned``: the fraction of runs with a quality warning), that some runs did, or
+    that none did (bold: a wrong answer that looks right)."""
+    if good:
+        return "yes"
+    if warned >= 1:
+        return "no, warned"
+    return "**no, silent**" if warned <= 0 else "**no, warned in some runs**"
+
+
 def _fmt(x: Any, ci: Any = None) -> str:
     if isinstance(x, float):
         if math.isnan(x):
