@@ -244,7 +244,7 @@ def default_sampler(
       conditioned proposal (``proposal="auto"`` with the DDPM kernel: exact Gaussian
       conditioning at the informative end of the path, which keeps the lineages; on the
       noise-level study 1.4-1.75x the exact floor where MCGdiff, the default before
-      2026-12-03, was 2.8-4.7x, and 4.0x against 5.2x over the mixture protocol);
+      2026-12-03, was 2.7-4.4x, and 4.0x against 5.2x over the mixture protocol);
     - for every other likelihood it accepts (nonlinear operators, Poisson, custom / Pyro
       sites), and with ``evidence=True`` (SMC^2's inner sampler, whose error is the
       evidence's), the analytic reverse variance (``reverse_variance="analytic"``: the
