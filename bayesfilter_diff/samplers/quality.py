@@ -15,8 +15,9 @@ Thresholds (:class:`QualityPolicy`, documented defaults; the particle checks app
   Gaussian-mixture benchmark's problems healthy TDS / MCGdiff runs keep at least 27% of N
   at every step; the runs that dipped to 2-3% were 6-7 times the exact floor away);
 - ``genealogy``: the genealogy says the cloud is worth fewer than ``0.1 N`` independent
-  draws (``info.genealogy_ess``, from ``N >= 200``): resampling, step after step, left the
-  final particles descending from a few lineages, so every average carries more than
+  draws (``info.genealogy_ess``, from ``N >= 200``), or fewer than 50 initial particles
+  have descendants (then the estimate itself is biased high): resampling, step after step,
+  left the final particles descending from a few lineages, so every average carries more than
   ``sqrt(10) ~ 3.2`` times the Monte Carlo error of ``N`` exact draws although no single
   step's ESS was low (MCGdiff on the noise-level study: genealogy ESS 1-19% of N, sliced W
   2-7x the exact floor, every step's ESS above 70%);
@@ -64,6 +65,7 @@ class QualityPolicy:
     min_particles: int = 10
     genealogy_fraction: float = 0.1
     genealogy_min_particles: int = 200
+    min_lineages: int = 50
 
 
 def _problems(mask: Tensor) -> tuple[int, ...]:
@@ -136,15 +138,19 @@ def assess(
             )
     if info.genealogy_ess is not None and N >= policy.genealogy_min_particles:
         thin = info.genealogy_ess < policy.genealogy_fraction * N
+        if info.ancestors is not None:
+            # below ~50 lineages the estimate itself is unreliable (biased high)
+            thin = thin | (info.ancestors.to(thin.device) < policy.min_lineages)
         if bool(thin.any()):
             probs = _problems(thin)
             i = probs[int(info.genealogy_ess[list(probs)].argmin())]
             worst = float(info.genealogy_ess[i])
-            lineages = (
-                f" ({int(info.ancestors[i])} surviving initial lineages)"
-                if info.ancestors is not None
-                else ""
-            )
+            lineages = ""
+            if info.ancestors is not None:
+                k = int(info.ancestors[i])
+                lineages = f" ({k} surviving initial lineages"
+                scarce = k < policy.min_lineages
+                lineages += ", too few for the estimate: fewer still)" if scarce else ")"
             out.append(
                 QualityIssue(
                     "genealogy",
