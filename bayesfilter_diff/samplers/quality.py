@@ -132,7 +132,8 @@ def assess(
                     f"step {k}, t = {t:.3g}), so a few particles carried the posterior and the "
                     "draws and evidence are unreliable. Remedies: more particles; more steps; "
                     + ("adaptive steps (TDS(adaptive_ess=0.1)); " if name == "TDS" else "")
-                    + "for a linear-Gaussian problem with an SVD, MCGdiff (exact conditioning); "
+                    + "for a linear-Gaussian problem, TDS's conditioned proposal (exact "
+                    "conditioning at the informative end); "
                     "check that noise_std is not far smaller than the model's error.",
                 )
             )
@@ -192,7 +193,8 @@ def assess(
             "a smaller step size / guidance scale (DPS scale, RED-diff lr, DAPS lr), more steps"
             if log_weights is None
             else "more steps (the proposal overshoots), a variance-inflated twist, or an "
-            "exact sampler built for the likelihood (MCGdiff for linear-Gaussian problems)"
+            "exact sampler built for the likelihood (TDS's conditioned proposal or MCGdiff "
+            "for linear-Gaussian problems)"
         )
         out.append(
             QualityIssue(
