@@ -208,7 +208,8 @@ class Result:
         The ESS of the final weights, ``1 / sum W^2``, capped by the number of distinct
         samples: a run that collapsed and resampled ``N`` copies of one particle has uniform
         final weights but reports 1, not ``N``. The smallest ESS during the run is
-        ``info.min_ess``.
+        ``info.min_ess``; what the cloud is worth given that its particles share ancestors
+        (often far less than this) is ``info.genealogy_ess``.
         """
         W = self.weights()
         e = 1.0 / (W**2).sum(-1)
