@@ -1,6 +1,6 @@
 """Non-Gaussian and nonlinear likelihoods against exact posteriors by quadrature (issue #15).
 
-A 2-D Gaussian-mixture prior (three correlated components) observed through six likelihoods
+A 2-D Gaussian-mixture prior (three correlated components) observed through seven likelihoods
 written as Pyro models and sampled with :func:`bayesfilter_diff.infer`:
 
 - ``product``: ``y = x1 x2 + 0.2 n`` (a hyperbola ridge, two modes);
@@ -9,7 +9,9 @@ written as Pyro models and sampled with :func:`bayesfilter_diff.infer`:
 - ``student_t``: 5 linear observations with Student-t noise (3 degrees of freedom, scale
   0.3), the first shifted by +4 (an outlier);
 - ``logistic``: 20 binary observations ``y_i ~ Bernoulli(sigmoid(2 a_i^T x))``;
-- ``probit``: 20 binary observations ``y_i ~ Bernoulli(Phi(2 a_i^T x))``.
+- ``probit``: 20 binary observations ``y_i ~ Bernoulli(Phi(2 a_i^T x))``;
+- ``laplace``: 5 linear observations with Laplace noise (scale 0.3): a likelihood with a
+  kink, whose curvature is 0 almost everywhere.
 
 The data are fixed (drawn once from the model at a prior draw ``x*``); the posterior and the
 evidence are computed on an 801 x 801 grid over ``[-6, 6]^2`` (midpoint rule; exact draws
@@ -61,7 +63,7 @@ __all__ = [
 ]
 
 DT = torch.float64
-PROBLEMS = ("product", "norm", "poisson", "student_t", "logistic", "probit")
+PROBLEMS = ("product", "norm", "poisson", "student_t", "logistic", "probit", "laplace")
 
 QUICK: dict[str, Any] = {
     "problems": list(PROBLEMS),
@@ -135,7 +137,7 @@ def quadrature_problem(name: str) -> QuadratureProblem:
             return dist.Normal(x.norm(dim=-1), 0.1)
 
     else:
-        m = 5 if name in ("poisson", "student_t") else 20
+        m = 5 if name in ("poisson", "student_t", "laplace") else 20
         a = torch.randn(m, 2, generator=g, dtype=DT)
         if name == "poisson":
             a = 0.5 * a
@@ -148,6 +150,12 @@ def quadrature_problem(name: str) -> QuadratureProblem:
 
             def obs(x: Tensor) -> dist.TorchDistribution:
                 return dist.StudentT(3.0, x @ a.T, 0.3).to_event(1)
+
+        elif name == "laplace":
+            a = a / a.norm(dim=-1, keepdim=True)
+
+            def obs(x: Tensor) -> dist.TorchDistribution:
+                return dist.Laplace(x @ a.T, 0.3).to_event(1)
 
         elif name == "logistic":
 
