@@ -114,6 +114,12 @@ def _problem(kind: str) -> QuadratureProblem:
         def obs(x: torch.Tensor) -> dist.TorchDistribution:
             return dist.StudentT(3.0, x @ a.T, 0.3).to_event(1)
 
+    elif kind == "laplace":  # a kink: the likelihood's curvature is 0 almost everywhere
+        y = torch.tensor([0.9, -0.4, 0.3, 0.6, 0.2], dtype=DT)
+
+        def obs(x: torch.Tensor) -> dist.TorchDistribution:
+            return dist.Laplace(x @ a.T, 0.3).to_event(1)
+
     else:
         y = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0], dtype=DT)
 
@@ -125,7 +131,7 @@ def _problem(kind: str) -> QuadratureProblem:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kernel", ["ddim", "analytic"])
-@pytest.mark.parametrize("kind", ["student_t", "logistic"])
+@pytest.mark.parametrize("kind", ["student_t", "logistic", "laplace"])
 def test_tds_is_exact_for_non_gaussian_sites(kind, kernel):
     """Posterior mean and evidence of TDS through ``bfd.infer`` (the default sampler) within
     4.5 standard errors of the exact answer by quadrature: with the DDIM kernel, the
