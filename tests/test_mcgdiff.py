@@ -425,4 +425,9 @@ def test_informative_likelihood_evidence_and_mean(sy):
     assert float(dz.std()) < 0.5  # not the heavy-tailed estimates of a collapsed filter
     err = (res.mean() - gmm.posterior(problem).mean()).double()  # (R, d)
     assert (err.mean(0).abs() < 4 * err.std(0) / math.sqrt(R)).all()
-    assert float(res.info.min_ess.min()) > 0.3 * N and res.info.quality == []
+    assert float(res.info.min_ess.min()) > 0.3 * N
+    # no step collapsed, but resampling at each of the ~430 steps leaves 24-52 of the 1000
+    # initial particles with descendants (genealogy ESS 3-13% of N, measured): the quality
+    # check says so, and only that
+    assert {q.kind for q in res.info.quality} == {"genealogy"}
+    assert (res.info.genealogy_ess < 0.2 * N).all()
