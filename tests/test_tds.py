@@ -212,7 +212,12 @@ def test_informative_noise_stays_exact():
         r_hat, r_se = evidence_ratio_stats(res, chain.log_evidence(sub), P, R)
         assert ((m_hat - chain.posterior(sub).mean()).abs() <= 4.5 * m_se).all()
         assert ((r_hat - 1).abs() <= 4.5 * r_se).all() and (r_se < 0.1).all()
-        assert float(res.info.ess.min()) > 0.1 * N and not res.info.quality
+        assert float(res.info.ess.min()) > 0.1 * N
+        # no step collapses; the gradient proposal's resampling leaves 25-37 of the 300
+        # lineages (genealogy ESS 5-10% of N, measured), which the quality check reports;
+        # the conditioned proposal keeps 167-195 (28-55%) and stays quiet
+        kinds = {q.kind for q in res.info.quality}
+        assert kinds == (set() if proposal == "conditioned" else {"genealogy"})
     plain = TDS(num_steps=n, max_log_snr_step=0, proposal="gradient").sample(
         gmm.diffusion(sched), problem, num_samples=N, generator=g
     )
@@ -245,7 +250,10 @@ def test_adaptive_steps_keep_a_custom_likelihood_exact():
     info = res.info
     assert info.inserted_steps > 0 and info.times.numel() == n + 1 + info.inserted_steps
     assert info.ess.shape == (info.times.numel(), P * R)
-    assert float(info.ess.min()) >= 0.1 * N and not info.quality
+    # no step collapses (the thin genealogy of the gradient proposal at sigma_y = 1e-3 is
+    # reported: see test_informative_noise_stays_exact)
+    assert float(info.ess.min()) >= 0.1 * N
+    assert {q.kind for q in info.quality} <= {"genealogy"}
     chain = chain_prior(mu, S, sched, info.times)
     sub = bfd.InverseProblem(A, problem.y[::R], noise_std=sy)
     mean, _ = weighted_moments(res)
