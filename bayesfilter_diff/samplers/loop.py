@@ -16,6 +16,9 @@ methods over typed records; this loop runs them (blackjax ``smc/base.py``, parti
      before any resampling;
    - **resample** ``R_k`` where a problem's ``ESS < ess_threshold * N`` (a per-problem mask,
      no host synchronisation); every tensor field of the state is indexed by the ancestors;
+   - **rejuvenate** (optional, resample-move): ``sampler.rejuvenate(ctx, setup, state, k,
+     resampled)`` right after resampling, moves that leave the current target invariant
+     (TDS's ``rejuvenation_steps``), their acceptance in ``Result.info.acceptance``;
    - **move** ``M_k``: ``sampler.move(ctx, setup, state, k, t, t_next) -> Move(state,
      log_weight, info)``, with the move's remaining incremental weight and an optional
      per-step record (stacked into ``Result.info.steps``);
@@ -461,10 +464,9 @@ def run(
                 )
                 if idx is not None:
                     state = index_particles(state, idx)
-                    if bool(did.any()):
-                        state, acc = sampler.rejuvenate(ctx, setup, state, k, did)
-                        if acc is not None:
-                            acc_trace[len(res_trace)] = acc
+                    state, acc = sampler.rejuvenate(ctx, setup, state, k, did)
+                    if acc is not None:
+                        acc_trace[len(res_trace)] = acc
                 res_trace.append(did)
         if last:
             break

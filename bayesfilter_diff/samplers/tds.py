@@ -670,7 +670,7 @@ class TDS(SMCSampler):
         starts at ``rejuvenation_scale`` and is adapted per problem between steps towards
         an acceptance of 0.57. Each move costs one network call with a backward pass.
         Returns the acceptance rate per problem (NaN where none moved)."""
-        if not self.rejuvenation_steps or state.kernel_mean is None:
+        if not self.rejuvenation_steps or state.kernel_mean is None or not bool(moved.any()):
             return state, None
         assert state.kernel_var is not None and state.log_twist is not None
         t = ctx.times[k]
