@@ -145,24 +145,33 @@ def assess(
         if bool(thin.any()):
             probs = _problems(thin)
             i = probs[int(info.genealogy_ess[list(probs)].argmin())]
-            worst = float(info.genealogy_ess[i])
-            lineages = ""
+            est = float(info.genealogy_ess[i])
+            worth = (
+                f"by the genealogy estimate they are worth about {est:.3g} independent draws "
+                f"of N = {N}, so posterior averages carry about {math.sqrt(N / est):.2g} times "
+                "the Monte Carlo error of N exact draws"
+            )
             if info.ancestors is not None:
-                k = int(info.ancestors[i])
-                lineages = f" ({k} surviving initial lineages"
-                scarce = k < policy.min_lineages
-                lineages += ", too few for the estimate: fewer still)" if scarce else ")"
+                k_all = info.ancestors.to(info.genealogy_ess.device)[list(probs)]
+                k = int(k_all.min())
+                if k < policy.min_lineages:
+                    # the estimate is biased high here: the lineage count is the warning
+                    worth = (
+                        f"they descend from only {k} of the N = {N} initial particles, too "
+                        "few for the estimate of their worth (genealogy ESS) to be trusted; "
+                        f"posterior averages may carry up to about {math.sqrt(N / k):.2g} "
+                        "times the Monte Carlo error of N exact draws"
+                    )
+                else:
+                    worth += f" ({int(info.ancestors[i])} surviving initial lineages)"
             out.append(
                 QualityIssue(
                     "genealogy",
                     probs,
-                    f"{name}: the draws rest on a thin genealogy{_where(probs, batched)}: by "
-                    f"the genealogy estimate they are worth about {worst:.3g} independent "
-                    f"draws of N = {N}{lineages}, so posterior averages carry about "
-                    f"{math.sqrt(N / worst):.2g} times the Monte Carlo error of N exact draws, "
-                    "although no single step's ESS was low. Remedies: more particles; "
-                    "for a linear-Gaussian problem, TDS (its conditioned proposal keeps the "
-                    "lineages); error bars from independent runs (diagnostics.runs_mcse).",
+                    f"{name}: the draws rest on a thin genealogy{_where(probs, batched)}: "
+                    f"{worth}. Remedies: more particles; for a linear-Gaussian problem, TDS "
+                    "(its conditioned proposal keeps the lineages); error bars from "
+                    "independent runs (diagnostics.runs_mcse).",
                 )
             )
     if info.distinct is not None and N >= policy.min_particles:
