@@ -160,3 +160,22 @@ def test_process_executor_runs_cells_in_single_threaded_workers(tmp_path):
     assert describe({"method": "TDS", "d": 8, "seed": 3, "x": 1}) == "TDS d=8 seed=3"
     with pytest.raises(ValueError, match="workers"):
         ProcessExecutor(workers=0)
+
+
+def test_calibration_study_with_independent_runs_records_its_command(tmp_path):
+    """``draws="runs"``: one draw from each of N independent runs per replicate (SBC needs
+    independent draws; a resampled cloud's share ancestors); the report's command line
+    carries the config and the methods, so it reproduces the report."""
+    from bayesfilter_diff.studies.calibration import run_calibration
+
+    cfg = {"dims": [2], "replicates": 4, "chunk": 4, "N": 5, "steps": 5, "draws": "runs"}
+    cfg["particles"] = 8
+    res = run_calibration(tmp_path, methods=["TDS"], config=cfg, progress=False)
+    (cell,) = [json.loads(p.read_text())["record"] for p in (tmp_path / "cells").glob("*.json")]
+    assert cell["cell"]["draws"] == "runs" and cell["cell"]["particles"] == 8
+    ranks = cell["ranks"]
+    assert len(ranks) == 4 and all(0 <= r <= 5 for row in ranks for r in row)
+    assert "--config" in res["text"] and '"draws": "runs"' in res["text"]
+    assert "--methods 'TDS'" in res["text"]
+    with pytest.raises(ValueError, match="draws"):
+        run_calibration(tmp_path / "b", methods=["TDS"], config={"draws": "one"}, progress=False)

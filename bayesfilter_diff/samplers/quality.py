@@ -14,13 +14,14 @@ Thresholds (:class:`QualityPolicy`, documented defaults; the particle checks app
   posterior was carried by a few particles at that step, whatever happened after (on the
   Gaussian-mixture benchmark's problems healthy TDS / MCGdiff runs keep at least 27% of N
   at every step; the runs that dipped to 2-3% were 6-7 times the exact floor away);
-- ``genealogy``: the genealogy says the cloud is worth fewer than ``0.1 N`` independent
+- ``genealogy``: the genealogy says the cloud is worth fewer than ``0.2 N`` independent
   draws (``info.genealogy_ess``, from ``N >= 200``), or fewer than 50 initial particles
   have descendants (then the estimate itself is biased high): resampling, step after step,
   left the final particles descending from a few lineages, so every average carries more than
-  ``sqrt(10) ~ 3.2`` times the Monte Carlo error of ``N`` exact draws although no single
-  step's ESS was low (MCGdiff on the noise-level study: genealogy ESS 1-19% of N, sliced W
-  2-7x the exact floor, every step's ESS above 70%);
+  ``sqrt(5) ~ 2.2`` times the Monte Carlo error of ``N`` exact draws (the validation
+  studies' "within 2x of the floor" line) although no single step's ESS need be low
+  (MCGdiff on the noise-level study: genealogy ESS 1-19% of N, sliced W 2-7x the exact
+  floor, every step's ESS above 70%; healthy TDS runs there: 28-53%);
 - ``distinct``: fewer than ``max(2, 0.1 N)`` distinct final samples: the cloud is
   copies of a few particles (resampling without enough diversity);
 - ``exploded``: draws (of positive weight) more than ``1e3`` times the scale of the starting
@@ -63,7 +64,7 @@ class QualityPolicy:
     distinct_fraction: float = 0.1
     explode_factor: float = 1e3
     min_particles: int = 10
-    genealogy_fraction: float = 0.1
+    genealogy_fraction: float = 0.2
     genealogy_min_particles: int = 200
     min_lineages: int = 50
 

@@ -24,7 +24,7 @@ from ..problem import InverseProblem
 from ..samplers.registry import build, entry, names, parse_label
 from ..schedules import FlowSchedule, VPSchedule
 from .grid import run_study
-from .report import markdown_table, write_text
+from .report import markdown_table, study_command, write_text
 from .store import ResultStore
 
 __all__ = ["run_calibration", "calibration_problem"]
@@ -71,8 +71,19 @@ def _cell(cell: dict[str, Any]) -> dict[str, Any]:
     g = torch.Generator().manual_seed(
         _seed("calibration-run", cell["method"], cell["d"], cell["chunk"])
     )
-    res = build(name, cell["steps"], **overrides).sample(prior, problem, cell["N"] * 4, g)
-    draws = res.draws(cell["N"], generator=g)
+    sampler = build(name, cell["steps"], **overrides)
+    if cell.get("draws", "cloud") == "runs":
+        # one draw from each of N independent runs per replicate (B * N batched problems):
+        # SBC's ranks are uniform only for independent draws, and draws resampled from one
+        # SMC cloud share ancestors (Talts et al. 2018, section 5: correlated draws give
+        # spurious U-shapes)
+        L = cell["N"]
+        rep = InverseProblem(problem.operator, problem.y.repeat_interleave(L, 0), 0.5)
+        res = sampler.sample(prior, rep, cell["particles"], g)
+        draws = res.draws(1, generator=g).reshape(cell["B"], L, cell["d"])
+    else:
+        res = sampler.sample(prior, problem, cell["N"] * 4, g)
+        draws = res.draws(cell["N"], generator=g)
     if not torch.isfinite(draws).all():
         return {"finite": False}
     dirs = torch.nn.functional.normalize(
@@ -102,6 +113,7 @@ def run_calibration(
 
     cfg = dict(FULL if full else QUICK)
     cfg.update(config or {})
+    named = list(methods) if methods else None
     methods = methods or [m for m in names(studies=True, mask=False) if m != "D-Flow"]
     out = Path(out)
     store = ResultStore(out)
@@ -121,6 +133,12 @@ def run_calibration(
         for m in methods
         for c in range(nchunks)
     ]
+    if cfg.get("draws", "cloud") != "cloud":
+        if cfg["draws"] != "runs":
+            raise ValueError(f"config 'draws' must be 'cloud' or 'runs', got {cfg['draws']!r}")
+        # (only then in the cell: the cloud cells keep their keys, so their stored results)
+        for cell in cells:
+            cell.update(draws="runs", particles=cfg.get("particles", 4 * cfg["N"]))
     start = time.perf_counter()
     records = run_study(_cell, cells, store, executor=executor, progress=progress)
     wall = time.perf_counter() - start
@@ -154,7 +172,9 @@ def run_calibration(
             rows.append(row)
             hists[(m, d)] = ranks
     figs = _figures(hists, cfg, out)
-    cmd = "python validation/run_studies.py calibration" + (" --full" if full else "")
+    cmd = study_command("calibration", full, config, out, "calibration")
+    if named:
+        cmd += f" --methods '{','.join(named)}'"
     cols = ["method", "d", "exact", "sbc_pvalue", "verdict"] + [f"cov@{lv}" for lv in LEVELS]
     text = "\n".join(
         [

@@ -18,7 +18,7 @@ from typing import Any
 
 from . import gmm_benchmark as gb
 from .grid import run_study
-from .report import markdown_table, summarize, write_text
+from .report import markdown_table, study_command, summarize, write_text
 from .store import ResultStore
 
 __all__ = ["run_convergence", "slope"]
@@ -117,7 +117,7 @@ def run_convergence(
                     }
                 )
     fig = _figure(rows, cfg, out)
-    cmd = "python validation/run_studies.py convergence" + (" --full" if full else "")
+    cmd = study_command("convergence", full, config, out, "smc_convergence")
     text = "\n".join(
         [
             "# Convergence of the SMC samplers in the number of particles",

@@ -40,7 +40,14 @@ from torch import Tensor
 
 from ..schedules import VPSchedule
 from .grid import run_study
-from .report import SW_SETTINGS, markdown_table, mean_ci, summarize, write_study_report
+from .report import (
+    SW_SETTINGS,
+    markdown_table,
+    mean_ci,
+    study_command,
+    summarize,
+    write_study_report,
+)
 from .store import ResultStore
 
 __all__ = ["run_hierarchical", "HierSetup", "hier_setup", "exact_grid", "run_cell"]
@@ -357,7 +364,7 @@ def run_hierarchical(
         r["goal met"] = "yes" if good else ("no, warned" if r["warned"] > 0 else "no")
     rows.sort(key=lambda r: (r["d"], r["steps"], r["prior"]))
     bf = bayes_factor_rows(records)
-    cmd = "python validation/run_studies.py hierarchical" + (" --full" if full else "")
+    cmd = study_command("hierarchical", full, config, out, "hierarchical")
     table = markdown_table(
         rows,
         ["d", "steps", "prior", *metrics, "goal met", "n"],

@@ -27,7 +27,14 @@ from ..problem import InverseProblem
 from ..samplers.registry import build, parse_label
 from ..schedules import VPSchedule
 from .grid import run_study
-from .report import SW_SETTINGS, goal_label, markdown_table, summarize, write_study_report
+from .report import (
+    SW_SETTINGS,
+    goal_label,
+    markdown_table,
+    study_command,
+    summarize,
+    write_study_report,
+)
 from .store import ResultStore
 
 __all__ = ["run_noise_levels", "noise_problem", "run_cell"]
@@ -148,7 +155,7 @@ def run_noise_levels(
         good = r["sw_ratio"] <= 2 and r["abs_log_evidence_error"] <= 0.15
         r["goal met"] = goal_label(good, r["warned"])
     rows.sort(key=lambda r: (r["d"], cfg["methods"].index(r["method"]), -r["noise"]))
-    cmd = "python validation/run_studies.py noise" + (" --full" if full else "")
+    cmd = study_command("noise", full, config, out, "noise_levels")
     text = write_study_report(
         out,
         "Exact samplers under informative likelihoods",

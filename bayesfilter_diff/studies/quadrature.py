@@ -47,7 +47,14 @@ from ..priors import GaussianMixture
 from ..samplers.registry import REGISTRY, build, default_sampler, names
 from ..schedules import FlowSchedule, VPSchedule
 from .grid import run_study
-from .report import SW_SETTINGS, goal_label, markdown_table, summarize, write_study_report
+from .report import (
+    SW_SETTINGS,
+    goal_label,
+    markdown_table,
+    study_command,
+    summarize,
+    write_study_report,
+)
 from .store import ResultStore
 
 __all__ = [
@@ -366,7 +373,7 @@ def run_quadrature(
     for r in rows:
         if r["method"] == "default":
             r["method"] = f"default ({chosen[r['problem'], r['steps']]})"
-    cmd = "python validation/run_studies.py quadrature" + (" --full" if full else "")
+    cmd = study_command("quadrature", full, config, out, "quadrature")
     text = write_study_report(
         out,
         "Non-Gaussian and nonlinear likelihoods against quadrature",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -43,6 +44,19 @@ def summarize(
             row[m + "_ci"] = ci
         rows.append(row)
     return rows
+
+
+def study_command(
+    study: str, full: bool, config: dict[str, Any] | None, out: Path, default_name: str
+) -> str:
+    """The command line that reproduces a study's report, with its ``--config`` and ``--out``
+    when they differ from the defaults (a report must say how it was made)."""
+    cmd = f"python validation/run_studies.py {study}" + (" --full" if full else "")
+    if config:
+        cmd += f" --config '{json.dumps(config, sort_keys=True)}'"
+    if Path(out).name != default_name:
+        cmd += f" --out validation/results/{Path(out).name}"
+    return cmd
 
 
 def goal_label(good: bool, warned: float) -> str:
