@@ -54,8 +54,11 @@ def study_command(
     cmd = f"python validation/run_studies.py {study}" + (" --full" if full else "")
     if config:
         cmd += f" --config '{json.dumps(config, sort_keys=True)}'"
-    if Path(out).name != default_name:
-        cmd += f" --out validation/results/{Path(out).name}"
+    parts = Path(out).resolve().parts
+    if Path(out).name != default_name or parts[-2:-1] != ("results",):
+        # the path from the repository's validation/ folder when it is under one
+        i = len(parts) - 1 - parts[::-1].index("validation") if "validation" in parts else None
+        cmd += f" --out {Path(*parts[i:]) if i is not None else Path(out)}"
     return cmd
 
 
