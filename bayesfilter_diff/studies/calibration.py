@@ -78,7 +78,7 @@ def _cell(cell: dict[str, Any]) -> dict[str, Any]:
         # SMC cloud share ancestors (Talts et al. 2018, section 5: correlated draws give
         # spurious U-shapes)
         L = cell["N"]
-        rep = InverseProblem(problem.operator, problem.y.repeat_interleave(L, 0), 0.5)
+        rep = InverseProblem(problem.operator, problem.y.repeat_interleave(L, 0), problem.noise_std)
         res = sampler.sample(prior, rep, cell["particles"], g)
         draws = res.draws(1, generator=g).reshape(cell["B"], L, cell["d"])
     else:
