@@ -167,7 +167,17 @@ def test_tds_is_exact_for_non_gaussian_sites(kind, kernel):
         generator=torch.Generator().manual_seed(0),
     )
     assert post.result.info.extra.twist == "laplace(inflated, hessian)"
-    assert not post.result.info.quality  # healthy: no warning
+    info = post.result.info
+    if kernel == "analytic":
+        assert not info.quality  # the default: healthy, no warning
+    else:
+        # the DDIM kernel's twist fits this wide prior less well: some copies keep 13-15% of
+        # N by their genealogy (measured), below the check's 20% line, so exactly those are
+        # reported, and only as a thin genealogy (no step collapsed)
+        assert {q.kind for q in info.quality} <= {"genealogy"}
+        thin = (info.genealogy_ess < 0.2 * N) | (info.ancestors < 50)
+        flagged = {i for q in info.quality for i in q.problems}
+        assert flagged == set(torch.nonzero(thin).flatten().tolist())
     mean, _ = weighted_moments(post.result)
     m_hat, m_se = copy_stats(mean, 1, R)
     assert ((m_hat[0] - exact.mean()).abs() <= 4.5 * m_se[0]).all(), (m_hat, exact.mean(), m_se)
