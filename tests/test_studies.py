@@ -164,7 +164,7 @@ def test_process_executor_runs_cells_in_single_threaded_workers(tmp_path):
 
 def test_calibration_study_with_independent_runs_records_its_command(tmp_path):
     """``draws="runs"``: one draw from each of N independent runs per replicate (SBC needs
-    independent draws; a resampled cloud's share ancestors); the report's command line
+    independent draws; draws resampled from one cloud share ancestors); the report's command line
     carries the config and the methods, so it reproduces the report."""
     from bayesfilter_diff.studies.calibration import run_calibration
 

@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
                 for r in range(a.runs):
                     g = torch.Generator().manual_seed(1000 * r + steps + d)
                     res = build(name, steps, **overrides).sample(prior, problem, a.particles, g)
+                    m = res.mean()
                     W = res.weights().unsqueeze(-1)
-                    m = (W * res.samples).sum(1)
                     v = (W * (res.samples - m.unsqueeze(1)) ** 2).sum(1)
                     ratios.append(float((v / v_ex).mean()))
                     zs.append(float(((m - m_ex) / v_ex.sqrt()).mean()))
