@@ -179,3 +179,27 @@ def test_calibration_study_with_independent_runs_records_its_command(tmp_path):
     assert "--methods 'TDS'" in res["text"]
     with pytest.raises(ValueError, match="draws"):
         run_calibration(tmp_path / "b", methods=["TDS"], config={"draws": "one"}, progress=False)
+
+
+def test_calibration_study_auto_draws_weighted_samplers_from_independent_runs(tmp_path):
+    """The default ``draws="auto"``: a weighted sampler's draws are one from each of ``runs``
+    independent runs, an unweighted one's ``N`` come from one run (independent particles); each
+    row's rank test and histogram use its own number of draws, and the report says which."""
+    from bayesfilter_diff.studies.calibration import run_calibration
+
+    cfg = {"dims": [2], "replicates": 4, "chunk": 4, "N": 7, "steps": 5, "runs": 3}
+    cfg["particles"] = 6
+    res = run_calibration(tmp_path, methods=["TDS", "DPS"], config=cfg, progress=False)
+    cells = {
+        r["cell"]["method"]: r
+        for r in (json.loads(p.read_text())["record"] for p in (tmp_path / "cells").glob("*.json"))
+    }
+    assert cells["TDS"]["cell"]["draws"] == "runs" and cells["TDS"]["cell"]["N"] == 3
+    assert cells["TDS"]["cell"]["particles"] == 6
+    assert "draws" not in cells["DPS"]["cell"] and cells["DPS"]["cell"]["N"] == 7
+    assert max(r for row in cells["TDS"]["ranks"] for r in row) <= 3
+    assert max(r for row in cells["DPS"]["ranks"] for r in row) <= 7
+    rows = {r["method"]: r for r in res["rows"]}
+    assert rows["TDS"]["draws"] == "1 from each of 3 runs"
+    assert rows["DPS"]["draws"] == "7 from one run"
+    assert "With 3 draws" in res["text"] and "independent runs" in res["text"]

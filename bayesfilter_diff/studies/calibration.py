@@ -30,8 +30,32 @@ from .store import ResultStore
 __all__ = ["run_calibration", "calibration_problem"]
 
 LEVELS = (0.5, 0.8, 0.9, 0.95)
-QUICK: dict[str, Any] = {"dims": [2], "replicates": 100, "chunk": 50, "N": 99, "steps": 50}
-FULL: dict[str, Any] = {"dims": [2, 8], "replicates": 400, "chunk": 100, "N": 99, "steps": 100}
+#: ``draws``: ``"auto"`` (default) takes a weighted sampler's draws one from each of ``runs``
+#: independent runs of ``particles`` particles and an unweighted sampler's ``N`` draws from
+#: one run (its particles are independent); ``"runs"`` / ``"cloud"`` do one or the other for
+#: every sampler (``"runs"``: ``N`` runs of ``particles``; ``"cloud"``: ``N`` draws resampled
+#: from one run of ``4 N`` particles).
+QUICK: dict[str, Any] = {
+    "dims": [2],
+    "replicates": 100,
+    "chunk": 50,
+    "N": 99,
+    "steps": 50,
+    "draws": "auto",
+    "runs": 19,
+    "particles": 100,
+}
+FULL: dict[str, Any] = {
+    "dims": [2, 8],
+    "replicates": 400,
+    "chunk": 100,
+    "N": 99,
+    "steps": 100,
+    "draws": "auto",
+    "runs": 19,
+    "particles": 396,
+}
+_DRAWS = ("auto", "runs", "cloud")
 
 
 def _seed(*parts) -> int:
@@ -113,6 +137,8 @@ def run_calibration(
 
     cfg = dict(FULL if full else QUICK)
     cfg.update(config or {})
+    if cfg["draws"] == "runs" and "particles" not in (config or {}):
+        cfg["particles"] = 4 * cfg["N"]  # (the explicit mode's own default)
     named = list(methods) if methods else None
     methods = methods or [m for m in names(studies=True, mask=False) if m != "D-Flow"]
     out = Path(out)
@@ -133,12 +159,14 @@ def run_calibration(
         for m in methods
         for c in range(nchunks)
     ]
-    if cfg.get("draws", "cloud") != "cloud":
-        if cfg["draws"] != "runs":
-            raise ValueError(f"config 'draws' must be 'cloud' or 'runs', got {cfg['draws']!r}")
-        # (only then in the cell: the cloud cells keep their keys, so their stored results)
-        for cell in cells:
-            cell.update(draws="runs", particles=cfg.get("particles", 4 * cfg["N"]))
+    if cfg["draws"] not in _DRAWS:
+        raise ValueError(f"config 'draws' must be one of {_DRAWS}, got {cfg['draws']!r}")
+    # (only then in the cell: the cloud cells keep their keys, so their stored results)
+    for cell in cells:
+        mode = _mode(cfg, cell["method"])
+        if mode == "runs":
+            n = cfg["N"] if cfg["draws"] == "runs" else cfg["runs"]
+            cell.update(draws="runs", N=n, particles=cfg["particles"])
     start = time.perf_counter()
     records = run_study(_cell, cells, store, executor=executor, progress=progress)
     wall = time.perf_counter() - start
@@ -159,30 +187,37 @@ def run_calibration(
                 continue
             ranks = torch.tensor([row for r in rs for row in r["ranks"]])
             cov = torch.stack([torch.tensor(r["coverage"]) for r in rs]).mean(0)  # (L, S)
-            test = rank_uniformity_test(ranks, cfg["N"], generator=torch.Generator().manual_seed(0))
+            n = rs[0]["cell"]["N"]  # the draws per replicate (the rank's range is 0..n)
+            test = rank_uniformity_test(ranks, n, generator=torch.Generator().manual_seed(0))
             row = {
                 "method": m,
                 "d": d,
                 "exact": "yes" if entry(parse_label(m)[0]).exact else "no",
+                "draws": (
+                    f"1 from each of {n} runs"
+                    if rs[0]["cell"].get("draws") == "runs"
+                    else f"{n} from one run"
+                ),
                 "sbc_pvalue": test.pvalue,
                 "verdict": "uniformity not rejected" if test.pvalue > 0.01 else "miscalibrated",
             }
             for i, lv in enumerate(LEVELS):
                 row[f"cov@{lv}"] = float(cov[i].mean())
             rows.append(row)
-            hists[(m, d)] = ranks
+            hists[(m, d)] = (ranks, n)
     figs = _figures(hists, cfg, out)
     cmd = study_command("calibration", full, config, out, "calibration")
     if named:
         cmd += f" --methods '{','.join(named)}'"
-    cols = ["method", "d", "exact", "sbc_pvalue", "verdict"] + [f"cov@{lv}" for lv in LEVELS]
+    cols = ["method", "d", "exact", "draws", "sbc_pvalue", "verdict"]
+    cols += [f"cov@{lv}" for lv in LEVELS]
     text = "\n".join(
         [
             "# Calibration: SBC ranks and coverage of every sampler",
             "",
             f"Command: `{cmd}`; {len(records)} cells ({wall:.0f} s computed in this invocation).",
             f"Setting: 3-component mixture priors in d in {cfg['dims']}, Dense operator d_y = 1, "
-            f"sigma_y = 0.5, {cfg['replicates']} replicates per method, {cfg['N']} draws each, "
+            f"sigma_y = 0.5, {cfg['replicates']} replicates per method, "
             f"{cfg['steps']} steps (D-Flow is left out: its cost per draw is thousands of NFEs).",
             "",
             "`sbc_pvalue`: Bonferroni-combined p-value of chi-square and KS uniformity tests over the "
@@ -202,29 +237,49 @@ def run_calibration(
     return {"rows": rows, "text": text, "report": out / "report.md"}
 
 
+def _mode(cfg: dict[str, Any], method: str) -> str:
+    """``"runs"`` or ``"cloud"``: how ``method``'s draws are taken under ``cfg["draws"]``."""
+    if cfg["draws"] == "auto":
+        return "runs" if entry(parse_label(method)[0]).weighted else "cloud"
+    return str(cfg["draws"])
+
+
 def _draws_note(cfg: dict[str, Any]) -> str:
     """How the draws were taken, and the coverage an exact sampler has with that many."""
-    n = cfg["N"]
-    if cfg.get("draws", "cloud") == "runs":
-        text = (
-            f"Draws: one from each of {n} independent runs per replicate "
-            f"({cfg.get('particles', 4 * n)} particles each), so they are independent."
+    n, draws = cfg["N"], cfg["draws"]
+    runs = cfg["runs"] if draws == "auto" else n
+    parts = []
+    if draws in ("auto", "runs"):
+        who = "a weighted (SMC) sampler's" if draws == "auto" else "the"
+        parts.append(
+            f"Draws: {who} draws are one from each of {runs} independent runs per replicate "
+            f"({cfg['particles']} particles each), so they are independent (SBC assumes "
+            "independent draws; draws resampled from one SMC cloud share ancestors, which "
+            "U-shapes an exact sampler's ranks: Talts et al. 2018, section 5)."
         )
-    else:
-        text = (
-            f"Draws: {n} resampled from one run of {4 * n} particles per replicate; a "
-            "weighted sampler's draws then share ancestors, which widens the rank histogram "
-            "of an exact sampler (SBC assumes independent draws; `draws: runs` in the config "
-            "takes one draw per independent run)."
+    if draws in ("auto", "cloud"):
+        who = "an unweighted sampler's" if draws == "auto" else "the"
+        parts.append(
+            f"{'Draws: ' if draws == 'cloud' else ''}{who[0].upper() + who[1:]} {n} draws "
+            f"come from one run of {4 * n} particles per replicate"
+            + (
+                " (independent particles)."
+                if draws == "auto"
+                else "; a weighted sampler's draws then share ancestors, which widens the rank "
+                "histogram of an exact sampler (`draws: runs` or `auto` in the config takes one "
+                "draw per independent run)."
+            )
         )
-    cap = (n - 1) / (n + 1)
-    high = [lv for lv in LEVELS if lv > cap]
-    if high:
-        text += (
-            f" With {n} draws the widest interval is [min, max], which an exact sampler's "
-            f"x* falls in with probability {cap:.3f}: the expected coverage at "
-            f"{', '.join(map(str, high))} is {cap:.3f}, not the level."
-        )
+    text = " ".join(parts)
+    for k in sorted({runs, n}):
+        cap = (k - 1) / (k + 1)
+        high = [lv for lv in LEVELS if lv > cap]
+        if high:
+            text += (
+                f" With {k} draws the widest interval is [min, max], which an exact sampler's "
+                f"x* falls in with probability {cap:.3f}: the expected coverage at "
+                f"{', '.join(map(str, high))} is {cap:.3f}, not the level."
+            )
     return text
 
 
@@ -244,11 +299,11 @@ def _figures(hists, cfg, out: Path) -> list[Path]:
         fig, axes = plt.subplots(nrows, cols, figsize=(3.0 * cols, 2.6 * nrows), squeeze=False)
         for ax in axes.flat[len(items) :]:
             ax.axis("off")
-        for ax, (m, r) in zip(axes.flat, items):
-            u = (r[:, 0].double() / cfg["N"]).numpy()
+        for ax, (m, (r, n)) in zip(axes.flat, items):
+            u = ((r[:, 0].double() + 0.5) / (n + 1)).numpy()  # rank 0..n
             ax.hist(
                 u,
-                bins=10,
+                bins=min(10, n + 1),
                 range=(0, 1),
                 color="tab:green" if entry(parse_label(m)[0]).exact else "tab:gray",
             )
