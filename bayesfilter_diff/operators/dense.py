@@ -43,6 +43,7 @@ class Dense(LinearOperator):
     _Y: Tensor
     _T: Tensor
     _sign: Tensor
+    _Ys: Tensor
 
     def __init__(
         self, matrix: Tensor, in_shape: Sequence[int] | None = None, rtol: float | None = None
@@ -75,9 +76,12 @@ class Dense(LinearOperator):
             self.register_buffer("_Vh", None)
             self.register_buffer("_Y", Y.to(dt))
             self.register_buffer("_T", T.to(dt))
-            # +-1 on the first k coordinates, 1 after: one multiply instead of a slice-and-cat
-            full = torch.cat([sign, sign.new_ones(d - sign.numel())])
-            self.register_buffer("_sign", full.to(dt))
+            # D = diag(sign) acts on the first k coordinates only: V's product with Y takes it
+            # folded in (diag(D, 1) Y), and both fix the k columns in place, not a full pass
+            self.register_buffer("_sign", sign.to(dt))
+            self.register_buffer(
+                "_Ys", (torch.cat([sign, sign.new_ones(d - sign.numel())])[:, None] * Y).to(dt)
+            )
         else:
             self.register_buffer("_Vh", Vh.to(dt))
 
@@ -102,15 +106,20 @@ class Dense(LinearOperator):
         # x V = (x Q) diag(D, 1): x Q = x - ((x Y) T) Y^T
         x2 = x.reshape(-1, x.shape[-1])
         z = torch.addmm(x2, (x2 @ self._Y) @ self._T, self._Y.T, alpha=-1)
-        return z.mul_(self._sign).reshape(x.shape)
+        k = self._sign.numel()
+        z[:, :k].mul_(self._sign)
+        return z.reshape(x.shape)
 
     def V(self, z: Tensor) -> Tensor:
         if not self.thin:
             assert self._Vh is not None
             return (z @ self._Vh).reshape(z.shape[:-1] + self.in_shape)
-        # V z = Q diag(D, 1) z; as rows: w - ((w Y) T^T) Y^T with w = z diag(D, 1)
-        w2 = (z * self._sign).reshape(-1, z.shape[-1])
-        x = torch.addmm(w2, (w2 @ self._Y) @ self._T.T, self._Y.T, alpha=-1)
+        # V z = Q diag(D, 1) z; as rows: w - ((w Y) T^T) Y^T with w = z diag(D, 1), i.e.
+        # z - ((z Ys) T^T) Y^T (Ys = diag(D, 1) Y) plus (D - 1) z on the first k columns
+        z2 = z.reshape(-1, z.shape[-1])
+        x = torch.addmm(z2, (z2 @ self._Ys) @ self._T.T, self._Y.T, alpha=-1)
+        k = self._sign.numel()
+        x[:, :k].addcmul_(z2[:, :k], self._sign - 1)
         return x.reshape(z.shape[:-1] + self.in_shape)
 
     def Ut(self, y: Tensor) -> Tensor:

@@ -368,11 +368,14 @@ class MCGdiff(SMCSampler):
         ybar = c.ybar[:, None, :]  # (B, 1, R)
         # sum over A_{k+1} of log N(mu; alpha_{k+1} y_bar, w1) - log N(x; alpha_k y_bar, w0):
         # two weighted sums of squares per particle, the log-variances once per step
+        # (each residual written once, already weighted, and read once by a row-wise dot)
         w1, w0 = std**2 + c.v[k + 1], c.v[k]
-        r1 = lay.part(state.mu) - c.alpha[k + 1] * ybar
-        r0 = lay.part(state.xbar) - c.alpha[k] * ybar
+        g1, g0 = (act / w1).sqrt(), (act / w0).sqrt()  # (R,)
+        r1 = torch.addcmul((-c.alpha[k + 1] * g1) * ybar, g1, lay.part(state.mu))
+        r0 = torch.addcmul((-c.alpha[k] * g0) * ybar, g0, lay.part(state.xbar))
         const = -0.5 * (act * torch.log(w1 / w0)).sum()
-        return -0.5 * ((r1 * r1) @ (act / w1) - (r0 * r0) @ (act / w0)) + const
+        dot = "...r,...r->..."
+        return -0.5 * (torch.einsum(dot, r1, r1) - torch.einsum(dot, r0, r0)) + const
 
     @staticmethod
     def _tail_std(ctx: Context, t: Tensor, t_next: Tensor) -> Tensor:
@@ -407,8 +410,14 @@ class MCGdiff(SMCSampler):
         K = torch.where(act, gain, torch.zeros_like(gain))
         sd = torch.where(act, (gain * v).sqrt(), sd_off * torch.ones_like(gain))
         mu_o = lay.part(mu)
-        part = mu_o + K * (c.alpha[k + 1] * c.ybar[:, None, :] - mu_o) + sd * lay.part(z)
-        x_new = part if lay.pixels else lay.merge(part, mu + std * z)
+        # (1 - K) mu + K alpha y_bar + sd z: two passes over the particles, the second in place
+        target = (K * c.alpha[k + 1]) * c.ybar[:, None, :]  # (B, 1, R)
+        part = torch.addcmul(target, 1 - K, mu_o).addcmul_(sd, lay.part(z))
+        if lay.pixels:
+            x_new = part
+        else:  # the prior kernel off the observed part, written over by it there (no cat)
+            x_new = torch.addcmul(mu, std, z)
+            x_new[..., : lay.r] = part
         # the prior mean of the next move (one network call), read by its look-ahead
         mu_new = mu if k + 1 == n else self._predict(ctx, c, x_new, k + 1)
         return Move(MCGdiffState(x_new, mu_new))

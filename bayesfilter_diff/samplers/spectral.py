@@ -219,11 +219,15 @@ def condition_pixels(
     b = torch.where(obs, v * s / safe, torch.zeros_like(pred))
     c = torch.where(obs, v * r2 / safe, v * torch.ones_like(pred)).sqrt()
     m = op.flat_in(mu)
-    x = torch.addcmul(torch.addcmul(a * m, b, y_pix), c, z)
-    w = torch.where(obs, 1 / safe, torch.zeros_like(pred))  # 1 / pred on the range
-    resid = torch.addcmul(y_pix, s, m, value=-1.0)  # y - s mu
+    # two passes over the particles: a mu + b y (b y is (B, 1, d) for a shared y), then + c z
+    x = torch.addcmul(b * y_pix, a, m)
+    x = x.addcmul_(c, z) if x.shape == z.shape else torch.addcmul(x, c, z)
+    # log_pred: one pass writes sqrt(w) (y - s mu), w = 1 / pred on the range (0 off it), and a
+    # row-wise dot product reads it (no squared copy)
+    sw = torch.where(obs, safe.rsqrt(), torch.zeros_like(pred))
+    resid = torch.addcmul(sw * y_pix, sw * s, m, value=-1.0)
     const = -0.5 * torch.where(obs, torch.log(2 * math.pi * safe), torch.zeros_like(pred)).sum()
-    log_pred = -0.5 * (resid * resid) @ w + const
+    log_pred = -0.5 * torch.einsum("...d,...d->...", resid, resid) + const
     return x.reshape(mu.shape), log_pred
 
 
