@@ -140,14 +140,16 @@ def _pixel_twist(
     over the observed pixels (``y~`` placed on the pixel grid): no gather of the observed
     entries and no scatter in its gradient."""
     sp = op.pixel_singular_values().to(dtype=y.dtype, device=y.device)  # (d,)
-    residual = pixel_residual(op, y)  # (B, N, d)
+    y_pix = op.pixel_observation(op.Ut(y))  # (B, 1, d), 0 off the range
     noise = s2 if not isinstance(s2, Tensor) else s2.reshape(-1, 1, 1)
     den = sig2 * sp**2 + noise  # (d,) or (B, 1, d)
-    w = torch.where(sp > 0, 1 / torch.where(sp > 0, den, torch.ones_like(den)), 0.0)
+    sw = torch.where(sp > 0, torch.where(sp > 0, den, torch.ones_like(den)).rsqrt(), 0.0)
+    # the residual weighted by 1 / sqrt(den), written once and read by a row-wise dot
+    y_w, s_w = sw * y_pix, sw * sp
 
     def fn(x0: Tensor) -> Tensor:
-        r = residual(x0)
-        return -0.5 * (r * r * w).sum(-1)
+        r = torch.addcmul(y_w, s_w, op.flat_in(x0), value=-1.0)
+        return -0.5 * torch.einsum("...d,...d->...", r, r)
 
     return fn
 
@@ -392,24 +394,34 @@ class TDS(SMCSampler):
         den = noise + v_s * sv**2  # the twist's variance at s per coordinate
         den_z = den + (std / a_s) ** 2 * sv**2  # the linearised predictive's
         prec = 1 / std**2 + sv**2 / (a_s**2 * den)
-        shift = sv / (a_s * den) * r / prec  # conditional mean of the coordinate's move
+        # the coordinate's move: u = k_r r + prec^(-1/2) z (conditional mean k_r r); the
+        # coefficients are per coordinate (per particle too with a per-particle std)
+        k_r = sv / (a_s * den * prec)
         z = ctx.randn()
         if op.pixel_svd:
-            u = shift + prec.rsqrt() * op.flat_in(z)  # = std z off the range
+            u = torch.addcmul(k_r * r, prec.rsqrt(), op.flat_in(z))  # = std z off the range
             x_new = mean + u.reshape(mean.shape)
         else:  # the observed coordinates' part of std z replaced by their conditional draw
             if dense is None:
                 zr = op.Vt(z)[..., : sv.numel()]
             else:
                 zr = op.flat_in(z) @ dense[2].transpose(-1, -2)  # (B, N, k)
-            u = shift + prec.rsqrt() * zr
+            u = torch.addcmul(k_r * r, prec.rsqrt(), zr)
             du = u - std * zr
             back = op.V(op.pad_in(du)) if dense is None else (du @ dense[2]).reshape(mean.shape)
             x_new = mean + std_x * z + back
+        # -0.5 sum over the range of [r^2 / den_z + log den_z - (r - sv u / a_s)^2 / den
+        # - log den]: the residuals weighted by 1 / sqrt(variance), each read by a dot
         on = sv > 0
-        quad_z = torch.where(on, r**2 / den_z + torch.log(den_z), 0.0)
-        quad_s = torch.where(on, (r - sv * u / a_s) ** 2 / den + torch.log(den), 0.0)
-        return x_new, -0.5 * (quad_z - quad_s).sum(-1)
+        safe_z = torch.where(on, den_z, torch.ones_like(den_z))
+        safe = torch.where(on, den, torch.ones_like(den))
+        c_z = torch.where(on, safe_z.rsqrt(), 0.0)
+        c_s = torch.where(on, safe.rsqrt(), 0.0)
+        r_z = r * c_z
+        r_s = torch.addcmul(r * c_s, c_s * sv / a_s, u, value=-1.0)
+        dot = "...d,...d->..."
+        logs = torch.log(safe_z).sum(-1) - torch.log(safe).sum(-1)  # 0 off the range
+        return x_new, -0.5 * (torch.einsum(dot, r_z, r_z) - torch.einsum(dot, r_s, r_s) + logs)
 
     # ------------------------------------------------------------------ time grid
     def time_grid(self, prior, problem: InverseProblem) -> Tensor:
@@ -617,17 +629,24 @@ class TDS(SMCSampler):
             # 2. Twisted x0 (conditional Tweedie): x0~ = x0_hat + sigma_t^2 / alpha_t * grad.
             # 3. Proposal q(x_s | x_t, y) = N(alpha_s x0~ + c_eps eps~, std^2 I); the DDIM
             #    mean is affine in x0 with weight b, so mean_tw = mean_u + b (x0~ - x0_hat).
-            dx0 = g * tweedie_coefficient(coef.alpha_t, s_t)  # x0~ - x0_hat
+            tw = tweedie_coefficient(coef.alpha_t, s_t)
             if self.clamp_x0 is not None:
+                dx0 = g * tw  # x0~ - x0_hat
                 x0_tw = x0 + dx0
                 clamped = x0_tw.clamp(self.clamp_x0[0], self.clamp_x0[1])
-                dx0 = torch.where(clamped == x0_tw, dx0, clamped - x0)
-            delta = dx0 * b
-            mean_tw = mean_u + delta
+                # (the unclamped entries as without a clamp, bit for bit)
+                delta = torch.where(clamped == x0_tw, g * (tw * b), (clamped - x0) * b)
+            else:
+                delta = g * (tw * b)
             z = ctx.randn()
-            x_new = mean_tw + std * z
-            # 4. log p(x_s | x_t) - log q(x_s | x_t, y) with x_s - mean_tw = std z.
-            log_ratio = -((2 * std * z * delta + delta**2) / (2 * std**2)).sum(red)
+            x_new = torch.add(mean_u, delta).addcmul_(std, z)  # mean_tw + std z
+            # 4. log p(x_s | x_t) - log q(x_s | x_t, y) with x_s - mean_tw = std z:
+            #    -sum(z delta) / std - sum(delta^2) / (2 std^2), per particle
+            flat = delta.shape[:2] + (-1,)
+            zd = torch.einsum("...d,...d->...", z.reshape(flat), delta.reshape(flat))
+            dd = torch.einsum("...d,...d->...", delta.reshape(flat), delta.reshape(flat))
+            sp = std.reshape(std.shape[:2]) if std.dim() > 1 else std
+            log_ratio = -(zd / sp + dd / (2 * sp**2))
             if keep is not None:
                 x_new = torch.where(keep, mean_u, x_new)
                 log_ratio = torch.where(keep.reshape(log_ratio.shape), 0.0, log_ratio)
