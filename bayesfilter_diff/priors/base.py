@@ -153,7 +153,15 @@ class DiffusionModel(nn.Module):
 
         ``t`` is a scalar or a tensor broadcasting to ``lead``.
         """
-        return self._evaluate(self.net, x_t, t)
+        net = self.net
+        if isinstance(net, _Adapter) and torch.as_tensor(t).dim() == 0:
+            # at a scalar time x0 = p x_t + q out: two passes (and two in a backward pass)
+            # where the conversion at per-particle times takes three (and four)
+            tt = torch.as_tensor(t).to(dtype=x_t.dtype, device=x_t.device)
+            p, q = net.affine(tt)
+            out = self._evaluate(net.net, x_t, t)
+            return torch.addcmul(out * q, x_t, p)
+        return self._evaluate(net, x_t, t)
 
     def _evaluate(self, net: Denoiser, x_t: Tensor, t: Tensor | float) -> Tensor:
         """``net`` on the flattened batch (in chunks of ``chunk_size``), in ``x_t``'s shape."""

@@ -139,7 +139,7 @@ class DPS(Sampler):
         if problem.noise == "gaussian":
             if setup.residual is not None:  # masks: on the pixel grid, no gather / scatter
                 r = setup.residual(x0)
-                return (r * r).sum(-1)
+                return torch.einsum("...d,...d->...", r, r)  # (a row-wise dot: no r * r)
             return flat_sum((y - op(x0)) ** 2)
         rate = problem.poisson_rate
         if self.poisson == "weighted":
@@ -174,7 +174,7 @@ class DPS(Sampler):
         coef = ddim_coefficients(sch, t, t_next, self.eta)
         x_next = ddim_mean(x, x0, coef, sch.sigma(t))
         if bool(coef.std > 0):
-            x_next = x_next + coef.std * ctx.randn()
+            x_next = x_next.addcmul_(coef.std, ctx.randn())
         # 3. Per-particle step size: paper zeta_i = scale / ||r_i|| on grad ||r_i||^2, code
         #    scale on grad ||r_i|| = grad ||r_i||^2 / (2 ||r_i||).
         norm = dist.clamp_min(0).sqrt()
@@ -187,5 +187,8 @@ class DPS(Sampler):
         red = tuple(range(2, x.dim()))
         ok = torch.isfinite(dist) & torch.isfinite(update).all(dim=red)  # (B, N)
         okb = ok.reshape(ok.shape + (1,) * (x.dim() - 2))
-        x_next = x_next - torch.where(okb, update, torch.zeros_like(update))
+        if bool(ok.all()):
+            x_next = x_next.sub_(update)
+        else:
+            x_next = x_next - torch.where(okb, update, torch.zeros_like(update))
         return Move(DPSState(x_next), None, DPSStep((~ok).sum(-1)))
