@@ -173,10 +173,9 @@ def condition(
     r = s.numel()
     mr, yr = mu_bar[..., :r], y_tilde[..., :r]
     p = gaussian_product(mr, v, yr, r2, s)
-    x_bar = torch.cat(
-        [p.mean + torch.sqrt(p.var) * z[..., :r], mu_bar[..., r:] + math.sqrt(v) * z[..., r:]],
-        dim=-1,
-    )
+    # the null space's N(mu_bar_i, v) in one pass, the observed coordinates written over it
+    x_bar = torch.add(mu_bar, z, alpha=math.sqrt(v))
+    x_bar[..., :r] = p.mean + torch.sqrt(p.var) * z[..., :r]
     log_pred = log_normal(yr, s * mr, p.pred_var).sum(-1)
     if y_tilde.shape[-1] > r and r2 > 0:
         log_pred = log_pred + out_of_range_log_likelihood(y_tilde, r, r2)
