@@ -6,13 +6,14 @@ dimension under a ``(2, d)`` dense operator (the mixture benchmark's ``d_y = 2``
 elementwise stand-in network.
 
 Setting: box inpainting (the central half-size box of every channel hidden),
-``sigma_y = 0.05``, a one-convolution eps network (``Conv2d(C, C, 3, padding=1)``, the time
-ignored) so that the sampler's own cost shows; one thread, CPU time of this process.
+``sigma_y = 0.05``, a one-convolution eps network (``sigma_t Conv2d(C, C, 3, padding=1)``)
+so that the sampler's own cost shows; one thread, CPU time of this process.
 
 Per method and ``N`` it records
 
 - ``cpu_s``: CPU time of one ``sample`` call;
-- ``net_s``: the network's share, timed inside the run: its forward passes and, for the
+- ``net_s``: the network's share, timed inside the run (the whole network, its output
+  scaling by ``sigma_t`` included since 2026-12-04): its forward passes and, for the
   samplers that differentiate it (TDS, DPS), its backward passes with respect to the input
   only (the weights need no gradient; TDS's analytic reverse variance adds one backward per
   step for its trace probe);
@@ -48,26 +49,27 @@ PASSES = {"FPS-SMC": 7, "MCGdiff": 7, "TDS": 8, "DPS": 6, "FPS": 5, "DDRM": 5, "
 
 
 class _TimedConv(torch.autograd.Function):
-    """``conv2d(x, w, b)`` whose forward and input-gradient CPU times are added to
-    ``timer.fwd_cpu`` / ``timer.bwd_cpu`` (the weights get no gradient: a sampler
-    differentiates the network with respect to its input only)."""
+    """``scale * conv2d(x, w, b)`` (``scale`` per sample) whose forward and input-gradient
+    CPU times are added to ``timer.fwd_cpu`` / ``timer.bwd_cpu``: the whole network, its
+    output scaling included (the weights get no gradient: a sampler differentiates the
+    network with respect to its input only)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, timer):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, scale, timer):  # type: ignore[override]
         start = time.process_time()
-        out = torch.nn.functional.conv2d(x, weight, bias, padding=1)
+        out = torch.nn.functional.conv2d(x, weight, bias, padding=1).mul_(scale)
         timer.fwd_cpu += time.process_time() - start
-        ctx.save_for_backward(weight)
+        ctx.save_for_backward(weight, scale)
         ctx.shape, ctx.timer = x.shape, timer
         return out
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         start = time.process_time()
-        (weight,) = ctx.saved_tensors
-        gx = torch.nn.grad.conv2d_input(ctx.shape, weight, g, padding=1)
+        weight, scale = ctx.saved_tensors
+        gx = torch.nn.grad.conv2d_input(ctx.shape, weight, g * scale, padding=1)
         ctx.timer.bwd_cpu += time.process_time() - start
-        return gx, None, None, None
+        return gx, None, None, None, None
 
 
 class OneConv(nn.Module):
@@ -91,29 +93,30 @@ class OneConv(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        out = _TimedConv.apply(x, self.conv.weight, self.conv.bias, self)
-        return self.schedule.sigma(t).reshape(-1, 1, 1, 1) * out
+        scale = self.schedule.sigma(t).reshape(-1, 1, 1, 1).to(x.dtype)
+        return _TimedConv.apply(x, self.conv.weight, self.conv.bias, scale, self)
 
 
 class _TimedScale(torch.autograd.Function):
-    """``x * w`` with its forward and input-gradient CPU times recorded (as _TimedConv)."""
+    """``scale * (x * w)`` with its forward and input-gradient CPU times recorded (as
+    _TimedConv)."""
 
     @staticmethod
-    def forward(ctx, x, w, timer):  # type: ignore[override]
+    def forward(ctx, x, w, scale, timer):  # type: ignore[override]
         start = time.process_time()
-        out = x * w
+        out = x * (w * scale)
         timer.fwd_cpu += time.process_time() - start
-        ctx.save_for_backward(w)
+        ctx.save_for_backward(w, scale)
         ctx.timer = timer
         return out
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         start = time.process_time()
-        (w,) = ctx.saved_tensors
-        gx = g * w
+        w, scale = ctx.saved_tensors
+        gx = g * (w * scale)
         ctx.timer.bwd_cpu += time.process_time() - start
-        return gx, None, None
+        return gx, None, None, None
 
 
 class OneScale(nn.Module):
@@ -129,7 +132,8 @@ class OneScale(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        return self.schedule.sigma(t).reshape(-1, 1) * _TimedScale.apply(x, self.w, self)
+        scale = self.schedule.sigma(t).reshape(-1, 1).to(x.dtype)
+        return _TimedScale.apply(x, self.w, scale, self)
 
 
 def problem(shape: tuple[int, ...], seed: int = 0):
