@@ -68,6 +68,21 @@ def test_svd_identity_and_orthogonality(name):
 
 
 @pytest.mark.parametrize("name", list(OPS))
+def test_range_coordinates_are_the_first_r_of_the_svd(name):
+    """``Vt_range`` / ``V_range`` (one product for Dense) agree with the full ``V^T`` / ``V``
+    restricted to the range's first ``r`` coordinates."""
+    op = OPS[name]
+    g = torch.Generator().manual_seed(5)
+    r = op.rank
+    x = torch.randn((3,) + op.in_shape, generator=g, dtype=torch.float64)
+    assert torch.allclose(op.Vt_range(x), op.Vt(x)[..., :r], atol=1e-12)
+    w = torch.randn(3, r, generator=g, dtype=torch.float64)
+    full = op.V(op.pad_in(w))
+    assert op.V_range(w).shape == full.shape == (3,) + op.in_shape
+    assert torch.allclose(op.V_range(w), full, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(OPS))
 def test_pseudo_inverse(name):
     op = OPS[name]
     g = torch.Generator().manual_seed(3)

@@ -182,6 +182,17 @@ class LinearOperator(Operator):
     def rank(self) -> int:
         return int(self.singular_values().numel())
 
+    def Vt_range(self, x: Tensor) -> Tensor:
+        """``(V^T x)[..., :r]``: the coordinates of ``x`` along the right singular vectors of
+        the range (``r`` = :attr:`rank`). Operators that hold those vectors override it with
+        one product instead of the full ``V^T`` (:class:`~.dense.Dense`)."""
+        return self.Vt(x)[..., : self.rank]
+
+    def V_range(self, w: Tensor) -> Tensor:
+        """``V [w; 0]`` for ``w`` of shape ``(..., r)``: a combination of the right singular
+        vectors of the range, on the signal grid (as :meth:`Vt_range`)."""
+        return self.V(self.pad_in(w))
+
     def pad_in(self, z: Tensor) -> Tensor:
         """Zero-pad spectral coordinates ``(..., r)`` to ``(..., d)``."""
         return nn.functional.pad(z, (0, self.in_dim - z.shape[-1]))
@@ -195,7 +206,7 @@ class LinearOperator(Operator):
         if not self.has_svd:
             return self._pinv_dense(y)
         s = self.singular_values()
-        return self.V(self.pad_in(self.Ut(y)[..., : s.numel()] / s))
+        return self.V_range(self.Ut(y)[..., : s.numel()] / s)
 
     def _pinv_dense(self, y: Tensor) -> Tensor:
         lead = self._lead(y, self.out_shape, "y")
@@ -281,7 +292,7 @@ class LinearOperator(Operator):
         if self.has_svd:
             s = self.singular_values()
             z = self.Ut(y)[..., : s.numel()]
-            return self.V(self.pad_in(s * z / (_event(r2, 1) * s**2 + _event(s2, 1))))
+            return self.V_range(s * z / (_event(r2, 1) * s**2 + _event(s2, 1)))
         return self.adjoint(self.gram_solve(y, r2, s2, cg_iters=cg_iters, cg_tol=cg_tol))
 
     def prox_l2(

@@ -44,6 +44,7 @@ class Dense(LinearOperator):
     _T: Tensor
     _sign: Tensor
     _Ys: Tensor
+    _Vr: Tensor
 
     def __init__(
         self, matrix: Tensor, in_shape: Sequence[int] | None = None, rtol: float | None = None
@@ -71,6 +72,8 @@ class Dense(LinearOperator):
         self.register_buffer("M", matrix)
         self.register_buffer("_U", U.to(dt))
         self.register_buffer("_s", s[:r].to(dt))
+        # the first r right singular vectors (V's first r columns), for Vt_range / V_range
+        self.register_buffer("_Vr", Vh[:r].T.contiguous().to(dt))
         if self.thin:
             Y, T, sign = _compact_wy(Vh.T)
             self.register_buffer("_Vh", None)
@@ -121,6 +124,12 @@ class Dense(LinearOperator):
         k = self._sign.numel()
         x[:, :k].addcmul_(z2[:, :k], self._sign - 1)
         return x.reshape(z.shape[:-1] + self.in_shape)
+
+    def Vt_range(self, x: Tensor) -> Tensor:
+        return self.flat_in(x) @ self._Vr  # one product, no full V^T
+
+    def V_range(self, w: Tensor) -> Tensor:
+        return (w @ self._Vr.T).reshape(w.shape[:-1] + self.in_shape)
 
     def Ut(self, y: Tensor) -> Tensor:
         return self.flat_out(y) @ self._U

@@ -142,7 +142,7 @@ class _NullSpaceSampler(Sampler):
         # 2. x0_hat' = x0_hat - V Lambda V^T A^+ (A x0_hat - y): in spectral coordinates the
         #    observed part moves by lambda_i (ybar_i - x0bar_i), the null space is unchanged.
         x0b = op.Vt(x0)
-        x0p = x0 + op.V(op.pad_in(pinv_correction(x0b, setup.ybar, lam)))
+        x0p = x0 + op.V_range(pinv_correction(x0b, setup.ybar, lam))
         # 3. noise: c (eta z + sqrt(1 - eta^2) eps_hat) on the null space, (d1, d2) on the
         #    observed coordinates.
         zb = ctx.randn(x0b.shape)

@@ -403,13 +403,13 @@ class TDS(SMCSampler):
             x_new = mean + u.reshape(mean.shape)
         else:  # the observed coordinates' part of std z replaced by their conditional draw
             if dense is None:
-                zr = op.Vt(z)[..., : sv.numel()]
+                zr = op.Vt_range(z)  # (B, N, r)
             else:
                 zr = op.flat_in(z) @ dense[2].transpose(-1, -2)  # (B, N, k)
             u = torch.addcmul(k_r * r, prec.rsqrt(), zr)
             du = u - std * zr
-            back = op.V(op.pad_in(du)) if dense is None else (du @ dense[2]).reshape(mean.shape)
-            x_new = mean + std_x * z + back
+            back = op.V_range(du) if dense is None else (du @ dense[2]).reshape(mean.shape)
+            x_new = torch.addcmul(mean, std_x, z).add_(back)
         # -0.5 sum over the range of [r^2 / den_z + log den_z - (r - sv u / a_s)^2 / den
         # - log den]: the residuals weighted by 1 / sqrt(variance), each read by a dot
         on = sv > 0
