@@ -287,6 +287,34 @@ def test_pixel_conditioning_equals_the_spectral_one(per_particle_y, r2):
         torch.testing.assert_close(lpp, lp, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("per_particle_y", [False, True])
+@pytest.mark.parametrize("r2", [0.2, 0.0])
+def test_range_conditioning_equals_the_spectral_one(per_particle_y, r2):
+    """For a wide Dense matrix (thin range, rank-deficient too), condition_range with noise
+    z = V z' is condition with spectral noise z': the same draws and predictive likelihoods,
+    transforming only the range's coordinates."""
+    from bayesfilter_diff.samplers.spectral import condition_range
+
+    g = torch.Generator().manual_seed(2)
+    shape = (2, 3, 4)
+    low = torch.randn(2, 2, generator=g, dtype=D64) @ torch.randn(2, 24, generator=g, dtype=D64)
+    for op in (
+        bfd.operators.Dense(torch.randn(3, 24, generator=g, dtype=D64), in_shape=shape),
+        bfd.operators.Dense(torch.cat([low, low[:1]]), in_shape=shape),  # rank 2 of 3 rows
+    ):
+        assert op.thin_range
+        d, P = op.in_dim, 5 if per_particle_y else 1
+        mu = torch.randn((2, 5) + shape, generator=g, dtype=D64)
+        yt = op.Ut(torch.randn((2, P) + tuple(op.out_shape), generator=g, dtype=D64))
+        z = torch.randn(2, 5, d, generator=g, dtype=D64)
+        s = op.singular_values()
+        v = torch.tensor(0.7, dtype=D64)
+        x, lp = condition(op, s, op.Vt(mu), v, r2, yt, z)
+        xr, lpr = condition_range(op, s, mu, v, r2, yt, op.flat_in(op.V(z)))
+        torch.testing.assert_close(xr, x, rtol=0, atol=1e-12)
+        torch.testing.assert_close(lpr, lp, rtol=0, atol=1e-10)
+
+
 @pytest.mark.slow
 def test_fps_smc_is_biased_for_the_true_posterior():
     """The documented limitation: pooled over y-sequences, FPS-SMC is over-concentrated."""

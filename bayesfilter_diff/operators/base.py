@@ -99,6 +99,10 @@ class Operator(nn.Module):
     #: permutation gathers of ``V`` / ``V^T`` (:meth:`pixel_singular_values`,
     #: :meth:`pixel_observation`).
     pixel_svd: bool = False
+    #: :meth:`Vt_range` / :meth:`V_range` are products with the range's ``r`` right singular
+    #: vectors, far cheaper than ``V^T`` / ``V`` (``r`` much smaller than ``d``): conditioning
+    #: can run on the signal grid with ``r``-dimensional corrections.
+    thin_range: bool = False
 
     def __init__(self, in_shape: Sequence[int] | int, out_shape: Sequence[int] | int) -> None:
         super().__init__()

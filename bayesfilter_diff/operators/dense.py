@@ -65,6 +65,7 @@ class Dense(LinearOperator):
                 f"in_shape {in_shape} has {self.in_dim} entries, matrix has d={d} columns"
             )
         self.thin = 4 * m <= d  # then U is square (m, m) even in the thin SVD
+        self.thin_range = self.thin
         U, s, Vh = torch.linalg.svd(matrix.double(), full_matrices=not self.thin)
         rtol = rtol if rtol is not None else 1e3 * torch.finfo(matrix.dtype).eps
         r = int((s > rtol * s.max().clamp_min(1e-300)).sum())

@@ -81,7 +81,7 @@ from ..problem import InverseProblem
 from ..schedules import Schedule
 from .base import Context, Move, Requirements, Sampler, SMCSampler
 from .kernels import DDIMCoefficients, ddim_coefficients, ddim_mean
-from .spectral import condition, condition_pixels
+from .spectral import condition, condition_pixels, condition_range
 
 __all__ = ["FPS", "FPSSMC", "FPSGrid", "fps_grid", "fps_y_sequence"]
 
@@ -265,9 +265,12 @@ def _condition(
     z: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Step 3-4 for a prior mean ``mu`` on the signal grid: elementwise for operators whose
-    SVD is diagonal in pixels (masks: no permutation gathers), else in the SVD basis."""
+    SVD is diagonal in pixels (masks: no permutation gathers), on the signal grid with the
+    range's coordinates only for a thin range (wide dense matrices), else in the SVD basis."""
     if op.pixel_svd:
         return condition_pixels(op, mu, v, r2, op.pixel_observation(y_tilde), z)
+    if op.thin_range:
+        return condition_range(op, s, mu, v, r2, y_tilde, z)
     return condition(op, s, op.Vt(mu), v, r2, y_tilde, z)
 
 

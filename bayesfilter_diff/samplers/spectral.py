@@ -50,6 +50,7 @@ __all__ = [
     "gaussian_product",
     "condition",
     "condition_pixels",
+    "condition_range",
     "pixel_residual",
     "observation_time_indices",
     "exact_observation_times",
@@ -180,6 +181,43 @@ def condition(
     if y_tilde.shape[-1] > r and r2 > 0:
         log_pred = log_pred + out_of_range_log_likelihood(y_tilde, r, r2)
     return op.V(x_bar), log_pred
+
+
+def condition_range(
+    op: LinearOperator,
+    s: Tensor,
+    mu: Tensor,
+    v: Tensor | float,
+    r2: Tensor | float,
+    y_tilde: Tensor,
+    z: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """:func:`condition` on the signal grid for an operator with ``thin_range`` (a wide
+    ``Dense``): ``x = mu + sqrt(v) z + V_r (m - V_r^T (mu + sqrt(v) z))`` with ``m`` the
+    observed coordinates' conditional draw, so only the range's ``r`` coordinates are
+    transformed (two ``(d, r)`` products) instead of the full ``V^T mu`` and ``V x_bar``.
+    The same law as :func:`condition` (with ``z`` on the signal grid: ``condition`` with
+    spectral noise ``z'`` equals this with ``z = V z'``).
+
+    Parameters
+    ----------
+    mu
+        Prior mean on the signal grid, ``(B, N, *in_shape)``.
+    z
+        Standard normal ``(B, N, d)`` on the signal grid.
+    """
+    r = s.numel()
+    sv = math.sqrt(v)
+    mr, zr, yr = op.Vt_range(mu), op.Vt_range(z.reshape(mu.shape)), y_tilde[..., :r]
+    p = gaussian_product(mr, v, yr, r2, s)
+    part = p.mean + torch.sqrt(p.var) * zr
+    # the prior kernel's draw, its range coordinates replaced by the conditional ones
+    x = torch.add(op.flat_in(mu), z, alpha=sv)
+    x = x.reshape(mu.shape).add_(op.V_range(part - torch.add(mr, zr, alpha=sv)))
+    log_pred = log_normal(yr, s * mr, p.pred_var).sum(-1)
+    if y_tilde.shape[-1] > r and r2 > 0:
+        log_pred = log_pred + out_of_range_log_likelihood(y_tilde, r, r2)
+    return x, log_pred
 
 
 def condition_pixels(
