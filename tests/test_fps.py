@@ -262,47 +262,34 @@ def test_predictive_weight_equals_three_term_ratio():
     torch.testing.assert_close(ly + lx - lq, pred)
 
 
-@pytest.mark.parametrize("per_particle_y", [False, True])
-@pytest.mark.parametrize("r2", [0.2, 0.0])
-def test_pixel_conditioning_equals_the_spectral_one(per_particle_y, r2):
-    """For a mask (and the identity), condition_pixels with noise z = V z' is condition with
-    spectral noise z': the same draws and predictive likelihoods, without V / V^T."""
-    from bayesfilter_diff.samplers.spectral import condition_pixels
-
-    g = torch.Generator().manual_seed(1)
+def _operators_for(kind, g):
     shape = (2, 3, 4)
-    for op in (
-        bfd.operators.Mask.random(shape, 0.5, g, dtype=D64),
-        bfd.operators.Identity(shape, dtype=D64),
-    ):
-        d, P = op.in_dim, 5 if per_particle_y else 1
-        mu = torch.randn((2, 5) + shape, generator=g, dtype=D64)
-        yt = op.Ut(torch.randn((2, P) + tuple(op.out_shape), generator=g, dtype=D64))
-        z = torch.randn(2, 5, d, generator=g, dtype=D64)
-        s = op.singular_values()
-        v = torch.tensor(0.7, dtype=D64)
-        x, lp = condition(op, s, op.Vt(mu), v, r2, yt, z)
-        xp, lpp = condition_pixels(op, mu, v, r2, op.pixel_observation(yt), op.flat_in(op.V(z)))
-        torch.testing.assert_close(xp, x, rtol=0, atol=1e-12)
-        torch.testing.assert_close(lpp, lp, rtol=0, atol=1e-10)
-
-
-@pytest.mark.parametrize("per_particle_y", [False, True])
-@pytest.mark.parametrize("r2", [0.2, 0.0])
-def test_range_conditioning_equals_the_spectral_one(per_particle_y, r2):
-    """For a wide Dense matrix (thin range, rank-deficient too), condition_range with noise
-    z = V z' is condition with spectral noise z': the same draws and predictive likelihoods,
-    transforming only the range's coordinates."""
-    from bayesfilter_diff.samplers.spectral import condition_range
-
-    g = torch.Generator().manual_seed(2)
-    shape = (2, 3, 4)
+    if kind == "pixels":  # a mask and the identity
+        return shape, [
+            bfd.operators.Mask.random(shape, 0.5, g, dtype=D64),
+            bfd.operators.Identity(shape, dtype=D64),
+        ]
+    # wide Dense matrices (a thin range), one rank-deficient (rank 2 of 3 rows)
     low = torch.randn(2, 2, generator=g, dtype=D64) @ torch.randn(2, 24, generator=g, dtype=D64)
-    for op in (
+    return shape, [
         bfd.operators.Dense(torch.randn(3, 24, generator=g, dtype=D64), in_shape=shape),
-        bfd.operators.Dense(torch.cat([low, low[:1]]), in_shape=shape),  # rank 2 of 3 rows
-    ):
-        assert op.thin_range
+        bfd.operators.Dense(torch.cat([low, low[:1]]), in_shape=shape),
+    ]
+
+
+@pytest.mark.parametrize("kind", ["pixels", "range"])
+@pytest.mark.parametrize("per_particle_y", [False, True])
+@pytest.mark.parametrize("r2", [0.2, 0.0])
+def test_signal_grid_conditioning_equals_the_spectral_one(kind, per_particle_y, r2):
+    """condition_pixels (masks, the identity: elementwise, no V / V^T) and condition_range
+    (wide Dense matrices: only the range's coordinates transformed) with noise z = V z' are
+    condition with spectral noise z': the same draws and predictive likelihoods."""
+    from bayesfilter_diff.samplers.spectral import condition_pixels, condition_range
+
+    g = torch.Generator().manual_seed(1 if kind == "pixels" else 2)
+    shape, ops = _operators_for(kind, g)
+    for op in ops:
+        assert op.pixel_svd if kind == "pixels" else op.thin_range
         d, P = op.in_dim, 5 if per_particle_y else 1
         mu = torch.randn((2, 5) + shape, generator=g, dtype=D64)
         yt = op.Ut(torch.randn((2, P) + tuple(op.out_shape), generator=g, dtype=D64))
@@ -310,9 +297,13 @@ def test_range_conditioning_equals_the_spectral_one(per_particle_y, r2):
         s = op.singular_values()
         v = torch.tensor(0.7, dtype=D64)
         x, lp = condition(op, s, op.Vt(mu), v, r2, yt, z)
-        xr, lpr = condition_range(op, s, mu, v, r2, yt, op.flat_in(op.V(z)))
-        torch.testing.assert_close(xr, x, rtol=0, atol=1e-12)
-        torch.testing.assert_close(lpr, lp, rtol=0, atol=1e-10)
+        zs = op.flat_in(op.V(z))  # the same noise on the signal grid
+        if kind == "pixels":
+            xs, lps = condition_pixels(op, mu, v, r2, op.pixel_observation(yt), zs)
+        else:
+            xs, lps = condition_range(op, s, mu, v, r2, yt, zs)
+        torch.testing.assert_close(xs, x, rtol=0, atol=1e-12)
+        torch.testing.assert_close(lps, lp, rtol=0, atol=1e-10)
 
 
 @pytest.mark.slow
