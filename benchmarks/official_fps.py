@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         "(another process on the machine only ever adds time)",
     )
     a = p.parse_args(argv)
+    if a.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {a.repeats}")
     src = Path(a.src) if a.src else None
     if src is None or not (src / "guided_diffusion" / "gaussian_diffusion.py").exists():
         print(
@@ -154,8 +156,6 @@ def main(argv: list[str] | None = None) -> int:
     gd = _import_official(src)
     print("| M | steps | official own_ms | ours own_ms | speedup | official cpu_s | ours cpu_s |")
     print("|---|---|---|---|---|---|---|")
-    if a.repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {a.repeats}")
     for M in map(int, a.particles.split(",")):
         offs, mines = [], []
         for _ in range(a.repeats):  # interleaved, so that both see the same load

@@ -187,8 +187,6 @@ class DPS(Sampler):
         red = tuple(range(2, x.dim()))
         ok = torch.isfinite(dist) & torch.isfinite(update).all(dim=red)  # (B, N)
         okb = ok.reshape(ok.shape + (1,) * (x.dim() - 2))
-        if bool(ok.all()):
-            x_next = x_next.sub_(update)
-        else:
-            x_next = x_next - torch.where(okb, update, torch.zeros_like(update))
+        # (in place, and no host sync per step to ask whether any particle was skipped)
+        x_next = x_next.sub_(update.masked_fill_(~okb, 0.0))
         return Move(DPSState(x_next), None, DPSStep((~ok).sum(-1)))

@@ -248,29 +248,24 @@ def _draws_note(cfg: dict[str, Any]) -> str:
     """How the draws were taken, and the coverage an exact sampler has with that many."""
     n, draws = cfg["N"], cfg["draws"]
     runs = cfg["runs"] if draws == "auto" else n
-    parts = []
-    if draws in ("auto", "runs"):
-        who = "a weighted (SMC) sampler's" if draws == "auto" else "the"
-        parts.append(
+    one_run = f"{n} draws resampled from one run of {4 * n} particles per replicate"  # (_cell)
+    if draws == "cloud":
+        text = (
+            f"Draws: every sampler's {one_run}; a weighted sampler's draws then share "
+            "ancestors, which widens the rank histogram of an exact sampler (`draws: runs` or "
+            "`auto` in the config takes one draw per independent run)."
+        )
+    else:
+        who = "a weighted (SMC) sampler's" if draws == "auto" else "every sampler's"
+        text = (
             f"Draws: {who} draws are one from each of {runs} independent runs per replicate "
             f"({cfg['particles']} particles each), so they are independent (SBC assumes "
             "independent draws; draws resampled from one SMC cloud share ancestors, which "
             "U-shapes an exact sampler's ranks: Talts et al. 2018, section 5)."
         )
-    if draws in ("auto", "cloud"):
-        who = "an unweighted sampler's" if draws == "auto" else "the"
-        parts.append(
-            f"{'Draws: ' if draws == 'cloud' else ''}{who[0].upper() + who[1:]} {n} draws "
-            f"come from one run of {4 * n} particles per replicate"
-            + (
-                " (independent particles)."
-                if draws == "auto"
-                else "; a weighted sampler's draws then share ancestors, which widens the rank "
-                "histogram of an exact sampler (`draws: runs` or `auto` in the config takes one "
-                "draw per independent run)."
-            )
-        )
-    text = " ".join(parts)
+        if draws == "auto":
+            # resampling independent, equally weighted particles keeps x*'s rank uniform
+            text += f" An unweighted sampler's: {one_run} (its particles are independent)."
     for k in sorted({runs, n}):
         cap = (k - 1) / (k + 1)
         high = [lv for lv in LEVELS if lv > cap]
