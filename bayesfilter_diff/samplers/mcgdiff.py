@@ -163,10 +163,14 @@ class MCGdiffSetup:
 
 @dataclass(frozen=True)
 class MCGdiffState:
-    """Spectral particles ``x_bar = V^T x`` and the prior mean ``mu_k`` of the next move."""
+    """The prior mean ``mu_k`` of the next move and ``log g_k(x_bar_k)`` over ``A_{k+1}``
+    (the look-ahead's denominator, ``(B, N)``, read when the particles are drawn); the
+    particles ``x_bar = V^T x`` themselves only after the last move: between steps nothing
+    reads them, so resampling does not copy them."""
 
-    xbar: Tensor
     mu: Tensor
+    log_g: Tensor
+    xbar: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -358,7 +362,19 @@ class MCGdiff(SMCSampler):
             lp = torch.where(obs, lp, torch.zeros_like(lp))
         xb = lay.merge(part, xb)
         log_norm = lp.sum(-1)  # (B,)
-        return MCGdiffState(xb, self._predict(ctx, c, xb, 0)), log_norm[:, None].expand(B, N)
+        state = MCGdiffState(self._predict(ctx, c, xb, 0), self._log_potential(c, xb, 0))
+        return state, log_norm[:, None].expand(B, N)
+
+    @staticmethod
+    def _log_potential(setup: MCGdiffSetup, xb: Tensor, k: int) -> Tensor:
+        """``log g_k(x_bar_k)`` summed over ``A_{k+1}`` up to its log-variances, ``(B, N)``:
+        the look-ahead's denominator at step ``k``."""
+        c = setup
+        act = c.active[k + 1].to(xb.dtype)  # (R,) 1 on A_{k+1}
+        g0 = (act / c.v[k]).sqrt()
+        # the residual written once, already weighted, and read once by a row-wise dot
+        r0 = torch.addcmul((-c.alpha[k] * g0) * c.ybar[:, None, :], g0, c.layout.part(xb))
+        return -0.5 * torch.einsum("...r,...r->...", r0, r0)
 
     def lookahead(self, ctx: Context, setup: MCGdiffSetup, state: MCGdiffState, k: int) -> Tensor:
         """Step 1: ``log int p(x'|x) g_{k+1}(x') dx' - log g_k(x)`` over ``A_{k+1}``."""
@@ -367,15 +383,14 @@ class MCGdiff(SMCSampler):
         act = c.active[k + 1].to(state.mu.dtype)  # (R,) 1 on A_{k+1}
         ybar = c.ybar[:, None, :]  # (B, 1, R)
         # sum over A_{k+1} of log N(mu; alpha_{k+1} y_bar, w1) - log N(x; alpha_k y_bar, w0):
-        # two weighted sums of squares per particle, the log-variances once per step
-        # (each residual written once, already weighted, and read once by a row-wise dot)
+        # two weighted sums of squares per particle (the second, state.log_g, taken when
+        # x_k was drawn), the log-variances once per step (the residual written once,
+        # already weighted, and read once by a row-wise dot)
         w1, w0 = std**2 + c.v[k + 1], c.v[k]
-        g1, g0 = (act / w1).sqrt(), (act / w0).sqrt()  # (R,)
+        g1 = (act / w1).sqrt()  # (R,)
         r1 = torch.addcmul((-c.alpha[k + 1] * g1) * ybar, g1, lay.part(state.mu))
-        r0 = torch.addcmul((-c.alpha[k] * g0) * ybar, g0, lay.part(state.xbar))
         const = -0.5 * (act * torch.log(w1 / w0)).sum()
-        dot = "...r,...r->..."
-        return -0.5 * (torch.einsum(dot, r1, r1) - torch.einsum(dot, r0, r0)) + const
+        return -0.5 * torch.einsum("...r,...r->...", r1, r1) - state.log_g + const
 
     @staticmethod
     def _tail_std(ctx: Context, t: Tensor, t_next: Tensor) -> Tensor:
@@ -391,7 +406,7 @@ class MCGdiff(SMCSampler):
     def move(self, ctx: Context, setup: MCGdiffSetup, state: MCGdiffState, k: int, t, t_next):
         c, lay = setup, setup.layout
         n = ctx.times.numel() - 1
-        xb, mu = state.xbar, state.mu
+        mu = state.mu
         std = c.step.std[k]
         # Step 3: move k -> k+1 with the optimal kernel on the active coordinates (step 2,
         # the ancestors, was done by the loop from the look-ahead weights of step 1). Per
@@ -401,7 +416,7 @@ class MCGdiff(SMCSampler):
         # - observed, past its tau_i: the prior kernel, K = 0, with the locally flat reverse
         #   variance alpha_s^2 (sig~_t^2 - sig~_s^2), sig~ = sigma / alpha ("flat"), or std;
         # - off the range (pixel layout): the prior kernel, K = 0, sd = std.
-        z = ctx.randn(xb.shape)
+        z = ctx.randn(mu.shape)
         act = c.active[k + 1]  # (R,)
         v = c.v[k + 1]
         gain = std**2 / (std**2 + v)
@@ -418,15 +433,19 @@ class MCGdiff(SMCSampler):
         else:  # the prior kernel off the observed part, written over by it there (no cat)
             x_new = torch.addcmul(mu, std, z)
             x_new[..., : lay.r] = part
-        # the prior mean of the next move (one network call), read by its look-ahead
-        mu_new = mu if k + 1 == n else self._predict(ctx, c, x_new, k + 1)
-        return Move(MCGdiffState(x_new, mu_new))
+        if k + 1 == n:  # the particles, for the final weight
+            return Move(MCGdiffState(mu, state.log_g, x_new))
+        # the prior mean of the next move (one network call) and log g_{k+1}(x_new), both
+        # read by its look-ahead
+        mu_new = self._predict(ctx, c, x_new, k + 1)
+        return Move(MCGdiffState(mu_new, self._log_potential(c, x_new, k + 1)))
 
     def finalize(
         self, ctx: Context, setup: MCGdiffSetup, state: MCGdiffState
     ) -> tuple[Tensor, Tensor]:
         c, lay = setup, setup.layout
         xb = state.xbar
+        assert xb is not None  # (the last move keeps the particles)
         ybar = c.ybar[:, None, :]
         B, N = xb.shape[:2]
         obs = lay.observed
