@@ -280,7 +280,7 @@ def test_pixel_distance_equals_the_operator_form():
     )
     sampler = DPS(num_steps=5)
     ctx, setup = make_ctx(prior, problem, 4, 0, sampler)
-    assert setup.residual is not None
+    assert setup.pixel is not None
     x0 = torch.randn((2, 4) + shape, generator=g, dtype=torch.float64, requires_grad=True)
     got = sampler.distance(ctx, setup, x0)
     want = ((y[:, None] - op(x0)) ** 2).sum(-1)
@@ -288,3 +288,7 @@ def test_pixel_distance_equals_the_operator_form():
     (gg,) = torch.autograd.grad(got.sum(), x0)
     (gw,) = torch.autograd.grad(want.sum(), x0)
     torch.testing.assert_close(gg, gw, rtol=1e-12, atol=1e-12)
+    # the closed form the move uses: the value and gradient of -D / 2
+    half, gc = setup.pixel.value_and_grad(x0.detach())
+    torch.testing.assert_close(-2.0 * half, want.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(-2.0 * gc, gw, rtol=1e-12, atol=1e-12)

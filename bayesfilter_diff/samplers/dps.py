@@ -33,7 +33,6 @@ Defaults and departures:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -43,7 +42,7 @@ from torch import Tensor
 from ..operators.base import LinearOperator
 from .base import Context, Move, Requirements, Sampler, check_clamp
 from .kernels import ddim_coefficients, ddim_mean
-from .spectral import pixel_residual
+from .spectral import PixelGaussian
 
 __all__ = ["DPS"]
 
@@ -58,8 +57,9 @@ class DPSSetup:
 
     y: Tensor
     weight: Tensor | None = None
-    #: masks / the identity under Gaussian noise: ``x0 -> U^T y - s x0`` on the pixel grid
-    residual: Callable[[Tensor], Tensor] | None = None
+    #: masks / the identity under Gaussian noise: ``-0.5 ||U^T y - s x0||^2`` on the pixel
+    #: grid, with its gradient in closed form
+    pixel: PixelGaussian | None = None
 
 
 @dataclass(frozen=True)
@@ -137,9 +137,8 @@ class DPS(Sampler):
             return v.reshape(v.shape[:2] + (-1,)).sum(-1)
 
         if problem.noise == "gaussian":
-            if setup.residual is not None:  # masks: on the pixel grid, no gather / scatter
-                r = setup.residual(x0)
-                return torch.einsum("...d,...d->...", r, r)  # (a row-wise dot: no r * r)
+            if setup.pixel is not None:  # masks: on the pixel grid, no gather / scatter
+                return -2.0 * setup.pixel(x0)
             return flat_sum((y - op(x0)) ** 2)
         rate = problem.poisson_rate
         if self.poisson == "weighted":
@@ -154,8 +153,12 @@ class DPS(Sampler):
         weighted = ctx.problem.noise == "poisson" and self.poisson == "weighted"
         op = ctx.problem.operator
         pixels = ctx.problem.noise == "gaussian" and op.pixel_svd
-        residual = pixel_residual(cast(LinearOperator, op), y) if pixels else None
-        return DPSSetup(y, 0.5 / y.clamp_min(1.0) if weighted else None, residual)
+        pixel = None
+        if pixels:
+            lin = cast(LinearOperator, op)
+            s = lin.pixel_singular_values().to(dtype=y.dtype, device=y.device)  # (d,)
+            pixel = PixelGaussian(lin, lin.pixel_observation(lin.Ut(y)), s)
+        return DPSSetup(y, 0.5 / y.clamp_min(1.0) if weighted else None, pixel)
 
     def init(self, ctx: Context, setup: DPSSetup) -> tuple[DPSState, None]:
         # x_T ~ N(0, sigma_T^2 I) (the code's x_start = randn at t = T).
@@ -166,8 +169,17 @@ class DPS(Sampler):
     ) -> Move:
         x = state.x
         sch = ctx.prior.schedule
-        # 1. x0_hat(x_t), D_i = ||y - A(x0_hat)||^2 per particle, and grad_{x_t} D_i.
-        x0, dist, grad = ctx.denoise_with_grad(x, t, lambda x0: self.distance(ctx, setup, x0))
+        # 1. x0_hat(x_t), D_i = ||y - A(x0_hat)||^2 per particle, and grad_{x_t} D_i (times
+        #    gscale: on the pixel grid the gradient of -D / 2, in closed form, with autograd
+        #    only through the network).
+        if setup.pixel is not None and self.clamp_x0 is None:
+            x0, half, grad, _ = ctx.denoise_backward(
+                x, t, setup.pixel.value_and_grad, direction=True
+            )
+            dist, gscale = -2.0 * half, -2.0
+        else:
+            x0, dist, grad = ctx.denoise_with_grad(x, t, lambda x0: self.distance(ctx, setup, x0))
+            gscale = 1.0
         if self.clamp_x0 is not None:
             x0 = x0.clamp(self.clamp_x0[0], self.clamp_x0[1])
         # 2. Ancestral (DDIM eta) step: x'_s = alpha_s x0_hat + c_eps eps_hat + std z.
@@ -181,7 +193,7 @@ class DPS(Sampler):
         zeta = self.scale / norm.clamp_min(torch.finfo(norm.dtype).tiny)
         if self.step_rule == "code":
             zeta = 0.5 * zeta
-        zeta = zeta.reshape(zeta.shape + (1,) * (x.dim() - 2))
+        zeta = (gscale * zeta).reshape(zeta.shape + (1,) * (x.dim() - 2))
         update = zeta * grad
         # 4. Skip the gradient step of a particle whose data fit is not finite.
         red = tuple(range(2, x.dim()))

@@ -52,6 +52,7 @@ __all__ = [
     "condition_pixels",
     "condition_range",
     "pixel_residual",
+    "PixelGaussian",
     "observation_time_indices",
     "exact_observation_times",
     "pinv_correction",
@@ -280,6 +281,31 @@ def pixel_residual(op: LinearOperator, y: Tensor) -> Callable[[Tensor], Tensor]:
         return torch.addcmul(y_pix, s, op.flat_in(x), value=-1.0)
 
     return residual
+
+
+class PixelGaussian:
+    """``x0 -> -0.5 ||y_w - s_w x0||^2`` per particle ``(B, N)``: a Gaussian log-density
+    (up to its constant) diagonal on the pixel grid (operators with ``op.pixel_svd``: masks,
+    the identity), ``y_w`` ``(B, 1, d)`` and ``s_w`` ``(d,)`` or ``(B, 1, d)`` weighted
+    observations and singular values, 0 off the range. :meth:`value_and_grad` gives its
+    gradient ``s_w (y_w - s_w x0)`` in closed form, so that a sampler differentiating it
+    through the network runs autograd only through the network (``J^T u``), not through the
+    residual and its squares."""
+
+    def __init__(self, op: LinearOperator, y_w: Tensor, s_w: Tensor) -> None:
+        self.op, self.y_w, self.s_w = op, y_w, s_w
+
+    def _residual(self, x0: Tensor) -> Tensor:
+        return torch.addcmul(self.y_w, self.s_w, self.op.flat_in(x0), value=-1.0)
+
+    def __call__(self, x0: Tensor) -> Tensor:
+        r = self._residual(x0)  # written once, read by a row-wise dot (no r * r)
+        return -0.5 * torch.einsum("...d,...d->...", r, r)
+
+    def value_and_grad(self, x0: Tensor) -> tuple[Tensor, Tensor]:
+        r = self._residual(x0)
+        value = -0.5 * torch.einsum("...d,...d->...", r, r)
+        return value, (r.mul_(self.s_w)).reshape(x0.shape)
 
 
 def observation_time_indices(

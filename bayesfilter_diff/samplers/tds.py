@@ -83,7 +83,7 @@ from .kernels import (
     smoothed_log_likelihood,
     tweedie_coefficient,
 )
-from .spectral import informative_time_grid, pixel_residual
+from .spectral import PixelGaussian, informative_time_grid, pixel_residual
 
 __all__ = ["TDS"]
 
@@ -145,28 +145,7 @@ def _pixel_twist(
     den = sig2 * sp**2 + noise  # (d,) or (B, 1, d)
     sw = torch.where(sp > 0, torch.where(sp > 0, den, torch.ones_like(den)).rsqrt(), 0.0)
     # the residual weighted by 1 / sqrt(den), written once and read by a row-wise dot
-    return _PixelTwist(op, sw * y_pix, sw * sp)
-
-
-class _PixelTwist:
-    """``x0 -> -0.5 ||y_w - s_w x0||^2`` per particle (a pixel-diagonal Gaussian twist), and
-    :meth:`value_and_grad`: the value and its gradient ``s_w (y_w - s_w x0)`` in closed
-    form, so that autograd only runs through the network (``J^T u``)."""
-
-    def __init__(self, op: LinearOperator, y_w: Tensor, s_w: Tensor) -> None:
-        self.op, self.y_w, self.s_w = op, y_w, s_w
-
-    def _residual(self, x0: Tensor) -> Tensor:
-        return torch.addcmul(self.y_w, self.s_w, self.op.flat_in(x0), value=-1.0)
-
-    def __call__(self, x0: Tensor) -> Tensor:
-        r = self._residual(x0)
-        return -0.5 * torch.einsum("...d,...d->...", r, r)
-
-    def value_and_grad(self, x0: Tensor) -> tuple[Tensor, Tensor]:
-        r = self._residual(x0)
-        value = -0.5 * torch.einsum("...d,...d->...", r, r)
-        return value, (r.mul_(self.s_w)).reshape(x0.shape)
+    return PixelGaussian(op, sw * y_pix, sw * sp)
 
 
 @dataclass(frozen=True)
@@ -573,7 +552,7 @@ class TDS(SMCSampler):
             lt = fn(x0)
             lt = torch.where(torch.isnan(lt), torch.full_like(lt, -math.inf), lt)
             return x0, lt, None, x0_var
-        if isinstance(fn, _PixelTwist):  # its gradient in closed form: autograd only
+        if isinstance(fn, PixelGaussian):  # its gradient in closed form: autograd only
             # through the network (J^T u), not through the twist's residual and squares
             x0, lt, g, tr = ctx.denoise_backward(
                 x, t, fn.value_and_grad, direction=True, probe=probe
