@@ -110,13 +110,17 @@ def test_report_only_summarises_the_stored_cells_of_a_partial_study(tmp_path):
     kw = {"methods": ["DDRM", "MCGdiff"], "progress": False}
     with pytest.raises(ValueError, match="no cell"):
         validate(tmp_path, config={**small, "seeds": [0, 1]}, report_only=True, **kw)
-    validate(tmp_path, config={**small, "seeds": [0]}, **kw)  # computes 2 cells
+    validate(tmp_path, config={**small, "seeds": [0]}, **kw)  # 2 cells and the prior chain's
     store = ResultStore(tmp_path)
     stamps = {k: store.path(k).stat().st_mtime_ns for k in store.keys()}
     res = validate(tmp_path, config={**small, "seeds": [0, 1]}, report_only=True, **kw)
     assert {k: store.path(k).stat().st_mtime_ns for k in store.keys()} == stamps  # nothing run
-    assert "Partial report" in res["text"] and "2 cells of this grid" in res["text"]
+    assert "Partial report" in res["text"] and "3 cells of this grid" in res["text"]
     assert all(r["n"] == 1 for r in res["rows"])
+    # the chain alone, against the prior: its own table
+    (chain,) = res["chain"]
+    assert chain["n"] == 1 and chain["sw"] > 0 and 0 <= chain["weight_tv"] <= 1
+    assert "## The prior's chain alone" in res["text"]
 
 
 def test_noise_level_study_measures_against_the_exact_posterior(tmp_path):

@@ -73,6 +73,12 @@ class DiffusionModel(nn.Module):
         Largest number of rows per network call (``None``: one call).
     """
 
+    #: Whether samplers start from the exact noisy marginal ``p_{t_0}``
+    #: (:meth:`sample_noisy`) instead of the reference ``N(0, sigma_{t_0}^2 I)``; only
+    #: models that know their marginals (a Gaussian mixture's ``diffusion(...,
+    #: exact_start=True)``) offer it.
+    exact_start: bool = False
+
     #: Set only on models loaded from files: the prior JSON (``load_prior``) and the
     #: diffusers folder's description (``from_diffusers``).
     checkpoint_info: dict[str, Any]
@@ -105,6 +111,15 @@ class DiffusionModel(nn.Module):
     @property
     def event_dim(self) -> int:
         return len(self.event_shape)
+
+    def sample_noisy(
+        self, t: Tensor | float, lead: tuple[int, ...], generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Exact draws ``(*lead, *event)`` of the noisy marginal ``p_t``, for models that
+        know it (``exact_start``); a network prior does not."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not know its noisy marginals (exact_start=False)"
+        )
 
     # ------------------------------------------------------------------ adapters
     @classmethod

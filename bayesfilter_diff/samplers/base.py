@@ -221,6 +221,10 @@ class Sampler:
     requires: ClassVar[Requirements] = Requirements()
     #: Asymptotically exact (as the number of particles grows, up to time discretisation).
     exact: ClassVar[bool] = False
+    #: Draws ``x_{t_0}`` from the model's start (:meth:`Context.start`), so that it can
+    #: start from a prior's exact noisy marginal (``prior.exact_start``); samplers whose
+    #: first step is a closed form of the reference ``N(0, sigma_{t_0}^2 I)`` cannot.
+    exact_start: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         _check_field_types(self)
@@ -269,6 +273,12 @@ class Sampler:
         why = self.requirements().unmet(problem)
         if why is not None:
             raise ValueError(f"{type(self).__name__} needs {why}")
+        if getattr(prior, "exact_start", False) and not self.exact_start:
+            raise ValueError(
+                f"{type(self).__name__} starts from the reference N(0, sigma_T^2 I) in closed "
+                "form and cannot start from the prior's exact noisy marginal: build the prior "
+                "with exact_start=False for this sampler"
+            )
 
     def requirements(self) -> Requirements:
         """What this instance needs (:attr:`requires`, unless a setting changes it)."""

@@ -127,6 +127,7 @@ class DAPS(Sampler):
     """
 
     requires = Requirements(likelihoods=frozenset({"gaussian"}))
+    exact_start = True
 
     num_steps: int = 200
     sigma_max: float = 100.0
@@ -207,7 +208,7 @@ class DAPS(Sampler):
         return DAPSSetup(inner_t.to(dtype=ctx.dtype, device=ctx.device), factor / tau**2)
 
     def init(self, ctx: Context, setup: DAPSSetup) -> tuple[DAPSState, None]:
-        return DAPSState(ctx.prior.schedule.sigma(ctx.times[0]) * ctx.randn()), None
+        return DAPSState(ctx.start()), None
 
     def move(self, ctx: Context, setup: DAPSSetup, state: DAPSState, k: int, t, t_next) -> Move:
         sch = ctx.prior.schedule

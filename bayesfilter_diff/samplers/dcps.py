@@ -83,6 +83,7 @@ class DCPS(Sampler):
     """
 
     requires = Requirements(linear=True, noise_positive=True, differentiates=True)
+    exact_start = True
 
     num_steps: int = 300
     blocks: int = 3
@@ -175,7 +176,7 @@ class DCPS(Sampler):
 
     # ------------------------------------------------------------------ the sampler
     def init(self, ctx: Context, setup: None) -> tuple[DCPSState, None]:
-        return DCPSState(ctx.prior.schedule.sigma(ctx.times[0]) * ctx.randn()), None
+        return DCPSState(ctx.start()), None
 
     def move(self, ctx: Context, setup: None, state: DCPSState, k: int, t, t_next) -> Move:
         x = state.x

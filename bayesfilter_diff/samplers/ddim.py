@@ -27,6 +27,7 @@ class DDIM(Sampler):
     """Prior sampling with the DDIM kernel; ``eta = 1`` is ancestral DDPM sampling."""
 
     requires = Requirements(likelihoods=frozenset({"gaussian", "poisson", "custom"}))
+    exact_start = True
 
     eta: float = 1.0
 
@@ -41,7 +42,7 @@ class DDIM(Sampler):
     def init(self, ctx: Context, setup: None) -> tuple[DDIMState, None]:
         # x_T ~ N(0, (alpha_T^2 c + sigma_T^2) I) is unknown for a general prior: start from
         # the noise distribution N(0, sigma_T^2 I) (+ alpha_T x0 negligible at t = 1).
-        return DDIMState(ctx.prior.schedule.sigma(ctx.times[0]) * ctx.randn()), None
+        return DDIMState(ctx.start()), None
 
     def move(self, ctx: Context, setup: None, state: DDIMState, k: int, t, t_next) -> Move:
         coef = ddim_coefficients(ctx.prior.schedule, t, t_next, self.eta)

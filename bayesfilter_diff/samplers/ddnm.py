@@ -90,6 +90,7 @@ class _NullSpaceSampler(Sampler):
     """Shared DDNM machinery: spectral correction, noise, time travel."""
 
     requires = Requirements(svd=True)
+    exact_start = True
 
     num_steps: int = 100
     grid: str = "ddpm"
@@ -116,7 +117,7 @@ class _NullSpaceSampler(Sampler):
         return DDNMSetup(obs.s, obs.y_bar.unsqueeze(1))
 
     def init(self, ctx: Context, setup: DDNMSetup) -> tuple[DDNMState, None]:
-        return DDNMState(ctx.prior.schedule.sigma(ctx.times[0]) * ctx.randn()), None
+        return DDNMState(ctx.start()), None
 
     # ------------------------------------------------------------------ per-method rule
     def _coefficients(

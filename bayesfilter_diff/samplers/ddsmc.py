@@ -166,6 +166,7 @@ class DDSMC(SMCSampler):
     """
 
     requires = Requirements(svd=True, noise_positive=True, per_problem=True)
+    exact_start = True
     exact = True
 
     eta: float = 0.0
@@ -263,7 +264,7 @@ class DDSMC(SMCSampler):
 
     def init(self, ctx: Context, setup: DDSMCSetup) -> tuple[DDSMCState, Tensor]:
         t0 = ctx.times[0]
-        x = ctx.prior.schedule.sigma(t0) * ctx.randn()
+        x = ctx.start()
         x0_bar = self._reconstruct(ctx, x, 0)
         lt = self._log_twist(setup, x0_bar, self._rho2(ctx, t0))
         return DDSMCState(x, x0_bar, lt), lt

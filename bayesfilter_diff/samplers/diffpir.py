@@ -88,6 +88,7 @@ class DiffPIR(Sampler):
     """
 
     requires = Requirements(linear=True)
+    exact_start = True
 
     num_steps: int = 100
     lam: float = 7.0
@@ -119,7 +120,7 @@ class DiffPIR(Sampler):
         return DiffPIRSetup(ctx.y.unsqueeze(1))
 
     def init(self, ctx: Context, setup: DiffPIRSetup) -> tuple[DiffPIRState, None]:
-        return DiffPIRState(ctx.prior.schedule.sigma(ctx.times[0]) * ctx.randn()), None
+        return DiffPIRState(ctx.start()), None
 
     def prox(self, ctx: Context, setup: DiffPIRSetup, x0: Tensor, rho: Tensor) -> Tensor:
         """Step 2: ``(A^T A + rho I)^-1 (A^T y + rho x0)`` (SVD, or CG from ``x0``)."""

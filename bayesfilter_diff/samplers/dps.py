@@ -99,6 +99,7 @@ class DPS(Sampler):
     """
 
     requires = Requirements(likelihoods=frozenset({"gaussian", "poisson"}), differentiates=True)
+    exact_start = True
 
     num_steps: int = 1000
     scale: float = 1.0
@@ -162,7 +163,7 @@ class DPS(Sampler):
 
     def init(self, ctx: Context, setup: DPSSetup) -> tuple[DPSState, None]:
         # x_T ~ N(0, sigma_T^2 I) (the code's x_start = randn at t = T).
-        return DPSState(ctx.prior.schedule.sigma(ctx.times[0]) * ctx.randn()), None
+        return DPSState(ctx.start()), None
 
     def move(
         self, ctx: Context, setup: DPSSetup, state: DPSState, k: int, t: Tensor, t_next: Tensor

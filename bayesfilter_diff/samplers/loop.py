@@ -118,6 +118,18 @@ class Context:
             device=self.device,
         )
 
+    def start(self) -> Tensor:
+        """``x_{t_0}`` ``(B, N, *event)``: from the prior's exact noisy marginal
+        ``p_{t_0}`` when it has one (``prior.exact_start``, e.g. a Gaussian mixture's
+        ``diffusion(schedule, exact_start=True)``), else from the reference
+        ``N(0, sigma_{t_0}^2 I)``, which ignores ``alpha_{t_0} x0`` (the chain of every
+        trained network and of the published codes)."""
+        t0 = self.times[0]
+        if getattr(self.prior, "exact_start", False):
+            x = self.prior.sample_noisy(t0, (self.B, self.N), self.generator)
+            return x.to(dtype=self.dtype, device=self.device)
+        return self.prior.schedule.sigma(t0) * self.randn()
+
     def denoise(self, x: Tensor, t: Tensor | float) -> Tensor:
         """``E[x0 | x_t]``, counting one network evaluation per particle."""
         self.nfe += 1

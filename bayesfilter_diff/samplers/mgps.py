@@ -98,6 +98,7 @@ class MGPS(Sampler):
         noise_positive=True,
         differentiates=True,
     )
+    exact_start = True
 
     num_steps: int = 300
     alpha: float = 0.5
@@ -124,7 +125,7 @@ class MGPS(Sampler):
 
     def init(self, ctx: Context, setup: None) -> tuple[MGPSState, None]:
         t0 = ctx.times[0]
-        x = ctx.prior.schedule.sigma(t0) * ctx.randn()
+        x = ctx.start()
         return MGPSState(x, ctx.denoise(x, t0)), None
 
     def fit(

@@ -121,6 +121,7 @@ class RePaint(Sampler):
     """
 
     requires = Requirements(mask=True)
+    exact_start = True
 
     num_steps: int = 250
     jump_length: int = 10
@@ -152,7 +153,7 @@ class RePaint(Sampler):
 
     def init(self, ctx: Context, setup: RePaintSetup) -> tuple[RePaintState, None]:
         # x_T ~ N(0, sigma_T^2 I) (alpha_T x0 neglected, as in DDIM / the official code).
-        return RePaintState(ctx.prior.schedule.sigma(ctx.times[0]) * ctx.randn()), None
+        return RePaintState(ctx.start()), None
 
     def move(
         self, ctx: Context, setup: RePaintSetup, state: RePaintState, k: int, t, t_next

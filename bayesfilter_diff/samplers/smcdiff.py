@@ -98,6 +98,7 @@ class SMCDiff(SMCSampler):
     """
 
     requires = Requirements(mask=True)
+    exact_start = True
     #: ``log_evidence`` would be the likelihood of the noised observation path, not log p(y).
     estimates_evidence: ClassVar[bool] = False
 
@@ -141,7 +142,7 @@ class SMCDiff(SMCSampler):
 
     def init(self, ctx: Context, setup: SMCDiffSetup) -> tuple[SMCDiffState, None]:
         # Step 1: x_{t_0} from the reference N(0, sigma_{t_0}^2 I).
-        return SMCDiffState(ctx.prior.schedule.sigma(ctx.times[0]) * ctx.randn()), None
+        return SMCDiffState(ctx.start()), None
 
     def move(
         self, ctx: Context, setup: SMCDiffSetup, state: SMCDiffState, k: int, t, t_next

@@ -225,6 +225,7 @@ class TDS(SMCSampler):
         per_problem=True,
         differentiates=True,
     )
+    exact_start = True
     exact = True
 
     twist_variance: str = "operator"
@@ -581,7 +582,7 @@ class TDS(SMCSampler):
     def init(self, ctx: Context, setup: None) -> tuple[TDSState, Tensor]:
         t0 = ctx.times[0]
         # x_T ~ N(0, sigma_T^2 I), the reference distribution of the chain (as in DDIM).
-        x = ctx.prior.schedule.sigma(t0) * ctx.randn()
+        x = ctx.start()
         x0, lt, g, var = self._twist(ctx, x, t0, grad=self._move_kind(ctx, 0) == "gradient")
         # w_T = p~_T(y | x_T): the proposal of x_T is the chain's own reference.
         state = TDSState(x, x0, g, lt, var)
