@@ -221,9 +221,11 @@ def _report(cfg, cmd, rows, overall, figures, wall, ncells, missing=0, chain_row
         "## Exact samplers against the floor, cell by cell",
         "",
         "Each exact sampler's `sw / sw_floor` (means over seeds, each against its own N exact "
-        "draws); `within 2x` lists those at most twice the floor.",
+        "draws); `within 2x` lists those at most twice the floor; `chain alone`: the same "
+        "ratio for the prior's chain without data against the mixture prior (next section), "
+        "the share of the distance an exact sampler of this chain inherits.",
         "",
-        *_exact_vs_floor(rows),
+        *_exact_vs_floor(rows, chain_rows),
         "",
         *_chain_section(chain_rows),
         "## Figures",
@@ -271,13 +273,15 @@ def _chain_section(chain_rows) -> list[str]:
     ]
 
 
-def _exact_vs_floor(rows) -> list[str]:
+def _exact_vs_floor(rows, chain_rows=()) -> list[str]:
     """Markdown rows: per (d, d_y, steps), every exact sampler's ``sw / sw_floor``, the best
-    one and those within 2x of the floor."""
+    one and those within 2x of the floor (and the prior chain's ratio, with its cells)."""
     exact = [m for m in dict.fromkeys(r["method"] for r in rows) if entry(m).exact]
+    chain = {(r["d"], r["d_y"], r["steps"]): r["sw/floor"] for r in chain_rows}
+    extra = " chain alone |" if chain else ""
     out = [
-        "| d | d_y | steps | " + " | ".join(exact) + " | best | within 2x |",
-        "|---" * (len(exact) + 5) + "|",
+        "| d | d_y | steps | " + " | ".join(exact) + " | best | within 2x |" + extra,
+        "|---" * (len(exact) + 5 + bool(chain)) + "|",
     ]
     for d, dy, n in sorted({(r["d"], r["d_y"], r["steps"]) for r in rows}):
         ratio = {
@@ -291,7 +295,11 @@ def _exact_vs_floor(rows) -> list[str]:
         ok = {m: v for m, v in ratio.items() if not math.isnan(v)}
         best = min(ok, key=ok.__getitem__) if ok else "—"
         within = ", ".join(m for m, v in ok.items() if v <= 2) or "none"
-        out.append(f"| {d} | {dy} | {n} | " + " | ".join(cells) + f" | {best} | {within} |")
+        tail = ""
+        if chain:
+            c = chain.get((d, dy, n))
+            tail = f" {c:.2f} |" if c is not None else " — |"
+        out.append(f"| {d} | {dy} | {n} | " + " | ".join(cells) + f" | {best} | {within} |" + tail)
     return out
 
 
