@@ -80,6 +80,12 @@ class RunInfo:
         many surviving lineages, and is biased high when few survive.
     distinct
         ``(B,)``: how many of the final samples are distinct.
+    start_kl
+        For a prior that knows its noisy marginals (a Gaussian mixture) and was started from
+        the reference: ``KL(N(0, sigma_{t_0}^2 I) || p_{t_0})`` in nats (a Monte Carlo
+        estimate), how far the chain's start is from the prior's; the chain's prior, and
+        with it every sampler's target, is off the model's by at most ``sqrt(KL / 2)`` in
+        total variation. ``None`` otherwise (a network, or ``exact_start``).
     steps
         The sampler's per-step record (a dataclass whose fields are stacked over steps), or
         ``None``.
@@ -110,6 +116,7 @@ class RunInfo:
     roots: Tensor | None = None
     genealogy_ess: Tensor | None = None
     distinct: Tensor | None = None
+    start_kl: float | None = None
     steps: Any = None
     extra: Any = None
     quality: list[Any] = field(default_factory=list)

@@ -122,3 +122,26 @@ def test_the_benchmark_study_runs_from_the_exact_start(tmp_path):
     store = ResultStore(tmp_path / "b")
     cells = [store.load(k)["cell"] for k in store.keys()]
     assert len(cells) == 2 and all(c["exact_start"] is True for c in cells)
+
+
+def test_a_far_reference_start_warns_and_the_exact_start_does_not():
+    gmm = _mixture()
+    prob = bfd.InverseProblem(
+        bfd.operators.Dense(torch.ones(1, 1, dtype=DT)), torch.tensor([100.0], dtype=DT), 300.0
+    )
+    with pytest.warns(bfd.PosteriorQualityWarning, match="exact_start=True"):
+        res = build("TDS", 5).sample(gmm.diffusion(bfd.VPSchedule.linear()), prob, 64)
+    assert res.info.start_kl is not None and res.info.start_kl > 0.5  # ~0.97 nats here
+    assert [q.kind for q in res.info.quality].count("start") == 1
+    exact = gmm.diffusion(bfd.VPSchedule.linear(), exact_start=True)
+    res = build("TDS", 5).sample(exact, prob, 64)
+    assert res.info.start_kl is None and "start" not in [q.kind for q in res.info.quality]
+    # a prior whose mass sits near the origin on the scale 1 / alpha_T: no finding
+    near = bfd.GaussianMixture(
+        torch.tensor([0.5, 0.5], dtype=DT),
+        torch.tensor([[-2.0], [2.0]], dtype=DT),
+        torch.ones(2, dtype=DT),
+    )
+    res = build("TDS", 5).sample(near.diffusion(bfd.VPSchedule.linear()), prob, 64)
+    assert res.info.start_kl is not None and res.info.start_kl < 1e-3
+    assert "start" not in [q.kind for q in res.info.quality]

@@ -112,6 +112,11 @@ class DiffusionModel(nn.Module):
     def event_dim(self) -> int:
         return len(self.event_shape)
 
+    def start_divergence(self, t: Tensor) -> float | None:
+        """``KL(N(0, sigma_t^2 I) || p_t)`` in nats for a model that knows its noisy
+        marginal ``p_t`` and starts from the reference, ``None`` otherwise (a network)."""
+        return None
+
     def sample_noisy(
         self, t: Tensor | float, lead: tuple[int, ...], generator: torch.Generator | None = None
     ) -> Tensor:

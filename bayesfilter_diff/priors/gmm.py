@@ -500,6 +500,23 @@ class GaussianMixtureDiffusion(DiffusionModel):
         self.mixture = mixture
         self.exact_start = exact_start
 
+    def start_divergence(self, t: Tensor, n: int = 1000) -> float | None:
+        """``KL(N(0, sigma_t^2 I) || p_t)`` by ``n`` reference draws (a private generator:
+        the run's draws are unchanged), ``None`` with ``exact_start`` (no reference)."""
+        if self.exact_start:
+            return None
+        dt = self.mixture.means.dtype
+        dev = self.mixture.means.device
+        tt = torch.as_tensor(t, dtype=dt, device=dev)
+        s = self.schedule.sigma(tt)
+        d = self.mixture.dim
+        g = torch.Generator(device=dev).manual_seed(0)
+        z = torch.randn(n, d, generator=g, dtype=dt, device=dev)
+        x = s * z
+        log_ref = -0.5 * (z * z).sum(-1) - d * torch.log(s) - 0.5 * d * math.log(2 * math.pi)
+        log_p = self.mixture.noisy_log_prob(x, self.schedule.alpha(tt).expand(n), s.expand(n))
+        return max(0.0, float((log_ref - log_p).mean()))
+
     def sample_noisy(
         self, t: Tensor | float, lead: tuple[int, ...], generator: torch.Generator | None = None
     ) -> Tensor:

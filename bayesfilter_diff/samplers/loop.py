@@ -433,6 +433,7 @@ def run(
     sampler.check(prior, problem)
     start = time.perf_counter()
     out_dtype = problem.y.dtype
+    model = prior  # the caller's (the upcast below may wrap a 16-bit network)
     if out_dtype in _LOW:
         prior, problem = _upcast(prior, problem)
     times = sampler.time_grid(prior, problem)
@@ -538,6 +539,7 @@ def run(
             f"(noise_std={problem.min_noise_std:g}), the sampler's step sizes and the prior"
         )
     info.distinct = _distinct_samples(x)
+    info.start_kl = model.start_divergence(times[0])
     if weighted:
         info.genealogy_ess = genealogy_ess(w.log_w.exp(), x, w.roots)
     # the quality check: findings in info.quality, each warned with its remedy
