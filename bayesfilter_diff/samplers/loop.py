@@ -539,7 +539,8 @@ def run(
             f"(noise_std={problem.min_noise_std:g}), the sampler's step sizes and the prior"
         )
     info.distinct = _distinct_samples(x)
-    info.start_kl = model.start_divergence(times[0])
+    divergence = getattr(model, "start_divergence", None)  # (a duck-typed prior may lack it)
+    info.start_kl = divergence(times[0]) if divergence is not None else None
     if weighted:
         info.genealogy_ess = genealogy_ess(w.log_w.exp(), x, w.roots)
     # the quality check: findings in info.quality, each warned with its remedy
