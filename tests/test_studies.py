@@ -207,3 +207,27 @@ def test_calibration_study_auto_draws_weighted_samplers_from_independent_runs(tm
     assert rows["TDS"]["draws"] == "1 from each of 3 runs"
     assert rows["DPS"]["draws"] == "7 from one run"
     assert "With 3 draws" in res["text"] and "independent runs" in res["text"]
+
+
+def test_benchmark_accepts_method_labels_with_settings(tmp_path):
+    from bayesfilter_diff.studies.validate import validate
+
+    small = {
+        "dims": [4],
+        "obs_dims": [1],
+        "steps": [3],
+        "seeds": [0],
+        "N": 16,
+        "num_reference": 200,
+        "num_projections": 20,
+        "prior_chain": False,
+    }
+    label = "TDS[reverse_variance=analytic]"
+    res = validate(tmp_path, config=small, methods=["TDS", label], progress=False)
+    rows = {r["method"]: r for r in res["rows"]}
+    assert set(rows) == {"TDS", label} and rows[label]["n"] == 1
+    # a different sampler: its own draws, not TDS's
+    assert rows[label]["sw"] != rows["TDS"]["sw"]
+    assert f"| {label} | yes |" in res["text"]  # exact, as its base sampler
+    with pytest.raises(ValueError, match="unknown methods"):
+        validate(tmp_path / "x", config=small, methods=["NoSuch[a=1]"], progress=False)

@@ -31,7 +31,7 @@ import torch
 from ..operators.dense import gmm_benchmark_operator
 from ..priors.gmm import GaussianMixture
 from ..problem import InverseProblem
-from ..samplers.registry import entry
+from ..samplers.registry import entry, parse_label
 from ..schedules import FlowSchedule, VPSchedule
 
 __all__ = [
@@ -131,13 +131,14 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     device = torch.device(cell.get("device", "cpu"))
     gmm, problem, _ = benchmark_problem(cell["d"], cell["d_y"], cell["seed"])
     gmm, problem = gmm.to(device), problem.to(device)
-    spec = entry(cell["method"])
+    name, label_overrides = parse_label(cell["method"])  # "TDS[reverse_variance=analytic]"
+    spec = entry(name)
     sched = FlowSchedule() if spec.path == "flow" else VPSchedule.linear()
     # "exact_start" (set only when true, so the protocol's cell keys stay as they were):
     # the chain starts from the exact p_T, not the reference N(0, sigma_T^2 I)
     prior = gmm.diffusion(sched, exact_start=bool(cell.get("exact_start", False)))
     # overrides may set any field, num_steps included (PnP-DM's iterations)
-    sampler = spec.build(cell["steps"], **cell.get("overrides", {}))
+    sampler = spec.build(cell["steps"], **{**label_overrides, **cell.get("overrides", {})})
     g = torch.Generator(device=device).manual_seed(
         _seed("run", cell["method"], cell["seed"], cell["d"], cell["d_y"])
     )

@@ -15,13 +15,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..samplers.registry import REGISTRY, entry, names
+from ..samplers.registry import REGISTRY, names, parse_label
+from ..samplers.registry import entry as _entry
 from . import gmm_benchmark as gb
 from .grid import cell_key, run_study
 from .report import markdown_table, summarize, write_text
 from .store import ResultStore
 
 __all__ = ["validate", "QUICK", "FULL"]
+
+
+def entry(method: str):
+    """The registry entry of a method label (``"TDS[reverse_variance=analytic]"``: TDS's)."""
+    return _entry(parse_label(method)[0])
+
 
 QUICK: dict[str, Any] = {
     "dims": [8, 80],
@@ -69,7 +76,7 @@ def validate(
     cfg = dict(FULL if full else QUICK)
     cfg.update(config or {})
     methods = methods or names(studies=True, mask=False)
-    unknown = [m for m in methods if m not in REGISTRY]
+    unknown = [m for m in methods if parse_label(m)[0] not in REGISTRY]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(REGISTRY)}")
     prior_only = [m for m in methods if not entry(m).posterior]
@@ -95,7 +102,7 @@ def validate(
         bool(cfg.get("exact_start", False)),
     )
     if cfg.get("exact_start", False):
-        cannot = [m for m in methods if not REGISTRY[m].cls.exact_start]
+        cannot = [m for m in methods if not entry(m).cls.exact_start]
         if cannot:
             raise ValueError(
                 f"{cannot} start from the reference in closed form and cannot take "
