@@ -41,7 +41,6 @@ __all__ = [
     "run_cell",
     "prior_chain_cell",
     "grid",
-    "chain_grid",
 ]
 
 #: the method name of the cells that run the prior's chain alone (no data)
@@ -194,7 +193,8 @@ def grid(
     exact_start: bool = False,
 ) -> list[dict[str, Any]]:
     """All cells of a benchmark run (``exact_start``: the samplers start from the mixture's
-    exact ``p_T``, ``GaussianMixture.diffusion(..., exact_start=True)``)."""
+    exact ``p_T``, ``GaussianMixture.diffusion(..., exact_start=True)``); the method
+    :data:`PRIOR_CHAIN` gives the cells of the prior's chain alone."""
     extra: dict[str, Any] = {
         "device": device,
         "num_reference": num_reference,
@@ -210,30 +210,3 @@ def grid(
         for m in methods
         for s in seeds
     ]
-
-
-def chain_grid(
-    dims,
-    obs_dims,
-    steps,
-    seeds,
-    N: int,
-    device: str = "cpu",
-    num_reference: int = 10_000,
-    num_projections: int = 1000,
-    exact_start: bool = False,
-) -> list[dict[str, Any]]:
-    """The :data:`PRIOR_CHAIN` cells of a benchmark run (one per problem and step count: the
-    mixture's weights are drawn per problem)."""
-    return grid(
-        [PRIOR_CHAIN],
-        dims,
-        obs_dims,
-        steps,
-        seeds,
-        N,
-        device,
-        num_reference,
-        num_projections,
-        exact_start,
-    )

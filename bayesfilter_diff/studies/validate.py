@@ -89,8 +89,18 @@ def validate(
     if not resume and out.exists():
         shutil.rmtree(out)
     store = ResultStore(out)
+    exact_start = bool(cfg.get("exact_start", False))
+    if exact_start:
+        cannot = [m for m in methods if not entry(m).cls.exact_start]
+        if cannot:
+            raise ValueError(
+                f"{cannot} start from the reference in closed form and cannot take "
+                "exact_start: leave them out of this study"
+            )
+    # with the chain alone (no data) per problem: the share of every sampler's error
+    chain_method = [gb.PRIOR_CHAIN] if cfg.get("prior_chain", True) else []
     cells = gb.grid(
-        methods,
+        list(methods) + chain_method,
         cfg["dims"],
         cfg["obs_dims"],
         cfg["steps"],
@@ -99,27 +109,8 @@ def validate(
         device,
         cfg["num_reference"],
         cfg["num_projections"],
-        bool(cfg.get("exact_start", False)),
+        exact_start,
     )
-    if cfg.get("exact_start", False):
-        cannot = [m for m in methods if not entry(m).cls.exact_start]
-        if cannot:
-            raise ValueError(
-                f"{cannot} start from the reference in closed form and cannot take "
-                "exact_start: leave them out of this study"
-            )
-    if cfg.get("prior_chain", True):  # the chain alone, the share of every sampler's error
-        cells += gb.chain_grid(
-            cfg["dims"],
-            cfg["obs_dims"],
-            cfg["steps"],
-            cfg["seeds"],
-            cfg["N"],
-            device,
-            cfg["num_reference"],
-            cfg["num_projections"],
-            bool(cfg.get("exact_start", False)),
-        )
     start = time.perf_counter()
     if report_only:
         found = [store.load(cell_key(c)) for c in cells]
