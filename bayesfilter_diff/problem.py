@@ -9,6 +9,7 @@ likelihood goes through :meth:`InverseProblem.log_likelihood` and
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from typing import cast
@@ -219,9 +220,11 @@ class InverseProblem:
         )
 
     def to(self, *args, **kwargs) -> InverseProblem:
-        """A copy with operator and ``y`` moved (``torch.Tensor.to`` arguments)."""
+        """A copy with operator and ``y`` moved (``torch.Tensor.to`` arguments); ``self`` is
+        left as it was (``nn.Module.to`` moves a module in place, so the operator is copied
+        first)."""
         return InverseProblem(
-            self.operator.to(*args, **kwargs),
+            copy.deepcopy(self.operator).to(*args, **kwargs),
             self.y.to(*args, **kwargs),
             self._noise_std if self._per_problem is None else self._per_problem.to(*args, **kwargs),
             noise=self.noise,

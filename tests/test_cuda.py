@@ -1,5 +1,7 @@
 """The SMC samplers on a GPU, against the exact posterior (skipped without CUDA)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -20,7 +22,8 @@ def _problem(device):
     x = gmm.sample(4, g)
     y = A(x) + 0.5 * torch.randn(4, 2, generator=g, dtype=torch.float64)
     problem = bfd.InverseProblem(A, y, 0.5)
-    return gmm, gmm.to(device), problem.to(device)
+    # GaussianMixture is an nn.Module: .to moves it in place, so the device copy is a copy
+    return gmm, copy.deepcopy(gmm).to(device), problem.to(device)
 
 
 @pytest.mark.parametrize("name", ["TDS", "MCGdiff", "FPSSMC"])

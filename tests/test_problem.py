@@ -69,3 +69,14 @@ def test_bad_types(gen):
         bfd.InverseProblem(torch.eye(3), torch.zeros(3), 0.1)
     with pytest.raises(TypeError, match="floating"):
         bfd.InverseProblem(_op(gen), torch.zeros(3, dtype=torch.long), 0.1)
+
+
+def test_to_returns_a_copy_and_leaves_the_problem_as_it_was(gen):
+    # nn.Module.to moves a module in place: InverseProblem.to must not move the original's
+    # operator with the copy's (a CUDA problem's exact posterior once read a moved operator)
+    A = bfd.operators.Dense(torch.randn(2, 3, generator=gen))
+    problem = bfd.InverseProblem(A, torch.randn(4, 2, generator=gen), 0.5)
+    moved = problem.to(torch.float64)
+    assert moved.operator.M.dtype == torch.float64 and moved.y.dtype == torch.float64
+    assert problem.operator.M.dtype == torch.float32 and problem.y.dtype == torch.float32
+    assert moved.operator is not problem.operator
