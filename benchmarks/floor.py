@@ -1,13 +1,16 @@
 """The sampler's own work per particle-step against the memory-traffic floor (issue #18).
 
 ``python -m benchmarks.floor [--methods FPS-SMC,MCGdiff,TDS,DPS] [--particles 8,32]
-[--shape 3,256,256] [--steps 20] [--out F.jsonl]``; ``--shape 800``: a vector of that
+[--shape 3,256,256] [--steps 20] [--device cpu] [--out F.jsonl]``; ``--shape 800``: a vector of that
 dimension under a ``(2, d)`` dense operator (the mixture benchmark's ``d_y = 2``) with an
 elementwise stand-in network.
 
 Setting: box inpainting (the central half-size box of every channel hidden),
 ``sigma_y = 0.05``, a one-convolution eps network (``sigma_t Conv2d(C, C, 3, padding=1)``)
-so that the sampler's own cost shows; one thread, CPU time of this process.
+so that the sampler's own cost shows; one thread, CPU time of this process. With
+``--device cuda`` every time below is wall time with the device synchronised at each reading
+(the network's calls included: the synchronisations cost the sampler a launch latency per
+call, so its own time there is an upper bound).
 
 Per method and ``N`` it records
 
@@ -41,6 +44,24 @@ from torch import nn
 import bayesfilter_diff as bfd
 from bayesfilter_diff.samplers.registry import build
 
+
+class Clock:
+    """Seconds: the process's CPU time, or on a CUDA device the wall time after a
+    synchronisation (the device's work runs asynchronously of the process)."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = torch.device(device)
+
+    def __call__(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return time.perf_counter()
+        return time.process_time()
+
+
+#: the clock of the timed networks and of :func:`run_one` (set by :func:`run_one`)
+CLOCK = Clock()
+
 #: Full-state arrays (``d`` floats per particle) a step must read or write at the least:
 #: every step reads ``x_t`` and the network's output and writes ``x_s`` (3), and writes then
 #: reads its Gaussian noise (2); an SMC step that resamples also copies ``x`` (read + write,
@@ -56,19 +77,19 @@ class _TimedConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, timer):  # type: ignore[override]
-        start = time.process_time()
+        start = CLOCK()
         out = torch.nn.functional.conv2d(x, weight, bias, padding=1).mul_(scale)
-        timer.fwd_cpu += time.process_time() - start
+        timer.fwd_cpu += CLOCK() - start
         ctx.save_for_backward(weight, scale)
         ctx.shape, ctx.timer = x.shape, timer
         return out
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        start = time.process_time()
+        start = CLOCK()
         weight, scale = ctx.saved_tensors
         gx = torch.nn.grad.conv2d_input(ctx.shape, weight, g * scale, padding=1)
-        ctx.timer.bwd_cpu += time.process_time() - start
+        ctx.timer.bwd_cpu += CLOCK() - start
         return gx, None, None, None, None
 
 
@@ -103,19 +124,19 @@ class _TimedScale(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, scale, timer):  # type: ignore[override]
-        start = time.process_time()
+        start = CLOCK()
         out = x * (w * scale)
-        timer.fwd_cpu += time.process_time() - start
+        timer.fwd_cpu += CLOCK() - start
         ctx.save_for_backward(w, scale)
         ctx.timer = timer
         return out
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        start = time.process_time()
+        start = CLOCK()
         w, scale = ctx.saved_tensors
         gx = g * (w * scale)
-        ctx.timer.bwd_cpu += time.process_time() - start
+        ctx.timer.bwd_cpu += CLOCK() - start
         return gx, None, None, None
 
 
@@ -163,42 +184,49 @@ def problem(shape: tuple[int, ...], seed: int = 0):
 
 
 def _cpu(fn, repeats: int = 3) -> float:
+    """Best of ``repeats`` timings of ``fn`` on :data:`CLOCK`, after one warm-up."""
     fn()
     best = float("inf")
     for _ in range(repeats):
-        start = time.process_time()
+        start = CLOCK()
         fn()
-        best = min(best, time.process_time() - start)
+        best = min(best, CLOCK() - start)
     return best
 
 
-def copy_bandwidth(N: int, d: int) -> float:
+def copy_bandwidth(N: int, d: int, device: str = "cpu") -> float:
     """Bytes per second of ``clone`` (read + write) of an ``(N, d)`` float32 array."""
-    x = torch.randn(N, d)
+    x = torch.randn(N, d, device=device)
     return 2 * x.numel() * 4 / _cpu(lambda: x.clone(), 5)
 
 
-def randn_time(N: int, d: int) -> float:
+def randn_time(N: int, d: int, device: str = "cpu") -> float:
     """Seconds to draw ``N x d`` standard normals with a generator."""
-    g = torch.Generator().manual_seed(0)
-    return _cpu(lambda: torch.randn(N, d, generator=g), 5)
+    g = torch.Generator(device=device).manual_seed(0)
+    return _cpu(lambda: torch.randn(N, d, generator=g, device=device), 5)
 
 
-def run_one(method: str, N: int, shape: tuple[int, ...], steps: int) -> dict[str, Any]:
+def run_one(
+    method: str, N: int, shape: tuple[int, ...], steps: int, device: str = "cpu"
+) -> dict[str, Any]:
+    global CLOCK
+    CLOCK = Clock(device)
     prior, prob = problem(shape)
+    prior, prob = prior.to(device), prob.to(device)
     d = prior.event_shape.numel()
     sampler = build(method, steps)
-    sampler.sample(prior, prob, N, generator=torch.Generator().manual_seed(1))  # warm-up
+    # warm-up
+    sampler.sample(prior, prob, N, generator=torch.Generator(device=device).manual_seed(1))
     net = prior.timed
     net.fwd_cpu, net.bwd_cpu, net.calls = 0.0, 0.0, 0
-    start = time.process_time()
-    res = sampler.sample(prior, prob, N, generator=torch.Generator().manual_seed(0))
-    cpu = time.process_time() - start
+    start = CLOCK()
+    res = sampler.sample(prior, prob, N, generator=torch.Generator(device=device).manual_seed(0))
+    cpu = CLOCK() - start
     calls = net.calls
     backprop = bool(res.info.get("backprop", False))
     net_s = net.fwd_cpu + net.bwd_cpu
-    bw = copy_bandwidth(N, d)
-    rng = randn_time(N, d) / N
+    bw = copy_bandwidth(N, d, device)
+    rng = randn_time(N, d, device) / N
     passes = PASSES.get(method, 5)
     floor = passes * 4 * d / bw + rng
     # a particle-step is one network evaluation of one particle (MCGdiff and TDS refine the
@@ -222,6 +250,7 @@ def run_one(method: str, N: int, shape: tuple[int, ...], steps: int) -> dict[str
         "randn_ms": 1e3 * rng,
         "floor_ms": 1e3 * floor,
         "ratio": own / floor,
+        "device": device,
         "torch": torch.__version__,
     }
 
@@ -247,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", default="3,256,256")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (wall time, synchronised)")
     p.add_argument("--out", default=None, help="append JSON lines here")
     p.add_argument(
         "--default-allocator",
@@ -262,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|" + "|".join("---" for _ in COLS) + "|")
     for N in map(int, a.particles.split(",")):
         for m in a.methods.split(","):
-            r = run_one(m, N, shape, a.steps)
+            r = run_one(m, N, shape, a.steps, a.device)
             cells = [f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in COLS]
             print("| " + " | ".join(cells) + " |", flush=True)
             if a.out:

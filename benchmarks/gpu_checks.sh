@@ -3,8 +3,10 @@
 # one H200, each step under its own time limit so that a slow step costs only its own table).
 # Run from the repository root after `make venv`, or with the machine's own python:
 #   OUT=/some/folder PY=python3 bash benchmarks/gpu_checks.sh
-# Writes at most 8 files to $OUT: steps.log (nvidia-smi, each step's exit status and seconds),
-# the CUDA tests' log and the benchmark tables (markdown + JSON lines).
+# Writes at most 8 files to $OUT (a device loan returns no more): steps.log (nvidia-smi, each
+# step's exit status and seconds), the CUDA tests' log, the benchmark tables (gmm.md, batch.md,
+# unet.md; rows in cuda.jsonl) and the memory floor of the samplers' own work (floor.md,
+# floor.jsonl).
 set -u
 OUT=${OUT:-benchmarks/results/cuda}
 mkdir -p "$OUT"
@@ -14,7 +16,7 @@ export PYTHONUNBUFFERED=1
 # a non-centred mixture) are not the point here; the tests' log keeps its warnings
 BENCH_WARNINGS=ignore
 LOG="$OUT/steps.log"
-rm -f "$OUT"/*.md "$OUT"/*.log "$OUT"/cuda.jsonl  # the steps append
+rm -f "$OUT"/*.md "$OUT"/*.log "$OUT"/*.jsonl  # the steps append
 nvidia-smi > "$LOG" 2>&1
 $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, torch.cuda.get_device_name(0))" >> "$LOG" 2>&1
 step() {  # step NAME LIMIT_S OUTFILE CMD...
@@ -28,7 +30,7 @@ step() {  # step NAME LIMIT_S OUTFILE CMD...
 #    exact posterior on the device, distances on the device, device errors (only the files
 #    with CUDA tests are collected: the machine may lack the optional test dependencies)
 step cuda_tests 150 "$OUT/cuda_tests.log" $PY -m pytest -q -m cuda -p no:cacheprovider \
-  tests/test_cuda.py tests/test_bad_input.py tests/test_diagnostics.py
+  tests/test_cuda.py tests/test_bad_input.py tests/test_diagnostics.py tests/test_benchmarks.py
 # 2. throughput and overhead at large N (one process: on a GPU the peak memory is the
 #    allocator's own high-water mark, reset before each configuration)
 step gmm 120 "$OUT/gmm.md" env PYTHONWARNINGS=$BENCH_WARNINGS $PY -m benchmarks --device cuda --prior gmm --dims 80,800 \
@@ -42,13 +44,21 @@ step gmm_1m 90 "$OUT/gmm.md" env PYTHONWARNINGS=$BENCH_WARNINGS $PY -m benchmark
 step batch 90 "$OUT/batch.md" env PYTHONWARNINGS=$BENCH_WARNINGS $PY -m benchmarks --device cuda --prior gmm --dims 80 \
   --methods MCGdiff,TDS,DDRM --particles 256,4096 --steps 20 --batch-speedup 16
 # 4. a U-Net prior (the network's cost dominates), then float64
-step unet28 80 "$OUT/unet28.md" env PYTHONWARNINGS=$BENCH_WARNINGS $PY -m benchmarks --device cuda --prior unet28 --dims 0 \
+step unet28 80 "$OUT/unet.md" env PYTHONWARNINGS=$BENCH_WARNINGS $PY -m benchmarks --device cuda --prior unet28 --dims 0 \
   --methods MCGdiff,TDS,FPS-SMC,DDRM --particles 1024,8192 --steps 10 --same-process \
   --out "$OUT/cuda.jsonl"
-step gmm_f64 50 "$OUT/gmm_f64.md" env PYTHONWARNINGS=$BENCH_WARNINGS $PY -m benchmarks --device cuda --prior gmm --dims 800 \
+step gmm_f64 50 "$OUT/gmm.md" env PYTHONWARNINGS=$BENCH_WARNINGS $PY -m benchmarks --device cuda --prior gmm --dims 800 \
   --methods MCGdiff,TDS,FPS-SMC --particles 65536 --steps 20 --dtype float64 --same-process \
   --out "$OUT/cuda.jsonl"
-step unet32 60 "$OUT/unet32.md" env PYTHONWARNINGS=$BENCH_WARNINGS $PY -m benchmarks --device cuda --prior unet32 --dims 0 \
+step unet32 60 "$OUT/unet.md" env PYTHONWARNINGS=$BENCH_WARNINGS $PY -m benchmarks --device cuda --prior unet32 --dims 0 \
   --methods MCGdiff,FPS-SMC --particles 1024,4096 --steps 10 --chunk-size 4096 \
   --same-process --out "$OUT/cuda.jsonl"
+# 5. the samplers' own work against the memory floor, on the device (issue #18): wall time,
+#    synchronised around each network call
+step floor 120 "$OUT/floor.md" env PYTHONWARNINGS=$BENCH_WARNINGS $PY -m benchmarks.floor \
+  --device cuda --shape 3,256,256 --particles 32,256 --methods FPS-SMC,MCGdiff,TDS,DPS \
+  --out "$OUT/floor.jsonl"
+step floor_d800 60 "$OUT/floor.md" env PYTHONWARNINGS=$BENCH_WARNINGS $PY -m benchmarks.floor \
+  --device cuda --shape 800 --particles 65536 --methods FPS-SMC,MCGdiff,TDS,DPS \
+  --out "$OUT/floor.jsonl"
 echo done >> "$LOG"

@@ -50,3 +50,27 @@ def test_floor_benchmark_times_the_network_inside_the_run():
         own = (r["cpu_s"] - r["net_s"]) / (4 * r["net_calls"])
         assert r["own_ms"] == pytest.approx(1e3 * own)
         assert r["floor_ms"] > 0 and r["ratio"] == pytest.approx(r["own_ms"] / r["floor_ms"])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(3, 16, 16), (50,)])
+def test_floor_benchmark_on_the_device(shape):
+    """The floor benchmark's device path: the problem moved to the device, wall time with
+    the device synchronised, and the same consistency as on the CPU."""
+    from benchmarks.floor import run_one as floor_one
+
+    r = floor_one("TDS", 4, shape, 3, "cuda")
+    assert r["device"] == "cuda" and r["net_calls"] >= 3 and r["net_bwd_s"] > 0
+    own = (r["cpu_s"] - r["net_s"]) / (4 * r["net_calls"])
+    assert r["own_ms"] == pytest.approx(1e3 * own) and r["floor_ms"] > 0
+
+
+def test_gpu_checks_script_returns_what_a_device_loan_can_bring_back():
+    """A device loan brings back at most 8 files from $OUT: the script writes no more."""
+    import re
+    from pathlib import Path
+
+    script = (Path(__file__).parents[1] / "benchmarks" / "gpu_checks.sh").read_text()
+    outputs = set(re.findall(r'"\$OUT/([A-Za-z0-9_.-]+)"', script))
+    outputs |= {"steps.log"}
+    assert 1 <= len(outputs) <= 8, sorted(outputs)
