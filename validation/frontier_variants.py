@@ -30,6 +30,7 @@ SETTINGS: list[tuple[str, dict]] = [
     ("FPS-SMC", {}),
     ("Filtering-SMC", {}),
     ("Filtering-SMC", {"eta": None}),
+    ("Filtering-SMC", {"twist": "gaussian"}),
     ("DDSMC", {}),
     ("DDSMC", {"final_step": "code"}),
     ("DDSMC", {"eta": 1.0}),

@@ -346,6 +346,14 @@ class GaussianMixture(nn.Module):
             return False
         return bool((self.eigvals == self.eigvals[:1]).all())
 
+    def average_variance(self) -> Tensor:
+        """``tr(Cov) / d``, the mixture's variance per coordinate, ``(*batch,)`` (no ``d x d``
+        matrix is formed: the trace of a component's covariance is its eigenvalues' sum)."""
+        m = self.mean()
+        lam = self.eigvals.expand(self.eigvals.shape[:-1] + (self.dim,))
+        spread = ((self.means - m.unsqueeze(-2)) ** 2).sum(-1)  # (*batch, K)
+        return (self.weights * (lam.sum(-1) + spread)).sum(-1) / self.dim
+
     def covariance(self) -> Tensor:
         """Mixture covariance, ``(*batch, d, d)``."""
         m = self.mean()

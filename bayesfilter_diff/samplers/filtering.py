@@ -22,6 +22,17 @@ with ``p(x_s | x_t) = N(mu(x_t), v I)``. Two potentials ``g_t(x_t) = N(v_t; A x_
 - ``twist="mean"`` (default; Zhao's deterministic path): ``v_t = alpha_t y`` and
   ``omega_t = alpha_t^2 sigma_y^2 I + sigma_t^2 A A^T``, the law of ``alpha_t y`` given
   ``x_t`` under a flat prior (``x0 = (x_t - sigma_t eps) / alpha_t``);
+- ``twist="gaussian"``: the law of ``y`` given ``x_t`` under an isotropic Gaussian stand-in
+  ``N(m, c I)`` for the prior (for a mixture prior its mean and variance per coordinate,
+  ``c = tr(Cov) / d``): ``x0_hat = a_t x_t + b_t`` with ``a_t = c alpha_t / (alpha_t^2 c +
+  sigma_t^2)``, ``b_t = m sigma_t^2 / (alpha_t^2 c + sigma_t^2)`` and ``r_t^2 = c sigma_t^2 /
+  (alpha_t^2 c + sigma_t^2)``, so ``g_t(x_t) ∝ N(y; A x0_hat, sigma_y^2 I + r_t^2 A A^T)``,
+  written as ``v_t = (y - A b_t) / a_t``, ``omega_t = (sigma_y^2 I + r_t^2 A A^T) / a_t^2``
+  (a factor constant in ``x_t`` apart, which cancels between consecutive weights). As ``c``
+  grows this is ``"mean"``; for a Gaussian prior ``N(m, c I)`` it is the exact ``p(y |
+  x_t)`` of the continuous path, so the weights are flat up to the time discretisation.
+  Any positive potentials keep the target, so the stand-in's quality changes only the
+  weights' variance;
 - ``twist="fps"``: FPS-SMC's own sampled y-sequence and filtering likelihood
   (``omega_t = alpha_t^2 sigma_y^2 I``), made exact by the telescoping: FPS-SMC with its
   bias removed.
@@ -42,6 +53,7 @@ resampling at ``ESS < N / 2`` (the code: stratified at ``0.7 N``); an evidence e
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import cast
 
@@ -62,18 +74,20 @@ from .spectral import (
 
 __all__ = ["FilteringSMC"]
 
-_TWISTS = ("mean", "fps")
+_TWISTS = ("mean", "gaussian", "fps")
 
 
 @dataclass(frozen=True)
 class FilteringSetup:
-    """The kernel on the grid, singular values ``(r,)``, ``U^T y`` ``(B, 1, m)`` and the
-    observation path in U-coordinates ``(n + 1, B, 1, m)``."""
+    """The kernel on the grid, singular values ``(r,)``, ``U^T y`` ``(B, 1, m)``, the
+    observation path in U-coordinates ``(n + 1, B, 1, m)`` and the potentials' variances
+    per observed coordinate ``(n + 1, B or 1, 1, r)``."""
 
     grid: FPSGrid
     s: Tensor
     y_tilde: Tensor
     path: Tensor
+    omega: Tensor
 
 
 @dataclass(frozen=True)
@@ -93,8 +107,14 @@ class FilteringSMC(SMCSampler):
     num_steps, grid
         The time grid (inherited; default 100 uniform steps).
     twist
-        ``"mean"`` (default: the path ``alpha_t y`` with the flat-prior variance) or
-        ``"fps"`` (FPS-SMC's sampled y-sequence and filtering likelihood, telescoped).
+        ``"mean"`` (default: the path ``alpha_t y`` with the flat-prior variance),
+        ``"gaussian"`` (``p(y | x_t)`` under an isotropic Gaussian stand-in for the prior:
+        ``prior_variance`` or a mixture prior's own moments) or ``"fps"`` (FPS-SMC's sampled
+        y-sequence and filtering likelihood, telescoped).
+    prior_variance, prior_mean
+        The stand-in ``N(prior_mean, prior_variance I)`` of ``twist="gaussian"`` (default
+        ``None``: a Gaussian-mixture prior's mean and variance per coordinate; other priors
+        need ``prior_variance``, with ``prior_mean`` 0 unless given).
     eta
         DDIM(``eta``) kernel (default 1, ancestral); ``None``: FPS's ``c_rate`` kernel.
     c_rate
@@ -111,6 +131,8 @@ class FilteringSMC(SMCSampler):
     exact = True
 
     twist: str = "mean"
+    prior_variance: float | None = None
+    prior_mean: float = 0.0
     eta: float | None = 1.0
     c_rate: float = 0.95
     max_log_snr_step: float = 1.0
@@ -121,6 +143,14 @@ class FilteringSMC(SMCSampler):
             raise ValueError(f"twist must be one of {_TWISTS}, got {self.twist!r}")
         _validate(self)
         check_finite_nonnegative("max_log_snr_step", self.max_log_snr_step)
+        if self.prior_variance is not None and not (
+            math.isfinite(self.prior_variance) and self.prior_variance > 0
+        ):
+            raise ValueError(
+                f"prior_variance must be positive and finite, got {self.prior_variance}"
+            )
+        if not math.isfinite(self.prior_mean):
+            raise ValueError(f"prior_mean must be finite, got {self.prior_mean}")
 
     def time_grid(self, prior, problem: InverseProblem) -> Tensor:
         """The grid refined where the potentials sharpen, and extended before the last step
@@ -136,18 +166,55 @@ class FilteringSMC(SMCSampler):
         )
 
     # ------------------------------------------------------------------ the potentials
-    def _omega(self, setup: FilteringSetup, k: int, noise_var: float) -> Tensor:
-        """``omega_{t_k}`` per observed coordinate ``(r,)`` (in U-coordinates)."""
-        a, sg = setup.grid.alpha[k], setup.grid.sigma[k]
-        if self.twist == "fps":
-            return torch.full_like(setup.s, a**2 * noise_var)
-        return a**2 * noise_var + sg**2 * setup.s**2
+    def _stand_in(self, ctx: Context) -> tuple[Tensor, Tensor]:
+        """``twist="gaussian"``'s prior stand-in: mean ``(B or 1, 1, d)`` and variance per
+        coordinate ``(B or 1, 1, 1)``."""
+        d = cast(LinearOperator, ctx.problem.operator).in_dim
+        dt, dev = ctx.dtype, ctx.device
+        if self.prior_variance is not None:
+            mean = torch.full((1, 1, d), self.prior_mean, dtype=dt, device=dev)
+            return mean, torch.full((1, 1, 1), self.prior_variance, dtype=dt, device=dev)
+        mixture = getattr(ctx.prior, "mixture", None)
+        if mixture is None:
+            raise ValueError(
+                "FilteringSMC: twist='gaussian' needs prior_variance (and prior_mean) for a "
+                "prior that is not a Gaussian mixture (the variance per coordinate of the data, "
+                "e.g. about 0.25 for images in [-1, 1])"
+            )
+        mean = mixture.mean().to(dtype=dt, device=dev).reshape(-1, 1, d)
+        var = mixture.average_variance().to(dtype=dt, device=dev).reshape(-1, 1, 1)
+        return mean, var
 
-    def _log_g(self, setup: FilteringSetup, k: int, x_bar: Tensor, noise_var: float) -> Tensor:
+    def _potentials(
+        self, ctx: Context, grid: FPSGrid, obs_s: Tensor, y_tilde: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The deterministic paths ``(n + 1, B, 1, m)`` and variances ``(n + 1, B or 1, 1,
+        r)`` of ``twist="mean"`` and ``"gaussian"`` (module docstring)."""
+        dt, dev = ctx.dtype, ctx.device
+        alpha = torch.tensor(grid.alpha, dtype=dt, device=dev)[:, None, None, None]
+        sigma = torch.tensor(grid.sigma, dtype=dt, device=dev)[:, None, None, None]
+        noise_var = ctx.problem.noise_std**2
+        r = obs_s.numel()
+        if self.twist == "mean":
+            return alpha * y_tilde, alpha**2 * noise_var + sigma**2 * obs_s**2
+        if not bool((alpha > 0).all()):
+            raise ValueError(
+                "FilteringSMC: twist='gaussian' needs alpha(t) > 0 on the whole grid (y is "
+                "independent of x_t at alpha = 0, e.g. t = 1 on a flow path); use twist='mean'"
+            )
+        mean, c = self._stand_in(ctx)
+        den = alpha**2 * c + sigma**2  # (n + 1, B or 1, 1, 1)
+        a, b, r2 = c * alpha / den, sigma**2 / den, c * sigma**2 / den
+        op = cast(LinearOperator, ctx.problem.operator)
+        A_m = torch.zeros_like(y_tilde)  # U^T A m: (B or 1, 1, m), zero outside the range
+        A_m[..., :r] = obs_s * op.Vt(mean)[..., :r]
+        return (y_tilde - b * A_m) / a, (noise_var + r2 * obs_s**2) / a**2
+
+    def _log_g(self, setup: FilteringSetup, k: int, x_bar: Tensor) -> Tensor:
         """``log g_{t_k}(x)`` ``(B, N)`` for spectral coordinates ``x_bar`` ``(B, N, d)``."""
         r = setup.s.numel()
         v = setup.path[k][..., :r]
-        return log_normal(v, setup.s * x_bar[..., :r], self._omega(setup, k, noise_var)).sum(-1)
+        return log_normal(v, setup.s * x_bar[..., :r], setup.omega[k]).sum(-1)
 
     def _propose(
         self, ctx: Context, setup: FilteringSetup, k: int, mu_bar: Tensor, v: float
@@ -156,8 +223,7 @@ class FilteringSMC(SMCSampler):
         ``log int N(x; mu, v I) g_{t_k}(x) dx``."""
         op = cast(LinearOperator, ctx.problem.operator)
         r = setup.s.numel()
-        noise_var = ctx.problem.noise_std**2
-        omega = self._omega(setup, k, noise_var)
+        omega = setup.omega[k]
         target = setup.path[k][..., :r]
         z = ctx.randn((ctx.B, ctx.N, op.in_dim))
         if not bool((omega > 0).all()):
@@ -181,16 +247,19 @@ class FilteringSMC(SMCSampler):
         y_tilde = obs.y_tilde[:, None, :]
         if self.twist == "fps":
             path = _y_path(obs.s, y_tilde, op.out_dim, grid, 1, ctx.generator)
-        else:
             alpha = torch.tensor(grid.alpha, dtype=ctx.dtype, device=ctx.device)
-            path = alpha[:, None, None, None] * y_tilde
-        return FilteringSetup(grid, obs.s, y_tilde, path)
+            omega = (alpha**2 * ctx.problem.noise_std**2)[:, None, None, None].expand(
+                -1, 1, 1, obs.s.numel()
+            )
+        else:
+            path, omega = self._potentials(ctx, grid, obs.s, y_tilde)
+        return FilteringSetup(grid, obs.s, y_tilde, path, omega)
 
     def init(self, ctx: Context, setup: FilteringSetup) -> tuple[FilteringState, Tensor]:
         op = cast(LinearOperator, ctx.problem.operator)
         mu = torch.zeros((ctx.B, ctx.N, op.in_dim), dtype=ctx.dtype, device=ctx.device)
         x_bar, x, log_z = self._propose(ctx, setup, 0, mu, setup.grid.sigma[0] ** 2)
-        log_g = self._log_g(setup, 0, x_bar, ctx.problem.noise_std**2)
+        log_g = self._log_g(setup, 0, x_bar)
         return FilteringState(x, log_g), log_z
 
     def move(
@@ -206,14 +275,13 @@ class FilteringSMC(SMCSampler):
         coef = setup.grid.step(k)
         mu = ctx.denoise_mean(state.x, t, coef, setup.grid.sigma[k])
         mu_bar = op.Vt(mu)
-        noise_var = ctx.problem.noise_std**2
         v = coef.std**2
         if v > 0:
             x_bar, x, log_pred = self._propose(ctx, setup, k + 1, mu_bar, v)
         else:  # a deterministic kernel (the last step of VP / flow paths)
             x_bar, x = mu_bar, mu
-            log_pred = self._log_g(setup, k + 1, x_bar, noise_var)
-        log_g = self._log_g(setup, k + 1, x_bar, noise_var)
+            log_pred = self._log_g(setup, k + 1, x_bar)
+        log_g = self._log_g(setup, k + 1, x_bar)
         return Move(FilteringState(x, log_g), log_pred - state.log_g)
 
     def finalize(
