@@ -110,3 +110,48 @@ def test_gpu_and_cpu_paths_agree_on_the_same_random_numbers(monkeypatch, dummy):
     out = _same_stream_runs(monkeypatch, ["cpu", "cuda"], NAMES)
     assert out["cuda", "MCGdiff"].samples.device.type == "cuda"
     _assert_agree(out, "cpu", "cuda")
+
+
+# ------------------------------------------------------------------ SMC^2 on the device
+def test_smc2_on_cuda_against_quadrature():
+    """bfd.infer with a global noise scale, the model's tensors and the generator on the
+    device: the theta draws and the evidence against the chain's exact answers (the CPU test
+    of tests/test_hierarchical.py, on the device), then particle-marginal moves."""
+    import pyro
+    import pyro.distributions as dist
+    from test_hierarchical import (
+        STEPS,
+        _check_sigma_and_evidence,
+        _gaussian_prior,
+        _sigma_quadrature,
+    )
+
+    from bayesfilter_diff.samplers.tds import TDS
+
+    dev = torch.device("cuda")
+    dt = torch.float64
+    prior, chain = _gaussian_prior()
+    prior = prior.to(dev)
+    M = torch.tensor([[1.0, 0.3], [-0.4, 1.0]], dtype=dt)
+    y = torch.tensor([0.9, -1.2], dtype=dt)
+    mean, sd, log_z = _sigma_quadrature(chain, M, torch.ones(2, dtype=dt), y)
+    M, y, one = M.to(dev), y.to(dev), torch.tensor(1.0, dtype=dt, device=dev)
+
+    def model(y=None):
+        sigma = pyro.sample("sigma", dist.HalfNormal(one))
+        x = pyro.sample("x", bfd.DiffusionPrior(prior))
+        pyro.sample("y", dist.Normal(x @ M.T, sigma).to_event(1), obs=y)
+
+    K, N = 256, 128
+    kw = {"y": y, "num_samples": N, "num_theta": K}
+    post = bfd.infer(
+        model, TDS(num_steps=STEPS), moves=0, generator=torch.Generator(dev).manual_seed(0), **kw
+    )
+    assert post.theta["sigma"].device.type == "cuda"
+    _check_sigma_and_evidence(post, mean, sd, log_z, K)
+    moved = bfd.infer(
+        model, TDS(num_steps=STEPS), moves=2, generator=torch.Generator(dev).manual_seed(1), **kw
+    )
+    assert len(moved.acceptance) == 2 and bool(torch.isfinite(moved.log_evidence))
+    with pytest.raises(ValueError, match="generator"):
+        bfd.infer(model, TDS(num_steps=STEPS), generator=torch.Generator().manual_seed(0), **kw)

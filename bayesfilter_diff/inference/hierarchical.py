@@ -240,7 +240,21 @@ def _next_temperature(log_z: Tensor, lam: float, target: float) -> float:
 
 
 def _seed(generator: torch.Generator | None) -> int:
-    return int(torch.randint(0, 2**62, (1,), generator=generator))
+    device = generator.device if generator is not None else None
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
+
+
+def _run_device(observed: list[dict[str, Any]], generator: torch.Generator | None) -> torch.device:
+    """The device of the run: the observed values' (the data's), else the generator's;
+    a generator on another kind of device is refused before any work."""
+    values = [s["value"] for s in observed if isinstance(s["value"], Tensor)]
+    dev = values[0].device if values else (generator.device if generator else torch.device("cpu"))
+    if generator is not None and generator.device.type != dev.type:
+        raise ValueError(
+            f"generator is on {generator.device} but the observed data are on {dev}: pass "
+            f"torch.Generator(device={str(dev)!r})"
+        )
+    return dev
 
 
 def infer_hierarchical(
@@ -311,13 +325,16 @@ def infer_hierarchical(
         if s["type"] == "sample" and isinstance(unwrap(s["fn"]), DiffusionPrior)
     ]
     site = priors[0] if priors else ""
+    dev = _run_device(observed, generator)
 
     def wrapped(values: dict[str, Tensor]) -> Callable:
         return FixGlobals(values, K, trailing)(model)
 
     def draw_prior() -> dict[str, Tensor]:
         values: dict[str, Tensor] = {}
-        with torch.random.fork_rng(devices=[]):
+        # the prior draws take the global generators (Pyro's sample()), seeded from the
+        # caller's and restored afterwards (the device's too when the run is on one)
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(_seed(generator))
             for gl in globals_:
                 # the site's prior given the globals drawn so far (batched over K)
@@ -332,7 +349,7 @@ def infer_hierarchical(
     def log_prior(values: dict[str, Tensor]) -> Tensor:
         with pyro.validation_enabled(False):
             t = poutine.trace(PriorPlaceholder()(wrapped(values))).get_trace(*args, **kwargs)
-        total = torch.zeros(K, dtype=torch.float64)
+        total = torch.zeros(K, dtype=torch.float64, device=dev)
         for gl in globals_:
             node = cast("dict[str, Any]", t.nodes[gl.name])
             lp = node["fn"].log_prob(node["value"])
@@ -345,8 +362,8 @@ def infer_hierarchical(
 
     def unconstrained(values: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """``u`` ``(K, D)`` and ``log |d theta / d u|`` ``(K,)``."""
-        us: list[Tensor] = [torch.zeros(K, 0, dtype=torch.float64)]
-        ljs: list[Tensor] = [torch.zeros(K, dtype=torch.float64)]
+        us: list[Tensor] = [torch.zeros(K, 0, dtype=torch.float64, device=dev)]
+        ljs: list[Tensor] = [torch.zeros(K, dtype=torch.float64, device=dev)]
         for gl in continuous:
             th = values[gl.name]
             u = gl.transform.inv(th)
@@ -416,7 +433,7 @@ def infer_hierarchical(
     # the mean incremental weights is unbiased for p(y). Without moves: one step to lam = 1
     # (importance sampling squared).
     lam = 0.0
-    log_evidence = torch.zeros((), dtype=torch.float64)
+    log_evidence = torch.zeros((), dtype=torch.float64, device=dev)
     temperatures: list[float] = []
     level_ess: list[float] = []
     acceptance: list[float] = []
@@ -450,8 +467,8 @@ def infer_hierarchical(
             for gl in discrete:  # symmetric: keep, or a uniform value of the support
                 assert gl.values is not None
                 n_val = gl.values.shape[0]
-                pick = torch.randint(n_val, (K,), generator=generator)
-                jump = torch.rand(K, generator=generator) < 0.5
+                pick = torch.randint(n_val, (K,), generator=generator, device=dev)
+                jump = torch.rand(K, generator=generator, device=dev) < 0.5
                 cur = theta_new[gl.name]
                 prop = gl.values.to(cur.device)[pick].to(cur.dtype)
                 theta_new[gl.name] = torch.where(
@@ -466,7 +483,7 @@ def infer_hierarchical(
             # lam * (log Z' - log Z), with 0 * (-inf) read as 0 never needed: lam > 0 here
             log_a = lam * (log_z_new - log_z) + (lp_new + lj_new) - (lp + lj)
             log_a = torch.where(torch.isnan(log_a), torch.full_like(log_a, -math.inf), log_a)
-            uni = torch.rand(K, generator=generator, dtype=torch.float64)
+            uni = torch.rand(K, generator=generator, dtype=torch.float64, device=dev)
             acc = torch.log(uni) < log_a
             acceptance.append(float(acc.double().mean()))
             theta = {

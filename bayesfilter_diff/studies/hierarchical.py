@@ -138,8 +138,9 @@ class HierSetup:
         zv = z @ self.Vh.T
         return mean + z - zv @ self.Vh + (c.sqrt() * zv) @ self.Vh
 
-    def model(self):
-        """The Pyro model (module docstring), with the cell's prior."""
+    def model(self, device: str | torch.device = "cpu"):
+        """The Pyro model (module docstring), with the cell's prior, its parameters on
+        ``device``."""
         import pyro
         import pyro.distributions as dist
 
@@ -149,10 +150,10 @@ class HierSetup:
         dt = self.dtype
         gmm = GaussianMixture(
             self.weights.to(dt), self.means.to(dt), torch.ones(2, dtype=dt), validate=False
-        )
+        ).to(device)
         diffusion = gmm.diffusion(VPSchedule.linear())
-        A = self.A.to(dt)
-        one = torch.tensor(1.0, dtype=dt)
+        A = self.A.to(dtype=dt, device=device)
+        one = torch.tensor(1.0, dtype=dt, device=device)
 
         def model(y=None):
             sigma = pyro.sample("sigma", dist.HalfNormal(one))
@@ -218,20 +219,24 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     from ..samplers.registry import build
 
     setup = HierSetup(cell["d"], cell["prior"], cell["seed"])
+    device = torch.device(cell.get("device", "cpu"))
     gen = torch.Generator().manual_seed(cell["seed"])
+    # on a device, SMC^2 takes a generator there; the exact answers stay on the CPU with
+    # their own (on the CPU one generator serves both, as the stored cells were computed)
+    run_gen = gen if device.type == "cpu" else torch.Generator(device).manual_seed(cell["seed"])
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         post = infer(
-            setup.model(),
+            setup.model(device),
             # the default inner sampler (registry.default_sampler) at the cell's steps, or
             # the cell's own inner settings
             build("TDS", cell["steps"], **cell.get("inner", INNER)),
-            y=setup.y.to(setup.dtype),
+            y=setup.y.to(dtype=setup.dtype, device=device),
             num_samples=cell["N"],
             num_theta=cell["K"],
             moves=cell["moves"],
-            generator=gen,
+            generator=run_gen,
         )
     wall = time.perf_counter() - start
     assert isinstance(post, HierarchicalPosterior)
@@ -240,12 +245,12 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     K = cell["K"]
     floor_s, floor_g, floor_x = exact_draws(setup, grid, K, gen)
     sd_s, sd_g = float(ref_s.std()), float(ref_g.std())
-    sig, gain = post.theta["sigma"].double(), post.theta["gain"].double()
+    sig, gain = post.theta["sigma"].double().cpu(), post.theta["gain"].double().cpu()
 
     def w1(u: Tensor, v: Tensor) -> float:
         return float(dg.wasserstein_1d(u, v, p=1))
 
-    xs = torch.stack([post.x.double(), floor_x])
+    xs = torch.stack([post.x.double().cpu(), floor_x])
     sw = dg.sliced_wasserstein(xs, ref_x, num_projections=1000, p=1, generator=gen)
     dz = float(post.log_evidence) - float(grid["log_evidence"])
     return {
@@ -334,6 +339,8 @@ def run_hierarchical(
             "steps": cfg["steps"],
             "seed": seed,
             **({"inner": cfg["inner"]} if "inner" in cfg else {}),
+            # "device": "cuda" runs SMC^2 there (cells on the CPU keep their keys)
+            **({"device": cfg["device"]} if cfg.get("device", "cpu") != "cpu" else {}),
         }
         for d in cfg["dims"]
         for seed in cfg["seeds"]
