@@ -196,7 +196,9 @@ class FilteringSMC(SMCSampler):
         noise_var = ctx.problem.noise_std**2
         r = obs_s.numel()
         if self.twist == "mean":
-            return alpha * y_tilde, alpha**2 * noise_var + sigma**2 * obs_s**2
+            # per step in Python floats, as the potential was first written (same rounding)
+            omega = [a**2 * noise_var + sg**2 * obs_s**2 for a, sg in zip(grid.alpha, grid.sigma)]
+            return alpha * y_tilde, torch.stack(omega)[:, None, None, :]
         if not bool((alpha > 0).all()):
             raise ValueError(
                 "FilteringSMC: twist='gaussian' needs alpha(t) > 0 on the whole grid (y is "
@@ -247,10 +249,9 @@ class FilteringSMC(SMCSampler):
         y_tilde = obs.y_tilde[:, None, :]
         if self.twist == "fps":
             path = _y_path(obs.s, y_tilde, op.out_dim, grid, 1, ctx.generator)
-            alpha = torch.tensor(grid.alpha, dtype=ctx.dtype, device=ctx.device)
-            omega = (alpha**2 * ctx.problem.noise_std**2)[:, None, None, None].expand(
-                -1, 1, 1, obs.s.numel()
-            )
+            nv = ctx.problem.noise_std**2
+            omega = torch.stack([torch.full_like(obs.s, a**2 * nv) for a in grid.alpha])
+            omega = omega[:, None, None, :]
         else:
             path, omega = self._potentials(ctx, grid, obs.s, y_tilde)
         return FilteringSetup(grid, obs.s, y_tilde, path, omega)
