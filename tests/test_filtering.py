@@ -117,6 +117,8 @@ def test_gaussian_twist_is_exact_and_flattens_the_weights():
     assert ((cov.mean(0) - exact.covariance()[0]).abs() <= 4.5 * cov.std(0) / math.sqrt(R)).all()
     ratio = torch.exp(res.log_evidence - log_z)
     assert abs(float(ratio.mean()) - 1) <= 4.5 * float(ratio.std()) / math.sqrt(R)
+    # measured 0.027 against 0.21 (ratio 0.13); each spread from 64 copies carries ~9%
+    # relative error, so the ratio's is ~13%: 0.2 is 3.5 of its standard errors above it
     spread = {tw: float(r.log_evidence.std()) for tw, r in runs.items()}
     assert spread["gaussian"] < 0.2 * spread["mean"], spread
 
