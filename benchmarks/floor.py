@@ -183,7 +183,7 @@ def problem(shape: tuple[int, ...], seed: int = 0):
     return prior, bfd.InverseProblem(op, y, 0.05)
 
 
-def _cpu(fn, repeats: int = 3) -> float:
+def _best_time(fn, repeats: int = 3) -> float:
     """Best of ``repeats`` timings of ``fn`` on :data:`CLOCK`, after one warm-up."""
     fn()
     best = float("inf")
@@ -197,13 +197,13 @@ def _cpu(fn, repeats: int = 3) -> float:
 def copy_bandwidth(N: int, d: int, device: str = "cpu") -> float:
     """Bytes per second of ``clone`` (read + write) of an ``(N, d)`` float32 array."""
     x = torch.randn(N, d, device=device)
-    return 2 * x.numel() * 4 / _cpu(lambda: x.clone(), 5)
+    return 2 * x.numel() * 4 / _best_time(lambda: x.clone(), 5)
 
 
 def randn_time(N: int, d: int, device: str = "cpu") -> float:
     """Seconds to draw ``N x d`` standard normals with a generator."""
     g = torch.Generator(device=device).manual_seed(0)
-    return _cpu(lambda: torch.randn(N, d, generator=g, device=device), 5)
+    return _best_time(lambda: torch.randn(N, d, generator=g, device=device), 5)
 
 
 def run_one(

@@ -17,7 +17,7 @@ import torch
 
 import bayesfilter_diff as bfd
 
-from .floor import _cpu
+from .floor import _best_time
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     ref = given_var.noisy_denoise(x, al, s)
     for m in (given_eye, dense):
         torch.testing.assert_close(m.noisy_denoise(x, al, s), ref, rtol=1e-4, atol=1e-4)
-    t_var = _cpu(lambda: given_var.noisy_denoise(x, al, s))
-    t_eye = _cpu(lambda: given_eye.noisy_denoise(x, al, s))
-    t_dense = _cpu(lambda: dense.noisy_denoise(x, al, s))
+    t_var = _best_time(lambda: given_var.noisy_denoise(x, al, s))
+    t_eye = _best_time(lambda: given_eye.noisy_denoise(x, al, s))
+    t_dense = _best_time(lambda: dense.noisy_denoise(x, al, s))
     print(f"K = {K}, d = {d}, N = {a.N}: stored kind of the identity matrices: {given_eye.kind}")
     print("| given as | path | denoiser CPU s | vs variances |")
     print("|---|---|---|---|")
