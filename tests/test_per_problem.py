@@ -259,6 +259,48 @@ def test_a_map_that_fools_the_probes_is_caught_at_the_draws():
         check_linearization(st, problem, 2e4 * torch.ones(1, 4, 2, dtype=DT))
 
 
+def test_the_draws_check_tolerates_float32_rounding_at_a_tiny_noise_scale():
+    """An affine site in float32 whose noise scale (one per problem, as SMC^2's theta-
+    particles) reaches 1e-7 with draws that fit y to that scale: the linear and the model's
+    log-likelihoods differ by rounding of the residual over sigma^2 (about 100 nats here),
+    which is no sign of a non-affine map; the check reads the mean, and still catches a map
+    that is not affine at the same draws."""
+    g = torch.Generator().manual_seed(3)
+    d, m, N = 80, 40, 64
+    sig = torch.tensor([1e-7, 1e-3, 1.0], dtype=DT)
+    A = torch.randn(m, d, generator=g, dtype=DT) / math.sqrt(d)
+    x0 = torch.randn(3, d, generator=g, dtype=DT)
+    Y = x0 @ A.T + sig[:, None] * torch.randn(3, m, generator=g, dtype=DT)
+    # draws that fit y as well as x0 does: x0 plus null-space directions of A
+    null = torch.linalg.svd(A).Vh[m:]  # (d - m, d)
+    x = x0[:, None] + torch.randn(3, N, d - m, generator=g, dtype=DT) @ null
+    gmm = bfd.GaussianMixture(
+        torch.tensor([0.5, 0.5]), torch.stack([-torch.ones(d), torch.ones(d)]), torch.ones(2)
+    )
+    prior = gmm.diffusion(bfd.VPSchedule.linear())
+    A32, sig32 = A.float(), sig.float()
+
+    def model(y=None, bent=False):
+        with pyro.plate("problems", 3):
+            xs = pyro.sample("x", bfd.DiffusionPrior(prior))
+            mean = xs @ A32.T
+            if bent:  # affine within |x| < 1e4 (every probe), not beyond
+                mean = torch.where(xs.abs().amax(-1, keepdim=True) > 1e4, mean**2, mean)
+            pyro.sample("y", dist.Normal(mean, sig32[:, None]).to_event(1), obs=y)
+
+    _, problem, st = model_to_problem(model, y=Y.float())
+    assert st.kind == "affine_gaussian"
+    x32 = x.float()
+    gap = (problem.log_likelihood(x32) - st.observed_log_prob(x32)).double().abs()
+    assert float(gap[0].max()) > 10  # the log-likelihoods' rounding gap at sigma = 1e-7
+    check_linearization(st, problem, x32)  # an affine map: no false alarm
+    _, problem, st = model_to_problem(lambda y=None: model(y, bent=True), y=Y.float())
+    assert st.kind == "affine_gaussian"
+    check_linearization(st, problem, x32)
+    with pytest.raises(ValueError, match="not affine"):
+        check_linearization(st, problem, x32 + 2e4)
+
+
 def test_infer_on_an_affine_site_matches_the_hand_built_problem():
     """The same run as the sampler on InverseProblem(Dense(M), y - c): draws equal to
     rounding of the materialised matrix."""

@@ -211,8 +211,8 @@ def model_to_problem(
                 problem = InverseProblem(op, y, noise="poisson")
             elif lin is not None:
                 # the mean is affine in x: a linear-Gaussian problem (y - c = M x + noise)
-                st.kind = "affine_gaussian"
-                problem = InverseProblem(lin[0], lin[1], noise_std)
+                st.kind, st.affine = "affine_gaussian", lin
+                problem = InverseProblem(lin.operator, lin.data, noise_std)
             else:
                 problem = InverseProblem(op, y, noise_std)
             _probe(st, problem)

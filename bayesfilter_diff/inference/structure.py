@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyro
 import torch
@@ -17,6 +17,9 @@ from torch import Tensor
 
 from ..distributions import DiffusionPrior
 from .handlers import Substitute
+
+if TYPE_CHECKING:
+    from .linearize import Affine
 
 __all__ = ["ModelStructure"]
 
@@ -45,6 +48,9 @@ class ModelStructure:
     #: plate's (``bdim - 1``), of this size; the problems are the ``B = outer * inner``
     #: pairs, theta-major
     outer: int = 1
+    #: ``kind == "affine_gaussian"``: the site's mean (a replay of the model) and its shift
+    #: ``c`` in the problem layout, for :func:`~bayesfilter_diff.inference.linearize.check_linearization`
+    affine: Affine | None = field(default=None, repr=False)
 
     # ---- the problems' dimension(s) of the layout
     def problem_dims(self) -> list[int]:
