@@ -10,8 +10,10 @@
 #
 # Issue #16's d = 80 goals need K = 1024 theta-particles (at K = 256 the floors of the W1
 # distances, 0.07-0.08 sd, sit at the 0.1 goal): one such cell takes over 1.5 h on one CPU
-# core. The cells carry "device": "cuda", so they are stored beside the CPU cells, not over
-# them.
+# core, 77-119 s on an H200 (2026-12-04), so the six need two loans. The cells carry
+# "device": "cuda", so they are stored beside the CPU cells, not over them; the store starts
+# from the cells committed under validation/results/ (a fresh machine computes only the
+# missing ones).
 set -u
 OUT=${OUT:-/tmp/gpu_studies}
 mkdir -p "$OUT"
@@ -20,7 +22,9 @@ export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 LOG="$OUT/studies.log"
 : > "$LOG"
 STORE=/tmp/bfd_studies/hierarchical_d80_k1024_cuda
-mkdir -p "$(dirname "$STORE")"
+mkdir -p "$STORE"
+SAVED=validation/results/$(basename "$STORE")
+[ -d "$SAVED" ] && cp -r "$SAVED"/. "$STORE"/
 t0=$SECONDS
 CONFIG=${HIER_CONFIG:-'{"dims":[80],"K":1024,"N":256,"moves":6,"steps":100,"seeds":[0,1,2],"priors":["true","alt"],"device":"cuda"}'}
 timeout "${HIER_LIMIT:-420}" $PY validation/run_studies.py hierarchical --out "$STORE" \
