@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import bayesfilter_diff as bfd
+from bayesfilter_diff.operators import Dense
 from bayesfilter_diff.samplers.base import ddim_coefficients
 from bayesfilter_diff.samplers.tds import TDS
 
@@ -546,3 +547,22 @@ def test_conditioned_proposal_through_a_per_problem_matrix():
         assert ((m_hat[p] - chain.posterior(sub).mean()).abs() <= 4.5 * m_se[p]).all()
         ratio = torch.exp(res.log_evidence[p * R : (p + 1) * R] - chain.log_evidence(sub))
         assert (ratio.mean() - 1).abs() <= 4.5 * ratio.std() / math.sqrt(R)
+
+
+def test_a_thin_genealogy_warning_does_not_point_tds_to_itself():
+    """An informative 80-dimensional mixture problem (40 observations, sigma_y = 0.45): at
+    N = 512 TDS's draws descend from few lineages and it says so; the remedy it names is more
+    particles or pooled runs, not "TDS (its conditioned proposal ...)", which it already is."""
+    g = torch.Generator().manual_seed(0)
+    d, m = 80, 40
+    gmm = bfd.GaussianMixture(
+        torch.tensor([0.5, 0.5]), torch.stack([-torch.ones(d), torch.ones(d)]), torch.ones(2)
+    )
+    A = 1.65 * torch.randn(m, d, generator=g) / math.sqrt(d)
+    y = A @ (torch.ones(d) + torch.randn(d, generator=g)) + 0.45 * torch.randn(m, generator=g)
+    problem = bfd.InverseProblem(Dense(A), y, 0.45)
+    prior = gmm.diffusion(bfd.VPSchedule.linear())
+    with pytest.warns(bfd.PosteriorQualityWarning, match="thin genealogy") as rec:
+        TDS(num_steps=100, adaptive_ess=0.1).sample(prior, problem, 512, g)
+    msg = " ".join(str(r.message) for r in rec)
+    assert "independent runs pooled" in msg and "TDS (its conditioned" not in msg
