@@ -9,6 +9,7 @@ and the exact posterior of ``sigma`` and the evidence follow by 1-D quadrature. 
 from __future__ import annotations
 
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -436,3 +437,35 @@ def test_two_observed_sites_share_a_global_noise_scale():
         generator=torch.Generator().manual_seed(0),
     )
     _check_sigma_and_evidence(post, mean, sd, log_z, K)
+
+
+def test_distinct_joint_draws_count_the_copies_and_warn_when_few():
+    """Without moves the final resampling copies theta-particles with their x: ``distinct``
+    is the number of distinct copies (as many as distinct sigma values); moves separate
+    them. A run whose draws are mostly copies (fewer than a tenth differ) warns."""
+    from bayesfilter_diff.inference.hierarchical import _check
+
+    model, y, *_ = _setup()
+    K, N = 64, 32
+
+    def run(moves):
+        return bfd.infer(
+            model,
+            TDS(num_steps=STEPS),
+            y=y,
+            num_samples=N,
+            num_theta=K,
+            moves=moves,
+            generator=torch.Generator().manual_seed(0),
+        )
+
+    flat, moved = run(0), run(2)
+    assert isinstance(flat, HierarchicalPosterior) and isinstance(moved, HierarchicalPosterior)
+    assert flat.distinct == torch.unique(flat.theta["sigma"]).numel() < K
+    assert torch.unique(flat.x, dim=0).shape[0] == flat.distinct
+    assert moved.distinct > flat.distinct
+    with pytest.warns(bfd.PosteriorQualityWarning, match="only 5 of the 100 joint draws"):
+        _check(50.0, 100, torch.zeros(100, dtype=torch.bool), [0.3], 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check(50.0, 100, torch.zeros(100, dtype=torch.bool), [0.3], 10)

@@ -63,6 +63,7 @@ from ..distributions import DiffusionPrior
 from ..errors import PosteriorQualityWarning
 from ..result import Result
 from ..samplers.base import Sampler
+from ..samplers.quality import QualityPolicy
 from ..samplers.registry import default_sampler
 from ..smc.resampling import systematic
 from ..smc.weights import ess as weights_ess
@@ -150,6 +151,10 @@ class HierarchicalPosterior:
         weights with ``moves = 0``).
     acceptance
         Acceptance rate of each particle-marginal move, in order.
+    distinct
+        How many of the ``K`` joint draws ``(theta_k, x_k)`` differ: resampling copies
+        theta-particles, and a copy whose moves were all rejected keeps its ``x`` too, so the
+        draws are worth at most this many independent ones.
     temperatures
         The tempering levels ``lambda`` reached (the last is 1).
     level_ess
@@ -172,6 +177,7 @@ class HierarchicalPosterior:
     nfe: int
     sampler: Sampler
     log_z: Tensor = field(repr=False, default_factory=lambda: torch.empty(0))
+    distinct: int = -1
     temperatures: list[float] = field(default_factory=list)
     level_ess: list[float] = field(default_factory=list)
 
@@ -180,6 +186,7 @@ class HierarchicalPosterior:
         return (
             f"HierarchicalPosterior(sites={sites}, log_evidence={float(self.log_evidence):.4g}, "
             f"levels={len(self.temperatures)}, theta_ess={self.theta_ess:.3g}, "
+            f"distinct={self.distinct}, "
             f"acceptance={[round(a, 2) for a in self.acceptance]}, nfe={self.nfe}, "
             f"sampler={type(self.sampler).__name__})"
         )
@@ -195,11 +202,29 @@ def _degenerate(res: Result, N: int) -> Tensor:
     return res.info.min_ess < max(2.0, 0.05 * N)
 
 
-def _check(theta_ess: float, K: int, degenerate: Tensor, acceptance: list[float]) -> None:
+def _distinct(theta: dict[str, Tensor], x: Tensor) -> int:
+    """The number of distinct joint draws ``(theta_k, x_k)`` among the ``K`` rows."""
+    K = x.shape[0]
+    rows = torch.cat(
+        [x.reshape(K, -1).double()] + [v.reshape(K, -1).double() for v in theta.values()], 1
+    )
+    return int(torch.unique(rows, dim=0).shape[0])
+
+
+def _check(
+    theta_ess: float, K: int, degenerate: Tensor, acceptance: list[float], distinct: int
+) -> None:
     """Warn (``PosteriorQualityWarning``) when a reweighting of the theta-particles
     degenerated, when most final theta-particles carry the evidence of an inner run that
-    degenerated, or when no move was accepted."""
+    degenerated, when no move was accepted, or when few of the final draws differ (the
+    samplers' ``distinct`` rule: fewer than a tenth)."""
     msgs = []
+    if distinct < max(2.0, QualityPolicy().distinct_fraction * K):
+        msgs.append(
+            f"only {distinct} of the {K} joint draws (theta, x) differ: copies made by "
+            "resampling that no move separated (remedies: more moves; more num_samples, "
+            "whose less noisy evidence estimates are accepted more often)"
+        )
     if theta_ess < max(2.0, 0.05 * K):
         msgs.append(
             f"a reweighting of the {K} theta-particles had ESS {theta_ess:.3g}: a few "
@@ -495,7 +520,8 @@ def infer_hierarchical(
             lp = torch.where(acc, lp_new, lp)
             deg = torch.where(acc, degenerate[-1], deg)
     theta_ess = min(level_ess)
-    _check(theta_ess, K, deg, acceptance)
+    distinct = _distinct(theta, x)
+    _check(theta_ess, K, deg, acceptance, distinct)
     return HierarchicalPosterior(
         theta=theta,
         x=x,
@@ -509,4 +535,5 @@ def infer_hierarchical(
         nfe=nfe,
         sampler=used[0],
         log_z=log_z,
+        distinct=distinct,
     )

@@ -255,6 +255,8 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     dz = float(post.log_evidence) - float(grid["log_evidence"])
     return {
         "finite": bool(torch.isfinite(post.x).all()),
+        # the fraction of the K joint draws that differ (recorded since 2026-12-04)
+        "distinct": post.distinct / K,
         "w1_sigma": w1(sig, ref_s) / sd_s,
         "w1_sigma_floor": w1(floor_s, ref_s) / sd_s,
         "w1_gain": w1(gain, ref_g) / sd_g,
