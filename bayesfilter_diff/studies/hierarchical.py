@@ -24,7 +24,8 @@ posterior. Each cell records, against those exact answers:
 - ``log_evidence_error`` of each model; the report pairs the two priors of a seed (the
   mixture above, ``prior = "true"``, and one with means at ``-1`` / ``+1`` and equal
   weights, ``"alt"``) into a log Bayes factor and its error (goal <= 0.1 nats);
-- wall time, network evaluations per inner particle, acceptance of the moves, theta-ESS.
+- wall time, network evaluations per inner particle, acceptance of the moves, theta-ESS,
+  ``distinct``: the fraction of the K joint draws that differ (not recorded before 2026-12-04: —).
 """
 
 from __future__ import annotations
@@ -363,6 +364,7 @@ def run_hierarchical(
         "abs_log_evidence_error",
         "theta_ess",
         "acceptance",
+        "distinct",  # recorded since 2026-12-04 (earlier cells: —)
         "warned",
         "nfe",
         "wall_time",
