@@ -65,6 +65,12 @@ def test_linear_gaussian_model_gives_the_samplers_draws_bit_for_bit():
     assert post.info["nfe"] == ref.info["nfe"] and post.result.log_weights is post.log_weights
     assert post.draws(100, generator=torch.Generator().manual_seed(0)).shape == (100, 2)
     assert post.mean().shape == (2,)
+    # Pyro's get_samples: equally weighted draws, as many as the run's N by default, the
+    # same as draws() on the same generator
+    got = post.get_samples(generator=torch.Generator().manual_seed(3))
+    assert list(got) == ["x"] and got["x"].shape == (256, 2)
+    assert torch.equal(got["x"], post.draws(256, torch.Generator().manual_seed(3)))
+    assert post.get_samples(7)["x"].shape == (7, 2)
 
     # Data passed with poutine.condition instead of obs=: the same problem and draws.
     cond = poutine.condition(model, data={"y": y})

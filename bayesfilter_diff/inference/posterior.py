@@ -79,6 +79,16 @@ class Posterior:
         """``n`` equally weighted draws (resampled when the sampler is weighted)."""
         return self.result.draws(n, generator=generator)
 
+    def get_samples(
+        self, num_samples: int | None = None, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
+        """Site -> equally weighted draws, Pyro's ``MCMC.get_samples`` convention (as
+        :meth:`HierarchicalPosterior.get_samples`): ``num_samples`` of them (the run's
+        ``N`` by default), resampled when the sampler is weighted. The weighted form is
+        :attr:`samples` with :attr:`log_weights`."""
+        n = self.result.num_samples if num_samples is None else num_samples
+        return {self.site: self.draws(n, generator)}
+
     def mean(self) -> Tensor:
         """Weighted posterior mean."""
         return self.result.mean()
