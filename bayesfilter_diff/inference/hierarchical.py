@@ -151,10 +151,6 @@ class HierarchicalPosterior:
         weights with ``moves = 0``).
     acceptance
         Acceptance rate of each particle-marginal move, in order.
-    distinct
-        How many of the ``K`` joint draws ``(theta_k, x_k)`` differ: resampling copies
-        theta-particles, and a copy whose moves were all rejected keeps its ``x`` too, so the
-        draws are worth at most this many independent ones.
     temperatures
         The tempering levels ``lambda`` reached (the last is 1).
     level_ess
@@ -177,7 +173,6 @@ class HierarchicalPosterior:
     nfe: int
     sampler: Sampler
     log_z: Tensor = field(repr=False, default_factory=lambda: torch.empty(0))
-    distinct: int = -1
     temperatures: list[float] = field(default_factory=list)
     level_ess: list[float] = field(default_factory=list)
 
@@ -190,6 +185,13 @@ class HierarchicalPosterior:
             f"acceptance={[round(a, 2) for a in self.acceptance]}, nfe={self.nfe}, "
             f"sampler={type(self.sampler).__name__})"
         )
+
+    @property
+    def distinct(self) -> int:
+        """How many of the ``K`` joint draws ``(theta_k, x_k)`` differ: resampling copies
+        theta-particles, and a copy whose moves were all rejected keeps its ``x`` too, so
+        the draws are worth at most this many independent ones."""
+        return _distinct(self.theta, self.x)
 
     def get_samples(self) -> dict[str, Tensor]:
         """Site -> equally weighted draws, Pyro's ``MCMC.get_samples`` convention."""
@@ -520,8 +522,7 @@ def infer_hierarchical(
             lp = torch.where(acc, lp_new, lp)
             deg = torch.where(acc, degenerate[-1], deg)
     theta_ess = min(level_ess)
-    distinct = _distinct(theta, x)
-    _check(theta_ess, K, deg, acceptance, distinct)
+    _check(theta_ess, K, deg, acceptance, _distinct(theta, x))
     return HierarchicalPosterior(
         theta=theta,
         x=x,
@@ -535,5 +536,4 @@ def infer_hierarchical(
         nfe=nfe,
         sampler=used[0],
         log_z=log_z,
-        distinct=distinct,
     )
