@@ -66,6 +66,66 @@ def test_isotropic_curvature_is_exact_when_the_hessian_is_isotropic():
     torch.testing.assert_close(sm.value, exact)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_curvature_keeps_the_positive_part_of_the_hessian(dtype):
+    """The curvature used by the Newton steps and the log-determinant: the Hessian with its
+    negative eigenvalues set to 0. Positive semi-definite ones (singular included) pass the
+    Cholesky test and stay as they are (up to a shift of d rounding units); indefinite
+    ones are clamped through their eigendecomposition; a zero matrix stays zero."""
+    from bayesfilter_diff.samplers.kernels import _psd_part
+
+    g = torch.Generator().manual_seed(0)
+    d = 5
+    X = torch.randn(6, d, d, generator=g, dtype=torch.float64)
+    sym = X + X.transpose(-1, -2)  # indefinite
+    low = X[:, :, :2] @ X[:, :, :2].transpose(-1, -2)  # PSD of rank 2
+    H = torch.cat([sym, low, torch.zeros(1, d, d, dtype=torch.float64)])
+    lam, Q = torch.linalg.eigh(H)
+    want = (Q * lam.clamp_min(0).unsqueeze(-2)) @ Q.transpose(-1, -2)
+    got = _psd_part(H.to(dtype)).double()
+    tol = 50 * d * torch.finfo(dtype).eps * float(H.abs().max())
+    assert (got - want).abs().max() <= tol, float((got - want).abs().max())
+    assert bool((torch.linalg.eigvalsh(got) >= -tol).all())
+    assert float(got[-1].abs().max()) <= 1e-30
+
+
+def test_curvature_factor_at_extreme_scales_stays_finite():
+    """``I + v H`` with ``v |H| ~ 1e20``: Cholesky of the computed matrix fails (the
+    identity is below its rounding), the eigenvalues of ``H`` take over for that particle:
+    finite values, the log-determinant at least that of ``H``'s resolved eigenvalues; an
+    ordinary particle beside it is exact up to the shift of the PSD test."""
+    from bayesfilter_diff.samplers.kernels import (
+        _curvature_factor,
+        _curvature_solve,
+        _Derivatives,
+        _log_det,
+        _psd_part,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    d = 6
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    lam = torch.tensor([1e12, 3e11, 0, 0, -1e11, -5e5], dtype=torch.float64)
+    plain = torch.diag(torch.tensor([1.0, 2, 0, 0, 0, 0], dtype=torch.float64))
+    H = _psd_part(torch.stack([(Q * lam) @ Q.T, plain])[None])
+    D = _Derivatives(torch.zeros(1, 2, dtype=DT), torch.zeros(1, 2, d, dtype=DT), H, None)
+    v = torch.tensor(1e8, dtype=DT)
+    F = _curvature_factor(D, v)
+    assert F is not None and F.failed.tolist() == [[True, False]]
+    ld = _log_det(D, v)
+    assert bool(torch.isfinite(ld).all())
+    assert float(ld[0, 0]) >= math.log1p(1e20) + math.log1p(3e19) - 1e-6
+    # (the positive semi-definite test's shift, d rounding units of the largest diagonal
+    # entry 2, times v, on each of the 4 zero eigenvalues)
+    shift = 4 * float(v) * d * torch.finfo(DT).eps * 2
+    assert abs(float(ld[0, 1]) - math.log1p(1e8) - math.log1p(2e8)) < 1.5 * shift
+    r = torch.randn(1, 2, d, generator=g, dtype=DT)
+    x = _curvature_solve(D, r, v)
+    assert bool(torch.isfinite(x).all())
+    back = ((H[0, 1] + torch.eye(d, dtype=DT) / v) @ x[0, 1]) - r[0, 1]
+    assert float(back.abs().max()) < 1e-9
+
+
 def test_heavy_tailed_site_far_from_the_data_stays_close_to_the_truth():
     """A Student-t site: the Laplace value at the integrand's mode (with anchors) against the
     smoothed likelihood by quadrature, for particles near and far from the data."""

@@ -1,0 +1,95 @@
+"""The Laplace-smoothed twist's cost (TDS on a Poisson site, the full-Hessian path), this
+tree's ``samplers/kernels.py`` against the one of an earlier commit, in one process.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.laplace_twist --old-rev <commit>
+
+CPU time of one TDS run (50 steps) per configuration, the best of two, each version on the
+same seeds (so the log-evidences agree to rounding when the twist's value is the same).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import pyro.distributions as dist
+import torch
+
+import bayesfilter_diff as bfd
+import bayesfilter_diff.samplers.tds as tds
+from bayesfilter_diff.samplers.tds import TDS
+
+DT = torch.float64
+
+
+def _old_kernels(rev: str):
+    src = subprocess.run(
+        ["git", "show", f"{rev}:bayesfilter_diff/samplers/kernels.py"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    src = re.sub(r"^from \.\.(\w+) import", r"from bayesfilter_diff.\1 import", src, flags=re.M)
+    src = re.sub(
+        r"^from \.(\w+) import", r"from bayesfilter_diff.samplers.\1 import", src, flags=re.M
+    )
+    path = pathlib.Path(tempfile.mkdtemp()) / "kernels_old.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("kernels_old", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _setup(d: int, m: int, B: int):
+    g = torch.Generator().manual_seed(0)
+    mu = torch.stack([-torch.ones(d), torch.ones(d)]).to(DT)
+    w = torch.tensor([0.3, 0.7], dtype=DT)
+    gmm = bfd.GaussianMixture(w, mu, torch.full((2,), 0.25, dtype=DT))
+    A = torch.randn(m, d, generator=g, dtype=DT) / math.sqrt(d)
+    y = torch.poisson(torch.exp(A @ gmm.sample(1, g)[0]), generator=g).expand(B, m).contiguous()
+
+    def ll(x, y):
+        return dist.Poisson(torch.exp(x @ A.T)).to_event(1).log_prob(y)
+
+    problem = bfd.InverseProblem(bfd.operators.Dense(A), y, log_likelihood_fn=ll)
+    return gmm.diffusion(bfd.VPSchedule.linear()), problem
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--old-rev", required=True, help="the commit to compare against")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    old = _old_kernels(args.old_rev).smoothed_log_likelihood
+    new = tds.smoothed_log_likelihood
+    print("| d | m | B | N | old CPU s | new CPU s | old / new | max abs dlogZ (same seed) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for d, m, B, N in ((2, 3, 16, 256), (8, 6, 8, 256), (32, 16, 4, 128)):
+        prior, problem = _setup(d, m, B)
+        times: dict[str, list[float]] = {"old": [], "new": []}
+        logz: dict[str, torch.Tensor] = {}
+        for _ in range(2):
+            for name, fn in (("old", old), ("new", new)):
+                tds.smoothed_log_likelihood = fn
+                t = time.process_time()
+                res = TDS(num_steps=50).sample(prior, problem, N, torch.Generator().manual_seed(0))
+                times[name].append(time.process_time() - t)
+                logz[name] = res.log_evidence
+        tds.smoothed_log_likelihood = new
+        to, tn = min(times["old"]), min(times["new"])
+        dz = float((logz["old"] - logz["new"]).abs().max())
+        print(f"| {d} | {m} | {B} | {N} | {to:.2f} | {tn:.2f} | {to / tn:.2f} | {dz:.1e} |")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
