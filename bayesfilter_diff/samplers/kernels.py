@@ -333,7 +333,7 @@ def _newton_mode(
     iterations: int,
     max_dim: int,
     generator: torch.Generator | None,
-) -> tuple[Tensor, _Derivatives, Tensor, int]:
+) -> tuple[Tensor, _Derivatives, Tensor, int, bool]:
     """Damped Newton ascent of ``phi(x) = log p(y | x) - |x - x0|^2 / (2 v)`` from ``x``
     (flattened ``(B, N, d)``, ``D`` its derivatives): each step tries the fractions
     ``1, 1/2, .., 1/16`` of ``(H + I / v)^{-1} grad phi`` and keeps the best that increases
@@ -344,6 +344,7 @@ def _newton_mode(
     fractions = torch.tensor((1.0, 0.5, 0.25, 0.125, 0.0625), dtype=x.dtype, device=x.device)
     S = fractions.numel()
     taken = 0
+    converged = False
     for _ in range(iterations):
         delta = _curvature_solve(D, D.g - (x - x0) / v, v)
         cand = x.unsqueeze(0) + fractions.reshape(-1, 1, 1, 1) * delta.unsqueeze(0)  # (S,B,N,d)
@@ -355,6 +356,7 @@ def _newton_mode(
         better = best > phi
         taken += 1
         if not bool(better.any()):
+            converged = True
             break
         gain = float(torch.where(better & torch.isfinite(phi), best - phi, 0.0).max())
         pick = cand.gather(0, arg[None, ..., None].expand(1, B, N, d))[0]
@@ -362,8 +364,9 @@ def _newton_mode(
         D = _derivatives(loglik, x, max_dim, generator)
         phi = D.f - ((x - x0) ** 2).sum(-1) / (2 * v)
         if gain < 1e-6:
+            converged = True
             break
-    return x, D, phi, taken
+    return x, D, phi, taken, converged
 
 
 def smoothed_log_likelihood(
@@ -374,6 +377,7 @@ def smoothed_log_likelihood(
     max_dim: int = 64,
     iterations: int = 12,
     anchors: int = 4,
+    first_steps: int = 4,
     generator: torch.Generator | None = None,
 ) -> SmoothedLogLikelihood:
     """Laplace approximation of ``log int p(y | x) N(x; x0, v I) dx`` per particle.
@@ -395,7 +399,11 @@ def smoothed_log_likelihood(
     each problem's particles with the highest likelihood are tried as starting points too
     (where their ``phi`` is higher), and the larger Laplace value is kept: the value of a
     particle then depends on the cloud (an adaptive twist; the weights stay exact because
-    each particle's value is stored and divided out at its next step).
+    each particle's value is stored and divided out at its next step). The anchors are
+    consulted after ``first_steps`` Newton steps, and every particle then continues from
+    the better of its own point and the best anchor (up to ``iterations`` more steps): a
+    particle walking in from a heavy tail (damped steps where the curvature is clamped to
+    0) joins the data's mode at once instead of walking on.
 
     ``direction = (x* - x0) / v`` is the value's gradient in ``x0`` (envelope theorem,
     curvature held fixed). ``H`` is the full Hessian (``d`` backward passes, batched over
@@ -420,7 +428,8 @@ def smoothed_log_likelihood(
         val = phi - 0.5 * _log_det(D, v)
         return torch.where(torch.isfinite(val), val, torch.full_like(val, -math.inf))
 
-    x, D, phi, taken = _newton_mode(loglik, x0f, D, x0f, v, iterations, max_dim, generator)
+    first = min(iterations, first_steps)
+    x, D, phi, taken, done = _newton_mode(loglik, x0f, D, x0f, v, first, max_dim, generator)
     value = laplace(D, phi)
     K = min(anchors, N)
     if K > 0:
@@ -430,12 +439,12 @@ def smoothed_log_likelihood(
         phi_a = fa.unsqueeze(1) - ((a.unsqueeze(1) - x0f.unsqueeze(2)) ** 2).sum(-1) / (2 * v)
         best_a, arg = phi_a.max(-1)  # (B, N)
         switch = best_a > phi + 1e-9
-        if bool(switch.any()):
+        if bool(switch.any()) or not done:
             start = torch.where(
                 switch.unsqueeze(-1), a.gather(1, arg.unsqueeze(-1).expand(B, N, d)), x
             )
-            D2 = _derivatives(loglik, start, max_dim, generator)
-            x2, D2, phi2, t2 = _newton_mode(
+            D2 = _derivatives(loglik, start, max_dim, generator) if bool(switch.any()) else D
+            x2, D2, phi2, t2, _ = _newton_mode(
                 loglik, start, D2, x0f, v, iterations, max_dim, generator
             )
             taken += t2
