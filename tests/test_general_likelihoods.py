@@ -126,6 +126,30 @@ def test_curvature_factor_at_extreme_scales_stays_finite():
     assert float(back.abs().max()) < 1e-9
 
 
+@pytest.mark.parametrize("anchors", [0, 4])
+def test_newton_reaches_the_mode_of_a_concave_site_with_or_without_anchors(anchors):
+    """A Poisson site with a wide smoothing (the mode 5-8 Newton steps away): one mode, so
+    the value is the same with the anchors consulted after ``first_steps`` or never, and
+    equals the value from a start at the mode itself."""
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(3, 2, generator=g, dtype=DT)
+    y = torch.tensor([[2.0, 7.0, 0.0]], dtype=DT)
+
+    def loglik(x):
+        return dist.Poisson(torch.exp(x @ A.T)).to_event(1).log_prob(y[:, None])
+
+    x0 = 2.0 * torch.randn(1, 16, 2, generator=g, dtype=DT)
+    v = torch.tensor(50.0, dtype=DT)
+    sm = smoothed_log_likelihood(loglik, x0, v, anchors=anchors, iterations=40)
+    assert sm.iterations > 4
+    mode = x0 + v * sm.direction  # the mode found
+    again = smoothed_log_likelihood(loglik, x0, v, anchors=0, iterations=40, first_steps=40)
+    # Newton stops once a step gains less than 1e-6 in phi, whose curvature is at least
+    # 1 / v: the value to 1e-6, the mode to sqrt(2e-6 v)
+    assert torch.allclose(sm.value, again.value, atol=1e-6, rtol=0)
+    assert torch.allclose(mode, x0 + v * again.direction, atol=math.sqrt(2e-6 * 50), rtol=0)
+
+
 def test_heavy_tailed_site_far_from_the_data_stays_close_to_the_truth():
     """A Student-t site: the Laplace value at the integrand's mode (with anchors) against the
     smoothed likelihood by quadrature, for particles near and far from the data."""

@@ -400,7 +400,8 @@ def smoothed_log_likelihood(
     (where their ``phi`` is higher), and the larger Laplace value is kept: the value of a
     particle then depends on the cloud (an adaptive twist; the weights stay exact because
     each particle's value is stored and divided out at its next step). The anchors are
-    consulted after ``first_steps`` Newton steps, and every particle then continues from
+    consulted after ``first_steps`` Newton steps (with ``anchors = 0`` Newton runs on to
+    ``iterations``), and every particle then continues from
     the better of its own point and the best anchor (up to ``iterations`` more steps): a
     particle walking in from a heavy tail (damped steps where the curvature is clamped to
     0) joins the data's mode at once instead of walking on.
@@ -428,10 +429,10 @@ def smoothed_log_likelihood(
         val = phi - 0.5 * _log_det(D, v)
         return torch.where(torch.isfinite(val), val, torch.full_like(val, -math.inf))
 
-    first = min(iterations, first_steps)
+    K = min(anchors, N)
+    first = min(iterations, first_steps) if K > 0 else iterations
     x, D, phi, taken, done = _newton_mode(loglik, x0f, D, x0f, v, first, max_dim, generator)
     value = laplace(D, phi)
-    K = min(anchors, N)
     if K > 0:
         top = D.f.topk(K, dim=1).indices  # (B, K): the particles' best modes
         a = x.gather(1, top.unsqueeze(-1).expand(B, K, d))
