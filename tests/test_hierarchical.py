@@ -82,6 +82,39 @@ def _check_sigma_and_evidence(post, mean, sd, log_z, K):
     return ess
 
 
+def _is2(model, K, N, **data):
+    """One importance-sampling-squared run (``moves = 0``) of ``model`` (the chain of STEPS
+    steps inside, so that its exact answers apply)."""
+    post = bfd.infer(
+        model,
+        TDS(num_steps=STEPS, max_log_snr_step=0),
+        num_samples=N,
+        num_theta=K,
+        moves=0,
+        generator=torch.Generator().manual_seed(0),
+        **data,
+    )
+    assert isinstance(post, HierarchicalPosterior)
+    return post
+
+
+def _check_against_grid(post, site, grid, lp, K):
+    """The theta-particles' mean of ``site`` and the evidence against the quadrature over
+    the uniform ``grid`` of the unnormalised log posterior ``lp``, within 4.5
+    importance-sampling standard errors (as :func:`_check_sigma_and_evidence`); returns
+    the exact posterior sd."""
+    w = torch.softmax(lp, 0)
+    mean = float((w * grid).sum())
+    sd = float((w * (grid - mean) ** 2).sum().sqrt())
+    log_z = float(torch.logsumexp(lp, 0)) + math.log(float(grid[1] - grid[0]))
+    ess = post.theta_ess
+    se = sd * math.sqrt(1 / ess + 1 / K)
+    got = float(post.theta[site].mean())
+    assert abs(got - mean) <= 4.5 * se, (got, mean, se)
+    assert abs(float(post.log_evidence) - log_z) <= 4.5 * math.sqrt((K / ess - 1) / K)
+    return sd
+
+
 def _setup():
     prior, chain = _gaussian_prior()
     M = torch.tensor([[1.0, 0.3], [-0.4, 1.0]], dtype=DT)
@@ -340,34 +373,14 @@ def test_globals_shared_by_a_plate_of_problems():
             pyro.sample("y", dist.Normal(x @ M.T, sigma).to_event(1), obs=y)
 
     K, N = 256, 64
-    post = bfd.infer(
-        model,
-        TDS(num_steps=STEPS, max_log_snr_step=0),
-        y=Y,
-        num_samples=N,
-        num_theta=K,
-        moves=0,
-        generator=torch.Generator().manual_seed(0),
-    )
-    assert isinstance(post, HierarchicalPosterior)
+    post = _is2(model, K, N, y=Y)
     assert post.x.shape == (K, B, 2) and post.theta["sigma"].shape == (K,)
     chain = chain_prior(mu, S, sched, post.inner.info.times)
     s = torch.linspace(1e-3, 5.0, 20_000, dtype=DT)
     m_, P = chain.means[0], chain.covariance_matrices()[0]
     C = M @ P @ M.T + s[:, None, None] ** 2 * torch.eye(2, dtype=DT)
     lz = torch.distributions.MultivariateNormal(M @ m_, C[:, None]).log_prob(Y[None]).sum(-1)
-    lp = half.log_prob(s) + lz
-    w = torch.softmax(lp, 0)
-    mean = float((w * s).sum())
-    sd = float((w * (s - mean) ** 2).sum().sqrt())
-    log_z = float(torch.logsumexp(lp, 0)) + math.log(float(s[1] - s[0]))
-    ess = post.theta_ess
-    se = sd * math.sqrt(1 / ess + 1 / K)
-    assert abs(float(post.theta["sigma"].mean()) - mean) <= 4.5 * se, (
-        post.theta["sigma"].mean(),
-        mean,
-    )
-    assert abs(float(post.log_evidence) - log_z) <= 4.5 * math.sqrt((K / ess - 1) / K)
+    _check_against_grid(post, "sigma", s, half.log_prob(s) + lz, K)
 
 
 @pytest.mark.slow
@@ -501,16 +514,7 @@ def test_an_operator_parameter_nonlinear_in_theta_a_blur_width():
     x_true = gmm.sample(1, g)[0]
     y = blur(x_true, torch.tensor(0.8, dtype=DT)) + 0.1 * torch.randn(d, generator=g, dtype=DT)
     K, N = 256, 128
-    post = bfd.infer(
-        model,
-        TDS(num_steps=STEPS, max_log_snr_step=0),
-        y=y,
-        num_samples=N,
-        num_theta=K,
-        moves=0,
-        generator=torch.Generator().manual_seed(0),
-    )
-    assert isinstance(post, HierarchicalPosterior)
+    post = _is2(model, K, N, y=y)
     assert post.theta["w"].shape == (K,) and post.x.shape == (K, d)
     chain = chain_prior(mu, S, sched, post.inner.info.times)
     m_, P = chain.means[0], chain.covariance_matrices()[0]
@@ -518,12 +522,5 @@ def test_an_operator_parameter_nonlinear_in_theta_a_blur_width():
     B = blur(torch.eye(d, dtype=DT)[None], w[:, None, None]).transpose(-1, -2)  # B(w) e_j
     C = B @ P @ B.transpose(-1, -2) + 0.01 * torch.eye(d, dtype=DT)
     lp = width_prior.log_prob(w) + torch.distributions.MultivariateNormal(B @ m_, C).log_prob(y)
-    wts = torch.softmax(lp, 0)
-    mean = float((wts * w).sum())
-    sd = float((wts * (w - mean) ** 2).sum().sqrt())
-    log_z = float(torch.logsumexp(lp, 0)) + math.log(float(w[1] - w[0]))
+    sd = _check_against_grid(post, "w", w, lp, K)
     assert sd < 0.5 * float(width_prior.variance.sqrt())  # the data narrow the width's prior
-    ess = post.theta_ess
-    se = sd * math.sqrt(1 / ess + 1 / K)
-    assert abs(float(post.theta["w"].mean()) - mean) <= 4.5 * se, (post.theta["w"].mean(), mean)
-    assert abs(float(post.log_evidence) - log_z) <= 4.5 * math.sqrt((K / ess - 1) / K)
