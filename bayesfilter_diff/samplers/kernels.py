@@ -202,16 +202,26 @@ class _Derivatives(NamedTuple):
     g: Tensor  # (B, N, d)
     H: Tensor | None  # (B, N, d, d) the curvature, PSD, float64 (None: isotropic)
     h: Tensor | None  # (B, N, 1) an isotropic curvature h I, h >= 0 (None: H)
+    # the Newton step's curvature: H's eigenvalues by their absolute values, not clamped at
+    # 0 (None: the same as H / h)
+    H_step: Tensor | None = None
+    h_step: Tensor | None = None
 
 
 def _psd_part(H: Tensor) -> Tensor:
-    """``H`` ``(..., d, d)`` symmetric with its negative eigenvalues set to 0.
+    """``H`` ``(..., d, d)`` symmetric with its negative eigenvalues set to 0 (see
+    :func:`_psd_parts`)."""
+    return _psd_parts(H)[0]
+
+
+def _psd_parts(H: Tensor) -> tuple[Tensor, Tensor]:
+    """``H`` ``(..., d, d)`` symmetric with its negative eigenvalues set to 0, and with its
+    eigenvalues replaced by their absolute values (the same tensor where none is negative).
 
     A Cholesky factorisation (10-20x cheaper than ``eigh`` on CPU for small matrices) tells
     which matrices already are positive semi-definite: those where ``H + delta I`` factors,
     ``delta`` = ``d`` rounding units of the largest diagonal entry (the shift Cholesky needs
-    for a singular one), are kept as ``H + delta I``; only the others are decomposed and
-    clamped.
+    for a singular one), are kept as ``H + delta I``; only the others are decomposed.
     """
     d = H.shape[-1]
     eye = torch.eye(d, dtype=H.dtype, device=H.device)
@@ -220,11 +230,13 @@ def _psd_part(H: Tensor) -> Tensor:
     shifted = H + delta[..., None, None] * eye
     _, info = torch.linalg.cholesky_ex(shifted)
     indefinite = info != 0
-    if bool(indefinite.any()):
-        lam, Q = torch.linalg.eigh(H[indefinite])
-        shifted = shifted.clone()
-        shifted[indefinite] = (Q * lam.clamp_min(0).unsqueeze(-2)) @ Q.transpose(-1, -2)
-    return shifted
+    if not bool(indefinite.any()):
+        return shifted, shifted
+    lam, Q = torch.linalg.eigh(H[indefinite])
+    clamped, absolute = shifted.clone(), shifted.clone()
+    clamped[indefinite] = (Q * lam.clamp_min(0).unsqueeze(-2)) @ Q.transpose(-1, -2)
+    absolute[indefinite] = (Q * lam.abs().unsqueeze(-2)) @ Q.transpose(-1, -2)
+    return clamped, absolute
 
 
 def _derivatives(
@@ -260,19 +272,31 @@ def _derivatives(
             h = -hzz.detach() / d
     f, gf = f.detach(), gf.detach()
     ok = torch.isfinite(f) & torch.isfinite(gf).all(-1)
-    iso: Tensor | None = None
     if H is not None:
         ok = ok & torch.isfinite(H).all((-1, -2))
         # the curvature's linear algebra in float64: with a float32 H, a positive
         # semi-definite test at float32's rounding is too coarse for I + v H at large v
         H = torch.where(ok[..., None, None], 0.5 * (H + H.transpose(-1, -2)), 0.0)
-        H = _psd_part(H.to(torch.float64))
-    else:
-        ok = ok & torch.isfinite(h)
-        iso = torch.where(ok, h, 0.0).clamp_min(0).unsqueeze(-1)
+        H, H_step = _psd_parts(H.to(torch.float64))
+        return _finite(f, gf, ok, H, None, None if H_step is H else H_step, None)
+    ok = ok & torch.isfinite(h)
+    h = torch.where(ok, h, 0.0).unsqueeze(-1)
+    return _finite(f, gf, ok, None, h.clamp_min(0), None, h.abs())
+
+
+def _finite(
+    f: Tensor,
+    g: Tensor,
+    ok: Tensor,
+    H: Tensor | None,
+    h: Tensor | None,
+    H_step: Tensor | None,
+    h_step: Tensor | None,
+) -> _Derivatives:
+    """The derivatives with value ``-inf`` and zero gradient where ``ok`` is false."""
     f = torch.where(ok, f, torch.full_like(f, -math.inf))
-    gf = torch.where(ok.unsqueeze(-1), gf, 0.0)
-    return _Derivatives(f, gf, H, iso)
+    g = torch.where(ok.unsqueeze(-1), g, 0.0)
+    return _Derivatives(f, g, H, h, H_step, h_step)
 
 
 class _Factor(NamedTuple):
@@ -285,25 +309,35 @@ class _Factor(NamedTuple):
     Q: Tensor  # (F, d, d)
 
 
-def _curvature_factor(D: _Derivatives, v: Tensor) -> _Factor | None:
+def _curvature_factor(H: Tensor | None, v: Tensor) -> _Factor | None:
     """``I + v H`` factored (None for an isotropic curvature), in float64 (``H`` is stored
     so). ``I + v H >= I``, but with ``v |H|`` near the inverse of the rounding unit the
     computed matrix can fail to factor; those few go through the eigenvalues of ``H``."""
-    if D.H is None:
+    if H is None:
         return None
-    M = torch.eye(D.H.shape[-1], dtype=D.H.dtype, device=D.H.device) + v.to(D.H.dtype) * D.H
+    M = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device) + v.to(H.dtype) * H
     L, info = torch.linalg.cholesky_ex(M)
     failed = info != 0
-    lam, Q = torch.linalg.eigh(D.H[failed])
+    if bool(failed.any()):
+        lam, Q = torch.linalg.eigh(H[failed])
+    else:
+        lam = H.new_zeros((0, H.shape[-1]))
+        Q = H.new_zeros((0, H.shape[-1], H.shape[-1]))
     return _Factor(L, failed, lam.clamp_min(0), Q)
 
 
-def _curvature_solve(D: _Derivatives, r: Tensor, v: Tensor) -> Tensor:
-    """``(H + I / v)^{-1} r = v (I + v H)^{-1} r`` for ``r`` ``(B, N, d)``."""
-    F = _curvature_factor(D, v)
+def _curvature_solve(D: _Derivatives, r: Tensor, v: Tensor, F: _Factor | None = None) -> Tensor:
+    """``(C + I / v)^{-1} r = v (I + v C)^{-1} r`` for ``r`` ``(B, N, d)``, ``C`` the Newton
+    step's curvature (``H`` with its eigenvalues' absolute values: a direction where the
+    log-likelihood is convex gets a step as short as its curvature asks, not the ``v``-long
+    step of a clamped 0, which overshoots when ``v`` is large). ``F``: that matrix's factor,
+    if already made."""
+    H = D.H if D.H_step is None else D.H_step
+    F = _curvature_factor(H, v) if F is None else F
     if F is None:
-        assert D.h is not None
-        return v / (1 + v * D.h) * r
+        h = D.h if D.h_step is None else D.h_step
+        assert h is not None
+        return v / (1 + v * h) * r
     v64, r64 = v.to(F.L.dtype), r.to(F.L.dtype)
     sol = v64 * torch.cholesky_solve(r64.unsqueeze(-1), F.L).squeeze(-1)
     if F.Q.shape[0]:
@@ -312,9 +346,9 @@ def _curvature_solve(D: _Derivatives, r: Tensor, v: Tensor) -> Tensor:
     return sol.to(r.dtype)
 
 
-def _log_det(D: _Derivatives, v: Tensor) -> Tensor:
-    """``log det(I + v H)`` ``(B, N)``."""
-    F = _curvature_factor(D, v)
+def _log_det(D: _Derivatives, v: Tensor, F: _Factor | None = None) -> Tensor:
+    """``log det(I + v H)`` ``(B, N)`` (``F``: its factor, if already made)."""
+    F = _curvature_factor(D.H, v) if F is None else F
     if F is None:
         assert D.h is not None
         return torch.log1p(v * D.h).squeeze(-1) * D.g.shape[-1]
@@ -333,21 +367,33 @@ def _newton_mode(
     iterations: int,
     max_dim: int,
     generator: torch.Generator | None,
-) -> tuple[Tensor, _Derivatives, Tensor, int, bool]:
+) -> tuple[Tensor, _Derivatives, Tensor, int, bool, Tensor]:
     """Damped Newton ascent of ``phi(x) = log p(y | x) - |x - x0|^2 / (2 v)`` from ``x``
     (flattened ``(B, N, d)``, ``D`` its derivatives): each step tries the fractions
-    ``1, 1/2, .., 1/16`` of ``(H + I / v)^{-1} grad phi`` and keeps the best that increases
-    ``phi`` (none: the particle stays). Returns the point, its derivatives, ``phi`` and the
-    steps taken."""
+    ``s, s/2, .., s/16`` of ``(C + I / v)^{-1} grad phi`` (``C``: :func:`_curvature_solve`)
+    and keeps the best that increases ``phi``. ``s`` is per particle, 1 at first: a particle
+    none of whose fractions increases ``phi`` while its Newton decrement ``grad phi^T (C +
+    I / v)^{-1} grad phi`` is not yet negligible tries ``s / 32, .., s / 512`` next (where
+    the log-likelihood is far from quadratic, e.g. a heavy tail's convex flank, the full step
+    can overshoot by orders of magnitude; stopping there would leave the particle at a point
+    that is not a mode, whose Laplace value is too large). ``s`` grows back 4x per step that
+    succeeds. Returns the point, its derivatives, ``phi``, the steps taken, whether the loop
+    ended before ``iterations`` with every particle converged, and the step scales."""
     B, N, d = x.shape
     phi = D.f - ((x - x0) ** 2).sum(-1) / (2 * v)
     fractions = torch.tensor((1.0, 0.5, 0.25, 0.125, 0.0625), dtype=x.dtype, device=x.device)
     S = fractions.numel()
+    scale = torch.ones_like(phi)
     taken = 0
     converged = False
     for _ in range(iterations):
-        delta = _curvature_solve(D, D.g - (x - x0) / v, v)
-        cand = x.unsqueeze(0) + fractions.reshape(-1, 1, 1, 1) * delta.unsqueeze(0)  # (S,B,N,d)
+        grad_phi = D.g - (x - x0) / v
+        delta = _curvature_solve(D, grad_phi, v)
+        # the Newton decrement: the increase of phi a full step would give on the quadratic
+        decrement = torch.einsum("...d,...d->...", grad_phi, delta)
+        open_ = torch.isfinite(phi) & (decrement > _NEWTON_TOL * (1 + phi.abs()))
+        steps = (scale.unsqueeze(0) * fractions.reshape(-1, 1, 1)).unsqueeze(-1)  # (S,B,N,1)
+        cand = x.unsqueeze(0) + steps * delta.unsqueeze(0)  # (S,B,N,d)
         with torch.no_grad():
             fc = loglik(cand.permute(1, 0, 2, 3).reshape(B, S * N, d))
         phic = fc.reshape(B, S, N).permute(1, 0, 2) - ((cand - x0) ** 2).sum(-1) / (2 * v)
@@ -355,7 +401,14 @@ def _newton_mode(
         best, arg = phic.max(0)
         better = best > phi
         taken += 1
+        # a particle that failed at every fraction shrinks its steps; one that succeeded with
+        # the largest fraction lets them grow back (never above a full Newton step)
+        stuck = ~better & open_ & (scale > _MIN_STEP)
+        scale = torch.where(stuck, scale / 32, scale)
+        scale = torch.where(better & (arg == 0), (4 * scale).clamp_max(1.0), scale)
         if not bool(better.any()):
+            if bool(stuck.any()):
+                continue
             converged = True
             break
         gain = float(torch.where(better & torch.isfinite(phi), best - phi, 0.0).max())
@@ -363,10 +416,35 @@ def _newton_mode(
         x = torch.where(better.unsqueeze(-1), pick, x)
         D = _derivatives(loglik, x, max_dim, generator)
         phi = D.f - ((x - x0) ** 2).sum(-1) / (2 * v)
-        if gain < 1e-6:
+        if gain < 1e-6 and not bool(stuck.any()):
             converged = True
             break
-    return x, D, phi, taken, converged
+    return x, D, phi, taken, converged, scale
+
+
+def _settled(
+    D: _Derivatives,
+    x: Tensor,
+    x0: Tensor,
+    v: Tensor,
+    phi: Tensor,
+    scale: Tensor,
+    F: _Factor | None = None,
+) -> Tensor:
+    """Per particle ``(B, N)``: whether ``x`` is a mode of ``phi`` (Newton decrement below
+    tolerance; a non-finite particle or one whose steps shrank to nothing counts as one).
+    ``scale``: :func:`_newton_mode`'s step scales; ``F``: the Newton step's factor."""
+    grad_phi = D.g - (x - x0) / v
+    delta = _curvature_solve(D, grad_phi, v, F)
+    decrement = torch.einsum("...d,...d->...", grad_phi, delta)
+    small = decrement <= _NEWTON_TOL * (1 + phi.abs())
+    return small | ~torch.isfinite(phi) | (scale <= _MIN_STEP)
+
+
+# A particle's Newton decrement below this (relative to 1 + |phi|) counts as converged; the
+# smallest step scale tried before a particle is left where it is.
+_NEWTON_TOL = 1e-10
+_MIN_STEP = 1e-12
 
 
 def smoothed_log_likelihood(
@@ -425,14 +503,15 @@ def smoothed_log_likelihood(
     if float(v) == 0:
         return SmoothedLogLikelihood(D.f, D.g.reshape(x0.shape), curvature, 0)
 
-    def laplace(D: _Derivatives, phi: Tensor) -> Tensor:
-        val = phi - 0.5 * _log_det(D, v)
+    def laplace(D: _Derivatives, phi: Tensor, F: _Factor | None = None) -> Tensor:
+        val = phi - 0.5 * _log_det(D, v, F)
         return torch.where(torch.isfinite(val), val, torch.full_like(val, -math.inf))
 
     K = min(anchors, N)
     first = min(iterations, first_steps) if K > 0 else iterations
-    x, D, phi, taken, done = _newton_mode(loglik, x0f, D, x0f, v, first, max_dim, generator)
-    value = laplace(D, phi)
+    x, D, phi, taken, done, scale = _newton_mode(loglik, x0f, D, x0f, v, first, max_dim, generator)
+    F = _curvature_factor(D.H, v)
+    value = laplace(D, phi, F)
     if K > 0:
         top = D.f.topk(K, dim=1).indices  # (B, K): the particles' best modes
         a = x.gather(1, top.unsqueeze(-1).expand(B, K, d))
@@ -445,12 +524,15 @@ def smoothed_log_likelihood(
                 switch.unsqueeze(-1), a.gather(1, arg.unsqueeze(-1).expand(B, N, d)), x
             )
             D2 = _derivatives(loglik, start, max_dim, generator) if bool(switch.any()) else D
-            x2, D2, phi2, t2, _ = _newton_mode(
+            x2, D2, phi2, t2, _, _ = _newton_mode(
                 loglik, start, D2, x0f, v, iterations, max_dim, generator
             )
             taken += t2
             value2 = laplace(D2, phi2)
-            use = value2 > value
+            # the larger of two modes' values; a first-pass point that is not a mode has no
+            # Laplace value to speak of (its clamped curvature makes it too large)
+            settled = _settled(D, x, x0f, v, phi, scale, F if D.H_step is None else None)
+            use = (value2 > value) | ~settled
             x = torch.where(use.unsqueeze(-1), x2, x)
             value = torch.where(use, value2, value)
     direction = (x - x0f) / v
