@@ -377,13 +377,16 @@ def _newton_mode(
     the log-likelihood is far from quadratic, e.g. a heavy tail's convex flank, the full step
     can overshoot by orders of magnitude; stopping there would leave the particle at a point
     that is not a mode, whose Laplace value is too large). ``s`` grows back 4x per step that
-    succeeds. Returns the point, its derivatives, ``phi``, the steps taken, whether the loop
+    succeeds. A particle whose steps are damped or fail while gaining less than
+    ``_SLOW_GAIN`` nats, twice in a row (a kink, e.g. of a Laplace site, where the gradient
+    never vanishes and the walk is first-order), stops holding the loop open. Returns the point, its derivatives, ``phi``, the steps taken, whether the loop
     ended before ``iterations`` with every particle converged, and the step scales."""
     B, N, d = x.shape
     phi = D.f - ((x - x0) ** 2).sum(-1) / (2 * v)
     fractions = torch.tensor((1.0, 0.5, 0.25, 0.125, 0.0625), dtype=x.dtype, device=x.device)
     S = fractions.numel()
     scale = torch.ones_like(phi)
+    slow = torch.zeros_like(phi, dtype=torch.int64)  # consecutive slow iterations
     taken = 0
     converged = False
     for _ in range(iterations):
@@ -404,14 +407,22 @@ def _newton_mode(
         # a particle that failed at every fraction shrinks its steps; one that succeeded with
         # the largest fraction lets them grow back (never above a full Newton step)
         stuck = ~better & open_ & (scale > _MIN_STEP)
+        # a particle whose steps are damped (or fail) and gain little, twice in a row, sits
+        # where the quadratic model does not hold and progress is first-order at best (a
+        # kink); it no longer keeps the loop going
+        damped = stuck | (better & (scale * fractions[arg] < 1))
+        gained = torch.where(better & torch.isfinite(phi), best - phi, 0.0)
+        slow = torch.where(~open_ | (damped & (gained < _SLOW_GAIN)), slow + 1, 0)
+        live = slow < 2
         scale = torch.where(stuck, scale / 32, scale)
         scale = torch.where(better & (arg == 0), (4 * scale).clamp_max(1.0), scale)
-        if not bool(better.any()):
+        stuck = stuck & live
+        if not bool((better & live).any()):
             if bool(stuck.any()):
                 continue
             converged = True
             break
-        gain = float(torch.where(better & torch.isfinite(phi), best - phi, 0.0).max())
+        gain = float(torch.where(live, gained, 0.0).max())
         pick = cand.gather(0, arg[None, ..., None].expand(1, B, N, d))[0]
         x = torch.where(better.unsqueeze(-1), pick, x)
         D = _derivatives(loglik, x, max_dim, generator)
@@ -445,6 +456,7 @@ def _settled(
 # smallest step scale tried before a particle is left where it is.
 _NEWTON_TOL = 1e-10
 _MIN_STEP = 1e-12
+_SLOW_GAIN = 1e-3
 
 
 def smoothed_log_likelihood(
