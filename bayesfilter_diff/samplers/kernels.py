@@ -379,8 +379,9 @@ def _newton_mode(
     that is not a mode, whose Laplace value is too large). ``s`` grows back 4x per step that
     succeeds. A particle whose steps are damped or fail while gaining less than
     ``_SLOW_GAIN`` nats, twice in a row (a kink, e.g. of a Laplace site, where the gradient
-    never vanishes and the walk is first-order), stops holding the loop open. Returns the point, its derivatives, ``phi``, the steps taken, whether the loop
-    ended before ``iterations`` with every particle converged, and the step scales."""
+    never vanishes and the walk is first-order), stops holding the loop open. Returns the
+    point, its derivatives, ``phi``, the steps taken, whether the loop ended before
+    ``iterations`` with every particle converged, and the step scales."""
     B, N, d = x.shape
     phi = D.f - ((x - x0) ** 2).sum(-1) / (2 * v)
     fractions = torch.tensor((1.0, 0.5, 0.25, 0.125, 0.0625), dtype=x.dtype, device=x.device)
@@ -453,7 +454,8 @@ def _settled(
 
 
 # A particle's Newton decrement below this (relative to 1 + |phi|) counts as converged; the
-# smallest step scale tried before a particle is left where it is.
+# smallest step scale tried before a particle is left where it is; the gain (nats) below
+# which a damped or failed step counts as slow.
 _NEWTON_TOL = 1e-10
 _MIN_STEP = 1e-12
 _SLOW_GAIN = 1e-3
