@@ -418,8 +418,9 @@ def _newton_mode(
         scale = torch.where(stuck, scale / 32, scale)
         scale = torch.where(better & (arg == 0), (4 * scale).clamp_max(1.0), scale)
         stuck = stuck & live
+        any_stuck = bool(stuck.any())  # one host sync for both tests below
         if not bool((better & live).any()):
-            if bool(stuck.any()):
+            if any_stuck:
                 continue
             converged = True
             break
@@ -428,7 +429,7 @@ def _newton_mode(
         x = torch.where(better.unsqueeze(-1), pick, x)
         D = _derivatives(loglik, x, max_dim, generator)
         phi = D.f - ((x - x0) ** 2).sum(-1) / (2 * v)
-        if gain < 1e-6 and not bool(stuck.any()):
+        if gain < 1e-6 and not any_stuck:
             converged = True
             break
     return x, D, phi, taken, converged, scale
