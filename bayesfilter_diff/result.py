@@ -76,8 +76,9 @@ class RunInfo:
         error of any average is about ``sqrt(N / genealogy_ess)`` times that of ``N``
         exact draws (on the noise-level study's problems that prediction was 0.78-1.59
         times the sliced-W ratio to the exact floor, median 1.19). An estimate: it needs
-        ``N`` of a few hundred and
-        many surviving lineages, and is biased high when few survive.
+        ``N`` of a few hundred and many surviving lineages; below
+        :data:`~bayesfilter_diff.smc.particles.MIN_LINEAGES` (50), where it is biased high
+        (and with one lineage its variance vanishes), it is capped at the lineages' number.
     distinct
         ``(B,)``: how many of the final samples are distinct.
     start_kl

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..result import Result
-from ..smc.particles import distinct_count, genealogy_variance
+from ..smc.particles import MIN_LINEAGES, distinct_count, genealogy_variance
 
 __all__ = [
     "ess_trace",
@@ -228,7 +228,7 @@ def runs_mcse(runs: Any, fn=None) -> MeanEstimate:
     return MeanEstimate(value, se, R)
 
 
-def genealogy_mcse(result: Result, fn=None, min_lineages: int = 50) -> MeanEstimate:
+def genealogy_mcse(result: Result, fn=None, min_lineages: int = MIN_LINEAGES) -> MeanEstimate:
     """The Monte Carlo standard error of one SMC run's posterior mean of ``fn(x)``, from its
     genealogy (Chan & Lai 2013; Lee & Whiteley 2018): with ``E_i`` the time-0 ancestor of
     final particle ``i`` and ``W_i`` its weight,

@@ -49,6 +49,7 @@ from torch import Tensor
 
 from ..errors import PosteriorQualityWarning
 from ..result import RunInfo
+from ..smc.particles import MIN_LINEAGES
 
 __all__ = ["QualityIssue", "QualityPolicy", "assess", "warn"]
 
@@ -72,7 +73,7 @@ class QualityPolicy:
     min_particles: int = 10
     genealogy_fraction: float = 0.2
     genealogy_min_particles: int = 200
-    min_lineages: int = 50
+    min_lineages: int = MIN_LINEAGES
     start_kl: float = 0.05
 
 
