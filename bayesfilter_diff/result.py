@@ -87,6 +87,12 @@ class RunInfo:
         estimate), how far the chain's start is from the prior's; the chain's prior, and
         with it every sampler's target, is off the model's by at most ``sqrt(KL / 2)`` in
         total variation. ``None`` otherwise (a network, or ``exact_start``).
+    support_ratio
+        ``(B,)`` float64, unweighted (approximate) samplers: how far the prior's denoiser
+        moves the draws once renoised to ``sigma / alpha = 0.3``, over the bound (1) on that
+        move for the prior's own draws
+        (:func:`~bayesfilter_diff.samplers.quality.support_ratio`); far above 1, the draws
+        lie where the prior has little mass (warned above 4). ``None`` for weighted samplers.
     steps
         The sampler's per-step record (a dataclass whose fields are stacked over steps), or
         ``None``.
@@ -118,6 +124,7 @@ class RunInfo:
     genealogy_ess: Tensor | None = None
     distinct: Tensor | None = None
     start_kl: float | None = None
+    support_ratio: Tensor | None = None
     steps: Any = None
     extra: Any = None
     quality: list[Any] = field(default_factory=list)
@@ -128,7 +135,7 @@ class RunInfo:
         if self.inserted_steps:
             parts.append(f"inserted_steps={self.inserted_steps}")
         parts += [f"nfe={self.nfe}", f"backprop={self.backprop}", f"wall_time={self.wall_time:.3g}"]
-        for name in ("min_ess", "ancestors", "genealogy_ess", "distinct"):
+        for name in ("min_ess", "ancestors", "genealogy_ess", "distinct", "support_ratio"):
             v = getattr(self, name)
             if v is not None:
                 parts.append(f"{name}={_short(v)}")

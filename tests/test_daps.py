@@ -141,3 +141,24 @@ def test_errors():
         DAPS(tau_convention="half")
     with pytest.raises(ValueError, match="ode_steps"):
         DAPS(ode_steps=0)
+
+
+def test_a_diverged_run_names_the_langevin_stability_bound():
+    # README's mixture at sigma_y = 1e-3: lr = 1e-4 is ~500x the bound 2 / (||A||^2 / tau^2
+    # + 1 / sigma_min^2) ~ 2e-7 and every draw is NaN; the error says so, and a step below
+    # the bound runs
+    d = 8
+    g = torch.Generator().manual_seed(0)
+    mix = bfd.GaussianMixture(
+        torch.tensor([0.3, 0.7]),
+        torch.stack([-2 * torch.ones(d), 2 * torch.ones(d)]),
+        torch.ones(2),
+    )
+    prior = mix.diffusion(bfd.VPSchedule.linear())
+    A = bfd.operators.Dense(torch.randn(2, d, generator=g))
+    problem = bfd.InverseProblem(A, A(mix.sample(1, g)[0]), noise_std=1e-3)
+    small = dict(num_steps=5, ode_steps=2, langevin_steps=20)
+    with pytest.raises(bfd.NonFiniteSamplesError, match=r"stability bound .* = 2\.\d+e-07"):
+        DAPS(**small).sample(prior, problem, 16, generator=g)
+    res = DAPS(lr=1e-7, **small).sample(prior, problem, 16, generator=g)
+    assert torch.isfinite(res.samples).all()

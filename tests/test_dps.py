@@ -292,3 +292,37 @@ def test_pixel_distance_equals_the_operator_form():
     half, gc = setup.pixel.value_and_grad(x0.detach())
     torch.testing.assert_close(-2.0 * half, want.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(-2.0 * gc, gw, rtol=1e-12, atol=1e-12)
+
+
+def _readme_mixture(d=8):
+    mix = bfd.GaussianMixture(
+        torch.tensor([0.3, 0.7]),
+        torch.stack([-2 * torch.ones(d), 2 * torch.ones(d)]),
+        torch.ones(2),
+    )
+    return mix, mix.diffusion(bfd.VPSchedule.linear())
+
+
+@pytest.mark.parametrize(
+    "gain,kinds", [(10.0, ["off_support"]), (30.0, ["off_support", "exploded"])]
+)
+def test_overshooting_steps_warn_before_their_draws_explode(gain, kinds):
+    # DPS's step moves ~ 2 scale ||A|| whatever the residual: with 10 A and 30 A its draws
+    # sit 50-160 times the starting noise's norm away (sliced W 170-430 times the exact
+    # floor), below the ``exploded`` line at 10 A (100 since 2026-12-04, 1e3 before, when
+    # both were silent); the prior's denoiser moves them 21-128 times the bound on its own
+    # draws' move
+    mix, prior = _readme_mixture()
+    g = torch.Generator().manual_seed(0)
+    M, x = torch.randn(2, 8, generator=g), mix.sample(1, g)[0]
+    noise = 0.1 * torch.randn(2, generator=g)
+    A = bfd.operators.Dense(gain * M)
+    problem = bfd.InverseProblem(A, A(x) + noise, noise_std=0.1)
+    with pytest.warns(bfd.PosteriorQualityWarning, match="little mass") as rec:
+        res = DPS(num_steps=20).sample(prior, problem, 256, generator=g)
+    assert [q.kind for q in res.info.quality] == kinds and len(rec) == len(kinds)
+    assert float(res.info.support_ratio) > 10
+    # the same problem at the operator's own scale: quiet, its draws where the prior is
+    A1 = bfd.operators.Dense(M)
+    ok = DPS(num_steps=20).sample(prior, bfd.InverseProblem(A1, A1(x) + noise, 0.1), 256, g)
+    assert ok.info.quality == [] and float(ok.info.support_ratio) < 1.5

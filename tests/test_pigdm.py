@@ -290,3 +290,19 @@ def test_errors():
     ):
         with pytest.raises(ValueError, match=next(iter(kw))):
             PiGDM(**kw)
+
+
+def test_tweedie_weighting_on_a_learned_network_fails_loudly_and_names_the_stable_one():
+    # the conditional-Tweedie shift (sigma_t^2 / alpha_t) J^T v multiplies the network's
+    # Jacobian error by ~ sigma_t^2 / alpha_t^2 at low SNR: on the shipped two-moons MLP the
+    # draws run away to NaN from the first steps (shift ~600 against |x0| ~ 1 at t_max);
+    # the official weighting multiplies g by alpha_s alpha_t r_t^2 instead and stays on it
+    prior = bfd.priors.load_pretrained("moons_diffusion")
+    g = torch.Generator().manual_seed(0)
+    A = bfd.operators.Dense(torch.randn(1, 2, generator=g))
+    x = torch.tensor([0.5, 0.25])  # on the upper moon
+    problem = bfd.InverseProblem(A, A(x) + 0.05 * torch.randn(1, generator=g), noise_std=0.05)
+    with pytest.raises(bfd.NonFiniteSamplesError, match="weighting='official'"):
+        PiGDM(num_steps=20).sample(prior, problem, 128, generator=g)
+    res = PiGDM(num_steps=20, weighting="official").sample(prior, problem, 128, generator=g)
+    assert res.samples.norm(dim=-1).max() < 3  # the moons lie within norm 2

@@ -284,6 +284,11 @@ class Sampler:
         """What this instance needs (:attr:`requires`, unless a setting changes it)."""
         return self.requires
 
+    def divergence_remedy(self, problem: InverseProblem) -> str | None:
+        """The setting to change when a run returned non-finite draws (the loop adds it to
+        its :class:`~bayesfilter_diff.errors.NonFiniteSamplesError`), or ``None``."""
+        return None
+
     def time_grid(self, prior: DiffusionModel, problem: InverseProblem) -> Tensor:
         y = problem.y
         return prior.schedule.time_grid(self.num_steps, self.grid, dtype=y.dtype, device=y.device)

@@ -210,6 +210,23 @@ class DAPS(Sampler):
     def init(self, ctx: Context, setup: DAPSSetup) -> tuple[DAPSState, None]:
         return DAPSState(ctx.start()), None
 
+    def divergence_remedy(self, problem: InverseProblem) -> str | None:
+        from ..operators.base import LinearOperator, spectral_norm
+
+        op = problem.operator
+        if not isinstance(op, LinearOperator):
+            return None
+        tau = self.tau if self.tau is not None else problem.min_noise_std
+        if not tau > 0:
+            return None
+        factor = 1.0 if self.tau_convention == "paper" else 2.0
+        bound = 2.0 / (factor * spectral_norm(op) ** 2 / tau**2 + 1.0 / self.sigma_min**2)
+        return (
+            f"DAPS's Langevin step lr = {self.lr:g} against its stability bound "
+            f"2 / (||A||^2 / tau^2 + 1 / sigma_min^2) = {bound:.3g} here: a smaller lr "
+            "(with more langevin_steps)"
+        )
+
     def move(self, ctx: Context, setup: DAPSSetup, state: DAPSState, k: int, t, t_next) -> Move:
         sch = ctx.prior.schedule
         x = state.x

@@ -533,16 +533,21 @@ def run(
     bad = ~torch.isfinite(x.reshape(B, N, -1)).all(-1)  # (B, N)
     if bool(bad.any()):
         probs = torch.nonzero(bad.any(-1)).flatten().tolist()
+        remedy = sampler.divergence_remedy(problem)
         raise NonFiniteSamplesError(
             f"{type(sampler).__name__} returned NaN or inf samples for problem(s) {probs} "
             f"({int(bad.sum())} of {B * N} particles): the run diverged; check the noise level "
             f"(noise_std={problem.min_noise_std:g}), the sampler's step sizes and the prior"
+            + (f". {remedy}" if remedy else "")
         )
     info.distinct = _distinct_samples(x)
     divergence = getattr(model, "start_divergence", None)  # (a duck-typed prior may lack it)
     info.start_kl = divergence(times[0]) if divergence is not None else None
     if weighted:
         info.genealogy_ess = genealogy_ess(w.log_w.exp(), x, w.roots)
+    else:  # where the prior puts the draws: overshooting steps of an approximate sampler
+        t_lo, t_hi = float(ctx.times.min()), float(ctx.times.max())
+        info.support_ratio = quality.support_ratio(prior, x, t_lo, t_hi)
     # the quality check: findings in info.quality, each warned with its remedy
     start_scale = float(prior.schedule.sigma(times[0])) * math.sqrt(max(1, x[0, 0].numel()))
     info.quality = quality.assess(

@@ -168,6 +168,16 @@ class PiGDM(Sampler):
             x = x + sch.alpha(t0) * back
         return PiGDMState(x), None
 
+    def divergence_remedy(self, problem: InverseProblem) -> str | None:
+        if self.weighting != "tweedie":
+            return None
+        return (
+            "PiGDM's weighting='tweedie' shifts x0_hat by (sigma_t^2 / alpha_t) J^T v, which "
+            "multiplies a learned network's Jacobian error by about sigma_t^2 / alpha_t^2 at "
+            "low signal-to-noise (exact only for an exact denoiser): weighting='official' "
+            "(stable on the shipped moons and digits priors, docs/methods/pigdm.md)"
+        )
+
     def move(
         self, ctx: Context, setup: PiGDMSetup, state: PiGDMState, k: int, t: Tensor, t_next: Tensor
     ) -> Move:
