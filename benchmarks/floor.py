@@ -229,9 +229,12 @@ def run_one(
     rng = randn_time(N, d, device) / N
     passes = PASSES.get(method, 5)
     floor = passes * 4 * d / bw + rng
-    # a particle-step is one network evaluation of one particle (MCGdiff and TDS refine the
-    # grid where the likelihood sharpens, so they take more steps than ``steps``)
-    own = (cpu - net_s) / (N * calls)
+    # a particle-step is one network evaluation of one particle by the sampler (MCGdiff and
+    # TDS refine the grid where the likelihood sharpens, so they take more steps than
+    # ``steps``); ``calls`` also counts the quality check's one call of an unweighted
+    # sampler (``info.support_ratio``), whose network time is the network's and whose own
+    # work stays in ``own``
+    own = (cpu - net_s) / (N * res.info.nfe)
     return {
         "method": method,
         "shape": list(shape),
@@ -240,6 +243,7 @@ def run_one(
         "steps": steps,
         "cpu_s": cpu,
         "net_calls": calls,
+        "nfe": res.info.nfe,
         "backprop": backprop,
         "net_s": net_s,
         "net_fwd_s": net.fwd_cpu,
