@@ -328,3 +328,29 @@ def test_support_ratio_is_at_most_one_for_the_priors_own_draws():
         # 1; at 30 the renoising is local and the power gone: 1.03)
         if scale <= 1.0:
             assert float(support_ratio(prior, x + 10 * scale, 1e-3, 1.0)) > 4
+
+
+def test_support_ratio_of_an_exact_posterior_in_conflict_with_its_prior():
+    # two of eight coordinates observed 10 prior standard deviations off the modes (a strong
+    # prior-data conflict, the exact posterior pulled halfway): its exact draws stay below
+    # the off_support line (1.30 +- 0.01 here; 1.9 with another operator), by more than their
+    # Monte Carlo error
+    from bayesfilter_diff.samplers.quality import QualityPolicy, support_ratio
+
+    d = 8
+    g = torch.Generator().manual_seed(1)
+    mix = bfd.GaussianMixture(
+        torch.tensor([0.3, 0.7], dtype=torch.float64),
+        torch.stack([-2 * torch.ones(d), 2 * torch.ones(d)]).double(),
+        torch.ones(2, dtype=torch.float64),
+    )
+    prior = mix.diffusion(bfd.VPSchedule.linear())
+    A = bfd.operators.Dense(torch.randn(2, d, generator=g, dtype=torch.float64))
+    x = mix.sample(1, g)[0]
+    x[:2] += 10
+    problem = bfd.InverseProblem(A, A(x), noise_std=0.1)
+    draws = mix.posterior(problem).sample(4096, g)[None]
+    per = support_ratio(prior, draws, 1e-3, 1.0, per_particle=True)
+    r, se = float(per.mean()), float(per.std() / math.sqrt(per.numel()))
+    assert r > 1.2  # the conflict shows ...
+    assert r + 4 * se < QualityPolicy().support_factor  # ... below the line
