@@ -68,6 +68,7 @@ from ..errors import PosteriorQualityWarning
 from ..priors.base import DiffusionModel
 from ..result import RunInfo
 from ..smc.particles import MIN_LINEAGES
+from .kernels import time_at_log_snr
 
 __all__ = ["QualityIssue", "QualityPolicy", "assess", "warn", "support_ratio", "SUPPORT_NOISE"]
 
@@ -123,8 +124,6 @@ def support_ratio(
     """
     sch = prior.schedule
     lam = torch.tensor([-2.0 * math.log(SUPPORT_NOISE)], dtype=torch.float64)
-    from .kernels import time_at_log_snr
-
     t = time_at_log_snr(sch, lam, t_min, t_max)
     ratio = (sch.sigma(t) / sch.alpha(t)).item()
     t_x = t.to(dtype=x.dtype, device=x.device)
