@@ -431,3 +431,61 @@ def test_informative_likelihood_evidence_and_mean(sy):
     # check says so, and only that
     assert {q.kind for q in res.info.quality} == {"genealogy"}
     assert (res.info.genealogy_ess < 0.2 * N).all()
+
+
+@pytest.mark.parametrize("kind", ["blur", "mask"])
+def test_per_coordinate_tables_computed_once_per_distinct_singular_value(kind):
+    """The observation times and the potentials' tables depend on a coordinate only through
+    its singular value, so they are computed once per distinct value (a mask's are all 1, a
+    blur's repeat by symmetry: 11 distinct of 49 here) and read through an index. They must
+    equal the per-coordinate formulas, coordinate by coordinate, in both layouts (spectral
+    for the blur, pixels for the mask)."""
+    from bayesfilter_diff.samplers.loop import Context
+
+    g = torch.Generator().manual_seed(0)
+    shape, sy = (1, 8, 8), 0.05
+    prior = _std_normal_prior(shape)
+    if kind == "blur":
+        k = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], dtype=D64) / 16
+        op = bfd.operators.Blur(k, shape)
+    else:
+        op = bfd.operators.Mask.random(shape, 0.4, generator=g, dtype=D64)
+    s = op.singular_values().to(D64)
+    assert torch.unique(s).numel() < s.numel()
+    x = torch.randn((1,) + shape, generator=g, dtype=D64)
+    y = op(x) + sy * torch.randn((1,) + tuple(op.out_shape), generator=g, dtype=D64)
+    problem = bfd.InverseProblem(op, y, noise_std=sy)
+    sampler = MCGdiff(num_steps=30)
+    times = sampler.time_grid(prior, problem)
+    setup = sampler.setup(Context(prior, problem, 4, g, times))
+    sch = prior.schedule
+    alpha, sigma = sch.alpha(times), sch.sigma(times)
+    n = times.numel() - 1
+    kap = sampler.potential_variance(s, sy)
+    # per coordinate, one at a time
+    one = [s[i : i + 1] for i in range(s.numel())]
+    tau = torch.stack([exact_observation_times(sch, si, sy, times[-1], times[0])[0] for si in one])
+    k_tau = torch.stack([observation_time_indices(sch, times, si, sy)[0] for si in one])
+    assert torch.equal(exact_observation_times(sch, s, sy, times[-1], times[0]), tau)
+    assert torch.equal(observation_time_indices(sch, times, s, sy), k_tau)
+    assert torch.equal(setup.k_tau, k_tau)
+    rho = alpha[:, None] / alpha[k_tau][None, :]
+    v = (sigma[:, None] ** 2 - rho**2 * sigma[k_tau][None, :] ** 2).clamp_min(0) + kap * rho**2
+    active = torch.arange(n + 1)[:, None] <= k_tau[None, :]
+    v = torch.where(active, v, torch.ones_like(v))
+    c = (sigma[k_tau] ** 2 + kap) / alpha[k_tau] ** 2
+    a = (sy / s) ** 2
+    if kind == "mask":  # the pixel layout: the observed pixels' values, fill elsewhere
+        obs = setup.layout.observed
+        assert obs is not None and int(obs.sum()) == s.numel()
+        for got, want, fill in (
+            (setup.v, v, 1.0),
+            (setup.active, active, False),
+            (setup.c, c, 1.0),
+            (setup.a, a, 1.0),
+        ):
+            assert torch.equal(got[..., obs], want)
+            assert (got[..., ~obs] == fill).all()
+    else:
+        for got, want in ((setup.v, v), (setup.active, active), (setup.c, c), (setup.a, a)):
+            assert torch.equal(got, want)

@@ -121,11 +121,14 @@ class Layout:
         """Coordinates with ``part`` on the observed part and ``full`` elsewhere."""
         return part if self.pixels else torch.cat([part, full[..., self.r :]], dim=-1)
 
-    def spread(self, v: Tensor, fill: float | bool) -> Tensor:
-        """Per-coordinate values ``(..., r)`` on the observed part, ``fill`` elsewhere."""
+    def spread(self, v: Tensor, fill: float | bool, inv: Tensor | None = None) -> Tensor:
+        """Per-coordinate values ``(..., r)`` on the observed part, ``fill`` elsewhere; with
+        ``inv`` ``(r,)``, ``v`` ``(..., u)`` holds them per class and coordinate ``i`` reads
+        ``v[..., inv[i]]`` (one gather, no ``(..., r)`` intermediate)."""
         if self.coord is None or self.observed is None:
-            return v
-        out = v[..., self.coord.clamp(max=self.r - 1)]
+            return v if inv is None else v[..., inv]
+        idx = self.coord.clamp(max=self.r - 1)
+        out = v[..., idx if inv is None else inv[idx]]
         return torch.where(self.observed, out, torch.full_like(out, fill))
 
     def to_signal(self, xb: Tensor) -> Tensor:
@@ -262,9 +265,10 @@ class MCGdiff(SMCSampler):
         if self.insert_tau > 0:
             # not already (to rounding, in log-SNR: tau may lie within 1e-9 of t = 0) a
             # grid time
-            lt, lb = prior.schedule.log_snr(tau), prior.schedule.log_snr(base)
+            tau_u = torch.unique(tau)  # ascending (a mask: one time, not d)
+            lt, lb = prior.schedule.log_snr(tau_u), prior.schedule.log_snr(base)
             gap = (lt[:, None] - lb[None, :]).abs().nan_to_num(nan=math.inf).min(dim=1).values
-            new = torch.unique(tau[gap > 1e-6])  # ascending
+            new = tau_u[gap > 1e-6]
             if new.numel() > self.insert_tau:
                 pick = torch.linspace(0, new.numel() - 1, self.insert_tau, device=new.device)
                 new = new[pick.round().long()]
@@ -301,16 +305,21 @@ class MCGdiff(SMCSampler):
         s, ybar, r = obs.s, obs.y_bar, obs.r
         sy = float(ctx.problem.noise_std)
         k_tau = observation_time_indices(sch, times, s, sy)  # (r,)
-        a_tau, s_tau = alpha[k_tau], sigma[k_tau]  # (r,)
+        a_tau = alpha[k_tau]  # (r,)
         kap = self.potential_variance(s, sy)
-        # v_k^i for every grid index k (meaningful where k <= k_tau_i): (n + 1, r)
-        rho = alpha[:, None] / a_tau[None, :]
-        v = (sigma[:, None] ** 2 - rho**2 * s_tau[None, :] ** 2).clamp_min(0) + kap * rho**2
+        # the per-coordinate tables depend on s_i only through tau_i: computed once per
+        # distinct singular value (a mask's are all 1) and read through `inv`
+        su, inv = torch.unique(s, return_inverse=True)
+        k_u = k_tau.new_zeros(su.numel()).scatter_(0, inv, k_tau)  # (u,) tau's index
+        au, su_tau = alpha[k_u], sigma[k_u]
+        # v_k^i for every grid index k (meaningful where k <= k_tau_i): (n + 1, u)
+        rho = alpha[:, None] / au[None, :]
+        v = (sigma[:, None] ** 2 - rho**2 * su_tau[None, :] ** 2).clamp_min(0) + kap * rho**2
         ks = torch.arange(times.numel(), device=times.device)
-        active = ks[:, None] <= k_tau[None, :]  # (n + 1, r)
+        active = ks[:, None] <= k_u[None, :]  # (n + 1, u)
         v = torch.where(active, v, torch.ones_like(v))
         # final weight pieces: implicit variance c_i, true variance a_i, evidence constant
-        c = (s_tau**2 + kap) / a_tau**2
+        c = (su_tau**2 + kap) / au**2
         const = (torch.log(a_tau) - torch.log(s)).sum()
         if sy > 0:
             # the part of y outside range(A): N(u_i^T y; 0, sigma_y^2), i > r
@@ -324,10 +333,10 @@ class MCGdiff(SMCSampler):
             s,
             k_tau,
             lay.spread(ybar, 0.0),
-            lay.spread(v, 1.0),
-            lay.spread(active, False),
-            lay.spread(c, 1.0),
-            lay.spread((sy / s) ** 2, 1.0),
+            lay.spread(v, 1.0, inv),
+            lay.spread(active, False, inv),
+            lay.spread(c, 1.0, inv),
+            lay.spread((sy / su) ** 2, 1.0, inv),
             const.expand(ctx.B),
             lay,
             step,

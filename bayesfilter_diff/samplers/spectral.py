@@ -338,9 +338,11 @@ def observation_time_indices(
     if noise_std == 0:
         return torch.full((r,), n, dtype=torch.long, device=times.device)
     a, s = schedule.alpha(times), schedule.sigma(times)
-    dist = (noise_std**2 * a**2 - singular_values[:, None] ** 2 * s**2).abs()
+    # once per distinct singular value (a mask's are all 1: one row, not d)
+    su, inv = torch.unique(singular_values, return_inverse=True)
+    dist = (noise_std**2 * a**2 - su[:, None] ** 2 * s**2).abs()
     dist = torch.where(a > 0, dist, torch.full_like(dist, math.inf))
-    return dist.argmin(dim=1)
+    return dist.argmin(dim=1)[inv]
 
 
 def exact_observation_times(
@@ -348,11 +350,12 @@ def exact_observation_times(
 ) -> Tensor:
     """The times ``tau_i`` in ``[t_min, t_max]`` with ``sigma_t / alpha_t = sigma_y / s_i``.
 
-    Bisection (64 halvings, batched over ``i``) on the decreasing log-SNR:
+    Bisection (64 halvings, batched over the distinct ``s_i``) on the decreasing log-SNR:
     ``log_snr(tau_i) = 2 log(s_i / sigma_y)``; clamped to the interval's ends.
     """
-    target = 2 * (torch.log(singular_values) - math.log(noise_std))
-    return time_at_log_snr(schedule, target, t_min, t_max)
+    su, inv = torch.unique(singular_values, return_inverse=True)
+    target = 2 * (torch.log(su) - math.log(noise_std))
+    return time_at_log_snr(schedule, target, t_min, t_max)[inv]
 
 
 def pinv_correction(x0_bar: Tensor, y_bar: Tensor, lam: Tensor | float) -> Tensor:
