@@ -284,7 +284,7 @@ def test_signal_grid_conditioning_equals_the_spectral_one(kind, per_particle_y, 
     """condition_pixels (masks, the identity: elementwise, no V / V^T) and condition_range
     (wide Dense matrices: only the range's coordinates transformed) with noise z = V z' are
     condition with spectral noise z': the same draws and predictive likelihoods."""
-    from bayesfilter_diff.samplers.spectral import condition_pixels, condition_range
+    from bayesfilter_diff.samplers.spectral import condition_pixels, condition_range, pixel_classes
 
     g = torch.Generator().manual_seed(1 if kind == "pixels" else 2)
     shape, ops = _operators_for(kind, g)
@@ -299,7 +299,8 @@ def test_signal_grid_conditioning_equals_the_spectral_one(kind, per_particle_y, 
         x, lp = condition(op, s, op.Vt(mu), v, r2, yt, z)
         zs = op.flat_in(op.V(z))  # the same noise on the signal grid
         if kind == "pixels":
-            xs, lps = condition_pixels(op, mu, v, r2, op.pixel_observation(yt), zs)
+            cl = pixel_classes(op, D64, mu.device)
+            xs, lps = condition_pixels(op, mu, v, r2, op.pixel_observation(yt), zs, cl)
         else:
             xs, lps = condition_range(op, s, mu, v, r2, yt, zs)
         torch.testing.assert_close(xs, x, rtol=0, atol=1e-12)

@@ -81,7 +81,7 @@ from ..problem import InverseProblem
 from ..schedules import Schedule
 from .base import Context, Move, Requirements, Sampler, SMCSampler
 from .kernels import DDIMCoefficients, ddim_coefficients, ddim_mean
-from .spectral import condition, condition_pixels, condition_range
+from .spectral import PixelClasses, condition, condition_pixels, condition_range, pixel_classes
 
 __all__ = ["FPS", "FPSSMC", "FPSGrid", "fps_grid", "fps_y_sequence"]
 
@@ -228,6 +228,7 @@ class FPSSetup:
     s: Tensor
     y_tilde: Tensor
     y_path: Tensor | None = None
+    pixels: PixelClasses | None = None  # (``op.pixel_svd``) the pixels by singular value
 
 
 @dataclass(frozen=True)
@@ -242,7 +243,8 @@ def _setup(sampler: FPS | FPSSMC, ctx: Context) -> FPSSetup:
     grid = fps_grid(ctx.prior.schedule, ctx.times, sampler.c_rate, sampler.eta)
     op = cast(LinearOperator, ctx.problem.operator)
     s = op.singular_values().to(dtype=ctx.dtype, device=ctx.device)
-    return FPSSetup(grid, s, op.Ut(ctx.y)[:, None, :])
+    pixels = pixel_classes(op, ctx.dtype, ctx.device) if op.pixel_svd else None
+    return FPSSetup(grid, s, op.Ut(ctx.y)[:, None, :], pixels=pixels)
 
 
 def _init_x(ctx: Context, setup: FPSSetup, y_tilde: Tensor) -> tuple[Tensor, Tensor]:
@@ -252,12 +254,12 @@ def _init_x(ctx: Context, setup: FPSSetup, y_tilde: Tensor) -> tuple[Tensor, Ten
     mu = torch.zeros((ctx.B, ctx.N) + tuple(op.in_shape), dtype=ctx.dtype, device=ctx.device)
     r2 = (grid.alpha[0] * ctx.problem.noise_std) ** 2
     z = ctx.randn((ctx.B, ctx.N, d))
-    return _condition(op, setup.s, mu, grid.sigma[0] ** 2, r2, y_tilde, z)
+    return _condition(op, setup, mu, grid.sigma[0] ** 2, r2, y_tilde, z)
 
 
 def _condition(
     op: LinearOperator,
-    s: Tensor,
+    setup: FPSSetup,
     mu: Tensor,
     v: Tensor | float,
     r2: Tensor | float,
@@ -267,8 +269,9 @@ def _condition(
     """Step 3-4 for a prior mean ``mu`` on the signal grid: elementwise for operators whose
     SVD is diagonal in pixels (masks: no permutation gathers), on the signal grid with the
     range's coordinates only for a thin range (wide dense matrices), else in the SVD basis."""
-    if op.pixel_svd:
-        return condition_pixels(op, mu, v, r2, op.pixel_observation(y_tilde), z)
+    s = setup.s
+    if setup.pixels is not None:
+        return condition_pixels(op, mu, v, r2, op.pixel_observation(y_tilde), z, setup.pixels)
     if op.thin_range:
         return condition_range(op, s, mu, v, r2, y_tilde, z)
     return condition(op, s, op.Vt(mu), v, r2, y_tilde, z)
@@ -285,7 +288,7 @@ def _move_x(
     r2 = (coef.alpha_s * ctx.problem.noise_std) ** 2
     # 3-4. proposal given y_s and the predictive log-likelihood
     z = ctx.randn((ctx.B, ctx.N, op.in_dim))
-    return _condition(op, setup.s, mu, coef.std**2, r2, y_tilde, z)
+    return _condition(op, setup, mu, coef.std**2, r2, y_tilde, z)
 
 
 # --------------------------------------------------------------------------------------
@@ -352,7 +355,7 @@ class FPSSMC(SMCSampler):
         # 1. one y-sequence per observation, shared by the particles (drawn first).
         op = cast(LinearOperator, ctx.problem.operator)
         path = _y_path(c.s, c.y_tilde, op.out_dim, c.grid, 1, ctx.generator)
-        return FPSSetup(c.grid, c.s, c.y_tilde, path)
+        return FPSSetup(c.grid, c.s, c.y_tilde, path, c.pixels)
 
     def init(self, ctx: Context, setup: FPSSetup) -> tuple[FPSState, Tensor]:
         assert setup.y_path is not None

@@ -50,6 +50,8 @@ __all__ = [
     "gaussian_product",
     "condition",
     "condition_pixels",
+    "PixelClasses",
+    "pixel_classes",
     "condition_range",
     "pixel_residual",
     "PixelGaussian",
@@ -221,6 +223,25 @@ def condition_range(
     return x, log_pred
 
 
+class PixelClasses(NamedTuple):
+    """The pixels of an operator whose SVD is diagonal in pixels (``op.pixel_svd``) grouped
+    by singular value: the distinct values ``(u,)`` (0 off the range), each pixel's class
+    ``(d,)`` and the classes' sizes ``(u,)``. A mask has two classes, the identity one, so
+    per-pixel coefficients are computed per class and read by one gather each."""
+
+    values: Tensor
+    label: Tensor
+    counts: Tensor
+
+
+def pixel_classes(op: LinearOperator, dtype: torch.dtype, device: torch.device) -> PixelClasses:
+    """:class:`PixelClasses` of ``op`` (a sort of its ``d`` pixel singular values: once per
+    run, not per step)."""
+    s = op.pixel_singular_values().to(dtype=dtype, device=device)
+    values, label, counts = torch.unique(s, return_inverse=True, return_counts=True)
+    return PixelClasses(values, label, counts.to(dtype))
+
+
 def condition_pixels(
     op: LinearOperator,
     mu: Tensor,
@@ -228,6 +249,7 @@ def condition_pixels(
     r2: Tensor | float,
     y_pix: Tensor,
     z: Tensor,
+    classes: PixelClasses,
 ) -> tuple[Tensor, Tensor]:
     """:func:`condition` for an operator whose SVD is diagonal in pixel coordinates
     (``op.pixel_svd``: masks, the identity), elementwise on the signal grid.
@@ -248,23 +270,26 @@ def condition_pixels(
         ``op.pixel_observation(U^T y)``, ``(B, P, d)`` with ``P`` = 1 or ``N``.
     z
         Standard normal ``(B, N, d)``.
+    classes
+        ``pixel_classes(op, ...)``: the coefficients are computed per class of pixels.
     """
-    s = op.pixel_singular_values().to(dtype=mu.dtype, device=mu.device)  # (d,)
+    s, idx = classes.values, classes.label  # (u,) distinct singular values, (d,) classes
     obs = s > 0
     pred = r2 + v * s**2
     safe = torch.where(obs, pred, torch.ones_like(pred))
     a = torch.where(obs, r2 / safe, torch.ones_like(pred))
     b = torch.where(obs, v * s / safe, torch.zeros_like(pred))
     c = torch.where(obs, v * r2 / safe, v * torch.ones_like(pred)).sqrt()
+    sw = torch.where(obs, safe.rsqrt(), torch.zeros_like(pred))
+    const = -0.5 * (classes.counts * torch.where(obs, torch.log(2 * math.pi * safe), 0.0)).sum()
+    a, b, c, sw, sws = (w[..., idx] for w in (a, b, c, sw, sw * s))  # per pixel
     m = op.flat_in(mu)
     # two passes over the particles: a mu + b y (b y is (B, 1, d) for a shared y), then + c z
     x = torch.addcmul(b * y_pix, a, m)
     x = x.addcmul_(c, z) if x.shape == z.shape else torch.addcmul(x, c, z)
     # log_pred: one pass writes sqrt(w) (y - s mu), w = 1 / pred on the range (0 off it), and a
     # row-wise dot product reads it (no squared copy)
-    sw = torch.where(obs, safe.rsqrt(), torch.zeros_like(pred))
-    resid = torch.addcmul(sw * y_pix, sw * s, m, value=-1.0)
-    const = -0.5 * torch.where(obs, torch.log(2 * math.pi * safe), torch.zeros_like(pred)).sum()
+    resid = torch.addcmul(sw * y_pix, sws, m, value=-1.0)
     log_pred = -0.5 * torch.einsum("...d,...d->...", resid, resid) + const
     return x.reshape(mu.shape), log_pred
 
