@@ -231,3 +231,31 @@ def test_benchmark_accepts_method_labels_with_settings(tmp_path):
     assert f"| {label} | yes |" in res["text"]  # exact, as its base sampler
     with pytest.raises(ValueError, match="unknown methods"):
         validate(tmp_path / "x", config=small, methods=["NoSuch[a=1]"], progress=False)
+
+
+def test_a_diverged_sampler_is_a_failed_cell_not_a_crashed_study(tmp_path):
+    """The loop raises on non-finite draws (NonFiniteSamplesError); a study records such a
+    run as its cell's result (``finite: False`` with the message, counted in the report's
+    ``failed`` column) and goes on with the other cells. Before, the first diverged cell
+    (DAPS on a benchmark draw with sigma_y = 1.3e-4, seed 16) stopped the whole study."""
+    from bayesfilter_diff.studies.validate import validate
+
+    small = {
+        "dims": [4],
+        "obs_dims": [1],
+        "steps": [3],
+        "seeds": [0],
+        "N": 16,
+        "num_reference": 200,
+        "num_projections": 20,
+        "prior_chain": False,
+    }
+    bad = "DAPS[lr=10.0]"  # far beyond its Langevin stability bound
+    res = validate(tmp_path, config=small, methods=["TDS", bad], progress=False)
+    rows = {r["method"]: r for r in res["rows"]}
+    assert rows[bad]["failed"] == 1 and rows["TDS"]["failed"] == 0
+    store = ResultStore(tmp_path)
+    recs = [store.load(k) for k in store.keys()]
+    (rec,) = [r for r in recs if r["cell"]["method"] == bad]
+    assert rec["finite"] is False and "stability bound" in rec["diverged"]
+    assert math.isnan(rec["sw"])

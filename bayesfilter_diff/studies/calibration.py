@@ -23,7 +23,7 @@ from ..priors.gmm import GaussianMixture
 from ..problem import InverseProblem
 from ..samplers.registry import build, entry, names, parse_label
 from ..schedules import FlowSchedule, VPSchedule
-from .grid import run_study
+from .grid import run_study, sample_or_diverged
 from .report import markdown_table, study_command, write_text
 from .store import ResultStore
 
@@ -103,10 +103,14 @@ def _cell(cell: dict[str, Any]) -> dict[str, Any]:
         # spurious U-shapes)
         L = cell["N"]
         rep = InverseProblem(problem.operator, problem.y.repeat_interleave(L, 0), problem.noise_std)
-        res = sampler.sample(prior, rep, cell["particles"], g)
+        res, diverged = sample_or_diverged(lambda: sampler.sample(prior, rep, cell["particles"], g))
+        if res is None:
+            return {"finite": False, "diverged": diverged}
         draws = res.draws(1, generator=g).reshape(cell["B"], L, cell["d"])
     else:
-        res = sampler.sample(prior, problem, cell["N"] * 4, g)
+        res, diverged = sample_or_diverged(lambda: sampler.sample(prior, problem, cell["N"] * 4, g))
+        if res is None:
+            return {"finite": False, "diverged": diverged}
         draws = res.draws(cell["N"], generator=g)
     if not torch.isfinite(draws).all():
         return {"finite": False}

@@ -33,6 +33,7 @@ from ..priors.gmm import GaussianMixture
 from ..problem import InverseProblem
 from ..samplers.registry import entry, parse_label
 from ..schedules import FlowSchedule, VPSchedule
+from .grid import sample_or_diverged
 
 __all__ = [
     "PRIOR_CHAIN",
@@ -142,8 +143,14 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         _seed("run", cell["method"], cell["seed"], cell["d"], cell["d_y"])
     )
     start = time.perf_counter()
-    res = sampler.sample(prior, problem, cell["N"], generator=g)
+    res, diverged = sample_or_diverged(
+        lambda: sampler.sample(prior, problem, cell["N"], generator=g)
+    )
     wall = time.perf_counter() - start
+    if res is None:  # the loop raised on non-finite draws: the cell's result, not a crash
+        nan = math.nan
+        return {"finite": False, "diverged": diverged, "wall_time": wall, "sw": nan,
+                "sw_floor": nan, "weight_tv": nan}  # fmt: skip
     post = gmm.posterior(problem)
     ref = post.sample(cell.get("num_reference", 10_000), g)
     ref2 = post.sample(cell["N"], g)

@@ -14,11 +14,14 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
+from ..errors import NonFiniteSamplesError
 from .store import ResultStore
+
+T = TypeVar("T")
 
 __all__ = ["cell_key", "describe", "LocalExecutor", "ProcessExecutor", "run_study"]
 
@@ -45,6 +48,17 @@ def _bar(total: int, done: int, progress: bool) -> Any:
 
     # the rate (and so the ETA) counts the cells computed now, not those resumed
     return tqdm(total=total, initial=done, desc="cells", unit="cell")
+
+
+def sample_or_diverged(call: Callable[[], T]) -> tuple[T | None, str | None]:
+    """``(call(), None)``, or ``(None, message)`` when the run diverged
+    (:class:`~bayesfilter_diff.errors.NonFiniteSamplesError`): a diverged sampler is a
+    result of its cell (recorded ``finite: False``, counted as failed in the reports), not
+    a crash of the study."""
+    try:
+        return call(), None
+    except NonFiniteSamplesError as e:
+        return None, str(e)
 
 
 def _timed(fn: Callable[[dict[str, Any]], dict[str, Any]], cell: dict[str, Any]) -> dict[str, Any]:

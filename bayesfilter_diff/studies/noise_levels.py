@@ -14,6 +14,7 @@ that misses it must at least warn.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from pathlib import Path
@@ -26,7 +27,7 @@ from ..priors import GaussianMixture
 from ..problem import InverseProblem
 from ..samplers.registry import build, parse_label
 from ..schedules import VPSchedule
-from .grid import run_study
+from .grid import run_study, sample_or_diverged
 from .report import (
     SW_SETTINGS,
     goal_label,
@@ -84,8 +85,13 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
-        res = sampler.sample(gmm.diffusion(VPSchedule.linear()), problem, cell["N"], generator=g)
+        prior = gmm.diffusion(VPSchedule.linear())
+        res, diverged = sample_or_diverged(lambda: sampler.sample(prior, problem, cell["N"], g))
     wall = time.perf_counter() - start
+    if res is None:  # raised on non-finite draws: loud, and the goal is missed
+        inf = math.inf
+        return {"finite": False, "diverged": diverged, "sw_ratio": inf, "warned": 1.0,
+                "abs_log_evidence_error": inf, "wall_time": wall}  # fmt: skip
     post = gmm.posterior(problem)
     ref, ref2 = post.sample(10_000, g), post.sample(cell["N"], g)
     xs = torch.stack([res.samples.reshape(ref2.shape).to(ref2.dtype), ref2])
@@ -153,6 +159,7 @@ def run_noise_levels(
     rows = summarize(records, ["method", "d", "noise"], metrics)
     for r in rows:
         good = r["sw_ratio"] <= 2 and r["abs_log_evidence_error"] <= 0.15
+        good = good and not r["failed"]  # a diverged run (left out of the means) misses it
         r["goal met"] = goal_label(good, r["warned"])
     rows.sort(key=lambda r: (r["d"], cfg["methods"].index(r["method"]), -r["noise"]))
     cmd = study_command("noise", full, config, out, "noise_levels")

@@ -46,7 +46,7 @@ from ..inference.reading import model_to_problem
 from ..priors import GaussianMixture
 from ..samplers.registry import REGISTRY, build, default_sampler, names
 from ..schedules import FlowSchedule, VPSchedule
-from .grid import run_study
+from .grid import run_study, sample_or_diverged
 from .report import (
     SW_SETTINGS,
     goal_label,
@@ -277,9 +277,14 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
-        post = infer(qp.model(prior), sampler, y=qp.y, num_samples=cell["N"], generator=g)
-    assert isinstance(post, Posterior)  # no global latent site in these models
+        post, diverged = sample_or_diverged(
+            lambda: infer(qp.model(prior), sampler, y=qp.y, num_samples=cell["N"], generator=g)
+        )
     wall = time.perf_counter() - start
+    if post is None:  # raised on non-finite draws: loud, and the goal is missed
+        return {"sampler": type(sampler).__name__, "finite": False, "diverged": diverged,
+                "sw_ratio": math.inf, "warned": 1.0, "wall_time": wall}  # fmt: skip
+    assert isinstance(post, Posterior)  # no global latent site in these models
     res = post.result
     ref, ref2 = exact.sample(10_000, g), exact.sample(cell["N"], g)
     xs = torch.stack([res.samples.reshape(ref2.shape).to(DT), ref2])
@@ -360,6 +365,7 @@ def run_quadrature(
     for r in rows:
         dz = r.get("abs_log_evidence_error")
         good = r["sw_ratio"] <= 2 and (dz is None or math.isnan(dz) or dz <= 0.1)
+        good = good and not r["failed"]  # a diverged run (left out of the means) misses it
         r["goal met"] = goal_label(good, r["warned"])
     order = {p: i for i, p in enumerate(("prior", *PROBLEMS))}
     rows.sort(
