@@ -282,7 +282,8 @@ def condition_pixels(
     c = torch.where(obs, v * r2 / safe, v * torch.ones_like(pred)).sqrt()
     sw = torch.where(obs, safe.rsqrt(), torch.zeros_like(pred))
     const = -0.5 * (classes.counts * torch.where(obs, torch.log(2 * math.pi * safe), 0.0)).sum()
-    a, b, c, sw, sws = (w[..., idx] for w in (a, b, c, sw, sw * s))  # per pixel
+    # per pixel (index_select: several times faster on the CPU than indexing with idx)
+    a, b, c, sw, sws = (w.index_select(-1, idx) for w in (a, b, c, sw, sw * s))
     m = op.flat_in(mu)
     # two passes over the particles: a mu + b y (b y is (B, 1, d) for a shared y), then + c z
     x = torch.addcmul(b * y_pix, a, m)
