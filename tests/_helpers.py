@@ -8,6 +8,18 @@ import bayesfilter_diff as bfd
 
 DT = torch.float64
 
+#: a one-cell Gaussian-mixture benchmark grid (d = 4, d_y = 1, 3 steps, 16 particles) for
+#: the study tests
+SMALL_BENCHMARK = {
+    "dims": [4],
+    "obs_dims": [1],
+    "steps": [3],
+    "seeds": [0],
+    "N": 16,
+    "num_reference": 200,
+    "num_projections": 20,
+}
+
 
 def _gmm(d: int, seed: int = 0) -> bfd.GaussianMixture:
     """A 2-component mixture in R^d (float64)."""

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from _helpers import SMALL_BENCHMARK
 
 import bayesfilter_diff as bfd
 from bayesfilter_diff.samplers.registry import build
@@ -105,16 +106,7 @@ def test_the_benchmark_study_runs_from_the_exact_start(tmp_path):
     from bayesfilter_diff.studies.store import ResultStore
     from bayesfilter_diff.studies.validate import validate
 
-    small = {
-        "dims": [4],
-        "obs_dims": [1],
-        "steps": [3],
-        "seeds": [0],
-        "N": 16,
-        "num_reference": 200,
-        "num_projections": 20,
-        "exact_start": True,
-    }
+    small = {**SMALL_BENCHMARK, "exact_start": True}
     with pytest.raises(ValueError, match="MCGdiff"):
         validate(tmp_path / "a", config=small, methods=["MCGdiff"], progress=False)
     res = validate(tmp_path / "b", config=small, methods=["TDS"], progress=False)

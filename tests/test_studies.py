@@ -14,6 +14,7 @@ from bayesfilter_diff.studies.report import mean_ci, summarize
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _study_toy  # noqa: E402
+from _helpers import SMALL_BENCHMARK  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,19 +210,13 @@ def test_calibration_study_auto_draws_weighted_samplers_from_independent_runs(tm
     assert "With 3 draws" in res["text"] and "independent runs" in res["text"]
 
 
+SMALL = {**SMALL_BENCHMARK, "prior_chain": False}
+
+
 def test_benchmark_accepts_method_labels_with_settings(tmp_path):
     from bayesfilter_diff.studies.validate import validate
 
-    small = {
-        "dims": [4],
-        "obs_dims": [1],
-        "steps": [3],
-        "seeds": [0],
-        "N": 16,
-        "num_reference": 200,
-        "num_projections": 20,
-        "prior_chain": False,
-    }
+    small = SMALL
     label = "TDS[reverse_variance=analytic]"
     res = validate(tmp_path, config=small, methods=["TDS", label], progress=False)
     rows = {r["method"]: r for r in res["rows"]}
@@ -240,16 +235,7 @@ def test_a_diverged_sampler_is_a_failed_cell_not_a_crashed_study(tmp_path):
     (DAPS on a benchmark draw with sigma_y = 1.3e-4, seed 16) stopped the whole study."""
     from bayesfilter_diff.studies.validate import validate
 
-    small = {
-        "dims": [4],
-        "obs_dims": [1],
-        "steps": [3],
-        "seeds": [0],
-        "N": 16,
-        "num_reference": 200,
-        "num_projections": 20,
-        "prior_chain": False,
-    }
+    small = SMALL
     bad = "DAPS[lr=10.0]"  # far beyond its Langevin stability bound
     res = validate(tmp_path, config=small, methods=["TDS", bad], progress=False)
     rows = {r["method"]: r for r in res["rows"]}
