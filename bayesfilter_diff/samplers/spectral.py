@@ -26,7 +26,6 @@ positive singular values ``s`` (the operators list only those), ``d = in_dim``,
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import NamedTuple, cast
 
 import torch
@@ -52,8 +51,9 @@ __all__ = [
     "condition_pixels",
     "PixelClasses",
     "pixel_classes",
+    "PixelObservation",
+    "observe_on_pixels",
     "condition_range",
-    "pixel_residual",
     "PixelGaussian",
     "observation_time_indices",
     "exact_observation_times",
@@ -295,18 +295,28 @@ def condition_pixels(
     return x.reshape(mu.shape), log_pred
 
 
-def pixel_residual(op: LinearOperator, y: Tensor) -> Callable[[Tensor], Tensor]:
-    """For an operator whose SVD is diagonal in pixels (``op.pixel_svd``): ``x -> U^T y - s
-    x`` on the pixel grid, ``(..., d)``, 0 off the range. Its squares summed are
-    ``||y - A x||^2`` (the sum of the weighted squares, Gaussian log-likelihoods) without the
-    gather of the observed entries or the scatter of its gradient. ``y``: ``(B, 1, *out)``."""
-    s = op.pixel_singular_values().to(dtype=y.dtype, device=y.device)  # (d,)
-    y_pix = op.pixel_observation(op.Ut(y))
+class PixelObservation(NamedTuple):
+    """An observation on the pixel grid of an operator whose SVD is diagonal in pixels
+    (``op.pixel_svd``), once per run: the pixels by singular value (:class:`PixelClasses`),
+    every pixel's singular value ``s`` ``(d,)`` and ``U^T y`` at its pixels ``y`` ``(B, 1,
+    d)`` (0 off the range)."""
 
-    def residual(x: Tensor) -> Tensor:
-        return torch.addcmul(y_pix, s, op.flat_in(x), value=-1.0)
+    classes: PixelClasses
+    s: Tensor
+    y: Tensor
 
-    return residual
+    def residual(self, x: Tensor) -> Tensor:
+        """``U^T y - s x`` on the pixel grid, ``(..., d)``, 0 off the range: its squares
+        summed are ``||y - A x||^2`` without the gather of the observed entries or the
+        scatter of its gradient."""
+        return torch.addcmul(self.y, self.s, x, value=-1.0)
+
+
+def observe_on_pixels(op: LinearOperator, y: Tensor) -> PixelObservation:
+    """:class:`PixelObservation` of ``y`` ``(B, 1, *out)`` through ``op``."""
+    classes = pixel_classes(op, y.dtype, y.device)
+    s = classes.values.index_select(0, classes.label)
+    return PixelObservation(classes, s, op.pixel_observation(op.Ut(y)))
 
 
 class PixelGaussian:

@@ -83,7 +83,7 @@ from .kernels import (
     smoothed_log_likelihood,
     tweedie_coefficient,
 )
-from .spectral import PixelGaussian, informative_time_grid, pixel_residual
+from .spectral import PixelGaussian, PixelObservation, informative_time_grid, observe_on_pixels
 
 __all__ = ["TDS"]
 
@@ -132,20 +132,21 @@ class TDSInfo:
 
 
 def _pixel_twist(
-    op: LinearOperator, y: Tensor, sig2: Tensor, s2: Tensor | float
+    op: LinearOperator, pix: PixelObservation, sig2: Tensor, s2: Tensor | float
 ) -> Callable[[Tensor], Tensor]:
     """:meth:`TDS._operator_twist` for an operator whose SVD is diagonal in pixels (masks,
     the identity): ``A A^T`` is diagonal, so ``log N(y; A x0, s2 I + sig2 A A^T)`` is a
     weighted sum of squares on the image, ``sum_j (y~_j - s_j x0_j)^2 / (sig2 s_j^2 + s2)``
     over the observed pixels (``y~`` placed on the pixel grid): no gather of the observed
-    entries and no scatter in its gradient."""
-    sp = op.pixel_singular_values().to(dtype=y.dtype, device=y.device)  # (d,)
-    y_pix = op.pixel_observation(op.Ut(y))  # (B, 1, d), 0 off the range
+    entries and no scatter in its gradient. The weights per class of pixels (one value per
+    singular value), then one gather each."""
+    sp, label = pix.classes.values, pix.classes.label  # (u,), (d,)
     noise = s2 if not isinstance(s2, Tensor) else s2.reshape(-1, 1, 1)
-    den = sig2 * sp**2 + noise  # (d,) or (B, 1, d)
+    den = sig2 * sp**2 + noise  # (u,) or (B, 1, u)
     sw = torch.where(sp > 0, torch.where(sp > 0, den, torch.ones_like(den)).rsqrt(), 0.0)
     # the residual weighted by 1 / sqrt(den), written once and read by a row-wise dot
-    return PixelGaussian(op, sw * y_pix, sw * sp)
+    sw_pix = sw.index_select(-1, label)
+    return PixelGaussian(op, sw_pix * pix.y, (sw * sp).index_select(-1, label))
 
 
 @dataclass(frozen=True)
@@ -339,6 +340,15 @@ class TDS(SMCSampler):
         return self._grid_table(ctx)[1][k]
 
     @staticmethod
+    def _pixels(ctx: Context) -> PixelObservation:
+        """The observation on the pixel grid (``op.pixel_svd``), once per run; cached."""
+        pix = ctx.cache.get("tds.pixels")
+        if pix is None:
+            op = cast(LinearOperator, ctx.problem.operator)
+            pix = ctx.cache["tds.pixels"] = observe_on_pixels(op, ctx.y.unsqueeze(1))
+        return pix
+
+    @staticmethod
     def _matrix_svd(ctx: Context) -> tuple[Tensor, Tensor, Tensor]:
         """``(U, s, V^T)`` of the operator's matrix, per problem for a per-problem operator:
         ``(B | 1, m, k)``, ``(B | 1, 1, k)``, ``(B | 1, k, d)``, ``k = min(m, d)``; cached."""
@@ -376,9 +386,17 @@ class TDS(SMCSampler):
         y = ctx.y.unsqueeze(1)  # (B, 1, *out)
         noise = s2 if not isinstance(s2, Tensor) else s2.reshape(-1, 1, 1)
         dense = None
+        # the coefficients per coordinate, or per class of pixels (one value per singular
+        # value: `spread` gathers them to the pixels, `total` sums over the pixels)
+        spread: Callable[[Tensor], Tensor] = lambda w: w  # noqa: E731
+        total: Callable[[Tensor], Tensor] = lambda w: w.sum(-1)  # noqa: E731
         if op.pixel_svd:
-            sv = op.pixel_singular_values().to(dtype=y.dtype, device=y.device)  # (d,)
-            r = pixel_residual(op, y)(centre)  # (B, N, d), 0 off the range
+            pix = self._pixels(ctx)
+            label, count = pix.classes.label, pix.classes.counts
+            sv = pix.classes.values  # (u,)
+            r = pix.residual(op.flat_in(centre))  # (B, N, d), 0 off the range
+            spread = lambda w: w.index_select(-1, label)  # noqa: E731
+            total = lambda w: (count * w).sum(-1)  # noqa: E731
         elif op.has_svd:
             sv = op.singular_values().to(dtype=y.dtype, device=y.device)  # (r,)
             r = op.Ut(y - op(centre))[..., : sv.numel()]  # (B, N, r)
@@ -393,8 +411,8 @@ class TDS(SMCSampler):
         # coefficients are per coordinate (per particle too with a per-particle std)
         k_r = sv / (a_s * den * prec)
         z = ctx.randn()
-        if op.pixel_svd:
-            u = torch.addcmul(k_r * r, prec.rsqrt(), op.flat_in(z))  # = std z off the range
+        if op.pixel_svd:  # = std z off the range
+            u = torch.addcmul(spread(k_r) * r, spread(prec.rsqrt()), op.flat_in(z))
             x_new = mean + u.reshape(mean.shape)
         else:  # the observed coordinates' part of std z replaced by their conditional draw
             if dense is None:
@@ -412,10 +430,10 @@ class TDS(SMCSampler):
         safe = torch.where(on, den, torch.ones_like(den))
         c_z = torch.where(on, safe_z.rsqrt(), 0.0)
         c_s = torch.where(on, safe.rsqrt(), 0.0)
-        r_z = r * c_z
-        r_s = torch.addcmul(r * c_s, c_s * sv / a_s, u, value=-1.0)
+        r_z = r * spread(c_z)
+        r_s = torch.addcmul(r * spread(c_s), spread(c_s * sv / a_s), u, value=-1.0)
         dot = "...d,...d->..."
-        logs = torch.log(safe_z).sum(-1) - torch.log(safe).sum(-1)  # 0 off the range
+        logs = total(torch.log(safe_z)) - total(torch.log(safe))  # 0 off the range
         return x_new, -0.5 * (torch.einsum(dot, r_z, r_z) - torch.einsum(dot, r_s, r_s) + logs)
 
     # ------------------------------------------------------------------ time grid
@@ -468,7 +486,7 @@ class TDS(SMCSampler):
         s2 = ctx.problem.noise_variance()  # a float, or (B, 1) per problem
         y = ctx.y.unsqueeze(1)  # (B, 1, *out)
         if op.pixel_svd:
-            return _pixel_twist(op, y, sig2, s2)
+            return _pixel_twist(op, self._pixels(ctx), sig2, s2)
 
         def fn(x0: Tensor) -> Tensor:
             r = y - op(x0)
