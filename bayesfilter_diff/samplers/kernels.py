@@ -115,6 +115,18 @@ def tweedie_shift(x0: Tensor, grad: Tensor, alpha_t: Tensor, sigma_t: Tensor) ->
     return x0 + tweedie_coefficient(alpha_t, sigma_t) * grad
 
 
+def rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """``sum_j a_j b_j`` over the last dimension, ``(...)``: the weighted sums of squares of
+    the samplers' log-weights, read without writing a product.
+
+    ``torch.linalg.vecdot``, not ``torch.einsum("...d,...d->...")``: for a batch of
+    problems (``(B, N, d)``, ``B > 1``) or a 2-D operand, einsum takes a batched
+    matrix-product path whose float32 error reached 1e-5 of the sum at ``d = 196 608``
+    (two nats of a log-weight ~2e5 in magnitude) and ran about 2x slower; vecdot's is
+    ~1e-7 whatever the layout (measured in one process, one thread, 2026-12-05)."""
+    return torch.linalg.vecdot(a, b)
+
+
 def log_normal(x: Tensor, mean: Tensor | float, var: Tensor | float) -> Tensor:
     """Elementwise ``log N(x; mean, var)`` (``var`` a tensor or a number, broadcast)."""
     var = torch.as_tensor(var, dtype=x.dtype, device=x.device)
@@ -394,7 +406,7 @@ def _newton_mode(
         grad_phi = D.g - (x - x0) / v
         delta = _curvature_solve(D, grad_phi, v)
         # the Newton decrement: the increase of phi a full step would give on the quadratic
-        decrement = torch.einsum("...d,...d->...", grad_phi, delta)
+        decrement = rowdot(grad_phi, delta)
         open_ = torch.isfinite(phi) & (decrement > _NEWTON_TOL * (1 + phi.abs()))
         steps = (scale.unsqueeze(0) * fractions.reshape(-1, 1, 1)).unsqueeze(-1)  # (S,B,N,1)
         cand = x.unsqueeze(0) + steps * delta.unsqueeze(0)  # (S,B,N,d)
@@ -449,7 +461,7 @@ def _settled(
     ``scale``: :func:`_newton_mode`'s step scales; ``F``: the Newton step's factor."""
     grad_phi = D.g - (x - x0) / v
     delta = _curvature_solve(D, grad_phi, v, F)
-    decrement = torch.einsum("...d,...d->...", grad_phi, delta)
+    decrement = rowdot(grad_phi, delta)
     small = decrement <= _NEWTON_TOL * (1 + phi.abs())
     return small | ~torch.isfinite(phi) | (scale <= _MIN_STEP)
 

@@ -80,6 +80,7 @@ from .kernels import (
     ddim_coefficients,
     ddim_mean,
     ddim_weights,
+    rowdot,
     smoothed_log_likelihood,
     tweedie_coefficient,
 )
@@ -432,9 +433,9 @@ class TDS(SMCSampler):
         c_s = torch.where(on, safe.rsqrt(), 0.0)
         r_z = r * spread(c_z)
         r_s = torch.addcmul(r * spread(c_s), spread(c_s * sv / a_s), u, value=-1.0)
-        dot = "...d,...d->..."
-        logs = total(torch.log(safe_z)) - total(torch.log(safe))  # 0 off the range
-        return x_new, -0.5 * (torch.einsum(dot, r_z, r_z) - torch.einsum(dot, r_s, r_s) + logs)
+        # (one sum of log-ratios, not a difference of two large float32 sums; 0 off the range)
+        logs = total(torch.log(safe_z / safe))
+        return x_new, -0.5 * (rowdot(r_z, r_z) - rowdot(r_s, r_s) + logs)
 
     # ------------------------------------------------------------------ time grid
     def time_grid(self, prior, problem: InverseProblem) -> Tensor:
@@ -662,8 +663,8 @@ class TDS(SMCSampler):
             # 4. log p(x_s | x_t) - log q(x_s | x_t, y) with x_s - mean_tw = std z:
             #    -sum(z delta) / std - sum(delta^2) / (2 std^2), per particle
             flat = delta.shape[:2] + (-1,)
-            zd = torch.einsum("...d,...d->...", z.reshape(flat), delta.reshape(flat))
-            dd = torch.einsum("...d,...d->...", delta.reshape(flat), delta.reshape(flat))
+            zd = rowdot(z.reshape(flat), delta.reshape(flat))
+            dd = rowdot(delta.reshape(flat), delta.reshape(flat))
             sp = std.reshape(std.shape[:2]) if std.dim() > 1 else std
             log_ratio = -(zd / sp + dd / (2 * sp**2))
             if keep is not None:
