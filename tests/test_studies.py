@@ -240,6 +240,7 @@ def test_a_diverged_sampler_is_a_failed_cell_not_a_crashed_study(tmp_path):
     res = validate(tmp_path, config=small, methods=["TDS", bad], progress=False)
     rows = {r["method"]: r for r in res["rows"]}
     assert rows[bad]["failed"] == 1 and rows["TDS"]["failed"] == 0
+    assert {r["method"]: r for r in res["overall"]}[bad]["failed"] == 1  # the summary's too
     store = ResultStore(tmp_path)
     recs = [store.load(k) for k in store.keys()]
     (rec,) = [r for r in recs if r["cell"]["method"] == bad]

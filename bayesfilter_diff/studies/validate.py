@@ -175,7 +175,8 @@ def _report(cfg, cmd, rows, overall, figures, wall, ncells, missing=0, chain_row
         f"sampler's (weighted) particles and {cfg['num_reference']} exact posterior draws; `sw_floor` = the same distance for N exact "
         "draws (what a perfect sampler scores); `weight_tv` = total variation between the exact "
         "posterior component weights and those the samples imply; `log_evidence_error` = "
-        "estimate minus exact log p(y) (SMC samplers). Mean ± 95% interval (1.96 sd / sqrt(n)) over seeds.",
+        "estimate minus exact log p(y) (SMC samplers). Mean ± 95% interval (1.96 sd / sqrt(n)) over seeds; "
+        "`failed` = runs that diverged (non-finite draws: counted in `n`, left out of the means).",
         "",
         *(
             [
@@ -192,7 +193,17 @@ def _report(cfg, cmd, rows, overall, figures, wall, ncells, missing=0, chain_row
         "",
         markdown_table(
             overall,
-            ["method", "exact", "sw", "sw_floor", "sw/floor", "weight_tv", "wall_time", "n"],
+            [
+                "method",
+                "exact",
+                "sw",
+                "sw_floor",
+                "sw/floor",
+                "weight_tv",
+                "wall_time",
+                "n",
+                "failed",
+            ],
             ci=["sw", "weight_tv"],
         ),
         "",
