@@ -96,21 +96,25 @@ def _cell(cell: dict[str, Any]) -> dict[str, Any]:
         _seed("calibration-run", cell["method"], cell["d"], cell["chunk"])
     )
     sampler = build(name, cell["steps"], **overrides)
-    if cell.get("draws", "cloud") == "runs":
+    runs = cell.get("draws", "cloud") == "runs"
+    if runs:
         # one draw from each of N independent runs per replicate (B * N batched problems):
         # SBC's ranks are uniform only for independent draws, and draws resampled from one
         # SMC cloud share ancestors (Talts et al. 2018, section 5: correlated draws give
         # spurious U-shapes)
-        L = cell["N"]
-        rep = InverseProblem(problem.operator, problem.y.repeat_interleave(L, 0), problem.noise_std)
-        res, diverged = sample_or_diverged(lambda: sampler.sample(prior, rep, cell["particles"], g))
-        if res is None:
-            return {"finite": False, "diverged": diverged}
-        draws = res.draws(1, generator=g).reshape(cell["B"], L, cell["d"])
+        y = problem.y.repeat_interleave(cell["N"], 0)
+        problem, particles = (
+            InverseProblem(problem.operator, y, problem.noise_std),
+            cell["particles"],
+        )
     else:
-        res, diverged = sample_or_diverged(lambda: sampler.sample(prior, problem, cell["N"] * 4, g))
-        if res is None:
-            return {"finite": False, "diverged": diverged}
+        particles = cell["N"] * 4
+    res, diverged = sample_or_diverged(lambda: sampler.sample(prior, problem, particles, g))
+    if res is None:
+        return {"finite": False, "diverged": diverged}
+    if runs:
+        draws = res.draws(1, generator=g).reshape(cell["B"], cell["N"], cell["d"])
+    else:
         draws = res.draws(cell["N"], generator=g)
     if not torch.isfinite(draws).all():
         return {"finite": False}
