@@ -475,17 +475,35 @@ def test_per_coordinate_tables_computed_once_per_distinct_singular_value(kind):
     v = torch.where(active, v, torch.ones_like(v))
     c = (sigma[k_tau] ** 2 + kap) / alpha[k_tau] ** 2
     a = (sy / s) ** 2
+    # every step's coefficients (MCGdiffTables, read per coordinate through the labels)
+    std2 = setup.step.std[:, None] ** 2
+    act = active[1:].to(D64)
+    tab = setup.tables
+    want_tables = {
+        "g0": (act / v[:-1]).sqrt(),
+        "g1": (act / (std2 + v[1:])).sqrt(),
+        "gain": torch.where(active[1:], std2 / (std2 + v[1:]), torch.zeros_like(v[1:])),
+    }
+    got_tables = {
+        name: torch.stack([tab.at(j, getattr(tab, name))[0] for j in range(n)])
+        for name in want_tables
+    }
     if kind == "mask":  # the pixel layout: the observed pixels' values, fill elsewhere
         obs = setup.layout.observed
         assert obs is not None and int(obs.sum()) == s.numel()
         for got, want, fill in (
-            (setup.v, v, 1.0),
-            (setup.active, active, False),
+            (setup.v0, v[0], 1.0),
             (setup.c, c, 1.0),
             (setup.a, a, 1.0),
+            *((got_tables[k], want_tables[k], 0.0) for k in want_tables),
         ):
-            assert torch.equal(got[..., obs], want)
+            assert torch.allclose(got[..., obs], want, rtol=1e-12, atol=0)
             assert (got[..., ~obs] == fill).all()
     else:
-        for got, want in ((setup.v, v), (setup.active, active), (setup.c, c), (setup.a, a)):
-            assert torch.equal(got, want)
+        for got, want in (
+            (setup.v0, v[0]),
+            (setup.c, c),
+            (setup.a, a),
+            *((got_tables[k], want_tables[k]) for k in want_tables),
+        ):
+            assert torch.allclose(got, want, rtol=1e-12, atol=0)

@@ -157,8 +157,7 @@ class MCGdiffSetup:
     s: Tensor  # (r,) singular values
     k_tau: Tensor  # (r,) grid index of tau_i
     ybar: Tensor  # (B, R) y_bar = (U^T y)_{:r} / s (0 off the range)
-    v: Tensor  # (n + 1, R) potential variances v_k^i (1 where inactive)
-    active: Tensor  # (n + 1, R) bool, t_k >= tau_i (False off the range)
+    v0: Tensor  # (R,) the first potentials' variances v_0^i (1 off the range)
     c: Tensor  # (R,) implicit observation variance of the target, c_i (1 off the range)
     a: Tensor  # (R,) true observation variance a_i = sigma_y^2 / s_i^2 (1 off the range)
     const: Tensor  # (B,) log-evidence constant of the final weight
@@ -374,8 +373,7 @@ class MCGdiff(SMCSampler):
             s,
             k_tau,
             lay.spread(ybar, 0.0),
-            lay.spread(v, 1.0, inv),
-            lay.spread(active, False, inv),
+            lay.spread(v[0], 1.0, inv),
             lay.spread(c, 1.0, inv),
             lay.spread((sy / su) ** 2, 1.0, inv),
             const.expand(ctx.B),
@@ -441,7 +439,7 @@ class MCGdiff(SMCSampler):
         # x_{t_0} ~ N(0, sigma_0^2 I) g_0: a Gaussian product on the observed coordinates
         # (every observed coordinate is active at t_0), N(x; 0, sigma_0^2) N(alpha_0 y_bar; x, v_0)
         m0 = c.alpha[0] * c.ybar  # (B, R)
-        p = gaussian_product(0.0, c.sigma[0] ** 2, m0, c.v[0])
+        p = gaussian_product(0.0, c.sigma[0] ** 2, m0, c.v0)
         z = ctx.randn((B, N, d))
         xb = c.sigma[0] * z
         part = p.mean[:, None, :] + p.var.sqrt() * lay.part(z)
