@@ -93,6 +93,16 @@ class RunInfo:
         move for the prior's own draws
         (:func:`~bayesfilter_diff.samplers.quality.support_ratio`); far above 1, the draws
         lie where the prior has little mass (warned above 4). ``None`` for weighted samplers.
+    path_ratio
+        ``(B,)`` float64, approximate samplers that follow the model's noised path
+        (``Sampler.on_path``): the largest over the draws of how far each draw is from where
+        its own path leads (:func:`~bayesfilter_diff.samplers.quality.path_ratio`: its states
+        at ``sigma / alpha`` = 1, 3, 10 against ``alpha_t x0``, in units of ``d sigma_t^2``;
+        ``chi^2_d / d`` on an exact path). ``None`` otherwise.
+    escaped
+        ``(B,)`` int64, with ``path_ratio``: the draws off their paths (beyond the
+        ``chi^2`` line, at least 16) and more than 10 times the cloud's median distance from
+        its median: draws a step threw off the prior's support, warned as ``escaped``.
     steps
         The sampler's per-step record (a dataclass whose fields are stacked over steps), or
         ``None``.
@@ -125,6 +135,8 @@ class RunInfo:
     distinct: Tensor | None = None
     start_kl: float | None = None
     support_ratio: Tensor | None = None
+    path_ratio: Tensor | None = None
+    escaped: Tensor | None = None
     steps: Any = None
     extra: Any = None
     quality: list[Any] = field(default_factory=list)
@@ -135,7 +147,14 @@ class RunInfo:
         if self.inserted_steps:
             parts.append(f"inserted_steps={self.inserted_steps}")
         parts += [f"nfe={self.nfe}", f"backprop={self.backprop}", f"wall_time={self.wall_time:.3g}"]
-        for name in ("min_ess", "ancestors", "genealogy_ess", "distinct", "support_ratio"):
+        for name in (
+            "min_ess",
+            "ancestors",
+            "genealogy_ess",
+            "distinct",
+            "support_ratio",
+            "escaped",
+        ):
             v = getattr(self, name)
             if v is not None:
                 parts.append(f"{name}={_short(v)}")

@@ -326,3 +326,31 @@ def test_overshooting_steps_warn_before_their_draws_explode(gain, kinds):
     A1 = bfd.operators.Dense(M)
     ok = DPS(num_steps=20).sample(prior, bfd.InverseProblem(A1, A1(x) + noise, 0.1), 256, g)
     assert ok.info.quality == [] and float(ok.info.support_ratio) < 1.5
+
+
+def test_a_draw_thrown_off_the_learned_priors_support_is_reported_as_escaped():
+    # the shipped two-moons MLP (data within norm 2, starting noise 1.41), DPS at scale 0.1,
+    # 20 steps: with this generator one draw of 256 ends at norm 52.7 (the mean moves by
+    # ~0.2). A step threw it off at the start of the run and the network, which extrapolates
+    # off its data, never pulled it back: below the ``exploded`` line (100 x 1.41), and the
+    # renoised support test sees nothing (the network does not pull it back there either);
+    # its path ratio (25.5) is over the chi^2 line (16) and it is 45 median distances from
+    # the cloud's median. The 15 other generators of 0..15 leave no such draw and are quiet.
+    prior = bfd.priors.load_pretrained("moons_diffusion")
+    g = torch.Generator().manual_seed(0)
+    A = bfd.operators.Dense(torch.tensor([[1.0, 0.5]]))
+    y = A(torch.tensor([0.5, -0.2])) + 0.05 * torch.randn(1, generator=g)
+    problem = bfd.InverseProblem(A, y, 0.05)
+    with pytest.warns(bfd.PosteriorQualityWarning, match="escaped") as rec:
+        res = DPS(num_steps=20, scale=0.1).sample(
+            prior, problem, 256, torch.Generator().manual_seed(1)
+        )
+    assert [q.kind for q in res.info.quality] == ["escaped"] and len(rec) == 1
+    assert int(res.info.escaped) == 1 and float(res.samples.norm(dim=-1).max()) > 20
+    assert float(res.info.path_ratio) > 16
+    for seed in (0, 2):
+        ok = DPS(num_steps=20, scale=0.1).sample(
+            prior, problem, 256, torch.Generator().manual_seed(seed)
+        )
+        assert ok.info.quality == [] and int(ok.info.escaped) == 0
+        assert float(ok.samples.norm(dim=-1).max()) < 3

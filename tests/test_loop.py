@@ -354,3 +354,41 @@ def test_support_ratio_of_an_exact_posterior_in_conflict_with_its_prior():
     r, se = float(per.mean()), float(per.std() / math.sqrt(per.numel()))
     assert r > 1.2  # the conflict shows ...
     assert r + 4 * se < QualityPolicy().support_factor  # ... below the line
+
+
+def test_path_ratio_of_exact_paths_is_chi_square_and_a_far_mode_is_not_escaped():
+    # on the forward process's joint law x_t = alpha_t x0 + sigma_t z, so the path ratio of
+    # each kept state is chi^2_d / d whatever x0's law (mean 1, variance 2 / d); a small mode
+    # 100 component widths from the rest is far from the cloud but on its paths: not escaped
+    from scipy import stats
+
+    from bayesfilter_diff.samplers import quality
+
+    sch = bfd.VPSchedule.linear()
+    times = sch.time_grid(50, "uniform", dtype=torch.float64)
+    steps = quality.path_snapshot_steps(sch, times)
+    ratios = [float(sch.sigma(times[k]) / sch.alpha(times[k])) for k in steps]
+    levels = sorted(quality.PATH_LEVELS)
+    assert len(steps) == 3 and all(0.5 < r / lv < 2 for r, lv in zip(sorted(ratios), levels))
+    g = torch.Generator().manual_seed(0)
+    B, N, d = 2, 4096, 4
+    x0 = torch.randn(B, N, d, generator=g, dtype=torch.float64)
+    x0[:, :40] += 100.0  # 1% of the draws in a far mode
+    snaps = []
+    for k in steps:
+        a, s = sch.alpha(times[k]), sch.sigma(times[k])
+        snaps.append((k, a * x0 + s * torch.randn(B, N, d, generator=g, dtype=torch.float64)))
+    one = quality.path_ratio(sch, times, snaps[:1], x0)
+    assert one.shape == (B, N) and one.dtype == torch.float64
+    # the law of one kept state's ratio: mean within 4 standard errors, and a KS test
+    assert abs(float(one.mean()) - 1) < 4 * math.sqrt(2 / d / (B * N))
+    assert stats.kstest((d * one).flatten().numpy(), stats.chi2(d).cdf).pvalue > 1e-3
+    ratio = quality.path_ratio(sch, times, snaps, x0)
+    line = quality.path_line(d, N, len(snaps))
+    policy = quality.QualityPolicy()
+    assert not bool(quality.escaped_draws(ratio, x0, line, policy).any())
+    # a draw moved off its path, far from the rest: escaped (and only it)
+    x1 = x0.clone()
+    x1[1, 7] += 30.0
+    esc = quality.escaped_draws(quality.path_ratio(sch, times, snaps, x1), x1, line, policy)
+    assert esc.sum(-1).tolist() == [0, 1] and bool(esc[1, 7])

@@ -225,6 +225,11 @@ class Sampler:
     #: start from a prior's exact noisy marginal (``prior.exact_start``); samplers whose
     #: first step is a closed form of the reference ``N(0, sigma_{t_0}^2 I)`` cannot.
     exact_start: ClassVar[bool] = False
+    #: Its state's ``x`` before move ``k`` is the chain's point ``x_{t_k}`` on the model's
+    #: noised path (DDIM-type updates, not an optimisation or a split Gibbs variable): the
+    #: quality check then tests that the draws are where their own paths lead
+    #: (:func:`~bayesfilter_diff.samplers.quality.path_ratio`).
+    on_path: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         _check_field_types(self)

@@ -128,6 +128,7 @@ class DAPS(Sampler):
 
     requires = Requirements(likelihoods=frozenset({"gaussian"}))
     exact_start = True
+    on_path = True
 
     num_steps: int = 200
     sigma_max: float = 100.0

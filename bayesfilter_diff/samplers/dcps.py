@@ -84,6 +84,7 @@ class DCPS(Sampler):
 
     requires = Requirements(linear=True, noise_positive=True, differentiates=True)
     exact_start = True
+    on_path = True
 
     num_steps: int = 300
     blocks: int = 3

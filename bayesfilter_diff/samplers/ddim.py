@@ -28,6 +28,7 @@ class DDIM(Sampler):
 
     requires = Requirements(likelihoods=frozenset({"gaussian", "poisson", "custom"}))
     exact_start = True
+    on_path = True
 
     eta: float = 1.0
 

@@ -91,6 +91,7 @@ class _NullSpaceSampler(Sampler):
 
     requires = Requirements(svd=True)
     exact_start = True
+    on_path = True
 
     num_steps: int = 100
     grid: str = "ddpm"

@@ -90,6 +90,7 @@ class DDRM(Sampler):
     """
 
     requires = Requirements(svd=True)
+    on_path = True
 
     num_steps: int = 20
     grid: str = "ddpm"

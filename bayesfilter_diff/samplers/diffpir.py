@@ -89,6 +89,7 @@ class DiffPIR(Sampler):
 
     requires = Requirements(linear=True)
     exact_start = True
+    on_path = True
 
     num_steps: int = 100
     lam: float = 7.0

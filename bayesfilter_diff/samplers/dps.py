@@ -100,6 +100,7 @@ class DPS(Sampler):
 
     requires = Requirements(likelihoods=frozenset({"gaussian", "poisson"}), differentiates=True)
     exact_start = True
+    on_path = True
 
     num_steps: int = 1000
     scale: float = 1.0

@@ -389,6 +389,7 @@ class FPS(Sampler):
     """
 
     requires = _REQUIRES
+    on_path = True
 
     num_steps: int = 100
     c_rate: float = 0.95

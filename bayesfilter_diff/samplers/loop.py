@@ -453,6 +453,13 @@ def run(
     step_records: list[Any] = []
     acc_trace: dict[int, Tensor] = {}  # rejuvenation's acceptance after reweighting k
     no = torch.zeros(B, dtype=torch.bool, device=ctx.device)
+    # an approximate sampler's states at a few noise levels, for the path test at the end
+    snap_steps = (
+        quality.path_snapshot_steps(prior.schedule, ctx.times)
+        if not weighted and getattr(sampler, "on_path", False) and N >= 10
+        else ()
+    )
+    snapshots: list[tuple[int, Tensor]] = []
     # the weight still to apply: the initial weights, then each move's incremental weight
     pending: Tensor | None = log_w0
     k = 0
@@ -485,6 +492,8 @@ def run(
             break
         # move M_k
         t, t_next = ctx.times[k], ctx.times[k + 1]
+        if k in snap_steps:
+            snapshots.append((k, state.x.detach().clone()))
         out = sampler.move(ctx, setup, state, k, t, t_next)
         while adaptive > 0 and inserted < max_insert and out.log_weight is not None:
             # a move whose weights would leave less than `adaptive` of N (conditional ESS)
@@ -548,6 +557,11 @@ def run(
     else:  # where the prior puts the draws: overshooting steps of an approximate sampler
         t_lo, t_hi = float(ctx.times.min()), float(ctx.times.max())
         info.support_ratio = quality.support_ratio(prior, x, t_lo, t_hi)
+        if snapshots:  # draws their own paths do not lead to, far from the cloud
+            ratio = quality.path_ratio(prior.schedule, times, snapshots, x)
+            line = quality.path_line(x[0, 0].numel(), N, len(snapshots))
+            info.path_ratio = ratio.max(-1).values
+            info.escaped = quality.escaped_draws(ratio, x, line, quality.QualityPolicy()).sum(-1)
     # the quality check: findings in info.quality, each warned with its remedy
     start_scale = float(prior.schedule.sigma(times[0])) * math.sqrt(max(1, x[0, 0].numel()))
     info.quality = quality.assess(

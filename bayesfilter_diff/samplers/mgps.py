@@ -99,6 +99,7 @@ class MGPS(Sampler):
         differentiates=True,
     )
     exact_start = True
+    on_path = True
 
     num_steps: int = 300
     alpha: float = 0.5

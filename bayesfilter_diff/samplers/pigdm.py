@@ -122,6 +122,7 @@ class PiGDM(Sampler):
     """
 
     requires = Requirements(linear=True, differentiates=True)
+    on_path = True
 
     num_steps: int = 100
     grid: str = "ddpm"

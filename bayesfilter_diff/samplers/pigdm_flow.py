@@ -71,6 +71,7 @@ class PiGDMFlow(Sampler):
     """
 
     requires = Requirements(linear=True, differentiates=True)
+    on_path = True
 
     num_steps: int = 80
     start_time: float = 0.2

@@ -122,6 +122,7 @@ class RePaint(Sampler):
 
     requires = Requirements(mask=True)
     exact_start = True
+    on_path = True
 
     num_steps: int = 250
     jump_length: int = 10
