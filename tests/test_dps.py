@@ -229,7 +229,10 @@ def test_clamp():
     b = DPS(num_steps=10, clamp_x0=(-1e6, 1e6)).sample(
         prior, problem, 4, torch.Generator().manual_seed(1)
     )
-    assert torch.equal(a.samples, b.samples)
+    # a non-binding clamp changes nothing but the arithmetic: the unclamped run takes the
+    # pixel grid's closed-form data fit (squared norms by kernels.rowsq), the clamped one
+    # autograd through the generic one, so they agree to float32 rounding (3e-7 measured)
+    assert torch.allclose(a.samples, b.samples, rtol=0, atol=1e-5)
     # Without guidance the last step returns the clamped x0_hat.
     c = DPS(num_steps=10, scale=0.0, clamp_x0=(-0.5, 0.5)).sample(prior, problem, 4, g)
     assert c.samples.abs().max() <= 0.5

@@ -258,14 +258,14 @@ def test_sixteen_bit_problem_runs_in_float32_and_matches_the_exact_evidence(half
     assert abs(float(runs[half].mean()) - exact) < 4 * float(runs[half].std() / R**0.5)
 
 
-@pytest.mark.parametrize("shape", [(4, 8, 196_608), (8, 196_608), (16, 512, 800)])
+@pytest.mark.parametrize("shape", [(4, 8, 196_608), (8, 196_608), (16, 512, 800), (64, 4099)])
 def test_float32_row_dots_of_the_log_weights_keep_float32_accuracy(shape):
     """The samplers' weighted sums of squares (``kernels.rowdot``) in float32 stay within a
     few float32 roundings of the float64 sum at image size, for batched problems too.
     ``torch.einsum("...d,...d->...")`` took a batched matrix-product path there whose
     error reached ~1e-5 of the sum (two nats of a log-weight ~2e5 in magnitude, at every
     step): the bound here, 1e-6, is ~16 float32 epsilons (a cascade sum's ``log2 d``)."""
-    from bayesfilter_diff.samplers.kernels import rowdot
+    from bayesfilter_diff.samplers.kernels import rowdot, rowsq
 
     g = torch.Generator().manual_seed(0)
     a = torch.randn(shape, generator=g) + 0.3
@@ -274,3 +274,6 @@ def test_float32_row_dots_of_the_log_weights_keep_float32_accuracy(shape):
         want = (x.double() * y.double()).sum(-1)
         err = (rowdot(x, y).double() - want).abs() / (x.double() * y.double()).abs().sum(-1)
         assert float(err.max()) < 1e-6
+    # the sums of squares as squared norms (kernels.rowsq): the same bound
+    want = (a.double() ** 2).sum(-1)
+    assert float(((rowsq(a).double() - want).abs() / want).max()) < 1e-6

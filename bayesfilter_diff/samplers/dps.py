@@ -41,7 +41,7 @@ from torch import Tensor
 
 from ..operators.base import LinearOperator
 from .base import Context, Move, Requirements, Sampler, check_clamp
-from .kernels import ddim_coefficients, ddim_mean
+from .kernels import ddim_coefficients, ddim_mean, rowsq
 from .spectral import PixelGaussian
 
 __all__ = ["DPS"]
@@ -195,14 +195,20 @@ class DPS(Sampler):
         zeta = self.scale / norm.clamp_min(torch.finfo(norm.dtype).tiny)
         if self.step_rule == "code":
             zeta = 0.5 * zeta
-        zeta = (gscale * zeta).reshape(zeta.shape + (1,) * (x.dim() - 2))
-        update = zeta * grad
-        # 4. Skip the gradient step of a particle whose data fit is not finite (a row's sum
-        #    is finite iff its entries are, barring an overflow of the sum, which skips the
-        #    step too: one pass instead of isfinite's three and a boolean copy).
-        red = tuple(range(2, x.dim()))
-        ok = torch.isfinite(dist) & torch.isfinite(update.sum(dim=red))  # (B, N)
-        okb = ok.reshape(ok.shape + (1,) * (x.dim() - 2))
-        # (in place, and no host sync per step to ask whether any particle was skipped)
-        x_next = x_next.sub_(update.masked_fill_(~okb, 0.0))
+        # 4. Skip the gradient step of a particle whose data fit or step is not finite: the
+        #    step's norm zeta ||grad|| bounds its entries, and ||grad||^2 is finite iff they
+        #    are (barring an overflow of the squares, which skips the step too): one read of
+        #    the gradient, no update array formed and tested.
+        flat = grad.reshape(grad.shape[:2] + (-1,))
+        size = gscale * zeta * rowsq(flat).sqrt()
+        ok = torch.isfinite(dist) & torch.isfinite(size)  # (B, N)
+        shape = ok.shape + (1,) * (x.dim() - 2)
+        zeta = torch.where(ok, gscale * zeta, torch.zeros_like(zeta)).reshape(shape)
+        # a skipped particle's gradient may hold inf / NaN, which 0 * grad would keep: its
+        # rows are zeroed first (on the CPU only when there is one: asking costs a host sync
+        # per step on an accelerator, so there the rows are always masked, in place)
+        if grad.device.type != "cpu" or not bool(ok.all()):
+            grad = grad.masked_fill_(~ok.reshape(shape), 0.0)
+        # x_s = x'_s - zeta grad, in place (one pass)
+        x_next = x_next.addcmul_(zeta, grad, value=-1.0)
         return Move(DPSState(x_next), None, DPSStep((~ok).sum(-1)))

@@ -26,6 +26,7 @@ step from grid time ``t`` to ``s < t``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, Generic, NamedTuple, TypeVar
@@ -125,6 +126,42 @@ def rowdot(a: Tensor, b: Tensor) -> Tensor:
     (two nats of a log-weight ~2e5 in magnitude) and ran about 2x slower; vecdot's is
     ~1e-7 whatever the layout (measured in one process, one thread, 2026-12-05)."""
     return torch.linalg.vecdot(a, b)
+
+
+#: the longest row :func:`rowsq` reduces in one float32 accumulation
+_ROW_BLOCK = 2048
+
+
+@functools.lru_cache(maxsize=64)
+def _row_split(d: int) -> int:
+    """A divisor ``k`` of ``d`` with ``k`` and ``d / k`` at most :data:`_ROW_BLOCK` (the
+    largest such), ``d`` itself for a short row, 0 if there is none."""
+    if d <= _ROW_BLOCK:
+        return d
+    for k in range(_ROW_BLOCK, 0, -1):
+        if d % k == 0:
+            return k if d // k <= _ROW_BLOCK else 0
+    return 0  # pragma: no cover (k = 1 divides d)
+
+
+def rowsq(a: Tensor) -> Tensor:
+    """``sum_j a_j^2`` over the last dimension, ``(...)``: :func:`rowdot` of ``a`` with
+    itself, as squared norms (``torch.linalg.vector_norm``, which reads ``a`` once at the
+    speed of a sum; ``vecdot(a, a)`` ran 3.5-4.6x slower on the CPU, float32, one thread:
+    0.95 against 3.7 ms on ``(1, 8192, 800)``, 0.93 against 3.1 ms on ``(4, 8, 196608)``).
+    A float32 norm accumulates the row in one sum, whose error grows with its length (3.4e-6
+    of the sum at ``d = 196 608``, against ~1e-7 for vecdot): rows longer than 2048 are
+    reduced in two levels of at most 2048 (the norms of blocks, then their norm; ~2e-7),
+    and a row with no such split (a prime length above 2048) by ``vecdot``
+    (measured 2026-12-05)."""
+    d = a.shape[-1]
+    k = _row_split(d)
+    if k == d:
+        return torch.linalg.vector_norm(a, dim=-1).square()
+    if k == 0:
+        return torch.linalg.vecdot(a, a)
+    blocks = torch.linalg.vector_norm(a.reshape(a.shape[:-1] + (d // k, k)), dim=-1)
+    return torch.linalg.vector_norm(blocks, dim=-1).square()
 
 
 def log_normal(x: Tensor, mean: Tensor | float, var: Tensor | float) -> Tensor:

@@ -72,7 +72,7 @@ from torch import Tensor
 
 from ..operators.base import LinearOperator
 from .base import Context, Move, Requirements, SMCSampler
-from .kernels import DDIMCoefficients, ddim_coefficients, log_normal, refine_in_log_snr, rowdot
+from .kernels import DDIMCoefficients, ddim_coefficients, log_normal, refine_in_log_snr, rowsq
 from .spectral import (
     exact_observation_times,
     gaussian_product,
@@ -461,7 +461,7 @@ class MCGdiff(SMCSampler):
         g0, g0_y = tab.at(k, tab.g0, tab.g0_y)  # (R,): sqrt(1_A / v_k), -alpha_k times it
         # the residual written once, already weighted, and read once by a row-wise dot
         r0 = torch.addcmul(g0_y * setup.ybar[:, None, :], g0, setup.layout.part(xb))
-        return -0.5 * rowdot(r0, r0)
+        return -0.5 * rowsq(r0)
 
     def lookahead(self, ctx: Context, setup: MCGdiffSetup, state: MCGdiffState, k: int) -> Tensor:
         """Step 1: ``log int p(x'|x) g_{k+1}(x') dx' - log g_k(x)`` over ``A_{k+1}``."""
@@ -472,7 +472,7 @@ class MCGdiff(SMCSampler):
         # constant (the residual written once, already weighted, and read once by a dot)
         g1, g1_y = tab.at(k, tab.g1, tab.g1_y)  # (R,): sqrt(1_A / w1), -alpha_{k+1} times it
         r1 = torch.addcmul(g1_y * setup.ybar[:, None, :], g1, setup.layout.part(state.mu))
-        return -0.5 * rowdot(r1, r1) - state.log_g + tab.const[k]
+        return -0.5 * rowsq(r1) - state.log_g + tab.const[k]
 
     @staticmethod
     def _tail_std(ctx: Context, t: Tensor, t_next: Tensor) -> Tensor:

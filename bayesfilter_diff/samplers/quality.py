@@ -86,7 +86,7 @@ from ..errors import PosteriorQualityWarning
 from ..priors.base import DiffusionModel
 from ..result import RunInfo
 from ..smc.particles import MIN_LINEAGES
-from .kernels import rowdot, time_at_log_snr
+from .kernels import rowsq, time_at_log_snr
 
 __all__ = ["QualityIssue", "QualityPolicy", "assess", "warn", "support_ratio", "SUPPORT_NOISE"]
 
@@ -160,7 +160,7 @@ def path_ratio(schedule, times: Tensor, snapshots: list[tuple[int, Tensor]], x: 
         a, s = float(schedule.alpha(t)), float(schedule.sigma(t))
         # one pass writing the difference, one dot reading it (float32 accurate: rowdot)
         diff = torch.add(xt.reshape(B, N, -1), flat, alpha=-a)
-        out = torch.maximum(out, rowdot(diff, diff).double() / (d * s * s))
+        out = torch.maximum(out, rowsq(diff).double() / (d * s * s))
     return out
 
 

@@ -38,7 +38,7 @@ from .kernels import (
     gaussian_log_density,
     log_normal,
     refine_in_log_snr,
-    rowdot,
+    rowsq,
     time_at_log_snr,
 )
 
@@ -292,7 +292,7 @@ def condition_pixels(
     # log_pred: one pass writes sqrt(w) (y - s mu), w = 1 / pred on the range (0 off it), and a
     # row-wise dot product reads it (no squared copy)
     resid = torch.addcmul(sw * y_pix, sws, m, value=-1.0)
-    log_pred = -0.5 * rowdot(resid, resid) + const
+    log_pred = -0.5 * rowsq(resid) + const
     return x.reshape(mu.shape), log_pred
 
 
@@ -337,11 +337,11 @@ class PixelGaussian:
 
     def __call__(self, x0: Tensor) -> Tensor:
         r = self._residual(x0)  # written once, read by a row-wise dot (no r * r)
-        return -0.5 * rowdot(r, r)
+        return -0.5 * rowsq(r)
 
     def value_and_grad(self, x0: Tensor) -> tuple[Tensor, Tensor]:
         r = self._residual(x0)
-        value = -0.5 * rowdot(r, r)
+        value = -0.5 * rowsq(r)
         return value, (r.mul_(self.s_w)).reshape(x0.shape)
 
 

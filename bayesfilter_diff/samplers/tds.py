@@ -81,6 +81,7 @@ from .kernels import (
     ddim_mean,
     ddim_weights,
     rowdot,
+    rowsq,
     smoothed_log_likelihood,
     tweedie_coefficient,
 )
@@ -435,7 +436,7 @@ class TDS(SMCSampler):
         r_s = torch.addcmul(r * spread(c_s), spread(c_s * sv / a_s), u, value=-1.0)
         # (one sum of log-ratios, not a difference of two large float32 sums; 0 off the range)
         logs = total(torch.log(safe_z / safe))
-        return x_new, -0.5 * (rowdot(r_z, r_z) - rowdot(r_s, r_s) + logs)
+        return x_new, -0.5 * (rowsq(r_z) - rowsq(r_s) + logs)
 
     # ------------------------------------------------------------------ time grid
     def time_grid(self, prior, problem: InverseProblem) -> Tensor:
@@ -664,7 +665,7 @@ class TDS(SMCSampler):
             #    -sum(z delta) / std - sum(delta^2) / (2 std^2), per particle
             flat = delta.shape[:2] + (-1,)
             zd = rowdot(z.reshape(flat), delta.reshape(flat))
-            dd = rowdot(delta.reshape(flat), delta.reshape(flat))
+            dd = rowsq(delta.reshape(flat))
             sp = std.reshape(std.shape[:2]) if std.dim() > 1 else std
             log_ratio = -(zd / sp + dd / (2 * sp**2))
             if keep is not None:
