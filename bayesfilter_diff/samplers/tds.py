@@ -413,9 +413,8 @@ class TDS(SMCSampler):
         # coefficients are per coordinate (per particle too with a per-particle std)
         k_r = sv / (a_s * den * prec)
         z = ctx.randn()
-        if op.pixel_svd:  # = std z off the range
-            u = torch.addcmul(spread(k_r) * r, spread(prec.rsqrt()), op.flat_in(z))
-            x_new = mean + u.reshape(mean.shape)
+        if op.pixel_svd:  # = std z off the range (the noise's array reused for the draw)
+            u = op.flat_in(z).mul_(spread(prec.rsqrt())).addcmul_(spread(k_r), r)
         else:  # the observed coordinates' part of std z replaced by their conditional draw
             if dense is None:
                 zr = op.Vt_range(z)  # (B, N, r)
@@ -432,8 +431,12 @@ class TDS(SMCSampler):
         safe = torch.where(on, den, torch.ones_like(den))
         c_z = torch.where(on, safe_z.rsqrt(), 0.0)
         c_s = torch.where(on, safe.rsqrt(), 0.0)
-        r_z = r * spread(c_z)
         r_s = torch.addcmul(r * spread(c_s), spread(c_s * sv / a_s), u, value=-1.0)
+        if op.pixel_svd:  # u and r are read for the last time: the draw and r_z in place
+            x_new = u.add_(op.flat_in(mean)).reshape(mean.shape)
+            r_z = r.mul_(spread(c_z))
+        else:
+            r_z = r * spread(c_z)
         # (one sum of log-ratios, not a difference of two large float32 sums; 0 off the range)
         logs = total(torch.log(safe_z / safe))
         return x_new, -0.5 * (rowsq(r_z) - rowsq(r_s) + logs)
