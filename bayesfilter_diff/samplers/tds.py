@@ -548,7 +548,7 @@ class TDS(SMCSampler):
                 return sm.value, sm.direction
 
             x0, lt, g, tr = ctx.denoise_backward(x, t, smooth, direction=True, probe=probe)
-            g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+            g = g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # (a fresh gradient: in place)
             return x0, lt, g, self._x0_variance(ctx, t, tr)
         elif not _uses_gaussian_twist(problem):
             fn = problem.log_likelihood  # "none": the likelihood at x0_hat (paper)
@@ -585,7 +585,7 @@ class TDS(SMCSampler):
             x0, lt, g, tr = ctx.denoise_backward(x, t, fn, direction=False, probe=probe)
         # A particle whose likelihood is undefined (e.g. a Poisson rate <= 0) gets weight 0.
         lt = torch.where(torch.isnan(lt), torch.full_like(lt, -math.inf), lt)
-        g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+        g = g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # (a fresh gradient: in place)
         return x0, lt, g, self._x0_variance(ctx, t, tr)
 
     def _x0_variance(self, ctx: Context, t: Tensor, tr: Tensor | None) -> Tensor | None:
