@@ -193,11 +193,15 @@ def escaped_draws(ratio: Tensor, x: Tensor, line: float, policy: QualityPolicy) 
     off = ratio > line
     if not bool(off.any()):
         return off
+    return off & (_median_distances(x) > policy.escape_distance)
+
+
+def _median_distances(x: Tensor) -> Tensor:
+    """``(B, N)``: each draw's distance from the cloud's coordinatewise median, over the
+    median of those distances."""
     flat = x.reshape(x.shape[0], x.shape[1], -1).double()
     dist = (flat - flat.median(dim=1, keepdim=True).values).norm(dim=-1)
-    typical = dist.median(dim=1, keepdim=True).values
-    far = dist > policy.escape_distance * typical
-    return off & far
+    return dist / dist.median(dim=1, keepdim=True).values
 
 
 #: ``sigma / alpha`` of the time at which :func:`support_ratio` renoises the draws
@@ -410,13 +414,14 @@ def assess(
         i = probs[int(info.escaped[list(probs)].argmax())]
         count = int(info.escaped[i])
         r = float(info.path_ratio[i]) if info.path_ratio is not None else math.nan
+        far = float(_median_distances(samples[i : i + 1]).max())
         out.append(
             QualityIssue(
                 "escaped",
                 probs,
                 f"{name}: {count} of N = {N} draws escaped{_where(probs, batched)}: they lie "
-                f"far from the rest (largest norm {float(norms[i].max()):.3g}, median "
-                f"{float(norms[i].median()):.3g}) and their own paths do not lead there (a "
+                f"far from the rest (the farthest {far:.3g} times the cloud's median distance "
+                "from its median) and their own paths do not lead there (a "
                 f"state of the path was {math.sqrt(r):.3g} noise widths from alpha_t x0 "
                 "against ~1 on an exact path): a step threw them off and the later steps did "
                 "not bring them back (a learned network extrapolates where its prior has no "
