@@ -502,12 +502,12 @@ class MCGdiff(SMCSampler):
         tab = c.tables  # K, K alpha_{k+1} and sd per coordinate (MCGdiffTables)
         K, K_y, sd = tab.at(k, tab.gain, tab.gain_y, tab.sd)
         mu_o = lay.part(mu)
-        # (1 - K) mu + K alpha y_bar + sd z: two passes over the particles, the second in place
+        # (1 - K) mu + K alpha y_bar + sd z
         target = K_y * c.ybar[:, None, :]  # (B, 1, R)
-        part = torch.addcmul(target, 1 - K, mu_o).addcmul_(sd, lay.part(z))
-        if lay.pixels:
-            x_new = part
+        if lay.pixels:  # in the noise's array, read here only: three passes in place
+            x_new = lay.part(z).mul_(sd).addcmul_(1 - K, mu_o).add_(target)
         else:  # the prior kernel off the observed part, written over by it there (no cat)
+            part = torch.addcmul(target, 1 - K, mu_o).addcmul_(sd, lay.part(z))
             x_new = torch.addcmul(mu, std, z)
             x_new[..., : lay.r] = part
         if k + 1 == n:  # the particles, for the final weight
