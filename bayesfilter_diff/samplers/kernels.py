@@ -90,9 +90,12 @@ def ddim_mean(
     sigma_t: Tensor | float,
 ) -> Tensor:
     """Mean of the DDIM step: ``alpha_s x0 + c_eps (x_t - alpha_t x0) / sigma_t``, computed
-    as ``c_x x_t + c_x0 x0`` (:func:`ddim_weights`, two passes)."""
+    as ``c_x x_t + c_x0 x0`` (:func:`ddim_weights`, two passes, the second in place)."""
     c_x, c_x0 = ddim_weights(coef, sigma_t)
-    return torch.addcmul(x * c_x, x0, torch.as_tensor(c_x0))
+    out = x * c_x
+    if out.shape == torch.broadcast_shapes(out.shape, x0.shape):
+        return out.addcmul_(x0, torch.as_tensor(c_x0))
+    return torch.addcmul(out, x0, torch.as_tensor(c_x0))
 
 
 def ddim_weights(

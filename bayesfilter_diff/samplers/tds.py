@@ -663,7 +663,9 @@ class TDS(SMCSampler):
             else:
                 delta = g * (tw * b)
             z = ctx.randn()
-            x_new = torch.add(mean_u, delta).addcmul_(std, z)  # mean_tw + std z
+            # mean_tw + std z (in the untwisted mean's array where nothing reads it later)
+            reuse = keep is None and not self.rejuvenation_steps
+            x_new = (mean_u.add_(delta) if reuse else torch.add(mean_u, delta)).addcmul_(std, z)
             # 4. log p(x_s | x_t) - log q(x_s | x_t, y) with x_s - mean_tw = std z:
             #    -sum(z delta) / std - sum(delta^2) / (2 std^2), per particle
             flat = delta.shape[:2] + (-1,)
