@@ -9,7 +9,10 @@ the log-evidence error, the smallest ESS of the run, the genealogy ESS (how many
 independent draws the returned cloud is worth, ``info.genealogy_ess``: ``sw / floor`` is
 about ``sqrt(N / genealogy_ess)`` when the error is Monte Carlo variance) and whether the
 quality check warned. Goal (issue #15): ``sw / floor <= 2`` and ``|d log Z| <= 0.15``; a run
-that misses it must at least warn.
+that misses it must at least warn. The method ``default`` is what :func:`bayesfilter_diff.infer`
+runs when no sampler is named (:func:`~bayesfilter_diff.samplers.registry.default_sampler`
+of the problem: TDS with adaptive steps and, for this linear-Gaussian likelihood, its
+conditioned proposal).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 from ..operators import Dense
 from ..priors import GaussianMixture
 from ..problem import InverseProblem
-from ..samplers.registry import build, parse_label
+from ..samplers.registry import build, default_sampler, parse_label
 from ..schedules import VPSchedule
 from .grid import run_study, sample_or_diverged
 from .report import (
@@ -79,8 +82,11 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     from .. import diagnostics as dg
 
     gmm, problem = noise_problem(cell["d"], cell["noise"], cell["seed"])
-    name, overrides = parse_label(cell["method"])  # e.g. "TDS[proposal=gradient]"
-    sampler = build(name, cell["steps"], **overrides)
+    if cell["method"] == "default":  # what bfd.infer runs with no sampler named
+        sampler = default_sampler(problem, cell["steps"])
+    else:
+        name, overrides = parse_label(cell["method"])  # e.g. "TDS[proposal=gradient]"
+        sampler = build(name, cell["steps"], **overrides)
     g = torch.Generator().manual_seed(cell["seed"])
     start = time.perf_counter()
     with warnings.catch_warnings(record=True):
@@ -112,6 +118,7 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         "genealogy_ess_fraction": float(res.info.genealogy_ess) / cell["N"],
         "warned": float(bool(res.info.quality)),
         "quality": [q.kind for q in res.info.quality],
+        "sampler": type(sampler).__name__,
         "nfe": res.info.nfe,
         "wall_time": wall,
     }
