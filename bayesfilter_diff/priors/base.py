@@ -180,7 +180,8 @@ class DiffusionModel(nn.Module):
             tt = torch.as_tensor(t).to(dtype=x_t.dtype, device=x_t.device)
             p, q = net.affine(tt)
             out = self._evaluate(net.net, x_t, t)
-            return torch.addcmul(out * q, x_t, p)
+            # the second pass in place (autograd keeps q and p, not the product it overwrites)
+            return (out * q).addcmul_(x_t, p)
         return self._evaluate(net, x_t, t)
 
     def _evaluate(self, net: Denoiser, x_t: Tensor, t: Tensor | float) -> Tensor:
@@ -217,7 +218,7 @@ class DiffusionModel(nn.Module):
         if native and isinstance(net, _Adapter) and tt.dim() == 0:
             p, q = net.affine(tt.to(dtype=x_t.dtype, device=x_t.device))
             out = self._evaluate(net.net, x_t, t)
-            return torch.addcmul(out * (c_x0 * q), x_t, c_x + c_x0 * p)
+            return (out * (c_x0 * q)).addcmul_(x_t, c_x + c_x0 * p)
         return torch.addcmul(x_t * c_x, self.denoise(x_t, t), torch.as_tensor(c_x0))
 
     def coefficients(self, t: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor]:
