@@ -270,7 +270,7 @@ def condition_pixels(
     y_pix
         ``op.pixel_observation(U^T y)``, ``(B, P, d)`` with ``P`` = 1 or ``N``.
     z
-        Standard normal ``(B, N, d)``.
+        Standard normal ``(B, N, d)``; consumed (the draw is written into it).
     classes
         ``pixel_classes(op, ...)``: the coefficients are computed per class of pixels.
     """
@@ -286,9 +286,8 @@ def condition_pixels(
     # per pixel (index_select: several times faster on the CPU than indexing with idx)
     a, b, c, sw, sws = (w.index_select(-1, idx) for w in (a, b, c, sw, sw * s))
     m = op.flat_in(mu)
-    # two passes over the particles: a mu + b y (b y is (B, 1, d) for a shared y), then + c z
-    x = torch.addcmul(b * y_pix, a, m)
-    x = x.addcmul_(c, z) if x.shape == z.shape else torch.addcmul(x, c, z)
+    # c z + a mu + b y (b y is (B, 1, d) for a shared y), in the noise's array (consumed)
+    x = z.mul_(c).addcmul_(a, m).add_(b * y_pix)
     # log_pred: one pass writes sqrt(w) (y - s mu), w = 1 / pred on the range (0 off it), and a
     # row-wise dot product reads it (no squared copy)
     resid = torch.addcmul(sw * y_pix, sws, m, value=-1.0)
