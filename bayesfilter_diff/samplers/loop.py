@@ -456,7 +456,9 @@ def run(
     # an approximate sampler's states at a few noise levels, for the path test at the end
     snap_steps = (
         quality.path_snapshot_steps(prior.schedule, ctx.times)
-        if not weighted and getattr(sampler, "on_path", False) and N >= 10
+        if not weighted
+        and getattr(sampler, "on_path", False)
+        and N >= quality.QualityPolicy().min_particles
         else ()
     )
     snapshots: list[tuple[int, Tensor]] = []
