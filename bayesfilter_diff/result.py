@@ -103,6 +103,13 @@ class RunInfo:
         ``(B,)`` int64, with ``path_ratio``: the draws off their paths (beyond the
         ``chi^2`` line, at least 16) and more than 10 times the cloud's median distance from
         its median: draws a step threw off the prior's support, warned as ``escaped``.
+    residual_ratio
+        ``(B,)`` float64, problems with Gaussian noise of a known scale: the (weighted) mean
+        over the draws of ``||y - A(x)||^2 / (d_y sigma_y^2)``
+        (:func:`~bayesfilter_diff.samplers.quality.residual_ratio`), 1 on average for exact
+        posterior draws of observations the model produced; warned as ``misfit`` above
+        :func:`~bayesfilter_diff.samplers.quality.residual_line` (the draws do not fit ``y``).
+        ``None`` for other likelihoods.
     steps
         The sampler's per-step record (a dataclass whose fields are stacked over steps), or
         ``None``.
@@ -137,6 +144,7 @@ class RunInfo:
     support_ratio: Tensor | None = None
     path_ratio: Tensor | None = None
     escaped: Tensor | None = None
+    residual_ratio: Tensor | None = None
     steps: Any = None
     extra: Any = None
     quality: list[Any] = field(default_factory=list)
@@ -154,6 +162,7 @@ class RunInfo:
             "distinct",
             "support_ratio",
             "escaped",
+            "residual_ratio",
         ):
             v = getattr(self, name)
             if v is not None:

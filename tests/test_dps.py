@@ -307,14 +307,15 @@ def _readme_mixture(d=8):
 
 
 @pytest.mark.parametrize(
-    "gain,kinds", [(10.0, ["off_support"]), (30.0, ["off_support", "exploded"])]
+    "gain,kinds",
+    [(10.0, ["off_support", "misfit"]), (30.0, ["off_support", "misfit", "exploded"])],
 )
 def test_overshooting_steps_warn_before_their_draws_explode(gain, kinds):
     # DPS's step moves ~ 2 scale ||A|| whatever the residual: with 10 A and 30 A its draws
     # sit 50-160 times the starting noise's norm away (sliced W 170-430 times the exact
     # floor), below the ``exploded`` line at 10 A (100 since 2026-12-04, 1e3 before, when
     # both were silent); the prior's denoiser moves them 21-128 times the bound on its own
-    # draws' move
+    # draws' move; nor do the draws fit y (residuals 10^3-10^7 times the noise's, ``misfit``)
     mix, prior = _readme_mixture()
     g = torch.Generator().manual_seed(0)
     M, x = torch.randn(2, 8, generator=g), mix.sample(1, g)[0]
@@ -325,10 +326,14 @@ def test_overshooting_steps_warn_before_their_draws_explode(gain, kinds):
         res = DPS(num_steps=20).sample(prior, problem, 256, generator=g)
     assert [q.kind for q in res.info.quality] == kinds and len(rec) == len(kinds)
     assert float(res.info.support_ratio) > 10
-    # the same problem at the operator's own scale: quiet, its draws where the prior is
+    # the same problem at the operator's own scale: its draws are where the prior is (the
+    # support test is quiet), but they do not fit y: A x spreads with sd ~9 and ~4 around y
+    # where the exact posterior's spreads with sd 0.1 (noise_std), mean squared residuals
+    # thousands of times the noise's, which only the residual check (``misfit``) reports
     A1 = bfd.operators.Dense(M)
     ok = DPS(num_steps=20).sample(prior, bfd.InverseProblem(A1, A1(x) + noise, 0.1), 256, g)
-    assert ok.info.quality == [] and float(ok.info.support_ratio) < 1.5
+    assert [q.kind for q in ok.info.quality] == ["misfit"]
+    assert float(ok.info.support_ratio) < 1.5 and float(ok.info.residual_ratio) > 1e3
 
 
 def test_a_draw_thrown_off_the_learned_priors_support_is_reported_as_escaped():
@@ -348,12 +353,41 @@ def test_a_draw_thrown_off_the_learned_priors_support_is_reported_as_escaped():
         res = DPS(num_steps=20, scale=0.1).sample(
             prior, problem, 256, torch.Generator().manual_seed(1)
         )
-    assert [q.kind for q in res.info.quality] == ["escaped"] and len(rec) == 1
+    # at scale 0.1 DPS barely conditions on y: its draws' mean squared residuals are 40-80
+    # times the noise's on every generator (TDS 1.14, MCGdiff 1.04 on this problem), which
+    # the residual check reports (``misfit``); the escaped draw lies along A's null space
+    # and barely changes them
+    assert [q.kind for q in res.info.quality] == ["escaped", "misfit"] and len(rec) == 2
     assert int(res.info.escaped) == 1 and float(res.samples.norm(dim=-1).max()) > 20
     assert float(res.info.path_ratio) > 16
     for seed in (0, 2):
         ok = DPS(num_steps=20, scale=0.1).sample(
             prior, problem, 256, torch.Generator().manual_seed(seed)
         )
-        assert ok.info.quality == [] and int(ok.info.escaped) == 0
+        assert [q.kind for q in ok.info.quality] == ["misfit"] and int(ok.info.escaped) == 0
         assert float(ok.samples.norm(dim=-1).max()) < 3
+
+
+def test_draws_that_miss_the_data_by_far_more_than_its_noise_are_reported_as_misfit():
+    # a 64-D two-mode mixture, half of the coordinates observed at sigma_y = 1e-3: DPS's
+    # posterior mean is ~13 posterior standard deviations off in the observed coordinates
+    # (0.08 in the others), inside the prior's support and on its paths, so before the
+    # residual check nothing said so. Its draws miss y by ~170 noise widths (mean squared
+    # residual ~3e4 times the noise's); the exact posterior's draws by 1.
+    from bayesfilter_diff.samplers.quality import residual_line, residual_ratio
+
+    d = 64
+    mix = bfd.GaussianMixture(
+        torch.tensor([0.4, 0.6]), torch.stack([-torch.ones(d), torch.ones(d)]), 0.5 * torch.ones(2)
+    )
+    prior = mix.diffusion(bfd.VPSchedule.linear())
+    g = torch.Generator().manual_seed(0)
+    op = bfd.operators.Mask.random((d,), 0.5, generator=g)
+    y = op(mix.sample(1, g)[0]) + 1e-3 * torch.randn(op.out_dim, generator=g)
+    problem = bfd.InverseProblem(op, y, 1e-3)
+    with pytest.warns(bfd.PosteriorQualityWarning, match="do not fit the observation"):
+        res = DPS(num_steps=50).sample(prior, problem, 500, torch.Generator().manual_seed(1))
+    assert [q.kind for q in res.info.quality] == ["misfit"]
+    assert float(res.info.residual_ratio) > 1e3 * residual_line(op.out_dim)
+    exact = mix.posterior(problem).sample(500, g)[None]
+    assert float(residual_ratio(problem, exact, None)) < 2.0

@@ -392,3 +392,52 @@ def test_path_ratio_of_exact_paths_is_chi_square_and_a_far_mode_is_not_escaped()
     x1[1, 7] += 30.0
     esc = quality.escaped_draws(quality.path_ratio(sch, times, snaps, x1), x1, line, policy)
     assert esc.sum(-1).tolist() == [0, 1] and bool(esc[1, 7])
+
+
+def test_residual_ratio_of_exact_posterior_draws_averages_one_and_stays_below_its_line():
+    # with x' an exact posterior draw of a y the model produced, (x', y) is a draw of the
+    # joint law, so y - A x' is the model's noise: each draw's ratio is chi^2_{d_y} / d_y,
+    # whatever the prior, and the mean over problems of the per-problem ratios is 1 (checked
+    # within 4 of its standard errors); the stop-loss line is crossed with chance <= 1e-6
+    from bayesfilter_diff.samplers.quality import residual_line, residual_ratio
+
+    g = torch.Generator().manual_seed(0)
+    d, m, B, N = 6, 3, 300, 64
+    mix = bfd.GaussianMixture(
+        torch.tensor([0.3, 0.7], dtype=torch.float64),
+        torch.stack([-2 * torch.ones(d), 2 * torch.ones(d)]).double(),
+        torch.ones(2, dtype=torch.float64),
+    )
+    A = bfd.operators.Dense(torch.randn(m, d, generator=g, dtype=torch.float64))
+    line = residual_line(m)
+    from scipy import stats
+
+    # the stop-loss line lies a little above the chi^2_3 / 3 quantile at the same level
+    q = float(stats.chi2.isf(1e-6, m)) / m
+    assert q < line < 1.1 * q
+    for sigma in (0.01, 1.0):
+        y = A(mix.sample(B, g)) + sigma * torch.randn(B, m, generator=g, dtype=torch.float64)
+        prob = bfd.InverseProblem(A, y, sigma)
+        draws = torch.stack(
+            [mix.posterior(bfd.InverseProblem(A, y[b], sigma)).sample(N, g) for b in range(B)]
+        )
+        r = residual_ratio(prob, draws, None)
+        assert r is not None and r.shape == (B,) and r.dtype == torch.float64
+        se = float(r.std()) / math.sqrt(B)
+        assert abs(float(r.mean()) - 1) < 4 * se, (sigma, float(r.mean()), se)
+        assert float(r.max()) < line
+        # weights: uniform ones change nothing, one particle's weight gives its own ratio
+        zero = torch.zeros(B, N, dtype=torch.float64)
+        torch.testing.assert_close(residual_ratio(prob, draws, zero), r)
+        one = torch.full((B, N), -math.inf, dtype=torch.float64)
+        one[:, 0] = 0.0
+        own = ((y - A(draws[:, 0])) ** 2).sum(-1) / (m * sigma**2)
+        torch.testing.assert_close(residual_ratio(prob, draws, one), own)
+    # draws that ignore y (the prior's own) are far above the line at sigma_y = 0.01
+    prior_draws = mix.sample(B * N, g).reshape(B, N, d)
+    r = residual_ratio(bfd.InverseProblem(A, y, 0.01), prior_draws, None)
+    assert r is not None and bool((r > 100 * line).all())
+    # no Gaussian noise of a known scale, no check
+    assert residual_ratio(bfd.InverseProblem(A, y, 0.0), draws, None) is None
+    pois = bfd.InverseProblem(A, y.abs().round(), noise="poisson")
+    assert residual_ratio(pois, draws, None) is None

@@ -564,6 +564,8 @@ def run(
             line = quality.path_line(x[0, 0].numel(), N, len(snapshots))
             info.path_ratio = ratio.max(-1).values
             info.escaped = quality.escaped_draws(ratio, x, line, quality.QualityPolicy()).sum(-1)
+    # does the cloud fit y as the noise model says (a posterior predictive check)?
+    info.residual_ratio = quality.residual_ratio(problem, x, out_w)
     # the quality check: findings in info.quality, each warned with its remedy
     start_scale = float(prior.schedule.sigma(times[0])) * math.sqrt(max(1, x[0, 0].numel()))
     info.quality = quality.assess(
@@ -574,6 +576,7 @@ def run(
         max(start_scale, 1.0),
         problem.batched,
         log_weights=out_w,
+        obs_dim=problem.y_flat.shape[-1],
     )
     quality.warn(info.quality)
     info.wall_time = time.perf_counter() - start

@@ -360,6 +360,10 @@ def run_cell(
         "wall_time": round(wall, 2),
         "ess_final": _r(res.ess(), 1) if res.log_weights is not None else None,
         "unique": [int(torch.unique(x.flatten(1), dim=0).shape[0]) for x in samples],
+        "residual_ratio": (
+            None if res.info.residual_ratio is None else _r(res.info.residual_ratio, 3)
+        ),
+        "warned": sorted({q.kind for q in res.info.quality}),
         "sampler_repr": repr(sampler),
         "mean": _r(mean),
         "std": _r(std),
