@@ -676,6 +676,20 @@ def highlights(tasks, samplers, cells: dict[str, dict], st: Settings) -> list[st
     return out
 
 
+def _lines(tasks: Sequence[str]) -> str:
+    """The residual check's lines of the tasks' observation sizes, as a range."""
+    from ..samplers.quality import residual_line
+
+    ls = [residual_line(make_operator(t)[0].out_dim) for t in tasks]
+    return f"{min(ls):.2f}-{max(ls):.2f}"
+
+
+def _resid(rec: dict) -> str:
+    """The largest residual ratio over a cell's images, or '' (no Gaussian-noise check)."""
+    r = rec.get("residual_ratio")
+    return "" if not r else f"{max(r):.2f}"
+
+
 def write_report(
     out: Path,
     tasks: Sequence[str],
@@ -749,29 +763,35 @@ def write_report(
         "prior, so this is indicative only; 0.9 for a calibrated posterior of the true prior); "
         "ESS: final effective sample size of the SMC particles (min over images); distinct: "
         "number of distinct particles after the final resampling (min over images; a weighted "
-        "sampler whose particles collapsed to a few copies reports a tiny std).",
+        "sampler whose particles collapsed to a few copies reports a tiny std); resid: the "
+        "largest over the images of the draws' mean `||y - A(x)||^2 / (d_y sigma_y^2)` "
+        "(`info.residual_ratio`; 1 on average for exact draws of data the model produced, "
+        f"warned as `misfit` above its line, here {_lines(tasks)}); warned: the quality check's "
+        "findings on any image (`info.quality`).",
         "",
     ]
     for t in tasks:
         L += [
             f"### {TASK_TITLES[t]}",
             "",
-            "| sampler | PSNR | SSIM | NFE | wall (s) | mean std | cov90 | ESS | distinct |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| sampler | PSNR | SSIM | NFE | wall (s) | mean std | cov90 | ESS | distinct "
+            "| resid | warned |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name in samplers:
             rec = cells.get(f"{t}__{name}")
             if rec is None:
                 continue
             if rec.get("status") != "ok":
-                L.append(f"| {name} | failed: {rec.get('error', '')[:80]} | | | | | | | |")
+                L.append(f"| {name} | failed: {rec.get('error', '')[:80]} | | | | | | | | | |")
                 continue
             ess = min(rec["ess_final"]) if rec.get("ess_final") else None
             cov = sum(rec["cov90"]) / len(rec["cov90"])
             L.append(
                 f"| {name} | {rec['psnr_mean']:.2f} | {rec['ssim_mean']:.3f} | {rec['nfe']} | "
                 f"{rec['wall_time']:.1f} | {rec['mean_std']:.3f} | {cov:.2f} | "
-                f"{'' if ess is None else f'{ess:.1f}'} | {min(rec['unique'])} |"
+                f"{'' if ess is None else f'{ess:.1f}'} | {min(rec['unique'])} | "
+                f"{_resid(rec)} | {', '.join(rec.get('warned') or [])} |"
             )
         if skipped.get(t):
             L.append("")
