@@ -65,6 +65,9 @@ def test_linear_gaussian_model_gives_the_samplers_draws_bit_for_bit():
     assert post.info["nfe"] == ref.info["nfe"] and post.result.log_weights is post.log_weights
     assert post.draws(100, generator=torch.Generator().manual_seed(0)).shape == (100, 2)
     assert post.mean().shape == (2,)
+    # the particles are weighted: weights() averages them as mean() does
+    assert torch.equal(post.weights(), ref.weights())
+    torch.testing.assert_close((post.weights()[:, None] * post.samples).sum(0), post.mean())
     # Pyro's get_samples: equally weighted draws, as many as the run's N by default, the
     # same as draws() on the same generator
     got = post.get_samples(generator=torch.Generator().manual_seed(3))

@@ -55,12 +55,19 @@ class Posterior:
 
     @property
     def samples(self) -> Tensor:
-        """``(B, N, *event)`` or ``(N, *event)``."""
+        """The particles, ``(B, N, *event)`` or ``(N, *event)``: *weighted* for an SMC
+        sampler (average them with :meth:`weights`, as :meth:`mean` does; a plain average
+        of them is not a posterior average), or take equally weighted draws with
+        :meth:`get_samples` / :meth:`draws`."""
         return self.result.samples
 
     @property
     def log_weights(self) -> Tensor | None:
         return self.result.log_weights
+
+    def weights(self) -> Tensor:
+        """Normalised weights of :attr:`samples` (uniform for unweighted samplers), float64."""
+        return self.result.weights()
 
     @property
     def log_evidence(self) -> Tensor | None:

@@ -53,7 +53,13 @@ from ..errors import DegenerateWeightsError, NonFiniteSamplesError
 from ..priors.base import DiffusionModel
 from ..problem import InverseProblem
 from ..result import Result, RunInfo
-from ..smc.particles import ParticleWeights, distinct_count, genealogy_ess, index_particles
+from ..smc.particles import (
+    ParticleWeights,
+    distinct_count,
+    genealogy_ess,
+    index_particles,
+    log_evidence_se,
+)
 from . import quality
 from .kernels import DDIMCoefficients, ddim_weights, time_at_log_snr
 
@@ -433,6 +439,10 @@ def run(
     sampler.check(prior, problem)
     start = time.perf_counter()
     out_dtype = problem.y.dtype
+    # can the input's dtype resolve y at its noise level? (16-bit inputs are computed in
+    # float32, finer than their own rounding)
+    coarse = out_dtype
+    precision = quality.precision_ratio(problem, coarse)
     model = prior  # the caller's (the upcast below may wrap a 16-bit network)
     if out_dtype in _LOW:
         prior, problem = _upcast(prior, problem)
@@ -556,6 +566,8 @@ def run(
     info.start_kl = divergence(times[0]) if divergence is not None else None
     if weighted:
         info.genealogy_ess = genealogy_ess(w.log_w.exp(), x, w.roots)
+        if out_z is not None:  # the evidence's Monte Carlo error, from the same genealogy
+            info.log_evidence_se = log_evidence_se(w.log_w.exp(), w.roots)
     else:  # where the prior puts the draws: overshooting steps of an approximate sampler
         t_lo, t_hi = float(ctx.times.min()), float(ctx.times.max())
         info.support_ratio = quality.support_ratio(prior, x, t_lo, t_hi)
@@ -577,6 +589,8 @@ def run(
         problem.batched,
         log_weights=out_w,
         obs_dim=problem.y_flat.shape[-1],
+        precision=precision,
+        dtype=coarse,
     )
     quality.warn(info.quality)
     info.wall_time = time.perf_counter() - start

@@ -11,6 +11,7 @@ from .particles import (
     genealogy_ess,
     genealogy_variance,
     index_particles,
+    log_evidence_se,
 )
 from .resampling import (
     RESAMPLERS,
@@ -27,6 +28,7 @@ __all__ = [
     "ParticleWeights",
     "distinct_count",
     "genealogy_ess",
+    "log_evidence_se",
     "genealogy_variance",
     "index_particles",
     "RESAMPLERS",

@@ -28,6 +28,7 @@ __all__ = [
     "distinct_count",
     "genealogy_variance",
     "genealogy_ess",
+    "log_evidence_se",
 ]
 
 T = TypeVar("T")
@@ -154,6 +155,24 @@ def genealogy_variance(W: Tensor, phi: Tensor, roots: Tensor) -> tuple[Tensor, T
     idx = roots.to(c.device).long()[..., None].expand_as(c)
     sums = torch.zeros_like(c).scatter_add_(1, idx, c)
     return mean, (sums**2).sum(1)
+
+
+def log_evidence_se(W: Tensor, roots: Tensor) -> Tensor:
+    """The genealogy estimate of the Monte Carlo standard deviation of one run's
+    log-evidence, ``(B,)`` float64 (Chan & Lai 2013, the normalising constant's case):
+    with ``S_e`` the final weight of the particles descending from initial particle ``e``,
+    ``Var[Z_hat] / Z^2 ~ sum_e (S_e - 1 / N)^2 = sum_e S_e^2 - 1 / N`` (each initial
+    particle's share of the final mass against its fair share), and by the delta method
+    that is the variance of ``log Z_hat``. Without resampling it is the importance
+    sampler's ``sum_i (W_i - 1 / N)^2``; a cloud descending from one particle gives
+    ``sqrt(1 - 1 / N)``. Biased low below :data:`MIN_LINEAGES` surviving lineages, like
+    :func:`genealogy_variance`; the resampling's own drift makes it biased high by up to
+    about ``(resamplings) / N`` in variance (Lee & Whiteley 2018 subtract it for
+    multinomial resampling at every step; systematic resampling drifts far less)."""
+    Wd = W.double()
+    share = torch.zeros_like(Wd).scatter_add_(1, roots.to(Wd.device).long(), Wd)
+    var = (share**2).sum(1) - 1.0 / Wd.shape[1]
+    return var.clamp_min(0.0).sqrt()
 
 
 #: below this many surviving time-0 lineages the genealogy estimate is not trusted: the
