@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from dataclasses import dataclass
 
 import matplotlib
@@ -660,3 +661,60 @@ def test_exact_w2_with_pot_matches_scipy_and_scales_past_the_lp(monkeypatch):
         bfd.diagnostics.wasserstein2_exact(big_x, big_y)
     monkeypatch.undo()
     assert float(bfd.diagnostics.wasserstein2_exact(big_x, big_y)) > 0  # 1.8e6 variables
+
+
+@pytest.mark.slow
+def test_step_check_sees_the_ddim_kernels_evidence_error_and_not_the_analytic_ones():
+    # README mixture, 2 x 8 operator, sigma_y = 0.1: TDS's DDIM kernel misses the exact
+    # log-evidence by +0.245 at 20 steps and +0.149 at 40; the check sees the shift (4.6 of
+    # its Monte Carlo sd at N = 8192) and warns. The analytic reverse variance misses by
+    # -0.017 / -0.012 at 50 / 100 steps: no shift beyond the noise, no warning.
+    g = torch.Generator().manual_seed(0)
+    d = 8
+    gmm = bfd.GaussianMixture(
+        torch.tensor([0.3, 0.7]),
+        torch.stack([-2 * torch.ones(d), 2 * torch.ones(d)]),
+        torch.ones(2),
+    )
+    prior = gmm.diffusion(bfd.VPSchedule.linear())
+    A = bfd.operators.Dense(torch.randn(2, d, generator=g))
+    y = A(gmm.sample(1, g)[0]) + 0.1 * torch.randn(2, generator=g)
+    problem = bfd.InverseProblem(A, y, 0.1)
+    exact = float(gmm.log_evidence(problem))
+    with pytest.warns(bfd.PosteriorQualityWarning, match="from 20 to 40 steps"):
+        c = bfd.diagnostics.step_check(
+            bfd.samplers.TDS(num_steps=20), prior, problem, 8192, torch.Generator().manual_seed(1)
+        )
+    assert c.steps == (20, 40) and bool(c.moved)
+    errs = [float(r.log_evidence) - exact for r in c.results]
+    assert errs[0] > errs[1] > 0.1  # the coarse run's error the larger
+    assert float(c.log_evidence_shift) < -4 * float(c.log_evidence_se)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        ok = bfd.diagnostics.step_check(
+            bfd.samplers.TDS(num_steps=50, reverse_variance="analytic"),
+            prior,
+            problem,
+            8192,
+            torch.Generator().manual_seed(1),
+        )
+    assert not [w for w in rec if "steps" in str(w.message)]
+    assert not bool(ok.moved) and abs(float(ok.log_evidence_shift)) < 3 * float(ok.log_evidence_se)
+
+
+def test_step_check_shapes_and_errors():
+    d = 3
+    gmm = bfd.GaussianMixture(torch.ones(1), torch.zeros(1, d), torch.ones(1))
+    prior = gmm.diffusion(bfd.VPSchedule.linear())
+    A = bfd.operators.Dense(torch.eye(2, d))
+    batched = bfd.InverseProblem(A, torch.zeros(3, 2), 0.5)
+    g = torch.Generator().manual_seed(0)
+    c = bfd.diagnostics.step_check(bfd.samplers.TDS(num_steps=4), prior, batched, 16, g, warn=False)
+    assert c.steps == (4, 8) and c.results[1].info.num_steps >= 8
+    assert c.log_evidence_shift.shape == c.log_evidence_se.shape == c.moved.shape == (3,)
+    assert c.mean_shift.shape == c.mean_z.shape == (3,)
+    one = bfd.InverseProblem(A, torch.zeros(2), 0.5)
+    c1 = bfd.diagnostics.step_check(bfd.samplers.DPS(num_steps=4), prior, one, 16, g, factor=3)
+    assert c1.steps == (4, 12) and c1.log_evidence_shift is None and c1.moved.dim() == 0
+    with pytest.raises(ValueError, match="factor"):
+        bfd.diagnostics.step_check(bfd.samplers.TDS(num_steps=5), prior, one, 8, factor=1)

@@ -50,6 +50,7 @@ from .plots import (
 from .smc import (
     EvidenceEstimate,
     MeanEstimate,
+    StepCheck,
     ess_trace,
     genealogy_mcse,
     log_bayes_factor,
@@ -57,9 +58,12 @@ from .smc import (
     pooled_log_evidence,
     resampling_events,
     runs_mcse,
+    step_check,
 )
 
 __all__ = [
+    "StepCheck",
+    "step_check",
     "MeanEstimate",
     "runs_mcse",
     "genealogy_mcse",
