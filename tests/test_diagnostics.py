@@ -669,17 +669,9 @@ def test_step_check_sees_the_ddim_kernels_evidence_error_and_not_the_analytic_on
     # log-evidence by +0.245 at 20 steps and +0.149 at 40; the check sees the shift (4.6 of
     # its Monte Carlo sd at N = 8192) and warns. The analytic reverse variance misses by
     # -0.017 / -0.012 at 50 / 100 steps: no shift beyond the noise, no warning.
-    g = torch.Generator().manual_seed(0)
-    d = 8
-    gmm = bfd.GaussianMixture(
-        torch.tensor([0.3, 0.7]),
-        torch.stack([-2 * torch.ones(d), 2 * torch.ones(d)]),
-        torch.ones(2),
-    )
-    prior = gmm.diffusion(bfd.VPSchedule.linear())
-    A = bfd.operators.Dense(torch.randn(2, d, generator=g))
-    y = A(gmm.sample(1, g)[0]) + 0.1 * torch.randn(2, generator=g)
-    problem = bfd.InverseProblem(A, y, 0.1)
+    from _readme import readme_problem
+
+    gmm, prior, problem = readme_problem(8, 0.1, torch.Generator().manual_seed(0))
     exact = float(gmm.log_evidence(problem))
     with pytest.warns(bfd.PosteriorQualityWarning, match="from 20 to 40 steps"):
         c = bfd.diagnostics.step_check(

@@ -463,16 +463,10 @@ def test_log_evidence_se_matches_the_spread_of_independent_runs():
     # against the spread of R independent runs (a batch of R copies of one problem): the
     # sample sd's log has standard error ~ 1 / sqrt(2 (R - 1)); the estimate is within 4 of
     # them (measured 0.97 for TDS and 0.91 for MCGdiff here, which resamples at every step)
-    d, R = 8, 64
-    mix = bfd.GaussianMixture(
-        torch.tensor([0.3, 0.7]),
-        torch.stack([-2 * torch.ones(d), 2 * torch.ones(d)]),
-        torch.ones(2),
-    )
-    prior = mix.diffusion(bfd.VPSchedule.linear())
-    A = bfd.operators.Dense(torch.randn(2, d, generator=g))
-    y = A(mix.sample(1, g)[0]) + 0.1 * torch.randn(2, generator=g)
-    problem = bfd.InverseProblem(A, y.expand(R, 2).clone(), 0.1)
+    from _readme import readme_problem
+
+    R = 64
+    _, prior, problem = readme_problem(8, 0.1, g, copies=R)
     band = 4 / math.sqrt(2 * (R - 1))
     for sampler, N in (
         (bfd.samplers.TDS(num_steps=20), 256),
