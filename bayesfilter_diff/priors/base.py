@@ -184,6 +184,36 @@ class DiffusionModel(nn.Module):
             return (out * q).addcmul_(x_t, p)
         return self._evaluate(net, x_t, t)
 
+    def denoise_vjp(
+        self, x_t: Tensor, t: Tensor | float, fn: Callable[[Tensor], tuple[Tensor, Tensor]]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``x0_hat``, ``v`` and ``J^T u`` where ``(v, u) = fn(x0_hat)`` (``fn`` sees
+        ``x0_hat`` detached; ``J = d x0_hat / d x_t``), by one backward pass.
+
+        For an eps / v / score / velocity network at a scalar time ``x0_hat = p x_t + q
+        out``, so ``J^T u = q J_out^T u + p u``: autograd runs through the network only,
+        with ``q u`` as its output's cotangent, and ``p u`` is added in place (two passes,
+        where autograd through the affine map takes three, each a fresh array). Otherwise
+        autograd runs through :meth:`denoise`."""
+        net = self.net
+        if isinstance(net, _Adapter) and torch.as_tensor(t).dim() == 0:
+            tt = torch.as_tensor(t).to(dtype=x_t.dtype, device=x_t.device)
+            p, q = net.affine(tt)
+            with torch.enable_grad():
+                xr = x_t.detach().requires_grad_(True)
+                out = self._evaluate(net.net, xr, t)
+            x0 = (out.detach() * q).addcmul_(x_t, p)
+            v, u = fn(x0)
+            (g,) = torch.autograd.grad(out, xr, grad_outputs=u * q)
+            # (a network's input gradient may come back as a broadcast view: out of place)
+            return x0, v, g.addcmul_(u, p) if g.is_contiguous() else g.addcmul(u, p)
+        with torch.enable_grad():
+            xr = x_t.detach().requires_grad_(True)
+            x0 = self.denoise(xr, t)
+            v, u = fn(x0.detach())
+            (g,) = torch.autograd.grad(x0, xr, grad_outputs=u)
+        return x0.detach(), v, g
+
     def _evaluate(self, net: Denoiser, x_t: Tensor, t: Tensor | float) -> Tensor:
         """``net`` on the flattened batch (in chunks of ``chunk_size``), in ``x_t``'s shape."""
         self._check(x_t)

@@ -180,6 +180,10 @@ class Context:
         coordinate basis; one more backward pass per probe."""
         self.nfe += 1
         self.backprop = True
+        vjp = getattr(self.prior, "denoise_vjp", None)
+        if direction and probe is None and vjp is not None:
+            x0, v, g = vjp(x, t, fn)
+            return x0, v.detach(), g, None
         with torch.enable_grad():
             xr = x.detach().requires_grad_(True)
             x0 = self.prior.denoise(xr, t)
