@@ -117,7 +117,9 @@ class RunInfo:
         over the draws of ``||y - A(x)||^2 / (d_y sigma_y^2)``
         (:func:`~bayesfilter_diff.samplers.quality.residual_ratio`), 1 on average for exact
         posterior draws of observations the model produced; warned as ``misfit`` above
-        :func:`~bayesfilter_diff.samplers.quality.residual_line` (the draws do not fit ``y``).
+        :func:`~bayesfilter_diff.samplers.quality.residual_line` (the draws do not fit ``y``)
+        and as ``overfit`` below
+        :func:`~bayesfilter_diff.samplers.quality.residual_low_line` (they follow its noise).
         ``None`` for other likelihoods.
     steps
         The sampler's per-step record (a dataclass whose fields are stacked over steps), or

@@ -181,3 +181,24 @@ def test_errors():
     for kw in ({"eta": -0.1}, {"eta": 1.1}, {"eta_b": 2.0}, {"num_steps": 0}, {"grid": "log"}):
         with pytest.raises(ValueError, match=next(iter(kw))):
             DDRM(**kw)
+
+
+def test_draws_that_follow_the_datas_noise_are_reported_as_overfit():
+    # the 64-D masked mixture at sigma_y = 1e-2: DDRM's mean is right (0.03 posterior sd) but
+    # its draws sit ~0.3 noise widths from y in the observed coordinates where the exact
+    # posterior's spread there is ~1 (mean squared residual 0.1 of the noise's, against a
+    # line of 0.2 at d_y = 32 that exact draws cross with chance <= 1e-6)
+    from _masked import masked_mixture_problem
+
+    from bayesfilter_diff.samplers.quality import residual_low_line, residual_ratio
+
+    g = torch.Generator().manual_seed(0)
+    mix, prior, problem = masked_mixture_problem(1e-2, g)
+    line = residual_low_line(problem.operator.out_dim)
+    assert 0.15 < line < 0.25
+    with pytest.warns(bfd.PosteriorQualityWarning, match="more tightly than its noise"):
+        res = DDRM(num_steps=50).sample(prior, problem, 500, torch.Generator().manual_seed(1))
+    assert [q.kind for q in res.info.quality] == ["overfit"]
+    assert float(res.info.residual_ratio) < 0.6 * line
+    exact = mix.posterior(problem).sample(500, g)[None]
+    assert float(residual_ratio(problem, exact, None)) > 0.5

@@ -374,17 +374,13 @@ def test_draws_that_miss_the_data_by_far_more_than_its_noise_are_reported_as_mis
     # (0.08 in the others), inside the prior's support and on its paths, so before the
     # residual check nothing said so. Its draws miss y by ~170 noise widths (mean squared
     # residual ~3e4 times the noise's); the exact posterior's draws by 1.
+    from _masked import masked_mixture_problem
+
     from bayesfilter_diff.samplers.quality import residual_line, residual_ratio
 
-    d = 64
-    mix = bfd.GaussianMixture(
-        torch.tensor([0.4, 0.6]), torch.stack([-torch.ones(d), torch.ones(d)]), 0.5 * torch.ones(2)
-    )
-    prior = mix.diffusion(bfd.VPSchedule.linear())
     g = torch.Generator().manual_seed(0)
-    op = bfd.operators.Mask.random((d,), 0.5, generator=g)
-    y = op(mix.sample(1, g)[0]) + 1e-3 * torch.randn(op.out_dim, generator=g)
-    problem = bfd.InverseProblem(op, y, 1e-3)
+    mix, prior, problem = masked_mixture_problem(1e-3, g)
+    op = problem.operator
     with pytest.warns(bfd.PosteriorQualityWarning, match="do not fit the observation"):
         res = DPS(num_steps=50).sample(prior, problem, 500, torch.Generator().manual_seed(1))
     assert [q.kind for q in res.info.quality] == ["misfit"]

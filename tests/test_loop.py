@@ -415,6 +415,13 @@ def test_residual_ratio_of_exact_posterior_draws_averages_one_and_stays_below_it
     # the stop-loss line lies a little above the chi^2_3 / 3 quantile at the same level
     q = float(stats.chi2.isf(1e-6, m)) / m
     assert q < line < 1.1 * q
+    # the lower line: a little below the chi^2 lower quantile, at most 0.5, and useless
+    # (near 0) for a few observed coordinates, where chi^2 has mass near 0
+    from bayesfilter_diff.samplers.quality import residual_low_line
+
+    q32 = float(stats.chi2.ppf(1e-6, 32)) / 32
+    assert 0.9 * q32 < residual_low_line(32) < q32
+    assert residual_low_line(m) < 1e-3 and residual_low_line(100_000) == 0.5
     for sigma in (0.01, 1.0):
         y = A(mix.sample(B, g)) + sigma * torch.randn(B, m, generator=g, dtype=torch.float64)
         prob = bfd.InverseProblem(A, y, sigma)
