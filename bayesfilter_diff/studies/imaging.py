@@ -676,11 +676,13 @@ def highlights(tasks, samplers, cells: dict[str, dict], st: Settings) -> list[st
     return out
 
 
-def _lines(tasks: Sequence[str]) -> str:
-    """The residual check's lines of the tasks' observation sizes, as a range."""
-    from ..samplers.quality import residual_line
+def _lines(tasks: Sequence[str], low: bool = False) -> str:
+    """The residual check's (upper or lower) lines of the tasks' observation sizes, as a
+    range."""
+    from ..samplers.quality import residual_line, residual_low_line
 
-    ls = [residual_line(make_operator(t)[0].out_dim) for t in tasks]
+    line = residual_low_line if low else residual_line
+    ls = [line(make_operator(t)[0].out_dim) for t in tasks]
     return f"{min(ls):.2f}-{max(ls):.2f}"
 
 
@@ -766,7 +768,8 @@ def write_report(
         "sampler whose particles collapsed to a few copies reports a tiny std); resid: the "
         "largest over the images of the draws' mean `||y - A(x)||^2 / (d_y sigma_y^2)` "
         "(`info.residual_ratio`; 1 on average for exact draws of data the model produced, "
-        f"warned as `misfit` above its line, here {_lines(tasks)}); warned: the quality check's "
+        f"warned as `misfit` above its line, here {_lines(tasks)}, and as `overfit` below its "
+        f"lower line, {_lines(tasks, low=True)}); warned: the quality check's "
         "findings on any image (`info.quality`).",
         "",
     ]
