@@ -387,3 +387,23 @@ def test_draws_that_miss_the_data_by_far_more_than_its_noise_are_reported_as_mis
     assert float(res.info.residual_ratio) > 1e3 * residual_line(op.out_dim)
     exact = mix.posterior(problem).sample(500, g)[None]
     assert float(residual_ratio(problem, exact, None)) < 2.0
+
+
+def test_linear_gaussian_data_fit_in_closed_form_equals_autograd(monkeypatch):
+    # -0.5 ||y - A x0||^2 with its gradient A^T (y - A x0) in closed form (autograd only
+    # through the denoiser) against autograd through the operator and the squares: the same
+    # draws in float64
+    d = 6
+    mix = bfd.GaussianMixture(
+        torch.tensor([0.3, 0.7], dtype=torch.float64),
+        torch.stack([-2 * torch.ones(d), 2 * torch.ones(d)]).double(),
+        torch.ones(2, dtype=torch.float64),
+    )
+    prior = mix.diffusion(bfd.VPSchedule.linear())
+    g = torch.Generator().manual_seed(0)
+    A = bfd.operators.Dense(torch.randn(3, d, generator=g, dtype=torch.float64))
+    problem = bfd.InverseProblem(A, torch.randn(2, 3, generator=g, dtype=torch.float64), 0.1)
+    closed = DPS(num_steps=10).sample(prior, problem, 64, torch.Generator().manual_seed(1))
+    monkeypatch.setattr(DPS, "_linear_gaussian", staticmethod(lambda ctx: False))
+    auto = DPS(num_steps=10).sample(prior, problem, 64, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(closed.samples, auto.samples, rtol=1e-9, atol=1e-9)

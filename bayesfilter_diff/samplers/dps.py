@@ -149,6 +149,22 @@ class DPS(Sampler):
         mu = rate * op(x0)
         return flat_sum(mu - y + torch.xlogy(y, y) - torch.xlogy(y, mu))
 
+    @staticmethod
+    def _linear_gaussian(ctx: Context) -> bool:
+        return ctx.problem.noise == "gaussian" and ctx.problem.is_linear_gaussian
+
+    @staticmethod
+    def _linear_gaussian_fit(ctx: Context, setup: DPSSetup):
+        """``x0 -> (-0.5 ||y - A x0||^2, A^T (y - A x0))`` per particle."""
+        op = cast(LinearOperator, ctx.problem.operator)
+        y = setup.y
+
+        def fit(x0: Tensor) -> tuple[Tensor, Tensor]:
+            r = torch.sub(y, op(x0))
+            return -0.5 * rowsq(op.flat_out(r)), op.adjoint(r)
+
+        return fit
+
     # ------------------------------------------------------------------ the sampler
     def setup(self, ctx: Context) -> DPSSetup:
         y = ctx.y.unsqueeze(1)  # (B, 1, *out)
@@ -174,10 +190,13 @@ class DPS(Sampler):
         # 1. x0_hat(x_t), D_i = ||y - A(x0_hat)||^2 per particle, and grad_{x_t} D_i (times
         #    gscale: on the pixel grid the gradient of -D / 2, in closed form, with autograd
         #    only through the network).
-        if setup.pixel is not None and self.clamp_x0 is None:
-            x0, half, grad, _ = ctx.denoise_backward(
-                x, t, setup.pixel.value_and_grad, direction=True
-            )
+        closed = setup.pixel.value_and_grad if setup.pixel is not None else None
+        if closed is None and self._linear_gaussian(ctx):
+            closed = self._linear_gaussian_fit(ctx, setup)
+        if closed is not None and self.clamp_x0 is None:
+            # -0.5 ||y - A x0||^2 and its gradient A^T (y - A x0) in closed form: autograd
+            # only through the network
+            x0, half, grad, _ = ctx.denoise_backward(x, t, closed, direction=True)
             dist, gscale = -2.0 * half, -2.0
         else:
             x0, dist, grad = ctx.denoise_with_grad(x, t, lambda x0: self.distance(ctx, setup, x0))
