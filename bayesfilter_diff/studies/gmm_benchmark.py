@@ -92,10 +92,11 @@ def prior_chain_cell(cell: dict[str, Any]) -> dict[str, Any]:
     gmm, _, _ = benchmark_problem(cell["d"], cell["d_y"], cell["seed"])
     gmm = gmm.to(device)
     dt = gmm.means.dtype
+    # (a noiseless dummy: the prior-only chain ignores it, and the residual check with it)
     dummy = InverseProblem(
         Dense(torch.zeros(1, cell["d"], dtype=dt, device=device)),
         torch.zeros(1, dtype=dt, device=device),
-        1.0,
+        0.0,
     )
     g = torch.Generator(device=device).manual_seed(
         _seed("run", PRIOR_CHAIN, cell["seed"], cell["d"], cell["d_y"])

@@ -235,7 +235,8 @@ def prior_chain_cell(cell: dict[str, Any]) -> dict[str, Any]:
     from ..problem import InverseProblem
 
     gmm = quadrature_prior()
-    dummy = InverseProblem(Dense(torch.zeros(1, 2, dtype=DT)), torch.zeros(1, dtype=DT), 1.0)
+    # (a noiseless dummy: the prior-only chain ignores it, and the residual check with it)
+    dummy = InverseProblem(Dense(torch.zeros(1, 2, dtype=DT)), torch.zeros(1, dtype=DT), 0.0)
     g = torch.Generator().manual_seed(cell["seed"])
     x = build("DDIM", cell["steps"]).sample(
         gmm.diffusion(VPSchedule.linear()), dummy, cell["N"], generator=g
