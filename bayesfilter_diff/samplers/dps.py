@@ -33,6 +33,7 @@ Defaults and departures:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -60,6 +61,9 @@ class DPSSetup:
     #: masks / the identity under Gaussian noise: ``-0.5 ||U^T y - s x0||^2`` on the pixel
     #: grid, with its gradient in closed form
     pixel: PixelGaussian | None = None
+    #: linear operators under Gaussian noise: ``x0 -> (-0.5 ||y - A x0||^2, its gradient)``
+    #: in closed form (the pixel form for masks / the identity), else ``None``
+    fit: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
 
 
 @dataclass(frozen=True)
@@ -151,13 +155,11 @@ class DPS(Sampler):
 
     @staticmethod
     def _linear_gaussian(ctx: Context) -> bool:
-        return ctx.problem.noise == "gaussian" and ctx.problem.is_linear_gaussian
+        return ctx.problem.is_linear_gaussian
 
     @staticmethod
-    def _linear_gaussian_fit(ctx: Context, setup: DPSSetup):
+    def _linear_gaussian_fit(op: LinearOperator, y: Tensor):
         """``x0 -> (-0.5 ||y - A x0||^2, A^T (y - A x0))`` per particle."""
-        op = cast(LinearOperator, ctx.problem.operator)
-        y = setup.y
 
         def fit(x0: Tensor) -> tuple[Tensor, Tensor]:
             r = torch.sub(y, op(x0))
@@ -176,7 +178,10 @@ class DPS(Sampler):
             lin = cast(LinearOperator, op)
             s = lin.pixel_singular_values().to(dtype=y.dtype, device=y.device)  # (d,)
             pixel = PixelGaussian(lin, lin.pixel_observation(lin.Ut(y)), s)
-        return DPSSetup(y, 0.5 / y.clamp_min(1.0) if weighted else None, pixel)
+        fit = pixel.value_and_grad if pixel is not None else None
+        if fit is None and self._linear_gaussian(ctx):
+            fit = self._linear_gaussian_fit(cast(LinearOperator, op), y)
+        return DPSSetup(y, 0.5 / y.clamp_min(1.0) if weighted else None, pixel, fit)
 
     def init(self, ctx: Context, setup: DPSSetup) -> tuple[DPSState, None]:
         # x_T ~ N(0, sigma_T^2 I) (the code's x_start = randn at t = T).
@@ -190,13 +195,10 @@ class DPS(Sampler):
         # 1. x0_hat(x_t), D_i = ||y - A(x0_hat)||^2 per particle, and grad_{x_t} D_i (times
         #    gscale: on the pixel grid the gradient of -D / 2, in closed form, with autograd
         #    only through the network).
-        closed = setup.pixel.value_and_grad if setup.pixel is not None else None
-        if closed is None and self._linear_gaussian(ctx):
-            closed = self._linear_gaussian_fit(ctx, setup)
-        if closed is not None and self.clamp_x0 is None:
+        if setup.fit is not None and self.clamp_x0 is None:
             # -0.5 ||y - A x0||^2 and its gradient A^T (y - A x0) in closed form: autograd
             # only through the network
-            x0, half, grad, _ = ctx.denoise_backward(x, t, closed, direction=True)
+            x0, half, grad, _ = ctx.denoise_backward(x, t, setup.fit, direction=True)
             dist, gscale = -2.0 * half, -2.0
         else:
             x0, dist, grad = ctx.denoise_with_grad(x, t, lambda x0: self.distance(ctx, setup, x0))

@@ -445,8 +445,7 @@ def run(
     out_dtype = problem.y.dtype
     # can the input's dtype resolve y at its noise level? (16-bit inputs are computed in
     # float32, finer than their own rounding)
-    coarse = out_dtype
-    precision = quality.precision_ratio(problem, coarse)
+    precision = quality.precision_ratio(problem, out_dtype)
     model = prior  # the caller's (the upcast below may wrap a 16-bit network)
     if out_dtype in _LOW:
         prior, problem = _upcast(prior, problem)
@@ -594,7 +593,7 @@ def run(
         log_weights=out_w,
         obs_dim=problem.y_flat.shape[-1],
         precision=precision,
-        dtype=coarse,
+        dtype=out_dtype,
     )
     quality.warn(info.quality)
     info.wall_time = time.perf_counter() - start
