@@ -46,6 +46,13 @@ class InverseProblem:
         Optional custom ``log p(y | x)``: ``fn(x, y) -> (...)`` for ``x`` of shape
         ``(B, N, *in_shape)`` and ``y`` of shape ``(B, 1, *out_shape)``; overrides the noise
         model (used by :func:`bayesfilter_diff.infer` for likelihoods written in Pyro).
+    squared_scores_fn
+        Optional, with ``log_likelihood_fn``: ``fn(x) -> (B, N)`` float64, the sum over
+        ``y``'s ``d_y`` entries of their squared normal scores under ``p(y | x)``
+        (:mod:`bayesfilter_diff.samplers.scores`), or ``None``; the posterior predictive check
+        (``info.residual_ratio``) reads it. :func:`bayesfilter_diff.infer` supplies it for
+        Pyro sites of the laws that module lists; without it a custom likelihood is not
+        checked.
     """
 
     def __init__(
@@ -57,6 +64,7 @@ class InverseProblem:
         noise: str = "gaussian",
         poisson_rate: float = 1.0,
         log_likelihood_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        squared_scores_fn: Callable[[Tensor], Tensor | None] | None = None,
     ) -> None:
         if not isinstance(operator, Operator):
             raise TypeError(f"operator must be an Operator, got {type(operator).__name__}")
@@ -154,6 +162,7 @@ class InverseProblem:
         self.poisson_rate = float(poisson_rate)
         self.batched = batched
         self.log_likelihood_fn = log_likelihood_fn
+        self.squared_scores_fn = squared_scores_fn if log_likelihood_fn is not None else None
 
     # ------------------------------------------------------------------ noise
     @property
@@ -230,6 +239,7 @@ class InverseProblem:
             noise=self.noise,
             poisson_rate=self.poisson_rate,
             log_likelihood_fn=self.log_likelihood_fn,
+            squared_scores_fn=self.squared_scores_fn,
         )
 
     def check_signal(self, x: Tensor, name: str = "x") -> None:

@@ -113,14 +113,17 @@ class RunInfo:
         ``chi^2`` line, at least 16) and more than 10 times the cloud's median distance from
         its median: draws a step threw off the prior's support, warned as ``escaped``.
     residual_ratio
-        ``(B,)`` float64, problems with Gaussian noise of a known scale: the (weighted) mean
-        over the draws of ``||y - A(x)||^2 / (d_y sigma_y^2)``
+        ``(B,)`` float64: the (weighted) mean over the draws of ``||y - A(x)||^2 / (d_y
+        sigma_y^2)`` for Gaussian noise of a known scale, and of the mean squared normal score
+        of ``y`` under the draw's likelihood for Poisson noise and Pyro sites of the laws
+        :mod:`~bayesfilter_diff.samplers.scores` lists
         (:func:`~bayesfilter_diff.samplers.quality.residual_ratio`), 1 on average for exact
         posterior draws of observations the model produced; warned as ``misfit`` above
         :func:`~bayesfilter_diff.samplers.quality.residual_line` (the draws do not fit ``y``)
         and as ``overfit`` below
         :func:`~bayesfilter_diff.samplers.quality.residual_low_line` (they follow its noise).
-        ``None`` for other likelihoods.
+        ``None`` for the noiseless case and other likelihoods (a ``log_likelihood_fn``
+        without ``squared_scores_fn``).
     steps
         The sampler's per-step record (a dataclass whose fields are stacked over steps), or
         ``None``.

@@ -444,10 +444,10 @@ def test_residual_ratio_of_exact_posterior_draws_averages_one_and_stays_below_it
     prior_draws = mix.sample(B * N, g).reshape(B, N, d)
     r = residual_ratio(bfd.InverseProblem(A, y, 0.01), prior_draws, None)
     assert r is not None and bool((r > 100 * line).all())
-    # no Gaussian noise of a known scale, no check
+    # noiseless, or a custom likelihood without its scores: no check
     assert residual_ratio(bfd.InverseProblem(A, y, 0.0), draws, None) is None
-    pois = bfd.InverseProblem(A, y.abs().round(), noise="poisson")
-    assert residual_ratio(pois, draws, None) is None
+    custom = bfd.InverseProblem(A, y, log_likelihood_fn=lambda x, _: prob.log_likelihood(x))
+    assert residual_ratio(custom, draws, None) is None
 
 
 def test_log_evidence_se_is_the_shares_spread():
@@ -507,3 +507,126 @@ def test_an_observation_its_dtype_cannot_resolve_at_its_noise_level_is_warned():
     assert float(precision_ratio(p64, torch.float64)) < 1e-6
     # the same observation at noise 0.1: resolved
     assert float(precision_ratio(bfd.InverseProblem(A, y, 0.1), torch.float32)) < 0.05
+
+
+def _laws(g: torch.Generator, M: int):
+    """(name, x -> law, x* draws) for every law the scores support, parameters spread."""
+    import torch.distributions as D
+
+    loc = 2 * torch.randn(M, 3, generator=g, dtype=torch.float64)
+    pos = torch.exp(torch.randn(M, 3, generator=g, dtype=torch.float64))
+    return [
+        ("normal", D.Normal(loc, pos)),
+        ("lognormal", D.LogNormal(loc, pos)),
+        ("laplace", D.Laplace(loc, pos)),
+        ("cauchy", D.Cauchy(loc, pos)),
+        ("student_t", D.StudentT(0.5 + 4 * pos / (1 + pos), loc, pos)),
+        ("exponential", D.Exponential(pos)),
+        ("gamma", D.Gamma(pos, 1 / pos)),
+        ("poisson", D.Poisson(3 * pos)),
+        ("poisson_small", D.Poisson(0.05 * pos)),
+        ("bernoulli", D.Independent(D.Bernoulli(logits=loc), 1)),
+    ]
+
+
+def test_normal_scores_of_the_models_own_draws_are_standard_normal():
+    # y ~ p(y | x) makes u = F(y | x) uniform (randomised for counts) and Phi^-1(u) standard
+    # normal, whatever x: the scores' mean (0) and mean square (1) within 4 standard errors
+    # and their law by Kolmogorov-Smirnov at 1e-4. Without the randomisation (V = 1/2, the
+    # mid-p transform) the counts' scores are not normal: the test sees it.
+    from scipy import stats
+
+    from bayesfilter_diff.samplers.scores import normal_scores, uniforms_for
+
+    g = torch.Generator().manual_seed(0)
+    M = 20_000
+    for name, law in _laws(g, M):
+        torch.manual_seed(1)
+        y = law.sample()
+        z = normal_scores(law, y, uniforms_for(y))
+        assert z is not None and z.shape == y.shape and z.dtype == torch.float64, name
+        z = z.reshape(-1)
+        se = 1 / math.sqrt(z.numel())
+        assert abs(float(z.mean())) < 4 * se, (name, float(z.mean()))
+        assert abs(float((z * z).mean()) - 1) < 4 * math.sqrt(2) * se, (name, float((z * z).mean()))
+        assert stats.kstest(z.numpy(), "norm").pvalue > 1e-4, name
+        if name in ("poisson_small", "bernoulli"):
+            mid = normal_scores(law, y, torch.full_like(y, 0.5)).reshape(-1)
+            assert stats.kstest(mid.numpy(), "norm").pvalue < 1e-4, name
+    # Gaussian noise: the scores are the standardised residuals
+    import torch.distributions as D
+
+    law = D.Normal(torch.tensor([0.0, 1.0], dtype=torch.float64), 0.5)
+    y = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    torch.testing.assert_close(normal_scores(law, y, uniforms_for(y)), (y - law.loc) / 0.5)
+    # far tails come from their own side: large finite scores, not a rounded u = 1
+    far = [
+        (D.Poisson(torch.tensor([1.0], dtype=torch.float64)), torch.tensor([60.0]), 1),
+        (D.Poisson(torch.tensor([900.0], dtype=torch.float64)), torch.tensor([0.0]), -1),
+        (D.Bernoulli(logits=torch.tensor([-40.0], dtype=torch.float64)), torch.tensor([1.0]), 1),
+        (D.Laplace(torch.tensor([0.0], dtype=torch.float64), 1.0), torch.tensor([-60.0]), -1),
+        (D.StudentT(3.0, torch.tensor([0.0], dtype=torch.float64), 1.0), torch.tensor([1e8]), 1),
+    ]
+    for law, y, sign in far:
+        z = normal_scores(law, y.double(), uniforms_for(y))
+        assert z is not None and bool(torch.isfinite(z).all()) and float(sign * z) > 8, (law, z)
+    # a law without a score: None (no check)
+    assert normal_scores(D.Beta(2.0, 3.0), torch.tensor(0.5), torch.tensor(0.5)) is None
+
+
+def test_residual_ratio_of_poisson_and_pyro_likelihoods():
+    # the posterior predictive check beyond Gaussian noise: exact posterior draws (here the
+    # prior's draws given y drawn from them: (x', y) a joint draw, so each draw's statistic
+    # is chi^2 / d_y) average 1 within 4 standard errors and stay below the line; through a
+    # Pyro model with a Student-t and a Bernoulli site the same; draws that ignore y cross it
+    import pyro
+    import pyro.distributions as dist
+
+    from bayesfilter_diff.inference import model_to_problem
+    from bayesfilter_diff.samplers.quality import residual_line, residual_ratio
+
+    g = torch.Generator().manual_seed(3)
+    B, d, m = 400, 4, 12
+    W = torch.randn(m, d, generator=g, dtype=torch.float64) / 2
+    rate_op = bfd.operators.Dense(torch.exp(W))  # positive rates from positive x
+    x = torch.rand(B, 1, d, generator=g, dtype=torch.float64) + 0.5
+    y = torch.poisson(rate_op(x)[:, 0], generator=g)
+    pois = bfd.InverseProblem(rate_op, y, noise="poisson")
+    r = residual_ratio(pois, x, None)
+    assert r is not None and r.shape == (B,)
+    se = float(r.std()) / math.sqrt(B)
+    assert abs(float(r.mean()) - 1) < 4 * se and float(r.max()) < residual_line(m)
+    far = residual_ratio(pois, 4 * x, None)  # rates 4x the data's
+    assert far is not None and bool((far > residual_line(m)).all())
+    # a draw whose rate is undefined (a diverged sampler) fits nothing; weight 0 ignores it
+    x_nan = x.repeat(1, 2, 1)
+    x_nan[:, 1] = math.nan
+    assert bool((residual_ratio(pois, x_nan, None) == math.inf).all())
+    keep_first = torch.tensor([0.0, -math.inf], dtype=torch.float64).expand(B, 2)
+    torch.testing.assert_close(residual_ratio(pois, x_nan, keep_first), r)
+
+    prior = bfd.GaussianMixture(
+        torch.tensor([1.0], dtype=torch.float64),
+        torch.zeros(1, d, dtype=torch.float64),
+        torch.ones(1, dtype=torch.float64),
+    ).diffusion(bfd.VPSchedule.linear())
+
+    def model(y_t=None, y_b=None):
+        z = pyro.sample("x", bfd.DiffusionPrior(prior))
+        pyro.sample("t", dist.StudentT(3.0, z @ W[:6].T, 0.3).to_event(1), obs=y_t)
+        pyro.sample("b", dist.Bernoulli(logits=2 * z @ W[6:].T).to_event(1), obs=y_b)
+
+    xs = torch.randn(B, d, generator=g, dtype=torch.float64)
+    ratios, ignored = [], []
+    torch.manual_seed(4)
+    for b in range(60):  # one Pyro problem per (x*, y) pair
+        y_t = dist.StudentT(3.0, xs[b] @ W[:6].T, 0.3).sample()
+        y_b = dist.Bernoulli(logits=2 * xs[b] @ W[6:].T).sample()
+        _, prob, st = model_to_problem(model, y_t=y_t, y_b=y_b)
+        assert st.kind == "custom" and prob.y_flat.shape[-1] == m
+        ratios.append(float(residual_ratio(prob, xs[b].reshape(1, 1, d), None)))
+        ignored.append(float(residual_ratio(prob, 3 + xs[b].reshape(1, 1, d), None)))
+    ratios_t = torch.tensor(ratios)
+    assert abs(float(ratios_t.mean()) - 1) < 4 * float(ratios_t.std()) / math.sqrt(60)
+    assert max(ratios) < residual_line(m) < min(ignored) + 100  # (a sanity bound)
+    assert sum(v > residual_line(m) for v in ignored) > 30  # most shifted draws cross it

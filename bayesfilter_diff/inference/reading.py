@@ -225,7 +225,9 @@ def model_to_problem(
     def log_likelihood_fn(x: Tensor, y_unused: Tensor) -> Tensor:
         return st.observed_log_prob(x)
 
-    problem = InverseProblem(op, y, log_likelihood_fn=log_likelihood_fn)
+    problem = InverseProblem(
+        op, y, log_likelihood_fn=log_likelihood_fn, squared_scores_fn=st.observed_squared_scores
+    )
     _probe(st, problem)
     return prior.model, problem, st
 

@@ -16,7 +16,7 @@ from pyro.distributions.util import scale_and_mask
 from torch import Tensor
 
 from ..distributions import DiffusionPrior
-from .handlers import Substitute
+from .handlers import Substitute, is_unit_scale
 
 if TYPE_CHECKING:
     from .linearize import Affine
@@ -164,14 +164,51 @@ class ModelStructure:
 
     def observed_log_prob(self, x: Tensor) -> Tensor:
         """Sum of the observed sites' ``log_prob`` per particle: ``(B, N)``."""
+
+        def log_prob(name: str, site: dict) -> Tensor:
+            lp = site["fn"].log_prob(site["value"])
+            return scale_and_mask(lp, site["scale"], site["mask"])
+
+        out = self._per_particle(x, log_prob)
+        assert out is not None
+        return out
+
+    def observed_squared_scores(self, x: Tensor) -> Tensor | None:
+        """Sum over the observed entries of their squared normal scores under the replayed
+        sites' laws, per particle: ``(B, N)`` float64
+        (:mod:`~bayesfilter_diff.samplers.scores`; ``chi^2_{d_y}`` for exact posterior draws
+        of data the model produced). ``None`` when a site's law is not one that module
+        supports, or a site is scaled or masked."""
+        from ..samplers.scores import normal_scores, uniforms_for
+
+        def scores(name: str, site: dict) -> Tensor | None:
+            if not is_unit_scale(site["scale"]) or site["mask"] is not None:
+                return None
+            fn, value = site["fn"], torch.as_tensor(site["value"])
+            z = normal_scores(fn, value, uniforms_for(value, self.observed.index(name)))
+            if z is None:
+                return None
+            k = len(fn.event_shape)
+            return (z * z).sum(tuple(range(-k, 0))) if k else z * z
+
+        with torch.no_grad():
+            return self._per_particle(x, scores)
+
+    def _per_particle(
+        self, x: Tensor, per_site: Callable[[str, dict], Tensor | None]
+    ) -> Tensor | None:
+        """``per_site(name, site)`` (shaped like the site's ``log_prob``) of the model
+        replayed at ``x``, summed over the observed sites and every layout dimension but the
+        problems': ``(B, N)`` (``None`` as soon as one site gives ``None``)."""
         value, lead = self.to_value(x)
         tr = self.replay(x)
         L = len(self.layout)
         total = None
         for name in self.observed:
             site = tr.nodes[name]
-            lp = site["fn"].log_prob(site["value"])
-            lp = scale_and_mask(lp, site["scale"], site["mask"])
+            lp = per_site(name, site)
+            if lp is None:
+                return None
             if not isinstance(lp, Tensor):
                 lp = torch.as_tensor(lp, dtype=value.dtype, device=value.device)
             extra = lp.dim() - 1 - L

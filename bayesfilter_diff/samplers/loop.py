@@ -373,6 +373,7 @@ def _upcast(
         noise=problem.noise,
         poisson_rate=problem.poisson_rate,
         log_likelihood_fn=problem.log_likelihood_fn,
+        squared_scores_fn=problem.squared_scores_fn,
     )
     floats = [p for p in list(prior.parameters()) + list(prior.buffers()) if p.is_floating_point()]
     if floats and floats[0].dtype != low:
@@ -498,7 +499,10 @@ def run(
                     sampler.resampling, float(sampler.ess_threshold), generator
                 )
                 if idx is not None:
-                    state = index_particles(state, idx)
+                    # (no problem resampled: the ancestors are the identity, and copying
+                    # every per-particle array is skipped where asking costs no host sync)
+                    if idx.device.type != "cpu" or bool(did.any()):
+                        state = index_particles(state, idx)
                     state, acc = sampler.rejuvenate(ctx, setup, state, k, did)
                     if acc is not None:
                         acc_trace[len(res_trace)] = acc
@@ -594,6 +598,7 @@ def run(
         obs_dim=problem.y_flat.shape[-1],
         precision=precision,
         dtype=out_dtype,
+        gaussian=problem.noise == "gaussian" and problem.log_likelihood_fn is None,
     )
     quality.warn(info.quality)
     info.wall_time = time.perf_counter() - start

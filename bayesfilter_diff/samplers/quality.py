@@ -62,9 +62,13 @@ Thresholds (:class:`QualityPolicy`, documented defaults; the particle checks app
   that follow the path) it fired in 13 of 396 runs (PiGDM 7, DPS 3, DCPS 2, PiGDM-flow 1;
   FPS, DDRM, DDNM, DDNM+, DiffPIR, DAPS, MGPS never), and of the 142 flagged draws of seven
   of them 139 lay beyond the exact posterior's 0.1% quantile of log-density (docs/methods/dps.md);
-- ``misfit``: (Gaussian noise of a known scale, every sampler) the draws do not fit the
+- ``misfit``: (every sampler; Gaussian noise of a known scale, Poisson noise, and Pyro
+  sites of the laws :mod:`~bayesfilter_diff.samplers.scores` lists) the draws do not fit the
   observation: the (weighted) mean over the draws of ``||y - A(x)||^2 / (d_y sigma_y^2)``
-  (:func:`residual_ratio`, ``info.residual_ratio``) is above :func:`residual_line`. With
+  (:func:`residual_ratio`, ``info.residual_ratio``; for other laws the mean square of ``y``'s
+  normal scores, ``Phi^{-1}`` of each entry's probability integral transform under the
+  draw's likelihood, randomised for counts: the same ``chi^2_{d_y} / d_y`` law, the
+  Gaussian ratio being its special case) is above :func:`residual_line`. With
   ``x'`` an exact posterior draw of a ``y`` the model produced, ``(x', y)`` is a draw of the
   joint law and ``y - A(x')`` the model's noise, so the ratio is ``chi^2_{d_y} / d_y`` per
   draw whatever the prior, and the cloud's mean is a conditional expectation of it; the line
@@ -124,6 +128,7 @@ from ..problem import InverseProblem
 from ..result import RunInfo
 from ..smc.particles import MIN_LINEAGES
 from .kernels import rowsq, time_at_log_snr
+from .scores import poisson_scores, uniforms_for
 
 __all__ = [
     "QualityIssue",
@@ -251,31 +256,48 @@ def _median_distances(x: Tensor) -> Tensor:
 
 def residual_ratio(problem: InverseProblem, x: Tensor, log_weights: Tensor | None) -> Tensor | None:
     """``(B,)`` float64: the mean over the draws (weighted by ``log_weights`` ``(B, N)``
-    when given) of ``||y - A(x)||^2 / (d_y sigma_y^2)``, each problem's own ``sigma_y``;
-    ``None`` where the likelihood is not Gaussian noise of a known scale (Poisson noise, a
-    ``log_likelihood_fn``, the noiseless case).
+    when given) of ``sum_j z_j^2 / d_y``, ``z_j`` the normal score of ``y``'s entry ``j``
+    under the draw's likelihood (:mod:`~bayesfilter_diff.samplers.scores`): for Gaussian noise
+    of a known scale ``||y - A(x)||^2 / (d_y sigma_y^2)``, each problem's own ``sigma_y``; for
+    Poisson noise and for Pyro sites of the laws that module lists (a problem's
+    ``squared_scores_fn``) the randomised probability integral transform. ``None`` for the
+    noiseless case and for a ``log_likelihood_fn`` without ``squared_scores_fn``.
 
     A posterior draw ``x'`` of an observation ``y`` the model produced makes ``(x', y)`` a
-    draw of the joint law, so ``y - A(x')`` is the model's noise: each draw's ratio is
-    ``chi^2_{d_y} / d_y`` (mean 1), whatever the prior and the operator, and the mean over
-    exact draws is a conditional expectation of one of them (:func:`residual_line`)."""
-    if problem.noise != "gaussian" or problem.log_likelihood_fn is not None:
-        return None
-    if problem.min_noise_std <= 0:
-        return None
+    draw of the joint law, so the scores are independent standard normals given ``x'``: each
+    draw's ratio is ``chi^2_{d_y} / d_y`` (mean 1), whatever the prior, the operator and the
+    likelihood, and the mean over exact draws is a conditional expectation of one of them
+    (:func:`residual_line`)."""
     B, N = x.shape[:2]
-    y = problem.y_batched.unsqueeze(1).to(x.dtype)
+    m = problem.y_flat.shape[-1]
     with torch.no_grad():
-        r = torch.sub(y, problem.operator(x))
-        sq = rowsq(r.reshape(B, N, -1)).double()  # (B, N)
-    m = r[0, 0].numel()
-    var = problem.noise_stds.to(device=x.device, dtype=torch.float64) ** 2  # (B,)
+        if problem.log_likelihood_fn is not None:
+            if problem.squared_scores_fn is None:
+                return None
+            sq = problem.squared_scores_fn(x)
+            if sq is None:
+                return None
+            sq = sq.double()
+        elif problem.noise == "poisson":
+            y = problem.y_batched.unsqueeze(1)
+            rate = problem.poisson_rate * problem.operator(x)
+            z = poisson_scores(rate, y, uniforms_for(y))
+            sq = rowsq(z.reshape(B, N, -1))
+        elif problem.noise != "gaussian" or problem.min_noise_std <= 0:
+            return None
+        else:
+            y = problem.y_batched.unsqueeze(1).to(x.dtype)
+            r = torch.sub(y, problem.operator(x))
+            sq = rowsq(r.reshape(B, N, -1)).double()  # (B, N)
+            sq = sq / problem.noise_stds.to(device=x.device, dtype=torch.float64)[:, None] ** 2
+    # a draw where the likelihood is undefined (a diverged rate) fits nothing
+    sq = torch.nan_to_num(sq, nan=math.inf)
     if log_weights is None:
         mean = sq.mean(-1)
     else:
         w = torch.softmax(log_weights.double(), -1)
-        mean = (w * sq).sum(-1)
-    return mean / (m * var)
+        mean = (torch.where(w > 0, w * sq, torch.zeros_like(sq))).sum(-1)
+    return mean / m
 
 
 def residual_low_line(d_y: int, policy: QualityPolicy = QualityPolicy()) -> float:
@@ -382,6 +404,20 @@ def _where(problems: tuple[int, ...], batched: bool) -> str:
     return f" for problem(s) {shown}{more}"
 
 
+def _residual_words(gaussian: bool, value: float, obs_dim: int) -> str:
+    """The residual ratio ``value`` in words, for the messages."""
+    if gaussian:
+        return (
+            f"mean squared residual ||y - A(x)||^2 is {value:.3g} times d_y sigma_y^2 "
+            f"(d_y = {obs_dim})"
+        )
+    return (
+        f"mean squared normal score of y under their likelihood (each entry's probability "
+        f"integral transform through Phi^-1, randomised for counts) is {value:.3g} per entry "
+        f"(d_y = {obs_dim})"
+    )
+
+
 def assess(
     name: str,
     info: RunInfo,
@@ -394,6 +430,7 @@ def assess(
     obs_dim: int = 0,
     precision: Tensor | None = None,
     dtype: torch.dtype | None = None,
+    gaussian: bool = True,
 ) -> list[QualityIssue]:
     """The findings of one run (empty for a healthy one).
 
@@ -422,6 +459,9 @@ def assess(
     precision, dtype
         :func:`precision_ratio` ``(B,)`` of the coarser of the input's and the
         computation's dtype, and that dtype (for the messages).
+    gaussian
+        Whether the likelihood is Gaussian noise (the residual check's messages then speak of
+        ``||y - A(x)||^2``; otherwise of normal scores).
     """
     N = num_samples
     out: list[QualityIssue] = []
@@ -601,24 +641,26 @@ def assess(
             remedy = (
                 "run an exact sampler (TDS; MCGdiff for linear-Gaussian problems): if its "
                 "draws fit, this sampler was the problem (a larger guidance scale or more "
-                "steps may help it); if they do not fit either, check noise_std and the prior"
+                "steps may help it); if they do not fit either, check the noise model "
+                "(noise_std) and the prior"
                 if log_weights is None
-                else "more particles or steps if the run degenerated; otherwise check "
-                "noise_std (the data's error may be larger) and the prior (its evidence, "
-                "log_evidence, measures the conflict)"
+                else "more particles or steps if the run degenerated; otherwise check the "
+                "noise model (noise_std: the data's error may be larger) and the prior (its "
+                "evidence, log_evidence, measures the conflict)"
             )
             out.append(
                 QualityIssue(
                     "misfit",
                     probs,
                     f"{name}: the draws do not fit the observation{_where(probs, batched)}: "
-                    f"their mean squared residual ||y - A(x)||^2 is {worst:.3g} times "
-                    f"d_y sigma_y^2 (d_y = {obs_dim}), where the exact posterior's draws of an "
+                    f"their {_residual_words(gaussian, worst, obs_dim)}, where the exact "
+                    "posterior's draws of an "
                     f"observation the model could have produced stay below {line:.3g} (their "
                     "mean over such observations is 1). Either "
                     + cause
-                    + ", or the model does not explain y (noise_std smaller than the data's "
-                    "error, a prior-data conflict). Remedies: " + remedy + ".",
+                    + ", or the model does not explain y (a noise model narrower than the "
+                    "data's error, e.g. noise_std too small; a prior-data conflict). "
+                    "Remedies: " + remedy + ".",
                 )
             )
     if rr is not None and obs_dim > 0:
@@ -632,13 +674,14 @@ def assess(
                     "overfit",
                     probs,
                     f"{name}: the draws fit the observation more tightly than its noise "
-                    f"allows{_where(probs, batched)}: their mean squared residual "
-                    f"||y - A(x)||^2 is {least:.3g} times d_y sigma_y^2 (d_y = {obs_dim}), "
-                    f"where the exact posterior's draws of an observation the model could "
+                    f"allows{_where(probs, batched)}: their "
+                    f"{_residual_words(gaussian, least, obs_dim)}, where the exact posterior's "
+                    "draws of an observation the model could "
                     f"have produced stay above {low_line:.3g} (their mean is 1): they follow "
                     "y's noise, as a sampler that treats the data as noiseless or over-weights "
                     "them does (the spread of the posterior is then too small where y "
-                    "informs it), or noise_std is larger than the data's error. Remedies: an "
+                    "informs it), or the noise model is wider than the data's error (noise_std "
+                    "too large). Remedies: an "
                     "exact sampler (TDS; MCGdiff for linear-Gaussian problems) tells the two "
                     "apart; for this sampler a smaller guidance scale or its noise-aware "
                     "variant (DDNM+ for DDNM).",
