@@ -195,6 +195,19 @@ def test_custom_likelihood_sums_observed_sites_per_particle():
     xb = GMM.sample(12, torch.Generator().manual_seed(1)).reshape(3, 4, 2)
     ref = dist.Laplace(f_nl(xb), 0.5).log_prob(Y[:, None]).sum(-1)
     assert torch.allclose(problem.log_likelihood(xb), ref)
+    # the residual check's scores, reduced per problem like the log-likelihood: Laplace
+    # scores sign(t) Phi^-1(1 - exp(-|t|) / 2) of t = (y - f(x)) / 0.5, summed squared
+    t = (Y[:, None] - f_nl(xb)) / 0.5
+    z = -torch.sign(t) * torch.special.ndtri(0.5 * torch.exp(-t.abs()))
+    torch.testing.assert_close(problem.squared_scores_fn(xb), (z * z).sum(-1))
+    # a scaled site is not a probability model of y: no scores, no check
+
+    def scaled(y):
+        with pyro.plate("data", 3), pyro.poutine.scale(scale=0.5):
+            x = pyro.sample("x", DiffusionPrior(PRIOR))
+            pyro.sample("a", dist.Laplace(f_nl(x), 0.5).to_event(1), obs=y)
+
+    assert model_to_problem(scaled, Y)[1].squared_scores_fn(xb) is None
 
 
 def test_structured_forward_operator_reads_the_model():
