@@ -34,7 +34,7 @@ the Monte Carlo error (the spread of ``acc`` grows as the grid coarsens: sd 0.25
 0.7 at 20, 2 at 10, where the estimate became noisy). With the exact variance these chains'
 own errors are small; the default sampler's larger ones (up to 0.36 on sharply multimodal
 priors at 100 steps) come with its twisted proposals and estimated variance, where this
-remains to be built and measured.
+remains to be built and measured (measured since: docs/methods/README.md, not merged).
 """
 
 from __future__ import annotations
