@@ -448,6 +448,16 @@ def test_residual_ratio_of_exact_posterior_draws_averages_one_and_stays_below_it
     assert residual_ratio(bfd.InverseProblem(A, y, 0.0), draws, None) is None
     custom = bfd.InverseProblem(A, y, log_likelihood_fn=lambda x, _: prob.log_likelihood(x))
     assert residual_ratio(custom, draws, None) is None
+    # scores that fail to compute skip the check with a warning (the run is kept)
+
+    def broken(x):
+        raise RuntimeError("no replay")
+
+    custom = bfd.InverseProblem(
+        A, y, log_likelihood_fn=lambda x, _: prob.log_likelihood(x), squared_scores_fn=broken
+    )
+    with pytest.warns(RuntimeWarning, match="predictive check.*skipped.*no replay"):
+        assert residual_ratio(custom, draws, None) is None
 
 
 def test_log_evidence_se_is_the_shares_spread():

@@ -274,7 +274,16 @@ def residual_ratio(problem: InverseProblem, x: Tensor, log_weights: Tensor | Non
         if problem.log_likelihood_fn is not None:
             if problem.squared_scores_fn is None:
                 return None
-            sq = problem.squared_scores_fn(x)
+            try:  # (a diagnostic: a model it cannot replay must not cost the run)
+                sq = problem.squared_scores_fn(x)
+            except Exception as e:  # noqa: BLE001
+                warnings.warn(
+                    f"the posterior predictive check (info.residual_ratio) was skipped: the "
+                    f"likelihood's normal scores could not be computed ({type(e).__name__}: {e})",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                return None
             if sq is None:
                 return None
             sq = sq.double()
