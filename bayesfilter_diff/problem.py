@@ -162,7 +162,12 @@ class InverseProblem:
         self.poisson_rate = float(poisson_rate)
         self.batched = batched
         self.log_likelihood_fn = log_likelihood_fn
-        self.squared_scores_fn = squared_scores_fn if log_likelihood_fn is not None else None
+        if squared_scores_fn is not None and log_likelihood_fn is None:
+            raise ValueError(
+                "squared_scores_fn goes with a log_likelihood_fn (the Gaussian and Poisson "
+                "noise models have their own scores); pass both or neither"
+            )
+        self.squared_scores_fn = squared_scores_fn
 
     # ------------------------------------------------------------------ noise
     @property

@@ -71,6 +71,13 @@ def test_bad_types(gen):
         bfd.InverseProblem(_op(gen), torch.zeros(3, dtype=torch.long), 0.1)
 
 
+def test_squared_scores_need_a_custom_likelihood(gen):
+    with pytest.raises(ValueError, match="squared_scores_fn goes with a log_likelihood_fn"):
+        bfd.InverseProblem(
+            _op(gen), torch.zeros(3, dtype=D64), 0.1, squared_scores_fn=lambda x: None
+        )
+
+
 def test_to_returns_a_copy_and_leaves_the_problem_as_it_was(gen):
     # nn.Module.to moves a module in place: InverseProblem.to must not move the original's
     # operator with the copy's (a CUDA problem's exact posterior once read a moved operator)
