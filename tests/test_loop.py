@@ -638,5 +638,5 @@ def test_residual_ratio_of_poisson_and_pyro_likelihoods():
         ignored.append(float(residual_ratio(prob, 3 + xs[b].reshape(1, 1, d), None)))
     ratios_t = torch.tensor(ratios)
     assert abs(float(ratios_t.mean()) - 1) < 4 * float(ratios_t.std()) / math.sqrt(60)
-    assert max(ratios) < residual_line(m) < min(ignored) + 100  # (a sanity bound)
+    assert max(ratios) < residual_line(m)
     assert sum(v > residual_line(m) for v in ignored) > 30  # most shifted draws cross it
