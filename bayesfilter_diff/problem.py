@@ -149,6 +149,17 @@ class InverseProblem:
                 f"noise_std={high!r} is too large for {y.dtype}: noise_std**2 overflows "
                 f"(needs noise_std <= {math.sqrt(fi.max):.3g})"
             )
+        dropped = float(getattr(operator, "dropped_singular_value", 0.0) or 0.0)
+        if noise == "gaussian" and log_likelihood_fn is None and dropped > 0.1 * low:
+            # the SVD samplers would ignore a direction that the likelihood still counts
+            raise ValueError(
+                f"the operator's SVD counts singular value(s) up to {dropped:.3g} as zero "
+                f"(rtol={getattr(operator, 'rtol', None)!r} for its {_dtype_of(operator)} "
+                f"values), but at noise_std={low!r} that direction still carries "
+                f"information (s / noise_std = {dropped / low:.3g} > 0.1): samplers working "
+                "in the SVD would ignore it while the likelihood counts it. Build the "
+                "operator from a float64 matrix, or pass a smaller rtol"
+            )
         if noise == "poisson":
             if poisson_rate <= 0:
                 raise ValueError(f"poisson_rate must be > 0, got {poisson_rate}")
@@ -340,3 +351,8 @@ class InverseProblem:
             f"noise={self.noise!r}, noise_std="
             f"{'per-problem' if self._per_problem is not None else self._noise_std})"
         )
+
+
+def _dtype_of(operator: Operator) -> str:
+    ref = operator._ref()
+    return str(ref.dtype).replace("torch.", "") if ref is not None else "unknown"

@@ -1,6 +1,7 @@
 """The shared particle loop on toy samplers with known answers."""
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -640,3 +641,42 @@ def test_residual_ratio_of_poisson_and_pyro_likelihoods():
     assert abs(float(ratios_t.mean()) - 1) < 4 * float(ratios_t.std()) / math.sqrt(60)
     assert max(ratios) < residual_line(m)
     assert sum(v > residual_line(m) for v in ignored) > 30  # most shifted draws cross it
+
+
+def test_too_few_particles_to_check_says_so_and_has_no_error_bar():
+    # 30 TDS runs at N = 1 missed the README mixture's evidence by 9 nats in sd, each with a
+    # genealogy error of exactly 0 and no warning: below N = 10 the run cannot be checked
+    g = torch.Generator().manual_seed(0)
+    d = 4
+    one = torch.ones(d, dtype=torch.float64)
+    gmm = bfd.GaussianMixture(
+        torch.tensor([0.3, 0.7], dtype=torch.float64),
+        torch.stack([-2 * one, 2 * one]),
+        torch.ones(2, dtype=torch.float64),
+    )
+    A = bfd.operators.Dense(torch.randn(2, d, generator=g, dtype=torch.float64))
+    problem = bfd.InverseProblem(A, A(gmm.sample(1, g)[0]), noise_std=0.1)
+    prior = gmm.diffusion(bfd.VPSchedule.linear())
+    for N in (1, 4):
+        with pytest.warns(bfd.PosteriorQualityWarning, match="too few to check"):
+            res = bfd.samplers.TDS(num_steps=10).sample(prior, problem, N, g)
+        assert "few_particles" in [q.kind for q in res.info.quality]
+        assert res.info.log_evidence_se is not None and bool(res.info.log_evidence_se.isnan().all())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bfd.PosteriorQualityWarning)
+        res = bfd.samplers.TDS(num_steps=10).sample(prior, problem, 16, g)
+    assert "few_particles" not in [q.kind for q in res.info.quality]
+    assert res.info.log_evidence_se is not None and bool((res.info.log_evidence_se > 0).all())
+    # an unweighted sampler has no such finding (its draws are independent)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bfd.PosteriorQualityWarning)
+        res = bfd.samplers.DPS(num_steps=10).sample(prior, problem, 4, g)
+    assert "few_particles" not in [q.kind for q in res.info.quality]
+
+
+@pytest.mark.parametrize("name", ["DCPS", "PnP-DM", "TDS"])
+def test_registry_build_refuses_zero_steps_for_every_sampler(name):
+    from bayesfilter_diff.samplers.registry import build
+
+    with pytest.raises(ValueError, match="num_steps must be a positive int"):
+        build(name, 0)

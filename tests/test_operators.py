@@ -3,6 +3,7 @@ import torch
 
 import bayesfilter_diff as bfd
 from bayesfilter_diff import operators as O
+from bayesfilter_diff.operators import Dense
 
 
 def _ops():
@@ -277,3 +278,54 @@ def test_matrix_is_a_tensor_and_still_callable():
         assert type(op.matrix()) is torch.Tensor and op.matrix().shape == (2, 3)
         assert type(op.matrix.T) is torch.Tensor and type(op.matrix.double()) is torch.Tensor
     torch.testing.assert_close(bfd.operators.Dense(M).matrix(), M)
+
+
+def test_dense_rank_follows_the_matrix_precision_and_16_bit_runs_in_float32():
+    # a 2 x 8 matrix in float16 keeps both singular values (3.93, 2.61): the old tolerance,
+    # 1e3 eps(float16) = 0.98 of the largest, dropped the second one silently
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(2, 8, generator=g, dtype=torch.float64)
+    op16 = Dense(M.half())
+    s64 = torch.linalg.svdvals(M.half().double())
+    assert op16.singular_values().numel() == 2 and op16.dropped_singular_value == 0.0
+    # the float32 copy the loop runs a 16-bit problem with recomputes the factors from the
+    # matrix: orthonormal to float32 precision, not float16's
+    op32 = op16.float32_copy()
+    assert op32.M.dtype == torch.float32 and op32.singular_values().dtype == torch.float32
+    torch.testing.assert_close(op32.singular_values().double(), s64, rtol=1e-6, atol=0)
+    V = op32.V(torch.eye(8))
+    assert float((V.T @ V - torch.eye(8)).abs().max()) < 1e-5
+    # float32: singular values down to max(m, d) eps of the largest are kept
+    U, _, Vh = torch.linalg.svd(
+        torch.randn(2, 8, generator=g, dtype=torch.float64), full_matrices=False
+    )
+    M2 = (U @ torch.diag(torch.tensor([1.0, 5e-5], dtype=torch.float64)) @ Vh).float()
+    assert Dense(M2).singular_values().numel() == 2
+
+
+def test_dense_refuses_a_noise_level_at_which_a_dropped_direction_is_informative():
+    g = torch.Generator().manual_seed(1)
+    U, _, Vh = torch.linalg.svd(
+        torch.randn(2, 8, generator=g, dtype=torch.float64), full_matrices=False
+    )
+    M = (U @ torch.diag(torch.tensor([1.0, 1e-7], dtype=torch.float64)) @ Vh).float()
+    op = Dense(M)  # 1e-7 is below max(2, 8) eps(float32) = 9.5e-7: counted as zero
+    assert op.singular_values().numel() == 1 and 5e-8 < op.dropped_singular_value < 2e-7
+    y = torch.zeros(2)
+    bfd.InverseProblem(op, y, noise_std=1e-3)  # uninformative there (s / noise 1e-4)
+    with pytest.raises(ValueError, match="rtol.*float64|float64.*rtol"):
+        bfd.InverseProblem(op, y, noise_std=1e-7)
+    # from float64 values it is kept, and the problem accepted
+    op64 = Dense(M.double())
+    assert op64.singular_values().numel() == 2
+    bfd.InverseProblem(op64, y.double(), noise_std=1e-7)
+    with pytest.raises(ValueError, match="rtol"):
+        Dense(M, rtol=-1.0)
+
+
+def test_dense_copies_its_matrix():
+    M = torch.randn(2, 8, generator=torch.Generator().manual_seed(2))
+    op = Dense(M)
+    before = op(torch.ones(8))
+    M[0, 0] += 100.0  # the caller's tensor changes; the operator (and its SVD) does not
+    torch.testing.assert_close(op(torch.ones(8)), before)

@@ -50,12 +50,14 @@ from .plots import (
 from .smc import (
     EvidenceEstimate,
     MeanEstimate,
+    ReferenceCheck,
     StepCheck,
     ess_trace,
     genealogy_mcse,
     log_bayes_factor,
     log_evidence_error,
     pooled_log_evidence,
+    reference_check,
     resampling_events,
     runs_mcse,
     step_check,
@@ -64,6 +66,8 @@ from .smc import (
 __all__ = [
     "StepCheck",
     "step_check",
+    "ReferenceCheck",
+    "reference_check",
     "MeanEstimate",
     "runs_mcse",
     "genealogy_mcse",

@@ -141,6 +141,13 @@ class Operator(nn.Module):
     def extra_repr(self) -> str:
         return f"in_shape={self.in_shape}, out_shape={self.out_shape}"
 
+    def float32_copy(self) -> Operator:
+        """A float32 copy for running a 16-bit problem in float32 (the loop's upcast).
+        Operators whose factors are computed at construction recompute them (``Dense``)."""
+        import copy
+
+        return copy.deepcopy(self).to(torch.float32)
+
     def _ref(self) -> Tensor | None:
         """A buffer giving the operator's device and dtype (None if it has none)."""
         for b in self.buffers():

@@ -30,8 +30,17 @@ class Dense(LinearOperator):
     in_shape
         Event shape of ``x`` (default ``(d,)``); the matrix acts on ``x`` flattened.
     rtol
-        Singular values below ``rtol * max(s)`` count as zero (default: 1e3 x the dtype's
-        machine epsilon).
+        Singular values below ``rtol * max(s)`` count as zero. Default ``max(m, d)`` times
+        the matrix dtype's machine epsilon (the numerical rank of a matrix stored in that
+        dtype, as ``numpy.linalg.matrix_rank``): the SVD is computed in float64 from the
+        matrix's values, so the factors are as accurate as those values allow; a float16
+        matrix keeps every singular value above ``max(m, d) x 9.8e-4`` of the largest.
+        ``dropped_singular_value`` is the largest one counted as zero (0 if none):
+        :class:`~bayesfilter_diff.InverseProblem` refuses a Gaussian noise level at which
+        that direction would still be informative.
+
+    The matrix is copied: changing the caller's tensor afterwards does not change the
+    operator (whose SVD would then be stale).
     """
 
     has_svd = True
@@ -67,10 +76,17 @@ class Dense(LinearOperator):
         self.thin = 4 * m <= d  # then U is square (m, m) even in the thin SVD
         self.thin_range = self.thin
         U, s, Vh = torch.linalg.svd(matrix.double(), full_matrices=not self.thin)
-        rtol = rtol if rtol is not None else 1e3 * torch.finfo(matrix.dtype).eps
-        r = int((s > rtol * s.max().clamp_min(1e-300)).sum())
+        if rtol is None:
+            rtol = max(m, d) * torch.finfo(matrix.dtype).eps
+        elif not (isinstance(rtol, (int, float)) and not isinstance(rtol, bool) and rtol >= 0):
+            raise ValueError(f"rtol must be a number >= 0, got {rtol!r}")
+        self.rtol = float(rtol)
+        keep = s > self.rtol * s.max().clamp_min(1e-300)
+        r = int(keep.sum())
+        #: the largest singular value counted as zero (0.0 if none), in the matrix's units
+        self.dropped_singular_value = float(s[~keep].max()) if r < s.numel() else 0.0
         dt = matrix.dtype
-        self.register_buffer("M", matrix)
+        self.register_buffer("M", matrix.detach().clone())
         self.register_buffer("_U", U.to(dt))
         self.register_buffer("_s", s[:r].to(dt))
         # the first r right singular vectors (V's first r columns), for Vt_range / V_range
@@ -88,6 +104,13 @@ class Dense(LinearOperator):
             )
         else:
             self.register_buffer("_Vh", Vh.to(dt))
+
+    def float32_copy(self) -> Dense:
+        """The operator in float32 with its SVD recomputed from the matrix (a 16-bit matrix
+        cast afterwards would keep 16-bit factors); the rank is kept as decided for the
+        matrix's own dtype."""
+        op = Dense(self.M.float(), self.in_shape, rtol=self.rtol)
+        return op.to(self.M.device)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.flat_in(x) @ self.M.T

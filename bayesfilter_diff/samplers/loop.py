@@ -38,7 +38,6 @@ bad step and the problems; NaN or inf samples raise
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import time
@@ -365,7 +364,7 @@ def _upcast(
     prior keeps its precision for the network call only.
     """
     low = problem.y.dtype
-    op = copy.deepcopy(problem.operator).to(torch.float32)
+    op = problem.operator.float32_copy()
     problem32 = InverseProblem(
         op,
         problem.y.to(torch.float32),
@@ -574,7 +573,10 @@ def run(
     if weighted:
         info.genealogy_ess = genealogy_ess(w.log_w.exp(), x, w.roots)
         if out_z is not None:  # the evidence's Monte Carlo error, from the same genealogy
-            info.log_evidence_se = log_evidence_se(w.log_w.exp(), w.roots)
+            se = log_evidence_se(w.log_w.exp(), w.roots)
+            # with a handful of lineages the estimate is 0 or far too small: unknown
+            small = N < quality.QualityPolicy().min_particles
+            info.log_evidence_se = torch.full_like(se, math.nan) if small else se
     else:  # where the prior puts the draws: overshooting steps of an approximate sampler
         t_lo, t_hi = float(ctx.times.min()), float(ctx.times.max())
         info.support_ratio = quality.support_ratio(prior, x, t_lo, t_hi)

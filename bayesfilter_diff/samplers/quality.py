@@ -22,6 +22,10 @@ Thresholds (:class:`QualityPolicy`, documented defaults; the particle checks app
   studies' "within 2x of the floor" line) although no single step's ESS need be low
   (MCGdiff on the noise-level study: genealogy ESS 1-19% of N, sliced W 2-7x the exact
   floor, every step's ESS above 70%; healthy TDS runs there: 28-53%);
+- ``few_particles``: a weighted run with ``N < 10``: none of the particle checks can tell
+  whether it degenerated, and ``info.log_evidence_se`` is NaN (with one to a few lineages
+  the genealogy's estimate is 0 or far too small: 30 TDS runs at N = 1 missed the evidence
+  by 9 nats in sd, each reporting 0);
 - ``distinct``: fewer than ``max(2, 0.1 N)`` distinct final samples: the cloud is
   copies of a few particles (resampling without enough diversity);
 - ``exploded``: draws (of positive weight) more than ``100`` times the scale of the starting
@@ -474,6 +478,18 @@ def assess(
     """
     N = num_samples
     out: list[QualityIssue] = []
+    if info.ess is not None and N < policy.min_particles:  # a weighted run
+        out.append(
+            QualityIssue(
+                "few_particles",
+                tuple(range(samples.shape[0])),
+                f"{name}: N = {N} particles are too few to check this run: the ESS, "
+                f"lineage and spread checks need N >= {policy.min_particles}, and its Monte "
+                "Carlo error cannot be estimated (info.log_evidence_se is NaN). Remedy: more "
+                "particles; for error bars, several independent runs "
+                "(diagnostics.runs_mcse, pooled_log_evidence).",
+            )
+        )
     if info.min_ess is not None and info.ess is not None and N >= policy.min_particles:
         floor = max(2.0, policy.min_ess_fraction * N)
         low = info.min_ess < floor

@@ -102,6 +102,10 @@ class SamplerEntry:
     def build(self, num_steps: int | None = None, /, **overrides: Any) -> Sampler:
         """An instance with the study settings for ``num_steps`` (or the small settings);
         ``overrides`` may set any field, ``num_steps`` included (PnP-DM's iterations)."""
+        if num_steps is not None and (
+            isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1
+        ):  # checked here too: a study's settings may replace or ignore it (DCPS, PnP-DM)
+            raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
         kw = dict(self.small) if num_steps is None else self.study(num_steps)
         kw.update(overrides)
         return self.cls(**kw)
