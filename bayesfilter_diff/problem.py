@@ -179,6 +179,10 @@ class InverseProblem:
                 "noise models have their own scores); pass both or neither"
             )
         self.squared_scores_fn = squared_scores_fn
+        #: the coarsest dtype the observation has been held in (``y``'s own unless it was
+        #: cast from a coarser one, e.g. bfloat16 data upcast by ``bfd.infer``): the
+        #: quality check's ``precision`` test reads it (its rounding is in ``y`` for good)
+        self.data_dtype: torch.dtype = y.dtype
 
     # ------------------------------------------------------------------ noise
     @property
@@ -248,7 +252,7 @@ class InverseProblem:
         """A copy with operator and ``y`` moved (``torch.Tensor.to`` arguments); ``self`` is
         left as it was (``nn.Module.to`` moves a module in place, so the operator is copied
         first)."""
-        return InverseProblem(
+        out = InverseProblem(
             copy.deepcopy(self.operator).to(*args, **kwargs),
             self.y.to(*args, **kwargs),
             self._noise_std if self._per_problem is None else self._per_problem.to(*args, **kwargs),
@@ -257,6 +261,8 @@ class InverseProblem:
             log_likelihood_fn=self.log_likelihood_fn,
             squared_scores_fn=self.squared_scores_fn,
         )
+        out.data_dtype = coarser_dtype(self.data_dtype, out.y.dtype)
+        return out
 
     def check_signal(self, x: Tensor, name: str = "x") -> None:
         """Raise if ``x`` is not ``(B, N, *in_shape)`` for this problem's ``B``."""
@@ -356,3 +362,8 @@ class InverseProblem:
 def _dtype_of(operator: Operator) -> str:
     ref = operator._ref()
     return str(ref.dtype).replace("torch.", "") if ref is not None else "unknown"
+
+
+def coarser_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """Of two floating dtypes, the one with the larger machine epsilon."""
+    return a if torch.finfo(a).eps >= torch.finfo(b).eps else b

@@ -524,3 +524,37 @@ def test_an_operator_parameter_nonlinear_in_theta_a_blur_width():
     lp = width_prior.log_prob(w) + torch.distributions.MultivariateNormal(B @ m_, C).log_prob(y)
     sd = _check_against_grid(post, "w", w, lp, K)
     assert sd < 0.5 * float(width_prior.variance.sqrt())  # the data narrow the width's prior
+
+
+def test_a_global_stacked_along_the_event_is_refused_not_summed():
+    # torch.stack([s, s, 2s, 2s], -1) of a global noise scale s is valid Pyro for a scalar
+    # s, but SMC^2 replays s with a batch of its own: the stack pairs every theta-particle's
+    # x with every other's s (a (K, K) batch), which was summed silently (log-evidence
+    # -2009 against an exact -6.75); s * tensor([1, 1, 2, 2]) broadcasts as it should
+    gmm = bfd.GaussianMixture(
+        torch.tensor([0.3, 0.7], dtype=DT),
+        torch.tensor([[-2.0], [2.0]], dtype=DT),
+        torch.ones(2, dtype=DT),
+    )
+    prior = gmm.diffusion(bfd.VPSchedule.linear())
+    y = torch.tensor([1.2, 0.4, 2.1, 1.5], dtype=DT)
+
+    def model(y=None, stacked=True):
+        s = pyro.sample("sigma", dist.HalfNormal(torch.tensor(1.0, dtype=DT)))
+        x = pyro.sample("x", bfd.DiffusionPrior(prior))
+        scale = (
+            torch.stack([s, s, 2 * s, 2 * s], -1)
+            if stacked
+            else s * torch.tensor([1.0, 1.0, 2.0, 2.0], dtype=DT)
+        )
+        pyro.sample("y", dist.Normal(x.expand(x.shape[:-1] + (4,)), scale).to_event(1), obs=y)
+
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="broadcast particles against each other"):
+        bfd.infer(model, y=y, num_samples=8, num_theta=4, moves=0, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bfd.PosteriorQualityWarning)
+        post = bfd.infer(
+            model, y=y, stacked=False, num_samples=8, num_theta=4, moves=0, generator=g
+        )
+    assert torch.isfinite(post.log_evidence).all()

@@ -539,3 +539,48 @@ def test_an_operator_cast_after_the_problem_is_named():
     A.to(torch.float64)
     with pytest.raises(ValueError, match="cast or moved after the InverseProblem was built"):
         bfd.samplers.TDS(num_steps=3).sample(gmm.diffusion(bfd.VPSchedule.linear()), problem, 4)
+
+
+def test_site_parameters_and_supports_are_checked_before_the_run():
+    # replays run without Pyro's validation: a negative / zero / NaN scale on a plain Normal
+    # site, or non-integer Poisson counts, ran (and degenerated, or ran silently) before
+    y = torch.tensor([0.5, -0.3], dtype=torch.float64)
+    for sd in (-0.1, 0.0, float("nan")):
+
+        def model(y=None, sd=sd):
+            x = pyro.sample("x", DiffusionPrior(PRIOR))
+            pyro.sample("y", dist.Normal(x, sd).to_event(1), obs=y)
+
+        with pytest.raises(ValueError, match="site 'y'.*scale"):
+            model_to_problem(model, y)
+
+    def counts(y=None):
+        x = pyro.sample("x", DiffusionPrior(PRIOR))
+        pyro.sample("y", dist.Poisson(x.exp()).to_event(1), obs=y)
+
+    with pytest.raises(ValueError, match="outside the support.*Poisson"):
+        model_to_problem(counts, torch.tensor([2.5, 1.0], dtype=torch.float64))
+    model_to_problem(counts, torch.tensor([2.0, 1.0], dtype=torch.float64))
+
+    # a scale computed from the prior value is not judged at the placeholder (|x| is 0 there)
+    def from_x(y=None):
+        x = pyro.sample("x", DiffusionPrior(PRIOR))
+        pyro.sample("y", dist.Normal(x, x.abs() + 0.0).to_event(1), obs=y)
+
+    model_to_problem(from_x, y)
+
+
+def test_the_precision_check_sees_data_upcast_by_infer():
+    # bfloat16 data read by infer are upcast to the prior's float64, but keep their rounding
+    # (1.3 -> 1.296875: 3 posterior sd at noise 1e-3), which the precision check must see
+    def model(y=None):
+        x = pyro.sample("x", DiffusionPrior(PRIOR))
+        pyro.sample("y", dist.Normal(x, 1e-2).to_event(1), obs=y)
+
+    y = torch.tensor([1.3, -0.4], dtype=torch.bfloat16)
+    _, problem, _ = model_to_problem(model, y)
+    assert problem.y.dtype == torch.float64 and problem.data_dtype == torch.bfloat16
+    assert problem.to(torch.float64).data_dtype == torch.bfloat16
+    with pytest.warns(bfd.PosteriorQualityWarning, match="bfloat16 cannot resolve"):
+        post = infer(model, y=y, num_samples=32, generator=torch.Generator().manual_seed(0))
+    assert "precision" in [q.kind for q in post.result.info.quality]

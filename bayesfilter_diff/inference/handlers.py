@@ -25,7 +25,12 @@ __all__ = ["PriorPlaceholder", "Substitute", "unwrap", "is_plate_site", "is_unit
 
 
 class PriorPlaceholder(Messenger):
-    """Substitute zeros for every latent DiffusionPrior site (no reverse diffusion)."""
+    """Substitute zeros (or ``fill``) for every latent DiffusionPrior site (no reverse
+    diffusion)."""
+
+    def __init__(self, fill: float = 0.0) -> None:
+        super().__init__()
+        self.fill = float(fill)
 
     def _pyro_sample(self, msg) -> None:
         if msg["done"] or msg["is_observed"] or msg["value"] is not None:
@@ -34,8 +39,8 @@ class PriorPlaceholder(Messenger):
             fn = msg["fn"]
             prior = unwrap(fn)
             sample_shape = torch.Size(msg["kwargs"].get("sample_shape", ()))
-            msg["value"] = torch.zeros(
-                fn.shape(sample_shape), dtype=prior.dtype, device=prior.device
+            msg["value"] = torch.full(
+                fn.shape(sample_shape), self.fill, dtype=prior.dtype, device=prior.device
             )
             msg["done"] = True
 

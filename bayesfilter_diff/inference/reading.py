@@ -5,6 +5,7 @@ See :mod:`bayesfilter_diff.inference` for the rules (steps 1-3 below follow them
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -17,7 +18,7 @@ from torch import Tensor
 
 from ..distributions import DiffusionPrior, LinearGaussian
 from ..priors.base import DiffusionModel
-from ..problem import InverseProblem
+from ..problem import InverseProblem, coarser_dtype
 from .forward import PyroForward
 from .handlers import PriorPlaceholder, is_plate_site, is_unit_scale, unwrap
 from .linearize import linearize as linearize_forward
@@ -27,6 +28,21 @@ __all__ = ["model_to_problem"]
 
 
 def model_to_problem(
+    model: Callable, *args, linearize: bool = True, **kwargs
+) -> tuple[DiffusionModel, InverseProblem, ModelStructure]:
+    """Read a Pyro model: :func:`_read_model`, with the problem's ``data_dtype`` the coarsest
+    dtype of the observed values (bfloat16 data are upcast to the prior's dtype, but keep
+    their rounding: the quality check's ``precision`` test reads it)."""
+    out = _read_model(model, *args, linearize=linearize, **kwargs)
+    problem, st = out[1], out[2]
+    for name in st.observed:
+        v = st.trace.nodes[name]["value"] if st.trace is not None else None
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            problem.data_dtype = coarser_dtype(problem.data_dtype, v.dtype)
+    return out
+
+
+def _read_model(
     model: Callable, *args, linearize: bool = True, **kwargs
 ) -> tuple[DiffusionModel, InverseProblem, ModelStructure]:
     """Read a Pyro model: its diffusion prior, the inverse problem and the model structure.
@@ -106,8 +122,20 @@ def model_to_problem(
             "the model has no observed site: pass the data with obs= or "
             "pyro.poutine.condition(model, data={...})"
         )
+    alt: dict[str, Any] = {}
+
+    def other_fn(site: str) -> Any:
+        """The site's distribution in a trace at another prior value (built once, on
+        demand): a parameter that differs there depends on the prior value."""
+        if not alt:
+            with pyro.validation_enabled(False):
+                alt.update(
+                    poutine.trace(PriorPlaceholder(1.0)(model)).get_trace(*args, **kwargs).nodes
+                )
+        return alt[site]["fn"]
+
     for n in observed:
-        _check_observed_value(n, nodes[n], prior)
+        _check_observed_value(n, nodes[n], prior, functools.partial(other_fn, n))
     latent = [n for n, s in sites if not s["is_observed"] and n != prior_name]
     if latent:
         raise ValueError(
@@ -232,7 +260,9 @@ def model_to_problem(
     return prior.model, problem, st
 
 
-def _check_observed_value(name: str, s: dict, prior: DiffusionPrior) -> None:
+def _check_observed_value(
+    name: str, s: dict, prior: DiffusionPrior, other_fn: Callable[[], Any] | None = None
+) -> None:
     """A clear error for observed data that is not a tensor of the site's event shape on
     the prior's device (before any replay)."""
     v = s["value"]
@@ -264,6 +294,57 @@ def _check_observed_value(name: str, s: dict, prior: DiffusionPrior) -> None:
             f"that do not broadcast against the distribution's batch shape "
             f"{tuple(s['fn'].batch_shape)}"
         ) from None
+    _check_support_and_parameters(name, s["fn"], v, other_fn)
+
+
+def _check_support_and_parameters(
+    name: str, fn: Any, v: Tensor, other_fn: Callable[[], Any] | None = None
+) -> None:
+    """The observed value inside the site's support (non-integer Poisson counts, Bernoulli
+    data other than 0 / 1, non-positive Gamma data) and the site's parameters that do not
+    depend on the prior value inside their constraints (a negative or NaN scale): replays
+    run without Pyro's validation, so these would otherwise surface as a degenerate run.
+    Supports and parameters that depend on the prior value (not known before the run) are
+    not checked."""
+    from torch.distributions import constraints
+
+    support = getattr(fn, "support", None)
+    if support is not None and not constraints.is_dependent(support):
+        try:
+            ok = bool(torch.as_tensor(support.check(v)).all())
+        except (RuntimeError, TypeError, ValueError):
+            ok = True  # a support that cannot be checked on this value is left to the run
+        if not ok:
+            raise ValueError(
+                f"the observed value of site {name!r} lies outside the support of its "
+                f"{type(unwrap(fn)).__name__} distribution ({support}): e.g. non-integer counts "
+                "for a Poisson site, values other than 0 / 1 for a Bernoulli one"
+            )
+    base = unwrap(fn)
+    for param, constraint in getattr(base, "arg_constraints", {}).items():
+        if constraints.is_dependent(constraint) or param not in base.__dict__:
+            continue  # lazily computed (e.g. probs from logits): the given one is checked
+        value = base.__dict__[param]
+        if not isinstance(value, Tensor) or value.device.type == "meta":
+            continue
+        try:
+            ok = bool(torch.as_tensor(constraint.check(value)).all())
+        except (RuntimeError, TypeError, ValueError):
+            ok = True
+        if not ok and other_fn is not None:
+            # only a parameter that does not depend on the prior value is known to be wrong
+            other = unwrap(other_fn()).__dict__.get(param)
+            same = isinstance(other, Tensor) and other.shape == value.shape
+            ok = not (
+                same and bool(torch.equal(other, value) | (other.isnan() & value.isnan()).all())
+            )
+        if not ok:
+            raise ValueError(
+                f"site {name!r}: the {type(base).__name__} distribution's {param} must satisfy "
+                f"{constraint}, got {value.detach().flatten()[:4].tolist()}"
+                + (" ..." if value.numel() > 4 else "")
+                + " (for a noise scale: a finite number > 0)"
+            )
 
 
 def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:

@@ -194,6 +194,26 @@ class ModelStructure:
         with torch.no_grad():
             return self._per_particle(x, scores)
 
+    def _check_layout(self, name: str, lp: Tensor) -> None:
+        """``lp`` ``(N, *batch)`` of the layout's rank: each batch dim must be 1 or the
+        layout's size there. A larger one comes from a computation that broadcast two
+        particle dims against each other (e.g. a global latent stacked along the last dim
+        in SMC^2, where it is ``(K, 1)``: every theta paired with every ``x``), which would
+        otherwise be summed as if it were the model's own batch."""
+        want = self.with_problems(tuple(self.layout)) if self.batched else tuple(self.layout)
+        got = tuple(lp.shape[1:])
+        bad = [i for i, (g, w) in enumerate(zip(got, want, strict=True)) if g not in (1, w)]
+        if bad:
+            raise ValueError(
+                f"log_prob of site {name!r} has batch shape {got} where the model's layout is "
+                f"{want} (N particles first): dimension(s) {bad} broadcast particles against "
+                "each other. A value computed from a latent site (the prior's, or a global "
+                "one such as a noise scale, which SMC^2 replays with batch dimensions of "
+                "its own) must broadcast from the right, not add dimensions at its right "
+                "end: e.g. s * torch.tensor([1., 1., 2., 2.]), not torch.stack([s, s, 2 * s, "
+                "2 * s], -1) or s[..., None]"
+            )
+
     def _per_particle(
         self, x: Tensor, per_site: Callable[[str, dict], Tensor | None]
     ) -> Tensor | None:
@@ -223,6 +243,7 @@ class ModelStructure:
                     "dimensions of the prior site's value"
                 )
             lp = lp.reshape((1,) * (1 + L - lp.dim()) + tuple(lp.shape))
+            self._check_layout(name, lp)
             # Sum every layout dimension but the problems' one.
             keep = [0] + ([1 + L + d for d in self.problem_dims()] if self.batched else [])
             red = [i for i in range(1, 1 + L) if i not in keep]

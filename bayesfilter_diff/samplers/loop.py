@@ -50,7 +50,7 @@ from torch import Tensor
 
 from ..errors import DegenerateWeightsError, NonFiniteSamplesError
 from ..priors.base import DiffusionModel
-from ..problem import InverseProblem
+from ..problem import InverseProblem, coarser_dtype
 from ..result import Result, RunInfo
 from ..smc.particles import (
     ParticleWeights,
@@ -374,6 +374,8 @@ def _upcast(
         log_likelihood_fn=problem.log_likelihood_fn,
         squared_scores_fn=problem.squared_scores_fn,
     )
+    problem32.data_dtype = coarser_dtype(low, problem.data_dtype)
+
     floats = [p for p in list(prior.parameters()) + list(prior.buffers()) if p.is_floating_point()]
     if floats and floats[0].dtype != low:
         return prior, problem32  # a float32 network already (cast y / operator only)
@@ -444,8 +446,9 @@ def run(
     start = time.perf_counter()
     out_dtype = problem.y.dtype
     # can the input's dtype resolve y at its noise level? (16-bit inputs are computed in
-    # float32, finer than their own rounding)
-    precision = quality.precision_ratio(problem, out_dtype)
+    # float32, finer than their own rounding; data cast from a coarser dtype keep its rounding)
+    data_dtype = coarser_dtype(out_dtype, getattr(problem, "data_dtype", out_dtype))
+    precision = quality.precision_ratio(problem, data_dtype)
     model = prior  # the caller's (the upcast below may wrap a 16-bit network)
     if out_dtype in _LOW:
         prior, problem = _upcast(prior, problem)
@@ -599,7 +602,7 @@ def run(
         log_weights=out_w,
         obs_dim=problem.y_flat.shape[-1],
         precision=precision,
-        dtype=out_dtype,
+        dtype=data_dtype,
         gaussian=problem.noise == "gaussian" and problem.log_likelihood_fn is None,
     )
     quality.warn(info.quality)

@@ -533,9 +533,10 @@ def assess(
                     # the estimate is biased high here: the lineage count is the warning
                     worth = (
                         f"they descend from only {k} of the N = {N} initial particles, too "
-                        "few for the estimate of their worth (genealogy ESS) to be trusted; "
-                        f"posterior averages may carry up to about {math.sqrt(N / k):.2g} "
-                        "times the Monte Carlo error of N exact draws"
+                        "few for the estimate of their worth (genealogy ESS) or of the "
+                        "evidence's error (info.log_evidence_se, then far too small) to be "
+                        f"trusted; posterior averages may carry up to about "
+                        f"{math.sqrt(N / k):.2g} times the Monte Carlo error of N exact draws"
                     )
                 else:
                     worth += f" ({int(info.ancestors[i])} surviving initial lineages)"

@@ -259,9 +259,10 @@ class TDS(SMCSampler):
         a = self.adaptive_ess
         if isinstance(a, bool) or not isinstance(a, int | float) or not 0 <= a < 1:
             raise ValueError(f"adaptive_ess must be a number in [0, 1), got {a!r}")
-        if self.reverse_variance not in ("ddim", "analytic"):
+        if self.reverse_variance not in ("ddim", "analytic", "reference"):
             raise ValueError(
-                f"reverse_variance must be 'ddim' or 'analytic', got {self.reverse_variance!r}"
+                f"reverse_variance must be 'ddim', 'analytic' or 'reference', got "
+                f"{self.reverse_variance!r}"
             )
         if self.proposal not in _PROPOSALS:
             raise ValueError(f"proposal must be one of {_PROPOSALS}, got {self.proposal!r}")
@@ -302,7 +303,7 @@ class TDS(SMCSampler):
             and self.clamp_x0 is None
             # "auto" keeps the analytic reverse variance with the gradient proposal (with
             # the conditioned one it measured worse on the noise-level study, tds.md)
-            and (self.proposal == "conditioned" or self.reverse_variance == "ddim")
+            and (self.proposal == "conditioned" or self.reverse_variance in ("ddim", "reference"))
         )
 
     def _grid_table(self, ctx: Context) -> tuple[Tensor, list[str]]:
@@ -314,7 +315,14 @@ class TDS(SMCSampler):
         if table is None:
             coef = ddim_coefficients(ctx.prior.schedule, ts[:-1], ts[1:], 1.0)
             a_s = coef.alpha_s
-            term = torch.where(a_s > 0, coef.std**2 / torch.where(a_s > 0, a_s, 1.0) ** 2, 0.0)
+            kvar = coef.std**2
+            if self.reverse_variance == "reference":  # the kernel's b^2 Var[x0 | x_t] too
+                sch = ctx.prior.schedule
+                b = ddim_weights(coef, sch.sigma(ts[:-1]))[1]
+                a2, s2 = sch.alpha(ts[:-1]) ** 2, sch.sigma(ts[:-1]) ** 2
+                tau2 = self.prior_variance
+                kvar = kvar + b**2 * (tau2 * s2 / (tau2 * a2 + s2))
+            term = torch.where(a_s > 0, kvar / torch.where(a_s > 0, a_s, 1.0) ** 2, 0.0)
             tail = torch.cat([term.flip(0).cumsum(0).flip(0), term.new_zeros(1)]).to(ctx.dtype)
             kinds = [
                 "deterministic" if not pos else ("conditioned" if sharp else "gradient")
@@ -549,7 +557,8 @@ class TDS(SMCSampler):
 
             x0, lt, g, tr = ctx.denoise_backward(x, t, smooth, direction=True, probe=probe)
             g = g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # (a fresh gradient: in place)
-            return x0, lt, g, self._x0_variance(ctx, t, tr)
+            ref = self._reference_variance(ctx, t, lt)
+            return x0, lt, g, ref if ref is not None else self._x0_variance(ctx, t, tr)
         elif not _uses_gaussian_twist(problem):
             fn = problem.log_likelihood  # "none": the likelihood at x0_hat (paper)
         elif self.twist_variance == "operator":
@@ -575,7 +584,7 @@ class TDS(SMCSampler):
                 x0_var = self._x0_variance(ctx, t, tr)
             lt = fn(x0)
             lt = torch.where(torch.isnan(lt), torch.full_like(lt, -math.inf), lt)
-            return x0, lt, None, x0_var
+            return x0, lt, None, x0_var if probe is not None else self._reference_variance(ctx, t, lt)
         if isinstance(fn, PixelGaussian):  # its gradient in closed form: autograd only
             # through the network (J^T u), not through the twist's residual and squares
             x0, lt, g, tr = ctx.denoise_backward(
@@ -586,7 +595,20 @@ class TDS(SMCSampler):
         # A particle whose likelihood is undefined (e.g. a Poisson rate <= 0) gets weight 0.
         lt = torch.where(torch.isnan(lt), torch.full_like(lt, -math.inf), lt)
         g = g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # (a fresh gradient: in place)
+        if self.reverse_variance == "reference":
+            return x0, lt, g, self._reference_variance(ctx, t, lt)
         return x0, lt, g, self._x0_variance(ctx, t, tr)
+
+    def _reference_variance(self, ctx: Context, t: Tensor, like: Tensor) -> Tensor | None:
+        """``reverse_variance="reference"``: ``Var[x0 | x_t]`` of a ``N(m, prior_variance I)``
+        prior, ``tau2 sigma_t^2 / (alpha_t^2 tau2 + sigma_t^2)``, the same for every
+        particle (no network call); ``None`` for the other kernels."""
+        if self.reverse_variance != "reference":
+            return None
+        sch = ctx.prior.schedule
+        a2, s2 = sch.alpha(t) ** 2, sch.sigma(t) ** 2
+        tau2 = self.prior_variance
+        return (tau2 * s2 / (tau2 * a2 + s2)).to(like.dtype).expand(like.shape)
 
     def _x0_variance(self, ctx: Context, t: Tensor, tr: Tensor | None) -> Tensor | None:
         """``Var[x0 | x_t]`` per coordinate from ``z^T J z`` (Tweedie's second moment:
@@ -783,6 +805,6 @@ class TDS(SMCSampler):
         if not _uses_gaussian_twist(ctx.problem):
             return TDSInfo("likelihood")
         if self.conditions(ctx.problem):
-            twist = "gaussian_prior" if self.reverse_variance == "analytic" else "chain"
+            twist = "chain" if self.reverse_variance == "ddim" else "gaussian_prior"
             return TDSInfo(twist, "conditioned")
         return TDSInfo(self.twist_variance)
