@@ -2,14 +2,16 @@
 
 The noise-level study's problem (README mixture, ``2 x d`` operator, float64), with the first
 observed entry pushed ``k`` times ``|A_0|`` (about ``k`` prior sd) further out, for the default
-sampler of a linear-Gaussian problem (TDS, conditioned proposal, DDPM kernel) and the same with
-the analytic reverse variance (``default_sampler(..., evidence=True)``); 100 steps, N = 4096,
-seeds 0-2. Each line: ``runs`` = (log-evidence error, its genealogy sd, largest posterior-mean
+sampler of a linear-Gaussian problem (TDS, conditioned proposal, since 2026-12-05 with the
+reference reverse variance), the default before (the same with the DDPM kernel, ``ddpm``) and
+the analytic reverse variance with the gradient proposal (``default_sampler(...,
+evidence=True)``); 100 steps, N = 4096, seeds 0-2. Each line: ``runs`` = (log-evidence error, its genealogy sd, largest posterior-mean
 error in posterior sd, genealogy ESS / N) per seed.
 
     OMP_NUM_THREADS=1 python validation/tail_data.py > validation/results/tail_data/runs.jsonl
 
-(~25 min on one core; the committed lines were run at commit cc3c007.)
+(~6 min on one core. ``runs_ddpm_default.jsonl``: the first run, at commit cc3c007, when
+``default`` was the DDPM kernel.)
 """
 
 import json
@@ -35,6 +37,7 @@ for d in [8, 80]:
             pm, ps = post.mean(), post.covariance().diagonal().sqrt()
             for lab, s in [
                 ("default", registry.default_sampler(pb2, 100)),
+                ("ddpm", registry.build("TDS", 100, adaptive_ess=0.1)),
                 ("analytic", registry.default_sampler(pb2, 100, evidence=True)),
             ]:
                 errs = []

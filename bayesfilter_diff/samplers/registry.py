@@ -245,10 +245,13 @@ def default_sampler(
     intermediate time), and
 
     - for Gaussian noise through a linear operator with an SVD or a small matrix, its
-      conditioned proposal (``proposal="auto"`` with the DDPM kernel: exact Gaussian
-      conditioning at the informative end of the path, which keeps the lineages; on the
-      noise-level study 1.4-1.75x the exact floor where MCGdiff, the default before
-      2026-12-03, was 2.7-4.4x, and 4.0x against 5.2x over the mixture protocol);
+      conditioned proposal (``proposal="auto"``: exact Gaussian conditioning at the
+      informative end of the path, which keeps the lineages) with the reference reverse
+      variance (``reverse_variance="reference"``: the kernel carries ``b^2 Var[x0 | x_t]``
+      of a ``N(m, prior_variance I)`` prior, which the DDPM kernel drops; since 2026-12-05:
+      on the noise-level study 1.12-1.39x the exact floor and |d log Z| <= 0.05, against
+      1.42-1.78x and 0.07 with the DDPM kernel, whose evidence was 3-7 of its sd off for
+      data in the prior's tail; docs/methods/tds.md);
     - for every other likelihood it accepts (nonlinear operators, Poisson, custom / Pyro
       sites), and with ``evidence=True`` (SMC^2's inner sampler, whose error is the
       evidence's), the analytic reverse variance (``reverse_variance="analytic"``: the
@@ -257,7 +260,7 @@ def default_sampler(
       -0.14 +- 0.39 against -0.58 +- 0.39 with the conditioned proposal);
 
     MCGdiff where TDS does not apply."""
-    tds = build("TDS", num_steps, adaptive_ess=0.1)
+    tds = build("TDS", num_steps, adaptive_ess=0.1, reverse_variance="reference")
     assert isinstance(tds, TDS)
     if tds.requirements().unmet(problem) is None:
         if not evidence and tds.conditions(problem):

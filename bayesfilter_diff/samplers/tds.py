@@ -176,7 +176,8 @@ class TDS(SMCSampler):
         ``x0_hat``).
     prior_variance
         ``tau2`` of ``"pigdm"``: ``v_t = tau2 sig2 / (tau2 + sig2)`` (default 1; the
-        reference code's image default is 0.12).
+        reference code's image default is 0.12); also the reference prior's variance of
+        ``reverse_variance="reference"`` and the conditioned proposal's threshold.
     clamp_x0
         ``(low, high)`` to clamp the twisted ``x0~`` of the proposal, or ``None`` (default).
     max_log_snr_step
@@ -200,7 +201,8 @@ class TDS(SMCSampler):
     proposal
         ``"auto"`` (default): ``"conditioned"`` where it applies (Gaussian noise, a linear
         operator with an SVD or a matrix of at most 2**24 entries, per problem included,
-        ``twist_variance="operator"``, ``reverse_variance="ddim"``, no ``clamp_x0``),
+        ``twist_variance="operator"``, ``reverse_variance`` ``"ddim"`` or ``"reference"``,
+        no ``clamp_x0``),
         ``"gradient"`` otherwise; ``"gradient"``: the paper's twisted ancestral step
         everywhere; ``"conditioned"``: the exact Gaussian conditioning of the
         model's kernel on the linearised twist wherever the twist's variance is below
@@ -218,6 +220,14 @@ class TDS(SMCSampler):
         The Laplace twist uses the likelihood's full Hessian (``d`` backward passes of the
         likelihood per Newton step, no network call) up to this signal dimension ``d``
         (default 64), an isotropic curvature estimate above it.
+    reverse_variance
+        The reverse kernel's variance: ``"ddim"`` (default; the paper's DDIM ``eta = 1``
+        kernel, ``std^2 I``, which drops ``b^2 Var[x0 | x_t]``), ``"analytic"`` (adds it,
+        ``Var[x0 | x_t]`` per particle from the denoiser's Jacobian trace: one more backward
+        pass per step) or ``"reference"`` (adds that of a ``N(m, prior_variance I)`` prior,
+        the same for every particle, no network call; it keeps the conditioned proposal and
+        the chain's own twist; :func:`~bayesfilter_diff.samplers.registry.default_sampler`'s
+        choice for linear-Gaussian problems). docs/methods/tds.md measures the three.
     """
 
     # noise_positive: the final weight is the likelihood p(y | x0), a point mass for
@@ -584,7 +594,12 @@ class TDS(SMCSampler):
                 x0_var = self._x0_variance(ctx, t, tr)
             lt = fn(x0)
             lt = torch.where(torch.isnan(lt), torch.full_like(lt, -math.inf), lt)
-            return x0, lt, None, x0_var if probe is not None else self._reference_variance(ctx, t, lt)
+            return (
+                x0,
+                lt,
+                None,
+                x0_var if probe is not None else self._reference_variance(ctx, t, lt),
+            )
         if isinstance(fn, PixelGaussian):  # its gradient in closed form: autograd only
             # through the network (J^T u), not through the twist's residual and squares
             x0, lt, g, tr = ctx.denoise_backward(
