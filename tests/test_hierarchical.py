@@ -558,3 +558,34 @@ def test_a_global_stacked_along_the_event_is_refused_not_summed():
             model, y=y, stacked=False, num_samples=8, num_theta=4, moves=0, generator=g
         )
     assert torch.isfinite(post.log_evidence).all()
+
+
+def test_a_global_against_a_scalar_slice_is_refused_with_the_remedy():
+    # with a vector site beside it, SMC^2 replays the global as (K, 1); a scalar site
+    # StudentT(3, x[..., 0], 2 s) then pairs every theta with every x (the old code summed
+    # the (K, K) cross silently); s.squeeze(-1) broadcasts as it should
+    gmm = bfd.GaussianMixture(
+        torch.tensor([0.3, 0.7], dtype=DT),
+        torch.tensor([[-2.0, 0.0], [2.0, 1.0]], dtype=DT),
+        torch.ones(2, dtype=DT),
+    )
+    prior = gmm.diffusion(bfd.VPSchedule.linear())
+    M = torch.tensor([[1.0, 0.5], [0.2, -1.0], [0.3, 0.3]], dtype=DT)
+
+    def model(y1=None, y2=None, squeeze=False):
+        s = pyro.sample("sigma", dist.HalfNormal(torch.tensor(1.0, dtype=DT)))
+        x = pyro.sample("x", bfd.DiffusionPrior(prior))
+        pyro.sample("y1", dist.Normal(x @ M.T, s).to_event(1), obs=y1)
+        s2 = s.squeeze(-1) if squeeze else s
+        pyro.sample("y2", dist.StudentT(3.0, x[..., 0], 2 * s2), obs=y2)
+
+    data = {"y1": torch.tensor([0.3, -0.2, 0.5], dtype=DT), "y2": torch.tensor(0.4, dtype=DT)}
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match=r"s\.squeeze\(-1\)"):
+        bfd.infer(model, **data, num_samples=8, num_theta=4, moves=0, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bfd.PosteriorQualityWarning)
+        post = bfd.infer(
+            model, **data, squeeze=True, num_samples=8, num_theta=4, moves=0, generator=g
+        )
+    assert torch.isfinite(post.log_evidence).all()

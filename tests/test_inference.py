@@ -584,3 +584,49 @@ def test_the_precision_check_sees_data_upcast_by_infer():
     with pytest.warns(bfd.PosteriorQualityWarning, match="bfloat16 cannot resolve"):
         post = infer(model, y=y, num_samples=32, generator=torch.Generator().manual_seed(0))
     assert "precision" in [q.kind for q in post.result.info.quality]
+
+
+def test_observation_plates_and_repeated_data_are_not_taken_for_crossed_particles():
+    # the layout check refuses a batch dim that is neither the layout's, the observed
+    # value's nor a plate's; observation plates (masked too) and repeated observations pass
+    Y3 = torch.tensor([[0.8, 0.5], [0.0, 1.0], [-1.0, 0.2]], dtype=D64)
+    mask = torch.tensor([True, False, True])
+
+    def plated(y=None, masked=False):
+        x = pyro.sample("x", DiffusionPrior(PRIOR))
+        with pyro.plate("obs", 3), poutine.mask(mask=mask if masked else True):
+            pyro.sample("y", dist.StudentT(3.0, f_nl(x), 0.5).to_event(1), obs=y)
+
+    def repeated(y=None):
+        x = pyro.sample("x", DiffusionPrior(PRIOR))
+        pyro.sample("y", dist.StudentT(3.0, f_nl(x), 0.5).to_event(1), obs=y)
+
+    x = GMM.sample(4, torch.Generator().manual_seed(0))[None]
+    per = dist.StudentT(3.0, f_nl(x)[..., None, :], 0.5).log_prob(Y3).sum(-1)  # (1, 4, 3)
+    for model, kw, want in (
+        (plated, {}, per.sum(-1)),
+        (plated, {"masked": True}, (per * mask).sum(-1)),
+        (repeated, {}, per.sum(-1)),
+    ):
+        _, problem, st = model_to_problem(model, Y3, **kw)
+        assert st.kind == "custom"
+        torch.testing.assert_close(problem.log_likelihood(x), want)
+
+
+def test_constant_site_parameters_are_judged_elementwise_and_at_a_generic_value():
+    y = torch.tensor([0.5, -0.3], dtype=D64)
+
+    def partly_nan(y=None):
+        x = pyro.sample("x", DiffusionPrior(PRIOR))
+        scale = torch.tensor([float("nan"), 1.0], dtype=D64)
+        pyro.sample("y", dist.Normal(x, scale).to_event(1), obs=y)
+
+    with pytest.raises(ValueError, match="scale"):
+        model_to_problem(partly_nan, y)
+
+    # a scale that vanishes at 0 and 1 (the ends of an image's range) but not in between
+    def bernoulli_like(y=None):
+        x = pyro.sample("x", DiffusionPrior(PRIOR))
+        pyro.sample("y", dist.Normal(x, (x * (1 - x)).abs().sqrt() / 4).to_event(1), obs=y)
+
+    model_to_problem(bernoulli_like, y)

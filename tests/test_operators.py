@@ -329,3 +329,22 @@ def test_dense_copies_its_matrix():
     before = op(torch.ones(8))
     M[0, 0] += 100.0  # the caller's tensor changes; the operator (and its SVD) does not
     torch.testing.assert_close(op(torch.ones(8)), before)
+
+
+def test_blur_reports_dropped_directions_and_16_bit_kernels_keep_float32_rank():
+    k = O.gaussian_kernel(9, 1.5, dtype=torch.float32)  # its spectrum falls to ~1e-6
+    op32 = O.Blur(k, (16, 16))
+    assert 0 < op32.dropped_singular_value < 1.3e-4 * float(op32.singular_values().max())
+    y = torch.zeros(16, 16)
+    bfd.InverseProblem(op32, y, noise_std=0.05)
+    with pytest.raises(ValueError, match="rtol"):
+        bfd.InverseProblem(op32, y, noise_std=1e-4)
+    # float16: the rank of the float32 computation (it kept 1 of 256 before), and the
+    # float32 copy the loop runs with recomputes the spectrum from the kernel
+    op16 = O.Blur(k.half(), (16, 16))
+    assert op16.singular_values().numel() == op32.singular_values().numel()
+    c = op16.float32_copy()
+    assert c.singular_values().dtype == torch.float32
+    torch.testing.assert_close(
+        c.singular_values(), O.Blur(k.half().float(), (16, 16)).singular_values()
+    )

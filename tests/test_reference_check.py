@@ -109,3 +109,18 @@ def test_bad_arguments_are_refused_by_name():
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="finite"):
         bfd.diagnostics.reference_check(Result(samples=bad), r)
+
+
+def test_a_weighted_result_without_a_genealogy_counts_its_effective_size():
+    # importance-weighted prior draws (no roots): the errors must use 1 / sum W^2, not N
+    gmm, problem = _problem()
+    g = torch.Generator().manual_seed(5)
+    post = gmm.posterior(problem)
+    exact = Result(samples=post.sample(4000, g))
+    x = gmm.sample(4000, g)
+    logw = problem.log_likelihood(x[None])[0]
+    res = Result(samples=x, log_weights=logw)
+    ess = float(1 / (res.weights() ** 2).sum())
+    assert ess < 1000  # far fewer than N = 4000
+    c = bfd.diagnostics.reference_check(res, exact, warn=False)
+    assert not bool(c.differs)

@@ -128,10 +128,11 @@ def _read_model(
         """The site's distribution in a trace at another prior value (built once, on
         demand): a parameter that differs there depends on the prior value."""
         if not alt:
+            # a generic value (not 0 or 1, the ends of an image's range, where a scale like
+            # sqrt(x (1 - x)) vanishes at both)
             with pyro.validation_enabled(False):
-                alt.update(
-                    poutine.trace(PriorPlaceholder(1.0)(model)).get_trace(*args, **kwargs).nodes
-                )
+                tr1 = poutine.trace(PriorPlaceholder(0.377)(model)).get_trace(*args, **kwargs)
+                alt.update(tr1.nodes)
         return alt[site]["fn"]
 
     for n in observed:
@@ -309,7 +310,9 @@ def _check_support_and_parameters(
     from torch.distributions import constraints
 
     support = getattr(fn, "support", None)
-    if support is not None and not constraints.is_dependent(support):
+    finite = bool(torch.isfinite(v).all()) if v.is_floating_point() else True
+    # (non-finite data are refused later with their own message)
+    if support is not None and finite and not constraints.is_dependent(support):
         try:
             ok = bool(torch.as_tensor(support.check(v)).all())
         except (RuntimeError, TypeError, ValueError):
@@ -333,11 +336,15 @@ def _check_support_and_parameters(
             ok = True
         if not ok and other_fn is not None:
             # only a parameter that does not depend on the prior value is known to be wrong
-            other = unwrap(other_fn()).__dict__.get(param)
+            try:
+                other = unwrap(other_fn()).__dict__.get(param)
+            except Exception:  # the model fails at the other value: left to the run
+                other = None
             same = isinstance(other, Tensor) and other.shape == value.shape
-            ok = not (
-                same and bool(torch.equal(other, value) | (other.isnan() & value.isnan()).all())
-            )
+            if same:
+                assert isinstance(other, Tensor)
+                same = bool(((other == value) | (other.isnan() & value.isnan())).all())
+            ok = not same
         if not ok:
             raise ValueError(
                 f"site {name!r}: the {type(base).__name__} distribution's {param} must satisfy "

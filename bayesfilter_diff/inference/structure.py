@@ -194,24 +194,41 @@ class ModelStructure:
         with torch.no_grad():
             return self._per_particle(x, scores)
 
-    def _check_layout(self, name: str, lp: Tensor) -> None:
-        """``lp`` ``(N, *batch)`` of the layout's rank: each batch dim must be 1 or the
-        layout's size there. A larger one comes from a computation that broadcast two
-        particle dims against each other (e.g. a global latent stacked along the last dim
-        in SMC^2, where it is ``(K, 1)``: every theta paired with every ``x``), which would
-        otherwise be summed as if it were the model's own batch."""
-        want = self.with_problems(tuple(self.layout)) if self.batched else tuple(self.layout)
+    def _check_layout(self, name: str, lp: Tensor, site: dict) -> None:
+        """``lp`` ``(N, *batch)`` of the layout's rank: each batch dim must be 1, the layout's
+        size there (the problems'), the observed value's size there or that of a plate the
+        site sits in. A larger one comes from a computation that broadcast two particle
+        dims against each other (e.g. a global latent stacked along the last dim in SMC^2,
+        where it is ``(K, 1)``: every theta paired with every ``x``), which would otherwise
+        be summed as if it were the model's own batch."""
+        L = lp.dim() - 1
+        want = list(self.with_problems(tuple(self.layout)) if self.batched else self.layout)
+        want = [1] * (L - len(want)) + want[-L:] if L else []
+        allowed: list[set[int]] = [{1, w} for w in want]
+        value, fn = site.get("value"), site.get("fn")
+        if isinstance(value, Tensor) and fn is not None:
+            k = len(getattr(fn, "event_shape", ()))
+            vb = tuple(value.shape[: value.dim() - k])[-L:] if L else ()
+            for i, n in enumerate(vb):
+                allowed[L - len(vb) + i].add(int(n))
+        for frame in site.get("cond_indep_stack", ()):
+            dim, size = getattr(frame, "dim", None), getattr(frame, "size", None)
+            if isinstance(dim, int) and dim < 0 and -dim <= L and isinstance(size, int):
+                allowed[L + dim].add(size)
         got = tuple(lp.shape[1:])
-        bad = [i for i, (g, w) in enumerate(zip(got, want, strict=True)) if g not in (1, w)]
+        bad = [i for i, g in enumerate(got) if g not in allowed[i]]
         if bad:
             raise ValueError(
-                f"log_prob of site {name!r} has batch shape {got} where the model's layout is "
-                f"{want} (N particles first): dimension(s) {bad} broadcast particles against "
-                "each other. A value computed from a latent site (the prior's, or a global "
-                "one such as a noise scale, which SMC^2 replays with batch dimensions of "
-                "its own) must broadcast from the right, not add dimensions at its right "
-                "end: e.g. s * torch.tensor([1., 1., 2., 2.]), not torch.stack([s, s, 2 * s, "
-                "2 * s], -1) or s[..., None]"
+                f"log_prob of site {name!r} has batch shape {got}, whose dimension(s) {bad} "
+                f"match neither the model's layout {tuple(want)} nor the observed value nor a "
+                "plate: the model broadcast particles against each other. A value computed "
+                "from a latent site (the prior's, or a global one such as a noise scale, "
+                "which SMC^2 replays with batch dimensions of its own) must broadcast from "
+                "the right, not add dimensions at its right end. SMC^2 replays a global as "
+                "(K, 1), which broadcasts against a vector site's event: write s * "
+                "torch.tensor([1., 1., 2., 2.]), not torch.stack([s, s, 2 * s, 2 * s], -1) "
+                "or s[..., None]; for a site computed from a scalar slice such as x[..., 0], "
+                "use s.squeeze(-1)"
             )
 
     def _per_particle(
@@ -243,7 +260,7 @@ class ModelStructure:
                     "dimensions of the prior site's value"
                 )
             lp = lp.reshape((1,) * (1 + L - lp.dim()) + tuple(lp.shape))
-            self._check_layout(name, lp)
+            self._check_layout(name, lp, site)
             # Sum every layout dimension but the problems' one.
             keep = [0] + ([1 + L + d for d in self.problem_dims()] if self.batched else [])
             red = [i for i in range(1, 1 + L) if i not in keep]

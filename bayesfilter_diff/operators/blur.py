@@ -73,7 +73,11 @@ class Blur(LinearOperator):
     in_shape
         Image shape.
     rtol
-        Relative threshold under which a singular value counts as zero.
+        Relative threshold under which a singular value counts as zero (default 1e3 times
+        the machine epsilon of the computation's dtype: the kernel's own, float32 for a
+        16-bit kernel, whose problems run in float32). ``dropped_singular_value`` is the
+        largest one counted as zero: :class:`~bayesfilter_diff.InverseProblem` refuses a
+        Gaussian noise level at which that direction would still be informative.
     """
 
     has_svd = True
@@ -108,8 +112,13 @@ class Blur(LinearOperator):
         C = in_shape[0] if len(in_shape) == 3 else 1
         s_full = mag.expand(C, H, W).reshape(-1)
         order = torch.argsort(s_full, descending=True, stable=True)
-        rtol = rtol if rtol is not None else 1e3 * torch.finfo(dt).eps
-        r = int((s_full > rtol * s_full.max()).sum())
+        if rtol is None:
+            rtol = 1e3 * torch.finfo(dt if torch.finfo(dt).bits > 16 else torch.float32).eps
+        self.rtol = float(rtol)
+        keep = s_full > self.rtol * s_full.max()
+        r = int(keep.sum())
+        #: the largest singular value counted as zero (0.0 if none)
+        self.dropped_singular_value = float(s_full[~keep].max()) if r < s_full.numel() else 0.0
         if r == 0:
             raise ValueError("kernel must not be all zeros")
         cdt = torch.complex128 if dt == torch.float64 else torch.complex64
@@ -119,6 +128,11 @@ class Blur(LinearOperator):
         self.register_buffer("order", order)
         self.register_buffer("inv_order", torch.argsort(order))
         self.register_buffer("_s", s_full[order[:r]].to(dt))
+
+    def float32_copy(self) -> Blur:
+        """The operator in float32, its spectrum recomputed from the kernel (with the rank
+        decided as for the kernel's own dtype)."""
+        return Blur(self.kernel.float(), self.in_shape, rtol=self.rtol).to(self.kernel.device)
 
     def _filter(self, x: Tensor, response: Tensor) -> Tensor:
         return torch.fft.ifft2(torch.fft.fft2(x) * response).real

@@ -820,6 +820,7 @@ class TDS(SMCSampler):
         if not _uses_gaussian_twist(ctx.problem):
             return TDSInfo("likelihood")
         if self.conditions(ctx.problem):
-            twist = "chain" if self.reverse_variance == "ddim" else "gaussian_prior"
+            # the analytic kernel's twist is the Gaussian prior's; "reference" keeps the chain's
+            twist = "gaussian_prior" if self.reverse_variance == "analytic" else "chain"
             return TDSInfo(twist, "conditioned")
         return TDSInfo(self.twist_variance)
