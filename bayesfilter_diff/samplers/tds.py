@@ -101,6 +101,13 @@ _DENSE_MAX = 2**24
 _EXACT_TRACE_MAX_DIM = 4
 
 
+def _gaussian_x0_variance(schedule, t: Tensor, tau2: float) -> Tensor:
+    """``Var[x0 | x_t]`` of a ``N(m, tau2 I)`` prior: ``tau2 sigma_t^2 / (alpha_t^2 tau2 +
+    sigma_t^2)`` (finite at ``alpha_t = 0``)."""
+    a2, s2 = schedule.alpha(t) ** 2, schedule.sigma(t) ** 2
+    return tau2 * s2 / (tau2 * a2 + s2)
+
+
 def _uses_gaussian_twist(problem: InverseProblem) -> bool:
     return problem.noise == "gaussian" and problem.log_likelihood_fn is None
 
@@ -329,9 +336,7 @@ class TDS(SMCSampler):
             if self.reverse_variance == "reference":  # the kernel's b^2 Var[x0 | x_t] too
                 sch = ctx.prior.schedule
                 b = ddim_weights(coef, sch.sigma(ts[:-1]))[1]
-                a2, s2 = sch.alpha(ts[:-1]) ** 2, sch.sigma(ts[:-1]) ** 2
-                tau2 = self.prior_variance
-                kvar = kvar + b**2 * (tau2 * s2 / (tau2 * a2 + s2))
+                kvar = kvar + b**2 * _gaussian_x0_variance(sch, ts[:-1], self.prior_variance)
             term = torch.where(a_s > 0, kvar / torch.where(a_s > 0, a_s, 1.0) ** 2, 0.0)
             tail = torch.cat([term.flip(0).cumsum(0).flip(0), term.new_zeros(1)]).to(ctx.dtype)
             kinds = [
@@ -492,13 +497,11 @@ class TDS(SMCSampler):
             if self.reverse_variance == "analytic":
                 # the chain then follows the continuous model, whose Var[x0 | x_t] for a
                 # N(0, tau2 I) prior is tau2 sig2 / (tau2 + sig2)
-                tau2 = self.prior_variance
-                return tau2 * s2 / (tau2 * a2 + s2)
+                return _gaussian_x0_variance(sch, t, self.prior_variance)
             return self._chain_variance(ctx, t)
         if self.twist_variance in ("inflated", "operator"):
             return s2 / a2  # sig2 = sigma^2 / alpha^2 (inf at alpha = 0)
-        tau2 = self.prior_variance
-        return tau2 * s2 / (tau2 * a2 + s2)  # tau2 sig2 / (tau2 + sig2), finite at alpha = 0
+        return _gaussian_x0_variance(sch, t, self.prior_variance)  # "pigdm"
 
     def _operator_twist(self, ctx: Context, t: Tensor) -> Callable[[Tensor], Tensor]:
         """``x0 -> log N(y; A x0, sigma_y^2 I + sig2 A A^T)`` per particle, without its
@@ -620,10 +623,8 @@ class TDS(SMCSampler):
         particle (no network call); ``None`` for the other kernels."""
         if self.reverse_variance != "reference":
             return None
-        sch = ctx.prior.schedule
-        a2, s2 = sch.alpha(t) ** 2, sch.sigma(t) ** 2
-        tau2 = self.prior_variance
-        return (tau2 * s2 / (tau2 * a2 + s2)).to(like.dtype).expand(like.shape)
+        v = _gaussian_x0_variance(ctx.prior.schedule, t, self.prior_variance)
+        return v.to(like.dtype).expand(like.shape)
 
     def _x0_variance(self, ctx: Context, t: Tensor, tr: Tensor | None) -> Tensor | None:
         """``Var[x0 | x_t]`` per coordinate from ``z^T J z`` (Tweedie's second moment:
