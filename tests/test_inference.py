@@ -630,3 +630,20 @@ def test_constant_site_parameters_are_judged_elementwise_and_at_a_generic_value(
         pyro.sample("y", dist.Normal(x, (x * (1 - x)).abs().sqrt() / 4).to_event(1), obs=y)
 
     model_to_problem(bernoulli_like, y)
+
+
+def test_repeated_observations_of_an_affine_site_read_as_one_linear_problem():
+    # y of shape (5, 1) for a site with event (1,): five observations of the same mean;
+    # read as a 5-row linear-Gaussian problem (it was refused: "y must have the
+    # operator's output shape (5,)")
+    y = torch.tensor([[1.0], [0.8], [1.3], [0.6], [1.1]], dtype=D64)
+
+    def model(y=None):
+        x = pyro.sample("x", DiffusionPrior(PRIOR))
+        pyro.sample("y", dist.Normal(2.0 * x[..., :1] + 0.5, 0.3).to_event(1), obs=y)
+
+    _, problem, st = model_to_problem(model, y)
+    assert st.kind == "affine_gaussian" and problem.y.shape == (5,)
+    x = GMM.sample(6, torch.Generator().manual_seed(0))[None]
+    want = dist.Normal(2.0 * x[..., :1] + 0.5, 0.3).log_prob(y[:, 0][:, None, None]).sum(0)
+    torch.testing.assert_close(problem.log_likelihood(x), want[None, :, 0])

@@ -104,6 +104,9 @@ def linearize(st: ModelStructure, forward: PyroForward, y: Tensor) -> Affine | N
     out = tuple(forward.out_shape)
     shift = c.to(dtype).reshape((B,) + out)
     y_new = y - (shift if st.batched else shift[0])
+    # the matrix acts on the flattened output (repeated observations of shape (n, k) give m
+    # = n k rows), so the data are flattened to match
+    y_new = y_new.reshape(((B,) if st.batched else ()) + (m,))
     return Affine(op, y_new, forward, c, m_norm)
 
 
