@@ -348,3 +348,16 @@ def test_blur_reports_dropped_directions_and_16_bit_kernels_keep_float32_rank():
     torch.testing.assert_close(
         c.singular_values(), O.Blur(k.half().float(), (16, 16)).singular_values()
     )
+
+
+def test_a_rank_deficient_dense_serves_a_noiseless_problem():
+    # the informative-dropped-direction check applies to noisy problems only: a noiseless
+    # one with an exactly rank-deficient matrix (round-off singular value ~3e-16) raised a
+    # raw ZeroDivisionError
+    g = torch.Generator().manual_seed(0)
+    B = torch.randn(3, 2, generator=g, dtype=torch.float64)
+    C = torch.randn(2, 6, generator=g, dtype=torch.float64)
+    op = Dense(B @ C)
+    assert op.singular_values().numel() == 2 and 0 < op.dropped_singular_value < 1e-12
+    bfd.InverseProblem(op, torch.zeros(3, dtype=torch.float64), noise_std=0.0)
+    bfd.InverseProblem(op, torch.zeros(3, dtype=torch.float64), noise_std=1e-6)
