@@ -12,6 +12,7 @@ the batch (the final ESS ignores the correlations that resampling creates).
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ import torch
 import bayesfilter_diff as bfd
 from bayesfilter_diff.operators import Dense
 from bayesfilter_diff.samplers.base import ddim_coefficients
-from bayesfilter_diff.samplers.tds import TDS
+from bayesfilter_diff.samplers.tds import TDS, _gaussian_x0_variance
 
 DT = torch.float64
 
@@ -456,14 +457,17 @@ def test_conditioned_proposal_on_a_mask_is_exact_and_keeps_its_lineages():
     assert runs["conditioned"] > 0.8 * N and runs["conditioned"] > 2 * runs["gradient"]
 
 
-def _check_continuous_model(kernel: str, proposal: str, offset: list[float]) -> None:
-    """TDS with reverse_variance=``kernel`` at 10 steps on a Gaussian prior (variance 1.5,
-    given as ``prior_variance``), data ``A mu + offset``: the posterior moments and the
-    evidence within 4.5 standard errors of the exact ones over 32 copies, where the DDIM
-    chain's evidence is more than 10 standard errors off."""
+def _check_continuous_model(
+    kernel: str, proposal: str, offset: list[float], tau2: float = 1.5, given: bool = True
+) -> None:
+    """TDS with reverse_variance=``kernel`` at 10 steps on a Gaussian prior (variance
+    ``tau2``, given as ``prior_variance`` or, ``given=False``, read off the prior's own
+    ``x0_variance``), data ``A mu + offset``: the posterior moments and the evidence within
+    4.5 standard errors of the exact ones over 32 copies, where the DDIM chain's evidence is
+    more than 10 standard errors off."""
     sched = bfd.VPSchedule.linear()
     mu = torch.tensor([1.0, -0.5, 0.3], dtype=DT)
-    gmm = bfd.GaussianMixture(torch.ones(1, dtype=DT), mu[None], torch.tensor([1.5], dtype=DT))
+    gmm = bfd.GaussianMixture(torch.ones(1, dtype=DT), mu[None], torch.tensor([tau2], dtype=DT))
     g = torch.Generator().manual_seed(0)
     A = bfd.operators.Dense(torch.randn(2, 3, generator=g, dtype=DT))
     y = A(mu) + torch.tensor(offset, dtype=DT)
@@ -476,7 +480,7 @@ def _check_continuous_model(kernel: str, proposal: str, offset: list[float]) -> 
         res[rv] = TDS(
             num_steps=10,
             reverse_variance=rv,
-            prior_variance=1.5,
+            prior_variance=tau2 if given else None,
             max_log_snr_step=0,
             proposal=proposal,
         ).sample(gmm.diffusion(sched), problem, N, torch.Generator().manual_seed(1))
@@ -510,6 +514,29 @@ def test_reference_reverse_variance_is_the_continuous_model_of_a_gaussian_prior(
     prior (no network call): for such a prior the chain is the continuous model's at any
     number of steps, here with data several predictive sd out; with either proposal."""
     _check_continuous_model("reference", proposal, [4.0, -3.0])
+
+
+@pytest.mark.parametrize("proposal", ["conditioned", "gradient"])
+def test_reference_reverse_variance_reads_the_priors_own_x0_variance(proposal):
+    """With ``prior_variance=None`` (the default) the reference kernel takes the prior's
+    own ``Var[x0 | x_t]`` (here a narrow Gaussian's, tabulated from its draws): the chain is
+    again the continuous model's at 10 steps, where the unit stand-in's is not."""
+    _check_continuous_model("reference", proposal, [1.0, -0.8], tau2=0.1, given=False)
+    sched = bfd.VPSchedule.linear()
+    gmm = bfd.GaussianMixture(
+        torch.ones(1, dtype=DT), torch.zeros(1, 3, dtype=DT), torch.tensor([0.1], dtype=DT)
+    )
+    prior = gmm.diffusion(sched)
+    t = torch.tensor([0.0, 0.05, 0.3, 0.7, 1.0], dtype=DT)
+    own = prior.x0_variance(t)
+    assert own is not None
+    exact = _gaussian_x0_variance(sched, t, 0.1)
+    # from 8192 draws of 3 coordinates: the sample variance's relative sd is 0.9%
+    torch.testing.assert_close(own, exact, rtol=0.04, atol=0.0)
+    # the unit stand-in is several times too wide from the middle of the path on
+    ctx = SimpleNamespace(prior=prior)
+    stand_in = TDS(prior_variance=1.0)._kernel_x0_variance(ctx, t)  # type: ignore[arg-type]
+    assert (stand_in[2:] > 5 * own[2:]).all()
 
 
 @pytest.mark.parametrize("per_problem", [False, True])

@@ -248,11 +248,12 @@ def default_sampler(
       conditioned proposal (``proposal="auto"``: exact Gaussian conditioning at the
       informative end of the path, which keeps the lineages) with the reference reverse
       variance (``reverse_variance="reference"``: the kernel carries ``b^2 Var[x0 | x_t]``
-      of a ``N(m, prior_variance I)`` prior, which the DDPM kernel drops; since 2026-12-05:
-      on the noise-level study 1.12-1.39x the exact floor and |d log Z| <= 0.05, against
-      1.42-1.78x and 0.07 with the DDPM kernel, whose evidence was 3-7 of its sd off for
-      data in the prior's tail; measured on mixtures of unit-variance components: for priors
-      far narrower than ``prior_variance = 1`` set it, docs/methods/tds.md);
+      with the prior's own average ``Var[x0 | x_t]`` where the model knows it (a Gaussian
+      mixture; a shipped or trained network, tabulated from its data), a unit Gaussian's
+      elsewhere, which the DDPM kernel drops; since 2026-12-05: on the noise-level study
+      1.12-1.39x the exact floor and |d log Z| <= 0.05, against 1.42-1.78x and 0.07 with
+      the DDPM kernel, whose evidence was 3-7 of its sd off for data in the prior's tail;
+      docs/methods/tds.md);
     - for every other likelihood it accepts (nonlinear operators, Poisson, custom / Pyro
       sites), and with ``evidence=True`` (SMC^2's inner sampler, whose error is the
       evidence's), the analytic reverse variance (``reverse_variance="analytic"``: the

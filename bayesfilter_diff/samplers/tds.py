@@ -182,9 +182,14 @@ class TDS(SMCSampler):
         ``"inflated"``: ``sig2``; ``"pigdm"``: its ``v_t``; ``"none"``: the likelihood at
         ``x0_hat``).
     prior_variance
-        ``tau2`` of ``"pigdm"``: ``v_t = tau2 sig2 / (tau2 + sig2)`` (default 1; the
-        reference code's image default is 0.12); also the reference prior's variance of
-        ``reverse_variance="reference"`` and the conditioned proposal's threshold.
+        ``tau2``, the variance per coordinate of a Gaussian stand-in ``N(m, tau2 I)`` for
+        the prior, or ``None`` (default). ``"pigdm"``'s ``v_t = tau2 sig2 / (tau2 + sig2)``
+        and the conditioned proposal's threshold take it (``None``: 1; the reference code's
+        image default is 0.12). ``reverse_variance="reference"`` adds ``Var[x0 | x_t]`` of
+        the stand-in or, with ``None``, the prior's own average
+        (:meth:`~bayesfilter_diff.DiffusionModel.x0_variance`: a Gaussian mixture's, a
+        shipped or trained network's tabulated from its data) where the model knows it,
+        a unit Gaussian's elsewhere.
     clamp_x0
         ``(low, high)`` to clamp the twisted ``x0~`` of the proposal, or ``None`` (default).
     max_log_snr_step
@@ -231,8 +236,9 @@ class TDS(SMCSampler):
         The reverse kernel's variance: ``"ddim"`` (default; the paper's DDIM ``eta = 1``
         kernel, ``std^2 I``, which drops ``b^2 Var[x0 | x_t]``), ``"analytic"`` (adds it,
         ``Var[x0 | x_t]`` per particle from the denoiser's Jacobian trace: one more backward
-        pass per step) or ``"reference"`` (adds that of a ``N(m, prior_variance I)`` prior,
-        the same for every particle, no network call; it keeps the conditioned proposal and
+        pass per step) or ``"reference"`` (adds the prior's average one, or that of a
+        ``N(m, prior_variance I)`` prior, see ``prior_variance``: the same for every
+        particle, no network call; it keeps the conditioned proposal and
         the chain's own twist; :func:`~bayesfilter_diff.samplers.registry.default_sampler`'s
         choice for linear-Gaussian problems). docs/methods/tds.md measures the three.
     """
@@ -249,7 +255,7 @@ class TDS(SMCSampler):
     exact = True
 
     twist_variance: str = "operator"
-    prior_variance: float = 1.0
+    prior_variance: float | None = None
     clamp_x0: tuple[float, float] | None = None
     laplace_max_dim: int = 64
     max_log_snr_step: float = 1.0
@@ -267,8 +273,10 @@ class TDS(SMCSampler):
                 f"twist_variance must be one of {_TWISTS}, got {self.twist_variance!r}"
             )
         pv = self.prior_variance
-        if isinstance(pv, bool) or not isinstance(pv, int | float) or not 0 < pv < math.inf:
-            raise ValueError(f"prior_variance must be a finite number > 0, got {pv!r}")
+        if pv is not None and (
+            isinstance(pv, bool) or not isinstance(pv, int | float) or not 0 < pv < math.inf
+        ):
+            raise ValueError(f"prior_variance must be None or a finite number > 0, got {pv!r}")
         check_clamp("clamp_x0", self.clamp_x0)
         m = self.laplace_max_dim
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:
@@ -336,14 +344,12 @@ class TDS(SMCSampler):
             if self.reverse_variance == "reference":  # the kernel's b^2 Var[x0 | x_t] too
                 sch = ctx.prior.schedule
                 b = ddim_weights(coef, sch.sigma(ts[:-1]))[1]
-                kvar = kvar + b**2 * _gaussian_x0_variance(sch, ts[:-1], self.prior_variance)
+                kvar = kvar + b**2 * self._kernel_x0_variance(ctx, ts[:-1])
             term = torch.where(a_s > 0, kvar / torch.where(a_s > 0, a_s, 1.0) ** 2, 0.0)
             tail = torch.cat([term.flip(0).cumsum(0).flip(0), term.new_zeros(1)]).to(ctx.dtype)
             kinds = [
                 "deterministic" if not pos else ("conditioned" if sharp else "gradient")
-                for pos, sharp in zip(
-                    (coef.std > 0).tolist(), (tail[1:] <= self.prior_variance).tolist()
-                )
+                for pos, sharp in zip((coef.std > 0).tolist(), (tail[1:] <= self._tau2).tolist())
             ]
             table = ctx.cache[key] = (tail, kinds)
         return table
@@ -497,11 +503,11 @@ class TDS(SMCSampler):
             if self.reverse_variance == "analytic":
                 # the chain then follows the continuous model, whose Var[x0 | x_t] for a
                 # N(0, tau2 I) prior is tau2 sig2 / (tau2 + sig2)
-                return _gaussian_x0_variance(sch, t, self.prior_variance)
+                return _gaussian_x0_variance(sch, t, self._tau2)
             return self._chain_variance(ctx, t)
         if self.twist_variance in ("inflated", "operator"):
             return s2 / a2  # sig2 = sigma^2 / alpha^2 (inf at alpha = 0)
-        return _gaussian_x0_variance(sch, t, self.prior_variance)  # "pigdm"
+        return _gaussian_x0_variance(sch, t, self._tau2)  # "pigdm"
 
     def _operator_twist(self, ctx: Context, t: Tensor) -> Callable[[Tensor], Tensor]:
         """``x0 -> log N(y; A x0, sigma_y^2 I + sig2 A A^T)`` per particle, without its
@@ -618,13 +624,28 @@ class TDS(SMCSampler):
         return x0, lt, g, self._x0_variance(ctx, t, tr)
 
     def _reference_variance(self, ctx: Context, t: Tensor, like: Tensor) -> Tensor | None:
-        """``reverse_variance="reference"``: ``Var[x0 | x_t]`` of a ``N(m, prior_variance I)``
-        prior, ``tau2 sigma_t^2 / (alpha_t^2 tau2 + sigma_t^2)``, the same for every
-        particle (no network call); ``None`` for the other kernels."""
+        """``reverse_variance="reference"``: :meth:`_kernel_x0_variance` at ``t``, the same
+        for every particle (no network call); ``None`` for the other kernels."""
         if self.reverse_variance != "reference":
             return None
-        v = _gaussian_x0_variance(ctx.prior.schedule, t, self.prior_variance)
-        return v.to(like.dtype).expand(like.shape)
+        return self._kernel_x0_variance(ctx, t).to(like.dtype).expand(like.shape)
+
+    @property
+    def _tau2(self) -> float:
+        """The Gaussian stand-in's variance: ``prior_variance``, 1 when it is ``None``."""
+        return 1.0 if self.prior_variance is None else float(self.prior_variance)
+
+    def _kernel_x0_variance(self, ctx: Context, t: Tensor) -> Tensor:
+        """The reference kernel's ``Var[x0 | x_t]`` at times ``t``: with ``prior_variance
+        = None`` the prior's own average (:meth:`DiffusionModel.x0_variance`: a Gaussian
+        mixture's, or a network's tabulated from data) where it knows it, else that of a
+        ``N(m, tau2 I)`` prior, ``tau2 sigma_t^2 / (alpha_t^2 tau2 + sigma_t^2)``."""
+        if self.prior_variance is None:
+            own = getattr(ctx.prior, "x0_variance", None)
+            v = own(t) if own is not None else None
+            if v is not None:
+                return v.to(dtype=t.dtype, device=t.device)
+        return _gaussian_x0_variance(ctx.prior.schedule, t, self._tau2)
 
     def _x0_variance(self, ctx: Context, t: Tensor, tr: Tensor | None) -> Tensor | None:
         """``Var[x0 | x_t]`` per coordinate from ``z^T J z`` (Tweedie's second moment:
