@@ -311,8 +311,8 @@ def test_x0_variance_of_a_mixture_and_of_a_network_tabulated_from_data():
     """``x0_variance(t)``: a Gaussian mixture's own (tabulated from its draws), the prior's
     variance per coordinate at ``alpha = 0`` and 0 at ``sigma = 0``; a network knows it only
     after ``estimate_x0_variance(data)``, then within Monte Carlo error of the mixture's
-    (both tables from 8192 draws of 4 coordinates: relative sd about 1% each); bad data
-    refused by name."""
+    (both from 8192 draws of 4 coordinates: relative sd about 0.8% each); bad data refused
+    by name."""
     D = torch.float64
     g = torch.Generator().manual_seed(3)
     gmm = bfd.GaussianMixture(

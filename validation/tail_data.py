@@ -3,7 +3,9 @@
 The noise-level study's problem (README mixture, ``2 x d`` operator, float64), with the first
 observed entry pushed ``k`` times ``|A_0|`` (about ``k`` prior sd) further out, for the default
 sampler of a linear-Gaussian problem (TDS, conditioned proposal, since 2026-12-05 with the
-reference reverse variance), the default before (the same with the DDPM kernel, ``ddpm``) and
+reference reverse variance; since session 24 with the prior's own ``Var[x0 | x_t]``, here
+within noise of the unit stand-in's), the default before (the same with the DDPM kernel,
+``ddpm``) and
 the analytic reverse variance with the gradient proposal (``default_sampler(...,
 evidence=True)``); 100 steps, N = 4096, seeds 0-2. Each line: ``runs`` = (log-evidence error, its genealogy sd, largest posterior-mean
 error in posterior sd, genealogy ESS / N) per seed.
