@@ -580,12 +580,6 @@ def train(
                 _save_checkpoint(out, cfg, net, ema, opt, g, step, history, event_shape)
     finally:
         bar.close()
-    if step == cfg.steps:  # the finished prior knows its Var[x0 | x_t] (TDS's reference kernel)
-        from .priors.networks import tabulate_x0_variance
-
-        tabulate_x0_variance(
-            out / "prior.json", data[:2048].cpu(), torch.Generator().manual_seed(0)
-        )
     return {
         "step": step,
         "loss_history": history["loss_history"],

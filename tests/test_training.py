@@ -93,13 +93,6 @@ def test_training_reduces_heldout_loss_and_prior_round_trip(tmp_path, kind, para
     x = torch.randn(3, 5, 2, dtype=torch.float64)
     out = prior.denoise(x, 0.4)
     assert out.shape == x.shape and out.dtype == torch.float64 and torch.isfinite(out).all()
-    # the finished prior carries its Var[x0 | x_t] table (TDS's reference kernel): 0 at
-    # t = 0, rising with the noise, at most the data's variance per coordinate (up to the
-    # table's interpolation, ~1e-4 where its cap meets a knot that is not capped)
-    v = prior.x0_variance(torch.tensor([0.0, 0.3, 0.6, 1.0], dtype=torch.float64))
-    total = load_dataset("moons")[:2048].var(0).mean()
-    assert v is not None and v[0] == 0 and (v.diff() >= -1e-3 * total).all()
-    assert (v <= total * (1 + 1e-3)).all()
 
 
 def test_save_load_prior_bit_exact(tmp_path):
@@ -303,11 +296,7 @@ def test_tampered_checkpoints_are_refused(tmp_path):
     )
     with pytest.raises(CheckpointError, match="missing"):
         load_prior(d)
-    # 4. a malformed x0_variance table (not a model-defining field: no checksum covers it)
-    js.write_text(json.dumps(dict(meta, x0_variance={"log_snr": [1.0, 0.0], "log_ratio": [0, 0]})))
-    with pytest.raises(CheckpointError, match="x0_variance: .*strictly increasing"):
-        load_prior(d)
-    # 5. a weights path outside the folder, an unknown network type
+    # 4. a weights path outside the folder, an unknown network type
     js.write_text(json.dumps(signed(dict(meta, weights="../x.safetensors"))))
     with pytest.raises(CheckpointError, match="file name in the same folder"):
         load_prior(d)
@@ -348,7 +337,6 @@ def test_load_pretrained_digits(name):
     assert name in pretrained_names()
     prior = load_pretrained(name)
     assert isinstance(prior, bfd.DiffusionModel) and tuple(prior.event_shape) == (1, 8, 8)
-    assert prior.x0_variance_table is not None  # shipped with its Var[x0 | x_t] table
     files = Path(bfd.__file__).parent / "priors" / "checkpoints"
     assert (files / f"{name}.safetensors").stat().st_size < 2_000_000
     x0 = load_dataset("digits", "test")[:24].reshape(2, 12, 1, 8, 8).double()

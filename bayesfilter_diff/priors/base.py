@@ -13,7 +13,6 @@ the network in chunks of at most ``chunk_size`` rows to bound memory.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -128,21 +127,16 @@ class DiffusionModel(nn.Module):
         )
 
     # ------------------------------------------------------------------ Var[x0 | x_t]
-    #: ``(log_snr, log_ratio)``: the table behind :meth:`x0_variance` (float64, CPU,
-    #: increasing log-SNR), set by :meth:`estimate_x0_variance`; ``None``: not known.
-    _x0_variance_table: tuple[Tensor, Tensor] | None = None
-
     def x0_variance(self, t: Tensor | float) -> Tensor | None:
         """The prior's average posterior variance of ``x0`` per coordinate at times ``t``,
         ``E_{x_t ~ p_t}[tr Var[x0 | x_t]] / d`` (the exact denoiser's mean squared error per
-        coordinate), or ``None`` where the model does not know it (a network without
-        :meth:`estimate_x0_variance`).
+        coordinate), or ``None`` where the model does not know it (a network).
 
-        It depends on ``t`` through the log-SNR ``lambda = log(alpha^2 / sigma^2)`` only and
-        is read off a table in ``lambda`` of its ratio to a unit Gaussian prior's
-        ``sigma^2 / (alpha^2 + sigma^2)`` (the log-ratio linear between knots and constant
-        past the ends, where the ratio tends to the prior's variance per coordinate at
-        ``alpha = 0`` and to 1 at ``sigma = 0`` for a prior with a smooth density)."""
+        It depends on ``t`` through the log-SNR ``lambda = log(alpha^2 / sigma^2)`` only; a
+        model that knows it keeps a table in ``lambda`` of its log-ratio to a unit Gaussian
+        prior's ``sigma^2 / (alpha^2 + sigma^2)`` (:meth:`_x0_variance_lookup`), read here
+        linearly between the levels and constant past the ends (where the ratio tends to the
+        prior's variance per coordinate at ``alpha = 0`` and to 1 at ``sigma = 0``)."""
         table = self._x0_variance_lookup()
         if table is None:
             return None
@@ -158,101 +152,10 @@ class DiffusionModel(nn.Module):
         lr = torch.lerp(log_ratio[hi - 1], log_ratio[hi], w)
         return (lr.exp() * s**2 / (a**2 + s**2)).to(tt.dtype)
 
-    @property
-    def x0_variance_table(self) -> dict[str, list[float]] | None:
-        """The table behind :meth:`x0_variance` as plain lists (``{"log_snr": [...],
-        "log_ratio": [...]}``, increasing log-SNR), e.g. to store with a checkpoint; ``None``
-        where there is none. Assigning one (validated) replaces it; ``None`` removes it."""
-        table = self._x0_variance_lookup()
-        if table is None:
-            return None
-        return {"log_snr": table[0].tolist(), "log_ratio": table[1].tolist()}
-
-    @x0_variance_table.setter
-    def x0_variance_table(self, table: dict[str, list[float]] | None) -> None:
-        if table is None:
-            self._x0_variance_table = None
-            return
-        try:
-            lam = torch.as_tensor(table["log_snr"], dtype=torch.float64)
-            ratio = torch.as_tensor(table["log_ratio"], dtype=torch.float64)
-        except (TypeError, KeyError, ValueError, RuntimeError) as e:
-            raise ValueError(
-                "x0_variance_table must be {'log_snr': [...], 'log_ratio': [...]} of numbers"
-            ) from e
-        if (
-            lam.dim() != 1
-            or lam.shape != ratio.shape
-            or lam.numel() < 2
-            or not bool(torch.isfinite(lam).all() and torch.isfinite(ratio).all())
-            or not bool((lam.diff() > 0).all())
-        ):
-            raise ValueError(
-                "x0_variance_table needs two finite lists of one length >= 2, 'log_snr' "
-                "strictly increasing"
-            )
-        self._x0_variance_table = (lam, ratio)
-
     def _x0_variance_lookup(self) -> tuple[Tensor, Tensor] | None:
-        """The table of :meth:`x0_variance` (a model that can make its own overrides this)."""
-        return self._x0_variance_table
-
-    @torch.no_grad()
-    def estimate_x0_variance(
-        self,
-        data: Tensor,
-        num_levels: int = 161,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        """Tabulate :meth:`x0_variance` from draws ``data`` of the prior (``(n, *event_shape)``,
-        e.g. the training set): at ``num_levels`` times evenly spaced in log-SNR over the
-        schedule's range (clipped to ``[-16, 16]``), the denoiser's mean squared error per
-        coordinate on ``alpha x0 + sigma eps`` (one noise draw for every level: the table's
-        Monte Carlo error is smooth in the log-SNR), at most the data's variance per
-        coordinate (a network's ``x0`` from its ``eps`` divides the error by ``alpha``). Costs
-        ``num_levels`` denoiser calls on ``n`` rows. TDS's reference reverse variance
-        (``reverse_variance="reference"``, ``prior_variance=None``) uses the table."""
-        if not isinstance(data, Tensor) or not data.is_floating_point():
-            raise TypeError(
-                f"data must be a floating-point tensor of prior draws, got {type(data).__name__}"
-            )
-        shape = tuple(self.event_shape)
-        if data.dim() != len(shape) + 1 or tuple(data.shape[1:]) != shape or len(data) < 2:
-            raise ValueError(
-                f"data must have shape (n, *event_shape) = (n, {', '.join(map(str, shape))}) "
-                f"with n >= 2 draws, got {tuple(data.shape)}"
-            )
-        if not bool(torch.isfinite(data).all()):
-            raise ValueError("data has non-finite entries")
-        if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 2:
-            raise ValueError(f"num_levels must be an int >= 2, got {num_levels!r}")
-        # the times: a fine grid of [0, 1], then the one nearest each level of the range
-        fine = torch.linspace(0.0, 1.0, 16385, dtype=torch.float64)
-        sch = self.schedule
-        lam_f = 2 * (
-            torch.log(sch.alpha(fine).to(torch.float64))
-            - torch.log(sch.sigma(fine).to(torch.float64))
-        )
-        ok = torch.isfinite(lam_f)
-        lo, hi = max(float(lam_f[ok].min()), -16.0), min(float(lam_f[ok].max()), 16.0)
-        levels = torch.linspace(lo, hi, num_levels, dtype=torch.float64)
-        pick = (lam_f.where(ok, torch.inf)[None, :] - levels[:, None]).abs().argmin(1).unique()
-        # No denoiser does worse than the prior's mean: the error of a network's x0 from its
-        # eps at alpha -> 0 (divided by alpha) is capped at the data's variance per coordinate.
-        total = float(data.var(0).mean())
-        eps = torch.randn(data.shape, generator=generator, dtype=data.dtype, device=data.device)
-        lams, ratios = [], []
-        for t in fine[pick].tolist():  # one denoiser call on the n rows per level
-            tt = torch.tensor(t, dtype=data.dtype, device=data.device)
-            a, s = sch.alpha(tt), sch.sigma(tt)
-            mse = float(((self.denoise(a * data + s * eps, tt) - data) ** 2).mean())
-            mse = min(mse, total)
-            a2, s2 = float(a) ** 2, float(s) ** 2
-            lams.append(2 * (math.log(float(a)) - math.log(float(s))))
-            ratios.append(math.log(max(mse, 1e-300) / (s2 / (a2 + s2))))
-        lam_t = torch.tensor(lams, dtype=torch.float64)
-        order = lam_t.argsort()
-        self._x0_variance_table = (lam_t[order], torch.tensor(ratios, dtype=torch.float64)[order])
+        """``(log_snr, log_ratio)`` behind :meth:`x0_variance` (float64, increasing
+        log-SNR), ``None`` here: a model that knows it overrides this."""
+        return None
 
     # ------------------------------------------------------------------ adapters
     @classmethod

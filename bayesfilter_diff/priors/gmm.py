@@ -574,9 +574,10 @@ class GaussianMixtureDiffusion(DiffusionModel):
     def _x0_variance_lookup(self) -> tuple[Tensor, Tensor] | None:
         """The mixture knows its ``x0_variance``: tabulated once per mixture (shared by
         models of equal parameters, :func:`_mixture_x0_variance`)."""
-        if self._x0_variance_table is None:
-            self._x0_variance_table = _mixture_x0_variance(self.mixture)
-        return self._x0_variance_table
+        table = self.__dict__.get("_x0_table")
+        if table is None:
+            table = self.__dict__["_x0_table"] = _mixture_x0_variance(self.mixture)
+        return table
 
     def sample_noisy(
         self, t: Tensor | float, lead: tuple[int, ...], generator: torch.Generator | None = None

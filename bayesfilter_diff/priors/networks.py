@@ -36,7 +36,6 @@ the priors shipped in ``bayesfilter_diff/priors/checkpoints`` by name
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -54,7 +53,6 @@ from .checkpoint_io import (
     PRETRAINED_DIR,
     PRIOR_FORMAT,
     CheckpointError,
-    atomic_write_text,
     file_sha256,
     load_state_checked,
     pretrained_names,
@@ -74,7 +72,6 @@ __all__ = [
     "prior_from_network",
     "load_prior",
     "load_pretrained",
-    "tabulate_x0_variance",
     # from checkpoint_io
     "schedule_to_config",
     "schedule_from_config",
@@ -452,27 +449,6 @@ def load_prior(
         net.to(device)
     prior = prior_from_network(net, schedule, event_shape, chunk_size=chunk_size)
     prior.checkpoint_info = meta
-    if meta.get("x0_variance") is not None:
-        try:
-            prior.x0_variance_table = meta["x0_variance"]
-        except ValueError as e:
-            raise CheckpointError(f"{js}: x0_variance: {e}") from None
-    return prior
-
-
-def tabulate_x0_variance(
-    path: str | os.PathLike, data: Tensor, generator: torch.Generator | None = None
-) -> DiffusionModel:
-    """Store the prior's ``x0_variance`` table (:meth:`DiffusionModel.estimate_x0_variance`
-    from ``data``, draws of the prior such as its training set) in its JSON, under
-    ``"x0_variance"`` (not a model-defining field: the checksums are unchanged), so that
-    :func:`load_prior` gives TDS's reference kernel the prior's own ``Var[x0 | x_t]``.
-    Returns the loaded prior with the table."""
-    prior = load_prior(path)
-    prior.estimate_x0_variance(data.to(torch.float32), generator=generator)
-    js, meta = read_prior_json(path)
-    meta["x0_variance"] = prior.x0_variance_table
-    atomic_write_text(js, json.dumps(meta, indent=1) + "\n")
     return prior
 
 

@@ -187,9 +187,9 @@ class TDS(SMCSampler):
         and the conditioned proposal's threshold take it (``None``: 1; the reference code's
         image default is 0.12). ``reverse_variance="reference"`` adds ``Var[x0 | x_t]`` of
         the stand-in or, with ``None``, the prior's own average
-        (:meth:`~bayesfilter_diff.DiffusionModel.x0_variance`: a Gaussian mixture's, a
-        shipped or trained network's tabulated from its data) where the model knows it,
-        a unit Gaussian's elsewhere.
+        (:meth:`~bayesfilter_diff.DiffusionModel.x0_variance`) where the model knows it (a
+        Gaussian mixture), a unit Gaussian's elsewhere (a network: there the unit stand-in
+        measured closer than the network's own average, docs/methods/tds.md).
     clamp_x0
         ``(low, high)`` to clamp the twisted ``x0~`` of the proposal, or ``None`` (default).
     max_log_snr_step
@@ -638,7 +638,7 @@ class TDS(SMCSampler):
     def _kernel_x0_variance(self, ctx: Context, t: Tensor) -> Tensor:
         """The reference kernel's ``Var[x0 | x_t]`` at times ``t``: with ``prior_variance
         = None`` the prior's own average (:meth:`DiffusionModel.x0_variance`: a Gaussian
-        mixture's, or a network's tabulated from data) where it knows it, else that of a
+        mixture's) where it knows it, else that of a
         ``N(m, tau2 I)`` prior, ``tau2 sigma_t^2 / (alpha_t^2 tau2 + sigma_t^2)``."""
         if self.prior_variance is None:
             own = getattr(ctx.prior, "x0_variance", None)
