@@ -91,6 +91,8 @@ if "--networks" in sys.argv:
                 sampler = TDS(num_steps=steps, proposal="conditioned", **kw)
                 res = sampler.sample(prior, flat, n, torch.Generator().manual_seed(0))
                 out[label] = round(float(res.samples.double().var(0).mean()), 4)
+                if label == "own":
+                    del prior._x0_variance_lookup  # the network's unit stand-in again
             print(json.dumps(out), flush=True)
     raise SystemExit(0)
 
