@@ -27,6 +27,7 @@ Reference code: gabrielvc/mcg_diff ``scripts/viz_gaussian.py`` (``ou_mixt``,
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from collections import OrderedDict
@@ -510,13 +511,16 @@ def _mixture_x0_variance(mixture: GaussianMixture) -> tuple[Tensor, Tensor]:
     if mixture.eigvecs is not None:
         parts.append(mixture.eigvecs)
     h = hashlib.sha256(str(mixture.means.dtype).encode())
-    for p in parts:
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    for p in parts:  # (float64 bytes: numpy has no bfloat16)
+        h.update(p.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
     key = h.hexdigest()
     table = _X0_VARIANCE_TABLES.get(key)
     if table is not None:
         _X0_VARIANCE_TABLES.move_to_end(key)
         return table
+    # in float64 whatever the mixture's dtype (a 16-bit mixture cannot resolve the small
+    # noise levels); its buffers carry the parameters
+    mixture = copy.deepcopy(mixture).to(torch.float64)
     dev = mixture.means.device
     g = torch.Generator(device=dev).manual_seed(0)
     n = min(8192, max(1024, 2**18 // mixture.dim))
