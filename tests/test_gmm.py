@@ -332,9 +332,7 @@ def test_x0_variance_of_a_mixture_and_none_for_a_network():
     torch.testing.assert_close(gmm.diffusion(flow).x0_variance(u), own[1:4], rtol=1e-9, atol=0)
     # a float16 mixture's table is made in float64 (its own arithmetic cannot resolve the
     # small noise levels): the float64 mixture's, up to its parameters' rounding
-    half = bfd.GaussianMixture(
-        gmm.weights.half(), gmm.means.half(), gmm.eigvals[:, 0].half()
-    )
+    half = bfd.GaussianMixture(gmm.weights.half(), gmm.means.half(), gmm.eigvals[:, 0].half())
     torch.testing.assert_close(half.diffusion(vp).x0_variance(t), own, rtol=0.01, atol=0.0)
     net = bfd.DiffusionModel(lambda x, tt: exact.denoise(x, tt), vp, (4,))
     assert net.x0_variance(t) is None
