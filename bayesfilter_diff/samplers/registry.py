@@ -250,7 +250,7 @@ def default_sampler(
       variance (``reverse_variance="reference"``: the kernel carries ``b^2 Var[x0 | x_t]``
       with the prior's own average ``Var[x0 | x_t]`` where the model knows it (a Gaussian
       mixture), a unit Gaussian's elsewhere, which the DDPM kernel drops; since 2026-12-05:
-      on the noise-level study 1.11-1.35x the exact floor and |d log Z| <= 0.05, against
+      on the noise-level study 1.13-1.36x the exact floor and |d log Z| <= 0.05, against
       1.42-1.78x and 0.07 with the DDPM kernel, whose evidence was 3-7 of its sd off for
       data in the prior's tail; docs/methods/tds.md);
     - for every other likelihood it accepts (nonlinear operators, Poisson, custom / Pyro
