@@ -336,3 +336,40 @@ def test_x0_variance_of_a_mixture_and_none_for_a_network():
     torch.testing.assert_close(half.diffusion(vp).x0_variance(t), own, rtol=0.01, atol=0.0)
     net = bfd.DiffusionModel(lambda x, tt: exact.denoise(x, tt), vp, (4,))
     assert net.x0_variance(t) is None
+    # parameters changed in place after the model was made: the table follows them
+    before = exact.x0_variance(t)
+    gmm.eigvals.mul_(40.0)
+    after = exact.x0_variance(t)
+    assert before is not None and after is not None and (after[2:] > 3 * before[2:]).all()
+    fresh = bfd.GaussianMixture(gmm.weights, gmm.means, gmm.eigvals[:, 0].clone())
+    torch.testing.assert_close(after, fresh.diffusion(vp).x0_variance(t), rtol=1e-12, atol=0)
+
+
+def test_x0_variance_tables_of_different_mixtures_do_not_collide():
+    """Two mixtures whose parameters have the same bytes in other shapes (isotropic at d = 3,
+    diagonal at d = 2) keep their own tables; a prior of per-coordinate variance 1e-8 is
+    tabulated up to the log-SNR where its ratio to the unit Gaussian's reaches 1."""
+    D = torch.float64
+    t = torch.tensor([0.1, 0.5], dtype=D)
+    vp = bfd.VPSchedule.linear()
+    a = bfd.GaussianMixture(
+        torch.tensor([0.5, 0.5], dtype=D),
+        torch.tensor([[0.0, 0.0, 1.0], [1.0, 1.0, 2.0]], dtype=D),
+        torch.tensor([1.0, 1.0], dtype=D),
+    )
+    b = bfd.GaussianMixture(
+        torch.tensor([0.5, 0.5], dtype=D),
+        torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=D),
+        torch.tensor([[1.0, 2.0], [1.0, 1.0]], dtype=D),
+    )
+    vb = b.diffusion(vp).x0_variance(t)
+    va = a.diffusion(vp).x0_variance(t)
+    assert va is not None and vb is not None and not torch.allclose(va, vb, rtol=0.05)
+    tiny = bfd.GaussianMixture(
+        torch.ones(1, dtype=D), torch.zeros(1, 2, dtype=D), torch.tensor([1e-8], dtype=D)
+    )
+    ts = torch.tensor([1e-6, 1e-5, 1e-4], dtype=D)  # log-SNR about 18-25 on this path
+    from bayesfilter_diff.samplers.tds import _gaussian_x0_variance
+
+    own = tiny.diffusion(vp).x0_variance(ts)
+    torch.testing.assert_close(own, _gaussian_x0_variance(vp, ts, 1e-8), rtol=0.04, atol=0)

@@ -537,6 +537,15 @@ def test_reference_reverse_variance_reads_the_priors_own_x0_variance(proposal):
     ctx = SimpleNamespace(prior=prior)
     stand_in = TDS(prior_variance=1.0)._kernel_x0_variance(ctx, t)  # type: ignore[arg-type]
     assert (stand_in[2:] > 5 * own[2:]).all()
+    # the run says whose it used; a 16-bit mixture (run in float32) keeps its own
+    for dt in (DT, torch.float16):
+        low = bfd.GaussianMixture(gmm.weights.to(dt), gmm.means.to(dt), gmm.eigvals[:, 0].to(dt))
+        pb = bfd.InverseProblem(Dense(torch.eye(3, dtype=dt)[:2]), torch.zeros(2, dtype=dt), 0.3)
+        for pv, want in ((None, "prior"), (1.0, "gaussian(1)")):
+            res = TDS(num_steps=5, reverse_variance="reference", prior_variance=pv).sample(
+                low.diffusion(sched), pb, 16, torch.Generator().manual_seed(0)
+            )
+            assert res.info.extra.reference_variance == want
 
 
 @pytest.mark.parametrize("per_problem", [False, True])

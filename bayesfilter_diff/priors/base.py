@@ -141,16 +141,17 @@ class DiffusionModel(nn.Module):
         if table is None:
             return None
         tt = torch.as_tensor(t)
-        tt = tt if tt.is_floating_point() else tt.to(torch.float64)
+        out_dtype = tt.dtype if tt.is_floating_point() else torch.float64
+        t64 = tt.to(torch.float64)  # (a 16-bit time's sigma may overflow: all in float64)
         grid, log_ratio = (v.to(tt.device) for v in table)
-        a = self.schedule.alpha(tt).to(torch.float64)
-        s = self.schedule.sigma(tt).to(torch.float64)
-        lam = (2 * (torch.log(a) - torch.log(s))).clamp(grid[0], grid[-1])  # inf: an end
-        hi = torch.searchsorted(grid, lam).clamp(1, grid.numel() - 1)
+        a, s = self.schedule.alpha(t64), self.schedule.sigma(t64)
+        lam = 2 * (torch.log(a) - torch.log(s))  # -inf at alpha = 0, inf at sigma = 0
+        at = lam.clamp(grid[0], grid[-1])
+        hi = torch.searchsorted(grid, at).clamp(1, grid.numel() - 1)
         g0, g1 = grid[hi - 1], grid[hi]
-        w = ((lam - g0) / (g1 - g0)).clamp(0.0, 1.0)
+        w = ((at - g0) / (g1 - g0)).clamp(0.0, 1.0)
         lr = torch.lerp(log_ratio[hi - 1], log_ratio[hi], w)
-        return (lr.exp() * s**2 / (a**2 + s**2)).to(tt.dtype)
+        return (lr.exp() * torch.sigmoid(-lam)).to(out_dtype)  # sigma^2 / (alpha^2 + sigma^2)
 
     def _x0_variance_lookup(self) -> tuple[Tensor, Tensor] | None:
         """``(log_snr, log_ratio)`` behind :meth:`x0_variance` (float64, increasing

@@ -503,15 +503,20 @@ _X0_VARIANCE_TABLES: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()
 
 def _mixture_x0_variance(mixture: GaussianMixture) -> tuple[Tensor, Tensor]:
     """The table of :meth:`DiffusionModel.x0_variance` of a mixture's diffusion (a function
-    of the log-SNR ``lambda`` alone, so of no schedule): at 97 levels of ``lambda`` in
-    ``[-16, 16]`` the exact denoiser's mean squared error per coordinate over ``2**18 / d``
-    of its draws (1024 to 8192; one noise draw for every level; a private generator), over
-    the unit Gaussian's ``sigmoid(-lambda)``, as a log. Cached by the parameters' bytes."""
+    of the log-SNR ``lambda`` alone, so of no schedule): at levels of ``lambda`` a third
+    apart from -16 to ``max(16, 8 - log(smallest eigenvalue))`` (where the ratio has
+    reached its limit 1), the exact denoiser's mean squared error per coordinate over the
+    mixture's draws (``2**18 / (d d_cov)`` of them, 256 to 8192, ``d_cov = d`` for
+    component-wise full covariances and 1 otherwise; one noise draw for every level; a
+    private generator; in float64; the denoiser called on at most ``2**25 / (K d d_cov)``
+    rows at a time), over the unit Gaussian's ``sigmoid(-lambda)``, as a log. Cached by
+    the parameters' values and shapes."""
     parts = [mixture.weights, mixture.means, mixture.eigvals]
     if mixture.eigvecs is not None:
         parts.append(mixture.eigvecs)
-    h = hashlib.sha256(str(mixture.means.dtype).encode())
-    for p in parts:  # (float64 bytes: numpy has no bfloat16)
+    h = hashlib.sha256(f"{mixture.means.dtype} {mixture.kind} {mixture._cov_shared}".encode())
+    for p in parts:  # shapes and float64 bytes (numpy has no bfloat16)
+        h.update(repr(tuple(p.shape)).encode())
         h.update(p.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
     key = h.hexdigest()
     table = _X0_VARIANCE_TABLES.get(key)
@@ -521,21 +526,27 @@ def _mixture_x0_variance(mixture: GaussianMixture) -> tuple[Tensor, Tensor]:
     # in float64 whatever the mixture's dtype (a 16-bit mixture cannot resolve the small
     # noise levels); its buffers carry the parameters
     mixture = copy.deepcopy(mixture).to(torch.float64)
-    dev = mixture.means.device
+    dev, d, K = mixture.means.device, mixture.dim, mixture.num_components
+    d_cov = d if mixture.eigvecs is not None and not mixture._cov_shared else 1
     g = torch.Generator(device=dev).manual_seed(0)
-    n = min(8192, max(1024, 2**18 // mixture.dim))
+    n = min(8192, max(256, 2**18 // (d * d_cov)))
+    rows = max(1, 2**25 // (K * d * d_cov))
+    top = max(16.0, 8.0 - math.log(max(float(mixture.eigvals.min()), 1e-300)))
+    lam = torch.linspace(-16.0, top, int(round((top + 16.0) * 3)) + 1, dtype=torch.float64)
     with torch.no_grad():
         x0 = mixture.sample(n, g)
         eps = torch.randn(x0.shape, generator=g, dtype=x0.dtype, device=dev)
         total = float(x0.var(0).mean())
-        lam = torch.linspace(-16.0, 16.0, 97, dtype=torch.float64)
         ratios = []
         for level in lam.tolist():
             a, s = math.sqrt(1 / (1 + math.exp(-level))), math.sqrt(1 / (1 + math.exp(level)))
-            x0_hat = mixture.noisy_denoise(
-                a * x0 + s * eps, x0.new_full((n,), a), x0.new_full((n,), s)
-            )
-            mse = min(float(((x0_hat - x0) ** 2).mean()), total)
+            sq = 0.0
+            for xc, ec in zip(x0.split(rows), eps.split(rows)):
+                x0_hat = mixture.noisy_denoise(
+                    a * xc + s * ec, xc.new_full((len(xc),), a), xc.new_full((len(xc),), s)
+                )
+                sq += float(((x0_hat - xc) ** 2).sum())
+            mse = min(sq / x0.numel(), total)
             ratios.append(math.log(max(mse, 1e-300) / s**2))  # s^2 = sigmoid(-lambda)
     table = (lam, torch.tensor(ratios, dtype=torch.float64))
     _X0_VARIANCE_TABLES[key] = table
@@ -577,11 +588,18 @@ class GaussianMixtureDiffusion(DiffusionModel):
 
     def _x0_variance_lookup(self) -> tuple[Tensor, Tensor] | None:
         """The mixture knows its ``x0_variance``: tabulated once per mixture (shared by
-        models of equal parameters, :func:`_mixture_x0_variance`)."""
-        table = self.__dict__.get("_x0_table")
-        if table is None:
-            table = self.__dict__["_x0_table"] = _mixture_x0_variance(self.mixture)
-        return table
+        models of equal parameters, :func:`_mixture_x0_variance`), made again when the
+        mixture's parameters change (in place too: their version counters)."""
+        m = self.mixture
+        stamp = tuple(
+            (b.data_ptr(), b._version)
+            for b in (m.weights, m.means, m.eigvals, m.eigvecs)
+            if b is not None
+        )
+        cached = self.__dict__.get("_x0_table")
+        if cached is None or cached[0] != stamp:
+            cached = self.__dict__["_x0_table"] = (stamp, _mixture_x0_variance(m))
+        return cached[1]
 
     def sample_noisy(
         self, t: Tensor | float, lead: tuple[int, ...], generator: torch.Generator | None = None

@@ -355,6 +355,16 @@ class _LowPrecisionCall(torch.nn.Module):
         return self.prior.denoise(x.to(self.dtype), t.to(self.dtype)).to(x.dtype)
 
 
+class _UpcastModel(DiffusionModel):
+    """The float32 run's view of a 16-bit prior: its denoiser through
+    :class:`_LowPrecisionCall`, and what else it knows of itself (``x0_variance``)."""
+
+    net: _LowPrecisionCall
+
+    def _x0_variance_lookup(self) -> tuple[Tensor, Tensor] | None:
+        return self.net.prior._x0_variance_lookup()
+
+
 def _upcast(
     prior: DiffusionModel, problem: InverseProblem
 ) -> tuple[DiffusionModel, InverseProblem]:
@@ -380,7 +390,7 @@ def _upcast(
     if floats and floats[0].dtype != low:
         return prior, problem32  # a float32 network already (cast y / operator only)
     net = _LowPrecisionCall(prior, low)
-    return DiffusionModel(net, prior.schedule, prior.event_shape, prior.chunk_size), problem32
+    return _UpcastModel(net, prior.schedule, prior.event_shape, prior.chunk_size), problem32
 
 
 def _distinct_samples(x: Tensor) -> Tensor:

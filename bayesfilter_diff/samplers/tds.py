@@ -138,6 +138,9 @@ class TDSInfo:
 
     twist: str
     proposal: str = "gradient"
+    #: with ``reverse_variance="reference"``: whose ``Var[x0 | x_t]`` the kernel carries,
+    #: ``"prior"`` (the prior's own average) or ``"gaussian(<tau2>)"`` (the stand-in)
+    reference_variance: str | None = None
 
 
 def _pixel_twist(
@@ -640,11 +643,9 @@ class TDS(SMCSampler):
         = None`` the prior's own average (:meth:`DiffusionModel.x0_variance`: a Gaussian
         mixture's) where it knows it, else that of a
         ``N(m, tau2 I)`` prior, ``tau2 sigma_t^2 / (alpha_t^2 tau2 + sigma_t^2)``."""
-        if self.prior_variance is None:
-            own = getattr(ctx.prior, "x0_variance", None)
-            v = own(t) if own is not None else None
-            if v is not None:
-                return v.to(dtype=t.dtype, device=t.device)
+        v = self._own_x0_variance(ctx, t)
+        if v is not None:
+            return v.to(dtype=t.dtype, device=t.device)
         return _gaussian_x0_variance(ctx.prior.schedule, t, self._tau2)
 
     def _x0_variance(self, ctx: Context, t: Tensor, tr: Tensor | None) -> Tensor | None:
@@ -834,6 +835,19 @@ class TDS(SMCSampler):
         return out, torch.where(moved, rate, torch.full_like(rate, math.nan))
 
     def run_info(self, ctx: Context, setup: None) -> TDSInfo:
+        info = self._run_info(ctx)
+        if self.reverse_variance != "reference":
+            return info
+        own = self._own_x0_variance(ctx, ctx.times[:1]) is not None
+        return replace(info, reference_variance="prior" if own else f"gaussian({self._tau2:g})")
+
+    def _own_x0_variance(self, ctx: Context, t: Tensor) -> Tensor | None:
+        """The prior's own average ``Var[x0 | x_t]`` where ``prior_variance`` is ``None``
+        and the model knows it (:meth:`DiffusionModel.x0_variance`), else ``None``."""
+        own = getattr(ctx.prior, "x0_variance", None)
+        return own(t) if self.prior_variance is None and own is not None else None
+
+    def _run_info(self, ctx: Context) -> TDSInfo:
         if self._smooths_likelihood(ctx.problem):
             d = math.prod(ctx.prior.event_shape)
             kind = "hessian" if d <= self.laplace_max_dim else "isotropic"
