@@ -50,6 +50,24 @@ def test_smc_samplers_on_cuda(name):
         assert (res.log_evidence.cpu() - gmm_cpu.log_evidence(problem.to("cpu"))).abs().max() < 0.4
 
 
+def test_mixture_x0_variance_on_cuda():
+    """The default kernel's ``x0_variance`` of a mixture on the device: the CPU values up to
+    the tables' Monte Carlo error (each from 8192 draws of 3 coordinates on its own device's
+    generator: relative sd 0.9%, of the difference 1.3%), on the device, the table copied
+    there once (not at every step)."""
+    dev = torch.device("cuda")
+    gmm_cpu, gmm, _ = _problem(dev)
+    t = torch.tensor([0.0, 0.1, 0.5, 1.0], dtype=torch.float64)
+    prior = gmm.diffusion(bfd.VPSchedule.linear())
+    v = prior.x0_variance(t.to(dev))
+    assert v is not None and v.device.type == "cuda"
+    ref = gmm_cpu.diffusion(bfd.VPSchedule.linear()).x0_variance(t)
+    torch.testing.assert_close(v.cpu(), ref, rtol=0.06, atol=0.0)
+    first = prior.__dict__["_x0_variance_device"][1][0]
+    prior.x0_variance(t.to(dev))
+    assert prior.__dict__["_x0_variance_device"][1][0] is first
+
+
 # ------------------------------------------------------------------ CPU / GPU agreement
 def _same_stream_runs(monkeypatch, devices, names):
     """Run each sampler on each device with identical random numbers: every draw of the

@@ -143,7 +143,7 @@ class DiffusionModel(nn.Module):
         tt = torch.as_tensor(t)
         out_dtype = tt.dtype if tt.is_floating_point() else torch.float64
         t64 = tt.to(torch.float64)  # (a 16-bit time's sigma may overflow: all in float64)
-        grid, log_ratio = (v.to(tt.device) for v in table)
+        grid, log_ratio = self._x0_variance_on(table, tt.device)
         a, s = self.schedule.alpha(t64), self.schedule.sigma(t64)
         lam = 2 * (torch.log(a) - torch.log(s))  # -inf at alpha = 0, inf at sigma = 0
         at = lam.clamp(grid[0], grid[-1])
@@ -157,6 +157,19 @@ class DiffusionModel(nn.Module):
         """``(log_snr, log_ratio)`` behind :meth:`x0_variance` (float64, increasing
         log-SNR), ``None`` here: a model that knows it overrides this."""
         return None
+
+    def _x0_variance_on(
+        self, table: tuple[Tensor, Tensor], device: torch.device
+    ) -> tuple[Tensor, Tensor]:
+        """``table`` on ``device``, copied there once per table (not at every step)."""
+        if table[0].device == device:
+            return table
+        key = (id(table[0]), device)
+        cached = self.__dict__.get("_x0_variance_device")
+        if cached is None or cached[0] != key:
+            moved = (table[0].to(device), table[1].to(device))
+            cached = self.__dict__["_x0_variance_device"] = (key, moved, table)
+        return cached[1]
 
     # ------------------------------------------------------------------ adapters
     @classmethod
