@@ -183,6 +183,11 @@ class InverseProblem:
         #: cast from a coarser one, e.g. bfloat16 data upcast by ``bfd.infer``): the
         #: quality check's ``precision`` test reads it (its rounding is in ``y`` for good)
         self.data_dtype: torch.dtype = y.dtype
+        #: for a likelihood given as a function (Pyro sites): the largest ``max |y| /
+        #: scale`` over the observed sites whose scale parameter does not depend on the
+        #: signal (Laplace, Student-t, ...; set by ``bfd.infer``), else ``None``; the
+        #: ``precision`` test reads it as Gaussian noise's ``max |y| / noise_std``
+        self.data_scale_ratio: float | None = None
 
     # ------------------------------------------------------------------ noise
     @property
@@ -262,6 +267,7 @@ class InverseProblem:
             squared_scores_fn=self.squared_scores_fn,
         )
         out.data_dtype = coarser_dtype(self.data_dtype, out.y.dtype)
+        out.data_scale_ratio = self.data_scale_ratio
         return out
 
     def check_signal(self, x: Tensor, name: str = "x") -> None:

@@ -376,3 +376,36 @@ def test_x0_variance_tables_of_different_mixtures_do_not_collide():
 
     own = tiny.diffusion(vp).x0_variance(ts)
     torch.testing.assert_close(own, _gaussian_x0_variance(vp, ts, 1e-8), rtol=0.04, atol=0)
+
+
+def test_float32_weights_cast_to_float64_are_accepted_and_renormalised():
+    # torch.tensor([0.4, 0.6]).double() sums to 1 + 3e-8: float32's rounding, not an error
+    w = torch.tensor([0.4, 0.6]).double()
+    assert abs(float(w.sum()) - 1) > 1e-8
+    gmm = bfd.GaussianMixture(w, torch.tensor([[-1.0], [1.0]], dtype=D64), torch.ones(2, dtype=D64))
+    assert abs(float(gmm.weights.sum()) - 1) < 1e-15
+    assert torch.allclose(gmm.weights, w, atol=1e-7)
+    with pytest.raises(ValueError, match="sum to one"):  # a real error still is one
+        bfd.GaussianMixture(
+            torch.tensor([0.4, 0.6 + 1e-5], dtype=D64),
+            torch.tensor([[-1.0], [1.0]], dtype=D64),
+            torch.ones(2, dtype=D64),
+        )
+
+
+def test_singular_predictive_covariance_is_a_clear_error():
+    # d_y = 32 rows of rank 2 at noise 1e-8: A S A^T + sigma^2 I is singular to float64
+    # precision; the exact formulas say so instead of a raw LinAlgError
+    g = torch.Generator().manual_seed(123)
+    gmm = bfd.GaussianMixture(
+        torch.tensor([0.3, 0.7], dtype=D64),
+        torch.stack([-2 * torch.ones(2, dtype=D64), 2 * torch.ones(2, dtype=D64)]),
+        torch.ones(2, dtype=D64),
+    )
+    M = torch.randn(32, 2, generator=g, dtype=D64)
+    y = M @ gmm.sample(1, g)[0]
+    p = bfd.InverseProblem(bfd.operators.Dense(M), y, 1e-8)
+    for fn in (gmm.log_evidence, gmm.posterior):
+        with pytest.raises(ValueError, match="singular to float64 precision"):
+            fn(p)
+    assert torch.isfinite(gmm.log_evidence(bfd.InverseProblem(bfd.operators.Dense(M), y, 1e-6)))

@@ -586,6 +586,56 @@ def test_the_precision_check_sees_data_upcast_by_infer():
     assert "precision" in [q.kind for q in post.result.info.quality]
 
 
+@pytest.mark.parametrize("site", ["laplace", "student_t"])
+def test_the_precision_check_covers_sites_with_a_constant_scale(site):
+    # bfloat16 data at a Laplace / Student-t site of scale 1e-3: rounded by ~2 scales
+    # (0.8123 -> 0.8125), which put the mean 0.4 posterior sd off unwarned before
+    def law(x, scale):
+        loc = x[..., :1].expand(*x.shape[:-1], 2)
+        if site == "laplace":
+            return dist.Laplace(loc, scale).to_event(1)
+        return dist.StudentT(3.0, loc, scale).to_event(1)
+
+    def model(y=None, scale=1e-3):
+        x = pyro.sample("x", DiffusionPrior(PRIOR))
+        pyro.sample("y", law(x, scale), obs=y)
+
+    def from_x(y=None):  # a scale that depends on the signal has no ratio
+        x = pyro.sample("x", DiffusionPrior(PRIOR))
+        pyro.sample("y", law(x, x[..., :1].abs().expand(*x.shape[:-1], 2) + 1e-3), obs=y)
+
+    y16 = torch.tensor([0.8123, 0.8131], dtype=torch.bfloat16)
+    _, problem, _ = model_to_problem(model, y16)
+    assert problem.data_scale_ratio == pytest.approx(0.8125 / 1e-3, rel=1e-3)
+    assert problem.to(D64).data_scale_ratio == problem.data_scale_ratio
+    assert model_to_problem(from_x, y16)[1].data_scale_ratio is None
+    with pytest.warns(bfd.PosteriorQualityWarning, match="bfloat16 cannot resolve"):
+        post = infer(model, y=y16, num_samples=32, generator=torch.Generator().manual_seed(0))
+    assert "precision" in [q.kind for q in post.result.info.quality]
+    # the same data in float64, or bfloat16 data at a scale it resolves: no finding
+    for y, scale in ((y16.double(), 1e-3), (y16, 1.0)):
+        post = infer(
+            model, y=y, scale=scale, num_samples=32, generator=torch.Generator().manual_seed(0)
+        )
+        assert "precision" not in [q.kind for q in post.result.info.quality]
+
+
+def test_complex_or_bool_observations_are_clear_errors():
+    def model(y=None):
+        x = pyro.sample("x", DiffusionPrior(PRIOR))
+        pyro.sample("y", dist.Normal(f_nl(x), 0.1).to_event(1), obs=y)
+
+    def bern(y=None):
+        x = pyro.sample("x", DiffusionPrior(PRIOR))
+        pyro.sample("y", dist.Bernoulli(logits=x).to_event(1), obs=y)
+
+    with pytest.raises(ValueError, match="site 'y' is complex"):
+        model_to_problem(model, torch.tensor([0.1 + 1j, 0.2], dtype=torch.complex128))
+    with pytest.raises(ValueError, match="site 'y' is a bool tensor"):
+        model_to_problem(bern, torch.tensor([True, False]))
+    model_to_problem(bern, torch.tensor([1.0, 0.0], dtype=D64))
+
+
 def test_observation_plates_and_repeated_data_are_not_taken_for_crossed_particles():
     # the layout check refuses a batch dim that is neither the layout's, the observed
     # value's nor a plate's; observation plates (masked too) and repeated observations pass

@@ -128,3 +128,13 @@ def test_clear_errors():
         with pytest.raises(ValueError, match="eta"):
             SMCDiff(eta=bad)
     assert SMCDiff().resampling == "residual"
+
+
+def test_every_run_warns_that_its_error_omits_the_shared_observation_path():
+    # each run follows one noised observation path: runs differ by more than their own
+    # genealogy shows (docs/methods/smcdiff.md), so every run of N >= 10 says so
+    _, prior, _, _, problem = _gaussian_mask_setup(0.1, 2)
+    with pytest.warns(bfd.PosteriorQualityWarning, match="one random noised path"):
+        res = SMCDiff(num_steps=20).sample(prior, problem, 64, torch.Generator().manual_seed(0))
+    assert "shared_draw" in [q.kind for q in res.info.quality]
+    assert SMCDiff.shared_draw and not bfd.samplers.TDS.shared_draw

@@ -60,7 +60,7 @@ from torch import Tensor
 from torch.distributions import biject_to
 
 from ..distributions import DiffusionPrior
-from ..errors import PosteriorQualityWarning
+from ..errors import DegenerateWeightsError, PosteriorQualityWarning
 from ..result import Result
 from ..samplers.base import Sampler
 from ..samplers.quality import QualityPolicy
@@ -284,6 +284,15 @@ def _run_device(observed: list[dict[str, Any]], generator: torch.Generator | Non
     return dev
 
 
+def _describe(values: dict[str, Tensor]) -> str:
+    """The globals' ranges over the theta-particles, for messages."""
+    parts = []
+    for name, v in values.items():
+        f = v.detach().double().reshape(v.shape[0], -1) if v.dim() else v.detach().double()
+        parts.append(f"{name} in [{float(f.min()):.3g}, {float(f.max()):.3g}]")
+    return ", ".join(parts)
+
+
 def infer_hierarchical(
     model: Callable,
     sampler: Sampler | None = None,
@@ -426,7 +435,23 @@ def infer_hierarchical(
             # an inner run for a theta far in the tail may degenerate: its Z(theta) is
             # still unbiased; the run-level check below weighs such runs by their mass
             warnings.simplefilter("ignore", PosteriorQualityWarning)
-            res = smp.sample(prior_model, problem, num_samples, generator)
+            try:
+                res = smp.sample(prior_model, problem, num_samples, generator)
+            except DegenerateWeightsError as e:
+                dt = problem.y.dtype
+                raise DegenerateWeightsError(
+                    f"SMC^2: an inner run degenerated (its problems are the theta-particles, "
+                    f"{K} of them, theta-major; values {_describe(values)}): {e}. "
+                    + (
+                        f"The model runs in {str(dt).replace('torch.', '')}: a small noise "
+                        "scale's likelihood underflows there; pass the prior, the operator and "
+                        "y in float64. "
+                        if dt != torch.float64
+                        else ""
+                    )
+                    + "Otherwise: more particles (num_samples), or a prior on the globals "
+                    "that keeps them away from values the data rule out"
+                ) from e
         nfe += res.info.nfe
         if st.kind == "affine_gaussian":
             check_linearization(st, problem, res.samples)

@@ -6,6 +6,7 @@ See :mod:`bayesfilter_diff.inference` for the rules (steps 1-3 below follow them
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -39,7 +40,37 @@ def model_to_problem(
         v = st.trace.nodes[name]["value"] if st.trace is not None else None
         if isinstance(v, torch.Tensor) and v.is_floating_point():
             problem.data_dtype = coarser_dtype(problem.data_dtype, v.dtype)
+    if problem.log_likelihood_fn is not None and st.trace is not None:
+        problem.data_scale_ratio = _data_scale_ratio(model, args, kwargs, st)
     return out
+
+
+def _data_scale_ratio(model: Callable, args: tuple, kwargs: dict, st: Any) -> float | None:
+    """The largest ``max |y| / scale`` over the observed sites whose distribution has a
+    ``scale`` parameter (Normal, Laplace, Student-t, Cauchy, ...) that is the same at
+    two prior values (a constant, not a function of the signal); ``None`` if none has."""
+    assert st.trace is not None
+    try:
+        with pyro.validation_enabled(False):
+            tr = poutine.trace(PriorPlaceholder(0.377)(model)).get_trace(*args, **kwargs)
+    except Exception:  # the model fails at the other value: no ratio
+        return None
+    best: float | None = None
+    for name in st.observed:
+        site = st.trace.nodes[name]
+        v = site["value"]
+        a = unwrap(site["fn"]).__dict__.get("scale")
+        b = unwrap(tr.nodes[name]["fn"]).__dict__.get("scale") if name in tr.nodes else None
+        if not (isinstance(v, Tensor) and isinstance(a, Tensor) and isinstance(b, Tensor)):
+            continue
+        if a.shape != b.shape or not bool((a == b).all()) or not v.is_floating_point():
+            continue
+        lo = float(a.detach().abs().min())
+        if lo <= 0 or not math.isfinite(lo):
+            continue
+        r = float(v.detach().abs().max()) / lo
+        best = r if best is None else max(best, r)
+    return best
 
 
 def _read_model(
@@ -274,6 +305,18 @@ def _check_observed_value(
         )
     if v.device.type == "meta":
         raise ValueError(f"the observed value of site {name!r} is on the meta device (no data)")
+    if v.is_complex():
+        raise ValueError(
+            f"the observed value of site {name!r} is complex ({v.dtype}); the likelihoods "
+            "take real data: pass its real and imaginary parts as separate coordinates "
+            "(torch.view_as_real) with a site for them"
+        )
+    if v.dtype == torch.bool:
+        raise ValueError(
+            f"the observed value of site {name!r} is a bool tensor; torch's distributions "
+            f"cannot evaluate it (Bernoulli's log_prob subtracts it): pass it as numbers, "
+            f"e.g. y.to({prior.dtype})"
+        )
     if v.device != prior.device:
         raise ValueError(
             f"the observed value of site {name!r} is on {v.device} but the prior is on "

@@ -135,10 +135,13 @@ class GaussianMixture(nn.Module):
             _check_finite("covariances", covariances)
             if (weights < 0).any():
                 raise ValueError("weights must be non-negative")
-            tol = 1e-4 if weights.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-8
+            # float64 weights are often float32 numbers cast up (torch.tensor([0.4,
+            # 0.6]).double() sums to 1 + 3e-8): accept float32's rounding and renormalise
+            tol = 1e-4 if weights.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-6
             tot = weights.sum(-1)
             if ((tot - 1).abs() > tol * K).any():
                 raise ValueError(f"weights must sum to one along the last axis, got sums {tot}")
+            weights = weights / tot.unsqueeze(-1)
         covariances = _compact_covariances(covariances, K, d)
         if covariances.shape == (K,):
             kind = "iso"
@@ -450,7 +453,16 @@ class GaussianMixture(nn.Module):
             G = A @ SAt + s2b * eye
         else:
             G = A @ SAt + float(problem.noise_std) ** 2 * eye
-        L = torch.linalg.cholesky(G)  # (K, m, m) or (B, K, m, m)
+        L, info = torch.linalg.cholesky_ex(G)  # (K, m, m) or (B, K, m, m)
+        if bool((info != 0).any()):
+            raise ValueError(
+                "GaussianMixture: the predictive covariance A S A^T + noise_std^2 I of y "
+                "is singular to float64 precision (the operator has more rows than rank and "
+                f"noise_std = {float(problem.noise_stds.min()):.3g} is below float64's "
+                "resolution of A S A^T), so the exact posterior and evidence cannot be "
+                "formed by this formula: use a larger noise_std, or observe only as many "
+                "independent rows as the operator's rank"
+            )
         resid = y[:, None, :] - (A @ mu[..., None]).squeeze(-1)  # (B, K, m)
         sol = torch.cholesky_solve(resid.unsqueeze(-1), L).squeeze(-1)  # G^-1 (y - A mu)
         logdet = 2 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)  # (K,) or (B, K)

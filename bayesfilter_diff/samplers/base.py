@@ -225,6 +225,10 @@ class Sampler:
     #: start from a prior's exact noisy marginal (``prior.exact_start``); samplers whose
     #: first step is a closed form of the reference ``N(0, sigma_{t_0}^2 I)`` cannot.
     exact_start: ClassVar[bool] = False
+    #: Each run conditions all its particles on one random draw of its own (SMCDiff's
+    #: noised observation path): the run's Monte Carlo error estimates (genealogy ESS,
+    #: ``log_evidence_se``) omit that draw's variance, and the quality check says so.
+    shared_draw: ClassVar[bool] = False
     #: Its state's ``x`` before move ``k`` is the chain's point ``x_{t_k}`` on the model's
     #: noised path (DDIM-type updates, not an optimisation or a split Gibbs variable): the
     #: quality check then tests that the draws are where their own paths lead

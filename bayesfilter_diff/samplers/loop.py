@@ -614,6 +614,7 @@ def run(
         precision=precision,
         dtype=data_dtype,
         gaussian=problem.noise == "gaussian" and problem.log_likelihood_fn is None,
+        shared_draw=bool(getattr(sampler, "shared_draw", False)),
     )
     quality.warn(info.quality)
     info.wall_time = time.perf_counter() - start

@@ -99,6 +99,7 @@ class SMCDiff(SMCSampler):
 
     requires = Requirements(mask=True)
     exact_start = True
+    shared_draw = True  # one noised observation path per run (docs/methods/smcdiff.md)
     #: ``log_evidence`` would be the likelihood of the noised observation path, not log p(y).
     estimates_evidence: ClassVar[bool] = False
 
