@@ -90,7 +90,7 @@ from .spectral import PixelGaussian, PixelObservation, informative_time_grid, ob
 __all__ = ["TDS"]
 
 _TWISTS = ("none", "inflated", "pigdm", "operator")
-_PROPOSALS = ("auto", "gradient", "conditioned")
+_PROPOSALS = ("auto", "gradient", "conditioned", "model")
 #: the conditioned proposal takes the SVD of an operator's matrix (per problem for a
 #: per-problem operator) when the operator has none, up to this many entries in all
 _DENSE_MAX = 2**24
@@ -225,7 +225,13 @@ class TDS(SMCSampler):
         takes ``reverse_variance="analytic"``, then conditioning the analytic kernel; not
         chosen by ``"auto"``). On the informative end of the path it keeps the weights
         flat, so far fewer lineages are lost to resampling (measured in
-        docs/methods/tds.md).
+        docs/methods/tds.md). ``"model"``: the model's own reverse kernel, the twist in
+        the weights only (no Tweedie shift, no gradient of the twist): where the twist's
+        Gaussian around the denoiser's mean points the shift the wrong way (a multimodal
+        prior under a likelihood with a symmetry, e.g. ``|x|``), the gradient proposal
+        under-weights a mode with healthy diagnostics and this one does not; on
+        informative likelihoods it loses more of its weights per step (docs/methods/tds.md,
+        "A mode under-weighted by the Tweedie shift").
     rejuvenation_steps, rejuvenation_scale
         Resample-move: after each resampling, this many MALA moves of every particle's
         current state given its parent (:meth:`rejuvenate`; default 0, off), step
@@ -316,7 +322,7 @@ class TDS(SMCSampler):
 
     def conditions(self, problem: InverseProblem) -> bool:
         """Whether the run uses the conditioned proposal (``proposal`` and the problem)."""
-        if self.proposal == "gradient":
+        if self.proposal in ("gradient", "model"):
             return False
         op = problem.operator
         return (
@@ -372,6 +378,10 @@ class TDS(SMCSampler):
         if not self.conditions(ctx.problem) or k + 1 >= ctx.times.numel():
             return "gradient"
         return self._grid_table(ctx)[1][k]
+
+    def _wants_gradient(self, ctx: Context, k: int) -> bool:
+        """Whether the move from grid index ``k`` needs the twist's gradient."""
+        return self.proposal != "model" and self._move_kind(ctx, k) == "gradient"
 
     @staticmethod
     def _pixels(ctx: Context) -> PixelObservation:
@@ -666,7 +676,7 @@ class TDS(SMCSampler):
         t0 = ctx.times[0]
         # x_T ~ N(0, sigma_T^2 I), the reference distribution of the chain (as in DDIM).
         x = ctx.start()
-        x0, lt, g, var = self._twist(ctx, x, t0, grad=self._move_kind(ctx, 0) == "gradient")
+        x0, lt, g, var = self._twist(ctx, x, t0, grad=self._wants_gradient(ctx, 0))
         # w_T = p~_T(y | x_T): the proposal of x_T is the chain's own reference.
         state = TDSState(x, x0, g, lt, var)
         if self.rejuvenation_steps:
@@ -680,8 +690,8 @@ class TDS(SMCSampler):
         x, x0, g, lt = state.x, state.x0, state.grad, state.log_twist
         assert x0 is not None and lt is not None
         kind = self._move_kind(ctx, k)
-        if kind == "gradient" and g is None:  # a time inserted after a conditioned move
-            kind = "conditioned"
+        if kind == "gradient" and g is None and self.proposal != "model":
+            kind = "conditioned"  # a time inserted after a conditioned move
         last = k == ctx.times.numel() - 2
         red = tuple(range(2, x.dim()))
         coef = ddim_coefficients(sch, t, t_next, 1.0)
@@ -708,6 +718,13 @@ class TDS(SMCSampler):
             x_new, log_ratio = self._conditioned_move(
                 ctx, x0, mean_u, std, coef.alpha_s, t_next, last
             )
+        elif self.proposal == "model" and (keep is not None or bool(std > 0)):
+            # the model's own kernel: the twist enters the weights only (p / q = 1)
+            reuse = keep is None and not self.rejuvenation_steps
+            x_new = (mean_u if reuse else mean_u.clone()).addcmul_(std, ctx.randn())
+            log_ratio = torch.zeros_like(lt)
+            if keep is not None:
+                x_new = torch.where(keep, mean_u, x_new)
         elif keep is not None or bool(std > 0):
             assert g is not None
             # 2. Twisted x0 (conditional Tweedie): x0~ = x0_hat + sigma_t^2 / alpha_t * grad.
@@ -747,7 +764,7 @@ class TDS(SMCSampler):
             new_state = TDSState(x_new)
         else:
             # 5b. Twist at the new particles (also gives the next step's proposal).
-            grad = self._move_kind(ctx, k + 1) == "gradient"
+            grad = self._wants_gradient(ctx, k + 1)
             x0_new, lt_new, g_new, var_new = self._twist(ctx, x_new, t_next, grad=grad)
             new_state = TDSState(x_new, x0_new, g_new, lt_new, var_new)
             if self.rejuvenation_steps:  # the model's kernel, for the moves after resampling
