@@ -680,3 +680,27 @@ def test_registry_build_refuses_zero_steps_for_every_sampler(name):
 
     with pytest.raises(ValueError, match="num_steps must be a positive int"):
         build(name, 0)
+
+
+def test_a_degenerate_run_with_an_isotropic_laplace_curvature_names_laplace_max_dim():
+    from bayesfilter_diff.result import RunInfo
+    from bayesfilter_diff.samplers.quality import assess
+    from bayesfilter_diff.samplers.tds import TDSInfo
+
+    N, n = 256, 4
+    ess = torch.full((n + 1, 1), float(N), dtype=torch.float64)
+    ess[2, 0] = 1.0
+    x = torch.randn(1, N, 3, generator=torch.Generator().manual_seed(0))
+
+    def kinds_and_text(twist: str) -> tuple[set[str], str]:
+        info = RunInfo(
+            times=torch.linspace(1, 0, n + 1), num_steps=n, ess=ess, min_ess=ess.min(0).values
+        )
+        info.extra = TDSInfo(twist)
+        found = assess("TDS", info, x, N, 1.0, False)
+        return {q.kind for q in found}, " ".join(q.message for q in found)
+
+    kinds, text = kinds_and_text("laplace(inflated, isotropic)")
+    assert "min_ess" in kinds and "laplace_max_dim" in text
+    kinds, text = kinds_and_text("laplace(inflated, hessian)")
+    assert "min_ess" in kinds and "laplace_max_dim" not in text
