@@ -609,6 +609,20 @@ def test_the_precision_check_covers_sites_with_a_constant_scale(site):
     assert problem.data_scale_ratio == pytest.approx(0.8125 / 1e-3, rel=1e-3)
     assert problem.to(D64).data_scale_ratio == problem.data_scale_ratio
     assert model_to_problem(from_x, y16)[1].data_scale_ratio is None
+
+    def masked(y=None):  # masked entries may hold anything
+        x = pyro.sample("x", DiffusionPrior(PRIOR))
+        loc = x[..., :1].expand(*x.shape[:-1], 2)
+        m = torch.tensor([True, False])
+        pyro.sample("y", dist.Laplace(loc, 1e-3).mask(m).to_event(1), obs=y)
+
+    def scaled(y=None):  # poutine.scale: the site's noise is not its scale parameter
+        x = pyro.sample("x", DiffusionPrior(PRIOR))
+        with poutine.scale(scale=100.0):
+            pyro.sample("y", law(x, 1e-3), obs=y)
+
+    for other in (masked, scaled):
+        assert model_to_problem(other, y16)[1].data_scale_ratio is None
     with pytest.warns(bfd.PosteriorQualityWarning, match="bfloat16 cannot resolve"):
         post = infer(model, y=y16, num_samples=32, generator=torch.Generator().manual_seed(0))
     assert "precision" in [q.kind for q in post.result.info.quality]
@@ -634,6 +648,13 @@ def test_complex_or_bool_observations_are_clear_errors():
     with pytest.raises(ValueError, match="site 'y' is a bool tensor"):
         model_to_problem(bern, torch.tensor([True, False]))
     model_to_problem(bern, torch.tensor([1.0, 0.0], dtype=D64))
+
+    def onehot(y=None):  # a law that evaluates bool data keeps them
+        x = pyro.sample("x", DiffusionPrior(PRIOR))
+        logits = torch.stack([x[..., 0], x[..., 1], -x[..., 0]], -1)
+        pyro.sample("y", dist.OneHotCategorical(logits=logits), obs=y)
+
+    model_to_problem(onehot, torch.tensor([True, False, False]))
 
 
 def test_observation_plates_and_repeated_data_are_not_taken_for_crossed_particles():

@@ -137,4 +137,5 @@ def test_every_run_warns_that_its_error_omits_the_shared_observation_path():
     with pytest.warns(bfd.PosteriorQualityWarning, match="one random noised path"):
         res = SMCDiff(num_steps=20).sample(prior, problem, 64, torch.Generator().manual_seed(0))
     assert "shared_draw" in [q.kind for q in res.info.quality]
-    assert SMCDiff.shared_draw and not bfd.samplers.TDS.shared_draw
+    assert SMCDiff.shared_draw and bfd.samplers.FPSSMC.shared_draw  # FPS-SMC: its y-sequence
+    assert not bfd.samplers.TDS.shared_draw and not bfd.samplers.MCGdiff.shared_draw

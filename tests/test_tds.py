@@ -643,6 +643,7 @@ def test_model_proposal_keeps_the_chain_exact(likelihood):
     sampler = TDS(num_steps=n, proposal="model")
     assert not sampler.conditions(problem)
     res = sampler.sample(gmm.diffusion(sched), problem, num_samples=N, generator=g)
+    assert res.info.extra.proposal == "model"
     chain = chain_prior(mu, S, sched, res.info.times)
     sub = bfd.InverseProblem(A, problem.y[::R], noise_std=sy)
     mean, _ = weighted_moments(res)

@@ -288,9 +288,11 @@ def _describe(values: dict[str, Tensor]) -> str:
     """The globals' ranges over the theta-particles, for messages."""
     parts = []
     for name, v in values.items():
-        f = v.detach().double().reshape(v.shape[0], -1) if v.dim() else v.detach().double()
+        if v.numel() == 0:
+            continue
+        f = v.detach().double()
         parts.append(f"{name} in [{float(f.min()):.3g}, {float(f.max()):.3g}]")
-    return ", ".join(parts)
+    return ", ".join(parts) or "none"
 
 
 def infer_hierarchical(
@@ -439,18 +441,21 @@ def infer_hierarchical(
                 res = smp.sample(prior_model, problem, num_samples, generator)
             except DegenerateWeightsError as e:
                 dt = problem.y.dtype
+                P = max(1, problem.batch_size // K)
                 raise DegenerateWeightsError(
-                    f"SMC^2: an inner run degenerated (its problems are the theta-particles, "
-                    f"{K} of them, theta-major; values {_describe(values)}): {e}. "
+                    f"SMC^2: an inner run degenerated (its problems are the {K} "
+                    f"theta-particles"
+                    + (f" x {P} observations, theta-major" if P > 1 else "")
+                    + f"; the globals over all theta-particles: {_describe(values)}): {e}. "
                     + (
-                        f"The model runs in {str(dt).replace('torch.', '')}: a small noise "
-                        "scale's likelihood underflows there; pass the prior, the operator and "
-                        "y in float64. "
+                        f"The model runs in {str(dt).replace('torch.', '')}, where a small "
+                        "noise scale's likelihood underflows: pass the prior, the operator "
+                        "and y in float64; otherwise"
                         if dt != torch.float64
-                        else ""
+                        else "Remedies"
                     )
-                    + "Otherwise: more particles (num_samples), or a prior on the globals "
-                    "that keeps them away from values the data rule out"
+                    + ": more particles (num_samples), or a prior on the globals that keeps "
+                    "them away from values the data rule out"
                 ) from e
         nfe += res.info.nfe
         if st.kind == "affine_gaussian":

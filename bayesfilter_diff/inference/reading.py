@@ -14,6 +14,7 @@ import pyro
 import torch
 import torch.distributions as tdist
 from pyro import poutine
+from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.distributions.util import broadcast_shape
 from torch import Tensor
 
@@ -45,28 +46,52 @@ def model_to_problem(
     return out
 
 
+#: location-scale laws whose ``scale`` is the noise's scale in the data's units
+_NOISE_SCALE_LAWS = frozenset(
+    {"Normal", "Laplace", "StudentT", "Cauchy", "Gumbel", "SoftLaplace", "AsymmetricLaplace"}
+)
+
+
+def _masked(fn: Any) -> bool:
+    """Whether a site's distribution carries a mask (``.mask(m)``) anywhere in its wrappers."""
+    while isinstance(fn, tdist.Independent | MaskedDistribution):
+        if isinstance(fn, MaskedDistribution):
+            return True
+        fn = fn.base_dist
+    return False
+
+
 def _data_scale_ratio(model: Callable, args: tuple, kwargs: dict, st: Any) -> float | None:
-    """The largest ``max |y| / scale`` over the observed sites whose distribution has a
-    ``scale`` parameter (Normal, Laplace, Student-t, Cauchy, ...) that is the same at
-    two prior values (a constant, not a function of the signal); ``None`` if none has."""
+    """The largest ``max |y| / scale`` over the observed sites of a location-scale law
+    (Normal, Laplace, Student-t, Cauchy, ...) whose ``scale`` is the same at three prior
+    values (a constant, not a function of the signal), unmasked and unscaled; ``None`` if
+    none is."""
     assert st.trace is not None
+    others = []
     try:
         with pyro.validation_enabled(False):
-            tr = poutine.trace(PriorPlaceholder(0.377)(model)).get_trace(*args, **kwargs)
-    except Exception:  # the model fails at the other value: no ratio
+            for value in (0.377, -2.71):
+                tr = poutine.trace(PriorPlaceholder(value)(model)).get_trace(*args, **kwargs)
+                others.append(tr.nodes)
+    except Exception:  # the model fails at another value: no ratio
         return None
     best: float | None = None
     for name in st.observed:
         site = st.trace.nodes[name]
-        v = site["value"]
-        a = unwrap(site["fn"]).__dict__.get("scale")
-        b = unwrap(tr.nodes[name]["fn"]).__dict__.get("scale") if name in tr.nodes else None
-        if not (isinstance(v, Tensor) and isinstance(a, Tensor) and isinstance(b, Tensor)):
+        v, fn = site["value"], site["fn"]
+        if type(unwrap(fn)).__name__ not in _NOISE_SCALE_LAWS or not isinstance(v, Tensor):
             continue
-        if a.shape != b.shape or not bool((a == b).all()) or not v.is_floating_point():
+        if site.get("mask") is not None or _masked(fn) or not is_unit_scale(site["scale"]):
+            continue  # masked entries may hold anything; a scaled site's noise is not `scale`
+        a = unwrap(fn).__dict__.get("scale")
+        if not isinstance(a, Tensor) or not v.is_floating_point():
             continue
+        same = True
+        for nodes in others:
+            b = unwrap(nodes[name]["fn"]).__dict__.get("scale") if name in nodes else None
+            same = same and isinstance(b, Tensor) and b.shape == a.shape and bool((a == b).all())
         lo = float(a.detach().abs().min())
-        if lo <= 0 or not math.isfinite(lo):
+        if not same or lo <= 0 or not math.isfinite(lo):
             continue
         r = float(v.detach().abs().max()) / lo
         best = r if best is None else max(best, r)
@@ -312,11 +337,15 @@ def _check_observed_value(
             "(torch.view_as_real) with a site for them"
         )
     if v.dtype == torch.bool:
-        raise ValueError(
-            f"the observed value of site {name!r} is a bool tensor; torch's distributions "
-            f"cannot evaluate it (Bernoulli's log_prob subtracts it): pass it as numbers, "
-            f"e.g. y.to({prior.dtype})"
-        )
+        # (OneHotCategorical and Categorical evaluate bool data; Bernoulli does not)
+        try:
+            s["fn"].log_prob(v)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise ValueError(
+                f"the observed value of site {name!r} is a bool tensor, which its "
+                f"{type(unwrap(s['fn'])).__name__} distribution cannot evaluate ({e}): pass "
+                f"it as numbers, e.g. y.to({prior.dtype})"
+            ) from None
     if v.device != prior.device:
         raise ValueError(
             f"the observed value of site {name!r} is on {v.device} but the prior is on "

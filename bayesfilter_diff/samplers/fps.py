@@ -324,6 +324,8 @@ class FPSSMC(SMCSampler):
     requires = _REQUIRES
     #: The normalising constant is not an estimate of log p(y).
     estimates_evidence: ClassVar[bool] = False
+    #: One y-sequence per observation, shared by the particles (the quality check says so).
+    shared_draw: ClassVar[bool] = True
 
     num_steps: int = 100
     c_rate: float = 0.95

@@ -113,7 +113,8 @@ Thresholds (:class:`QualityPolicy`, documented defaults; the particle checks app
   inherits it with healthy weights (the benchmark mixture: 0.57-0.86 nats at d = 800, chain
   mode weights off by a TV of 0.26-0.37; 0.02-0.03 nats at d = 80, 0.003-0.005 at d = 8);
 - ``shared_draw``: (every run of ``N >= 10`` of a sampler that conditions its particles on
-  one random draw per run, ``Sampler.shared_draw``: SMCDiff's noised observation path) the
+  one random draw per run, ``Sampler.shared_draw``: SMCDiff's noised observation path,
+  FPS-SMC's y-sequence) the
   run's error estimates omit that draw's variance (SMCDiff, 8-D two-mode mixture, one
   observed coordinate, N = 4000, 100 steps: a mode weight of 0.238 came out 0.13-0.45 over
   six runs, three of them with nothing else warned and genealogy errors of 0.01-0.015).
@@ -510,10 +511,10 @@ def assess(
                 f"{name}: every particle of this run follows one random noised path of the "
                 "observation, drawn once per run; on a finite grid each run is conditioned on "
                 "it, so runs differ by more than their own diagnostics show (the genealogy "
-                "ESS and log_evidence_se see the particles, not the path): measured on an "
-                "8-D two-mode mixture with one observed coordinate (N = 4000, 100 steps), "
-                "a mode weight of 0.238 came out 0.13-0.45 over six runs whose genealogy "
-                "predicted an error of 0.01-0.015. Remedies: the spread of independent runs "
+                "ESS sees the particles, not the path): measured with SMCDiff on an 8-D "
+                "two-mode mixture with one observed coordinate (N = 4000, 100 steps), a mode "
+                "weight of 0.238 came out 0.13-0.45 over six runs whose genealogy predicted "
+                "an error of 0.01-0.015. Remedies: the spread of independent runs "
                 "(diagnostics.runs_mcse); an asymptotically exact sampler (TDS; MCGdiff for "
                 "linear-Gaussian problems).",
             )

@@ -133,8 +133,8 @@ class TDSInfo:
     variance of the conditioned proposal; ``"gaussian_prior"``: the conditioned proposal
     with the analytic reverse variance, ``Var[x0 | x_t]`` of a ``N(0, prior_variance I)``
     prior), ``"likelihood"`` (the likelihood at ``x0_hat``)
-    or ``"laplace(<variance>, <curvature>)"``; ``proposal`` is ``"gradient"`` or
-    ``"conditioned"``."""
+    or ``"laplace(<variance>, <curvature>)"``; ``proposal`` is ``"gradient"``,
+    ``"conditioned"`` or ``"model"``."""
 
     twist: str
     proposal: str = "gradient"
@@ -865,15 +865,16 @@ class TDS(SMCSampler):
         return own(t) if self.prior_variance is None and own is not None else None
 
     def _run_info(self, ctx: Context) -> TDSInfo:
+        prop = "model" if self.proposal == "model" else "gradient"
         if self._smooths_likelihood(ctx.problem):
             d = math.prod(ctx.prior.event_shape)
             kind = "hessian" if d <= self.laplace_max_dim else "isotropic"
             v = "inflated" if self.twist_variance == "operator" else self.twist_variance
-            return TDSInfo(f"laplace({v}, {kind})")
+            return TDSInfo(f"laplace({v}, {kind})", prop)
         if not _uses_gaussian_twist(ctx.problem):
-            return TDSInfo("likelihood")
+            return TDSInfo("likelihood", prop)
         if self.conditions(ctx.problem):
             # the analytic kernel's twist is the Gaussian prior's; "reference" keeps the chain's
             twist = "gaussian_prior" if self.reverse_variance == "analytic" else "chain"
             return TDSInfo(twist, "conditioned")
-        return TDSInfo(self.twist_variance)
+        return TDSInfo(self.twist_variance, prop)
