@@ -589,3 +589,38 @@ def test_a_global_against_a_scalar_slice_is_refused_with_the_remedy():
             model, **data, squeeze=True, num_samples=8, num_theta=4, moves=0, generator=g
         )
     assert torch.isfinite(post.log_evidence).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_an_inner_degeneracy_is_named_with_the_globals_and_the_dtype_remedy(dtype):
+    from bayesfilter_diff.errors import DegenerateWeightsError
+
+    gmm = bfd.GaussianMixture(
+        torch.ones(1, dtype=dtype), torch.zeros(1, 2, dtype=dtype), torch.ones(1, dtype=dtype)
+    )
+    prior = gmm.diffusion(bfd.VPSchedule.linear())
+
+    def model(y=None):
+        k = pyro.sample("k", dist.Categorical(torch.tensor([0.5, 0.5], dtype=dtype)))
+        with pyro.plate("obs", 3):
+            x = pyro.sample("x", bfd.DiffusionPrior(prior))
+            scale = torch.tensor([0.1, 1.0], dtype=dtype)[k]
+            pyro.sample("y", dist.Laplace(x.sum(-1), scale), obs=y)
+
+    class Boom(TDS):
+        def sample(self, *args, **kwargs):
+            raise DegenerateWeightsError("TDS: all particle weights of problem(s) [3] ...")
+
+    with pytest.raises(DegenerateWeightsError) as info:
+        bfd.infer(
+            model,
+            Boom(num_steps=5),
+            y=torch.zeros(3, dtype=dtype),
+            num_samples=16,
+            num_theta=8,
+            moves=0,
+            generator=torch.Generator().manual_seed(0),
+        )
+    text = str(info.value)
+    assert "8 theta-particles x 3 observations" in text and "k in [0, 1]" in text
+    assert ("float64" in text) == (dtype == torch.float32)
