@@ -702,5 +702,6 @@ def test_a_degenerate_run_with_an_isotropic_laplace_curvature_names_laplace_max_
 
     kinds, text = kinds_and_text("laplace(inflated, isotropic)")
     assert "min_ess" in kinds and "laplace_max_dim" in text
-    kinds, text = kinds_and_text("laplace(inflated, hessian)")
-    assert "min_ess" in kinds and "laplace_max_dim" not in text
+    for fine in ("hessian", "diagonal"):
+        kinds, text = kinds_and_text(f"laplace(inflated, {fine})")
+        assert "min_ess" in kinds and "laplace_max_dim" not in text

@@ -250,14 +250,46 @@ class SmoothedLogLikelihood(NamedTuple):
 
 
 class _Derivatives(NamedTuple):
+    """The log-likelihood's value, gradient and curvature ``H = -grad^2 log p`` at a point,
+    per particle: the full ``H`` or ``h``, its diagonal ``(B, N, d)`` where ``H`` is
+    diagonal, an isotropic estimate ``(B, N, 1)`` otherwise (:func:`_curvature`)."""
+
     f: Tensor  # (B, N)
     g: Tensor  # (B, N, d)
-    H: Tensor | None  # (B, N, d, d) the curvature, PSD, float64 (None: isotropic)
-    h: Tensor | None  # (B, N, 1) an isotropic curvature h I, h >= 0 (None: H)
+    H: Tensor | None  # (B, N, d, d) the curvature, PSD, float64 (None: h)
+    h: Tensor | None  # (B, N, d) or (B, N, 1) the curvature, >= 0 (None: H)
     # the Newton step's curvature: H's eigenvalues by their absolute values, not clamped at
     # 0 (None: the same as H / h)
     H_step: Tensor | None = None
     h_step: Tensor | None = None
+    kind: str = "hessian"  # "hessian", "diagonal" or "isotropic"
+
+
+class _CurvatureSpec(NamedTuple):
+    """How :func:`_curvature` measures the curvature: its diagonal where two probes find it
+    diagonal; else the full Hessian up to ``max_dim`` coordinates, an isotropic estimate
+    from the probes above."""
+
+    max_dim: int
+    #: ``(z1, z2)``: the probes (:func:`_probes`)
+    probes: tuple[Tensor, Tensor]
+
+
+@functools.lru_cache(maxsize=16)
+def _probes_on_cpu(d: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(20261205)
+    z1 = (2 * torch.randint(0, 2, (d,), generator=g) - 1).to(dtype)
+    return z1, torch.randn(d, generator=g, dtype=dtype)
+
+
+def _probes(d: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The curvature's probes for ``d`` coordinates: ``z1`` Rademacher and ``z2`` Gaussian
+    ``(d,)``, fixed pseudo-random draws (a seed of their own): the curvature is one
+    deterministic function of the point, the same through all Newton steps and across runs,
+    and the sampler's generator is not consumed (a custom likelihood draws what the built-in
+    one does)."""
+    z1, z2 = _probes_on_cpu(d, dtype)
+    return z1.to(device), z2.to(device)
 
 
 def _psd_part(H: Tensor) -> Tensor:
@@ -292,63 +324,93 @@ def _psd_parts(H: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _derivatives(
-    log_likelihood: Callable[[Tensor], Tensor],
-    x: Tensor,
-    max_dim: int,
-    generator: torch.Generator | None,
+    log_likelihood: Callable[[Tensor], Tensor], x: Tensor, spec: _CurvatureSpec
 ) -> _Derivatives:
     """Value, gradient and curvature ``H = -grad^2 log p`` (negative eigenvalues set to 0)
     of the log-likelihood at ``x`` ``(B, N, *event)``, per particle; non-finite particles
-    get value ``-inf`` and zero derivatives."""
+    get value ``-inf`` and zero derivatives. See :class:`_Derivatives` for the curvature's
+    forms and :func:`_curvature` for which is used."""
     B, N = x.shape[:2]
     d = math.prod(x.shape[2:])
     with torch.enable_grad():
         xr = x.detach().requires_grad_(True)
         f = log_likelihood(xr)
         (g,) = torch.autograd.grad(f.sum(), xr, create_graph=True)
-        gf = g.reshape(B, N, d)
-        if d <= max_dim:
-            cols = []
-            for j in range(d):
-                (hj,) = torch.autograd.grad(
-                    gf[..., j].sum(), xr, retain_graph=True, allow_unused=True
-                )
-                cols.append(torch.zeros_like(xr) if hj is None else hj)
-            H: Tensor | None = -torch.stack(cols, -1).reshape(B, N, d, d).detach()
-        else:
-            H = None
-            z = torch.randint(0, 2, gf.shape, generator=generator, device=x.device)
-            z = (2 * z - 1).to(gf.dtype)
-            (hz,) = torch.autograd.grad((gf * z).sum(), xr, allow_unused=True)
-            hzz = torch.zeros_like(f) if hz is None else (hz.reshape(B, N, d) * z).sum(-1)
-            h = -hzz.detach() / d
-    f, gf = f.detach(), gf.detach()
-    ok = torch.isfinite(f) & torch.isfinite(gf).all(-1)
-    if H is not None:
-        ok = ok & torch.isfinite(H).all((-1, -2))
-        # the curvature's linear algebra in float64: with a float32 H, a positive
-        # semi-definite test at float32's rounding is too coarse for I + v H at large v
-        H = torch.where(ok[..., None, None], 0.5 * (H + H.transpose(-1, -2)), 0.0)
-        H, H_step = _psd_parts(H.to(torch.float64))
-        return _finite(f, gf, ok, H, None, None if H_step is H else H_step, None)
-    ok = ok & torch.isfinite(h)
-    h = torch.where(ok, h, 0.0).unsqueeze(-1)
-    return _finite(f, gf, ok, None, h.clamp_min(0), None, h.abs())
+        return _curvature(f.detach(), g.reshape(B, N, d), xr, spec)
 
 
-def _finite(
-    f: Tensor,
-    g: Tensor,
-    ok: Tensor,
-    H: Tensor | None,
-    h: Tensor | None,
-    H_step: Tensor | None,
-    h_step: Tensor | None,
-) -> _Derivatives:
-    """The derivatives with value ``-inf`` and zero gradient where ``ok`` is false."""
+def _full_hessian(f: Tensor, g: Tensor, xr: Tensor) -> _Derivatives:
+    """The full Hessian from ``d`` backward passes of ``g`` (``(B, N, d)``, attached to
+    ``xr``), its negative eigenvalues set to 0 (and their absolute values for the step)."""
+    B, N, d = g.shape
+    cols = []
+    for j in range(d):
+        hj = None
+        if g.requires_grad:
+            (hj,) = torch.autograd.grad(g[..., j].sum(), xr, retain_graph=True, allow_unused=True)
+        cols.append(torch.zeros_like(xr) if hj is None else hj)
+    H = -torch.stack(cols, -1).reshape(B, N, d, d).detach()
+    g = g.detach()
+    ok = torch.isfinite(f) & torch.isfinite(g).all(-1) & torch.isfinite(H).all((-1, -2))
+    # the curvature's linear algebra in float64: with a float32 H, a positive
+    # semi-definite test at float32's rounding is too coarse for I + v H at large v
+    H = torch.where(ok[..., None, None], 0.5 * (H + H.transpose(-1, -2)), 0.0)
+    H, H_step = _psd_parts(H.to(torch.float64))
+    return _finite(f, g, ok, _Derivatives(f, g, H, None, None if H_step is H else H_step))
+
+
+def _curvature(f: Tensor, g: Tensor, xr: Tensor, spec: _CurvatureSpec) -> _Derivatives:
+    """:func:`_derivatives`' curvature, from Hessian-vector products of ``g`` (the gradient
+    ``(B, N, d)``, still attached to ``xr``).
+
+    Two probes first (:func:`_probes`, shared by the particles), ``z1`` Rademacher and ``z2``
+    Gaussian: where ``H z2 = (z1 * H z1) * z2`` for every finite particle (relative error
+    below ``sqrt(eps)``; with a Rademacher ``z2`` a 2 x 2 ``H`` would pass half the time),
+    ``H`` is diagonal (a likelihood that factors over coordinates: pixel-wise Poisson or
+    Student-t noise, a mask; a Laplace site's 0), and ``z1 * H z1`` is its diagonal,
+    exactly: 2 products instead of ``d``, at any ``d``. Otherwise the full Hessian
+    (:func:`_full_hessian`) up to ``max_dim`` coordinates and above, the isotropic ``h I``
+    with ``h = (z1^T H z1 + z2^T H z2) / (|z1|^2 + |z2|^2)``."""
+    B, N, d = g.shape
+    dev, dt = g.device, g.dtype
+    ok = torch.isfinite(f) & torch.isfinite(g).all(-1)
+
+    def hvp(u: Tensor) -> Tensor:
+        """``H u`` for ``u`` ``(d,)``, non-finite entries zeroed."""
+        hu = None
+        if g.requires_grad:  # (not: a likelihood linear in x)
+            (hu,) = torch.autograd.grad(
+                g, xr, grad_outputs=u.expand(B, N, d), retain_graph=True, allow_unused=True
+            )
+        if hu is None:
+            return torch.zeros(B, N, d, dtype=dt, device=dev)
+        return (-hu.detach().reshape(B, N, d)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+    z1, z2 = spec.probes
+    Hz1, Hz2 = hvp(z1), hvp(z2)
+    diag = z1 * Hz1
+    err = (Hz2 - diag * z2).norm(dim=-1)
+    rel = math.sqrt(torch.finfo(dt).eps)  # a product's error relative to its size, at most
+    if bool(((err <= rel * Hz2.norm(dim=-1) + torch.finfo(dt).tiny) | ~ok).all()):
+        h, kind = diag, "diagonal"
+    elif d <= spec.max_dim:
+        return _full_hessian(f, g, xr)
+    else:
+        h = ((z1 * Hz1).sum(-1) + (z2 * Hz2).sum(-1)) / (z1.square().sum() + z2.square().sum())
+        h, kind = h.unsqueeze(-1), "isotropic"
+    gd = g.detach()
+    D = _Derivatives(f, gd, None, h.clamp_min(0), h_step=h.abs(), kind=kind)
+    return _finite(f, gd, ok, D)
+
+
+def _finite(f: Tensor, g: Tensor, ok: Tensor, D: _Derivatives) -> _Derivatives:
+    """``D`` with value ``-inf``, zero gradient and zero curvature where ``ok`` is false."""
     f = torch.where(ok, f, torch.full_like(f, -math.inf))
     g = torch.where(ok.unsqueeze(-1), g, 0.0)
-    return _Derivatives(f, g, H, h, H_step, h_step)
+    o3 = ok.unsqueeze(-1)
+    h = None if D.h is None else torch.where(o3, D.h, 0.0)
+    h_step = None if D.h_step is None else torch.where(o3, D.h_step, 0.0)
+    return D._replace(f=f, g=g, h=h, h_step=h_step)
 
 
 class _Factor(NamedTuple):
@@ -403,7 +465,8 @@ def _log_det(D: _Derivatives, v: Tensor, F: _Factor | None = None) -> Tensor:
     F = _curvature_factor(D.H, v) if F is None else F
     if F is None:
         assert D.h is not None
-        return torch.log1p(v * D.h).squeeze(-1) * D.g.shape[-1]
+        rest = torch.log1p(v * D.h)  # diagonal, or isotropic on all d coordinates
+        return rest.sum(-1) if D.h.shape[-1] > 1 else rest.squeeze(-1) * D.g.shape[-1]
     out = 2 * F.L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
     if F.Q.shape[0]:
         out[F.failed] = torch.log1p(v.to(F.lam.dtype) * F.lam).sum(-1)
@@ -417,8 +480,8 @@ def _newton_mode(
     x0: Tensor,
     v: Tensor,
     iterations: int,
-    max_dim: int,
-    generator: torch.Generator | None,
+    spec: _CurvatureSpec,
+    measure: Callable[[Tensor], _Derivatives] | None = None,
 ) -> tuple[Tensor, _Derivatives, Tensor, int, bool, Tensor]:
     """Damped Newton ascent of ``phi(x) = log p(y | x) - |x - x0|^2 / (2 v)`` from ``x``
     (flattened ``(B, N, d)``, ``D`` its derivatives): each step tries the fractions
@@ -479,7 +542,7 @@ def _newton_mode(
         gain = float(torch.where(live, gained, 0.0).max())
         pick = cand.gather(0, arg[None, ..., None].expand(1, B, N, d))[0]
         x = torch.where(better.unsqueeze(-1), pick, x)
-        D = _derivatives(loglik, x, max_dim, generator)
+        D = _derivatives(loglik, x, spec) if measure is None else measure(x)
         phi = D.f - ((x - x0) ** 2).sum(-1) / (2 * v)
         if gain < 1e-6 and not any_stuck:
             converged = True
@@ -523,7 +586,6 @@ def smoothed_log_likelihood(
     iterations: int = 12,
     anchors: int = 4,
     first_steps: int = 4,
-    generator: torch.Generator | None = None,
 ) -> SmoothedLogLikelihood:
     """Laplace approximation of ``log int p(y | x) N(x; x0, v I) dx`` per particle.
 
@@ -552,23 +614,37 @@ def smoothed_log_likelihood(
     0) joins the data's mode at once instead of walking on.
 
     ``direction = (x* - x0) / v`` is the value's gradient in ``x0`` (envelope theorem,
-    curvature held fixed). ``H`` is the full Hessian (``d`` backward passes, batched over
-    particles) for ``d <= max_dim`` and an isotropic ``h I`` otherwise (``h = max(0, z^T H
-    z / d)`` from one Rademacher probe drawn with ``generator``). Particles whose
+    curvature held fixed). ``H`` is its diagonal where two fixed probes find it diagonal
+    (2 Hessian-vector products), else the full Hessian (``d`` backward passes, batched over
+    particles) for ``d <= max_dim`` and an isotropic ``h I`` above (``h`` from the probes;
+    :func:`_curvature`). ``curvature`` says which, ``"diagonal"``, ``"hessian"`` or
+    ``"isotropic"`` (kinds mixed over the Newton points: the most general). Particles whose
     likelihood is not finite get value ``-inf``. ``x0`` is ``(B, N, *event)``; ``v`` a finite
     0-d tensor ``>= 0``.
     """
     B, N = x0.shape[:2]
     d = math.prod(x0.shape[2:])
-    curvature = "hessian" if d <= max_dim else "isotropic"
+    spec = _CurvatureSpec(max_dim, _probes(d, x0.dtype, x0.device))
     x0f = x0.detach().reshape(B, N, d)
+    kinds: set[str] = set()
 
     def loglik(xf: Tensor) -> Tensor:
         return log_likelihood(xf.reshape((xf.shape[0], xf.shape[1]) + tuple(x0.shape[2:])))
 
-    D = _derivatives(loglik, x0f, max_dim, generator)
+    def measured(x: Tensor) -> _Derivatives:
+        D = _derivatives(loglik, x, spec)
+        kinds.add(D.kind)
+        return D
+
+    def curvature() -> str:
+        for kind in ("isotropic", "hessian"):
+            if kind in kinds:
+                return kind
+        return "diagonal"
+
+    D = measured(x0f)
     if float(v) == 0:
-        return SmoothedLogLikelihood(D.f, D.g.reshape(x0.shape), curvature, 0)
+        return SmoothedLogLikelihood(D.f, D.g.reshape(x0.shape), curvature(), 0)
 
     def laplace(D: _Derivatives, phi: Tensor, F: _Factor | None = None) -> Tensor:
         val = phi - 0.5 * _log_det(D, v, F)
@@ -576,7 +652,7 @@ def smoothed_log_likelihood(
 
     K = min(anchors, N)
     first = min(iterations, first_steps) if K > 0 else iterations
-    x, D, phi, taken, done, scale = _newton_mode(loglik, x0f, D, x0f, v, first, max_dim, generator)
+    x, D, phi, taken, done, scale = _newton_mode(loglik, x0f, D, x0f, v, first, spec, measured)
     F = _curvature_factor(D.H, v)
     value = laplace(D, phi, F)
     if K > 0:
@@ -590,9 +666,9 @@ def smoothed_log_likelihood(
             start = torch.where(
                 switch.unsqueeze(-1), a.gather(1, arg.unsqueeze(-1).expand(B, N, d)), x
             )
-            D2 = _derivatives(loglik, start, max_dim, generator) if bool(switch.any()) else D
+            D2 = measured(start) if bool(switch.any()) else D
             x2, D2, phi2, t2, _, _ = _newton_mode(
-                loglik, start, D2, x0f, v, iterations, max_dim, generator
+                loglik, start, D2, x0f, v, iterations, spec, measured
             )
             taken += t2
             value2 = laplace(D2, phi2)
@@ -603,4 +679,4 @@ def smoothed_log_likelihood(
             x = torch.where(use.unsqueeze(-1), x2, x)
             value = torch.where(use, value2, value)
     direction = (x - x0f) / v
-    return SmoothedLogLikelihood(value, direction.reshape(x0.shape), curvature, taken)
+    return SmoothedLogLikelihood(value, direction.reshape(x0.shape), curvature(), taken)

@@ -143,6 +143,16 @@ class TDSInfo:
     reference_variance: str | None = None
 
 
+def _curvature_kinds(ctx: Context) -> str:
+    """The Laplace twist's curvature over the run's twist evaluations: ``"diagonal"``,
+    ``"hessian"`` or ``"isotropic"`` (kinds mixed: the most general one)."""
+    kinds: dict[str, int] = ctx.cache.get("tds.curvature", {})
+    for kind in ("isotropic", "hessian", "diagonal"):
+        if kinds.get(kind, 0):
+            return kind
+    return "none"
+
+
 def _pixel_twist(
     op: LinearOperator, pix: PixelObservation, sig2: Tensor, s2: Tensor | float
 ) -> Callable[[Tensor], Tensor]:
@@ -238,9 +248,12 @@ class TDS(SMCSampler):
         ``rejuvenation_scale`` (default 0.5) times the kernel's standard deviation,
         adapted towards an acceptance of 0.57; acceptance in ``info.acceptance``.
     laplace_max_dim
-        The Laplace twist uses the likelihood's full Hessian (``d`` backward passes of the
-        likelihood per Newton step, no network call) up to this signal dimension ``d``
-        (default 64), an isotropic curvature estimate above it.
+        The Laplace twist's curvature: the likelihood's Hessian diagonal where two probes
+        find it diagonal (a likelihood that factors over coordinates; 2 backward passes, any
+        ``d``), else the full Hessian (``d`` backward passes of the likelihood per Newton
+        step, no network call) up to this signal dimension ``d`` (default 64) and an
+        isotropic estimate above it; ``info.extra.twist`` names the kind
+        (docs/methods/tds.md, "Above laplace_max_dim").
     reverse_variance
         The reverse kernel's variance: ``"ddim"`` (default; the paper's DDIM ``eta = 1``
         kernel, ``std^2 I``, which drops ``b^2 Var[x0 | x_t]``), ``"analytic"`` (adds it,
@@ -583,8 +596,9 @@ class TDS(SMCSampler):
                     x0,
                     v,
                     max_dim=self.laplace_max_dim,
-                    generator=ctx.generator,
                 )
+                kinds = ctx.cache.setdefault("tds.curvature", {})
+                kinds[sm.curvature] = kinds.get(sm.curvature, 0) + 1
                 return sm.value, sm.direction
 
             x0, lt, g, tr = ctx.denoise_backward(x, t, smooth, direction=True, probe=probe)
@@ -867,8 +881,7 @@ class TDS(SMCSampler):
     def _run_info(self, ctx: Context) -> TDSInfo:
         prop = "model" if self.proposal == "model" else "gradient"
         if self._smooths_likelihood(ctx.problem):
-            d = math.prod(ctx.prior.event_shape)
-            kind = "hessian" if d <= self.laplace_max_dim else "isotropic"
+            kind = _curvature_kinds(ctx)
             v = "inflated" if self.twist_variance == "operator" else self.twist_variance
             return TDSInfo(f"laplace({v}, {kind})", prop)
         if not _uses_gaussian_twist(ctx.problem):
