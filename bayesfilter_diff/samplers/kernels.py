@@ -480,11 +480,10 @@ def _newton_mode(
     x0: Tensor,
     v: Tensor,
     iterations: int,
-    spec: _CurvatureSpec,
-    measure: Callable[[Tensor], _Derivatives] | None = None,
+    measure: Callable[[Tensor], _Derivatives],
 ) -> tuple[Tensor, _Derivatives, Tensor, int, bool, Tensor]:
     """Damped Newton ascent of ``phi(x) = log p(y | x) - |x - x0|^2 / (2 v)`` from ``x``
-    (flattened ``(B, N, d)``, ``D`` its derivatives): each step tries the fractions
+    (flattened ``(B, N, d)``, ``D`` its derivatives; ``measure`` takes them at a new point): each step tries the fractions
     ``s, s/2, .., s/16`` of ``(C + I / v)^{-1} grad phi`` (``C``: :func:`_curvature_solve`)
     and keeps the best that increases ``phi``. ``s`` is per particle, 1 at first: a particle
     none of whose fractions increases ``phi`` while its Newton decrement ``grad phi^T (C +
@@ -542,7 +541,7 @@ def _newton_mode(
         gain = float(torch.where(live, gained, 0.0).max())
         pick = cand.gather(0, arg[None, ..., None].expand(1, B, N, d))[0]
         x = torch.where(better.unsqueeze(-1), pick, x)
-        D = _derivatives(loglik, x, spec) if measure is None else measure(x)
+        D = measure(x)
         phi = D.f - ((x - x0) ** 2).sum(-1) / (2 * v)
         if gain < 1e-6 and not any_stuck:
             converged = True
@@ -652,7 +651,7 @@ def smoothed_log_likelihood(
 
     K = min(anchors, N)
     first = min(iterations, first_steps) if K > 0 else iterations
-    x, D, phi, taken, done, scale = _newton_mode(loglik, x0f, D, x0f, v, first, spec, measured)
+    x, D, phi, taken, done, scale = _newton_mode(loglik, x0f, D, x0f, v, first, measured)
     F = _curvature_factor(D.H, v)
     value = laplace(D, phi, F)
     if K > 0:
@@ -667,9 +666,7 @@ def smoothed_log_likelihood(
                 switch.unsqueeze(-1), a.gather(1, arg.unsqueeze(-1).expand(B, N, d)), x
             )
             D2 = measured(start) if bool(switch.any()) else D
-            x2, D2, phi2, t2, _, _ = _newton_mode(
-                loglik, start, D2, x0f, v, iterations, spec, measured
-            )
+            x2, D2, phi2, t2, _, _ = _newton_mode(loglik, start, D2, x0f, v, iterations, measured)
             taken += t2
             value2 = laplace(D2, phi2)
             # the larger of two modes' values; a first-pass point that is not a mode has no
