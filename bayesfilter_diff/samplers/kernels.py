@@ -485,9 +485,10 @@ def _newton_mode(
     """Damped Newton ascent of ``phi(x) = log p(y | x) - |x - x0|^2 / (2 v)`` from ``x``
     (flattened ``(B, N, d)``, ``D`` its derivatives; ``measure`` takes them at a new
     point): each step tries the fractions ``s, s/2, .., s/16`` of ``(C + I / v)^{-1} grad
-    phi`` (``C``: :func:`_curvature_solve`) and keeps the best that increases ``phi``. ``s`` is per particle, 1 at first: a particle
-    none of whose fractions increases ``phi`` while its Newton decrement ``grad phi^T (C +
-    I / v)^{-1} grad phi`` is not yet negligible tries ``s / 32, .., s / 512`` next (where
+    phi`` (``C``: :func:`_curvature_solve`) and keeps the best that increases ``phi``.
+    ``s`` is per particle, 1 at first: a particle none of whose fractions increases ``phi``
+    while its Newton decrement ``grad phi^T (C + I / v)^{-1} grad phi`` is not yet negligible
+    tries ``s / 32, .., s / 512`` next (where
     the log-likelihood is far from quadratic, e.g. a heavy tail's convex flank, the full step
     can overshoot by orders of magnitude; stopping there would leave the particle at a point
     that is not a mode, whose Laplace value is too large). ``s`` grows back 4x per step that
