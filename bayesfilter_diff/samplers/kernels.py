@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, Generic, NamedTuple, TypeVar
 
 import torch
@@ -577,6 +577,16 @@ _MIN_STEP = 1e-12
 _SLOW_GAIN = 1e-3
 
 
+def most_general_curvature(kinds: Collection[str]) -> str:
+    """The most general of the curvature kinds ``kinds`` (``"isotropic"`` over
+    ``"hessian"`` over ``"diagonal"``; ``"none"`` if empty): what a run of several
+    :func:`smoothed_log_likelihood` evaluations reports."""
+    for kind in ("isotropic", "hessian", "diagonal"):
+        if kind in kinds:
+            return kind
+    return "none"
+
+
 def smoothed_log_likelihood(
     log_likelihood: Callable[[Tensor], Tensor],
     x0: Tensor,
@@ -636,15 +646,9 @@ def smoothed_log_likelihood(
         kinds.add(D.kind)
         return D
 
-    def curvature() -> str:
-        for kind in ("isotropic", "hessian"):
-            if kind in kinds:
-                return kind
-        return "diagonal"
-
     D = measured(x0f)
     if float(v) == 0:
-        return SmoothedLogLikelihood(D.f, D.g.reshape(x0.shape), curvature(), 0)
+        return SmoothedLogLikelihood(D.f, D.g.reshape(x0.shape), D.kind, 0)
 
     def laplace(D: _Derivatives, phi: Tensor, F: _Factor | None = None) -> Tensor:
         val = phi - 0.5 * _log_det(D, v, F)
@@ -677,4 +681,6 @@ def smoothed_log_likelihood(
             x = torch.where(use.unsqueeze(-1), x2, x)
             value = torch.where(use, value2, value)
     direction = (x - x0f) / v
-    return SmoothedLogLikelihood(value, direction.reshape(x0.shape), curvature(), taken)
+    return SmoothedLogLikelihood(
+        value, direction.reshape(x0.shape), most_general_curvature(kinds), taken
+    )

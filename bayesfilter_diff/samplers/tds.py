@@ -80,6 +80,7 @@ from .kernels import (
     ddim_coefficients,
     ddim_mean,
     ddim_weights,
+    most_general_curvature,
     rowdot,
     rowsq,
     smoothed_log_likelihood,
@@ -141,16 +142,6 @@ class TDSInfo:
     #: with ``reverse_variance="reference"``: whose ``Var[x0 | x_t]`` the kernel carries,
     #: ``"prior"`` (the prior's own average) or ``"gaussian(<tau2>)"`` (the stand-in)
     reference_variance: str | None = None
-
-
-def _curvature_kinds(ctx: Context) -> str:
-    """The Laplace twist's curvature over the run's twist evaluations: ``"diagonal"``,
-    ``"hessian"`` or ``"isotropic"`` (kinds mixed: the most general one)."""
-    kinds: dict[str, int] = ctx.cache.get("tds.curvature", {})
-    for kind in ("isotropic", "hessian", "diagonal"):
-        if kinds.get(kind, 0):
-            return kind
-    return "none"
 
 
 def _pixel_twist(
@@ -597,8 +588,7 @@ class TDS(SMCSampler):
                     v,
                     max_dim=self.laplace_max_dim,
                 )
-                kinds = ctx.cache.setdefault("tds.curvature", {})
-                kinds[sm.curvature] = kinds.get(sm.curvature, 0) + 1
+                ctx.cache.setdefault("tds.curvature", set()).add(sm.curvature)
                 return sm.value, sm.direction
 
             x0, lt, g, tr = ctx.denoise_backward(x, t, smooth, direction=True, probe=probe)
@@ -881,7 +871,7 @@ class TDS(SMCSampler):
     def _run_info(self, ctx: Context) -> TDSInfo:
         prop = "model" if self.proposal == "model" else "gradient"
         if self._smooths_likelihood(ctx.problem):
-            kind = _curvature_kinds(ctx)
+            kind = most_general_curvature(ctx.cache.get("tds.curvature", ()))
             v = "inflated" if self.twist_variance == "operator" else self.twist_variance
             return TDSInfo(f"laplace({v}, {kind})", prop)
         if not _uses_gaussian_twist(ctx.problem):
