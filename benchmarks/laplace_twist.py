@@ -2,11 +2,13 @@
 tree's ``samplers/kernels.py`` against the one of an earlier commit, in one process.
 
     OMP_NUM_THREADS=1 python -m benchmarks.laplace_twist --old-rev <commit>
+    OMP_NUM_THREADS=1 python -m benchmarks.laplace_twist --old-rev <commit> --dtype float32
     OMP_NUM_THREADS=1 python -m benchmarks.laplace_twist --old-rev <commit> --site student_t
 
-Poisson: CPU time of one TDS run (50 steps) per configuration, the best of two, each version
-on the same seeds (so the log-evidences agree to rounding when the twist's value is the
-same). Student-t: a 2-D two-component mixture, five linear observations with Student-t
+Poisson: CPU time of one TDS run (50 steps, the full Hessian up to d = 100) per
+configuration, the best of two, each version on the same seeds (so the log-evidences agree
+to rounding when the twist's value is the same); the last configuration is a GLM of 50
+counts in d = 100 (the Hessian of rank 50), in the dtype asked for. Student-t: a 2-D two-component mixture, five linear observations with Student-t
 noise (3 degrees of freedom, scale 0.3) of which the first is an outlier, through an
 operator gain (the larger, the more informative); the default sampler (TDS, 100 steps,
 adaptive levels), N = 256, three seeds per version: CPU time, inserted levels, the smallest
@@ -57,12 +59,12 @@ def _old_kernels(rev: str):
     return mod
 
 
-def _setup(d: int, m: int, B: int):
+def _setup(d: int, m: int, B: int, dt: torch.dtype = DT):
     g = torch.Generator().manual_seed(0)
-    mu = torch.stack([-torch.ones(d), torch.ones(d)]).to(DT)
-    w = torch.tensor([0.3, 0.7], dtype=DT)
-    gmm = bfd.GaussianMixture(w, mu, torch.full((2,), 0.25, dtype=DT))
-    A = torch.randn(m, d, generator=g, dtype=DT) / math.sqrt(d)
+    mu = torch.stack([-torch.ones(d), torch.ones(d)]).to(dt)
+    w = torch.tensor([0.3, 0.7], dtype=dt)
+    gmm = bfd.GaussianMixture(w, mu, torch.full((2,), 0.25, dtype=dt))
+    A = torch.randn(m, d, generator=g, dtype=dt) / math.sqrt(d)
     y = torch.poisson(torch.exp(A @ gmm.sample(1, g)[0]), generator=g).expand(B, m).contiguous()
 
     def ll(x, y):
@@ -124,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--old-rev", required=True, help="the commit to compare against")
     p.add_argument("--site", choices=("poisson", "student_t", "laplace"), default="poisson")
+    p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     old = _old_kernels(args.old_rev).smoothed_log_likelihood
@@ -133,15 +136,17 @@ def main(argv: list[str] | None = None) -> None:
         return
     print("| d | m | B | N | old CPU s | new CPU s | old / new | max abs dlogZ (same seed) |")
     print("|---|---|---|---|---|---|---|---|")
-    for d, m, B, N in ((2, 3, 16, 256), (8, 6, 8, 256), (32, 16, 4, 128)):
-        prior, problem = _setup(d, m, B)
+    dt = getattr(torch, args.dtype)
+    for d, m, B, N in ((2, 3, 16, 256), (8, 6, 8, 256), (32, 16, 4, 128), (100, 50, 1, 64)):
+        prior, problem = _setup(d, m, B, dt)
         times: dict[str, list[float]] = {"old": [], "new": []}
         logz: dict[str, torch.Tensor] = {}
         for _ in range(2):
             for name, fn in (("old", old), ("new", new)):
                 tds.smoothed_log_likelihood = fn
                 t = time.process_time()
-                res = TDS(num_steps=50).sample(prior, problem, N, torch.Generator().manual_seed(0))
+                sampler = TDS(num_steps=50, laplace_max_dim=100)
+                res = sampler.sample(prior, problem, N, torch.Generator().manual_seed(0))
                 times[name].append(time.process_time() - t)
                 logz[name] = res.log_evidence
         tds.smoothed_log_likelihood = new

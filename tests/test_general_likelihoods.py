@@ -162,6 +162,107 @@ def test_curvature_keeps_the_positive_part_of_the_hessian(dtype):
     assert torch.equal(absolute[6:], clamped[6:])  # the PSD ones: one and the same
 
 
+def test_a_float32_singular_hessian_is_taken_as_positive_semi_definite_without_eigh(monkeypatch):
+    """A Poisson GLM's Hessian ``A^T diag(rate) A`` (rank 10 in 40 coordinates) computed in
+    float32 has eigenvalues of either sign at float32's rounding: with float64's rounding
+    unit the positive semi-definite test refuses most particles (each then an ``eigh``);
+    with the unit of the dtype it was computed in (``_full_hessian``) it accepts all,
+    and the matrix kept is ``H`` shifted by at most ``d`` rounding units of its largest
+    diagonal entry."""
+    from bayesfilter_diff.samplers import kernels
+
+    g = torch.Generator().manual_seed(3)
+    d, m = 40, 10
+    A = torch.randn(m, d, generator=g) * 3 / d**0.5
+    y = torch.poisson(torch.full((m,), 5.0), generator=g)
+
+    def ll(x):
+        return dist.Poisson((x @ A.T + 1).exp()).log_prob(y).sum(-1)
+
+    x = 0.3 * torch.randn(1, 16, d, generator=g)
+    xr = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(ll(xr).sum(), xr, create_graph=True)
+    H = -kernels._hessian_columns(grad, xr).detach()
+    H = (0.5 * (H + H.transpose(-1, -2))).double()
+    calls = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda M: calls.append(M.shape[0]) or eigh(M))
+    kernels._psd_parts(H)
+    assert calls and calls[0] >= 8  # the float64 unit: most need a decomposition
+    calls.clear()
+    D = kernels._full_hessian(ll(xr).detach(), grad, xr)
+    assert calls == [] and D.H is not None and D.H_step is None
+    shift = d * torch.finfo(torch.float32).eps * H.diagonal(dim1=-2, dim2=-1).amax(-1)
+    off = D.H - H
+    torch.testing.assert_close(
+        off, shift[..., None, None] * torch.eye(d, dtype=DT), rtol=1e-6, atol=1e-30
+    )
+
+
+class _Square(torch.autograd.Function):
+    """``x^2`` whose second derivative is a Python decision (``.item()``): a batched
+    backward pass (``vmap``) cannot run it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, go):
+        (x,) = ctx.saved_tensors
+        return _SquareBackward.apply(x, go)
+
+
+class _SquareBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, go):
+        ctx.save_for_backward(x, go)
+        return 2 * x * go
+
+    @staticmethod
+    def backward(ctx, gg):
+        x, go = ctx.saved_tensors
+        assert gg.abs().max().item() >= 0
+        return 2 * go * gg, 2 * x * gg
+
+
+@pytest.mark.parametrize("site", ["poisson", "student_t", "bernoulli", "no_batching_rule"])
+@pytest.mark.parametrize("chunk", [1 << 24, 30])
+def test_full_hessian_columns_batched_equal_the_hessian(site, chunk, monkeypatch):
+    """The full Hessian's columns come from batched backward passes (several columns per
+    pass, ``chunk`` entries at most) or, where an operation of the likelihood's second
+    derivative has no batching rule, one pass per column: either way each particle's matrix
+    is its log-likelihood's Hessian (``torch.autograd.functional.hessian`` of that particle
+    alone)."""
+    from bayesfilter_diff.samplers import kernels
+
+    monkeypatch.setattr(kernels, "_HESSIAN_CHUNK", chunk)
+    g = torch.Generator().manual_seed(11)
+    B, N, d, m = 2, 5, 7, 4
+    A = torch.randn(m, d, generator=g, dtype=DT)
+    y = torch.poisson(torch.full((m,), 3.0, dtype=DT), generator=g)
+    sites = {
+        "poisson": lambda x: dist.Poisson((x @ A.T).exp()).log_prob(y).sum(-1),
+        "student_t": lambda x: dist.StudentT(3.0, x @ A.T, 0.3).log_prob(y).sum(-1),
+        "bernoulli": lambda x: dist.Bernoulli(logits=x @ A.T).log_prob((y > 2).to(DT)).sum(-1),
+        "no_batching_rule": lambda x: -_Square.apply(x @ A.T - y).sum(-1),
+    }
+    ll = sites[site]
+    x = torch.randn(B, N, d, generator=g, dtype=DT)
+    xr = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(ll(xr).sum(), xr, create_graph=True)
+    got = kernels._hessian_columns(grad, xr)
+    want = torch.stack(
+        [
+            torch.autograd.functional.hessian(lambda z: ll(z[None, None])[0, 0], x[b, n])
+            for b in range(B)
+            for n in range(N)
+        ]
+    ).reshape(B, N, d, d)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_curvature_factor_at_extreme_scales_stays_finite():
     """``I + v H`` with ``v |H| ~ 1e20``: Cholesky of the computed matrix fails (the
     identity is below its rounding), the eigenvalues of ``H`` take over for that particle:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable, Collection
 from typing import Any, Generic, NamedTuple, TypeVar
 
@@ -292,13 +293,13 @@ def _probes(d: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, T
     return z1.to(device), z2.to(device)
 
 
-def _psd_part(H: Tensor) -> Tensor:
+def _psd_part(H: Tensor, rounding: torch.dtype | None = None) -> Tensor:
     """``H`` ``(..., d, d)`` symmetric with its negative eigenvalues set to 0 (see
     :func:`_psd_parts`)."""
-    return _psd_parts(H)[0]
+    return _psd_parts(H, rounding)[0]
 
 
-def _psd_parts(H: Tensor) -> tuple[Tensor, Tensor]:
+def _psd_parts(H: Tensor, rounding: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """``H`` ``(..., d, d)`` symmetric with its negative eigenvalues set to 0, and with its
     eigenvalues replaced by their absolute values (the same tensor where none is negative).
 
@@ -306,11 +307,15 @@ def _psd_parts(H: Tensor) -> tuple[Tensor, Tensor]:
     which matrices already are positive semi-definite: those where ``H + delta I`` factors,
     ``delta`` = ``d`` rounding units of the largest diagonal entry (the shift Cholesky needs
     for a singular one), are kept as ``H + delta I``; only the others are decomposed.
+    ``rounding``: the dtype ``H`` was computed in, if coarser than its own (a float32
+    Hessian stored in float64 carries float32's rounding: a singular one has eigenvalues
+    of either sign at that level, which the float64 unit would send to ``eigh``).
     """
     d = H.shape[-1]
     eye = torch.eye(d, dtype=H.dtype, device=H.device)
     fi = torch.finfo(H.dtype)
-    delta = d * fi.eps * H.diagonal(dim1=-2, dim2=-1).abs().amax(-1) + fi.tiny
+    eps = fi.eps if rounding is None else max(fi.eps, torch.finfo(rounding).eps)
+    delta = d * eps * H.diagonal(dim1=-2, dim2=-1).abs().amax(-1) + fi.tiny
     shifted = H + delta[..., None, None] * eye
     _, info = torch.linalg.cholesky_ex(shifted)
     indefinite = info != 0
@@ -340,23 +345,58 @@ def _derivatives(
 
 
 def _full_hessian(f: Tensor, g: Tensor, xr: Tensor) -> _Derivatives:
-    """The full Hessian from ``d`` backward passes of ``g`` (``(B, N, d)``, attached to
-    ``xr``), its negative eigenvalues set to 0 (and their absolute values for the step)."""
+    """The full Hessian from backward passes of ``g`` (``(B, N, d)``, attached to ``xr``;
+    :func:`_hessian_columns`), its negative eigenvalues set to 0 (and their absolute values
+    for the step)."""
     B, N, d = g.shape
-    cols = []
-    for j in range(d):
-        hj = None
-        if g.requires_grad:
-            (hj,) = torch.autograd.grad(g[..., j].sum(), xr, retain_graph=True, allow_unused=True)
-        cols.append(torch.zeros_like(xr) if hj is None else hj)
-    H = -torch.stack(cols, -1).reshape(B, N, d, d).detach()
+    H = -_hessian_columns(g, xr).detach()
     g = g.detach()
     ok = torch.isfinite(f) & torch.isfinite(g).all(-1) & torch.isfinite(H).all((-1, -2))
-    # the curvature's linear algebra in float64: with a float32 H, a positive
-    # semi-definite test at float32's rounding is too coarse for I + v H at large v
+    # the curvature's linear algebra in float64 (in float32, I + v H loses the identity at
+    # large v); the positive semi-definite test at the rounding of H's own dtype (a singular
+    # float32 H has eigenvalues of either sign at that level: each would be an eigh)
     H = torch.where(ok[..., None, None], 0.5 * (H + H.transpose(-1, -2)), 0.0)
-    H, H_step = _psd_parts(H.to(torch.float64))
+    H, H_step = _psd_parts(H.to(torch.float64), rounding=H.dtype)
     return _finite(f, g, ok, _Derivatives(f, g, H, None, None if H_step is H else H_step))
+
+
+#: the most entries of ``(columns, B, N, d)`` one batched backward pass writes
+_HESSIAN_CHUNK = 1 << 24
+
+
+def _hessian_columns(g: Tensor, xr: Tensor) -> Tensor:
+    """``d g / d x`` ``(B, N, d, d)`` (column ``j``: ``d g_j / d x``) for ``g`` ``(B, N, d)``
+    attached to ``xr``: batched backward passes of basis vectors (``is_grads_batched``: one
+    pass for as many columns as fit :data:`_HESSIAN_CHUNK` entries), one pass per column
+    where the graph holds an operation the batched pass cannot run."""
+    B, N, d = g.shape
+    eye = torch.eye(d, dtype=g.dtype, device=g.device)
+    step = max(1, min(d, _HESSIAN_CHUNK // max(1, B * N * d)))
+    try:
+        with warnings.catch_warnings():  # vmap's note on a slower fallback for some operation
+            warnings.filterwarnings("ignore", message=".*performance drop.*")
+            cols = [
+                _grad_or_zeros(
+                    g, xr, eye[j : j + step, None, None, :].expand(-1, B, N, d), batched=True
+                )
+                for j in range(0, d, step)
+            ]
+        return torch.cat(cols, 0).reshape(d, B, N, d).permute(1, 2, 3, 0)
+    except RuntimeError:  # an operation without a batching rule: one column at a time
+        cols = [_grad_or_zeros(g, xr, eye[j].expand(B, N, d)) for j in range(d)]
+        return torch.stack(cols, -1).reshape(B, N, d, d)
+
+
+def _grad_or_zeros(g: Tensor, xr: Tensor, u: Tensor, batched: bool = False) -> Tensor:
+    """The vector-Jacobian product ``u^T d g / d x`` (``u``'s shape, or with a leading batch
+    of vectors when ``batched``), zeros where ``g`` does not depend on ``xr`` (a likelihood
+    linear in ``x``)."""
+    if not g.requires_grad:
+        return u.new_zeros(u.shape[:-1] + xr.shape[2:])
+    (out,) = torch.autograd.grad(
+        g, xr, grad_outputs=u, retain_graph=True, allow_unused=True, is_grads_batched=batched
+    )
+    return u.new_zeros(u.shape[:-1] + xr.shape[2:]) if out is None else out
 
 
 def _curvature(f: Tensor, g: Tensor, xr: Tensor, spec: _CurvatureSpec) -> _Derivatives:
@@ -372,18 +412,12 @@ def _curvature(f: Tensor, g: Tensor, xr: Tensor, spec: _CurvatureSpec) -> _Deriv
     (:func:`_full_hessian`) up to ``max_dim`` coordinates and above, the isotropic ``h I``
     with ``h = (z1^T H z1 + z2^T H z2) / (|z1|^2 + |z2|^2)``."""
     B, N, d = g.shape
-    dev, dt = g.device, g.dtype
+    dt = g.dtype
     ok = torch.isfinite(f) & torch.isfinite(g).all(-1)
 
     def hvp(u: Tensor) -> Tensor:
         """``H u`` for ``u`` ``(d,)``, non-finite entries zeroed."""
-        hu = None
-        if g.requires_grad:  # (not: a likelihood linear in x)
-            (hu,) = torch.autograd.grad(
-                g, xr, grad_outputs=u.expand(B, N, d), retain_graph=True, allow_unused=True
-            )
-        if hu is None:
-            return torch.zeros(B, N, d, dtype=dt, device=dev)
+        hu = _grad_or_zeros(g, xr, u.expand(B, N, d))
         return (-hu.detach().reshape(B, N, d)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
     z1, z2 = spec.probes

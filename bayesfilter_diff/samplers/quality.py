@@ -551,9 +551,9 @@ def assess(
                     + (
                         "the full Hessian in the Laplace twist (it used an isotropic "
                         "curvature: more coordinates than TDS(laplace_max_dim=...); a "
-                        "50-count Poisson GLM at d = 100, N = 256: log-evidence -169.7 "
-                        "with the Hessian, -223 to -260 without, against -168.8; d backward "
-                        "passes per Newton step); "
+                        "50-count Poisson GLM at d = 100, N = 256: log-evidence -167.8 to "
+                        "-170.2 with the Hessian, -223 to -260 without, against -168.8, for "
+                        "about 7x the time); "
                         if "isotropic" in str(getattr(info.extra, "twist", ""))
                         else ""
                     )
