@@ -360,8 +360,9 @@ def _full_hessian(f: Tensor, g: Tensor, xr: Tensor) -> _Derivatives:
     return _finite(f, g, ok, _Derivatives(f, g, H, None, None if H_step is H else H_step))
 
 
-#: the most entries of ``(columns, B, N, d)`` one batched backward pass writes
-_HESSIAN_CHUNK = 1 << 24
+#: the most entries of ``(columns, B, N, d)`` one batched backward pass writes (larger
+#: chunks ran 2x slower on a likelihood with wide intermediates: benchmarks/hessian_columns.py)
+_HESSIAN_CHUNK = 1 << 18
 
 
 def _hessian_columns(g: Tensor, xr: Tensor) -> Tensor:
