@@ -167,8 +167,8 @@ def test_a_float32_singular_hessian_is_taken_as_positive_semi_definite_without_e
     float32 has eigenvalues of either sign at float32's rounding: with float64's rounding
     unit the positive semi-definite test refuses most particles (each then an ``eigh``);
     with the unit of the dtype it was computed in (``_full_hessian``) it accepts all,
-    and the matrix kept is ``H`` shifted by at most ``d`` rounding units of its largest
-    diagonal entry."""
+    and the matrix kept is ``H`` shifted by ``d`` such units of its largest diagonal entry.
+    A matrix that passes float64's test keeps float64's shift."""
     from bayesfilter_diff.samplers import kernels
 
     g = torch.Generator().manual_seed(3)
@@ -182,7 +182,7 @@ def test_a_float32_singular_hessian_is_taken_as_positive_semi_definite_without_e
     x = 0.3 * torch.randn(1, 16, d, generator=g)
     xr = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(ll(xr).sum(), xr, create_graph=True)
-    H = -kernels._hessian_columns(grad, xr).detach()
+    H = -kernels._gradient_jacobian(grad, xr).detach()
     H = (0.5 * (H + H.transpose(-1, -2))).double()
     calls = []
     eigh = torch.linalg.eigh
@@ -197,6 +197,11 @@ def test_a_float32_singular_hessian_is_taken_as_positive_semi_definite_without_e
     torch.testing.assert_close(
         off, shift[..., None, None] * torch.eye(d, dtype=DT), rtol=1e-6, atol=1e-30
     )
+    regular = H + H.diagonal(dim1=-2, dim2=-1).amax(-1)[..., None, None] * torch.eye(d, dtype=DT)
+    for fine, coarse in zip(
+        kernels._psd_parts(regular), kernels._psd_parts(regular, torch.float32)
+    ):
+        assert torch.equal(fine, coarse)
 
 
 class _Square(torch.autograd.Function):
@@ -228,13 +233,13 @@ class _SquareBackward(torch.autograd.Function):
 
 
 @pytest.mark.parametrize("site", ["poisson", "student_t", "bernoulli", "no_batching_rule"])
-@pytest.mark.parametrize("chunk", [1 << 24, 30])
-def test_full_hessian_columns_batched_equal_the_hessian(site, chunk, monkeypatch):
-    """The full Hessian's columns come from batched backward passes (several columns per
-    pass, ``chunk`` entries at most) or, where an operation of the likelihood's second
-    derivative has no batching rule, one pass per column: either way each particle's matrix
-    is its log-likelihood's Hessian (``torch.autograd.functional.hessian`` of that particle
-    alone)."""
+@pytest.mark.parametrize("chunk", [1 << 24, 210, 1])  # all rows; 3, 3, 1; one by one
+def test_full_hessian_rows_batched_equal_the_hessian(site, chunk, monkeypatch):
+    """The full Hessian's rows come from batched backward passes (several rows per pass,
+    ``chunk`` entries at most) or one pass per row (where fewer than two rows fit, or where
+    an operation of the likelihood's second derivative has no batching rule): either way
+    each particle's matrix is its log-likelihood's Hessian
+    (``torch.autograd.functional.hessian`` of that particle alone)."""
     from bayesfilter_diff.samplers import kernels
 
     monkeypatch.setattr(kernels, "_HESSIAN_CHUNK", chunk)
@@ -252,7 +257,7 @@ def test_full_hessian_columns_batched_equal_the_hessian(site, chunk, monkeypatch
     x = torch.randn(B, N, d, generator=g, dtype=DT)
     xr = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(ll(xr).sum(), xr, create_graph=True)
-    got = kernels._hessian_columns(grad, xr)
+    got = kernels._gradient_jacobian(grad, xr)
     want = torch.stack(
         [
             torch.autograd.functional.hessian(lambda z: ll(z[None, None])[0, 0], x[b, n])

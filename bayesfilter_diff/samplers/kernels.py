@@ -307,18 +307,25 @@ def _psd_parts(H: Tensor, rounding: torch.dtype | None = None) -> tuple[Tensor, 
     which matrices already are positive semi-definite: those where ``H + delta I`` factors,
     ``delta`` = ``d`` rounding units of the largest diagonal entry (the shift Cholesky needs
     for a singular one), are kept as ``H + delta I``; only the others are decomposed.
-    ``rounding``: the dtype ``H`` was computed in, if coarser than its own (a float32
-    Hessian stored in float64 carries float32's rounding: a singular one has eigenvalues
-    of either sign at that level, which the float64 unit would send to ``eigh``).
+    ``rounding``: the dtype ``H`` was computed in, if coarser than its own. A float32
+    Hessian stored in float64 carries float32's rounding, so a singular one has eigenvalues
+    of either sign at that level: those that fail the test with ``H``'s own unit are tested
+    again with that of ``rounding`` (and kept shifted by it) before any is decomposed.
     """
     d = H.shape[-1]
     eye = torch.eye(d, dtype=H.dtype, device=H.device)
     fi = torch.finfo(H.dtype)
-    eps = fi.eps if rounding is None else max(fi.eps, torch.finfo(rounding).eps)
-    delta = d * eps * H.diagonal(dim1=-2, dim2=-1).abs().amax(-1) + fi.tiny
-    shifted = H + delta[..., None, None] * eye
+    scale = d * H.diagonal(dim1=-2, dim2=-1).abs().amax(-1)
+    shifted = H + (fi.eps * scale + fi.tiny)[..., None, None] * eye
     _, info = torch.linalg.cholesky_ex(shifted)
     indefinite = info != 0
+    coarse = fi.eps if rounding is None else torch.finfo(rounding).eps
+    if coarse > fi.eps and bool(indefinite.any()):
+        again = H[indefinite] + (coarse * scale[indefinite] + fi.tiny)[..., None, None] * eye
+        _, info = torch.linalg.cholesky_ex(again)
+        passed = info == 0
+        shifted[indefinite] = torch.where(passed[..., None, None], again, shifted[indefinite])
+        indefinite[indefinite.clone()] = ~passed
     if not bool(indefinite.any()):
         return shifted, shifted
     lam, Q = torch.linalg.eigh(H[indefinite])
@@ -345,11 +352,11 @@ def _derivatives(
 
 
 def _full_hessian(f: Tensor, g: Tensor, xr: Tensor) -> _Derivatives:
-    """The full Hessian from backward passes of ``g`` (``(B, N, d)``, attached to ``xr``;
-    :func:`_hessian_columns`), its negative eigenvalues set to 0 (and their absolute values
-    for the step)."""
+    """The full Hessian, the Jacobian of ``g`` (``(B, N, d)``, attached to ``xr``;
+    :func:`_gradient_jacobian`), its negative eigenvalues set to 0 (and their absolute
+    values for the step)."""
     B, N, d = g.shape
-    H = -_hessian_columns(g, xr).detach()
+    H = -_gradient_jacobian(g, xr).detach()
     g = g.detach()
     ok = torch.isfinite(f) & torch.isfinite(g).all(-1) & torch.isfinite(H).all((-1, -2))
     # the curvature's linear algebra in float64 (in float32, I + v H loses the identity at
@@ -360,32 +367,37 @@ def _full_hessian(f: Tensor, g: Tensor, xr: Tensor) -> _Derivatives:
     return _finite(f, g, ok, _Derivatives(f, g, H, None, None if H_step is H else H_step))
 
 
-#: the most entries of ``(columns, B, N, d)`` one batched backward pass writes (larger
-#: chunks ran 2x slower on a likelihood with wide intermediates: benchmarks/hessian_columns.py)
-_HESSIAN_CHUNK = 1 << 18
+#: the most entries of ``(rows, B, N, d)`` one batched backward pass writes; where fewer
+#: than two rows fit, one pass per row (larger chunks ran up to 2.7x slower than one pass
+#: per row on a likelihood with wide intermediates: benchmarks/hessian_rows.py)
+_HESSIAN_CHUNK = 1 << 16
 
 
-def _hessian_columns(g: Tensor, xr: Tensor) -> Tensor:
-    """``d g / d x`` ``(B, N, d, d)`` (column ``j``: ``d g_j / d x``) for ``g`` ``(B, N, d)``
-    attached to ``xr``: batched backward passes of basis vectors (``is_grads_batched``: one
-    pass for as many columns as fit :data:`_HESSIAN_CHUNK` entries), one pass per column
-    where the graph holds an operation the batched pass cannot run."""
+def _gradient_jacobian(g: Tensor, xr: Tensor) -> Tensor:
+    """The Jacobian ``J[..., j, i] = d g_j / d x_i`` ``(B, N, d, d)`` of ``g`` ``(B, N, d)``
+    attached to ``xr`` (for a gradient, the Hessian: symmetric up to rounding), row by row
+    from vector-Jacobian products: batched backward passes of basis vectors
+    (``is_grads_batched``; each pass as many rows as fit :data:`_HESSIAN_CHUNK` entries,
+    written into one contiguous array), one pass per row where the graph holds an operation
+    the batched pass cannot run."""
     B, N, d = g.shape
     eye = torch.eye(d, dtype=g.dtype, device=g.device)
     step = max(1, min(d, _HESSIAN_CHUNK // max(1, B * N * d)))
-    try:
-        with warnings.catch_warnings():  # vmap's note on a slower fallback for some operation
-            warnings.filterwarnings("ignore", message=".*performance drop.*")
-            cols = [
-                _grad_or_zeros(
-                    g, xr, eye[j : j + step, None, None, :].expand(-1, B, N, d), batched=True
-                )
-                for j in range(0, d, step)
-            ]
-        return torch.cat(cols, 0).reshape(d, B, N, d).permute(1, 2, 3, 0)
-    except RuntimeError:  # an operation without a batching rule: one column at a time
-        cols = [_grad_or_zeros(g, xr, eye[j].expand(B, N, d)) for j in range(d)]
-        return torch.stack(cols, -1).reshape(B, N, d, d)
+    J = g.new_empty(B, N, d, d)
+    if step > 1:
+        try:
+            with warnings.catch_warnings():  # vmap's note on a slower fallback for some op
+                warnings.filterwarnings("ignore", message=".*performance drop.*")
+                for j in range(0, d, step):
+                    u = eye[j : j + step, None, None, :].expand(-1, B, N, d)
+                    rows = _grad_or_zeros(g, xr, u, batched=True)
+                    J[:, :, j : j + step] = rows.reshape(-1, B, N, d).permute(1, 2, 0, 3)
+            return J
+        except RuntimeError:  # an operation without a batching rule: one row at a time
+            pass
+    for j in range(d):
+        J[:, :, j] = _grad_or_zeros(g, xr, eye[j].expand(B, N, d)).reshape(B, N, d)
+    return J
 
 
 def _grad_or_zeros(g: Tensor, xr: Tensor, u: Tensor, batched: bool = False) -> Tensor:

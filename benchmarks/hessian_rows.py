@@ -1,11 +1,12 @@
-"""The Laplace twist's full Hessian (issue #15): its ``d`` columns from one backward pass per
-column against batched backward passes (``kernels._hessian_columns``) with chunks of at most
-``2^k`` entries of ``(columns, B, N, d)``, on two kinds of likelihood: a Poisson GLM (small
-intermediates: ``m = d / 2`` rates per particle) and a two-layer tanh network observed with
-Gaussian noise (intermediates of ``hidden`` entries per particle, several times ``d``).
-CPU time in ms per Hessian, one thread, float32, best of 3.
+"""The Laplace twist's full Hessian (issue #15): its ``d`` rows (the Jacobian of the
+gradient) from one backward pass per row against batched backward passes
+(``kernels._gradient_jacobian``) with chunks of at most ``2^k`` entries of ``(rows, B, N,
+d)``, on two kinds of likelihood: a Poisson GLM (small intermediates: ``m = d / 2`` rates per
+particle) and a two-layer tanh network observed with Gaussian noise (intermediates of
+``hidden`` entries per particle, several times ``d``). CPU time in ms per Hessian (written
+into one contiguous array either way), one thread, float32, best of 3.
 
-    OMP_NUM_THREADS=1 python -m benchmarks.hessian_columns
+    OMP_NUM_THREADS=1 python -m benchmarks.hessian_rows
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from bayesfilter_diff.samplers import kernels
 CHUNKS = (16, 18, 20, 22, 24)
 
 
-def _per_column(g: Tensor, xr: Tensor) -> Tensor:
-    cols = [
+def _per_row(g: Tensor, xr: Tensor) -> Tensor:
+    rows = [
         torch.autograd.grad(g[..., j].sum(), xr, retain_graph=True)[0] for j in range(g.shape[-1])
     ]
-    return torch.stack(cols, -1)
+    return torch.stack(rows, -2)
 
 
 def _sites(gen: torch.Generator) -> Iterator[tuple[str, int, int, Callable[[Tensor], Tensor]]]:
@@ -63,16 +64,16 @@ def main() -> None:
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     head = " | ".join(f"2^{k}" for k in CHUNKS)
-    print(f"| site | d | N | per column | {head} |")
+    print(f"| site | d | N | per row | {head} |")
     print("|---|---|---|---|" + "---|" * len(CHUNKS))
     default = kernels._HESSIAN_CHUNK
     for name, d, N, ll in _sites(gen):
         xr = (0.3 * torch.randn(1, N, d, generator=gen)).requires_grad_(True)
         (g,) = torch.autograd.grad(ll(xr).sum(), xr, create_graph=True)
-        row = [_best(_per_column, g, xr)]
+        row = [_best(_per_row, g, xr)]
         for k in CHUNKS:
             kernels._HESSIAN_CHUNK = 1 << k
-            row.append(_best(kernels._hessian_columns, g, xr))
+            row.append(_best(kernels._gradient_jacobian, g, xr))
         kernels._HESSIAN_CHUNK = default
         print(f"| {name} | {d} | {N} | " + " | ".join(f"{t:.1f}" for t in row) + " |", flush=True)
 
