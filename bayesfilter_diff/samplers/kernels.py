@@ -321,11 +321,12 @@ def _psd_parts(H: Tensor, rounding: torch.dtype | None = None) -> tuple[Tensor, 
     indefinite = info != 0
     coarse = fi.eps if rounding is None else torch.finfo(rounding).eps
     if coarse > fi.eps and bool(indefinite.any()):
-        again = H[indefinite] + (coarse * scale[indefinite] + fi.tiny)[..., None, None] * eye
-        _, info = torch.linalg.cholesky_ex(again)
-        passed = info == 0
-        shifted[indefinite] = torch.where(passed[..., None, None], again, shifted[indefinite])
-        indefinite[indefinite.clone()] = ~passed
+        # the failed ones' shift raised to the coarser unit in place (masked copies of the
+        # failed matrices cost more than factoring the whole batch again)
+        bump = (coarse - fi.eps) * scale * indefinite
+        shifted.diagonal(dim1=-2, dim2=-1).add_(bump.unsqueeze(-1))
+        _, info = torch.linalg.cholesky_ex(shifted)
+        indefinite = info != 0
     if not bool(indefinite.any()):
         return shifted, shifted
     lam, Q = torch.linalg.eigh(H[indefinite])
