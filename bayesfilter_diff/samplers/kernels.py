@@ -361,8 +361,9 @@ def _full_hessian(f: Tensor, g: Tensor, xr: Tensor) -> _Derivatives:
     g = g.detach()
     ok = torch.isfinite(f) & torch.isfinite(g).all(-1) & torch.isfinite(H).all((-1, -2))
     # the curvature's linear algebra in float64 (in float32, I + v H loses the identity at
-    # large v); the positive semi-definite test at the rounding of H's own dtype (a singular
-    # float32 H has eigenvalues of either sign at that level: each would be an eigh)
+    # large v); where the positive semi-definite test fails at float64's rounding, again at
+    # that of H's own dtype (a singular float32 H has eigenvalues of either sign at that
+    # level: each would be an eigh)
     H = torch.where(ok[..., None, None], 0.5 * (H + H.transpose(-1, -2)), 0.0)
     H, H_step = _psd_parts(H.to(torch.float64), rounding=H.dtype)
     return _finite(f, g, ok, _Derivatives(f, g, H, None, None if H_step is H else H_step))

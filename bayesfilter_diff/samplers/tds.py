@@ -241,10 +241,10 @@ class TDS(SMCSampler):
     laplace_max_dim
         The Laplace twist's curvature: the likelihood's Hessian diagonal where two probes
         find it diagonal (a likelihood that factors over coordinates; 2 backward passes, any
-        ``d``), else the full Hessian (``d`` columns from batched backward passes of the
-        likelihood per Newton step, no network call) up to this signal dimension ``d``
-        (default 64) and an isotropic estimate above it; ``info.extra.twist`` names the
-        kind (docs/methods/tds.md, "Above laplace_max_dim").
+        ``d``), else the full Hessian (its ``d`` rows from backward passes of the
+        likelihood, batched where they fit, per Newton step; no network call) up to this
+        signal dimension ``d`` (default 64) and an isotropic estimate above it;
+        ``info.extra.twist`` names the kind (docs/methods/tds.md, "Above laplace_max_dim").
     reverse_variance
         The reverse kernel's variance: ``"ddim"`` (default; the paper's DDIM ``eta = 1``
         kernel, ``std^2 I``, which drops ``b^2 Var[x0 | x_t]``), ``"analytic"`` (adds it,
