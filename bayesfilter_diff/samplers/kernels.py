@@ -406,11 +406,11 @@ def _grad_or_zeros(g: Tensor, xr: Tensor, u: Tensor, batched: bool = False) -> T
     """The vector-Jacobian product ``u^T d g / d x`` (``u``'s shape, or with a leading batch
     of vectors when ``batched``), zeros where ``g`` does not depend on ``xr`` (a likelihood
     linear in ``x``)."""
-    if not g.requires_grad:
-        return u.new_zeros(u.shape[:-1] + xr.shape[2:])
-    (out,) = torch.autograd.grad(
-        g, xr, grad_outputs=u, retain_graph=True, allow_unused=True, is_grads_batched=batched
-    )
+    out = None
+    if g.requires_grad:
+        (out,) = torch.autograd.grad(
+            g, xr, grad_outputs=u, retain_graph=True, allow_unused=True, is_grads_batched=batched
+        )
     return u.new_zeros(u.shape[:-1] + xr.shape[2:]) if out is None else out
 
 
@@ -674,8 +674,8 @@ def smoothed_log_likelihood(
 
     ``direction = (x* - x0) / v`` is the value's gradient in ``x0`` (envelope theorem,
     curvature held fixed). ``H`` is its diagonal where two fixed probes find it diagonal
-    (2 Hessian-vector products), else the full Hessian (``d`` backward passes, batched over
-    particles) for ``d <= max_dim`` and an isotropic ``h I`` above (``h`` from the probes;
+    (2 Hessian-vector products), else the full Hessian (its ``d`` rows from backward passes,
+    :func:`_gradient_jacobian`) for ``d <= max_dim`` and an isotropic ``h I`` above (``h`` from the probes;
     :func:`_curvature`). ``curvature`` says which, ``"diagonal"``, ``"hessian"`` or
     ``"isotropic"`` (kinds mixed over the Newton points: the most general). Particles whose
     likelihood is not finite get value ``-inf``. ``x0`` is ``(B, N, *event)``; ``v`` a finite
