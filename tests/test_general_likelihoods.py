@@ -167,8 +167,10 @@ def test_a_float32_singular_hessian_is_taken_as_positive_semi_definite_without_e
     float32 has eigenvalues of either sign at float32's rounding: with float64's rounding
     unit the positive semi-definite test refuses most particles (each then an ``eigh``);
     with the unit of the dtype it was computed in (``_full_hessian``) it accepts all,
-    and the matrix kept is ``H`` shifted by ``d`` such units of its largest diagonal entry.
-    A matrix that passes float64's test keeps float64's shift."""
+    and the matrix kept for the log-determinant is ``H`` shifted by ``d`` such units of its
+    largest diagonal entry; the Newton step's is ``H`` with float64's shift (the coarse one
+    there made Newton converge linearly along the likelihood's null directions). A matrix
+    that passes float64's test keeps float64's shift in both."""
     from bayesfilter_diff.samplers import kernels
 
     g = torch.Generator().manual_seed(3)
@@ -191,12 +193,15 @@ def test_a_float32_singular_hessian_is_taken_as_positive_semi_definite_without_e
     assert calls and calls[0] >= 8  # the float64 unit: most need a decomposition
     calls.clear()
     D = kernels._full_hessian(ll(xr).detach(), grad, xr)
-    assert calls == [] and D.H is not None and D.H_step is None
-    shift = d * torch.finfo(torch.float32).eps * H.diagonal(dim1=-2, dim2=-1).amax(-1)
-    off = D.H - H
-    torch.testing.assert_close(
-        off, shift[..., None, None] * torch.eye(d, dtype=DT), rtol=1e-6, atol=1e-30
-    )
+    assert calls == [] and D.H is not None and D.H_step is not None
+    top = d * H.diagonal(dim1=-2, dim2=-1).amax(-1)
+    rounding = 4 * torch.finfo(DT).eps * float(H.abs().max())  # of kept - H
+    for kept, unit in ((D.H, torch.float32), (D.H_step, torch.float64)):
+        shift = torch.finfo(unit).eps * top
+        torch.testing.assert_close(
+            kept - H, shift[..., None, None] * torch.eye(d, dtype=DT), rtol=0, atol=rounding
+        )
+    assert float((D.H - D.H_step).diagonal(dim1=-2, dim2=-1).min()) > 100 * rounding
     regular = H + H.diagonal(dim1=-2, dim2=-1).amax(-1)[..., None, None] * torch.eye(d, dtype=DT)
     for fine, coarse in zip(
         kernels._psd_parts(regular), kernels._psd_parts(regular, torch.float32)
@@ -580,3 +585,26 @@ def test_draws_that_ignore_a_bernoulli_site_are_reported_as_misfit():
         )
     assert [q.kind for q in post.result.info.quality] == ["misfit"]
     assert float(post.result.info.residual_ratio) > 4
+
+
+def test_newton_stops_at_float32_resolution():
+    """In float32 the Newton decrement cannot fall below the rounding of ``phi`` (~1e-4 at
+    ``|phi| = 500``), far above 1e-10 of it: the loop ran on to its cap of iterations at
+    the high noise levels, wandering in the rounding (11 steps against float64's 6 at
+    ``v = 1e4`` here). With the tolerance at float32's resolution it stops when float64
+    does, give or take one step."""
+    g = torch.Generator().manual_seed(5)
+    d, m = 24, 12
+    A = torch.randn(m, d, generator=g, dtype=DT) * 3 / d**0.5
+    y = torch.poisson(torch.full((m,), 4.0, dtype=DT), generator=g)
+
+    def ll(x):
+        return dist.Poisson((x @ A.T.to(x.dtype) + 1).exp()).log_prob(y.to(x.dtype)).sum(-1)
+
+    x0 = 0.3 * torch.randn(2, 32, d, generator=g, dtype=DT)
+    for v in (1e4, 1e2, 1.0, 1e-2):
+        v64 = torch.tensor(v, dtype=DT)
+        s64 = smoothed_log_likelihood(ll, x0, v64, iterations=40)
+        s32 = smoothed_log_likelihood(ll, x0.float(), v64.float(), iterations=40)
+        assert s32.iterations <= s64.iterations + 1, (v, s32.iterations, s64.iterations)
+        assert bool(torch.isfinite(s32.value).all())

@@ -310,7 +310,14 @@ def _psd_parts(H: Tensor, rounding: torch.dtype | None = None) -> tuple[Tensor, 
     ``rounding``: the dtype ``H`` was computed in, if coarser than its own. A float32
     Hessian stored in float64 carries float32's rounding, so a singular one has eigenvalues
     of either sign at that level: those that fail the test with ``H``'s own unit are tested
-    again with that of ``rounding`` (and kept shifted by it) before any is decomposed.
+    again with that of ``rounding`` before any is decomposed. Those that pass it are kept
+    shifted by it for the log-determinant (the first result: about 100x the rounding's own
+    eigenvalues, a nearly common offset that telescopes through the weights; unshifted, the
+    rounding's eigenvalues of either sign, clamped, made the values of the high noise levels
+    noisy and a run degenerate), but with ``H``'s own unit for the Newton step (the second):
+    the coarse shift there shortens the step by ``1 / (1 + v delta)`` along the
+    likelihood's null directions, where only the ``1 / v`` pull to the centre acts (11x at
+    ``v = 2.3e4`` on a Poisson GLM: Newton had not converged in 12 steps).
     """
     d = H.shape[-1]
     eye = torch.eye(d, dtype=H.dtype, device=H.device)
@@ -320,17 +327,20 @@ def _psd_parts(H: Tensor, rounding: torch.dtype | None = None) -> tuple[Tensor, 
     _, info = torch.linalg.cholesky_ex(shifted)
     indefinite = info != 0
     coarse = fi.eps if rounding is None else torch.finfo(rounding).eps
+    step = shifted  # the Newton step's curvature
     if coarse > fi.eps and bool(indefinite.any()):
         # the failed ones' shift raised to the coarser unit in place (masked copies of the
         # failed matrices cost more than factoring the whole batch again)
-        bump = (coarse - fi.eps) * scale * indefinite
-        shifted.diagonal(dim1=-2, dim2=-1).add_(bump.unsqueeze(-1))
+        bump = ((coarse - fi.eps) * scale * indefinite).unsqueeze(-1)
+        shifted.diagonal(dim1=-2, dim2=-1).add_(bump)
         _, info = torch.linalg.cholesky_ex(shifted)
         indefinite = info != 0
+        step = shifted.clone()
+        step.diagonal(dim1=-2, dim2=-1).sub_(bump)
     if not bool(indefinite.any()):
-        return shifted, shifted
+        return shifted, step
     lam, Q = torch.linalg.eigh(H[indefinite])
-    clamped, absolute = shifted.clone(), shifted.clone()
+    clamped, absolute = shifted.clone(), step.clone() if step is shifted else step
     clamped[indefinite] = (Q * lam.clamp_min(0).unsqueeze(-2)) @ Q.transpose(-1, -2)
     absolute[indefinite] = (Q * lam.abs().unsqueeze(-2)) @ Q.transpose(-1, -2)
     return clamped, absolute
@@ -559,7 +569,7 @@ def _newton_mode(
         delta = _curvature_solve(D, grad_phi, v)
         # the Newton decrement: the increase of phi a full step would give on the quadratic
         decrement = rowdot(grad_phi, delta)
-        open_ = torch.isfinite(phi) & (decrement > _NEWTON_TOL * (1 + phi.abs()))
+        open_ = torch.isfinite(phi) & (decrement > _newton_tol(x.dtype) * (1 + phi.abs()))
         steps = (scale.unsqueeze(0) * fractions.reshape(-1, 1, 1)).unsqueeze(-1)  # (S,B,N,1)
         cand = x.unsqueeze(0) + steps * delta.unsqueeze(0)  # (S,B,N,d)
         with torch.no_grad():
@@ -614,16 +624,25 @@ def _settled(
     grad_phi = D.g - (x - x0) / v
     delta = _curvature_solve(D, grad_phi, v, F)
     decrement = rowdot(grad_phi, delta)
-    small = decrement <= _NEWTON_TOL * (1 + phi.abs())
+    small = decrement <= _newton_tol(x.dtype) * (1 + phi.abs())
     return small | ~torch.isfinite(phi) | (scale <= _MIN_STEP)
 
 
-# A particle's Newton decrement below this (relative to 1 + |phi|) counts as converged; the
+# A particle's Newton decrement below this (relative to 1 + |phi|) counts as converged, or
+# below _NEWTON_TOL_UNITS rounding units of the point's dtype where that is more (float32:
+# phi's own rounding, ~1e-4 at |phi| = 500, is above 1e-10 of it; no step can be told to
+# gain below it, and Newton ran to its cap of iterations wandering in the rounding); the
 # smallest step scale tried before a particle is left where it is; the gain (nats) below
 # which a damped or failed step counts as slow.
 _NEWTON_TOL = 1e-10
+_NEWTON_TOL_UNITS = 64
 _MIN_STEP = 1e-12
 _SLOW_GAIN = 1e-3
+
+
+def _newton_tol(dtype: torch.dtype) -> float:
+    """The Newton decrement's tolerance relative to ``1 + |phi|`` for points in ``dtype``."""
+    return max(_NEWTON_TOL, _NEWTON_TOL_UNITS * torch.finfo(dtype).eps)
 
 
 def most_general_curvature(kinds: Collection[str]) -> str:
