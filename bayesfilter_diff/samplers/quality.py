@@ -15,8 +15,12 @@ Thresholds (:class:`QualityPolicy`, documented defaults; the particle checks app
   Gaussian-mixture benchmark's problems healthy TDS / MCGdiff runs keep at least 27% of N
   at every step; the runs that dipped to 2-3% were 6-7 times the exact floor away);
 - ``genealogy``: the genealogy says the cloud is worth fewer than ``0.2 N`` independent
-  draws (``info.genealogy_ess``, from ``N >= 200``), or fewer than 50 initial particles
-  have descendants (then the estimate itself is biased high): resampling, step after step,
+  draws (``info.genealogy_ess``), or (from ``N >= 200``) fewer than 50 initial particles
+  have descendants (then the estimate itself is biased high; below 50 lineages it is capped
+  at their number, so a small cloud is judged by the capped estimate: until 2026-12-05 the
+  check began at ``N = 200``, and MCGdiff and FPS-SMC runs of 16-128 particles on the
+  README mixture, descending from 1-13 initial particles, went unwarned while the default's
+  kept 8-79 lineages, at least 0.31 N): resampling, step after step,
   left the final particles descending from a few lineages, so every average carries more than
   ``sqrt(5) ~ 2.2`` times the Monte Carlo error of ``N`` exact draws (the validation
   studies' "within 2x of the floor" line) although no single step's ESS need be low
@@ -562,9 +566,9 @@ def assess(
                     "check that noise_std is not far smaller than the model's error.",
                 )
             )
-    if info.genealogy_ess is not None and N >= policy.genealogy_min_particles:
+    if info.genealogy_ess is not None and N >= policy.min_particles:
         thin = info.genealogy_ess < policy.genealogy_fraction * N
-        if info.ancestors is not None:
+        if info.ancestors is not None and N >= policy.genealogy_min_particles:
             # below ~50 lineages the estimate itself is unreliable (biased high)
             thin = thin | (info.ancestors.to(thin.device) < policy.min_lineages)
         if bool(thin.any()):
