@@ -79,6 +79,39 @@ def test_samplers_without_per_problem_support_refuse_before_running():
 
 
 # ---------------------------------------------------------------- PerProblemDense
+@pytest.mark.parametrize("m", [3, 12])
+def test_per_problem_gram_solve_with_more_rows_than_columns_in_float32(m):
+    """``(r2 M M^T + s2 I)^-1 y`` for ``M`` ``(B, m, 8)``: with ``m > d`` its ``m - d``
+    eigenvalues ``s2`` sank under float32's rounding of ``r2 M M^T`` at TDS's early twist
+    variance (``r2 = 2.3e4``), and the Cholesky solve raised torch's ``LinAlgError`` (SMC^2
+    with an unknown gain and 12 observations of 8 coordinates, every seed). Through the
+    SVD: the float64 solve's values, to float32's rounding; per-particle coefficients too;
+    a zero ``s2`` with ``m > d`` is refused by name."""
+    g = torch.Generator().manual_seed(4)
+    B, d = 3, 8
+    Ms = torch.randn(B, m, d, generator=g, dtype=DT)
+    y = torch.randn(B, 5, m, generator=g, dtype=DT)
+    r2 = torch.tensor([2.3e4, 1.0, 1e-3], dtype=DT)[:, None]
+    s2 = torch.tensor([1e-4, 0.01, 1.0], dtype=DT)[:, None]
+    eye = torch.eye(m, dtype=DT)
+    MMt = (Ms @ Ms.transpose(-1, -2)).unsqueeze(1)  # (B, 1, m, m)
+    G = r2[..., None, None] * MMt + s2[..., None, None] * eye
+    want = torch.linalg.solve(G, y.unsqueeze(-1)).squeeze(-1)
+    got = PerProblemDense(Ms.float()).gram_solve(y.float(), r2.float(), s2.float())
+    assert got.dtype == torch.float32
+    # the systems' condition numbers reach r2 |M|^2 / s2 ~ 1e10, so float64 solves by
+    # different routes agree to ~1e10 eps ~ 2e-6 of the solution's size (measured: 2.7e-7);
+    # the float32 operator's (its matrices, data and coefficients rounded) to 2.3e-7
+    scale = want.abs().amax(-1, keepdim=True)
+    exact = PerProblemDense(Ms).gram_solve(y, r2, s2)
+    for sol in (got.double(), exact):
+        rel = (sol - want).abs() / scale
+        assert float(rel.max()) < 1e-5, float(rel.max())
+    if m > d:
+        with pytest.raises(ValueError, match="s2 must be > 0"):
+            PerProblemDense(Ms).gram_solve(y, r2, torch.zeros_like(s2))
+
+
 def test_per_problem_dense_matches_dense_per_problem():
     Ms = _matrices(3, 2, 4)
     op = PerProblemDense(Ms)

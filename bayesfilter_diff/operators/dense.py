@@ -292,11 +292,18 @@ class PerProblemDense(LinearOperator):
         cg_iters: int | None = None,
         cg_tol: float = 1e-10,
     ) -> Tensor:
-        """``(r2 A_b A_b^T + s2 I)^-1 y`` per problem, by a batched Cholesky solve.
+        """``(r2 A_b A_b^T + s2 I)^-1 y`` per problem, through each matrix's thin SVD
+        ``M_b = U_b S_b V_b^T`` (float64, computed once)::
 
-        ``r2`` and ``s2`` are numbers or tensors broadcasting against ``y``'s leading
-        dimensions ``(B, ...)``; a coefficient that varies along the particles is solved per
-        particle (``cg_iters`` is ignored: the matrices are dense)."""
+            U (U^T y / (r2 S^2 + s2)) + (y - U U^T y) / s2,
+
+        the second term only where ``m > d``. ``r2`` and ``s2`` are numbers or tensors
+        broadcasting against ``y``'s leading dimensions ``(B, ...)``, a coefficient may vary
+        along the particles (``cg_iters`` is ignored: the matrices are dense). A Cholesky
+        solve of ``r2 M M^T + s2 I`` failed in float32 for ``m > d``: its ``m - d``
+        eigenvalues ``s2`` sank under the rounding of ``r2 M M^T`` (``r2`` is TDS's twist
+        variance, ~2e4 at the start of the linear VP path), a raw torch error from SMC^2
+        with an unknown gain and more observations than coordinates."""
         lead = self._lead(y, self.out_shape, "y")
         self._per_problem(lead, "y")
         B, m = self.batch_size, self.out_dim
@@ -309,16 +316,34 @@ class PerProblemDense(LinearOperator):
         s2t = s2t.reshape((1,) * (len(lead) - s2t.dim()) + tuple(s2t.shape)).expand(cshape)
         if cshape[0] not in (1, B):
             raise ValueError(f"coefficients of leading shape {cshape} do not match B={B}")
-        MMt = self.M @ self.M.transpose(-1, -2)  # (B, m, m)
-        eye = torch.eye(m, dtype=y.dtype, device=y.device)
-        yf = y.reshape(lead + (m,))
-        if all(c == 1 for c in cshape[1:]):
-            # one system per problem: the particles are its right-hand sides (one solve)
-            G = r2t.reshape(-1, 1, 1) * MMt + s2t.reshape(-1, 1, 1) * eye  # (B, m, m)
-            rhs = yf.reshape(B, -1, m).transpose(-1, -2)  # (B, m, R)
-            sol = torch.cholesky_solve(rhs, torch.linalg.cholesky(G)).transpose(-1, -2)
-        else:
-            MMt = MMt.reshape((B,) + (1,) * (len(lead) - 1) + (m, m))
-            G = r2t[..., None, None] * MMt + s2t[..., None, None] * eye  # (B, c.., m, m)
-            sol = torch.cholesky_solve(yf.unsqueeze(-1), torch.linalg.cholesky(G)).squeeze(-1)
-        return sol.reshape(lead + self.out_shape)
+        U, S = self._thin_svd()  # (B, m, k), (B, k) float64
+        wide = m > S.shape[-1]  # a complement of U's range, where only s2 acts
+        if wide and not bool((s2t > 0).all()):
+            raise ValueError(
+                f"PerProblemDense.gram_solve: s2 must be > 0 with more rows (m={m}) than "
+                f"columns (d={self.in_dim}): r2 A A^T + s2 I is singular otherwise"
+            )
+        pad = (1,) * (len(lead) - 1)
+        Ub = U.reshape((B,) + pad + U.shape[1:])  # (B, 1.., m, k)
+        y64 = y.reshape(lead + (m,)).double()
+        r64, s64 = r2t.double()[..., None], s2t.double()[..., None]
+        z = (y64.unsqueeze(-2) @ Ub).squeeze(-2)  # U^T y, (B, .., k)
+
+        def along_u(c: Tensor) -> Tensor:
+            return (Ub @ c.unsqueeze(-1)).squeeze(-1)
+
+        sol = along_u(z / (r64 * S.reshape((B,) + pad + S.shape[1:]) ** 2 + s64))
+        if wide:
+            sol = sol + (y64 - along_u(z)) / s64
+        return sol.to(y.dtype).reshape(lead + self.out_shape)
+
+    def _thin_svd(self) -> tuple[Tensor, Tensor]:
+        """``U`` ``(B, m, k)`` and ``S`` ``(B, k)``, ``k = min(m, d)``, of the matrices,
+        in float64, computed once per matrix buffer (its storage, version and device)."""
+        key = (self.M.data_ptr(), self.M._version, self.M.device)
+        cached = getattr(self, "_svd_cache", None)
+        if cached is None or cached[0] != key:
+            U, S, _ = torch.linalg.svd(self.M.double(), full_matrices=False)
+            cached = (key, U, S)
+            self._svd_cache = cached
+        return cached[1], cached[2]
