@@ -438,8 +438,8 @@ def test_a_small_cloud_on_a_thin_genealogy_warns():
     mixture, 100 steps, 12 seeds measured) kept 3-6 of its initial particles' lineages
     (genealogy ESS 3-6) and warned of nothing. The genealogy ESS is capped at the lineage
     count below 50 lineages (biased high there, never low), so the 20% line applies to
-    small clouds too; TDS on the same problems (its default in ``bfd.infer``) kept 23-37
-    lineages of 64 and stays quiet."""
+    small clouds too; TDS on the same problems stays quiet (``bfd.infer``'s default, TDS
+    with its conditioned proposal, kept 23-37 lineages of 64 there)."""
     B, N = 6, 64
     gmm, one = noise_problem(8, 0.1, seed=0)
     problem = bfd.InverseProblem(one.operator, one.y.expand(B, 2).contiguous(), noise_std=0.1)
