@@ -133,6 +133,131 @@ def test_isotropic_curvature_above_max_dim_averages_the_probes():
     assert sm.curvature == "isotropic" and torch.isfinite(sm.value).all()
 
 
+@pytest.mark.parametrize("m", [3, 12])
+def test_low_rank_curvature_above_max_dim_is_exact_for_a_low_rank_likelihood(m):
+    """Above ``max_dim`` a non-diagonal Hessian of small rank (``m`` observations through a
+    dense ``m x d`` operator) is found by the range finder: ``U C U^T`` equals the Hessian,
+    and the Laplace value and direction are the closed form (exact for a linear-Gaussian
+    likelihood). Rank 3 takes the first 16 probes; rank 12 needs 32 (16 leave fewer than 8
+    probes past the rank), which the memo keeps for later calls."""
+    from bayesfilter_diff.samplers import kernels
+
+    g = torch.Generator().manual_seed(7)
+    d, s = 40, 0.3
+    A = torch.randn(m, d, generator=g, dtype=DT)
+    y = torch.randn(m, generator=g, dtype=DT)
+    x0 = torch.randn(2, 5, d, generator=g, dtype=DT)
+    memo: dict = {}
+    spec = kernels._CurvatureSpec(32, kernels._probes(d, DT, x0.device), memo)
+    D = kernels._derivatives(_linear_gaussian(A, y, s), x0, spec)
+    assert D.kind == "lowrank" and D.U is not None and D.H is not None
+    assert D.U.shape == (2, 5, d, m)
+    assert memo == {"probes": 16 if m <= 8 else 32}
+    H = D.U @ D.H @ D.U.transpose(-1, -2)
+    torch.testing.assert_close(H, (A.T @ A / s**2).expand_as(H))
+    for v in (0.05, 0.7, 300.0):
+        vt = torch.tensor(v, dtype=DT)
+        sm = smoothed_log_likelihood(_linear_gaussian(A, y, s), x0, vt, max_dim=32, memo=memo)
+        assert sm.curvature == "lowrank"
+        value, direction = _gaussian_smoothing(A, y, s, x0, vt)
+        torch.testing.assert_close(sm.value, value)
+        torch.testing.assert_close(sm.direction, direction)
+
+
+def test_low_rank_curvature_gives_way_to_the_isotropic_one_and_remembers(monkeypatch):
+    """A Hessian whose rank is not found within ``max_dim`` probes (here of full rank) gets
+    the isotropic estimate, and the run's memo says so: later evaluations take no range
+    probes. The same likelihood in float32 finds the same low rank as in float64 where
+    it has one."""
+    from bayesfilter_diff.samplers import kernels
+
+    g = torch.Generator().manual_seed(8)
+    d, s = 40, 0.5
+    A = torch.randn(d, d, generator=g, dtype=DT)
+    y = torch.randn(d, generator=g, dtype=DT)
+    x0 = torch.randn(1, 4, d, generator=g, dtype=DT)
+    calls = []
+    rows = kernels._vjp_rows
+
+    def counted(g_, xr, V):
+        calls.append(V.shape[0])
+        return rows(g_, xr, V)
+
+    monkeypatch.setattr(kernels, "_vjp_rows", counted)
+    memo: dict = {}
+    v = torch.tensor(0.5, dtype=DT)
+    sm = smoothed_log_likelihood(_linear_gaussian(A, y, s), x0, v, max_dim=32, memo=memo)
+    assert sm.curvature == "isotropic" and memo == {"saturated": True}
+    assert calls == [16, 16]  # 16 probes, then 16 more: the cap, and no rank below it
+    calls.clear()
+    sm = smoothed_log_likelihood(_linear_gaussian(A, y, s), x0, v, max_dim=32, memo=memo)
+    assert sm.curvature == "isotropic" and calls == []
+    # a Poisson GLM of 5 counts in float32: the rank the float64 likelihood has
+    M = torch.randn(5, d, generator=g, dtype=DT) / math.sqrt(d)
+    counts = torch.poisson(torch.full((5,), 3.0, dtype=DT), generator=g)
+
+    def glm(x):
+        return dist.Poisson((x @ M.T.to(x.dtype)).exp()).log_prob(counts.to(x.dtype)).sum(-1)
+
+    spec64 = kernels._CurvatureSpec(32, kernels._probes(d, DT, x0.device), {})
+    spec32 = kernels._CurvatureSpec(32, kernels._probes(d, torch.float32, x0.device), {})
+    D64 = kernels._derivatives(glm, x0, spec64)
+    D32 = kernels._derivatives(glm, x0.float(), spec32)
+    assert D64.kind == D32.kind == "lowrank"
+    assert D64.U is not None and D32.U is not None and D64.H is not None and D32.H is not None
+    assert D64.U.shape[-1] == D32.U.shape[-1] == 5
+    H64 = D64.U @ D64.H @ D64.U.transpose(-1, -2)
+    H32 = D32.U @ D32.H @ D32.U.transpose(-1, -2)
+    torch.testing.assert_close(H32, H64, atol=1e-5 * float(H64.abs().max()), rtol=0)
+    # no rounding shift: float32's log-determinant is float64's at a large v too (the full
+    # float32 Hessian adds d rounding units on each of the d - 5 null directions)
+    v = torch.tensor(300.0, dtype=DT)
+    lam = torch.linalg.eigvalsh(H64).clamp_min(0)
+    expected = torch.log1p(v * lam).sum(-1)
+    torch.testing.assert_close(
+        kernels._log_det(D32, v.float()).double(), expected, rtol=1e-4, atol=0
+    )
+
+
+def test_low_rank_basis_is_kept_while_it_spans_the_hessian(monkeypatch):
+    """One range finder per Newton run where the Hessian's range does not move (a Poisson
+    GLM: ``M^T diag(rates) M``), ``r`` products per Newton point after it; a basis that
+    misses a direction with curvature above the rounding does not pass the span test."""
+    from bayesfilter_diff.samplers import kernels
+
+    g = torch.Generator().manual_seed(9)
+    d, m = 40, 6
+    M = torch.randn(m, d, generator=g, dtype=DT) / math.sqrt(d)
+    counts = torch.poisson(torch.full((m,), 3.0, dtype=DT), generator=g)
+
+    def glm(x):
+        return dist.Poisson((x @ M.T).exp()).log_prob(counts).sum(-1)
+
+    found = []
+    finder = kernels._hessian_range
+
+    def counted(*args):
+        found.append(1)
+        return finder(*args)
+
+    monkeypatch.setattr(kernels, "_hessian_range", counted)
+    x0 = torch.randn(1, 8, d, generator=g, dtype=DT)
+    sm = smoothed_log_likelihood(glm, x0, torch.tensor(5.0, dtype=DT), max_dim=32, memo={})
+    assert sm.curvature == "lowrank" and sm.iterations >= 3 and len(found) == 1
+    spec = kernels._CurvatureSpec(32, kernels._probes(d, DT, x0.device), {}, {})
+    D = kernels._derivatives(glm, x0, spec)
+    assert D.U is not None and D.H is not None
+    xr = x0.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(glm(xr).sum(), xr, create_graph=True)
+    checks = tuple(
+        -torch.autograd.grad(grad, xr, z.expand_as(xr), retain_graph=True)[0] for z in spec.probes
+    )
+    ok = torch.ones(1, 8, dtype=torch.bool)
+    top = torch.linalg.eigvalsh(D.H)[..., -1]
+    assert kernels._spans(D.U, top, checks, ok, spec)
+    assert not kernels._spans(D.U[..., 1:], top, checks, ok, spec)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_curvature_keeps_the_positive_part_of_the_hessian(dtype):
     """The curvature of the log-determinant: the Hessian with its negative eigenvalues set

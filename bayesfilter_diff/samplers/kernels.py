@@ -263,17 +263,28 @@ class _Derivatives(NamedTuple):
     # 0 (None: the same as H / h)
     H_step: Tensor | None = None
     h_step: Tensor | None = None
-    kind: str = "hessian"  # "hessian", "diagonal" or "isotropic"
+    kind: str = "hessian"  # "hessian", "diagonal", "lowrank" or "isotropic"
+    # a low-rank curvature U H U^T: U (B, N, d, r) orthonormal columns (zero columns past a
+    # particle's rank), float64, and H, H_step (B, N, r, r) in U's basis
+    U: Tensor | None = None
 
 
 class _CurvatureSpec(NamedTuple):
     """How :func:`_curvature` measures the curvature: its diagonal where two probes find it
-    diagonal; else the full Hessian up to ``max_dim`` coordinates, an isotropic estimate
-    from the probes above."""
+    diagonal; else the full Hessian up to ``max_dim`` coordinates; above, a low-rank one
+    from at most ``max_dim`` Hessian-vector products where ``H``'s rank is small enough
+    (:func:`_low_rank`), an isotropic estimate from the probes otherwise."""
 
     max_dim: int
     #: ``(z1, z2)``: the probes (:func:`_probes`)
     probes: tuple[Tensor, Tensor]
+    #: what earlier evaluations of the same run found of the rank (:func:`_low_rank`):
+    #: ``"probes"``, the number of range probes that sufficed; ``"saturated"``, ``True`` once
+    #: ``max_dim`` probes did not; ``None``: nothing remembered
+    memo: dict[str, Any] | None = None
+    #: one :func:`smoothed_log_likelihood` call's state: the low-rank basis found at an
+    #: earlier Newton point, tried again at the next (``None``: nothing kept)
+    state: dict[str, Any] | None = None
 
 
 @functools.lru_cache(maxsize=16)
@@ -291,6 +302,19 @@ def _probes(d: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, T
     one does)."""
     z1, z2 = _probes_on_cpu(d, dtype)
     return z1.to(device), z2.to(device)
+
+
+@functools.lru_cache(maxsize=16)
+def _range_probes_on_cpu(d: int, k: int, dtype: torch.dtype) -> Tensor:
+    g = torch.Generator().manual_seed(20261206)
+    return torch.randn(k, d, generator=g, dtype=dtype)
+
+
+def _range_probes(d: int, k: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``k`` Gaussian probes ``(k, d)`` for the low-rank curvature's range finder
+    (:func:`_low_rank`): fixed pseudo-random draws of their own seed, like :func:`_probes`;
+    the first ``j`` of them are the same for every ``k >= j``."""
+    return _range_probes_on_cpu(d, k, dtype).to(device)
 
 
 def _psd_part(H: Tensor, rounding: torch.dtype | None = None) -> Tensor:
@@ -388,27 +412,35 @@ _HESSIAN_CHUNK = 1 << 16
 def _gradient_jacobian(g: Tensor, xr: Tensor) -> Tensor:
     """The Jacobian ``J[..., j, i] = d g_j / d x_i`` ``(B, N, d, d)`` of ``g`` ``(B, N, d)``
     attached to ``xr`` (for a gradient, the Hessian: symmetric up to rounding), row by row
-    from vector-Jacobian products: batched backward passes of basis vectors
-    (``is_grads_batched``; each pass as many rows as fit :data:`_HESSIAN_CHUNK` entries,
-    written into one contiguous array), one pass per row where the graph holds an operation
-    the batched pass cannot run."""
+    from vector-Jacobian products of the basis vectors (:func:`_vjp_rows`)."""
+    d = g.shape[-1]
+    return _vjp_rows(g, xr, torch.eye(d, dtype=g.dtype, device=g.device))
+
+
+def _vjp_rows(g: Tensor, xr: Tensor, V: Tensor) -> Tensor:
+    """The vector-Jacobian products ``V_j^T d g / d x`` ``(B, N, k, d)`` of ``g``
+    ``(B, N, d)`` attached to ``xr``, for ``k`` vectors ``V``: ``(k, d)`` shared by the
+    particles or ``(B, N, k, d)`` their own. Batched backward passes (``is_grads_batched``;
+    each pass as many vectors as fit :data:`_HESSIAN_CHUNK` entries, written into one
+    contiguous array), one pass per vector where the graph holds an operation the batched
+    pass cannot run."""
     B, N, d = g.shape
-    eye = torch.eye(d, dtype=g.dtype, device=g.device)
-    step = max(1, min(d, _HESSIAN_CHUNK // max(1, B * N * d)))
-    J = g.new_empty(B, N, d, d)
+    k = V.shape[-2]
+    Vk = V[:, None, None, :].expand(k, B, N, d) if V.dim() == 2 else V.permute(2, 0, 1, 3)
+    step = max(1, min(k, _HESSIAN_CHUNK // max(1, B * N * d)))
+    J = g.new_empty(B, N, k, d)
     if step > 1:
         try:
             with warnings.catch_warnings():  # vmap's note on a slower fallback for some op
                 warnings.filterwarnings("ignore", message=".*performance drop.*")
-                for j in range(0, d, step):
-                    u = eye[j : j + step, None, None, :].expand(-1, B, N, d)
-                    rows = _grad_or_zeros(g, xr, u, batched=True)
+                for j in range(0, k, step):
+                    rows = _grad_or_zeros(g, xr, Vk[j : j + step], batched=True)
                     J[:, :, j : j + step] = rows.reshape(-1, B, N, d).permute(1, 2, 0, 3)
             return J
         except RuntimeError:  # an operation without a batching rule: one row at a time
             pass
-    for j in range(d):
-        J[:, :, j] = _grad_or_zeros(g, xr, eye[j].expand(B, N, d)).reshape(B, N, d)
+    for j in range(k):
+        J[:, :, j] = _grad_or_zeros(g, xr, Vk[j]).reshape(B, N, d)
     return J
 
 
@@ -434,8 +466,9 @@ def _curvature(f: Tensor, g: Tensor, xr: Tensor, spec: _CurvatureSpec) -> _Deriv
     ``H`` is diagonal (a likelihood that factors over coordinates: pixel-wise Poisson or
     Student-t noise, a mask; a Laplace site's 0), and ``z1 * H z1`` is its diagonal,
     exactly: 2 products instead of ``d``, at any ``d``. Otherwise the full Hessian
-    (:func:`_full_hessian`) up to ``max_dim`` coordinates and above, the isotropic ``h I``
-    with ``h = (z1^T H z1 + z2^T H z2) / (|z1|^2 + |z2|^2)``."""
+    (:func:`_full_hessian`) up to ``max_dim`` coordinates; above, a low-rank one where the
+    Hessian's rank is small enough (:func:`_low_rank`), else the isotropic ``h I`` with
+    ``h = (z1^T H z1 + z2^T H z2) / (|z1|^2 + |z2|^2)``."""
     B, N, d = g.shape
     dt = g.dtype
     ok = torch.isfinite(f) & torch.isfinite(g).all(-1)
@@ -454,12 +487,158 @@ def _curvature(f: Tensor, g: Tensor, xr: Tensor, spec: _CurvatureSpec) -> _Deriv
         h, kind = diag, "diagonal"
     elif d <= spec.max_dim:
         return _full_hessian(f, g, xr)
+    elif (low := _low_rank(f, g, xr, ok, (Hz1, Hz2), spec)) is not None:
+        return low
     else:
         h = ((z1 * Hz1).sum(-1) + (z2 * Hz2).sum(-1)) / (z1.square().sum() + z2.square().sum())
         h, kind = h.unsqueeze(-1), "isotropic"
     gd = g.detach()
     D = _Derivatives(f, gd, None, h.clamp_min(0), h_step=h.abs(), kind=kind)
     return _finite(f, gd, ok, D)
+
+
+#: the low-rank curvature's range finder: its first number of probes, and the fewest probes
+#: past the rank found (a rank closer to the probes' number counts as not found)
+_RANK_PROBES = 16
+_RANK_MARGIN = 8
+
+
+def _low_rank(
+    f: Tensor,
+    g: Tensor,
+    xr: Tensor,
+    ok: Tensor,
+    checks: tuple[Tensor, Tensor],
+    spec: _CurvatureSpec,
+) -> _Derivatives | None:
+    """The curvature ``H = U C U^T`` of a likelihood whose Hessian has a rank well below
+    ``d`` (a GLM of fewer observations than coordinates), or ``None`` where ``max_dim``
+    probes do not find its range (:func:`_hessian_range`). ``C = U^T H U`` from ``r``
+    Hessian-vector products with the basis (``r`` its columns), in float64, with its
+    negative eigenvalues set to 0 for the log-determinant and their absolute values for the
+    step (:func:`_psd_parts`). The basis of the previous Newton point (``spec.state``) is
+    kept where ``H``'s products with the diagonal test's probes (``checks``) still lie in
+    its span: one range finder per Newton run for a GLM, whose range does not move.
+
+    No rounding shift (the full float32 Hessian's, :func:`_psd_parts`): off the basis the
+    curvature is 0 exactly, along it ``C``'s rounding is ``eps`` of its largest eigenvalue.
+    On the d = 100 Poisson GLM of docs/methods/tds.md (float32, 50 counts) the Laplace values
+    are the float64 full Hessian's within 0.1 nats per particle (``v`` = 300 and 10); in
+    TDS runs (N = 32, seeds 0 / 1) 101 / 101 network calls and log-evidence -172.1 / -170.8
+    (the full Hessian: 101 / 101, -175.8 / -171.1; reference -168.8). Measured before it and
+    not kept, each with the full Hessian's shift on every direction and a cut at ``d``
+    rounding units (:func:`_hessian_range`): a fresh basis at every Newton point, 105-111
+    calls and -173.6 (seed 0), twice the time; the basis kept while it spans at ``d`` units
+    of the earlier point's scale, 133 / 500 calls and -185.5 / -368.1; at ``sqrt(eps)`` of
+    ``|H z|``, 308 calls and -197.5."""
+    memo = spec.memo if spec.memo is not None else {}
+    if memo.get("saturated", False):
+        return None
+    B, N, d = g.shape
+    state = spec.state if spec.state is not None else {}
+    gd = g.detach()
+
+    def along(U: Tensor) -> Tensor:
+        """``U^T H U`` ``(B, N, r, r)``, float64."""
+        HU = -_vjp_rows(g, xr, U.transpose(-1, -2).to(g.dtype)).detach()  # (B, N, r, d)
+        HU = torch.where(ok[..., None, None], HU, 0.0).nan_to_num(0.0, 0.0, 0.0).double()
+        C = HU @ U
+        return 0.5 * (C + C.transpose(-1, -2))
+
+    U = state.get("basis")
+    C = None
+    if U is not None and U.shape[:2] == (B, N) and U.shape[-1] > 0:
+        # the earlier point's basis, if it still spans H here at the rounding of H's own
+        # scale here (its largest diagonal entry along the basis: at most the largest
+        # eigenvalue, so the line errs towards a fresh range)
+        C = along(U)
+        if not _spans(U, C.diagonal(dim1=-2, dim2=-1).abs().amax(-1), checks, ok, spec):
+            C = None
+    if C is None:
+        found = _hessian_range(g, xr, ok, checks, spec, memo)
+        if found is None:
+            return None
+        U = state["basis"] = found
+        if U.shape[-1] == 0:  # no curvature above the rounding
+            zero = f.new_zeros(B, N, 1)
+            return _finite(f, gd, ok, _Derivatives(f, gd, None, zero, kind="lowrank"))
+        C = along(U)
+    C, C_step = _psd_parts(C, rounding=g.dtype)
+    D = _Derivatives(f, gd, C, None, None if C_step is C else C_step, kind="lowrank", U=U)
+    return _finite(f, gd, ok, D)
+
+
+def _spans(
+    U: Tensor, top: Tensor, checks: tuple[Tensor, Tensor], ok: Tensor, spec: _CurvatureSpec
+) -> bool:
+    """Whether ``H z`` lies in ``U``'s span for both probes ``z`` and their products
+    ``checks``, for every finite particle: within ``4 sqrt(d)`` rounding units of
+    ``top |z|`` (``top`` ``(B, N)``: ``H``'s largest eigenvalue, about), 4x the level below
+    which the range finder leaves singular values out as rounding. No looser: at the high
+    noise levels the Laplace value reads eigenvalues far below ``top`` (``log(1 + v lam)``
+    with ``v top`` up to ``1e6``), and a basis kept from an earlier point that misses some of
+    them (a Poisson GLM's rates near 0 at one point and not at the next) makes the
+    particles' values inconsistent (:func:`_low_rank`)."""
+    eps = torch.finfo(checks[0].dtype).eps
+    d = U.shape[-2]
+    for z, Hz in zip(spec.probes, checks, strict=True):
+        Hz64 = Hz.double()
+        off = Hz64 - (U @ (U.transpose(-1, -2) @ Hz64.unsqueeze(-1))).squeeze(-1)
+        line = 4 * math.sqrt(d) * eps * top * float(z.norm()) + torch.finfo(Hz.dtype).tiny
+        if not bool(((off.norm(dim=-1) <= line) | ~ok).all()):
+            return False
+    return True
+
+
+def _hessian_range(
+    g: Tensor,
+    xr: Tensor,
+    ok: Tensor,
+    checks: tuple[Tensor, Tensor],
+    spec: _CurvatureSpec,
+    memo: dict[str, Any],
+) -> Tensor | None:
+    """An orthonormal basis ``(B, N, d, r)`` of the Hessian's range, or ``None``
+    (``memo["saturated"]`` set) where ``max_dim`` probes do not find it.
+
+    A randomised range finder (Halko, Martinsson & Tropp 2011, algorithm 4.1): ``Y = H
+    Omega`` for fixed Gaussian probes ``Omega`` ``(d, k)`` (:func:`_range_probes`);
+    ``Y = Q S W^T`` and the range is spanned by the columns of ``Q`` whose singular values
+    exceed ``sqrt(d)`` rounding units (of ``H``'s dtype) of the largest, ``r`` of them per
+    particle (the others zeroed; ``r`` columns in all, the largest ``r`` of the batch). On a
+    float32 Poisson GLM the rounding's singular values sat at ``2e-8`` of the largest, its
+    smallest real ones at ``2e-6``; a cut at ``d`` units (``1.2e-5`` at d = 100) dropped
+    real eigenvalues that the Laplace value reads at large ``v``. It
+    is found where every particle's ``r <= k - 8`` and ``H``'s products with the diagonal
+    test's probes lie in the span (:func:`_spans`). ``k`` starts at 16 (or the number that
+    sufficed earlier in the run, ``memo["probes"]``) and doubles, earlier products kept, up
+    to ``max_dim``."""
+    B, N, d = g.shape
+    eps = torch.finfo(g.dtype).eps
+    cap = spec.max_dim
+    k = min(cap, max(_RANK_PROBES, int(memo.get("probes", 0))))
+    if k <= _RANK_MARGIN:
+        return None
+    rows: Tensor | None = None  # (B, N, k, d): (H omega_j)^T
+    while True:
+        Omega = _range_probes(d, k, g.dtype, g.device)
+        have = 0 if rows is None else rows.shape[2]
+        new = -_vjp_rows(g, xr, Omega[have:]).detach()
+        rows = new if rows is None else torch.cat([rows, new], 2)
+        Yt = torch.where(ok[..., None, None], rows, 0.0).nan_to_num(0.0, 0.0, 0.0).double()
+        _, S, Qt = torch.linalg.svd(Yt, full_matrices=False)  # Y^T = W S Q^T
+        keep = S > math.sqrt(d) * eps * S[..., :1]  # (B, N, k), leading entries
+        r = int(keep.sum(-1).max())
+        if r <= k - _RANK_MARGIN:
+            U = (Qt.transpose(-1, -2) * keep.unsqueeze(-2))[..., :r]
+            top = S[..., 0] / math.sqrt(d)  # Omega's columns have norm ~sqrt(d)
+            if _spans(U, top, checks, ok, spec):
+                memo["probes"] = k
+                return U
+        if k >= cap:
+            memo["saturated"] = True
+            return None
+        k = min(cap, 2 * k)
 
 
 def _finite(f: Tensor, g: Tensor, ok: Tensor, D: _Derivatives) -> _Derivatives:
@@ -505,6 +684,13 @@ def _curvature_solve(D: _Derivatives, r: Tensor, v: Tensor, F: _Factor | None = 
     log-likelihood is convex gets a step as short as its curvature asks, not the ``v``-long
     step of a clamped 0, which overshoots when ``v`` is large). ``F``: that matrix's factor,
     if already made."""
+    if D.U is not None:
+        # a low-rank curvature U C U^T: v r off U's span, the r x r system along it
+        r64 = r.to(D.U.dtype)
+        c = (D.U.transpose(-1, -2) @ r64.unsqueeze(-1)).squeeze(-1)  # (B, N, r)
+        along = _curvature_solve(D._replace(U=None), c, v, F)
+        off = r64 - (D.U @ c.unsqueeze(-1)).squeeze(-1)
+        return (v.to(D.U.dtype) * off + (D.U @ along.unsqueeze(-1)).squeeze(-1)).to(r.dtype)
     H = D.H if D.H_step is None else D.H_step
     F = _curvature_factor(H, v) if F is None else F
     if F is None:
@@ -521,7 +707,7 @@ def _curvature_solve(D: _Derivatives, r: Tensor, v: Tensor, F: _Factor | None = 
 
 def _log_det(D: _Derivatives, v: Tensor, F: _Factor | None = None) -> Tensor:
     """``log det(I + v H)`` ``(B, N)`` (``F``: its factor, if already made)."""
-    F = _curvature_factor(D.H, v) if F is None else F
+    F = _curvature_factor(D.H, v) if F is None else F  # for U C U^T: det(I + v C)
     if F is None:
         assert D.h is not None
         rest = torch.log1p(v * D.h)  # diagonal, or isotropic on all d coordinates
@@ -647,9 +833,9 @@ def _newton_tol(dtype: torch.dtype) -> float:
 
 def most_general_curvature(kinds: Collection[str]) -> str:
     """The most general of the curvature kinds ``kinds`` (``"isotropic"`` over
-    ``"hessian"`` over ``"diagonal"``; ``"none"`` if empty): what a run of several
+    ``"hessian"`` over ``"lowrank"`` over ``"diagonal"``; ``"none"`` if empty): what a run of several
     :func:`smoothed_log_likelihood` evaluations reports."""
-    for kind in ("isotropic", "hessian", "diagonal"):
+    for kind in ("isotropic", "hessian", "lowrank", "diagonal"):
         if kind in kinds:
             return kind
     return "none"
@@ -664,6 +850,7 @@ def smoothed_log_likelihood(
     iterations: int = 12,
     anchors: int = 4,
     first_steps: int = 4,
+    memo: dict[str, Any] | None = None,
 ) -> SmoothedLogLikelihood:
     """Laplace approximation of ``log int p(y | x) N(x; x0, v I) dx`` per particle.
 
@@ -694,15 +881,19 @@ def smoothed_log_likelihood(
     ``direction = (x* - x0) / v`` is the value's gradient in ``x0`` (envelope theorem,
     curvature held fixed). ``H`` is its diagonal where two fixed probes find it diagonal
     (2 Hessian-vector products), else the full Hessian (its ``d`` rows from backward passes,
-    :func:`_gradient_jacobian`) for ``d <= max_dim`` and an isotropic ``h I`` above (``h`` from the probes;
-    :func:`_curvature`). ``curvature`` says which, ``"diagonal"``, ``"hessian"`` or
-    ``"isotropic"`` (kinds mixed over the Newton points: the most general). Particles whose
-    likelihood is not finite get value ``-inf``. ``x0`` is ``(B, N, *event)``; ``v`` a finite
-    0-d tensor ``>= 0``.
+    :func:`_gradient_jacobian`) for ``d <= max_dim``; above, ``U C U^T`` from a randomised
+    range finder of at most ``max_dim`` products where ``H``'s rank is at most
+    ``max_dim - 8`` (:func:`_low_rank`), an isotropic ``h I`` otherwise (``h`` from the
+    probes; :func:`_curvature`). ``curvature`` says which, ``"diagonal"``, ``"hessian"``,
+    ``"lowrank"`` or ``"isotropic"`` (kinds mixed over the Newton points: the most general).
+    ``memo``: a dict kept over one sampler run, in which the range finder remembers how many
+    probes sufficed or that ``max_dim`` did not (later calls then skip it). Particles whose
+    likelihood is not finite get value ``-inf``. ``x0`` is ``(B, N, *event)``; ``v`` a
+    finite 0-d tensor ``>= 0``.
     """
     B, N = x0.shape[:2]
     d = math.prod(x0.shape[2:])
-    spec = _CurvatureSpec(max_dim, _probes(d, x0.dtype, x0.device))
+    spec = _CurvatureSpec(max_dim, _probes(d, x0.dtype, x0.device), memo, {})
     x0f = x0.detach().reshape(B, N, d)
     kinds: set[str] = set()
 

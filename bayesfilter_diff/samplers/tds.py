@@ -243,8 +243,10 @@ class TDS(SMCSampler):
         find it diagonal (a likelihood that factors over coordinates; 2 backward passes, any
         ``d``), else the full Hessian (its ``d`` rows from backward passes of the
         likelihood, batched where they fit, per Newton step; no network call) up to this
-        signal dimension ``d`` (default 64) and an isotropic estimate above it;
-        ``info.extra.twist`` names the kind (docs/methods/tds.md, "Above laplace_max_dim").
+        signal dimension ``d`` (default 64); above it, a low-rank Hessian from at most this
+        many Hessian-vector products (a randomised range finder) where its rank is at least 8
+        below that, an isotropic estimate otherwise; ``info.extra.twist`` names the kind
+        (docs/methods/tds.md, "Above laplace_max_dim").
     reverse_variance
         The reverse kernel's variance: ``"ddim"`` (default; the paper's DDIM ``eta = 1``
         kernel, ``std^2 I``, which drops ``b^2 Var[x0 | x_t]``), ``"analytic"`` (adds it,
@@ -587,6 +589,7 @@ class TDS(SMCSampler):
                     x0,
                     v,
                     max_dim=self.laplace_max_dim,
+                    memo=ctx.cache.setdefault("tds.rank", {}),
                 )
                 ctx.cache.setdefault("tds.curvature", set()).add(sm.curvature)
                 return sm.value, sm.direction
