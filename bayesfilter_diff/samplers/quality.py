@@ -553,11 +553,12 @@ def assess(
                     "draws and evidence are unreliable. Remedies: more particles; more steps; "
                     + ("adaptive steps (TDS(adaptive_ess=0.1)); " if name == "TDS" else "")
                     + (
-                        "the full Hessian in the Laplace twist (it used an isotropic "
-                        "curvature: more coordinates than TDS(laplace_max_dim=...); a "
+                        "the full or a low-rank Hessian in the Laplace twist (it used an "
+                        "isotropic curvature: more coordinates than TDS(laplace_max_dim=...) "
+                        "and no Hessian range of rank below laplace_max_dim - 8 found; raise "
+                        "laplace_max_dim above that rank, or above d for the full Hessian: a "
                         "50-count Poisson GLM at d = 100, N = 256: log-evidence -167.8 to "
-                        "-170.2 with the Hessian, -223 to -260 without, against -168.8, for "
-                        "about 7x the time); "
+                        "-171.1 with the Hessian, -223 to -260 without, against -168.8); "
                         if "isotropic" in str(getattr(info.extra, "twist", ""))
                         else ""
                     )
