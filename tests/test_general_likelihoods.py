@@ -653,17 +653,11 @@ def test_tds_is_exact_for_non_gaussian_sites(kind, kernel):
     assert float(r_se) < 0.05  # and the error itself is small
 
 
-@pytest.mark.slow
-def test_custom_gaussian_likelihood_matches_the_built_in_one():
-    """The issue's collapse: a log_likelihood_fn equal to Gaussian noise gave log-evidence
-    -255 against -1.9. With the smoothed twist it is the operator twist, to rounding (on
-    the same grid: the built-in one is refined near t = 0, ``max_log_snr_step``; with the
-    same proposal: the built-in one's default is the conditioned one)."""
+def _custom_gaussian_runs_as_built_in(gmm, A, y, s, num_steps, N, twist):
+    """TDS on Gaussian noise given as a ``log_likelihood_fn`` and as ``noise_std``: the
+    same run to rounding (on the same grid, ``max_log_snr_step=0``; with the same proposal,
+    the gradient one), the custom one's twist of kind ``twist``."""
     sched = bfd.VPSchedule.linear()
-    gmm, _ = _chain(sched, 30)
-    A = bfd.operators.Dense(torch.tensor([[1.0, 0.5], [-0.2, 1.0]], dtype=DT))
-    y = torch.tensor([[0.3, -0.8]], dtype=DT)
-    s = 0.1
 
     def ll(x: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
         r = yy - A(x)
@@ -672,12 +666,24 @@ def test_custom_gaussian_likelihood_matches_the_built_in_one():
     built_in = bfd.InverseProblem(A, y, noise_std=s)
     custom = bfd.InverseProblem(A, y, log_likelihood_fn=ll)
     prior = gmm.diffusion(sched)
-    sampler = TDS(num_steps=30, max_log_snr_step=0, proposal="gradient")
-    a = sampler.sample(prior, built_in, 256, torch.Generator().manual_seed(4))
-    b = sampler.sample(prior, custom, 256, torch.Generator().manual_seed(4))
-    assert b.info.extra.twist == "laplace(inflated, hessian)"
+    sampler = TDS(num_steps=num_steps, max_log_snr_step=0, proposal="gradient")
+    a = sampler.sample(prior, built_in, N, torch.Generator().manual_seed(4))
+    b = sampler.sample(prior, custom, N, torch.Generator().manual_seed(4))
+    assert b.info.extra.twist == twist
     torch.testing.assert_close(b.log_evidence, a.log_evidence, rtol=0, atol=1e-6)
     torch.testing.assert_close(b.samples, a.samples, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_custom_gaussian_likelihood_matches_the_built_in_one():
+    """The issue's collapse: a log_likelihood_fn equal to Gaussian noise gave log-evidence
+    -255 against -1.9. With the smoothed twist it is the operator twist, to rounding (on
+    the same grid: the built-in one is refined near t = 0, ``max_log_snr_step``; with the
+    same proposal: the built-in one's default is the conditioned one)."""
+    gmm, _ = _chain(bfd.VPSchedule.linear(), 30)
+    A = bfd.operators.Dense(torch.tensor([[1.0, 0.5], [-0.2, 1.0]], dtype=DT))
+    y = torch.tensor([[0.3, -0.8]], dtype=DT)
+    _custom_gaussian_runs_as_built_in(gmm, A, y, 0.1, 30, 256, "laplace(inflated, hessian)")
 
 
 def test_custom_gaussian_likelihood_above_max_dim_matches_the_built_in_one():
@@ -686,7 +692,6 @@ def test_custom_gaussian_likelihood_above_max_dim_matches_the_built_in_one():
     noise through a ``2 x 70`` operator gives the built-in operator twist's run, to
     rounding (the isotropic estimate, the default there before, spread the two directions'
     curvature over 70)."""
-    sched = bfd.VPSchedule.linear()
     d = 70
     g = torch.Generator().manual_seed(11)
     means = torch.stack([-torch.ones(d), torch.ones(d)]).to(DT) * 0.4
@@ -695,21 +700,7 @@ def test_custom_gaussian_likelihood_above_max_dim_matches_the_built_in_one():
     )
     A = bfd.operators.Dense(torch.randn(2, d, generator=g, dtype=DT) / math.sqrt(d))
     y = torch.tensor([[0.3, -0.2]], dtype=DT)
-    s = 0.1
-
-    def ll(x: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
-        r = yy - A(x)
-        return -0.5 * (r**2).sum(-1) / s**2 - math.log(2 * math.pi * s**2)
-
-    built_in = bfd.InverseProblem(A, y, noise_std=s)
-    custom = bfd.InverseProblem(A, y, log_likelihood_fn=ll)
-    prior = gmm.diffusion(sched)
-    sampler = TDS(num_steps=20, max_log_snr_step=0, proposal="gradient")
-    a = sampler.sample(prior, built_in, 64, torch.Generator().manual_seed(4))
-    b = sampler.sample(prior, custom, 64, torch.Generator().manual_seed(4))
-    assert b.info.extra.twist == "laplace(inflated, lowrank)"
-    torch.testing.assert_close(b.log_evidence, a.log_evidence, rtol=0, atol=1e-6)
-    torch.testing.assert_close(b.samples, a.samples, rtol=0, atol=1e-6)
+    _custom_gaussian_runs_as_built_in(gmm, A, y, 0.1, 20, 64, "laplace(inflated, lowrank)")
 
 
 def test_draws_that_ignore_a_bernoulli_site_are_reported_as_misfit():
