@@ -252,12 +252,14 @@ class SmoothedLogLikelihood(NamedTuple):
 
 class _Derivatives(NamedTuple):
     """The log-likelihood's value, gradient and curvature ``H = -grad^2 log p`` at a point,
-    per particle: the full ``H`` or ``h``, its diagonal ``(B, N, d)`` where ``H`` is
-    diagonal, an isotropic estimate ``(B, N, 1)`` otherwise (:func:`_curvature`)."""
+    per particle: the full ``H``; ``U C U^T`` (``U`` and ``C`` in the ``H`` field) where
+    ``H`` has a small rank; or ``h``, its diagonal ``(B, N, d)`` where ``H`` is diagonal, an
+    isotropic estimate ``(B, N, 1)`` otherwise (:func:`_curvature`)."""
 
     f: Tensor  # (B, N)
     g: Tensor  # (B, N, d)
-    H: Tensor | None  # (B, N, d, d) the curvature, PSD, float64 (None: h)
+    # (B, N, d, d) the curvature, PSD, float64, or (B, N, r, r) in U's basis (None: h)
+    H: Tensor | None
     h: Tensor | None  # (B, N, d) or (B, N, 1) the curvature, >= 0 (None: H)
     # the Newton step's curvature: H's eigenvalues by their absolute values, not clamped at
     # 0 (None: the same as H / h)
@@ -265,7 +267,7 @@ class _Derivatives(NamedTuple):
     h_step: Tensor | None = None
     kind: str = "hessian"  # "hessian", "diagonal", "lowrank" or "isotropic"
     # a low-rank curvature U H U^T: U (B, N, d, r) orthonormal columns (zero columns past a
-    # particle's rank), float64, and H, H_step (B, N, r, r) in U's basis
+    # particle's rank), float64
     U: Tensor | None = None
 
 
