@@ -739,8 +739,10 @@ def test_newton_stops_at_float32_resolution():
     """In float32 the Newton decrement cannot fall below the rounding of ``phi`` (~1e-4 at
     ``|phi| = 500``), far above 1e-10 of it: the loop ran on to its cap of iterations at
     the high noise levels, wandering in the rounding (11 steps against float64's 6 at
-    ``v = 1e4`` here). With the tolerance at float32's resolution it stops when float64
-    does, give or take one step."""
+    ``v = 1e4`` here). With the tolerance at float32's resolution the line search stops
+    when float64's does, give or take one step; the full steps by the decrement after it
+    (``_polish``) add those that lowered the decrement and the one that found none (here
+    one or two in all)."""
     g = torch.Generator().manual_seed(5)
     d, m = 24, 12
     A = torch.randn(m, d, generator=g, dtype=DT) * 3 / d**0.5
@@ -754,5 +756,58 @@ def test_newton_stops_at_float32_resolution():
         v64 = torch.tensor(v, dtype=DT)
         s64 = smoothed_log_likelihood(ll, x0, v64, iterations=40)
         s32 = smoothed_log_likelihood(ll, x0.float(), v64.float(), iterations=40)
-        assert s32.iterations <= s64.iterations + 1, (v, s32.iterations, s64.iterations)
+        assert s32.iterations <= s64.iterations + 3, (v, s32.iterations, s64.iterations)
         assert bool(torch.isfinite(s32.value).all())
+
+
+def test_float32_values_agree_with_float64_at_high_noise():
+    """A float32 Poisson GLM above ``laplace_max_dim`` (d = 80, 30 counts of which 8 are
+    zero, the low-rank curvature) at the twist's noise levels: the Laplace values of 64
+    particles agree with float64's up to an offset common to all (which the weights do not
+    see). Before the decrement's full steps (``_polish``) the float32 line search stopped
+    where ``phi``'s rounding hid the gains, with the zero counts' rates a factor
+    ``e^{0.8 .. 3}`` from the mode, whose ``log(1 + v lam)`` the value reads: at ``v`` =
+    2.3e4 the difference's sd was 0.59 nats against a spread of the float64 values of 0.09
+    (now 0.04). The bound: 0.1 nats, a tenth of a weight's e-fold."""
+    g = torch.Generator().manual_seed(5)
+    d, m = 80, 30
+    A = torch.randn(m, d, generator=g, dtype=DT) * 3 / d**0.5
+    y = torch.poisson((A @ torch.randn(d, generator=g, dtype=DT) + 1).exp(), generator=g)
+
+    def ll(x):
+        return dist.Poisson((x @ A.T.to(x.dtype) + 1).exp()).log_prob(y.to(x.dtype)).sum(-1)
+
+    x0 = 0.3 * torch.randn(1, 64, d, generator=g, dtype=DT)
+    for v in (2.3e4, 300.0, 10.0):
+        v64 = torch.tensor(v, dtype=DT)
+        s64 = smoothed_log_likelihood(ll, x0, v64, iterations=40)
+        s32 = smoothed_log_likelihood(ll, x0.float(), v64.float())
+        assert s32.curvature == s64.curvature == "lowrank"
+        diff = s32.value.double() - s64.value
+        assert float(diff.std()) < 0.1, (v, float(diff.std()))
+
+
+def test_float32_low_rank_curvature_takes_no_rounding_shift():
+    """A float32 ``C = U^T H U`` whose smallest eigenvalues sit at float32's rounding (a
+    Poisson GLM, d = 70, 40 counts, at ``v = 1e5``) can fail float64's positive
+    semi-definite test. It used to take the full float32 Hessian's rounding shift there,
+    ``r`` units of its largest diagonal entry on every eigenvalue, and those particles
+    read ``log(1 + v delta)`` in every direction: values up to 28 nats from their float64
+    counterparts' (about the common offset; sd 4.8 nats). Now their negative eigenvalues
+    are set to 0: within 0.6 nats (sd 0.18)."""
+    g = torch.Generator().manual_seed(5)
+    d, m = 70, 40
+    A = torch.randn(m, d, generator=g, dtype=DT) * 3 / d**0.5
+    y = torch.poisson((A @ torch.randn(d, generator=g, dtype=DT) + 1).exp(), generator=g)
+
+    def ll(x):
+        return dist.Poisson((x @ A.T.to(x.dtype) + 1).exp()).log_prob(y.to(x.dtype)).sum(-1)
+
+    x0 = 0.3 * torch.randn(1, 64, d, generator=g, dtype=DT)
+    v = torch.tensor(1e5, dtype=DT)
+    s64 = smoothed_log_likelihood(ll, x0, v, iterations=40)
+    s32 = smoothed_log_likelihood(ll, x0.float(), v.float())
+    assert s32.curvature == "lowrank"
+    diff = s32.value.double() - s64.value
+    assert float((diff - diff.median()).abs().max()) < 2.0
+    assert float(diff.std()) < 0.5

@@ -523,7 +523,12 @@ def _low_rank(
     its span: one range finder per Newton run for a GLM, whose range does not move.
 
     No rounding shift (the full float32 Hessian's, :func:`_psd_parts`): off the basis the
-    curvature is 0 exactly, along it ``C``'s rounding is ``eps`` of its largest eigenvalue.
+    curvature is 0 exactly, along it ``C``'s rounding is ``eps`` of its largest eigenvalue;
+    a ``C`` that fails float64's positive semi-definite test has its negative eigenvalues
+    set to 0 (until 2026-12-06 it took float32's shift, ``r`` units of its largest diagonal
+    entry on every eigenvalue: 0.1-0.2 on the float32 GLM at d = 400, where at ``v`` = 2.3e4
+    the particles that failed the test, 3-15 of 256, had values 43-44 nats low; their sd
+    about float64's 10.2 nats against 0.55 now).
     On the d = 100 Poisson GLM of docs/methods/tds.md (float32, 50 counts) the Laplace values
     are the float64 full Hessian's within 0.1 nats per particle (``v`` = 300 and 10); in
     TDS runs (N = 32, seeds 0 / 1) 101 / 101 network calls and log-evidence -172.1 / -170.8
@@ -565,7 +570,7 @@ def _low_rank(
             zero = f.new_zeros(B, N, 1)
             return _finite(f, gd, ok, _Derivatives(f, gd, None, zero, kind="lowrank"))
         C = along(U)
-    C, C_step = _psd_parts(C, rounding=g.dtype)
+    C, C_step = _psd_parts(C)
     D = _Derivatives(f, gd, C, None, None if C_step is C else C_step, kind="lowrank", U=U)
     return _finite(f, gd, ok, D)
 
@@ -816,6 +821,83 @@ def _settled(
     return small | ~torch.isfinite(phi) | (scale <= _MIN_STEP)
 
 
+def _select(mask: Tensor, a: _Derivatives, b: _Derivatives) -> _Derivatives | None:
+    """``a`` where ``mask`` ``(B, N)`` holds, ``b`` elsewhere, field by field; ``None``
+    where their forms differ (curvature kinds, or a low-rank basis of another width)."""
+    if a.kind != b.kind:
+        return None
+    fields: dict[str, Any] = {"kind": a.kind}
+    for name in ("f", "g", "H", "h", "H_step", "h_step", "U"):
+        ta, tb = getattr(a, name), getattr(b, name)
+        if name in ("H_step", "h_step") and (ta is None) != (tb is None):
+            base = name[0]  # a missing step curvature is the curvature itself
+            ta = getattr(a, base) if ta is None else ta
+            tb = getattr(b, base) if tb is None else tb
+        if ta is None and tb is None:
+            fields[name] = None
+            continue
+        if ta is None or tb is None or ta.shape != tb.shape:
+            return None
+        fields[name] = torch.where(mask.reshape(mask.shape + (1,) * (ta.dim() - 2)), ta, tb)
+    return _Derivatives(**fields)
+
+
+def _polish(
+    x: Tensor,
+    D: _Derivatives,
+    x0: Tensor,
+    v: Tensor,
+    measure: Callable[[Tensor], _Derivatives],
+    gradient: Callable[[Tensor], tuple[Tensor, Tensor]],
+) -> tuple[Tensor, _Derivatives, Tensor, int]:
+    """Full Newton steps from the modes :func:`_newton_mode` found in a coarse dtype, each
+    kept where it at least halves the Newton decrement (the new gradient's, in the old
+    point's curvature: one backward pass per trial, ``gradient`` giving the value and
+    gradient) and gains ``phi`` by the trapezoid rule of the gradients (``(grad phi(x) +
+    grad phi(x'))^T (x' - x) / 2``, exact for a quadratic), until the decrement is below
+    ``_NEWTON_TOL`` of ``1 + |phi|`` or no step helps (at most ``_POLISH_STEPS``; the
+    derivatives are measured again where a step was kept). Returns the point, its
+    derivatives, ``phi`` and the steps tried.
+
+    Why: a float32 ``phi`` is a sum whose rounding is that of its terms (1e-3 to 5e-3 on a
+    Poisson GLM of 50 counts at ``phi = -86``, where the float64 gains of these steps were
+    1e-5 to 2e-4), so the line search stops where the decrement is still ~1e-3. Along a
+    direction of small curvature that is far from the mode: at the high noise levels (``v``
+    = 2.3e4) the rates of the zero counts, whose ``log(1 + v lam)`` the Laplace value reads,
+    were still a factor ``e^{0.8 .. 3}`` off, and the particles' values (within 0.09 nats of
+    each other in float64) spread by 2.6 nats. The gradient's rounding is that of its own
+    terms, far below ``phi``'s there, so the decrement and the trapezoid gain can decide.
+    (At float32's floor of the decrement a step lowers it by chance: the factor 2 keeps
+    such steps from running to the cap.) Measured in docs/methods/tds.md."""
+
+    def state(D: _Derivatives, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        phi = D.f - ((x - x0) ** 2).sum(-1) / (2 * v)
+        grad_phi = D.g - (x - x0) / v
+        delta = _curvature_solve(D, grad_phi, v)
+        return phi, grad_phi, delta, rowdot(grad_phi.double(), delta.double())
+
+    phi, grad_phi, delta, dec = state(D, x)
+    taken = 0
+    for _ in range(_POLISH_STEPS):
+        todo = torch.isfinite(phi) & (dec > _NEWTON_TOL * (1 + phi.abs().double()))
+        if not bool(todo.any()):
+            break
+        xn = torch.where(todo.unsqueeze(-1), x + delta, x)
+        fn, gn = gradient(xn)
+        taken += 1
+        phin = fn - ((xn - x0) ** 2).sum(-1) / (2 * v)
+        gradn = gn - (xn - x0) / v
+        decn = rowdot(gradn.double(), _curvature_solve(D, gradn, v).double())
+        gain = 0.5 * rowdot((grad_phi + gradn).double(), (xn - x).double())
+        keep = todo & torch.isfinite(phin) & (decn < _POLISH_RATE * dec) & (gain > 0)
+        if not bool(keep.any()):
+            break
+        x = torch.where(keep.unsqueeze(-1), xn, x)
+        D = measure(x)
+        phi, grad_phi, delta, dec = state(D, x)
+    return x, D, phi, taken
+
+
 # A particle's Newton decrement below this (relative to 1 + |phi|) counts as converged, or
 # below _NEWTON_TOL_UNITS rounding units of the point's dtype where that is more (float32:
 # phi's own rounding, ~1e-4 at |phi| = 500, is above 1e-10 of it; no step can be told to
@@ -826,6 +908,12 @@ _NEWTON_TOL = 1e-10
 _NEWTON_TOL_UNITS = 64
 _MIN_STEP = 1e-12
 _SLOW_GAIN = 1e-3
+# where a point's dtype makes _NEWTON_TOL_UNITS coarser than _NEWTON_TOL: the most full
+# Newton steps by the decrement after the line search (_polish), and the factor by which
+# such a step must lower it (at float32's floor of the decrement, ~1e-7 .. 1e-5 on a GLM,
+# "lower" alone kept a random half of the particles stepping to the cap)
+_POLISH_STEPS = 8
+_POLISH_RATE = 0.5
 
 
 def _newton_tol(dtype: torch.dtype) -> float:
@@ -920,6 +1008,10 @@ def smoothed_log_likelihood(
     x, D, phi, taken, done, scale = _newton_mode(loglik, x0f, D, x0f, v, first, measured)
     F = _curvature_factor(D.H, v)
     value = laplace(D, phi, F)
+    # a dtype whose phi hides the last gains from the line search (float32): the
+    # derivatives at x (None: to be measured) for the decrement's full steps (_polish)
+    coarse = _newton_tol(x.dtype) > _NEWTON_TOL
+    at_x: _Derivatives | None = D
     if K > 0:
         top = D.f.topk(K, dim=1).indices  # (B, K): the particles' best modes
         a = x.gather(1, top.unsqueeze(-1).expand(B, K, d))
@@ -941,6 +1033,20 @@ def smoothed_log_likelihood(
             use = (value2 > value) | ~settled
             x = torch.where(use.unsqueeze(-1), x2, x)
             value = torch.where(use, value2, value)
+            at_x = _select(use, D2, D) if coarse else None
+    if coarse:
+
+        def gradient(xf: Tensor) -> tuple[Tensor, Tensor]:
+            with torch.enable_grad():
+                xr = xf.detach().requires_grad_(True)
+                f = loglik(xr)
+                (g,) = torch.autograd.grad(f.sum(), xr)
+            return f.detach(), g
+
+        D = measured(x) if at_x is None else at_x
+        x, D, phi, polished = _polish(x, D, x0f, v, measured, gradient)
+        taken += polished
+        value = laplace(D, phi)
     direction = (x - x0f) / v
     return SmoothedLogLikelihood(
         value, direction.reshape(x0.shape), most_general_curvature(kinds), taken
