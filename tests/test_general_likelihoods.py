@@ -760,6 +760,26 @@ def test_newton_stops_at_float32_resolution():
         assert bool(torch.isfinite(s32.value).all())
 
 
+def _glm_float32_less_float64(d: int, m: int, v: float) -> torch.Tensor:
+    """The float32 Laplace values less the float64 ones (float64 Newton to 40 iterations)
+    of 64 particles (``0.3 N(0, I)``) on a Poisson GLM of ``m`` counts of ``exp(A x + 1)``
+    in ``d`` coordinates (``A`` of scale ``3 / sqrt(d)``), where both take the low-rank
+    curvature."""
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(m, d, generator=g, dtype=DT) * 3 / d**0.5
+    y = torch.poisson((A @ torch.randn(d, generator=g, dtype=DT) + 1).exp(), generator=g)
+
+    def ll(x):
+        return dist.Poisson((x @ A.T.to(x.dtype) + 1).exp()).log_prob(y.to(x.dtype)).sum(-1)
+
+    x0 = 0.3 * torch.randn(1, 64, d, generator=g, dtype=DT)
+    v64 = torch.tensor(v, dtype=DT)
+    s64 = smoothed_log_likelihood(ll, x0, v64, iterations=40)
+    s32 = smoothed_log_likelihood(ll, x0.float(), v64.float())
+    assert s32.curvature == s64.curvature == "lowrank"
+    return s32.value.double() - s64.value
+
+
 def test_float32_values_agree_with_float64_at_high_noise():
     """A float32 Poisson GLM above ``laplace_max_dim`` (d = 80, 30 counts of which 8 are
     zero, the low-rank curvature) at the twist's noise levels: the Laplace values of 64
@@ -769,21 +789,8 @@ def test_float32_values_agree_with_float64_at_high_noise():
     ``e^{0.8 .. 3}`` from the mode, whose ``log(1 + v lam)`` the value reads: at ``v`` =
     2.3e4 the difference's sd was 0.59 nats against a spread of the float64 values of 0.09
     (now 0.04). The bound: 0.1 nats, a tenth of a weight's e-fold."""
-    g = torch.Generator().manual_seed(5)
-    d, m = 80, 30
-    A = torch.randn(m, d, generator=g, dtype=DT) * 3 / d**0.5
-    y = torch.poisson((A @ torch.randn(d, generator=g, dtype=DT) + 1).exp(), generator=g)
-
-    def ll(x):
-        return dist.Poisson((x @ A.T.to(x.dtype) + 1).exp()).log_prob(y.to(x.dtype)).sum(-1)
-
-    x0 = 0.3 * torch.randn(1, 64, d, generator=g, dtype=DT)
     for v in (2.3e4, 300.0, 10.0):
-        v64 = torch.tensor(v, dtype=DT)
-        s64 = smoothed_log_likelihood(ll, x0, v64, iterations=40)
-        s32 = smoothed_log_likelihood(ll, x0.float(), v64.float())
-        assert s32.curvature == s64.curvature == "lowrank"
-        diff = s32.value.double() - s64.value
+        diff = _glm_float32_less_float64(80, 30, v)
         assert float(diff.std()) < 0.1, (v, float(diff.std()))
 
 
@@ -795,19 +802,6 @@ def test_float32_low_rank_curvature_takes_no_rounding_shift():
     read ``log(1 + v delta)`` in every direction: values up to 28 nats from their float64
     counterparts' (about the common offset; sd 4.8 nats). Now their negative eigenvalues
     are set to 0: within 0.6 nats (sd 0.18)."""
-    g = torch.Generator().manual_seed(5)
-    d, m = 70, 40
-    A = torch.randn(m, d, generator=g, dtype=DT) * 3 / d**0.5
-    y = torch.poisson((A @ torch.randn(d, generator=g, dtype=DT) + 1).exp(), generator=g)
-
-    def ll(x):
-        return dist.Poisson((x @ A.T.to(x.dtype) + 1).exp()).log_prob(y.to(x.dtype)).sum(-1)
-
-    x0 = 0.3 * torch.randn(1, 64, d, generator=g, dtype=DT)
-    v = torch.tensor(1e5, dtype=DT)
-    s64 = smoothed_log_likelihood(ll, x0, v, iterations=40)
-    s32 = smoothed_log_likelihood(ll, x0.float(), v.float())
-    assert s32.curvature == "lowrank"
-    diff = s32.value.double() - s64.value
+    diff = _glm_float32_less_float64(70, 40, 1e5)
     assert float((diff - diff.median()).abs().max()) < 2.0
     assert float(diff.std()) < 0.5
