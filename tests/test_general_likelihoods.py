@@ -805,3 +805,26 @@ def test_float32_low_rank_curvature_takes_no_rounding_shift():
     diff = _glm_float32_less_float64(70, 40, 1e5)
     assert float((diff - diff.median()).abs().max()) < 2.0
     assert float(diff.std()) < 0.5
+
+
+def test_float32_polish_does_not_leave_a_mode_for_a_convex_flank():
+    """A review's case (1-D Student-t sites with an outlier, ``|phi| ~ 5000``, ``v = 1e5``):
+    float32's line search settles at a point that is not a mode (decrement 0.03, below
+    float32's tolerance at this ``|phi|``), whose value beats the anchor pass's mode; a full
+    step from it passed both tests of the decrement's steps (``_polish``) but landed where
+    the likelihood is convex (curvature -0.63, clamped to 0), so the value was ``phi``'s
+    alone: -5017.20 against float64's -5023.93 at the true mode. A step whose decrement in
+    its own point's curvature does not fall now goes back: -5023.73 (the first pass's point,
+    as before the steps). The bound, 1 nat, is far below the 6.7 of the defect."""
+    ys = torch.tensor([-17.5869, 0.40174, -0.46380, 0.55400, -0.94762], dtype=DT)
+    a = torch.tensor([0.25682, 1.29229, 0.33747, -1.16218, -0.15859], dtype=DT)
+
+    def ll(x):
+        r = (ys.to(x.dtype) - x * a.to(x.dtype)) / 0.30892
+        return (-1.5 * torch.log1p(r * r / 2)).sum(-1) - 5000.0
+
+    x0 = torch.tensor([-40.0329], dtype=DT).reshape(1, 1, 1)
+    v = torch.tensor(1e5, dtype=DT)
+    s64 = smoothed_log_likelihood(ll, x0, v, iterations=40)
+    s32 = smoothed_log_likelihood(ll, x0.float(), v.float())
+    assert abs(float(s32.value) - float(s64.value)) < 1.0, (float(s32.value), float(s64.value))
