@@ -990,8 +990,10 @@ def smoothed_log_likelihood(
     probes; :func:`_curvature`). ``curvature`` says which, ``"diagonal"``, ``"hessian"``,
     ``"lowrank"`` or ``"isotropic"`` (kinds mixed over the Newton points: the most general).
     ``memo``: a dict kept over one sampler run, in which the range finder remembers how many
-    probes sufficed or that ``max_dim`` did not (later calls then skip it). Particles whose
-    likelihood is not finite get value ``-inf``. ``x0`` is ``(B, N, *event)``; ``v`` a
+    probes sufficed or that ``max_dim`` did not (later calls then skip it). In float32,
+    whose ``phi`` hides the last gains from the line search, full Newton steps judged by
+    the gradient follow it (:func:`_polish`). Particles whose likelihood is not finite get
+    value ``-inf``. ``x0`` is ``(B, N, *event)``; ``v`` a
     finite 0-d tensor ``>= 0``.
     """
     B, N = x0.shape[:2]
