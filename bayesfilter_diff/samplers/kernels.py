@@ -894,18 +894,18 @@ def _polish(
         keep = todo & torch.isfinite(phin) & (decn < _POLISH_RATE * dec) & (gain > 0)
         if not bool(keep.any()):
             break
-        before = x, D, dec
+        x_prev, D_prev, dec_prev = x, D, dec
         x = torch.where(keep.unsqueeze(-1), xn, x)
         D = measure(x)
         phi, grad_phi, delta, dec = state(D, x)
         # a kept step whose decrement in its own point's curvature did not fall went where
         # the curvature changed (e.g. to a Student-t's convex flank, clamped to 0, where
         # the Laplace value is phi's alone): back, and no further steps for it
-        back = keep & ~(dec < before[2])
+        back = keep & ~(dec < dec_prev)
         if bool(back.any()):
             frozen = frozen | back
-            x = torch.where(back.unsqueeze(-1), before[0], x)
-            merged = _select(back, before[1], D)
+            x = torch.where(back.unsqueeze(-1), x_prev, x)
+            merged = _select(back, D_prev, D)
             D = measure(x) if merged is None else merged
             phi, grad_phi, delta, dec = state(D, x)
     return x, D, phi, taken
