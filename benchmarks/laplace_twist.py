@@ -39,6 +39,7 @@ import pyro.distributions as dist
 import torch
 
 import bayesfilter_diff as bfd
+import bayesfilter_diff.samplers.kernels as kernels
 import bayesfilter_diff.samplers.tds as tds
 from bayesfilter_diff.samplers.tds import TDS
 
@@ -67,11 +68,17 @@ def _old_kernels(rev: str):
 
 def _accepting(fn):
     """``fn`` called with only the keyword arguments its signature has (an older
-    ``smoothed_log_likelihood`` has no ``memo``)."""
+    ``smoothed_log_likelihood`` has no ``memo``, nor ``start``: it runs Newton from
+    ``x0_hat``), its output given the ``mode`` field TDS reads where it has none (``x0 + v
+    direction``, the mode it found)."""
     names = set(inspect.signature(fn).parameters)
 
     def call(*args, **kwargs):
-        return fn(*args, **{k: v for k, v in kwargs.items() if k in names})
+        out = fn(*args, **{k: v for k, v in kwargs.items() if k in names})
+        if not hasattr(out, "mode"):
+            x0, v = args[1], args[2]
+            out = kernels.SmoothedLogLikelihood(*out, x0 + v * out.direction)
+        return out
 
     return call
 

@@ -435,11 +435,9 @@ def test_curvature_factor_at_extreme_scales_stays_finite():
     assert float(back.abs().max()) < 1e-9
 
 
-@pytest.mark.parametrize("anchors", [0, 4])
-def test_newton_reaches_the_mode_of_a_concave_site_with_or_without_anchors(anchors):
-    """A Poisson site with a wide smoothing (the mode 5-8 Newton steps away): one mode, so
-    the value is the same with the anchors consulted after ``first_steps`` or never, and
-    equals the value from a start at the mode itself."""
+def _wide_poisson_site():
+    """A 2-D Poisson site of three counts, 16 centres ``x0`` and a wide smoothing ``v = 50``
+    (the mode 5-8 Newton steps from the centres): ``(loglik, x0, v)``."""
     g = torch.Generator().manual_seed(1)
     A = torch.randn(3, 2, generator=g, dtype=DT)
     y = torch.tensor([[2.0, 7.0, 0.0]], dtype=DT)
@@ -448,7 +446,15 @@ def test_newton_reaches_the_mode_of_a_concave_site_with_or_without_anchors(ancho
         return dist.Poisson(torch.exp(x @ A.T)).to_event(1).log_prob(y[:, None])
 
     x0 = 2.0 * torch.randn(1, 16, 2, generator=g, dtype=DT)
-    v = torch.tensor(50.0, dtype=DT)
+    return loglik, x0, torch.tensor(50.0, dtype=DT)
+
+
+@pytest.mark.parametrize("anchors", [0, 4])
+def test_newton_reaches_the_mode_of_a_concave_site_with_or_without_anchors(anchors):
+    """A Poisson site with a wide smoothing (the mode 5-8 Newton steps away): one mode, so
+    the value is the same with the anchors consulted after ``first_steps`` or never, and
+    equals the value from a start at the mode itself."""
+    loglik, x0, v = _wide_poisson_site()
     sm = smoothed_log_likelihood(loglik, x0, v, anchors=anchors, iterations=40)
     assert sm.iterations > 4
     mode = x0 + v * sm.direction  # the mode found
@@ -457,6 +463,78 @@ def test_newton_reaches_the_mode_of_a_concave_site_with_or_without_anchors(ancho
     # 1 / v: the value to 1e-6, the mode to sqrt(2e-6 v)
     assert torch.allclose(sm.value, again.value, atol=1e-6, rtol=0)
     assert torch.allclose(mode, x0 + v * again.direction, atol=math.sqrt(2e-6 * 50), rtol=0)
+
+
+def test_newton_from_a_given_start_keeps_the_value_in_fewer_steps():
+    """``start`` (TDS: the parent's mode): from the mode itself Newton takes at most two
+    steps (one to confirm, where the gains fall below 1e-6) against more than four from
+    ``x0``, and the value is the same; a start with an undefined likelihood (NaN) or a
+    lower ``phi`` than ``x0``'s is not taken (the same steps and value as without one)."""
+    loglik, x0, v = _wide_poisson_site()
+    cold = smoothed_log_likelihood(loglik, x0, v, iterations=40)
+    assert cold.iterations > 4
+    assert torch.allclose(cold.mode, x0 + v * cold.direction, atol=1e-12, rtol=0)
+    warm = smoothed_log_likelihood(loglik, x0, v, iterations=40, start=cold.mode)
+    assert warm.iterations <= 2, warm.iterations
+    assert torch.allclose(warm.value, cold.value, atol=1e-6, rtol=0)
+    for bad in (torch.full_like(x0, math.nan), x0 + 100.0):  # undefined; phi far lower
+        same = smoothed_log_likelihood(loglik, x0, v, iterations=40, start=bad)
+        assert same.iterations == cold.iterations
+        assert torch.equal(same.value, cold.value)
+    # at v = 0 the value is the likelihood at x0, whatever the start
+    at0 = smoothed_log_likelihood(loglik, x0, torch.tensor(0.0, dtype=DT), start=cold.mode)
+    assert torch.equal(at0.value, loglik(x0)) and torch.equal(at0.mode, x0)
+    # a Laplace site (kinks): Newton stops on slow gains, not at a mode, and such points are
+    # not offered as starts (NaN); here every particle at v = 1
+    a = torch.tensor([[1.0, 0.2], [-0.3, 1.0], [0.7, 0.7]], dtype=DT)
+    yk = torch.tensor([3.5, -0.2, 0.4], dtype=DT)
+
+    def kinked(x):
+        return dist.Laplace(4 * x @ a.T, 0.3).log_prob(yk).sum(-1)
+
+    sm = smoothed_log_likelihood(kinked, x0, torch.tensor(1.0, dtype=DT))
+    assert bool(torch.isnan(sm.mode).all()) and bool(torch.isfinite(sm.value).all())
+    assert not bool(torch.isnan(cold.mode).any())
+
+
+def test_tds_starts_newton_from_the_parents_mode(monkeypatch):
+    """TDS passes each particle's parent's mode as Newton's start (``laplace_warm_start``,
+    the default) at every evaluation after the first, none with it off; on a concave site
+    (one mode) the run is the same to Newton's tolerance."""
+    import bayesfilter_diff.samplers.tds as tds_module
+
+    g = torch.Generator().manual_seed(4)
+    d, m, B = 6, 5, 3
+    A = torch.randn(m, d, generator=g, dtype=DT) / math.sqrt(d)
+    gmm = bfd.GaussianMixture(
+        torch.tensor([0.3, 0.7], dtype=DT),
+        torch.stack([-torch.ones(d, dtype=DT), torch.ones(d, dtype=DT)]),
+        torch.full((2,), 0.25, dtype=DT),
+    )
+    y = torch.poisson(torch.exp(A @ gmm.sample(B, g).T).T, generator=g)
+
+    def ll(x, y):
+        return dist.Poisson(torch.exp(x @ A.T)).to_event(1).log_prob(y)
+
+    problem = bfd.InverseProblem(bfd.operators.Dense(A), y, log_likelihood_fn=ll)
+    prior = gmm.diffusion(bfd.VPSchedule.linear())
+    real = tds_module.smoothed_log_likelihood
+    starts: list[bool] = []
+
+    def recording(*args, **kwargs):
+        starts.append(kwargs.get("start") is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tds_module, "smoothed_log_likelihood", recording)
+    z = {}
+    for warm in (True, False):
+        starts.clear()
+        res = TDS(num_steps=20, laplace_warm_start=warm).sample(
+            prior, problem, 128, torch.Generator().manual_seed(0)
+        )
+        assert starts == [False] + [warm] * (len(starts) - 1), starts
+        z[warm] = res.log_evidence
+    assert torch.allclose(z[True], z[False], atol=1e-6, rtol=0), z[True] - z[False]
 
 
 def _smoothed_by_quadrature(

@@ -416,6 +416,8 @@ def test_errors():
         TDS(rejuvenation_steps=-1)
     with pytest.raises(ValueError, match="rejuvenation_scale"):
         TDS(rejuvenation_scale=0.0)
+    with pytest.raises(ValueError, match="laplace_warm_start"):
+        TDS(laplace_warm_start="yes")  # type: ignore[arg-type]
     problem = bfd.InverseProblem(A, torch.zeros(1, dtype=DT), noise_std=0.1)
     for bad in (
         TDS(proposal="conditioned", clamp_x0=(-5.0, 5.0)),

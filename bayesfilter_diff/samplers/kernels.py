@@ -242,12 +242,16 @@ def extend_to_log_snr(schedule: Schedule, times: Tensor, target: float, max_step
 
 class SmoothedLogLikelihood(NamedTuple):
     """:func:`smoothed_log_likelihood`'s output: the value ``(B, N)``, its gradient in the
-    centre (``x0``'s shape), the curvature kind and the Newton iterations taken."""
+    centre (``x0``'s shape), the curvature kind, the Newton iterations taken and the mode
+    ``x*`` (``x0``'s shape; ``x0`` itself at ``v = 0``; NaN where Newton stopped at a point
+    that is not one, e.g. on a kink), a start for the next evaluation of the same particle
+    (``start``)."""
 
     value: Tensor
     direction: Tensor
     curvature: str
     iterations: int
+    mode: Tensor
 
 
 class _Derivatives(NamedTuple):
@@ -810,14 +814,17 @@ def _settled(
     phi: Tensor,
     scale: Tensor,
     F: _Factor | None = None,
+    tol: float | None = None,
 ) -> Tensor:
     """Per particle ``(B, N)``: whether ``x`` is a mode of ``phi`` (Newton decrement below
-    tolerance; a non-finite particle or one whose steps shrank to nothing counts as one).
-    ``scale``: :func:`_newton_mode`'s step scales; ``F``: the Newton step's factor."""
+    ``tol`` of ``1 + |phi|``, by default the Newton loop's tolerance for ``x``'s dtype; a
+    non-finite particle or one whose steps shrank to nothing counts as one). ``scale``:
+    :func:`_newton_mode`'s step scales; ``F``: the Newton step's factor."""
     grad_phi = D.g - (x - x0) / v
     delta = _curvature_solve(D, grad_phi, v, F)
     decrement = rowdot(grad_phi, delta)
-    small = decrement <= _newton_tol(x.dtype) * (1 + phi.abs())
+    tol = _newton_tol(x.dtype) if tol is None else tol
+    small = decrement <= tol * (1 + phi.abs())
     return small | ~torch.isfinite(phi) | (scale <= _MIN_STEP)
 
 
@@ -927,6 +934,13 @@ _SLOW_GAIN = 1e-3
 # "lower" alone kept a random half of the particles stepping to the cap)
 _POLISH_STEPS = 8
 _POLISH_RATE = 0.5
+# the Newton decrement (relative to 1 + |phi|) below which a point is offered as the next
+# evaluation's start (SmoothedLogLikelihood.mode): loose, since Newton goes on from it; it
+# keeps out the points where the steps stopped far from a mode (a kink's decrement is of
+# order v |grad|^2), not float32's decrements at the high noise levels (1e-4 .. 1e-2 of
+# 1 + |phi| on a Poisson GLM at v ~ 1e4, where the strict tolerance turned 10-56% of the
+# particles away)
+_START_TOL = 1e-3
 
 
 def _newton_tol(dtype: torch.dtype) -> float:
@@ -954,6 +968,7 @@ def smoothed_log_likelihood(
     anchors: int = 4,
     first_steps: int = 4,
     memo: dict[str, Any] | None = None,
+    start: Tensor | None = None,
 ) -> SmoothedLogLikelihood:
     """Laplace approximation of ``log int p(y | x) N(x; x0, v I) dx`` per particle.
 
@@ -995,6 +1010,13 @@ def smoothed_log_likelihood(
     the gradient follow it (:func:`_polish`). Particles whose likelihood is not finite get
     value ``-inf``. ``x0`` is ``(B, N, *event)``; ``v`` a
     finite 0-d tensor ``>= 0``.
+
+    ``start`` (``x0``'s shape, optional): a point per particle to start Newton from
+    instead of ``x0`` where its ``phi`` is higher (TDS passes the parent's mode, returned as
+    ``mode``: the mode moves little from one step to the next, and Newton from it takes
+    fewer steps). The value then depends on the particle's path, not only on ``x0``,
+    where ``phi`` has several modes; the weights stay exact (the value is stored and
+    divided out at the next step, like the anchors' dependence on the cloud).
     """
     B, N = x0.shape[:2]
     d = math.prod(x0.shape[2:])
@@ -1010,9 +1032,25 @@ def smoothed_log_likelihood(
         kinds.add(D.kind)
         return D
 
-    D = measured(x0f)
     if float(v) == 0:
-        return SmoothedLogLikelihood(D.f, D.g.reshape(x0.shape), D.kind, 0)
+        D = measured(x0f)
+        return SmoothedLogLikelihood(D.f, D.g.reshape(x0.shape), D.kind, 0, x0)
+    if start is None:
+        D = measured(x0f)
+        x_init = x0f
+    else:
+        # the better of x0 and the given start (phi by forward passes), then derivatives
+        # there only
+        sf = start.detach().reshape(B, N, d).to(x0f.dtype)
+        # (a start with non-finite entries, e.g. the mode of a parent whose x0_hat was not
+        # finite, is not evaluated: a likelihood may refuse NaN arguments)
+        sf = torch.where(torch.isfinite(sf).all(-1, keepdim=True), sf, x0f)
+        with torch.no_grad():
+            f0, fs = loglik(x0f), loglik(sf)
+        phi_s = fs - ((sf - x0f) ** 2).sum(-1) / (2 * v)
+        use_s = (phi_s > f0) & torch.isfinite(phi_s)
+        x_init = torch.where(use_s.unsqueeze(-1), sf, x0f)
+        D = measured(x_init)
 
     def laplace(D: _Derivatives, phi: Tensor, F: _Factor | None = None) -> Tensor:
         val = phi - 0.5 * _log_det(D, v, F)
@@ -1020,13 +1058,15 @@ def smoothed_log_likelihood(
 
     K = min(anchors, N)
     first = min(iterations, first_steps) if K > 0 else iterations
-    x, D, phi, taken, done, scale = _newton_mode(loglik, x0f, D, x0f, v, first, measured)
+    x, D, phi, taken, done, scale = _newton_mode(loglik, x_init, D, x0f, v, first, measured)
     F = _curvature_factor(D.H, v)
     value = laplace(D, phi, F)
     # a dtype whose phi hides the last gains from the line search (float32): the
     # derivatives at x (None: to be measured) for the decrement's full steps (_polish)
     coarse = _newton_tol(x.dtype) > _NEWTON_TOL
     at_x: _Derivatives | None = D
+    # phi at x and the factor of at_x's step curvature, where known (whether x is a mode)
+    phi_x, F_x = phi, F if D.H_step is None else None
     if K > 0:
         top = D.f.topk(K, dim=1).indices  # (B, K): the particles' best modes
         a = x.gather(1, top.unsqueeze(-1).expand(B, K, d))
@@ -1035,11 +1075,11 @@ def smoothed_log_likelihood(
         best_a, arg = phi_a.max(-1)  # (B, N)
         switch = best_a > phi + 1e-9
         if bool(switch.any()) or not done:
-            start = torch.where(
+            x_start = torch.where(
                 switch.unsqueeze(-1), a.gather(1, arg.unsqueeze(-1).expand(B, N, d)), x
             )
-            D2 = measured(start) if bool(switch.any()) else D
-            x2, D2, phi2, t2, _, _ = _newton_mode(loglik, start, D2, x0f, v, iterations, measured)
+            D2 = measured(x_start) if bool(switch.any()) else D
+            x2, D2, phi2, t2, _, _ = _newton_mode(loglik, x_start, D2, x0f, v, iterations, measured)
             taken += t2
             value2 = laplace(D2, phi2)
             # the larger of two modes' values; a first-pass point that is not a mode has no
@@ -1048,7 +1088,7 @@ def smoothed_log_likelihood(
             use = (value2 > value) | ~settled
             x = torch.where(use.unsqueeze(-1), x2, x)
             value = torch.where(use, value2, value)
-            at_x = _select(use, D2, D) if coarse else None
+            at_x, phi_x, F_x = _select(use, D2, D), torch.where(use, phi2, phi), None
     if coarse:
 
         def gradient(xf: Tensor) -> tuple[Tensor, Tensor]:
@@ -1059,10 +1099,24 @@ def smoothed_log_likelihood(
             return f.detach(), g
 
         D = measured(x) if at_x is None else at_x
-        x, D, phi, polished = _polish(x, D, x0f, v, measured, gradient)
+        x, at_x, phi_x, polished = _polish(x, D, x0f, v, measured, gradient)
+        F_x = None
         taken += polished
-        value = laplace(D, phi)
+        value = laplace(at_x, phi_x)
     direction = (x - x0f) / v
+    # x is offered as the next evaluation's start only where it is near a mode
+    # (_START_TOL): where Newton stopped short (a kink, where the steps are first-order and
+    # stop on slow gains), a start there would stop again at once, at a point that is not
+    # this phi's mode
+    if at_x is None:
+        at_x = measured(x)
+        phi_x = at_x.f - ((x - x0f) ** 2).sum(-1) / (2 * v)
+    at_mode = _settled(at_x, x, x0f, v, phi_x, torch.ones_like(phi_x), F_x, _START_TOL)
+    mode = torch.where(at_mode.unsqueeze(-1), x, torch.full_like(x, math.nan))
     return SmoothedLogLikelihood(
-        value, direction.reshape(x0.shape), most_general_curvature(kinds), taken
+        value,
+        direction.reshape(x0.shape),
+        most_general_curvature(kinds),
+        taken,
+        mode.reshape(x0.shape),
     )

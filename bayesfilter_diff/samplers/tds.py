@@ -67,7 +67,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import cast
+from typing import NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -126,6 +126,22 @@ class TDSState:
     # with rejuvenation: the model's kernel that made x_t from its parent, N(mean, var I)
     kernel_mean: Tensor | None = None
     kernel_var: Tensor | None = None  # (B, N)
+    # the Laplace twist's mode x* per particle (x's shape): where the next evaluation of
+    # the particle's twist starts Newton (laplace_warm_start)
+    mode: Tensor | None = None
+
+
+class _TwistEval(NamedTuple):
+    """:meth:`TDS._twist` at particles ``x_t``: ``x0_hat``, ``log p~_t(y | x_t)`` ``(B, N)``,
+    its gradient in ``x_t`` (``None`` where not asked for), ``Var[x0 | x_t]`` per coordinate
+    ``(B, N)`` (``None`` unless the kernel carries it) and the Laplace twist's mode
+    (``None`` for the other twists)."""
+
+    x0: Tensor
+    log_twist: Tensor
+    grad: Tensor | None
+    x0_var: Tensor | None
+    mode: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -247,6 +263,12 @@ class TDS(SMCSampler):
         many Hessian-vector products (a randomised range finder) where its rank is at least 8
         below that, an isotropic estimate otherwise; ``info.extra.twist`` names the kind
         (docs/methods/tds.md, "Above laplace_max_dim").
+    laplace_warm_start
+        The Laplace twist's Newton starts from the particle's parent's mode where that is
+        better than ``x0_hat`` (default ``True``; fewer Newton steps per evaluation,
+        docs/methods/tds.md, "Newton from the parent's mode"); ``False`` starts from
+        ``x0_hat`` (and the anchors) only, so the twist is a function of ``x_t`` and the
+        cloud alone.
     reverse_variance
         The reverse kernel's variance: ``"ddim"`` (default; the paper's DDIM ``eta = 1``
         kernel, ``std^2 I``, which drops ``b^2 Var[x0 | x_t]``), ``"analytic"`` (adds it,
@@ -273,6 +295,7 @@ class TDS(SMCSampler):
     prior_variance: float | None = None
     clamp_x0: tuple[float, float] | None = None
     laplace_max_dim: int = 64
+    laplace_warm_start: bool = True
     max_log_snr_step: float = 1.0
     adaptive_ess: float = 0.0
     max_inserted_steps: int = 200
@@ -296,6 +319,10 @@ class TDS(SMCSampler):
         m = self.laplace_max_dim
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:
             raise ValueError(f"laplace_max_dim must be an int >= 0, got {m!r}")
+        if not isinstance(self.laplace_warm_start, bool):
+            raise ValueError(
+                f"laplace_warm_start must be True or False, got {self.laplace_warm_start!r}"
+            )
         a = self.adaptive_ess
         if isinstance(a, bool) or not isinstance(a, int | float) or not 0 <= a < 1:
             raise ValueError(f"adaptive_ess must be a number in [0, 1), got {a!r}")
@@ -555,12 +582,14 @@ class TDS(SMCSampler):
         return self.twist_variance == "operator" and not problem.operator.is_linear
 
     def _twist(
-        self, ctx: Context, x: Tensor, t: Tensor, grad: bool = True
-    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        self, ctx: Context, x: Tensor, t: Tensor, grad: bool = True, start: Tensor | None = None
+    ) -> _TwistEval:
         """``x0_hat(x)``, ``log p~_t(y | x)`` ``(B, N)``, its gradient w.r.t. ``x`` (for the
         Laplace twist: the gradient with the likelihood's curvature held fixed; ``None``
-        with ``grad=False``, the conditioned proposal's forward-only call) and, with
-        ``reverse_variance="analytic"``, ``Var[x0 | x_t]`` per coordinate ``(B, N)``."""
+        with ``grad=False``, the conditioned proposal's forward-only call), with
+        ``reverse_variance="analytic"`` ``Var[x0 | x_t]`` per coordinate ``(B, N)``, and for
+        the Laplace twist its mode, Newton started from ``start`` (the parent's mode) where
+        that is better than ``x0_hat`` and ``laplace_warm_start`` is on."""
         probe = None
         if self.reverse_variance == "analytic":
             shape = tuple(ctx.prior.event_shape)
@@ -582,6 +611,7 @@ class TDS(SMCSampler):
                 return 0.0 * x0.reshape(x0.shape[:2] + (-1,)).sum(-1)
 
         elif self._smooths_likelihood(problem):
+            modes: list[Tensor] = []
 
             def smooth(x0: Tensor) -> tuple[Tensor, Tensor]:
                 sm = smoothed_log_likelihood(
@@ -590,14 +620,17 @@ class TDS(SMCSampler):
                     v,
                     max_dim=self.laplace_max_dim,
                     memo=ctx.cache.setdefault("tds.rank", {}),
+                    start=start if self.laplace_warm_start else None,
                 )
                 ctx.cache.setdefault("tds.curvature", set()).add(sm.curvature)
+                modes.append(sm.mode)
                 return sm.value, sm.direction
 
             x0, lt, g, tr = ctx.denoise_backward(x, t, smooth, direction=True, probe=probe)
             g = g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # (a fresh gradient: in place)
             ref = self._reference_variance(ctx, t, lt)
-            return x0, lt, g, ref if ref is not None else self._x0_variance(ctx, t, tr)
+            var = ref if ref is not None else self._x0_variance(ctx, t, tr)
+            return _TwistEval(x0, lt, g, var, modes[-1] if self.laplace_warm_start else None)
         elif not _uses_gaussian_twist(problem):
             fn = problem.log_likelihood  # "none": the likelihood at x0_hat (paper)
         elif self.twist_variance == "operator":
@@ -623,11 +656,8 @@ class TDS(SMCSampler):
                 x0_var = self._x0_variance(ctx, t, tr)
             lt = fn(x0)
             lt = torch.where(torch.isnan(lt), torch.full_like(lt, -math.inf), lt)
-            return (
-                x0,
-                lt,
-                None,
-                x0_var if probe is not None else self._reference_variance(ctx, t, lt),
+            return _TwistEval(
+                x0, lt, None, x0_var if probe is not None else self._reference_variance(ctx, t, lt)
             )
         if isinstance(fn, PixelGaussian):  # its gradient in closed form: autograd only
             # through the network (J^T u), not through the twist's residual and squares
@@ -640,8 +670,8 @@ class TDS(SMCSampler):
         lt = torch.where(torch.isnan(lt), torch.full_like(lt, -math.inf), lt)
         g = g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # (a fresh gradient: in place)
         if self.reverse_variance == "reference":
-            return x0, lt, g, self._reference_variance(ctx, t, lt)
-        return x0, lt, g, self._x0_variance(ctx, t, tr)
+            return _TwistEval(x0, lt, g, self._reference_variance(ctx, t, lt))
+        return _TwistEval(x0, lt, g, self._x0_variance(ctx, t, tr))
 
     def _reference_variance(self, ctx: Context, t: Tensor, like: Tensor) -> Tensor | None:
         """``reverse_variance="reference"``: :meth:`_kernel_x0_variance` at ``t``, the same
@@ -683,9 +713,10 @@ class TDS(SMCSampler):
         t0 = ctx.times[0]
         # x_T ~ N(0, sigma_T^2 I), the reference distribution of the chain (as in DDIM).
         x = ctx.start()
-        x0, lt, g, var = self._twist(ctx, x, t0, grad=self._wants_gradient(ctx, 0))
+        tw = self._twist(ctx, x, t0, grad=self._wants_gradient(ctx, 0))
+        lt = tw.log_twist
         # w_T = p~_T(y | x_T): the proposal of x_T is the chain's own reference.
-        state = TDSState(x, x0, g, lt, var)
+        state = TDSState(x, tw.x0, tw.grad, lt, tw.x0_var, mode=tw.mode)
         if self.rejuvenation_steps:
             s2 = ctx.prior.schedule.sigma(t0) ** 2
             kvar = s2.to(x.dtype).expand(lt.shape)
@@ -772,8 +803,9 @@ class TDS(SMCSampler):
         else:
             # 5b. Twist at the new particles (also gives the next step's proposal).
             grad = self._wants_gradient(ctx, k + 1)
-            x0_new, lt_new, g_new, var_new = self._twist(ctx, x_new, t_next, grad=grad)
-            new_state = TDSState(x_new, x0_new, g_new, lt_new, var_new)
+            nxt = self._twist(ctx, x_new, t_next, grad=grad, start=state.mode)
+            lt_new = nxt.log_twist
+            new_state = TDSState(x_new, nxt.x0, nxt.grad, lt_new, nxt.x0_var, mode=nxt.mode)
             if self.rejuvenation_steps:  # the model's kernel, for the moves after resampling
                 kvar = var if state.x0_var is not None else coef.std**2
                 kvar = kvar.to(x_new.dtype).expand(lt_new.shape)
@@ -808,7 +840,7 @@ class TDS(SMCSampler):
         v = state.kernel_var.reshape(state.kernel_var.shape + (1,) * len(red))
         x0, lt, g, var = state.x0, state.log_twist, state.grad, state.x0_var
         if g is None:
-            x0, lt, g, var = self._twist(ctx, x, t)
+            x0, lt, g, var, _ = self._twist(ctx, x, t)
         assert g is not None
         scale = ctx.cache.get("tds.rejuvenation_scale")
         if scale is None:
@@ -825,7 +857,7 @@ class TDS(SMCSampler):
         for _ in range(self.rejuvenation_steps):
             mu = drift(x, g)
             xp = mu + h.sqrt() * ctx.randn()
-            x0p, ltp, gp, varp = self._twist(ctx, xp, t)
+            x0p, ltp, gp, varp, _ = self._twist(ctx, xp, t)
             assert gp is not None
             log_a = (
                 log_target(xp, ltp)
