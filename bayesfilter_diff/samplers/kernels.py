@@ -806,24 +806,19 @@ def _newton_mode(
     return x, D, phi, taken, converged, scale
 
 
-def _settled(
-    D: _Derivatives,
-    x: Tensor,
-    x0: Tensor,
-    v: Tensor,
-    phi: Tensor,
-    scale: Tensor,
-    F: _Factor | None = None,
-    tol: float | None = None,
+def _decrement(
+    D: _Derivatives, x: Tensor, x0: Tensor, v: Tensor, F: _Factor | None = None
 ) -> Tensor:
-    """Per particle ``(B, N)``: whether ``x`` is a mode of ``phi`` (Newton decrement below
-    ``tol`` of ``1 + |phi|``, by default the Newton loop's tolerance for ``x``'s dtype; a
-    non-finite particle or one whose steps shrank to nothing counts as one). ``scale``:
-    :func:`_newton_mode`'s step scales; ``F``: the Newton step's factor."""
+    """The Newton decrement ``grad phi^T (C + I / v)^{-1} grad phi`` ``(B, N)`` at ``x``
+    (``D`` its derivatives; ``F``: the Newton step's factor, if already made)."""
     grad_phi = D.g - (x - x0) / v
-    delta = _curvature_solve(D, grad_phi, v, F)
-    decrement = rowdot(grad_phi, delta)
-    tol = _newton_tol(x.dtype) if tol is None else tol
+    return rowdot(grad_phi, _curvature_solve(D, grad_phi, v, F))
+
+
+def _settled(phi: Tensor, decrement: Tensor, scale: Tensor, tol: float) -> Tensor:
+    """Per particle ``(B, N)``: whether a point is a mode of ``phi`` (its Newton
+    ``decrement`` below ``tol`` of ``1 + |phi|``; a non-finite particle or one whose steps
+    shrank to nothing counts as one). ``scale``: :func:`_newton_mode`'s step scales."""
     small = decrement <= tol * (1 + phi.abs())
     return small | ~torch.isfinite(phi) | (scale <= _MIN_STEP)
 
@@ -856,7 +851,7 @@ def _polish(
     v: Tensor,
     measure: Callable[[Tensor], _Derivatives],
     gradient: Callable[[Tensor], tuple[Tensor, Tensor]],
-) -> tuple[Tensor, _Derivatives, Tensor, int]:
+) -> tuple[Tensor, _Derivatives, Tensor, int, Tensor]:
     """Full Newton steps from the modes :func:`_newton_mode` found in a coarse dtype, each
     kept where it at least halves the Newton decrement (the new gradient's, in the old
     point's curvature: one backward pass per trial, ``gradient`` giving the value and
@@ -865,7 +860,7 @@ def _polish(
     ``_NEWTON_TOL`` of ``1 + |phi|`` or no step helps (at most ``_POLISH_STEPS``; the
     derivatives are measured again where a step was kept, and a particle whose decrement
     in its new point's own curvature did not fall goes back and stops). Returns the point,
-    its derivatives, ``phi`` and the steps tried.
+    its derivatives, ``phi``, the steps tried and the point's Newton decrement (float64).
 
     Why: a float32 ``phi`` is a sum whose rounding is that of its terms (1e-3 to 5e-3 on a
     Poisson GLM of 50 counts at ``phi = -86``, where the float64 gains of these steps were
@@ -915,7 +910,7 @@ def _polish(
             merged = _select(back, D_prev, D)
             D = measure(x) if merged is None else merged
             phi, grad_phi, delta, dec = state(D, x)
-    return x, D, phi, taken
+    return x, D, phi, taken, dec
 
 
 # A particle's Newton decrement below this (relative to 1 + |phi|) counts as converged, or
@@ -1065,8 +1060,9 @@ def smoothed_log_likelihood(
     # derivatives at x (None: to be measured) for the decrement's full steps (_polish)
     coarse = _newton_tol(x.dtype) > _NEWTON_TOL
     at_x: _Derivatives | None = D
-    # phi at x and the factor of at_x's step curvature, where known (whether x is a mode)
-    phi_x, F_x = phi, F if D.H_step is None else None
+    # phi at x and its Newton decrement (whether x is a mode; None: not yet computed)
+    phi_x: Tensor = phi
+    dec_x: Tensor | None = None
     if K > 0:
         top = D.f.topk(K, dim=1).indices  # (B, K): the particles' best modes
         a = x.gather(1, top.unsqueeze(-1).expand(B, K, d))
@@ -1081,14 +1077,21 @@ def smoothed_log_likelihood(
             D2 = measured(x_start) if bool(switch.any()) else D
             x2, D2, phi2, t2, _, _ = _newton_mode(loglik, x_start, D2, x0f, v, iterations, measured)
             taken += t2
-            value2 = laplace(D2, phi2)
+            F2 = _curvature_factor(D2.H, v)
+            value2 = laplace(D2, phi2, F2)
             # the larger of two modes' values; a first-pass point that is not a mode has no
             # Laplace value to speak of (its clamped curvature makes it too large)
-            settled = _settled(D, x, x0f, v, phi, scale, F if D.H_step is None else None)
+            dec_x = _decrement(D, x, x0f, v, F if D.H_step is None else None)
+            settled = _settled(phi, dec_x, scale, _newton_tol(x.dtype))
             use = (value2 > value) | ~settled
             x = torch.where(use.unsqueeze(-1), x2, x)
             value = torch.where(use, value2, value)
-            at_x, phi_x, F_x = _select(use, D2, D), torch.where(use, phi2, phi), None
+            phi_x = torch.where(use, phi2, phi)
+            if coarse:  # (the decrement then comes from _polish's last point)
+                at_x = _select(use, D2, D)
+            else:
+                dec2 = _decrement(D2, x2, x0f, v, F2 if D2.H_step is None else None)
+                dec_x = torch.where(use, dec2, dec_x)
     if coarse:
 
         def gradient(xf: Tensor) -> tuple[Tensor, Tensor]:
@@ -1099,19 +1102,17 @@ def smoothed_log_likelihood(
             return f.detach(), g
 
         D = measured(x) if at_x is None else at_x
-        x, at_x, phi_x, polished = _polish(x, D, x0f, v, measured, gradient)
-        F_x = None
+        x, D, phi_x, polished, dec_x = _polish(x, D, x0f, v, measured, gradient)
         taken += polished
-        value = laplace(at_x, phi_x)
+        value = laplace(D, phi_x)
     direction = (x - x0f) / v
     # x is offered as the next evaluation's start only where it is near a mode
     # (_START_TOL): where Newton stopped short (a kink, where the steps are first-order and
     # stop on slow gains), a start there would stop again at once, at a point that is not
     # this phi's mode
-    if at_x is None:
-        at_x = measured(x)
-        phi_x = at_x.f - ((x - x0f) ** 2).sum(-1) / (2 * v)
-    at_mode = _settled(at_x, x, x0f, v, phi_x, torch.ones_like(phi_x), F_x, _START_TOL)
+    if dec_x is None:  # x is the first pass's point, D its derivatives, F their factor
+        dec_x = _decrement(D, x, x0f, v, F if D.H_step is None else None)
+    at_mode = _settled(phi_x, dec_x.to(phi_x.dtype), torch.ones_like(phi_x), _START_TOL)
     mode = torch.where(at_mode.unsqueeze(-1), x, torch.full_like(x, math.nan))
     return SmoothedLogLikelihood(
         value,
