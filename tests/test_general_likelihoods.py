@@ -534,6 +534,8 @@ def test_tds_starts_newton_from_the_parents_mode(monkeypatch):
         )
         assert starts == [False] + [warm] * (len(starts) - 1), starts
         z[warm] = res.log_evidence
+    # Newton stops once a step gains less than 1e-6 in phi: the runs differ below that
+    # (measured 2.7e-9)
     assert torch.allclose(z[True], z[False], atol=1e-6, rtol=0), z[True] - z[False]
 
 
