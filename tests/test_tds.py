@@ -12,6 +12,7 @@ the batch (the final ESS ignores the correlations that resampling creates).
 from __future__ import annotations
 
 import math
+from itertools import product
 from types import SimpleNamespace
 
 import pytest
@@ -25,8 +26,10 @@ from bayesfilter_diff.samplers.tds import TDS, _gaussian_x0_variance
 DT = torch.float64
 
 
-def chain_prior(mu, S, schedule, times):
-    """Exact law ``N(m, P)`` of ``x_0`` under the ancestral chain of a Gaussian prior."""
+def chain_prior(mu, S, schedule, times, x0_variance=None):
+    """Exact law ``N(m, P)`` of ``x_0`` under the ancestral chain of a Gaussian prior (with
+    ``x0_variance``, a function of ``t``: the reference kernel, whose variance adds ``b^2``
+    times it)."""
     d = mu.numel()
     eye = torch.eye(d, dtype=DT)
     m = torch.zeros(d, dtype=DT)
@@ -39,7 +42,8 @@ def chain_prior(mu, S, schedule, times):
         c1, c2 = a_s - c_eps * a_t / sg, c_eps / sg
         K = c1 * G + c2 * eye
         m = K @ m + c1 * (mu - a * G @ mu)
-        P = K @ P @ K.T + std**2 * eye
+        var = std**2 if x0_variance is None else std**2 + c1**2 * x0_variance(t)
+        P = K @ P @ K.T + var * eye
     return bfd.GaussianMixture(torch.ones(1, dtype=DT), m[None], P[None])
 
 
@@ -183,7 +187,7 @@ def test_flow_and_ve_schedules(schedule):
     sub = bfd.InverseProblem(problem.operator, problem.y[:1], noise_std=0.5)
     # "operator": the conditioned proposal; on VE its last step is stochastic (the
     # likelihood of x_s itself is the linearised twist there)
-    for twist in ("inflated", "pigdm", "operator"):
+    for twist in ("inflated", "pigdm", "operator", "jacobian"):
         res = TDS(num_steps=n, twist_variance=twist).sample(
             gmm.diffusion(schedule), problem, num_samples=N, generator=g
         )
@@ -418,6 +422,17 @@ def test_errors():
         TDS(rejuvenation_scale=0.0)
     with pytest.raises(ValueError, match="laplace_warm_start"):
         TDS(laplace_warm_start="yes")  # type: ignore[arg-type]
+    for clash in (
+        {"proposal": "gradient"},
+        {"reverse_variance": "analytic"},
+        {"clamp_x0": (-5.0, 5.0)},
+        {"rejuvenation_steps": 1},
+    ):
+        with pytest.raises(ValueError, match=f"twist_variance='jacobian'.*{next(iter(clash))}="):
+            TDS(twist_variance="jacobian", **clash)  # type: ignore[arg-type]
+    poisson = bfd.InverseProblem(A, torch.ones(1, dtype=DT), noise="poisson")
+    with pytest.raises(ValueError, match="'jacobian' needs Gaussian noise through a linear"):
+        TDS(twist_variance="jacobian").sample(gmm.diffusion(bfd.VPSchedule.linear()), poisson, 4)
     problem = bfd.InverseProblem(A, torch.zeros(1, dtype=DT), noise_std=0.1)
     for bad in (
         TDS(proposal="conditioned", clamp_x0=(-5.0, 5.0)),
@@ -605,6 +620,56 @@ def test_conditioned_proposal_through_a_per_problem_matrix():
         assert ((m_hat[p] - chain.posterior(sub).mean()).abs() <= 4.5 * m_se[p]).all()
         ratio = torch.exp(res.log_evidence[p * R : (p + 1) * R] - chain.log_evidence(sub))
         assert (ratio.mean() - 1).abs() <= 4.5 * ratio.std() / math.sqrt(R)
+
+
+def test_jacobian_twist_keeps_a_full_covariance_prior_exact_and_its_lineages():
+    """twist_variance="jacobian" on a Gaussian prior with a full covariance (eigenvalues 1e-2
+    to 4) observed through one 2 x 6 matrix per problem with per-problem noise (0.3, 0.01),
+    with the DDIM and the reference kernels: the chain's posterior mean and evidence within
+    4.5 standard errors over 16 copies (as with the operator's twist); its twist is the exact
+    predictive ``p(y | x_t)`` of a Gaussian prior, so with the reference kernel (the
+    continuous model's transitions up to the prior's average variance) the weights stay
+    nearly flat where the scalar twist of the operator's conditioned proposal (a locally flat
+    prior) loses about half of its lineages."""
+    sched = bfd.VPSchedule.linear()
+    g = torch.Generator().manual_seed(6)
+    d, P, R, N, n = 6, 2, 16, 200, 40
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=DT))
+    S = (Q * torch.logspace(-2, 0.6, d, dtype=DT)) @ Q.T
+    mu = torch.linspace(-1, 1, d, dtype=DT)
+    gmm = bfd.GaussianMixture(torch.ones(1, dtype=DT), mu[None], S[None])
+    Ms = torch.randn(P, 2, d, generator=g, dtype=DT)
+    noise = torch.tensor([0.3, 0.01], dtype=DT)
+    x = gmm.sample(P, g)
+    y = torch.einsum("pmd,pd->pm", Ms, x) + noise[:, None] * torch.randn(
+        P, 2, generator=g, dtype=DT
+    )
+    A = bfd.operators.PerProblemDense(Ms.repeat_interleave(R, 0))
+    problem = bfd.InverseProblem(
+        A, y.repeat_interleave(R, 0), noise_std=noise.repeat_interleave(R, 0)
+    )
+    prior = gmm.diffusion(sched)
+    lineages = {}
+    for twist, kernel in product(("jacobian", "operator"), ("ddim", "reference")):
+        res = TDS(num_steps=n, twist_variance=twist, reverse_variance=kernel).sample(
+            prior, problem, num_samples=N, generator=g
+        )
+        assert res.info.extra.twist == (twist if twist == "jacobian" else "chain")
+        lineages[twist, kernel] = res.info.ancestors.double().reshape(P, R).mean(1)
+        ref = prior.x0_variance if kernel == "reference" else None
+        chain = chain_prior(mu, S, sched, res.info.times, ref)
+        mean, _ = weighted_moments(res)
+        m_hat, m_se = copy_stats(mean, P, R)
+        for p in range(P):
+            sub = bfd.InverseProblem(Dense(Ms[p]), y[p], noise_std=float(noise[p]))
+            assert ((m_hat[p] - chain.posterior(sub).mean()).abs() <= 4.5 * m_se[p]).all()
+            ratio = torch.exp(res.log_evidence[p * R : (p + 1) * R] - chain.log_evidence(sub))
+            assert (ratio.mean() - 1).abs() <= 4.5 * ratio.std() / math.sqrt(R)
+    # measured: with the reference kernel all 200 lineages survive in both problems, against
+    # 107 / 82 with the operator's twist; with the DDIM kernel 200 / 67 against 100 / 70 (its
+    # chain is not the continuous model that the Jacobian's twist describes)
+    jac, op = lineages["jacobian", "reference"], lineages["operator", "reference"]
+    assert (jac > 0.9 * N).all() and (jac > 1.5 * op).all()
 
 
 def test_a_thin_genealogy_warning_does_not_point_tds_to_itself():

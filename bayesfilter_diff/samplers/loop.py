@@ -208,6 +208,23 @@ class Context:
             tr = _probe_trace(x0, xr, probe)
         return x0.detach(), tr
 
+    def denoise_jacobian(self, x: Tensor, t: Tensor | float, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """``x0_hat`` and ``R J`` per particle, ``(B, N, m, d)``, for rows ``R`` ``(B | 1, m,
+        *event)`` and ``J = d x0_hat / d x`` the denoiser's Jacobian: one network call and
+        one backward pass per row."""
+        self.nfe += 1
+        self.backprop = True
+        m = rows.shape[1]
+        out = []
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(True)
+            x0 = self.prior.denoise(xr, t)
+            for i in range(m):
+                u = rows[:, i : i + 1].expand_as(x0)
+                (ri,) = torch.autograd.grad(x0, xr, grad_outputs=u, retain_graph=i < m - 1)
+                out.append(ri.reshape(ri.shape[:2] + (-1,)))
+        return x0.detach(), torch.stack(out, -2)
+
 
 def _probe_trace(x0: Tensor, xr: Tensor, probe: Tensor) -> Tensor:
     """``sum_p z_p^T (d x0 / d xr) z_p`` per particle for probes ``(P, *event)`` with

@@ -40,6 +40,20 @@ rest of the grid (``v = 0`` at the last time), so ``Z(x_t) = p~_t(y | x_t)`` exa
 ``x0_hat`` is linear (a locally flat prior, the informative end of the path) the weights are
 constant and nothing is resampled. No backward pass in those steps.
 
+``twist_variance="jacobian"`` (opt-in; Gaussian noise through a linear operator with few
+observed coordinates ``m``) takes the twist's covariance from the denoiser's Jacobian
+``J = d x0_hat / d x_t`` instead of a locally flat prior: ``N(y; A x0_hat, sigma_y^2 I +
+(sigma_t^2 / alpha_t) A J A^T)`` (Tweedie's second moment, the likelihood approximation of
+Boys et al., "Tweedie Moment Projected Diffusions for Inverse Problems", 2023), exact for a
+Gaussian prior of any covariance. Every move conditions the kernel ``N(m, v I)`` on that
+twist at ``s`` linearised at the kernel's mean, ``A x0_hat_s(x_s) ~ A x0_hat_s(m) + A J_s(m)
+(x_s - m)`` (Matheron's rule; ``m`` backward passes through the network at ``(m, s)``), with
+the same weight form as above; the twist at the new particle keeps the covariance ``C_s(m)``
+of its kernel's mean (a function of the path, divided out at the next step). Two network
+calls per step. Exact for any prior; efficient where the Jacobian is accurate: a mixture's
+closed-form denoiser, not a learned network at high noise, whose Jacobian carries the
+network's error times ``1 / alpha_t`` (docs/methods/tds.md, "The Jacobian twist").
+
 The weighted particles target the posterior of the discrete chain
 ``p_theta(x_0) p(y | x_0)`` as ``N -> inf``, and the loop's evidence estimate is unbiased
 for ``p_theta(y)``.
@@ -90,7 +104,7 @@ from .spectral import PixelGaussian, PixelObservation, informative_time_grid, ob
 
 __all__ = ["TDS"]
 
-_TWISTS = ("none", "inflated", "pigdm", "operator")
+_TWISTS = ("none", "inflated", "pigdm", "operator", "jacobian")
 _PROPOSALS = ("auto", "gradient", "conditioned", "model")
 #: the conditioned proposal takes the SVD of an operator's matrix (per problem for a
 #: per-problem operator) when the operator has none, up to this many entries in all
@@ -111,6 +125,13 @@ def _gaussian_x0_variance(schedule, t: Tensor, tau2: float) -> Tensor:
 
 def _uses_gaussian_twist(problem: InverseProblem) -> bool:
     return problem.noise == "gaussian" and problem.log_likelihood_fn is None
+
+
+def _gaussian_logpdf(r: Tensor, chol: Tensor) -> Tensor:
+    """``log N(r; 0, L L^T)`` over the last axis of ``r`` for the Cholesky factor ``L``."""
+    u = torch.linalg.solve_triangular(chol, r.unsqueeze(-1), upper=False).squeeze(-1)
+    log_det = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+    return -0.5 * rowsq(u) - log_det - 0.5 * r.shape[-1] * LOG2PI
 
 
 @dataclass(frozen=True)
@@ -200,7 +221,14 @@ class TDS(SMCSampler):
         the Gaussian twist ``N(y; A(x0_hat), (sigma_y^2 + v_t) I)``. For non-Gaussian
         likelihoods it sets the smoothing variance of the Laplace twist (``"operator"`` and
         ``"inflated"``: ``sig2``; ``"pigdm"``: its ``v_t``; ``"none"``: the likelihood at
-        ``x0_hat``).
+        ``x0_hat``). ``"jacobian"`` (Gaussian noise through a linear operator only; its
+        own conditioned proposal, no ``clamp_x0``, no rejuvenation, kernel ``"ddim"`` or
+        ``"reference"``): the covariance of ``A x0`` given ``x_t`` from the denoiser's
+        Jacobian, ``(sigma_t^2 / alpha_t) A J A^T`` (module docstring), one backward pass
+        per observed coordinate and two network calls per step; for priors with an
+        accurate Jacobian (a Gaussian mixture's closed form), where it keeps the lineages
+        that a full-covariance (anisotropic) prior costs the operator's twist; a learned
+        network's Jacobian at high noise can collapse it (warned; docs/methods/tds.md).
     prior_variance
         ``tau2``, the variance per coordinate of a Gaussian stand-in ``N(m, tau2 I)`` for
         the prior, or ``None`` (default). ``"pigdm"``'s ``v_t = tau2 sig2 / (tau2 + sig2)``
@@ -343,9 +371,39 @@ class TDS(SMCSampler):
         c = self.rejuvenation_scale
         if isinstance(c, bool) or not isinstance(c, int | float) or not 0 < c < math.inf:
             raise ValueError(f"rejuvenation_scale must be a finite number > 0, got {c!r}")
+        if self.twist_variance == "jacobian":
+            clash = [
+                f"{name}={value!r}"
+                for name, value, ok in (
+                    ("proposal", self.proposal, self.proposal in ("auto", "conditioned")),
+                    (
+                        "reverse_variance",
+                        self.reverse_variance,
+                        self.reverse_variance != "analytic",
+                    ),
+                    ("clamp_x0", self.clamp_x0, self.clamp_x0 is None),
+                    ("rejuvenation_steps", r, r == 0),
+                )
+                if not ok
+            ]
+            if clash:
+                raise ValueError(
+                    "twist_variance='jacobian' has its own conditioned proposal and takes "
+                    "proposal 'auto' or 'conditioned', reverse_variance 'ddim' or 'reference', "
+                    f"no clamp_x0 and no rejuvenation; got {', '.join(clash)}"
+                )
 
     def check(self, prior, problem: InverseProblem) -> None:
         super().check(prior, problem)
+        if self.twist_variance == "jacobian" and not (
+            _uses_gaussian_twist(problem) and problem.operator.is_linear
+        ):
+            raise ValueError(
+                "TDS twist_variance='jacobian' needs Gaussian noise through a linear operator "
+                f"(got noise={problem.noise!r}, a {type(problem.operator).__name__} operator"
+                + (", a log_likelihood_fn" if problem.log_likelihood_fn is not None else "")
+                + "); use twist_variance='operator'"
+            )
         if self.proposal == "conditioned" and not self.conditions(problem):
             raise ValueError(
                 "TDS proposal='conditioned' needs Gaussian noise through a linear operator "
@@ -515,6 +573,117 @@ class TDS(SMCSampler):
         # (one sum of log-ratios, not a difference of two large float32 sums; 0 off the range)
         logs = total(torch.log(safe_z / safe))
         return x_new, -0.5 * (rowsq(r_z) - rowsq(r_s) + logs)
+
+    # ------------------------------------------------------------------ Jacobian twist
+    def _rows(self, ctx: Context) -> tuple[Tensor, Tensor]:
+        """The operator's matrix ``A`` as rows on the event shape ``(B | 1, m, *event)`` (the
+        network's backward passes) and flat in float64 ``(B | 1, 1, m, d)``; cached."""
+        rows = ctx.cache.get("tds.rows")
+        if rows is None:
+            op = cast(LinearOperator, ctx.problem.operator)
+            M = torch.as_tensor(op.matrix).to(dtype=ctx.dtype, device=ctx.device)
+            M = M if M.dim() == 3 else M[None]
+            shaped = M.reshape(M.shape[:2] + tuple(ctx.prior.event_shape))
+            rows = ctx.cache["tds.rows"] = (shaped, M.double().unsqueeze(1))
+        return rows
+
+    def _residual(self, ctx: Context, x0: Tensor) -> Tensor:
+        """``y - A x0`` flat, ``(B, N, m)``, in float64."""
+        op = ctx.problem.operator
+        return (op.flat_out(ctx.y.unsqueeze(1)) - op.flat_out(op(x0))).double()
+
+    def _jacobian_covariance(self, ctx: Context, t: Tensor, aj: Tensor) -> Tensor | None:
+        """The twist's covariance ``sigma_y^2 I + (sigma_t^2 / alpha_t) A J A^T`` of ``A x0``
+        given ``x_t`` (Tweedie's second moment, ``Cov[x0 | x_t] = sigma_t^2 / alpha_t J``)
+        from ``aj = A J`` ``(B, N, m, d)``, float64: the symmetric part with its negative
+        eigenvalues set to 0 (a network's Jacobian need not be symmetric or positive);
+        ``None`` where ``alpha_t = 0`` (an infinitely wide twist)."""
+        sch = ctx.prior.schedule
+        a, s = sch.alpha(t).double(), sch.sigma(t).double()
+        if not bool(a > 0):
+            return None
+        A = self._rows(ctx)[1]
+        k = (s**2 / a) * (aj @ A.transpose(-1, -2))
+        ev, vec = torch.linalg.eigh(0.5 * (k + k.transpose(-1, -2)))
+        s2 = torch.as_tensor(ctx.problem.noise_variance(), dtype=torch.float64)
+        ev = ev.clamp_min(0.0) + s2.to(ev.device).reshape(-1, 1, 1)
+        return (vec * ev.unsqueeze(-2)) @ vec.transpose(-1, -2)
+
+    def _jacobian_init(self, ctx: Context) -> tuple[TDSState, Tensor]:
+        """``x_T`` from the reference with weight the Jacobian twist ``p~_T(y | x_T)``."""
+        t0 = ctx.times[0]
+        x = ctx.start()
+        x0, aj = ctx.denoise_jacobian(x, t0, self._rows(ctx)[0])
+        cov = self._jacobian_covariance(ctx, t0, aj.double())
+        lt = x.new_zeros(x.shape[:2])
+        if cov is not None:
+            chol = torch.linalg.cholesky(cov)
+            lt = _gaussian_logpdf(self._residual(ctx, x0), chol).to(x.dtype)
+        return TDSState(x, x0, None, lt, self._reference_variance(ctx, t0, lt)), lt
+
+    def _jacobian_move(self, ctx: Context, state: TDSState, k: int, t, t_next) -> Move:
+        """The move of ``twist_variance="jacobian"`` (module docstring): the model's kernel
+        ``N(m, v I)`` conditioned on the twist at ``s`` linearised at the kernel's mean,
+        ``A x0_hat_s(x_s) ~ A x0_hat_s(m) + A J_s(m) (x_s - m)`` with covariance ``C_s(m)``,
+        drawn by Matheron's rule; the twist at the new particle is ``N(y; A x0_hat_s(x_s),
+        C_s(m))`` (``C`` from its kernel's mean: a function of the path, which the weights
+        divide out at the next step); the last step conditions on ``p(y | x_0)`` itself."""
+        sch = ctx.prior.schedule
+        x, x0, lt = state.x, state.x0, state.log_twist
+        assert x0 is not None and lt is not None
+        last = k == ctx.times.numel() - 2
+        coef = ddim_coefficients(sch, t, t_next, 1.0)
+        s_t = sch.sigma(t)
+        mean = ddim_mean(x, x0, coef, s_t)
+        var = (coef.std**2).double().expand(lt.shape)
+        if state.x0_var is not None:  # the reference kernel's b^2 Var[x0 | x_t]
+            b = ddim_weights(coef, s_t)[1]
+            var = var + b.double() ** 2 * state.x0_var.double()
+        rows, A = self._rows(ctx)
+        m = A.shape[-2]
+        if last:  # p(y | x_0) is linear in x_0: the conditioning is exact
+            centre, aj = mean, A
+            s2 = torch.as_tensor(ctx.problem.noise_variance(), dtype=torch.float64)
+            eye = torch.eye(m, dtype=torch.float64, device=x.device)
+            cov = s2.to(x.device).reshape(-1, 1, 1, 1) * eye
+        else:
+            centre, aj = ctx.denoise_jacobian(mean, t_next, rows)
+            aj = aj.double()
+            c = self._jacobian_covariance(ctx, t_next, aj)
+            assert c is not None  # alpha_s > 0 after the first time
+            cov = c
+        r = self._residual(ctx, centre)  # (B, N, m)
+        chol = torch.linalg.cholesky(cov)
+        # the linearised predictive of y: S = C + v (A J)(A J)^T
+        chol_s = torch.linalg.cholesky(cov + var[..., None, None] * (aj @ aj.transpose(-1, -2)))
+        # Matheron: x = m + sd z + v (A J)^T S^-1 (r - sd A J z - eta), eta ~ N(0, C)
+        flat = lt.shape + (-1,)
+        z = ctx.randn()
+        sd = var.sqrt()
+        eta = (chol @ ctx.randn(lt.shape + (m,)).double().unsqueeze(-1)).squeeze(-1)
+        z64 = z.reshape(flat).double()
+        inner = r - sd[..., None] * (aj @ z64.unsqueeze(-1)).squeeze(-1) - eta
+        sol = torch.cholesky_solve(inner.unsqueeze(-1), chol_s)
+        dx = sd[..., None] * z64 + var[..., None] * (aj.transpose(-1, -2) @ sol).squeeze(-1)
+        x_new = mean + dx.to(mean.dtype).reshape(mean.shape)
+        dx = x_new.reshape(flat).double() - mean.reshape(flat).double()  # as drawn
+        # log Z(x_t) - log p~_lin(y | x_s): the proposal's normaliser over its linear twist
+        lin = r - (aj @ dx.unsqueeze(-1)).squeeze(-1)
+        log_ratio = _gaussian_logpdf(r, chol_s) - _gaussian_logpdf(lin, chol)
+        if last:
+            lt_new = ctx.problem.log_likelihood(x_new)
+            lt_new = torch.where(torch.isnan(lt_new), torch.full_like(lt_new, -math.inf), lt_new)
+            new_state = TDSState(x_new)
+            lt64 = lt_new.double()
+        else:
+            x0_new = ctx.denoise(x_new, t_next)
+            lt64 = _gaussian_logpdf(self._residual(ctx, x0_new), chol)
+            lt_new = lt64.to(lt.dtype)
+            var_new = self._reference_variance(ctx, t_next, lt_new)
+            new_state = TDSState(x_new, x0_new, None, lt_new, var_new)
+        incr = (log_ratio + lt64 - lt.double()).to(lt.dtype)
+        incr = torch.where(torch.isfinite(lt), incr, torch.full_like(incr, -math.inf))
+        return Move(new_state, incr)
 
     # ------------------------------------------------------------------ time grid
     def time_grid(self, prior, problem: InverseProblem) -> Tensor:
@@ -710,6 +879,8 @@ class TDS(SMCSampler):
 
     # ------------------------------------------------------------------ the sampler
     def init(self, ctx: Context, setup: None) -> tuple[TDSState, Tensor]:
+        if self.twist_variance == "jacobian":
+            return self._jacobian_init(ctx)
         t0 = ctx.times[0]
         # x_T ~ N(0, sigma_T^2 I), the reference distribution of the chain (as in DDIM).
         x = ctx.start()
@@ -724,6 +895,8 @@ class TDS(SMCSampler):
         return state, lt
 
     def move(self, ctx: Context, setup: None, state: TDSState, k: int, t, t_next) -> Move:
+        if self.twist_variance == "jacobian":
+            return self._jacobian_move(ctx, state, k, t, t_next)
         sch = ctx.prior.schedule
         x, x0, g, lt = state.x, state.x0, state.grad, state.log_twist
         assert x0 is not None and lt is not None
@@ -904,6 +1077,8 @@ class TDS(SMCSampler):
         return own(t) if self.prior_variance is None and own is not None else None
 
     def _run_info(self, ctx: Context) -> TDSInfo:
+        if self.twist_variance == "jacobian":
+            return TDSInfo("jacobian", "conditioned")
         prop = "model" if self.proposal == "model" else "gradient"
         if self._smooths_likelihood(ctx.problem):
             kind = most_general_curvature(ctx.cache.get("tds.curvature", ()))
