@@ -630,7 +630,9 @@ def test_jacobian_twist_keeps_a_full_covariance_prior_exact_and_its_lineages():
     predictive ``p(y | x_t)`` of a Gaussian prior, so with the reference kernel (the
     continuous model's transitions up to the prior's average variance) the weights stay
     nearly flat where the scalar twist of the operator's conditioned proposal (a locally flat
-    prior) loses about half of its lineages."""
+    prior) loses about half of its lineages. The same prior marked as a network
+    (``exact_denoiser = False``) takes the Jacobian only on the conditioned moves, weighted
+    up as the twist sharpens: exact too."""
     sched = bfd.VPSchedule.linear()
     g = torch.Generator().manual_seed(6)
     d, P, R, N, n = 6, 2, 16, 200, 40
@@ -649,14 +651,19 @@ def test_jacobian_twist_keeps_a_full_covariance_prior_exact_and_its_lineages():
         A, y.repeat_interleave(R, 0), noise_std=noise.repeat_interleave(R, 0)
     )
     prior = gmm.diffusion(sched)
-    lineages = {}
-    for twist, kernel in product(("jacobian", "operator"), ("ddim", "reference")):
-        res = TDS(num_steps=n, twist_variance=twist, reverse_variance=kernel).sample(
-            prior, problem, num_samples=N, generator=g
+    network = gmm.diffusion(sched)
+    network.exact_denoiser = False  # as a network: the Jacobian only where the twist is sharp
+    lineages, nfe = {}, {}
+    runs = [(t, k, prior) for t, k in product(("jacobian", "operator"), ("ddim", "reference"))]
+    for twist, kernel, model in runs + [("jacobian", "network", network)]:
+        rv = "reference" if kernel == "network" else kernel
+        res = TDS(num_steps=n, twist_variance=twist, reverse_variance=rv).sample(
+            model, problem, num_samples=N, generator=g
         )
         assert res.info.extra.twist == (twist if twist == "jacobian" else "chain")
         lineages[twist, kernel] = res.info.ancestors.double().reshape(P, R).mean(1)
-        ref = prior.x0_variance if kernel == "reference" else None
+        nfe[twist, kernel] = res.info.nfe
+        ref = prior.x0_variance if rv == "reference" else None
         chain = chain_prior(mu, S, sched, res.info.times, ref)
         mean, _ = weighted_moments(res)
         m_hat, m_se = copy_stats(mean, P, R)
@@ -670,6 +677,10 @@ def test_jacobian_twist_keeps_a_full_covariance_prior_exact_and_its_lineages():
     # chain is not the continuous model that the Jacobian's twist describes)
     jac, op = lineages["jacobian", "reference"], lineages["operator", "reference"]
     assert (jac > 0.9 * N).all() and (jac > 1.5 * op).all()
+    # as a network: the operator's gradient moves while the twist is wider than the prior,
+    # then the conditioned moves, the Jacobian's weight growing to 1 (two calls per step)
+    # (measured: 52 < 75 < 103 network calls; lineages 130 / 133)
+    assert nfe["operator", "reference"] < nfe["jacobian", "network"] < nfe["jacobian", "reference"]
 
 
 def test_a_thin_genealogy_warning_does_not_point_tds_to_itself():

@@ -79,6 +79,12 @@ class DiffusionModel(nn.Module):
     #: exact_start=True)``) offer it.
     exact_start: bool = False
 
+    #: Whether the denoiser is the exact posterior mean of a known prior (a Gaussian
+    #: mixture's closed form), so that its Jacobian is Tweedie's covariance at every noise
+    #: level; a network's carries its error times ``1 / alpha_t`` (TDS's
+    #: ``twist_variance="jacobian"`` trusts it only where the twist is sharp).
+    exact_denoiser: bool = False
+
     #: Set only on models loaded from files: the prior JSON (``load_prior``) and the
     #: diffusers folder's description (``from_diffusers``).
     checkpoint_info: dict[str, Any]

@@ -570,6 +570,8 @@ def _mixture_x0_variance(mixture: GaussianMixture) -> tuple[Tensor, Tensor]:
 class GaussianMixtureDiffusion(DiffusionModel):
     """The exact diffusion model of a :class:`GaussianMixture` (denoiser, score, density)."""
 
+    exact_denoiser = True
+
     def __init__(
         self,
         mixture: GaussianMixture,

@@ -50,9 +50,12 @@ twist at ``s`` linearised at the kernel's mean, ``A x0_hat_s(x_s) ~ A x0_hat_s(m
 (x_s - m)`` (Matheron's rule; ``m`` backward passes through the network at ``(m, s)``), with
 the same weight form as above; the twist at the new particle keeps the covariance ``C_s(m)``
 of its kernel's mean (a function of the path, divided out at the next step). Two network
-calls per step. Exact for any prior; efficient where the Jacobian is accurate: a mixture's
-closed-form denoiser, not a learned network at high noise, whose Jacobian carries the
-network's error times ``1 / alpha_t`` (docs/methods/tds.md, "The Jacobian twist").
+calls per step. A network's Jacobian carries its error times ``sigma_t^2 / alpha_t^2``, so
+it is trusted where the twist is sharp only: for a prior without an exact denoiser
+(``prior.exact_denoiser``, a mixture's closed form) the moves are the operator's until the
+chain's twist variance falls to ``prior_variance`` and then blend the operator's conditioned
+move into the Jacobian's over one decade of that variance (docs/methods/tds.md, "The
+Jacobian twist").
 
 The weighted particles target the posterior of the discrete chain
 ``p_theta(x_0) p(y | x_0)`` as ``N -> inf``, and the loop's evidence estimate is unbiased
@@ -225,10 +228,11 @@ class TDS(SMCSampler):
         own conditioned proposal, no ``clamp_x0``, no rejuvenation, kernel ``"ddim"`` or
         ``"reference"``): the covariance of ``A x0`` given ``x_t`` from the denoiser's
         Jacobian, ``(sigma_t^2 / alpha_t) A J A^T`` (module docstring), one backward pass
-        per observed coordinate and two network calls per step; for priors with an
-        accurate Jacobian (a Gaussian mixture's closed form), where it keeps the lineages
-        that a full-covariance (anisotropic) prior costs the operator's twist; a learned
-        network's Jacobian at high noise can collapse it (warned; docs/methods/tds.md).
+        per observed coordinate and two network calls per step; it keeps the lineages that
+        a full-covariance (anisotropic) prior costs the operator's twist. At every move for
+        a prior with an exact denoiser (``prior.exact_denoiser``: a Gaussian mixture), on
+        the sharp end of the path only for a network, whose Jacobian is inaccurate at high
+        noise (docs/methods/tds.md, "The Jacobian twist").
     prior_variance
         ``tau2``, the variance per coordinate of a Gaussian stand-in ``N(m, tau2 I)`` for
         the prior, or ``None`` (default). ``"pigdm"``'s ``v_t = tau2 sig2 / (tau2 + sig2)``
@@ -395,11 +399,10 @@ class TDS(SMCSampler):
 
     def check(self, prior, problem: InverseProblem) -> None:
         super().check(prior, problem)
-        if self.twist_variance == "jacobian" and not (
-            _uses_gaussian_twist(problem) and problem.operator.is_linear
-        ):
+        if self.twist_variance == "jacobian" and not self.conditions(problem):
             raise ValueError(
                 "TDS twist_variance='jacobian' needs Gaussian noise through a linear operator "
+                "with an SVD (has_svd or pixel_svd) or a matrix of at most 2**24 entries "
                 f"(got noise={problem.noise!r}, a {type(problem.operator).__name__} operator"
                 + (", a log_likelihood_fn" if problem.log_likelihood_fn is not None else "")
                 + "); use twist_variance='operator'"
@@ -424,7 +427,7 @@ class TDS(SMCSampler):
                 or getattr(op, "pixel_svd", False)
                 or _DENSE_MAX >= op.in_dim * op.out_dim * int(getattr(op, "batch_size", 1))
             )
-            and self.twist_variance == "operator"
+            and self.twist_variance in ("operator", "jacobian")
             and self.clamp_x0 is None
             # "auto" keeps the analytic reverse variance with the gradient proposal (with
             # the conditioned one it measured worse on the noise-level study, tds.md)
@@ -472,7 +475,28 @@ class TDS(SMCSampler):
 
     def _wants_gradient(self, ctx: Context, k: int) -> bool:
         """Whether the move from grid index ``k`` needs the twist's gradient."""
+        if self.twist_variance == "jacobian" and getattr(ctx.prior, "exact_denoiser", False):
+            return False  # every move is the Jacobian's
         return self.proposal != "model" and self._move_kind(ctx, k) == "gradient"
+
+    def _jacobian_trust(self, ctx: Context, kind: str, t_next: Tensor) -> float:
+        """The weight ``w`` of the Jacobian in the move to ``t_next`` (``twist_variance=
+        "jacobian"``; 0 otherwise): 1 for an exact denoiser (``prior.exact_denoiser``, a
+        mixture's closed form) at every move; for a network 0 on the gradient moves (the
+        twist wider than ``prior_variance``) and on the conditioned moves
+        ``log(tau2 / v_s) / log(10)`` clipped to ``[0, 1]``, ``v_s`` the chain's twist
+        variance: from the operator's twist at ``v_s = tau2`` to the Jacobian's at ``v_s <=
+        tau2 / 10``, where a network's Jacobian is accurate (docs/methods/tds.md)."""
+        if self.twist_variance != "jacobian":
+            return 0.0
+        if getattr(ctx.prior, "exact_denoiser", False):
+            return 1.0
+        if kind == "gradient":
+            return 0.0
+        v = float(self._chain_variance(ctx, t_next))
+        if v <= 0:
+            return 1.0
+        return min(1.0, max(0.0, math.log(self._tau2 / v) / math.log(10.0)))
 
     @staticmethod
     def _pixels(ctx: Context) -> PixelObservation:
@@ -592,16 +616,14 @@ class TDS(SMCSampler):
         op = ctx.problem.operator
         return (op.flat_out(ctx.y.unsqueeze(1)) - op.flat_out(op(x0))).double()
 
-    def _jacobian_covariance(self, ctx: Context, t: Tensor, aj: Tensor) -> Tensor | None:
+    def _jacobian_covariance(self, ctx: Context, t: Tensor, aj: Tensor) -> Tensor:
         """The twist's covariance ``sigma_y^2 I + (sigma_t^2 / alpha_t) A J A^T`` of ``A x0``
         given ``x_t`` (Tweedie's second moment, ``Cov[x0 | x_t] = sigma_t^2 / alpha_t J``)
         from ``aj = A J`` ``(B, N, m, d)``, float64: the symmetric part with its negative
         eigenvalues set to 0 (a network's Jacobian need not be symmetric or positive);
-        ``None`` where ``alpha_t = 0`` (an infinitely wide twist)."""
+        ``alpha_t > 0``."""
         sch = ctx.prior.schedule
         a, s = sch.alpha(t).double(), sch.sigma(t).double()
-        if not bool(a > 0):
-            return None
         A = self._rows(ctx)[1]
         k = (s**2 / a) * (aj @ A.transpose(-1, -2))
         ev, vec = torch.linalg.eigh(0.5 * (k + k.transpose(-1, -2)))
@@ -609,25 +631,18 @@ class TDS(SMCSampler):
         ev = ev.clamp_min(0.0) + s2.to(ev.device).reshape(-1, 1, 1)
         return (vec * ev.unsqueeze(-2)) @ vec.transpose(-1, -2)
 
-    def _jacobian_init(self, ctx: Context) -> tuple[TDSState, Tensor]:
-        """``x_T`` from the reference with weight the Jacobian twist ``p~_T(y | x_T)``."""
-        t0 = ctx.times[0]
-        x = ctx.start()
-        x0, aj = ctx.denoise_jacobian(x, t0, self._rows(ctx)[0])
-        cov = self._jacobian_covariance(ctx, t0, aj.double())
-        lt = x.new_zeros(x.shape[:2])
-        if cov is not None:
-            chol = torch.linalg.cholesky(cov)
-            lt = _gaussian_logpdf(self._residual(ctx, x0), chol).to(x.dtype)
-        return TDSState(x, x0, None, lt, self._reference_variance(ctx, t0, lt)), lt
-
-    def _jacobian_move(self, ctx: Context, state: TDSState, k: int, t, t_next) -> Move:
+    def _jacobian_move(
+        self, ctx: Context, state: TDSState, k: int, t, t_next, trust: float
+    ) -> Move:
         """The move of ``twist_variance="jacobian"`` (module docstring): the model's kernel
         ``N(m, v I)`` conditioned on the twist at ``s`` linearised at the kernel's mean,
         ``A x0_hat_s(x_s) ~ A x0_hat_s(m) + A J_s(m) (x_s - m)`` with covariance ``C_s(m)``,
         drawn by Matheron's rule; the twist at the new particle is ``N(y; A x0_hat_s(x_s),
         C_s(m))`` (``C`` from its kernel's mean: a function of the path, which the weights
-        divide out at the next step); the last step conditions on ``p(y | x_0)`` itself."""
+        divide out at the next step); the last step conditions on ``p(y | x_0)`` itself.
+        With ``trust = w < 1`` the centre, slope and covariance are ``w`` times these plus
+        ``1 - w`` times the operator's conditioned move's (``x0_hat_t(x_t)``, ``A /
+        alpha_s``, ``sigma_y^2 I + v_s A A^T``), which it is at ``w = 0``."""
         sch = ctx.prior.schedule
         x, x0, lt = state.x, state.x0, state.log_twist
         assert x0 is not None and lt is not None
@@ -641,17 +656,20 @@ class TDS(SMCSampler):
             var = var + b.double() ** 2 * state.x0_var.double()
         rows, A = self._rows(ctx)
         m = A.shape[-2]
+        s2 = torch.as_tensor(ctx.problem.noise_variance(), dtype=torch.float64)
+        noise = s2.to(x.device).reshape(-1, 1, 1, 1) * torch.eye(m, dtype=A.dtype, device=x.device)
         if last:  # p(y | x_0) is linear in x_0: the conditioning is exact
-            centre, aj = mean, A
-            s2 = torch.as_tensor(ctx.problem.noise_variance(), dtype=torch.float64)
-            eye = torch.eye(m, dtype=torch.float64, device=x.device)
-            cov = s2.to(x.device).reshape(-1, 1, 1, 1) * eye
+            centre, aj, cov = mean, A, noise
         else:
             centre, aj = ctx.denoise_jacobian(mean, t_next, rows)
             aj = aj.double()
-            c = self._jacobian_covariance(ctx, t_next, aj)
-            assert c is not None  # alpha_s > 0 after the first time
-            cov = c
+            cov = self._jacobian_covariance(ctx, t_next, aj)
+            if trust < 1:  # towards the operator's conditioned move (a locally flat prior)
+                v_s = self._chain_variance(ctx, t_next).double()
+                flat = noise + v_s * (A @ A.transpose(-1, -2))
+                centre = torch.lerp(x0, centre, trust)
+                aj = torch.lerp(A / coef.alpha_s.double(), aj, trust)
+                cov = torch.lerp(flat, cov, trust)
         r = self._residual(ctx, centre)  # (B, N, m)
         chol = torch.linalg.cholesky(cov)
         # the linearised predictive of y: S = C + v (A J)(A J)^T
@@ -802,7 +820,7 @@ class TDS(SMCSampler):
             return _TwistEval(x0, lt, g, var, modes[-1] if self.laplace_warm_start else None)
         elif not _uses_gaussian_twist(problem):
             fn = problem.log_likelihood  # "none": the likelihood at x0_hat (paper)
-        elif self.twist_variance == "operator":
+        elif self.twist_variance in ("operator", "jacobian"):
             fn = self._operator_twist(ctx, t)
         else:
             var = problem.noise_variance() + v  # (B, 1) for per-problem noise
@@ -879,8 +897,6 @@ class TDS(SMCSampler):
 
     # ------------------------------------------------------------------ the sampler
     def init(self, ctx: Context, setup: None) -> tuple[TDSState, Tensor]:
-        if self.twist_variance == "jacobian":
-            return self._jacobian_init(ctx)
         t0 = ctx.times[0]
         # x_T ~ N(0, sigma_T^2 I), the reference distribution of the chain (as in DDIM).
         x = ctx.start()
@@ -895,14 +911,15 @@ class TDS(SMCSampler):
         return state, lt
 
     def move(self, ctx: Context, setup: None, state: TDSState, k: int, t, t_next) -> Move:
-        if self.twist_variance == "jacobian":
-            return self._jacobian_move(ctx, state, k, t, t_next)
         sch = ctx.prior.schedule
         x, x0, g, lt = state.x, state.x0, state.grad, state.log_twist
         assert x0 is not None and lt is not None
         kind = self._move_kind(ctx, k)
         if kind == "gradient" and g is None and self.proposal != "model":
             kind = "conditioned"  # a time inserted after a conditioned move
+        trust = self._jacobian_trust(ctx, kind, t_next)
+        if trust > 0:
+            return self._jacobian_move(ctx, state, k, t, t_next, trust)
         last = k == ctx.times.numel() - 2
         red = tuple(range(2, x.dim()))
         coef = ddim_coefficients(sch, t, t_next, 1.0)
