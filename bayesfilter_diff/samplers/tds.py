@@ -666,10 +666,10 @@ class TDS(SMCSampler):
             cov = self._jacobian_covariance(ctx, t_next, aj)
             if trust < 1:  # towards the operator's conditioned move (a locally flat prior)
                 v_s = self._chain_variance(ctx, t_next).double()
-                flat = noise + v_s * (A @ A.transpose(-1, -2))
+                cov_flat = noise + v_s * (A @ A.transpose(-1, -2))
                 centre = torch.lerp(x0, centre, trust)
                 aj = torch.lerp(A / coef.alpha_s.double(), aj, trust)
-                cov = torch.lerp(flat, cov, trust)
+                cov = torch.lerp(cov_flat, cov, trust)
         r = self._residual(ctx, centre)  # (B, N, m)
         chol = torch.linalg.cholesky(cov)
         # the linearised predictive of y: S = C + v (A J)(A J)^T
