@@ -700,6 +700,7 @@ def test_a_thin_genealogy_warning_does_not_point_tds_to_itself():
         TDS(num_steps=100, adaptive_ess=0.1).sample(prior, problem, 512, g)
     msg = " ".join(str(r.message) for r in rec)
     assert "independent runs pooled" in msg and "TDS (its conditioned" not in msg
+    assert "TDS(twist_variance='jacobian')" in msg  # the operator's twist: the other remedy
 
 
 @pytest.mark.parametrize("likelihood", ["gaussian", "custom"])

@@ -606,6 +606,14 @@ def assess(
                 else "for a linear-Gaussian problem, TDS (its conditioned proposal keeps the "
                 "lineages); error bars from independent runs (diagnostics.runs_mcse)."
             )
+            if name == "TDS" and getattr(info.extra, "twist", None) == "chain":
+                # the operator's twist (a locally flat prior): anisotropic priors thin it
+                remedy = (
+                    "for few observations, TDS(twist_variance='jacobian') (the twist's "
+                    "covariance from the denoiser's Jacobian, one backward pass per observed "
+                    "coordinate: it keeps the lineages that an anisotropic prior costs the "
+                    "operator's twist); " + remedy
+                )
             out.append(
                 QualityIssue(
                     "genealogy",
