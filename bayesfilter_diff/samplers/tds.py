@@ -114,6 +114,12 @@ _PROPOSALS = ("auto", "gradient", "conditioned", "model")
 _DENSE_MAX = 2**24
 
 
+#: :func:`~bayesfilter_diff.samplers.registry.default_sampler` takes ``twist_variance=
+#: "jacobian"`` for linear-Gaussian problems with at most this many observed coordinates
+#: (its cost per trusted step: two network calls and one backward pass per observed
+#: coordinate; 3x the operator twist's CPU time on the digits U-Net with 10)
+JACOBIAN_MAX_OBSERVATIONS = 16
+
 #: ``reverse_variance="analytic"``: the exact trace of the denoiser's Jacobian (one backward
 #: pass per coordinate) up to this dimension, one Rademacher probe above it.
 _EXACT_TRACE_MAX_DIM = 4
