@@ -40,8 +40,8 @@ rest of the grid (``v = 0`` at the last time), so ``Z(x_t) = p~_t(y | x_t)`` exa
 ``x0_hat`` is linear (a locally flat prior, the informative end of the path) the weights are
 constant and nothing is resampled. No backward pass in those steps.
 
-``twist_variance="jacobian"`` (opt-in; Gaussian noise through a linear operator with few
-observed coordinates ``m``) takes the twist's covariance from the denoiser's Jacobian
+``twist_variance="jacobian"`` (Gaussian noise through a linear operator; ``bfd.infer``'s
+default with at most ``JACOBIAN_MAX_OBSERVATIONS`` observed coordinates ``m``) takes the twist's covariance from the denoiser's Jacobian
 ``J = d x0_hat / d x_t`` instead of a locally flat prior: ``N(y; A x0_hat, sigma_y^2 I +
 (sigma_t^2 / alpha_t) A J A^T)`` (Tweedie's second moment, the likelihood approximation of
 Boys et al., "Tweedie Moment Projected Diffusions for Inverse Problems", 2023), exact for a
@@ -485,24 +485,30 @@ class TDS(SMCSampler):
             return False  # every move is the Jacobian's
         return self.proposal != "model" and self._move_kind(ctx, k) == "gradient"
 
-    def _jacobian_trust(self, ctx: Context, kind: str, t_next: Tensor) -> float:
-        """The weight ``w`` of the Jacobian in the move to ``t_next`` (``twist_variance=
+    def _jacobian_trust(self, ctx: Context, kind: str, k: int) -> float:
+        """The weight ``w`` of the Jacobian in the move from grid index ``k`` (``twist_variance=
         "jacobian"``; 0 otherwise): 1 for an exact denoiser (``prior.exact_denoiser``, a
         mixture's closed form) at every move; for a network 0 on the gradient moves (the
         twist wider than ``prior_variance``) and on the conditioned moves
         ``log(tau2 / v_s) / log(10)`` clipped to ``[0, 1]``, ``v_s`` the chain's twist
-        variance: from the operator's twist at ``v_s = tau2`` to the Jacobian's at ``v_s <=
-        tau2 / 10``, where a network's Jacobian is accurate (docs/methods/tds.md)."""
+        variance at the arrival: from the operator's twist at ``v_s = tau2`` to the
+        Jacobian's at ``v_s <= tau2 / 10``, where a network's Jacobian is accurate
+        (docs/methods/tds.md); read once per grid from :meth:`_grid_table`."""
         if self.twist_variance != "jacobian":
             return 0.0
         if getattr(ctx.prior, "exact_denoiser", False):
             return 1.0
         if kind == "gradient":
             return 0.0
-        v = float(self._chain_variance(ctx, t_next))
-        if v <= 0:
-            return 1.0
-        return min(1.0, max(0.0, math.log(self._tau2 / v) / math.log(10.0)))
+        ts = ctx.times
+        key = ("tds.trust", ts.data_ptr(), ts.numel())
+        trust = ctx.cache.get(key)
+        if trust is None:
+            tail = self._grid_table(ctx)[0].tolist()
+            trust = ctx.cache[key] = [
+                1.0 if v <= 0 else min(1.0, max(0.0, math.log10(self._tau2 / v))) for v in tail
+            ]
+        return trust[k + 1]
 
     @staticmethod
     def _pixels(ctx: Context) -> PixelObservation:
@@ -923,7 +929,7 @@ class TDS(SMCSampler):
         kind = self._move_kind(ctx, k)
         if kind == "gradient" and g is None and self.proposal != "model":
             kind = "conditioned"  # a time inserted after a conditioned move
-        trust = self._jacobian_trust(ctx, kind, t_next)
+        trust = self._jacobian_trust(ctx, kind, k)
         if trust > 0:
             return self._jacobian_move(ctx, state, k, t, t_next, trust)
         last = k == ctx.times.numel() - 2
