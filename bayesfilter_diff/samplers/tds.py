@@ -613,14 +613,14 @@ class TDS(SMCSampler):
     # ------------------------------------------------------------------ Jacobian twist
     def _rows(self, ctx: Context) -> tuple[Tensor, Tensor]:
         """The operator's matrix ``A`` as rows on the event shape ``(B | 1, m, *event)`` (the
-        network's backward passes) and flat in float64 ``(B | 1, 1, m, d)``; cached."""
+        network's backward passes) and flat ``(B | 1, 1, m, d)``, in the run's dtype; cached."""
         rows = ctx.cache.get("tds.rows")
         if rows is None:
             op = cast(LinearOperator, ctx.problem.operator)
             M = torch.as_tensor(op.matrix).to(dtype=ctx.dtype, device=ctx.device)
             M = M if M.dim() == 3 else M[None]
             shaped = M.reshape(M.shape[:2] + tuple(ctx.prior.event_shape))
-            rows = ctx.cache["tds.rows"] = (shaped, M.double().unsqueeze(1))
+            rows = ctx.cache["tds.rows"] = (shaped, M.unsqueeze(1))
         return rows
 
     def _residual(self, ctx: Context, x0: Tensor) -> Tensor:
@@ -631,13 +631,13 @@ class TDS(SMCSampler):
     def _jacobian_covariance(self, ctx: Context, t: Tensor, aj: Tensor) -> Tensor:
         """The twist's covariance ``sigma_y^2 I + (sigma_t^2 / alpha_t) A J A^T`` of ``A x0``
         given ``x_t`` (Tweedie's second moment, ``Cov[x0 | x_t] = sigma_t^2 / alpha_t J``)
-        from ``aj = A J`` ``(B, N, m, d)``, float64: the symmetric part with its negative
+        from ``aj = A J`` ``(B, N, m, d)``, in float64: the symmetric part with its negative
         eigenvalues set to 0 (a network's Jacobian need not be symmetric or positive);
         ``alpha_t > 0``."""
         sch = ctx.prior.schedule
         a, s = sch.alpha(t).double(), sch.sigma(t).double()
         A = self._rows(ctx)[1]
-        k = (s**2 / a) * (aj @ A.transpose(-1, -2))
+        k = (s**2 / a) * (aj @ A.transpose(-1, -2)).double()
         ev, vec = torch.linalg.eigh(0.5 * (k + k.transpose(-1, -2)))
         s2 = torch.as_tensor(ctx.problem.noise_variance(), dtype=torch.float64)
         ev = ev.clamp_min(0.0) + s2.to(ev.device).reshape(-1, 1, 1)
@@ -669,36 +669,38 @@ class TDS(SMCSampler):
         rows, A = self._rows(ctx)
         m = A.shape[-2]
         s2 = torch.as_tensor(ctx.problem.noise_variance(), dtype=torch.float64)
-        noise = s2.to(x.device).reshape(-1, 1, 1, 1) * torch.eye(m, dtype=A.dtype, device=x.device)
+        eye = torch.eye(m, dtype=torch.float64, device=x.device)
+        noise = s2.to(x.device).reshape(-1, 1, 1, 1) * eye
         if last:  # p(y | x_0) is linear in x_0: the conditioning is exact
             centre, aj, cov = mean, A, noise
         else:
+            # (the rows A J in the run's dtype, their m x m products in float64)
             centre, aj = ctx.denoise_jacobian(mean, t_next, rows)
-            aj = aj.double()
             cov = self._jacobian_covariance(ctx, t_next, aj)
             if trust < 1:  # towards the operator's conditioned move (a locally flat prior)
                 v_s = self._chain_variance(ctx, t_next).double()
-                cov_flat = noise + v_s * (A @ A.transpose(-1, -2))
+                cov_flat = noise + v_s * (A @ A.transpose(-1, -2)).double()
                 centre = torch.lerp(x0, centre, trust)
-                aj = torch.lerp(A / coef.alpha_s.double(), aj, trust)
+                aj = torch.lerp(A / coef.alpha_s.to(A.dtype), aj, trust)
                 cov = torch.lerp(cov_flat, cov, trust)
         r = self._residual(ctx, centre)  # (B, N, m)
         chol = torch.linalg.cholesky(cov)
         # the linearised predictive of y: S = C + v (A J)(A J)^T
-        chol_s = torch.linalg.cholesky(cov + var[..., None, None] * (aj @ aj.transpose(-1, -2)))
+        gram = (aj @ aj.transpose(-1, -2)).double()
+        chol_s = torch.linalg.cholesky(cov + var[..., None, None] * gram)
         # Matheron: x = m + sd z + v (A J)^T S^-1 (r - sd A J z - eta), eta ~ N(0, C)
         flat = lt.shape + (-1,)
-        z = ctx.randn()
+        z = ctx.randn().reshape(flat)
         sd = var.sqrt()
         eta = (chol @ ctx.randn(lt.shape + (m,)).double().unsqueeze(-1)).squeeze(-1)
-        z64 = z.reshape(flat).double()
-        inner = r - sd[..., None] * (aj @ z64.unsqueeze(-1)).squeeze(-1) - eta
-        sol = torch.cholesky_solve(inner.unsqueeze(-1), chol_s)
-        dx = sd[..., None] * z64 + var[..., None] * (aj.transpose(-1, -2) @ sol).squeeze(-1)
-        x_new = mean + dx.to(mean.dtype).reshape(mean.shape)
-        dx = x_new.reshape(flat).double() - mean.reshape(flat).double()  # as drawn
+        aj_z = (aj @ z.unsqueeze(-1)).squeeze(-1).double()
+        sol = torch.cholesky_solve((r - sd[..., None] * aj_z - eta).unsqueeze(-1), chol_s)
+        shift = (aj.transpose(-1, -2) @ sol.to(aj.dtype)).squeeze(-1)
+        dx = sd[..., None].to(z.dtype) * z + var[..., None].to(z.dtype) * shift
+        x_new = mean + dx.reshape(mean.shape)
+        dx = (x_new - mean).reshape(flat)  # as drawn
         # log Z(x_t) - log p~_lin(y | x_s): the proposal's normaliser over its linear twist
-        lin = r - (aj @ dx.unsqueeze(-1)).squeeze(-1)
+        lin = r - (aj @ dx.unsqueeze(-1)).squeeze(-1).double()
         log_ratio = _gaussian_logpdf(r, chol_s) - _gaussian_logpdf(lin, chol)
         if last:
             lt_new = ctx.problem.log_likelihood(x_new)
