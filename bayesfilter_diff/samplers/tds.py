@@ -54,8 +54,9 @@ calls per step. A network's Jacobian carries its error times ``sigma_t^2 / alpha
 it is trusted where the twist is sharp only: for a prior without an exact denoiser
 (``prior.exact_denoiser``, a mixture's closed form) the moves are the operator's until the
 chain's twist variance falls to ``prior_variance`` and then blend the operator's conditioned
-move into the Jacobian's over one decade of that variance (docs/methods/tds.md, "The
-Jacobian twist").
+move into the Jacobian's over one decade of that variance, the covariance held above a tenth
+of the locally flat prior's (``_JACOBIAN_FLOOR``; docs/methods/tds.md, "The Jacobian
+twist").
 
 The weighted particles target the posterior of the discrete chain
 ``p_theta(x_0) p(y | x_0)`` as ``N -> inf``, and the loop's evidence estimate is unbiased
@@ -119,6 +120,13 @@ _DENSE_MAX = 2**24
 #: (its cost per trusted step: two network calls and one backward pass per observed
 #: coordinate; 3x the operator twist's CPU time on the digits U-Net with 10)
 JACOBIAN_MAX_OBSERVATIONS = 16
+
+#: ``twist_variance="jacobian"`` with a network: the twist's covariance is held above
+#: ``sigma_y^2 I + f v_t A A^T`` (``f`` this, ``v_t`` the chain's twist variance), so a
+#: network's Jacobian cannot make the twist more than ``1 / f`` times sharper than a locally
+#: flat prior's (on ``moons_diffusion`` at ``sigma_y = 1e-3`` without it the evidence was
+#: 0.1 nats low with a healthy genealogy; docs/methods/tds.md)
+_JACOBIAN_FLOOR = 0.1
 
 #: ``reverse_variance="analytic"``: the exact trace of the denoiser's Jacobian (one backward
 #: pass per coordinate) up to this dimension, one Rademacher probe above it.
@@ -633,15 +641,32 @@ class TDS(SMCSampler):
         given ``x_t`` (Tweedie's second moment, ``Cov[x0 | x_t] = sigma_t^2 / alpha_t J``)
         from ``aj = A J`` ``(B, N, m, d)``, in float64: the symmetric part with its negative
         eigenvalues set to 0 (a network's Jacobian need not be symmetric or positive);
-        ``alpha_t > 0``."""
+        ``alpha_t > 0``. For a network (no ``prior.exact_denoiser``) it is also held above
+        ``sigma_y^2 I + f v_t A A^T`` (in the Loewner order: the eigenvalues of the
+        covariance whitened by that floor clamped at 1), ``v_t`` the chain's twist variance
+        and ``f = _JACOBIAN_FLOOR``: a network's Jacobian that claims more than ``1 / f``
+        times the locally flat prior's precision is not believed (docs/methods/tds.md)."""
         sch = ctx.prior.schedule
         a, s = sch.alpha(t).double(), sch.sigma(t).double()
         A = self._rows(ctx)[1]
         k = (s**2 / a) * (aj @ A.transpose(-1, -2)).double()
-        ev, vec = torch.linalg.eigh(0.5 * (k + k.transpose(-1, -2)))
+        k = 0.5 * (k + k.transpose(-1, -2))
         s2 = torch.as_tensor(ctx.problem.noise_variance(), dtype=torch.float64)
-        ev = ev.clamp_min(0.0) + s2.to(ev.device).reshape(-1, 1, 1)
-        return (vec * ev.unsqueeze(-2)) @ vec.transpose(-1, -2)
+        s2 = s2.to(k.device).reshape(-1, 1, 1)
+        if getattr(ctx.prior, "exact_denoiser", False):
+            ev, vec = torch.linalg.eigh(k)
+            ev = ev.clamp_min(0.0) + s2
+            return (vec * ev.unsqueeze(-2)) @ vec.transpose(-1, -2)
+        eye = torch.eye(k.shape[-1], dtype=k.dtype, device=k.device)
+        gram = (A @ A.transpose(-1, -2)).double()
+        v = self._chain_variance(ctx, t).double()
+        low = torch.linalg.cholesky(s2.unsqueeze(-1) * eye + _JACOBIAN_FLOOR * v * gram)
+        # the covariance whitened by the floor, its eigenvalues clamped at 1, coloured back
+        w = torch.linalg.solve_triangular(low, s2.unsqueeze(-1) * eye + k, upper=False)
+        w = torch.linalg.solve_triangular(low, w.transpose(-1, -2), upper=False)
+        ev, vec = torch.linalg.eigh(0.5 * (w + w.transpose(-1, -2)))
+        root = low @ vec * ev.clamp_min(1.0).sqrt().unsqueeze(-2)
+        return root @ root.transpose(-1, -2)
 
     def _jacobian_move(
         self, ctx: Context, state: TDSState, k: int, t, t_next, trust: float
