@@ -258,7 +258,7 @@ def default_sampler(
       denoiser's Jacobian, one backward pass per observed coordinate on the moves where it
       is trusted), which kept 1.8x (the noise-level study) to 30x (a full-covariance
       mixture) the lineages of the operator's twist on mixtures, 1.5x on the moons network
-      at 1.2x its CPU time and 6.7x on the digits network (10 projections) at 3x;
+      at 1.3x its CPU time and 6.4x on the digits network (10 projections) at 3.1x;
     - for every other likelihood it accepts (nonlinear operators, Poisson, custom / Pyro
       sites), and with ``evidence=True`` (SMC^2's inner sampler, whose error is the
       evidence's), the analytic reverse variance (``reverse_variance="analytic"``: the
