@@ -619,16 +619,18 @@ class TDS(SMCSampler):
         return x_new, -0.5 * (rowsq(r_z) - rowsq(r_s) + logs)
 
     # ------------------------------------------------------------------ Jacobian twist
-    def _rows(self, ctx: Context) -> tuple[Tensor, Tensor]:
+    def _rows(self, ctx: Context) -> tuple[Tensor, Tensor, Tensor]:
         """The operator's matrix ``A`` as rows on the event shape ``(B | 1, m, *event)`` (the
-        network's backward passes) and flat ``(B | 1, 1, m, d)``, in the run's dtype; cached."""
+        network's backward passes), flat ``(B | 1, 1, m, d)`` in the run's dtype, and its
+        Gram matrix ``A A^T`` ``(B | 1, 1, m, m)`` in float64; cached."""
         rows = ctx.cache.get("tds.rows")
         if rows is None:
             op = cast(LinearOperator, ctx.problem.operator)
             M = torch.as_tensor(op.matrix).to(dtype=ctx.dtype, device=ctx.device)
             M = M if M.dim() == 3 else M[None]
             shaped = M.reshape(M.shape[:2] + tuple(ctx.prior.event_shape))
-            rows = ctx.cache["tds.rows"] = (shaped, M.unsqueeze(1))
+            gram = (M.double() @ M.double().transpose(-1, -2)).unsqueeze(1)
+            rows = ctx.cache["tds.rows"] = (shaped, M.unsqueeze(1), gram)
         return rows
 
     def _residual(self, ctx: Context, x0: Tensor) -> Tensor:
@@ -636,10 +638,11 @@ class TDS(SMCSampler):
         op = ctx.problem.operator
         return (op.flat_out(ctx.y.unsqueeze(1)) - op.flat_out(op(x0))).double()
 
-    def _jacobian_covariance(self, ctx: Context, t: Tensor, aj: Tensor) -> Tensor:
+    def _jacobian_covariance(self, ctx: Context, t: Tensor, aj: Tensor, noise: Tensor) -> Tensor:
         """The twist's covariance ``sigma_y^2 I + (sigma_t^2 / alpha_t) A J A^T`` of ``A x0``
         given ``x_t`` (Tweedie's second moment, ``Cov[x0 | x_t] = sigma_t^2 / alpha_t J``)
-        from ``aj = A J`` ``(B, N, m, d)``, in float64: the symmetric part with its negative
+        from ``aj = A J`` ``(B, N, m, d)`` and ``noise = sigma_y^2 I``, in float64: the
+        symmetric part with its negative
         eigenvalues set to 0 (a network's Jacobian need not be symmetric or positive);
         ``alpha_t > 0``. For a network (no ``prior.exact_denoiser``) it is also held above
         ``sigma_y^2 I + f v_t A A^T`` (in the Loewner order: the eigenvalues of the
@@ -648,21 +651,16 @@ class TDS(SMCSampler):
         times the locally flat prior's precision is not believed (docs/methods/tds.md)."""
         sch = ctx.prior.schedule
         a, s = sch.alpha(t).double(), sch.sigma(t).double()
-        A = self._rows(ctx)[1]
+        _, A, gram = self._rows(ctx)
         k = (s**2 / a) * (aj @ A.transpose(-1, -2)).double()
         k = 0.5 * (k + k.transpose(-1, -2))
-        s2 = torch.as_tensor(ctx.problem.noise_variance(), dtype=torch.float64)
-        s2 = s2.to(k.device).reshape(-1, 1, 1)
         if getattr(ctx.prior, "exact_denoiser", False):
             ev, vec = torch.linalg.eigh(k)
-            ev = ev.clamp_min(0.0) + s2
-            return (vec * ev.unsqueeze(-2)) @ vec.transpose(-1, -2)
-        eye = torch.eye(k.shape[-1], dtype=k.dtype, device=k.device)
-        gram = (A @ A.transpose(-1, -2)).double()
+            return (vec * ev.clamp_min(0.0).unsqueeze(-2)) @ vec.transpose(-1, -2) + noise
         v = self._chain_variance(ctx, t).double()
-        low = torch.linalg.cholesky(s2.unsqueeze(-1) * eye + _JACOBIAN_FLOOR * v * gram)
+        low = torch.linalg.cholesky(noise + _JACOBIAN_FLOOR * v * gram)
         # the covariance whitened by the floor, its eigenvalues clamped at 1, coloured back
-        w = torch.linalg.solve_triangular(low, s2.unsqueeze(-1) * eye + k, upper=False)
+        w = torch.linalg.solve_triangular(low, noise + k, upper=False)
         w = torch.linalg.solve_triangular(low, w.transpose(-1, -2), upper=False)
         ev, vec = torch.linalg.eigh(0.5 * (w + w.transpose(-1, -2)))
         root = low @ vec * ev.clamp_min(1.0).sqrt().unsqueeze(-2)
@@ -691,7 +689,7 @@ class TDS(SMCSampler):
         if state.x0_var is not None:  # the reference kernel's b^2 Var[x0 | x_t]
             b = ddim_weights(coef, s_t)[1]
             var = var + b.double() ** 2 * state.x0_var.double()
-        rows, A = self._rows(ctx)
+        rows, A, gram_a = self._rows(ctx)
         m = A.shape[-2]
         s2 = torch.as_tensor(ctx.problem.noise_variance(), dtype=torch.float64)
         eye = torch.eye(m, dtype=torch.float64, device=x.device)
@@ -701,10 +699,10 @@ class TDS(SMCSampler):
         else:
             # (the rows A J in the run's dtype, their m x m products in float64)
             centre, aj = ctx.denoise_jacobian(mean, t_next, rows)
-            cov = self._jacobian_covariance(ctx, t_next, aj)
+            cov = self._jacobian_covariance(ctx, t_next, aj, noise)
             if trust < 1:  # towards the operator's conditioned move (a locally flat prior)
                 v_s = self._chain_variance(ctx, t_next).double()
-                cov_flat = noise + v_s * (A @ A.transpose(-1, -2)).double()
+                cov_flat = noise + v_s * gram_a
                 centre = torch.lerp(x0, centre, trust)
                 aj = torch.lerp(A / coef.alpha_s.to(A.dtype), aj, trust)
                 cov = torch.lerp(cov_flat, cov, trust)
