@@ -640,9 +640,13 @@ def test_default_sampler_keeps_its_levels_on_an_informative_heavy_tailed_site():
     assert float(info.min_ess.min()) > 0.2 * 256
 
 
+def _chain_moments() -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gaussian prior's mean and covariance of the chain tests."""
+    return torch.tensor([0.5, -0.3], dtype=DT), torch.tensor([[1.0, 0.4], [0.4, 0.8]], dtype=DT)
+
+
 def _chain(schedule: bfd.Schedule, steps: int):
-    mu = torch.tensor([0.5, -0.3], dtype=DT)
-    S = torch.tensor([[1.0, 0.4], [0.4, 0.8]], dtype=DT)
+    mu, S = _chain_moments()
     gmm = bfd.GaussianMixture(torch.ones(1, dtype=DT), mu[None], S[None])
     return gmm, chain_prior(mu, S, schedule, schedule.time_grid(steps, dtype=DT))
 
@@ -731,6 +735,88 @@ def test_tds_is_exact_for_non_gaussian_sites(kind, kernel):
     r_hat, r_se = copy_stats(ratio, 1, R)
     assert float((r_hat - 1).abs()) <= 4.5 * float(r_se), (r_hat, r_se)
     assert float(r_se) < 0.05  # and the error itself is small
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel", ["ddim", "reference"])
+@pytest.mark.parametrize("kind", ["student_t", "logistic", "laplace"])
+def test_conditioned_laplace_move_is_exact_for_non_gaussian_sites(kind, kernel):
+    """``TDS(proposal="conditioned")`` on a non-Gaussian site draws from the kernel
+    conditioned on the Laplace twist's quadratic model: the discrete chain's posterior mean
+    and evidence within 4.5 standard errors (16 copies, quadrature)."""
+    R, N, steps = 16, 512, 50
+    sched = bfd.VPSchedule.linear()
+    gmm, _ = _chain(sched, steps)
+    prior = gmm.diffusion(sched)
+    qp = _problem(kind)
+
+    def model(y):
+        with pyro.plate("copies", R):
+            x = pyro.sample("x", bfd.DiffusionPrior(prior))
+            pyro.sample("y", qp.obs(x), obs=y)
+
+    sampler = TDS(
+        num_steps=steps, adaptive_ess=0.1, reverse_variance=kernel, proposal="conditioned"
+    )
+    post = bfd.infer(
+        model, sampler, qp.y.expand(R, -1), num_samples=N,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    info = post.result.info
+    curvature = "diagonal" if kind == "laplace" else "hessian"
+    assert (info.extra.twist, info.extra.proposal) == (
+        f"laplace(chain, {curvature})",
+        "conditioned",
+    )
+    ref = prior.x0_variance if kernel == "reference" else None
+    chain = chain_prior(*_chain_moments(), sched, info.times, ref)
+    exact = grid_posterior(qp, n=601, half_width=6.0, prior=chain)
+    mean, _ = weighted_moments(post.result)
+    m_hat, m_se = copy_stats(mean, 1, R)
+    assert ((m_hat[0] - exact.mean()).abs() <= 4.5 * m_se[0]).all(), (m_hat, exact.mean())
+    ratio = torch.exp(post.log_evidence - exact.log_evidence)
+    r_hat, r_se = copy_stats(ratio, 1, R)
+    assert float((r_hat - 1).abs()) <= 4.5 * float(r_se), (r_hat, r_se)
+    assert float(r_se) < 0.05
+
+
+def test_conditioned_laplace_move_keeps_the_lineages_of_an_informative_site():
+    """A ``log_likelihood_fn`` equal to informative Gaussian noise (``sigma_y = 0.02``
+    against a unit prior): the conditioned proposal on the Laplace twist (exact here) gets
+    the chain's posterior mean and evidence within 4.5 standard errors (16 copies),
+    unwarned, and keeps more than twice the gradient proposal's genealogy ESS (measured:
+    324-368 of 512 against 18-51, whose weights degenerated and warned)."""
+    R, N, steps, s = 16, 512, 30, 0.02
+    sched = bfd.VPSchedule.linear()
+    gmm, _ = _chain(sched, steps)
+    prior = gmm.diffusion(sched)
+    A = bfd.operators.Dense(torch.tensor([[1.0, 0.5], [-0.2, 1.0]], dtype=DT))
+    y = torch.tensor([[0.9, -0.6]], dtype=DT).expand(R, -1)
+
+    def ll(x: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
+        r = yy - A(x)
+        return -0.5 * (r**2).sum(-1) / s**2 - math.log(2 * math.pi * s**2)
+
+    custom = bfd.InverseProblem(A, y, log_likelihood_fn=ll)
+    built_in = bfd.InverseProblem(A, y[:1], noise_std=s)
+    genealogy = {}
+    for proposal in ("conditioned", "gradient"):
+        res = TDS(num_steps=steps, proposal=proposal).sample(
+            prior, custom, N, torch.Generator().manual_seed(1)
+        )
+        genealogy[proposal] = res.info.genealogy_ess.mean()
+        if proposal == "gradient":
+            continue
+        assert res.info.extra.proposal == "conditioned" and not res.info.quality
+        chain = chain_prior(*_chain_moments(), sched, res.info.times)
+        mean, _ = weighted_moments(res)
+        m_hat, m_se = copy_stats(mean, 1, R)
+        exact_mean = chain.posterior(built_in).mean()[0]
+        assert ((m_hat[0] - exact_mean).abs() <= 4.5 * m_se[0]).all(), (m_hat, exact_mean)
+        ratio = torch.exp(res.log_evidence - chain.log_evidence(built_in))
+        r_hat, r_se = copy_stats(ratio, 1, R)
+        assert float((r_hat - 1).abs()) <= 4.5 * float(r_se), (r_hat, r_se)
+    assert genealogy["conditioned"] > 2 * genealogy["gradient"], genealogy
 
 
 def _custom_gaussian_runs_as_built_in(gmm, A, y, s, num_steps, N, twist):

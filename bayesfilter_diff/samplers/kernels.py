@@ -252,6 +252,54 @@ class SmoothedLogLikelihood(NamedTuple):
     curvature: str
     iterations: int
     mode: Tensor
+    #: with ``quadratic=True``: a second-order model of the log-likelihood at ``x0``
+    #: (:class:`SiteQuadratic`)
+    quadratic: SiteQuadratic | None = None
+
+
+class SiteQuadratic(NamedTuple):
+    """A log-likelihood's second-order model per particle, ``log p(y | x) ~ f + g^T (x - p)
+    - 1/2 (x - p)^T H (x - p)``, with ``H = V diag(lam) V^T`` (``lam >= 0``; zero off
+    ``V``'s span): ``point`` ``p`` and ``grad`` ``g`` ``(B, N, d)``, ``vectors`` ``V``
+    ``(B, N, d, k)`` orthonormal columns (``None``: the coordinate axes, ``H`` diagonal) and
+    ``values`` ``lam`` ``(B, N, k)`` (``(B, N, 1)``: isotropic on every coordinate), in
+    float64. :func:`smoothed_log_likelihood` makes it at the centre ``p = x0`` with ``H``
+    the curvature at the mode ``x*`` and ``g = (I + v H) (x* - x0) / v``: the quadratic
+    whose smoothing by ``N(0, v I)`` has the twist's own gradient at ``x0`` (the envelope
+    theorem's ``(x* - x0) / v``), for a linear-Gaussian likelihood the likelihood itself.
+    (The likelihood's Taylor model at ``x*`` would be wrong at a kink, e.g. a Laplace site:
+    curvature 0 and the one-sided slope.) TDS's conditioned proposal for the Laplace twist
+    reads it."""
+
+    point: Tensor
+    grad: Tensor
+    vectors: Tensor | None
+    values: Tensor
+
+
+def _site_quadratic(x0: Tensor, direction: Tensor, v: Tensor, D: _Derivatives) -> SiteQuadratic:
+    """The :class:`SiteQuadratic` at the centre ``x0`` ``(B, N, d)`` from the twist's
+    gradient ``direction`` there, the smoothing variance ``v`` and the derivatives ``D`` at
+    the mode: the value's curvature (``H`` with its negative eigenvalues set to 0),
+    eigendecomposed where it is a matrix; non-finite entries (a particle whose likelihood is
+    not finite) become 0."""
+    vectors: Tensor | None = None
+    if D.H is None:
+        assert D.h is not None
+        values = D.h.double()
+    else:
+        H = D.H.double().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        values, W = torch.linalg.eigh(0.5 * (H + H.transpose(-1, -2)))
+        vectors = W if D.U is None else D.U.double() @ W
+    values = values.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0.0)
+    d = direction.double().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    v64 = v.double()
+    if vectors is None:
+        g = d * (1 + v64 * values)
+    else:  # d + v H d
+        along = (vectors.transpose(-1, -2) @ d.unsqueeze(-1)).squeeze(-1)
+        g = d + (vectors @ (v64 * values * along).unsqueeze(-1)).squeeze(-1)
+    return SiteQuadratic(x0.double(), g, vectors, values)
 
 
 class _Derivatives(NamedTuple):
@@ -964,6 +1012,7 @@ def smoothed_log_likelihood(
     first_steps: int = 4,
     memo: dict[str, Any] | None = None,
     start: Tensor | None = None,
+    quadratic: bool = False,
 ) -> SmoothedLogLikelihood:
     """Laplace approximation of ``log int p(y | x) N(x; x0, v I) dx`` per particle.
 
@@ -1012,6 +1061,11 @@ def smoothed_log_likelihood(
     fewer steps). The value then depends on the particle's path, not only on ``x0``,
     where ``phi`` has several modes; the weights stay exact (the value is stored and
     divided out at the next step, like the anchors' dependence on the cloud).
+
+    ``quadratic=True`` also returns a second-order model of the log-likelihood at ``x0``
+    (:class:`SiteQuadratic`: the curvature where Newton stopped, eigendecomposed, and the
+    gradient whose smoothing is the value's ``direction``), from which TDS's conditioned
+    proposal draws.
     """
     B, N = x0.shape[:2]
     d = math.prod(x0.shape[2:])
@@ -1029,7 +1083,8 @@ def smoothed_log_likelihood(
 
     if float(v) == 0:
         D = measured(x0f)
-        return SmoothedLogLikelihood(D.f, D.g.reshape(x0.shape), D.kind, 0, x0)
+        quad = _site_quadratic(x0f, D.g, v, D) if quadratic else None
+        return SmoothedLogLikelihood(D.f, D.g.reshape(x0.shape), D.kind, 0, x0, quad)
     if start is None:
         D = measured(x0f)
         x_init = x0f
@@ -1087,7 +1142,7 @@ def smoothed_log_likelihood(
             x = torch.where(use.unsqueeze(-1), x2, x)
             value = torch.where(use, value2, value)
             phi_x = torch.where(use, phi2, phi)
-            if coarse:  # (the decrement then comes from _polish's last point)
+            if coarse or quadratic:  # (the decrement then comes from _polish's last point)
                 at_x = _select(use, D2, D)
             else:
                 dec2 = _decrement(D2, x2, x0f, v, F2 if D2.H_step is None else None)
@@ -1114,10 +1169,17 @@ def smoothed_log_likelihood(
         dec_x = _decrement(D, x, x0f, v, F if D.H_step is None else None)
     at_mode = _settled(phi_x, dec_x.to(phi_x.dtype), torch.ones_like(phi_x), _START_TOL)
     mode = torch.where(at_mode.unsqueeze(-1), x, torch.full_like(x, math.nan))
+    quad = None
+    if quadratic:
+        # the derivatives at x: _polish's last, else the first pass's or the selected
+        # pass's (None where the two passes' forms differ: measured again)
+        at = D if coarse else at_x
+        quad = _site_quadratic(x0f, direction, v, measured(x) if at is None else at)
     return SmoothedLogLikelihood(
         value,
         direction.reshape(x0.shape),
         most_general_curvature(kinds),
         taken,
         mode.reshape(x0.shape),
+        quad,
     )
