@@ -621,7 +621,11 @@ def test_default_sampler_keeps_its_levels_on_an_informative_heavy_tailed_site():
     """The default sampler (TDS, 100 steps, adaptive levels) on the outlier site at gain 8
     (2-D mixture prior, N = 256): before the Newton fix above it inserted 132-200 levels
     (its cap) over 3 seeds, the smallest per-step ESS 1-10% of N, and warned; now it inserts
-    none and keeps at least a third of N (measured 0.35-0.38)."""
+    none and keeps at least a third of N (measured 0.35-0.38 with the gradient proposal,
+    0.46 with the conditioned one, the default since 2026-12-06). No step collapses; the
+    genealogy can be thin at this N: this seed keeps 23 of 256 by its genealogy ESS
+    (seeds 0-3: 124 / 23 / 126 / 112 against the gradient proposal's 85 / 97 / 59 / 130),
+    which the check reports as such."""
     obs, y = _outlier_site(8.0)
     means = torch.tensor([[1.5, 0.5], [-1.0, -1.0]], dtype=DT)
     gmm = bfd.GaussianMixture(
@@ -636,8 +640,10 @@ def test_default_sampler_keeps_its_levels_on_an_informative_heavy_tailed_site():
     post = bfd.infer(model, y=y, num_samples=256, generator=torch.Generator().manual_seed(1))
     info = post.result.info
     assert isinstance(post.sampler, TDS) and info.extra.twist == "laplace(inflated, hessian)"
-    assert info.inserted_steps == 0 and not info.quality
+    assert info.inserted_steps == 0 and {q.kind for q in info.quality} <= {"genealogy"}
     assert float(info.min_ess.min()) > 0.2 * 256
+    thin = float(info.genealogy_ess.min()) < QualityPolicy().genealogy_fraction * 256
+    assert bool(info.quality) == thin
 
 
 def _chain_moments() -> tuple[torch.Tensor, torch.Tensor]:
@@ -678,11 +684,12 @@ def _problem(kind: str) -> QuadratureProblem:
 @pytest.mark.parametrize("kernel", ["ddim", "analytic"])
 @pytest.mark.parametrize("kind", ["student_t", "logistic", "laplace"])
 def test_tds_is_exact_for_non_gaussian_sites(kind, kernel):
-    """Posterior mean and evidence of TDS through ``bfd.infer`` (the default sampler) within
-    4.5 standard errors of the exact answer by quadrature: with the DDIM kernel, the
-    discrete chain's (anisotropic Gaussian prior); with the analytic reverse variance (the
-    default), the continuous model's for an isotropic Gaussian prior, whose reverse
-    transitions the analytic kernel reproduces exactly."""
+    """Posterior mean and evidence of TDS through ``bfd.infer`` (the default sampler: the
+    conditioned proposal on the Laplace twist) within 4.5 standard errors of the exact
+    answer by quadrature: with the DDIM kernel, the discrete chain's (anisotropic Gaussian
+    prior); with the analytic reverse variance (the default), the continuous model's for an
+    isotropic Gaussian prior, whose reverse transitions the analytic kernel reproduces
+    exactly."""
     R, N, steps = 16, 512, 50
     sched = bfd.VPSchedule.linear()
     gmm, chain = _chain(sched, steps)
@@ -702,7 +709,7 @@ def test_tds_is_exact_for_non_gaussian_sites(kind, kernel):
         bfd.inference.model_to_problem(model, qp.y.expand(R, -1))[1], steps
     )
     assert isinstance(sampler, TDS) and sampler.adaptive_ess == 0.1
-    assert sampler.reverse_variance == "analytic"
+    assert (sampler.reverse_variance, sampler.proposal) == ("analytic", "conditioned")
     sampler = dataclasses.replace(sampler, reverse_variance=kernel)
     post = bfd.infer(
         model,
@@ -713,21 +720,12 @@ def test_tds_is_exact_for_non_gaussian_sites(kind, kernel):
     )
     # a Laplace site's Hessian is 0 wherever it is defined: diagonal, found by two probes
     curvature = "diagonal" if kind == "laplace" else "hessian"
-    assert post.result.info.extra.twist == f"laplace(inflated, {curvature})"
+    variance = "inflated" if kernel == "analytic" else "chain"
+    assert post.result.info.extra.twist == f"laplace({variance}, {curvature})"
     info = post.result.info
-    if kernel == "analytic":
-        assert not info.quality  # the default: healthy, no warning
-    else:
-        # the DDIM kernel's twist fits this wide prior less well: some copies keep 13-15% of
-        # N by their genealogy (measured), below the check's line (20%), so exactly those are
-        # reported, and only as a thin genealogy (no step collapsed)
-        assert {q.kind for q in info.quality} <= {"genealogy"}
-        policy = QualityPolicy()
-        thin = (info.genealogy_ess < policy.genealogy_fraction * N) | (
-            info.ancestors < policy.min_lineages
-        )
-        flagged = {i for q in info.quality for i in q.problems}
-        assert flagged == set(torch.nonzero(thin).flatten().tolist())
+    # healthy, no warning: the smallest genealogy ESS of a copy 273-383 of 512 (measured;
+    # with the gradient proposal the DDIM kernel left some copies at 13-15%, warned)
+    assert not info.quality
     mean, _ = weighted_moments(post.result)
     m_hat, m_se = copy_stats(mean, 1, R)
     assert ((m_hat[0] - exact.mean()).abs() <= 4.5 * m_se[0]).all(), (m_hat, exact.mean(), m_se)
@@ -738,7 +736,7 @@ def test_tds_is_exact_for_non_gaussian_sites(kind, kernel):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kernel", ["ddim", "reference"])
+@pytest.mark.parametrize("kernel", ["reference"])
 @pytest.mark.parametrize("kind", ["student_t", "logistic", "laplace"])
 def test_conditioned_laplace_move_is_exact_for_non_gaussian_sites(kind, kernel):
     """``TDS(proposal="conditioned")`` on a non-Gaussian site draws from the kernel

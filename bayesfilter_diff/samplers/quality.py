@@ -565,8 +565,9 @@ def assess(
                         if "isotropic" in str(getattr(info.extra, "twist", ""))
                         else ""
                     )
-                    + "for a linear-Gaussian problem, TDS's conditioned proposal (exact "
-                    "conditioning at the informative end); "
+                    + "TDS's conditioned proposal (exact conditioning at the informative end "
+                    "for a linear-Gaussian problem; for other sites TDS(proposal='conditioned'), "
+                    "the kernel conditioned on the Laplace twist's quadratic model); "
                     "check that noise_std is not far smaller than the model's error.",
                 )
             )
