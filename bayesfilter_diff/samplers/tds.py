@@ -104,6 +104,7 @@ from .base import Context, Move, Requirements, SMCSampler, check_clamp, check_fi
 from .kernels import (
     LOG2PI,
     SiteQuadratic,
+    SmoothedLogLikelihood,
     ddim_coefficients,
     ddim_mean,
     ddim_weights,
@@ -899,15 +900,7 @@ class TDS(SMCSampler):
             modes: list[Tensor] = []
 
             def smooth(x0: Tensor) -> tuple[Tensor, Tensor]:
-                sm = smoothed_log_likelihood(
-                    problem.log_likelihood,
-                    x0,
-                    v,
-                    max_dim=self.laplace_max_dim,
-                    memo=ctx.cache.setdefault("tds.rank", {}),
-                    start=start if self.laplace_warm_start else None,
-                )
-                ctx.cache.setdefault("tds.curvature", set()).add(sm.curvature)
+                sm = self._smoothed(ctx, x0, v, start)
                 modes.append(sm.mode)
                 return sm.value, sm.direction
 
@@ -958,6 +951,24 @@ class TDS(SMCSampler):
             return _TwistEval(x0, lt, g, self._reference_variance(ctx, t, lt))
         return _TwistEval(x0, lt, g, self._x0_variance(ctx, t, tr))
 
+    def _smoothed(
+        self, ctx: Context, x0: Tensor, v: Tensor, start: Tensor | None, quadratic: bool = False
+    ) -> SmoothedLogLikelihood:
+        """The Laplace twist's :func:`smoothed_log_likelihood` at ``x0`` with this sampler's
+        options (Newton from ``start`` with ``laplace_warm_start``); records its curvature
+        kind for ``info.extra.twist``."""
+        sm = smoothed_log_likelihood(
+            ctx.problem.log_likelihood,
+            x0,
+            v,
+            max_dim=self.laplace_max_dim,
+            memo=ctx.cache.setdefault("tds.rank", {}),
+            start=start if self.laplace_warm_start else None,
+            quadratic=quadratic,
+        )
+        ctx.cache.setdefault("tds.curvature", set()).add(sm.curvature)
+        return sm
+
     def _laplace_values(
         self,
         ctx: Context,
@@ -975,16 +986,7 @@ class TDS(SMCSampler):
             x0 = ctx.denoise(x, t)
         else:
             x0, tr = ctx.denoise_trace(x, t, probe)
-        sm = smoothed_log_likelihood(
-            ctx.problem.log_likelihood,
-            x0.detach(),
-            v,
-            max_dim=self.laplace_max_dim,
-            memo=ctx.cache.setdefault("tds.rank", {}),
-            start=start if self.laplace_warm_start else None,
-            quadratic=True,
-        )
-        ctx.cache.setdefault("tds.curvature", set()).add(sm.curvature)
+        sm = self._smoothed(ctx, x0.detach(), v, start, quadratic=True)
         lt = torch.where(torch.isnan(sm.value), torch.full_like(sm.value, -math.inf), sm.value)
         ref = self._reference_variance(ctx, t, lt)
         var = ref if ref is not None else self._x0_variance(ctx, t, tr)
