@@ -1142,9 +1142,9 @@ def smoothed_log_likelihood(
             x = torch.where(use.unsqueeze(-1), x2, x)
             value = torch.where(use, value2, value)
             phi_x = torch.where(use, phi2, phi)
-            if coarse or quadratic:  # (the decrement then comes from _polish's last point)
+            if coarse or quadratic:  # the derivatives at x (None: forms differ)
                 at_x = _select(use, D2, D)
-            else:
+            if not coarse:  # (coarse: the decrement comes from _polish's last point)
                 dec2 = _decrement(D2, x2, x0f, v, F2 if D2.H_step is None else None)
                 dec_x = torch.where(use, dec2, dec_x)
     if coarse:
