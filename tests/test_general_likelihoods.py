@@ -52,6 +52,36 @@ def test_smoothing_is_exact_for_a_linear_gaussian_likelihood(v):
     assert sm.curvature == "hessian"
 
 
+@pytest.mark.parametrize(
+    ("d", "m", "max_dim", "kind"),
+    [(3, 2, 64, "hessian"), (70, 3, 64, "lowrank"), (6, 6, 64, "diagonal")],
+)
+@pytest.mark.parametrize("v", [0.0, 0.3, 25.0])
+def test_quadratic_model_is_the_linear_gaussian_likelihood(d, m, max_dim, kind, v):
+    """``quadratic=True`` (TDS's conditioned proposal on the Laplace twist): for a
+    linear-Gaussian likelihood the model at ``x0`` is the likelihood itself, curvature
+    ``A^T A / s^2`` and gradient ``A^T (y - A x0) / s^2``, whichever curvature kind."""
+    g = torch.Generator().manual_seed(1)
+    if kind == "diagonal":  # a likelihood that factors over coordinates
+        A = torch.diag(torch.tensor([2.0, 0.5, 1.0, 0.0, 3.0, 1.5], dtype=DT))
+    else:
+        A = torch.randn(m, d, generator=g, dtype=DT)
+    y, s = torch.randn(m, generator=g, dtype=DT), 0.3
+    x0 = torch.randn(2, 5, d, generator=g, dtype=DT)
+    sm = smoothed_log_likelihood(
+        _linear_gaussian(A, y, s), x0, torch.tensor(v, dtype=DT), max_dim=max_dim, quadratic=True
+    )
+    q = sm.quadratic
+    assert q is not None and sm.curvature == kind
+    if q.vectors is None:
+        H = torch.diag_embed(q.values.expand(2, 5, d))
+    else:
+        H = q.vectors @ torch.diag_embed(q.values) @ q.vectors.transpose(-1, -2)
+    torch.testing.assert_close(H, (A.T @ A / s**2).expand(2, 5, d, d), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(q.grad, (y - x0 @ A.T) @ A / s**2, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(q.point, x0)
+
+
 def _gaussian_smoothing(A, y, s, x0, v):
     C = s**2 * torch.eye(A.shape[0], dtype=DT) + v * A @ A.T
     r = y - x0 @ A.T
