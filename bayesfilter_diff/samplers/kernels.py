@@ -281,8 +281,12 @@ def _site_quadratic(x0: Tensor, direction: Tensor, v: Tensor, D: _Derivatives) -
     """The :class:`SiteQuadratic` at the centre ``x0`` ``(B, N, d)`` from the twist's
     gradient ``direction`` there, the smoothing variance ``v`` and the derivatives ``D`` at
     the mode: the value's curvature (``H`` with its negative eigenvalues set to 0),
-    eigendecomposed where it is a matrix; non-finite entries (a particle whose likelihood is
-    not finite) become 0."""
+    eigendecomposed where it is a matrix, less the rounding shift :func:`_psd_parts` gave it
+    (``d`` rounding units of ``x0``'s dtype times the largest eigenvalue: harmless in a
+    log-determinant, where it telescopes, but in float32 at ``sigma_y = 1e-4`` a curvature
+    along the likelihood's null directions of a few 1e-7 of the largest, which bent the
+    proposal there and cost three quarters of the lineages); non-finite entries (a particle
+    whose likelihood is not finite) become 0."""
     vectors: Tensor | None = None
     if D.H is None:
         assert D.h is not None
@@ -291,6 +295,8 @@ def _site_quadratic(x0: Tensor, direction: Tensor, v: Tensor, D: _Derivatives) -
         H = D.H.double().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
         values, W = torch.linalg.eigh(0.5 * (H + H.transpose(-1, -2)))
         vectors = W if D.U is None else D.U.double() @ W
+        unit = 2 * H.shape[-1] * torch.finfo(x0.dtype).eps
+        values = values - unit * values.amax(-1, keepdim=True).clamp_min(0.0)
     values = values.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0.0)
     d = direction.double().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
     v64 = v.double()
