@@ -178,8 +178,9 @@ class TDSState:
     # the particle's twist starts Newton (laplace_warm_start)
     mode: Tensor | None = None
     # the conditioned proposal for the Laplace twist: the log-likelihood's second-order
-    # model at the twist's Newton point (kernels.SiteQuadratic's fields, float64): point and
-    # gradient (B, N, d), curvature vectors (B, N, d, k) (None: the axes) and values (B, N, k)
+    # model at x0_hat (kernels.SiteQuadratic's fields, float64): point and gradient
+    # (B, N, d), curvature vectors (B, N, d, k) (None: the axes) and values (B, N, k); kept
+    # as they were by rejuvenation's moves (any model keeps the weights exact)
     quad_point: Tensor | None = None
     quad_grad: Tensor | None = None
     quad_vectors: Tensor | None = None
@@ -980,7 +981,7 @@ class TDS(SMCSampler):
     ) -> _TwistEval:
         """The Laplace twist at ``x`` for a conditioned move: no backward pass through the
         network (the analytic reverse variance's probes only), and the log-likelihood's
-        quadratic model at the Newton point, from which the next move draws."""
+        quadratic model at ``x0_hat(x)``, from which the next move draws."""
         tr = None
         if probe is None:
             x0 = ctx.denoise(x, t)
@@ -1012,9 +1013,9 @@ class TDS(SMCSampler):
         is ``log G(c) = -1/2 (c - p)^T P (c - p) + beta^T (c - p)`` with ``P = H (I + v_s
         H)^{-1}``, ``beta = (I + v_s H)^{-1} g``, at ``c = x0_hat(x_t) + (x_s - mean) /
         alpha_s`` (the linearisation of the Gaussian conditioned move; at the last step ``c
-        = x_s``, ``v = 0``: the likelihood's model itself). The proposal ``N(mean, std^2 I) G / Z`` is Gaussian, drawn
-        and normalised in ``V``'s eigenbasis (off ``V``'s span ``P = 0``: the gradient
-        proposal's shift); returns ``x_s`` and ``log Z(x_t) - log G(c(x_s))``, so that with
+        = x_s``, ``v = 0``: the likelihood's model itself). The proposal ``N(mean, std^2 I)
+        G / Z`` is Gaussian, drawn and normalised in ``V``'s eigenbasis (off ``V``'s span ``P
+        = 0``: the gradient proposal's shift); returns ``x_s`` and ``log Z(x_t) - log G(c(x_s))``, so that with
         the twists ``p~_s(y | x_s) / p~_t(y | x_t)`` the weight is exact for any model (the
         better it fits the twist, the flatter the weights)."""
         assert state.quad_point is not None and state.quad_grad is not None
