@@ -5,6 +5,12 @@ tree's ``samplers/kernels.py`` against the one of an earlier commit, in one proc
     OMP_NUM_THREADS=1 python -m benchmarks.laplace_twist --old-rev <commit> --dtype float32
     OMP_NUM_THREADS=1 python -m benchmarks.laplace_twist --old-rev <commit> --site student_t
     OMP_NUM_THREADS=1 python -m benchmarks.laplace_twist --old-rev <commit> --site glm
+    OMP_NUM_THREADS=1 python -m benchmarks.laplace_twist --proposals --site student_t
+
+``--proposals``: instead of two kernels, this tree's default sampler with the gradient
+proposal against its conditioned one (the default since 2026-12-06) on the same site; with
+``--old-rev`` the sites of ``bfd.infer``'s default run both versions on the gradient
+proposal where the old kernel has no quadratic model.
 
 Poisson: CPU time of one TDS run (50 steps, the full Hessian up to d = 100) per
 configuration, the best of two, each version on the same seeds (so the log-evidences agree
@@ -24,6 +30,7 @@ default sampler, N = 256, seeds 0 and 1: CPU time, log-evidence against importan
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import inspect
 import math
@@ -80,6 +87,7 @@ def _accepting(fn):
             out = kernels.SmoothedLogLikelihood(*out, x0 + v * out.direction)
         return out
 
+    call.accepts = names  # type: ignore[attr-defined]
     return call
 
 
@@ -98,7 +106,18 @@ def _setup(d: int, m: int, B: int, dt: torch.dtype = DT):
     return gmm.diffusion(bfd.VPSchedule.linear()), problem
 
 
-def _outlier_site(old, new, site: str) -> None:
+def _versions(old, new, proposals: bool) -> list[tuple[str, object, str]]:
+    """``(name, smoothed_log_likelihood, proposal)`` per version compared: this tree's
+    gradient and conditioned proposals, or the old and the new kernel (on the gradient
+    proposal where the old kernel cannot give the conditioned one its quadratic model)."""
+    if proposals:
+        return [("gradient", new, "gradient"), ("conditioned", new, "conditioned")]
+    has = "quadratic" in getattr(old, "accepts", inspect.signature(old).parameters)
+    prop = "conditioned" if has else "gradient"
+    return [("old", old, prop), ("new", new, prop)]
+
+
+def _outlier_site(versions, site: str) -> None:
     from bayesfilter_diff.studies.quadrature import QuadratureProblem, grid_posterior
 
     means = torch.tensor([[1.5, 0.5], [-1.0, -1.0]], dtype=DT)
@@ -108,8 +127,11 @@ def _outlier_site(old, new, site: str) -> None:
     prior = gmm.diffusion(bfd.VPSchedule.linear())
     a = torch.tensor([[1.0, 0.2], [-0.3, 1.0], [0.7, 0.7], [0.9, -0.5], [0.1, -1.0]], dtype=DT)
     y = torch.tensor([3.5, -0.2, 0.4, 0.5, 0.1], dtype=DT)  # the first is an outlier
-    print("| gain | version | CPU s per run | inserted levels | min ESS / N | dlogZ (3 seeds) |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| gain | version | CPU s per run | inserted levels | min ESS / N | dlogZ (3 seeds) | "
+        "genealogy ESS (of 256) |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for gain in (1.0, 4.0, 8.0, 16.0):
 
         def obs(x: torch.Tensor, gain: float = gain) -> dist.TorchDistribution:
@@ -125,10 +147,11 @@ def _outlier_site(old, new, site: str) -> None:
             y[None],
             log_likelihood_fn=lambda x, y: obs(x).log_prob(y),
         )
-        sampler = bfd.samplers.registry.default_sampler(problem, 100)
-        for name, fn in (("old", old), ("new", new)):
+        default = bfd.samplers.registry.default_sampler(problem, 100)
+        for name, fn, proposal in versions:
+            sampler = dataclasses.replace(default, proposal=proposal)
             tds.smoothed_log_likelihood = fn
-            cpu, ins, ess, dz = [], [], [], []
+            cpu, ins, ess, dz, gen = [], [], [], [], []
             for seed in range(3):
                 t = time.process_time()
                 with warnings.catch_warnings():
@@ -138,12 +161,14 @@ def _outlier_site(old, new, site: str) -> None:
                 ins.append(res.info.inserted_steps)
                 ess.append(float(res.info.min_ess.min()) / 256)
                 dz.append(float(res.log_evidence.squeeze() - exact))
+                gen.append(float(res.info.genealogy_ess.min()))
             print(
                 f"| {gain:g} | {name} | {sum(cpu) / 3:.1f} | {', '.join(map(str, ins))} | "
-                f"{min(ess):.2f} - {max(ess):.2f} | {', '.join(f'{z:+.2f}' for z in dz)} |"
+                f"{min(ess):.2f} - {max(ess):.2f} | {', '.join(f'{z:+.2f}' for z in dz)} | "
+                f"{', '.join(f'{g:.0f}' for g in gen)} |"
             )
             sys.stdout.flush()
-        tds.smoothed_log_likelihood = new
+        tds.smoothed_log_likelihood = versions[-1][1]
 
 
 def _glm_setup(d: int):
@@ -215,7 +240,7 @@ def glm_reference(d: int, draws: int = 400_000, nu: float = 60.0) -> tuple[float
     )
 
 
-def _glm(old, new) -> None:
+def _glm(versions) -> None:
     import pyro
 
     print(
@@ -231,14 +256,20 @@ def _glm(old, new) -> None:
             x = pyro.sample("x", bfd.DiffusionPrior(prior))
             pyro.sample("y", dist.Poisson(torch.exp(x @ M.T + 1)).to_event(1), obs=y)
 
+        problem = bfd.inference.model_to_problem(model, y)[1]
+        default = bfd.samplers.registry.default_sampler(problem, 100)
         for seed in (0, 1):
-            for name, fn in (("old", old), ("new", new)):
+            for name, fn, proposal in versions:
                 tds.smoothed_log_likelihood = fn
                 t = time.process_time()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     post = bfd.infer(
-                        model, y=y, num_samples=256, generator=torch.Generator().manual_seed(seed)
+                        model,
+                        dataclasses.replace(default, proposal=proposal),
+                        y=y,
+                        num_samples=256,
+                        generator=torch.Generator().manual_seed(seed),
                     )
                 cpu = time.process_time() - t
                 info = post.info
@@ -248,24 +279,38 @@ def _glm(old, new) -> None:
                     f"{info.extra.twist} |"
                 )
                 sys.stdout.flush()
-        tds.smoothed_log_likelihood = new
+        tds.smoothed_log_likelihood = versions[-1][1]
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--old-rev", required=True, help="the commit to compare against")
+    p.add_argument("--old-rev", help="the commit to compare against")
+    p.add_argument(
+        "--proposals",
+        action="store_true",
+        help="the gradient against the conditioned proposal (this tree; no --old-rev)",
+    )
     p.add_argument("--site", choices=("poisson", "student_t", "laplace", "glm"), default="poisson")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    old = _accepting(_old_kernels(args.old_rev).smoothed_log_likelihood)
     new = tds.smoothed_log_likelihood
+    if args.proposals:
+        versions = _versions(new, new, True)
+        old = new
+    elif args.old_rev is None:
+        p.error("give --old-rev or --proposals")
+    else:
+        old = _accepting(_old_kernels(args.old_rev).smoothed_log_likelihood)
+        versions = _versions(old, new, False)
     if args.site == "glm":
-        _glm(old, new)
+        _glm(versions)
         return
     if args.site != "poisson":
-        _outlier_site(old, new, args.site)
+        _outlier_site(versions, args.site)
         return
+    if args.proposals:
+        p.error("--proposals takes --site student_t, laplace or glm")
     print("| d | m | B | N | old CPU s | new CPU s | old / new | max abs dlogZ (same seed) |")
     print("|---|---|---|---|---|---|---|---|")
     dt = getattr(torch, args.dtype)
