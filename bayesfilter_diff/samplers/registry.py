@@ -268,9 +268,9 @@ def default_sampler(
       its Laplace twist smooths, and ``evidence=False``, with the conditioned proposal
       (since 2026-12-06: the kernel conditioned on the twist's quadratic model; on the
       quadrature study's seven 2-D problems sw/floor 0.79-1.68 against 0.88-1.64 and
-      genealogy ESS up to 1.5x, on a d = 100 Poisson GLM 19 lineages of 256 against 3,
-      on an informative custom Gaussian site 324-368 of 512 against 18-51;
-      docs/methods/tds.md);
+      genealogy ESS up to 1.5x, on a d = 100 Poisson GLM 13-20 lineages of 256 against
+      2-3, on the noise-level study with its noise as a custom site 1.22-1.53x the floor,
+      unwarned, against 1.9-3.4x, warned; docs/methods/tds.md);
 
     MCGdiff where TDS does not apply."""
     tds = build("TDS", num_steps, adaptive_ess=0.1, reverse_variance="reference")

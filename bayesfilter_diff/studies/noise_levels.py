@@ -83,7 +83,7 @@ def noise_problem(
     A = Dense(torch.randn(2, d, generator=g, dtype=dtype))
     y = A(gmm.sample(1, g)[0]) + noise_std * torch.randn(2, generator=g, dtype=dtype)
     if likelihood == "custom":
-        const = math.log(2 * math.pi * noise_std**2)
+        const = math.log(2 * math.pi * noise_std**2)  # (2 observations: 2 x 1/2 log(...))
 
         def log_likelihood(x: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
             return -0.5 * ((yy - A(x)) ** 2).sum(-1) / noise_std**2 - const
