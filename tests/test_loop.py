@@ -706,3 +706,25 @@ def test_a_degenerate_run_with_an_isotropic_laplace_curvature_names_laplace_max_
     for fine in ("hessian", "diagonal"):
         kinds, text = kinds_and_text(f"laplace(inflated, {fine})")
         assert "min_ess" in kinds and "laplace_max_dim" not in text
+
+
+def test_a_thin_genealogy_names_exactly_its_problems():
+    # a batch of four problems, two of whose clouds are worth less than 20% of N by their
+    # genealogy (60 and 90 of 512): the warning names those two, and only as a thin genealogy
+    from bayesfilter_diff.result import RunInfo
+    from bayesfilter_diff.samplers.quality import QualityPolicy, assess
+    from bayesfilter_diff.samplers.tds import TDSInfo
+
+    N, n, B = 512, 4, 4
+    ess = torch.full((n + 1, B), float(N), dtype=torch.float64)
+    x = torch.randn(B, N, 3, generator=torch.Generator().manual_seed(0))
+    info = RunInfo(
+        times=torch.linspace(1, 0, n + 1), num_steps=n, ess=ess, min_ess=ess.min(0).values
+    )
+    info.extra = TDSInfo("laplace(inflated, hessian)", "conditioned")
+    info.genealogy_ess = torch.tensor([400.0, 60.0, 300.0, 90.0], dtype=torch.float64)
+    info.ancestors = torch.tensor([500, 300, 450, 200])
+    assert QualityPolicy().genealogy_fraction * N > 90  # (the line the two are below)
+    found = assess("TDS", info, x, N, 1.0, True)
+    assert [q.kind for q in found] == ["genealogy"]
+    assert set(found[0].problems) == {1, 3}
