@@ -349,7 +349,8 @@ class TDS(SMCSampler):
         (docs/methods/tds.md, "Above laplace_max_dim").
     laplace_warm_start
         The Laplace twist's Newton starts from the particle's parent's mode where that is
-        better than ``x0_hat`` (default ``True``; fewer Newton steps per evaluation,
+        better than ``x0_hat`` and on the same mode of Newton's objective (no valley
+        between them; default ``True``; fewer Newton steps per evaluation,
         docs/methods/tds.md, "Newton from the parent's mode"); ``False`` starts from
         ``x0_hat`` (and the anchors) only, so the twist is a function of ``x_t`` and the
         cloud alone.
