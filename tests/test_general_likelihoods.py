@@ -1144,3 +1144,35 @@ def test_default_sampler_is_exact_on_a_site_with_several_modes():
     assert ((m_hat[0] - exact.mean()).abs() <= 4.5 * m_se[0]).all(), (m_hat, exact.mean(), m_se)
     err = post.log_evidence - exact.log_evidence
     assert float(err.mean().abs()) <= 4.5 * float(err.std()) / math.sqrt(R), err
+
+
+def test_a_hard_support_fails_loudly_with_its_cause():
+    """A Uniform observation site around ``A x`` (a support that moves with ``x``): the
+    reader does not refuse ``y`` for lying outside the support at the value it replays (it
+    did: "lies outside the support of its Uniform distribution"), while a Uniform whose
+    bounds do not depend on ``x`` is still refused. The Laplace twist is ``-inf`` wherever the
+    likelihood is zero around every ``x0_hat`` (measured: at ``t = 1`` for ``x*`` at the
+    prior mean and at a component's mean alike), so the run stops with its cause named."""
+    a = torch.tensor([[1.0, 0.2], [-0.3, 1.0], [0.7, 0.7]], dtype=DT)
+    y = a @ torch.tensor([1.2, 0.4], dtype=DT) + torch.tensor([0.1, -0.15, 0.05], dtype=DT)
+    prior = bfd.GaussianMixture(
+        torch.ones(1, dtype=DT), torch.zeros(1, 2, dtype=DT), torch.tensor([0.5], dtype=DT)
+    ).diffusion(bfd.VPSchedule.linear())
+
+    def model(y):
+        x = pyro.sample("x", bfd.DiffusionPrior(prior))
+        lo = x @ a.T - 0.2
+        pyro.sample("y", dist.Uniform(lo, lo + 0.4, validate_args=False).to_event(1), obs=y)
+
+    with pytest.raises(bfd.errors.DegenerateWeightsError, match="hard support"):
+        bfd.infer(
+            model, TDS(num_steps=4), y, num_samples=16, generator=torch.Generator().manual_seed(0)
+        )
+
+    def fixed(y):
+        pyro.sample("x", bfd.DiffusionPrior(prior))
+        box = dist.Uniform(torch.zeros(3, dtype=DT), torch.ones(3, dtype=DT))
+        pyro.sample("y", box.to_event(1), obs=y)
+
+    with pytest.raises(ValueError, match="outside the support of its Uniform"):
+        bfd.infer(fixed, TDS(num_steps=4), y + 2, num_samples=16)

@@ -389,6 +389,14 @@ def _check_support_and_parameters(
             ok = bool(torch.as_tensor(support.check(v)).all())
         except (RuntimeError, TypeError, ValueError):
             ok = True  # a support that cannot be checked on this value is left to the run
+        if not ok and other_fn is not None:
+            # a support whose bounds move with the prior value (a Uniform around A x) is
+            # not known before the run
+            try:
+                other_support = getattr(other_fn(), "support", None)
+            except Exception:  # the model fails at the other value: left to the run
+                other_support = None
+            ok = not _same_constraint(support, other_support)
         if not ok:
             raise ValueError(
                 f"the observed value of site {name!r} lies outside the support of its "
@@ -424,6 +432,25 @@ def _check_support_and_parameters(
                 + (" ..." if value.numel() > 4 else "")
                 + " (for a noise scale: a finite number > 0)"
             )
+
+
+def _same_constraint(a: Any, b: Any) -> bool:
+    """Whether two constraints are the same: the same kind with equal tensor bounds (an
+    ``IndependentConstraint`` compared through its base)."""
+    if a is None or b is None or type(a) is not type(b):
+        return False
+    for key, va in vars(a).items():
+        vb = vars(b).get(key)
+        if isinstance(va, Tensor) or isinstance(vb, Tensor):
+            ta, tb = torch.as_tensor(va), torch.as_tensor(vb)
+            if ta.shape != tb.shape or not bool(((ta == tb) | (ta.isnan() & tb.isnan())).all()):
+                return False
+        elif hasattr(va, "check") and hasattr(vb, "check"):
+            if not _same_constraint(va, vb):
+                return False
+        elif va != vb:
+            return False
+    return True
 
 
 def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:

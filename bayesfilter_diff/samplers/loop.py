@@ -417,8 +417,15 @@ def _distinct_samples(x: Tensor) -> Tensor:
     return distinct_count(flat @ w)
 
 
-def _raise_degenerate(sampler: Any, w: ParticleWeights, z_trace: list[Tensor], times: Tensor):
-    """DegenerateWeightsError naming the problems and the first step where it happened."""
+def _raise_degenerate(
+    sampler: Any,
+    w: ParticleWeights,
+    z_trace: list[Tensor],
+    times: Tensor,
+    problem: InverseProblem | None = None,
+):
+    """DegenerateWeightsError naming the problems and the first step where it happened,
+    with the sampler's own hint where it has one (``sampler.degenerate_hint(problem)``)."""
     bad = ~torch.isfinite(w.log_z) | ~torch.isfinite(w.log_w).any(-1)
     if not bool(bad.any()):
         return
@@ -426,10 +433,12 @@ def _raise_degenerate(sampler: Any, w: ParticleWeights, z_trace: list[Tensor], t
     probs = torch.nonzero(bad).flatten().tolist()
     finite = torch.isfinite(torch.stack(z_trace)[:, probs]).all(-1)
     first = int(torch.nonzero(~finite)[0]) if bool((~finite).any()) else n
+    hint_fn = getattr(sampler, "degenerate_hint", None)
+    hint = hint_fn(problem) if callable(hint_fn) and problem is not None else None
     raise DegenerateWeightsError(
         f"{type(sampler).__name__}: all particle weights of problem(s) {probs} became "
         f"zero or NaN at step {first} (t = {float(times[min(first, n)]):.4g}); check the "
-        "noise level, the observation and the prior's support"
+        "noise level, the observation and the prior's support" + (f"; {hint}" if hint else "")
     )
 
 
@@ -571,7 +580,7 @@ def run(
     )
     out_w = out_z = None
     if weighted:
-        _raise_degenerate(sampler, w, z_trace, times)
+        _raise_degenerate(sampler, w, z_trace, times, problem)
         info.ess = torch.stack(ess_trace)
         info.resampled = torch.stack(res_trace)
         info.log_evidence = torch.stack(z_trace)

@@ -859,6 +859,19 @@ class TDS(SMCSampler):
 
         return fn
 
+    def degenerate_hint(self, problem: InverseProblem) -> str | None:
+        """The likely cause when every weight of a problem vanished (the loop's
+        DegenerateWeightsError): the Laplace twist of a likelihood that is zero somewhere."""
+        if not self._smooths_likelihood(problem):
+            return None
+        return (
+            "the twist is the Laplace-smoothed likelihood around each particle's x0_hat, "
+            "-inf wherever the log-likelihood is -inf there and Newton finds no point where "
+            "it is finite: a likelihood with a hard support (Uniform noise, a constraint, a "
+            "rate of exactly 0) must be written with a density that is positive everywhere "
+            "(e.g. a steep but smooth edge)"
+        )
+
     def _smooths_likelihood(self, problem: InverseProblem) -> bool:
         """Whether the twist is the Laplace-smoothed likelihood (:func:`smoothed_log_likelihood`):
         Poisson and custom likelihoods, and Gaussian noise through a nonlinear operator with
