@@ -503,6 +503,8 @@ def test_reprs_are_short_summaries():
         ("list", TypeError, "pass a torch.Tensor"),
         ("meta", ValueError, "meta device"),
         ("no_broadcast", ValueError, "must compute with x by broadcasting"),
+        # a 16-bit matrix against the float32 particles (a 16-bit prior runs in float32)
+        ("half_matrix", ValueError, "mixes dtypes.*W.to\\(x.dtype\\)"),
     ],
 )
 def test_bad_models_and_data_get_the_librarys_errors(case, err, match):
@@ -522,7 +524,13 @@ def test_bad_models_and_data_get_the_librarys_errors(case, err, match):
         x = pyro.sample("x", bfd.DiffusionPrior(prior))
         pyro.sample("y", dist.Normal(A.matrix() @ x, 0.1).to_event(1), obs=y)
 
+    def half_matrix(y=None):
+        x = pyro.sample("x", bfd.DiffusionPrior(prior))
+        W = A.matrix().to(torch.float16)
+        pyro.sample("y", dist.Normal(x @ W.T, 0.1).to_event(1), obs=y)
+
     m, y = {
+        "half_matrix": (half_matrix, torch.zeros(2)),
         "wrong_shape": (model, torch.zeros(3)),
         "list": (model, [0.0, 1.0]),
         "meta": (model, torch.zeros(2, device="meta")),

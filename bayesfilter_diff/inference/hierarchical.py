@@ -71,6 +71,7 @@ from ..smc.weights import log_mean_exp, normalize
 from .handlers import PriorPlaceholder, is_plate_site, unwrap
 from .linearize import check_linearization
 from .reading import model_to_problem
+from .structure import model_error
 
 __all__ = ["HierarchicalPosterior", "global_latent_sites", "infer_hierarchical"]
 
@@ -114,7 +115,10 @@ class _Global:
 def global_latent_sites(model: Callable, *args, **kwargs) -> list[str]:
     """The latent sample sites of ``model`` other than its DiffusionPrior site(s)."""
     with pyro.validation_enabled(False):
-        tr = poutine.trace(PriorPlaceholder()(model)).get_trace(*args, **kwargs)
+        try:
+            tr = poutine.trace(PriorPlaceholder()(model)).get_trace(*args, **kwargs)
+        except (RuntimeError, IndexError) as e:
+            raise model_error(e, "with a stand-in value at its prior site") from e
     nodes = cast("dict[str, dict[str, Any]]", tr.nodes)
     return [
         n

@@ -24,7 +24,7 @@ from ..problem import InverseProblem, coarser_dtype
 from .forward import PyroForward
 from .handlers import PriorPlaceholder, is_plate_site, is_unit_scale, unwrap
 from .linearize import linearize as linearize_forward
-from .structure import ModelStructure
+from .structure import ModelStructure, model_error
 
 __all__ = ["model_to_problem"]
 
@@ -127,7 +127,10 @@ def _read_model(
         raise TypeError(f"linearize must be a bool, got {linear!r}")
     # 1. Trace with a placeholder at the prior site (no reverse diffusion).
     with pyro.validation_enabled(False):
-        tr = poutine.trace(PriorPlaceholder()(model)).get_trace(*args, **kwargs)
+        try:
+            tr = poutine.trace(PriorPlaceholder()(model)).get_trace(*args, **kwargs)
+        except (RuntimeError, IndexError) as e:
+            raise model_error(e, "with a stand-in value at its prior site") from e
     # The trace's sites as plain dicts: pyro types a Message's fn as any callable and its
     # value / infer as optional; at a traced sample site they are a distribution and set.
     nodes = cast("dict[str, dict[str, Any]]", tr.nodes)

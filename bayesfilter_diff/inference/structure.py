@@ -5,6 +5,7 @@ contract of :mod:`bayesfilter_diff.inference`)."""
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,27 @@ if TYPE_CHECKING:
     from .linearize import Affine
 
 __all__ = ["ModelStructure"]
+
+#: torch's words for an operation on tensors of two dtypes
+_DTYPE_CLASH = re.compile(
+    r"scalar type|same dtype|dtype mismatch|but found (Half|BFloat16|Float|Double)|"
+    r"expected (both|all) .*dtype",
+    re.IGNORECASE,
+)
+
+
+def model_error(e: Exception, what: str) -> ValueError:
+    """The library's error for a model that raised ``e`` when run ``what`` (e.g. "with a
+    stand-in value at its prior site"): a dtype clash gets its own explanation."""
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if _DTYPE_CLASH.search(first):
+        return ValueError(
+            f"the model failed when run {what}: a computation mixes dtypes. The prior "
+            "site's value carries the prior's dtype (a 16-bit prior runs in float32: weights, "
+            "evidence and linear algebra never run in 16 bits), so tensors the model builds "
+            f"must follow x's dtype, e.g. W.to(x.dtype). The model's error: {first}"
+        )
+    return ValueError(f"the model failed when run {what}: {type(e).__name__}: {first}")
 
 
 @dataclass
@@ -154,12 +176,18 @@ class ModelStructure:
             try:
                 return handled.get_trace(*self.args, **self.kwargs)
             except (RuntimeError, IndexError) as e:
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                if _DTYPE_CLASH.search(first):
+                    raise model_error(
+                        e,
+                        f"with particles of dtype {value.dtype} at the prior site {self.prior_site!r}",
+                    ) from e
                 raise ValueError(
                     f"the model failed when run with {value.shape[0]} particles at the prior "
                     f"site {self.prior_site!r} (a value of shape {tuple(value.shape)}): it must "
                     "compute with x by broadcasting over the leading dimensions (x @ W.T, "
                     f"x[..., i], operators), not A @ x or x.reshape(-1) (see "
-                    f"bayesfilter_diff.inference). The model's error: {str(e).splitlines()[0]}"
+                    f"bayesfilter_diff.inference). The model's error: {first}"
                 ) from e
 
     def observed_log_prob(self, x: Tensor) -> Tensor:
