@@ -32,10 +32,14 @@ _DTYPE_CLASH = re.compile(
 )
 
 
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def model_error(e: Exception, what: str) -> ValueError:
     """The library's error for a model that raised ``e`` when run ``what`` (e.g. "with a
     stand-in value at its prior site"): a dtype clash gets its own explanation."""
-    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    first = _first_line(e)
     if _DTYPE_CLASH.search(first):
         return ValueError(
             f"the model failed when run {what}: a computation mixes dtypes. The prior "
@@ -176,7 +180,7 @@ class ModelStructure:
             try:
                 return handled.get_trace(*self.args, **self.kwargs)
             except (RuntimeError, IndexError) as e:
-                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                first = _first_line(e)
                 if _DTYPE_CLASH.search(first):
                     raise model_error(
                         e,

@@ -1029,7 +1029,7 @@ def _one_basin(
     ``x0_hat``: a path-dependent twist that stays exact, but whose undervalued particles are
     the rare heavy weights that the last steps need (log-evidence 0.65 nats low and
     posterior means 17 standard errors off on two squared projections, nothing warned;
-    docs/methods/tds.md, "Newton from the parent's mode")."""
+    docs/methods/tds.md, "A start across a valley is not taken")."""
     B, N, d = x0.shape
     K = _SEGMENT_POINTS
     lam = torch.arange(1, K, dtype=x0.dtype, device=x0.device) / K
@@ -1102,9 +1102,9 @@ def smoothed_log_likelihood(
 
     ``start`` (``x0``'s shape, optional): a point per particle to start Newton from
     instead of ``x0`` where its ``phi`` is higher and no valley of ``phi`` lies between
-    the two (:func:`_one_basin`; always so for a concave ``phi``) (TDS passes the parent's mode, returned as
-    ``mode``: the mode moves little from one step to the next, and Newton from it takes
-    fewer steps). The value then depends on the particle's path, not only on ``x0``,
+    the two (:func:`_one_basin`; always so for a concave ``phi``). TDS passes the parent's
+    mode, returned as ``mode`` (the mode moves little from one step to the next, and Newton
+    from it takes fewer steps). The value then depends on the particle's path, not only on ``x0``,
     where ``phi`` has several modes; the weights stay exact (the value is stored and
     divided out at the next step, like the anchors' dependence on the cloud).
 
