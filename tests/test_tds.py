@@ -732,7 +732,8 @@ def test_jacobian_twist_on_a_network_agrees_with_the_operator_twist():
 def test_a_thin_genealogy_warning_does_not_point_tds_to_itself():
     """An informative 80-dimensional mixture problem (40 observations, sigma_y = 0.45): at
     N = 512 TDS's draws descend from few lineages and it says so; the remedy it names is more
-    particles or pooled runs, not "TDS (its conditioned proposal ...)", which it already is."""
+    particles or independent runs (runs_check), not "TDS (its conditioned proposal ...)",
+    which it already is."""
     g = torch.Generator().manual_seed(0)
     d, m = 80, 40
     gmm = bfd.GaussianMixture(
@@ -745,7 +746,8 @@ def test_a_thin_genealogy_warning_does_not_point_tds_to_itself():
     with pytest.warns(bfd.PosteriorQualityWarning, match="thin genealogy") as rec:
         TDS(num_steps=100, adaptive_ess=0.1).sample(prior, problem, 512, g)
     msg = " ".join(str(r.message) for r in rec)
-    assert "independent runs pooled" in msg and "TDS (its conditioned" not in msg
+    assert "independent runs, checked against each other and pooled" in msg
+    assert "TDS (its conditioned" not in msg
     assert "TDS(twist_variance='jacobian')" in msg  # the operator's twist: the other remedy
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,6 +39,11 @@ class Posterior:
         What was read from the model (``structure.kind``: how the likelihood was mapped).
     sampler
         The sampler that ran (the default one when ``infer`` was given none).
+    runs
+        With ``infer(..., runs=R)``: the check of the ``R`` independent runs against each
+        other (:class:`~bayesfilter_diff.diagnostics.RunsCheck`, with the pooled mean and
+        evidence and their errors from the runs' spread); ``result`` is then the runs'
+        pooled cloud (:func:`~bayesfilter_diff.diagnostics.pool_runs`). ``None`` for one run.
     """
 
     result: Result
@@ -45,12 +51,14 @@ class Posterior:
     problem: InverseProblem
     structure: ModelStructure = field(repr=False)
     sampler: Sampler | None = None
+    runs: Any = None
 
     def __repr__(self) -> str:
         smp = type(self.sampler).__name__ if self.sampler is not None else None
         return (
             f"Posterior(site={self.site!r}, kind={self.structure.kind!r}, sampler={smp}, "
-            f"result={self.result!r})"
+            + (f"runs={self.runs.mean.runs}, " if self.runs is not None else "")
+            + f"result={self.result!r})"
         )
 
     @property
@@ -124,6 +132,7 @@ def infer(
     num_theta: int = 64,
     moves: int = 3,
     linearize: bool = True,
+    runs: int = 1,
     **kwargs,
 ) -> Posterior | HierarchicalPosterior:
     """Sample the posterior of a Pyro model's DiffusionPrior site with ``sampler``.
@@ -163,6 +172,16 @@ def infer(
         Randomness of the sampler (the model is not run at random: the prior site gets a
         placeholder, so a LinearGaussian model gives the same draws as calling the sampler
         directly with the same generator state).
+    runs
+        ``R >= 2``: ``R`` independent runs of ``num_samples`` particles each, in one batch
+        (``R`` copies of the observation), checked against each other
+        (:func:`~bayesfilter_diff.diagnostics.runs_check`: a
+        :class:`~bayesfilter_diff.PosteriorQualityWarning` when they disagree beyond the
+        Monte Carlo errors they report, e.g. a mode some runs found and others missed) and
+        pooled into one cloud of ``R N`` particles
+        (:func:`~bayesfilter_diff.diagnostics.pool_runs`); the check is in
+        ``Posterior.runs``. Costs ``R`` runs. For a model of one observation without global
+        latent sites. Default 1.
 
     Returns
     -------
@@ -174,7 +193,15 @@ def infer(
             f"got {type(sampler).__name__}; pass the model's arguments by keyword "
             "(infer(model, y=y))"
         )
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+        raise ValueError(f"runs must be an int >= 1, got {runs!r}")
     if global_latent_sites(model, *args, **kwargs):
+        if runs > 1:
+            raise ValueError(
+                "runs > 1 is for models without global latent sites: SMC^2 (this model) "
+                "pools its own theta-particles; for independent runs call infer again with "
+                "other generators and compare them (diagnostics.pooled_log_evidence)"
+            )
         return infer_hierarchical(
             model,
             sampler,
@@ -201,7 +228,48 @@ def infer(
                 "differentiable likelihoods (TDS; DPS for Gaussian or Poisson sites), or a "
                 "LinearGaussian observation of the prior site"
             ) from e
-    res = sampler.sample(prior, problem, num_samples, generator)
-    if st.kind == "affine_gaussian":
-        check_linearization(st, problem, res.samples if res.batched else res.samples[None])
-    return Posterior(result=res, site=st.prior_site, problem=problem, structure=st, sampler=sampler)
+    if runs == 1:
+        res = sampler.sample(prior, problem, num_samples, generator)
+        if st.kind == "affine_gaussian":
+            check_linearization(st, problem, res.samples if res.batched else res.samples[None])
+        return Posterior(
+            result=res, site=st.prior_site, problem=problem, structure=st, sampler=sampler
+        )
+    from ..diagnostics.smc import pool_runs, runs_check
+
+    copies = _copies(problem, runs)
+    res = sampler.sample(prior, copies, num_samples, generator)
+    if st.kind == "affine_gaussian":  # the copies' draws as one cloud of the observation
+        check_linearization(st, problem, res.samples.reshape((1, -1) + res.samples.shape[2:]))
+    check = runs_check(res)
+    return Posterior(
+        result=pool_runs(res),
+        site=st.prior_site,
+        problem=problem,
+        structure=st,
+        sampler=sampler,
+        runs=check,
+    )
+
+
+def _copies(problem: InverseProblem, runs: int) -> InverseProblem:
+    """``runs`` copies of a problem of one observation, as one batched problem."""
+    if problem.batched:
+        raise ValueError(
+            f"runs > 1 needs a model of one observation; this one holds a batch of "
+            f"{problem.batch_size} problems: call infer once per problem, or run the batch "
+            "several times with other generators and compare (diagnostics.runs_check)"
+        )
+    y = problem.y.expand((runs,) + tuple(problem.y.shape)).clone()
+    out = InverseProblem(
+        problem.operator,
+        y,
+        problem.noise_std if problem.noise == "gaussian" else 0.0,
+        noise=problem.noise,
+        poisson_rate=problem.poisson_rate,
+        log_likelihood_fn=problem.log_likelihood_fn,
+        squared_scores_fn=problem.squared_scores_fn,
+    )
+    out.data_dtype = problem.data_dtype
+    out.data_scale_ratio = problem.data_scale_ratio
+    return out

@@ -583,7 +583,8 @@ def assess(
             worth = (
                 f"by the genealogy estimate they are worth about {est:.3g} independent draws "
                 f"of N = {N}, so posterior averages carry about {math.sqrt(N / est):.2g} times "
-                "the Monte Carlo error of N exact draws"
+                "the Monte Carlo error of N exact draws (more if the run missed a region of "
+                "the posterior, which no particle's genealogy shows)"
             )
             if info.ancestors is not None:
                 k_all = info.ancestors.to(info.genealogy_ess.device)[list(probs)]
@@ -602,10 +603,11 @@ def assess(
             # TDS's conditioned proposal is the remedy the others are pointed to; for TDS
             # itself 400 steps instead of 100 left the error of such draws as it was (d = 80)
             remedy = (
-                "several independent runs pooled (error bars from diagnostics.runs_mcse)."
+                "several independent runs, checked against each other and pooled "
+                "(diagnostics.runs_check)."
                 if name == "TDS"
                 else "for a linear-Gaussian problem, TDS (its conditioned proposal keeps the "
-                "lineages); error bars from independent runs (diagnostics.runs_mcse)."
+                "lineages); error bars from independent runs (diagnostics.runs_check)."
             )
             if name == "TDS" and getattr(info.extra, "twist", None) == "chain":
                 # the operator's twist (a locally flat prior): anisotropic priors thin it
