@@ -14,25 +14,10 @@ import warnings
 
 import pytest
 import torch
+from test_reference_check import DT, _problem
 
 import bayesfilter_diff as bfd
 from bayesfilter_diff.result import Result
-
-DT = torch.float64
-
-
-def _problem():
-    g = torch.Generator().manual_seed(3)
-    d = 4
-    one = torch.ones(d, dtype=DT)
-    gmm = bfd.GaussianMixture(
-        torch.tensor([0.3, 0.7], dtype=DT),
-        torch.stack([-2 * one, 2 * one]),
-        torch.ones(2, dtype=DT),
-    )
-    A = bfd.operators.Dense(torch.randn(2, d, generator=g, dtype=DT))
-    y = A(gmm.sample(1, g)[0]) + 0.3 * torch.randn(2, generator=g, dtype=DT)
-    return gmm, bfd.InverseProblem(A, y, noise_std=0.3)
 
 
 def test_independent_exact_draws_agree_and_a_shifted_or_narrow_run_does_not():

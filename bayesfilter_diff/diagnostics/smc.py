@@ -490,6 +490,20 @@ def _ks_distance(res: Result, ref: Result, fn) -> Tensor:
     return torch.where(last, cdf_gap.abs(), torch.zeros_like(cdf_gap)).amax(1)
 
 
+def _coordinates_and_directions(d: int, k: int, seed: int):
+    """The test functions of the checks: ``x`` ``(B, N, ...)`` -> ``(B, N, d + k)``, every
+    coordinate and ``k`` random unit directions fixed by ``seed``, float64."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.randn(k, d, generator=g, dtype=torch.float64)
+    U = U / U.norm(dim=1, keepdim=True).clamp_min(1e-300)
+
+    def fn(x: Tensor) -> Tensor:
+        flat = x.double().reshape(x.shape[:2] + (d,))
+        return torch.cat([flat, flat @ U.to(flat.device).T], -1) if k else flat
+
+    return fn
+
+
 def reference_check(
     result: Any,
     reference: Any,
@@ -542,13 +556,7 @@ def reference_check(
         raise ValueError("result and reference must have finite samples")
     d = math.prod(ev)
     k = directions if d > 1 else 0
-    g = torch.Generator().manual_seed(seed)
-    U = torch.randn(k, d, generator=g, dtype=torch.float64)
-    U = U / U.norm(dim=1, keepdim=True).clamp_min(1e-300)
-
-    def fn(x: Tensor) -> Tensor:
-        flat = x.double().reshape(x.shape[:2] + (d,))
-        return torch.cat([flat, flat @ U.to(flat.device).T], -1) if k else flat
+    fn = _coordinates_and_directions(d, k, seed)
 
     m, em, v, ev_ = _moments_and_errors(res, fn)
     m0, em0, v0, ev0 = _moments_and_errors(ref, fn)
@@ -739,13 +747,7 @@ def runs_check(
     ev = tuple(first.samples.shape[2 if batched else 1 :])
     d = math.prod(ev)
     k = directions if d > 1 else 0
-    g = torch.Generator().manual_seed(seed)
-    U = torch.randn(k, d, generator=g, dtype=torch.float64)
-    U = U / U.norm(dim=1, keepdim=True).clamp_min(1e-300)
-
-    def fn(x: Tensor) -> Tensor:
-        flat = x.double().reshape(x.shape[:2] + (d,))
-        return torch.cat([flat, flat @ U.to(flat.device).T], -1) if k else flat
+    fn = _coordinates_and_directions(d, k, seed)
 
     if batched:
         if not bool(torch.isfinite(first.samples).all()):
