@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -1207,3 +1208,45 @@ def test_a_16_bit_prior_does_not_make_a_nonlinear_mean_affine():
 
     assert bfd.inference.model_to_problem(model(sine), y)[2].kind == "gaussian"
     assert bfd.inference.model_to_problem(model(line), y)[2].kind == "affine_gaussian"
+
+
+def test_a_16_bit_prior_checks_the_mean_at_its_draws_in_float32():
+    """The check at the returned draws runs in float32 too, against M in float32 (the
+    problem's operator holds M rounded to 16 bits): a mean linear at the probes but with a
+    bump where the posterior lies (``x_1`` in ``(0.35, 0.75)``, 5% of the mean) was
+    accepted with float16's tolerance and is refused now; a linear mean with coefficients
+    that 16 bits round (relative error up to 5e-4, above float32's tolerance) still runs."""
+    gmm = bfd.GaussianMixture(
+        torch.ones(1, dtype=torch.float16),
+        torch.zeros(1, 2, dtype=torch.float16),
+        torch.tensor([0.5], dtype=torch.float16),
+    )
+    prior = gmm.diffusion(bfd.VPSchedule.linear())
+    W = torch.tensor([[3.0123456, 0.1234567], [-1.3333333, 2.7182818]])
+
+    def bump(x):
+        x1 = x[..., :1]
+        return 3 * x1 + 0.2 * x[..., 1:] + 2.0 * torch.relu(x1 - 0.35) * torch.relu(0.75 - x1)
+
+    def model(mean, scale):
+        def m(y):
+            x = pyro.sample("x", bfd.DiffusionPrior(prior))
+            pyro.sample("y", dist.Normal(mean(x), scale).to_event(1), obs=y)
+
+        return m
+
+    g = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bfd.PosteriorQualityWarning)
+        assert bfd.inference.model_to_problem(model(bump, 0.02), torch.tensor([1.58]))[2].kind == (
+            "affine_gaussian"
+        )  # the probes miss the bump
+        with pytest.raises(ValueError, match="at the sampled draws"):
+            bfd.infer(model(bump, 0.02), y=torch.tensor([1.58]), num_samples=1024, generator=g)
+        post = bfd.infer(
+            model(lambda x: x @ W.to(x.dtype).T + 0.7777777, 0.05),
+            y=torch.tensor([1.5, -0.3]),
+            num_samples=1024,
+            generator=g,
+        )
+    assert post.kind == "affine_gaussian" and post.samples.dtype == torch.float16
