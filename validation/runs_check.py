@@ -12,7 +12,9 @@ finish; a rerun skips the cells already there):
 - ``rare_operator``: the rare-mode problem below, the same sampler, ``R = 4`` copies of
   N = 2048, 12 batches;
 - ``rare_infer``: ``bfd.infer``'s default on it (one run, N = 2048), seeds 0-15;
-- ``rare_infer_runs4``: ``bfd.infer(..., runs=4)``, seeds 0-5.
+- ``rare_infer_runs4``: ``bfd.infer(..., runs=4)``, seeds 0-5;
+- ``rare_infer_split2``: ``bfd.infer(..., runs=2)`` with N = 1024 per run (the particles of
+  one run of 2048, split), seeds 0-15.
 
 The rare-mode problem: d = 8, prior ``0.999999 N(0, I) + 1e-6 N(m, I)`` with ``m = (8, 5, ...,
 5)``, ``x_1`` observed at ``y = 5.46`` with ``sigma_y = 0.1``: the minor mode holds 0.0953 of
@@ -116,6 +118,8 @@ def cells():
         yield {"cell": "rare_infer", "seed": seed}, (prior, pb, None, 1, 2048)
     for seed in range(6):
         yield {"cell": "rare_infer_runs4", "seed": seed}, (prior, pb, None, 4, 2048)
+    for seed in range(16):  # the same particles as one run, split into two
+        yield {"cell": "rare_infer_split2", "seed": seed}, (prior, pb, None, 2, 1024)
 
 
 def run(key: dict, prior, pb, smp, R: int, N: int) -> dict:
@@ -180,7 +184,8 @@ def report() -> str:
         "| cell | batches | flagged | error_ratio median (range) | minor mass per run | silent runs | log Z of silent runs (reported sd) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for cell in ("healthy", "healthy_mcgdiff", "rare_operator", "rare_infer", "rare_infer_runs4"):
+    cells = ("healthy", "healthy_mcgdiff", "rare_operator", "rare_infer", "rare_infer_runs4")
+    for cell in cells + ("rare_infer_split2",):
         rs = [r for r in rows if r["cell"] == cell]
         if not rs:
             continue
@@ -204,12 +209,15 @@ def report() -> str:
             + (f"{min(masses):.4f}-{max(masses):.4f}" if cell.startswith("rare") else "-")
             + f" | {len(silent)} of {len(rs)} | {sz or '-'} |"
         )
-    pooled = [r["pooled"]["minor"][0] for r in rows if r["cell"] == "rare_infer_runs4"]
-    if pooled:
-        lines += [
-            "",
-            f"`infer(..., runs=4)` pooled minor-mode mass: {', '.join(f'{m:.4f}' for m in pooled)}.",
-        ]
+    for cell, what in (("rare_infer_runs4", "runs=4"), ("rare_infer_split2", "runs=2, N = 1024")):
+        pooled = [r["pooled"]["minor"][0] for r in rows if r["cell"] == cell]
+        if pooled:
+            lines += [
+                "",
+                f"`infer(..., {what})` pooled minor-mode mass: "
+                + ", ".join(f"{m:.4f}" for m in pooled)
+                + ".",
+            ]
     return "\n".join(lines) + "\n"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -19,6 +19,9 @@ from .hierarchical import HierarchicalPosterior, global_latent_sites, infer_hier
 from .linearize import check_linearization
 from .reading import model_to_problem
 from .structure import ModelStructure
+
+if TYPE_CHECKING:
+    from ..diagnostics.smc import RunsCheck
 
 __all__ = ["Posterior", "infer"]
 
@@ -51,7 +54,7 @@ class Posterior:
     problem: InverseProblem
     structure: ModelStructure = field(repr=False)
     sampler: Sampler | None = None
-    runs: Any = None
+    runs: RunsCheck | None = None
 
     def __repr__(self) -> str:
         smp = type(self.sampler).__name__ if self.sampler is not None else None
