@@ -9,6 +9,10 @@ finish; a rerun skips the cells already there):
   copies of N = 1024 in one batch, the default TDS for the problem with evidence
   (``default_sampler(problem, evidence=True)``), 30 batches; ``healthy_mcgdiff``: MCGdiff
   (100 steps), 8 batches;
+- ``smcdiff``: SMCDiff (100 steps) on its probe problem (d = 8, modes at +-5 with weights
+  0.3 / 0.7, one coordinate observed at 0, noise 0.1), whose particles share one noised path
+  of y per run (its ``shared_draw`` finding), ``R = 4`` copies of N = 2000, 6 batches;
+  ``smcdiff_tds``: TDS (analytic kernel) on the same copies;
 - ``rare_operator``: the rare-mode problem below, the same sampler, ``R = 4`` copies of
   N = 2048, 12 batches;
 - ``rare_infer``: ``bfd.infer``'s default on it (one run, N = 2048), seeds 0-15;
@@ -67,6 +71,20 @@ def rare_problem():
     return gmm, bfd.InverseProblem(A, torch.tensor([5.46]), noise_std=0.1)
 
 
+def shared_path_problem():
+    """SMCDiff's probe (docs/methods/smcdiff.md): d = 8, modes at +-5 (0.3 / 0.7), one
+    coordinate observed at 0 with noise 0.1."""
+    d = 8
+    gmm = bfd.GaussianMixture(
+        torch.tensor([0.3, 0.7]),
+        torch.stack([-5 * torch.ones(d), 5 * torch.ones(d)]),
+        torch.ones(2),
+    )
+    mask = torch.zeros(d, dtype=torch.bool)
+    mask[0] = True
+    return gmm, bfd.InverseProblem(bfd.operators.Mask(mask), torch.zeros(1), noise_std=0.1)
+
+
 def copies(problem: bfd.InverseProblem, R: int) -> bfd.InverseProblem:
     return bfd.InverseProblem(
         problem.operator, problem.y.expand(R, -1).clone(), noise_std=problem.noise_std
@@ -78,13 +96,12 @@ def summary(res: bfd.Result, check) -> dict:
     x = res.samples if res.batched else res.samples[None]
     W = res.weights().double()
     W = W if res.batched else W[None]
-    lz = res.log_evidence.reshape(-1)
-    se = res.info.log_evidence_se.reshape(-1)
+    lz, se = res.log_evidence, res.info.log_evidence_se
     out = {
         "minor": [round(float(v), 4) for v in (W * (x[..., 1] > 2.5)).sum(-1)],
         "x2_mean": [round(float(v), 3) for v in (W * x[..., 1]).sum(-1)],
-        "log_z": [round(float(v), 3) for v in lz],
-        "log_z_se": [round(float(v), 4) for v in se],
+        "log_z": [] if lz is None else [round(float(v), 3) for v in lz.reshape(-1)],
+        "log_z_se": [] if se is None else [round(float(v), 4) for v in se.reshape(-1)],
     }
     if check is not None:
         out.update(
@@ -107,6 +124,14 @@ def cells():
     ]:
         for rep in range(reps):
             yield {"cell": name, "seed": 100 + rep}, (prior, pb, smp, 4, 1024)
+    gmm, pb = shared_path_problem()
+    prior = gmm.diffusion(bfd.VPSchedule.linear())
+    for name, smp in [
+        ("smcdiff", bfd.samplers.SMCDiff(num_steps=100)),
+        ("smcdiff_tds", bfd.samplers.TDS(num_steps=100, reverse_variance="analytic")),
+    ]:
+        for rep in range(6):
+            yield {"cell": name, "seed": 100 + rep}, (prior, pb, smp, 4, 2000)
     gmm, pb = rare_problem()
     prior = gmm.diffusion(bfd.VPSchedule.linear())
     for rep in range(12):
@@ -178,13 +203,15 @@ def report() -> str:
         "# Independent runs against each other (`validation/runs_check.py`)",
         "",
         "Made by `OMP_NUM_THREADS=1 python validation/runs_check.py` (the module docstring",
-        "describes the cells). Exact minor-mode mass of the rare-mode problem: 0.0953; exact",
-        "`log Z` -15.582. `silent`: runs with no quality finding warned.",
+        "describes the cells). `mode mass`: the weight of draws with `x_2 > 2.5`, exact 0.0953",
+        "on the rare-mode problem (its `log Z` -15.582) and 0.7 on SMCDiff's. `silent`: runs",
+        "with no quality finding warned.",
         "",
-        "| cell | batches | flagged | error_ratio median (range) | minor mass per run | silent runs | log Z of silent runs (reported sd) |",
+        "| cell | batches | flagged | error_ratio median (range) | mode mass per run | silent runs | log Z of silent runs (reported sd) |",
         "|---|---|---|---|---|---|---|",
     ]
-    cells = ("healthy", "healthy_mcgdiff", "rare_operator", "rare_infer", "rare_infer_runs4")
+    cells = ("healthy", "healthy_mcgdiff", "smcdiff", "smcdiff_tds", "rare_operator", "rare_infer")
+    cells += ("rare_infer_runs4",)
     for cell in cells + ("rare_infer_split2",):
         rs = [r for r in rows if r["cell"] == cell]
         if not rs:
@@ -206,7 +233,7 @@ def report() -> str:
         )
         lines.append(
             f"| {cell} | {len(rs)} | {flagged if ratios else '-'} | {rr} | "
-            + (f"{min(masses):.4f}-{max(masses):.4f}" if cell.startswith("rare") else "-")
+            + (f"{min(masses):.4f}-{max(masses):.4f}" if cell[:4] in ("rare", "smcd") else "-")
             + f" | {len(silent)} of {len(rs)} | {sz or '-'} |"
         )
     for cell, what in (("rare_infer_runs4", "runs=4"), ("rare_infer_split2", "runs=2, N = 1024")):
