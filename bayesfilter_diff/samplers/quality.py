@@ -519,7 +519,7 @@ def assess(
                 "two-mode mixture with one observed coordinate (N = 4000, 100 steps), a mode "
                 "weight of 0.238 came out 0.13-0.45 over six runs whose genealogy predicted "
                 "an error of 0.01-0.015. Remedies: the spread of independent runs "
-                "(diagnostics.runs_mcse); an asymptotically exact sampler (TDS; MCGdiff for "
+                "(diagnostics.runs_check); an asymptotically exact sampler (TDS; MCGdiff for "
                 "linear-Gaussian problems).",
             )
         )
@@ -532,7 +532,7 @@ def assess(
                 f"lineage and spread checks need N >= {policy.min_particles}, and its Monte "
                 "Carlo error cannot be estimated (info.log_evidence_se is NaN). Remedy: more "
                 "particles; for error bars, several independent runs "
-                "(diagnostics.runs_mcse, pooled_log_evidence).",
+                "(diagnostics.runs_check).",
             )
         )
     if info.min_ess is not None and info.ess is not None and N >= policy.min_particles:
