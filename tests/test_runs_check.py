@@ -211,6 +211,43 @@ def test_infer_with_runs_checks_and_pools_them():
         bfd.infer(hier, y=y, num_samples=256, runs=2)
 
 
+def test_runs_that_report_no_error():
+    """Noiseless data: the observed coordinates equal y in every particle of every run, so
+    every run reports no error there and the runs agree (Q = 0, not NaN); a run collapsed
+    onto one particle reports no error anywhere and is found; a run whose evidence is not
+    finite where the others' is, too (reviewer's probes, session 35)."""
+    gmm, problem = _problem()
+    g = torch.Generator().manual_seed(7)
+    post = gmm.posterior(problem)
+    runs = [Result(samples=post.sample(1024, g)) for _ in range(4)]
+    for r in runs:
+        r.samples[:, 0] = 0.25  # a coordinate fixed by the data
+    c = bfd.diagnostics.runs_check(runs, warn=False)
+    assert not c.disagree and math.isfinite(c.mean_q) and math.isfinite(c.error_ratio)
+    shifted = Result(samples=runs[0].samples.clone())
+    shifted.samples[:, 1] += 0.5
+    c = bfd.diagnostics.runs_check([shifted] + runs[1:], warn=False)
+    assert c.disagree and math.isfinite(c.mean_q)
+    collapsed = Result(samples=runs[0].samples[:1].expand(1024, -1).clone())
+    with pytest.warns(bfd.PosteriorQualityWarning, match="disagree"):
+        c = bfd.diagnostics.runs_check([collapsed] + runs[1:])
+    assert c.disagree
+    # evidences: one copy's is -inf where the others' are finite
+    x = torch.stack([r.samples for r in runs])
+    lw = torch.zeros(4, 1024, dtype=DT)
+    info = bfd.result.RunInfo(log_evidence_se=torch.full((4,), 0.05, dtype=DT))
+    lz = torch.tensor([-3.0, -3.01, -math.inf, -2.99], dtype=DT)
+    c = bfd.diagnostics.runs_check(Result(x, lw, lz, info, True), warn=False)
+    assert c.disagree and c.log_evidence_q == math.inf
+    # pooling gives that copy no weight; a NaN evidence cannot be pooled
+    pooled = bfd.diagnostics.pool_runs(Result(x, lw, lz, info, True))
+    assert bool(torch.isfinite(pooled.mean()).all())
+    assert float(pooled.weights()[2 * 1024 : 3 * 1024].sum()) == 0.0
+    lz[2] = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        bfd.diagnostics.pool_runs(Result(x, lw, lz, info, True))
+
+
 def test_bad_arguments_are_refused_by_name():
     gmm, problem = _problem()
     g = torch.Generator().manual_seed(2)
@@ -226,9 +263,21 @@ def test_bad_arguments_are_refused_by_name():
         bfd.diagnostics.runs_check([r, r.samples])
     with pytest.raises(ValueError, match="runs of one problem"):
         bfd.diagnostics.runs_check([r, Result(samples=torch.zeros(64, 3, dtype=DT))])
+    r2 = Result(samples=post.sample(64, g))
     with pytest.raises(ValueError, match="directions"):
-        bfd.diagnostics.runs_check([r, r], directions=-1)
+        bfd.diagnostics.runs_check([r, r2], directions=-1)
+    with pytest.raises(ValueError, match="seed"):
+        bfd.diagnostics.runs_check([r, r2], seed="a")
+    with pytest.raises(ValueError, match=r"runs\[1\] is runs\[0\]"):
+        bfd.diagnostics.runs_check([r, r])
+    import numpy as np
+
+    assert bfd.diagnostics.runs_check([r, r2], directions=np.int64(4), warn=False).line > 0
     bad = r.samples.clone()
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         bfd.diagnostics.runs_check([r, Result(samples=bad)])
+    with pytest.raises(ValueError, match="no coordinates"):
+        bfd.diagnostics.runs_check(
+            [Result(samples=torch.zeros(8, 0)), Result(samples=torch.ones(8, 0))]
+        )

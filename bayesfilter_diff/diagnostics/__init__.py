@@ -47,6 +47,7 @@ from .plots import (
     plot_rank_histogram,
     plot_samples_vs_posterior,
 )
+from .predictive import PriorPredictiveCheck, prior_predictive_check
 from .smc import (
     EvidenceEstimate,
     MeanEstimate,
@@ -73,6 +74,8 @@ __all__ = [
     "reference_check",
     "RunsCheck",
     "runs_check",
+    "PriorPredictiveCheck",
+    "prior_predictive_check",
     "pool_runs",
     "MeanEstimate",
     "runs_mcse",

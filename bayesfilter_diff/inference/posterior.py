@@ -44,9 +44,12 @@ class Posterior:
         The sampler that ran (the default one when ``infer`` was given none).
     runs
         With ``infer(..., runs=R)``: the check of the ``R`` independent runs against each
-        other (:class:`~bayesfilter_diff.diagnostics.RunsCheck`, with the pooled mean and
-        evidence and their errors from the runs' spread); ``result`` is then the runs'
-        pooled cloud (:func:`~bayesfilter_diff.diagnostics.pool_runs`). ``None`` for one run.
+        other (:class:`~bayesfilter_diff.diagnostics.RunsCheck`, with the runs' equally
+        weighted mean and pooled evidence and their errors from the runs' spread);
+        ``result`` is then the runs' pooled cloud
+        (:func:`~bayesfilter_diff.diagnostics.pool_runs`), each run weighted by its
+        evidence, so :meth:`mean` and ``runs.mean.value`` differ by a fraction of
+        ``runs.mean.std_error``. ``None`` for one run.
     """
 
     result: Result
@@ -102,7 +105,8 @@ class Posterior:
     ) -> dict[str, Tensor]:
         """Site -> equally weighted draws, Pyro's ``MCMC.get_samples`` convention (as
         :meth:`HierarchicalPosterior.get_samples`): ``num_samples`` of them (the run's
-        ``N`` by default), resampled when the sampler is weighted. The weighted form is
+        ``N`` by default; ``R N`` for ``infer(..., runs=R)``), resampled when the sampler is
+        weighted. The weighted form is
         :attr:`samples` with :attr:`log_weights`."""
         n = self.result.num_samples if num_samples is None else num_samples
         return {self.site: self.draws(n, generator)}
@@ -196,8 +200,9 @@ def infer(
             f"got {type(sampler).__name__}; pass the model's arguments by keyword "
             "(infer(model, y=y))"
         )
-    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
-        raise ValueError(f"runs must be an int >= 1, got {runs!r}")
+    from ..diagnostics.smc import _index
+
+    runs = _index("runs", runs, 1)
     if global_latent_sites(model, *args, **kwargs):
         if runs > 1:
             raise ValueError(
@@ -244,7 +249,7 @@ def infer(
     res = sampler.sample(prior, copies, num_samples, generator)
     if st.kind == "affine_gaussian":  # the copies' draws as one cloud of the observation
         check_linearization(st, problem, res.samples.reshape((1, -1) + res.samples.shape[2:]))
-    check = runs_check(res)
+    check = runs_check(res, stacklevel=3)  # (the warning points at the caller of infer)
     return Posterior(
         result=pool_runs(res),
         site=st.prior_site,
