@@ -86,8 +86,8 @@ def test_runs_whose_errors_miss_the_shared_path_disagree():
     """SMCDiff's particles share one noised path of y per run, whose variance no within-run
     statistic sees (its ``shared_draw`` finding): four copies of an 8-D two-mode problem
     (modes at +-5, one coordinate observed at 0) disagree far beyond their reported errors
-    (measured over seeds 0-5: Q 76-3515 against a line of 25, the spread 3.9-25 times the
-    errors); TDS on the same copies, whose errors are honest, agrees."""
+    (measured over seeds 0-5: Q 76-3515 against a line of 25); TDS on the same copies,
+    whose errors are honest, agrees."""
     d = 8
     gmm = bfd.GaussianMixture(
         torch.tensor([0.3, 0.7]),
