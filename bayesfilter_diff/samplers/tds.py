@@ -767,8 +767,11 @@ class TDS(SMCSampler):
                 cov = torch.lerp(cov_flat, cov, trust)
         r = self._residual(ctx, centre)  # (B, N, m)
         chol = torch.linalg.cholesky(cov)
-        # the linearised predictive of y: S = C + v (A J)(A J)^T
-        gram = (aj @ aj.transpose(-1, -2)).double()
+        # the linearised predictive of y: S = C + v (A J)(A J)^T (the product in float64:
+        # in float32 its rounding, ~1e-7 of its largest entries, broke S's positivity for
+        # operators of condition 1e4-1e5 at noise 1e-2 - 1e-3)
+        aj64 = aj.double()
+        gram = aj64 @ aj64.transpose(-1, -2)
         chol_s = torch.linalg.cholesky(cov + var[..., None, None] * gram)
         # Matheron: x = m + sd z + v (A J)^T S^-1 (r - sd A J z - eta), eta ~ N(0, C)
         flat = lt.shape + (-1,)
