@@ -51,6 +51,15 @@ def _model_ref(model: DiffusionModel) -> tuple[torch.dtype, torch.device]:
     return torch.get_default_dtype(), torch.device("cpu")
 
 
+def unconditional_problem(model: DiffusionModel) -> InverseProblem:
+    """A problem the DDIM sampler can run on to draw from ``model`` itself; DDIM never reads
+    its observation."""
+    dtype, device = _model_ref(model)
+    event = tuple(model.event_shape)
+    op = Identity(event, dtype=dtype).to(device)
+    return InverseProblem(op, torch.zeros(event, dtype=dtype, device=device), noise_std=1.0)
+
+
 def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -248,13 +257,6 @@ class DiffusionPrior(TorchDistribution):
         return new
 
     # ------------------------------------------------------------------ sampling
-    def _dummy_problem(self) -> InverseProblem:
-        """A problem the DDIM sampler can run on; DDIM never reads its observation."""
-        dtype, device = _model_ref(self.model)
-        op = Identity(tuple(self.event_shape), dtype=dtype).to(device)
-        y = torch.zeros(self.event_shape, dtype=dtype, device=device)
-        return InverseProblem(op, y, noise_std=1.0)
-
     def sample(
         self, sample_shape: Sequence[int] = torch.Size(), generator: torch.Generator | None = None
     ) -> Tensor:
@@ -274,7 +276,7 @@ class DiffusionPrior(TorchDistribution):
         )
         gen = self.generator if generator is None else generator
         with torch.no_grad():
-            res = sampler.sample(self.model, self._dummy_problem(), n, gen)
+            res = sampler.sample(self.model, unconditional_problem(self.model), n, gen)
         return res.samples.reshape(shape)
 
     # ------------------------------------------------------------------ density

@@ -34,7 +34,7 @@ def test_an_observation_in_the_prior_s_far_tail_is_flagged():
     g = torch.Generator().manual_seed(0)
     with pytest.warns(bfd.PosteriorQualityWarning, match="farther from the prior predictive"):
         c = bfd.diagnostics.prior_predictive_check(prior, problem, 1024, g)
-    assert bool(c.conflict) and c.num_draws == 512 and c.metric == "mahalanobis"
+    assert bool(c.conflict) and c.reference_draws == 512 and c.metric == "mahalanobis"
     assert float(c.p_value) == pytest.approx(1 / 513)
     # y is 5.4 sd out: a squared distance near 29, far beyond the largest of 512 draws
     assert float(c.distance) > 2 * float(c.farthest)

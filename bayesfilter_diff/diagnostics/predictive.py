@@ -34,14 +34,14 @@ class PriorPredictiveCheck:
     and noise model when ``y`` is a prior predictive draw, up to the moments' estimation);
     ``farthest``, the largest reference draw's distance; ``conflict``, bool: ``y`` is
     farther than every reference draw (``p_value = 1 / (1 + M)``; a false alarm for a
-    typical ``y`` with probability ``1 / (1 + M)``); ``num_draws``, ``M``, the reference
-    draws (half of those drawn). ``metric`` names the distance."""
+    typical ``y`` with probability ``1 / (1 + M)``); ``reference_draws``, ``M`` (half of the
+    ``num_draws`` drawn). ``metric`` names the distance."""
 
     distance: Tensor
     p_value: Tensor
     farthest: Tensor
     conflict: Tensor
-    num_draws: int
+    reference_draws: int
     metric: str
 
 
@@ -63,6 +63,7 @@ def prior_predictive_check(
     unconditional run of ``num_draws`` particles."""
     import warnings
 
+    from ..distributions import unconditional_problem
     from ..errors import PosteriorQualityWarning
     from ..problem import InverseProblem
     from ..samplers.ddim import DDIM
@@ -82,7 +83,7 @@ def prior_predictive_check(
     with torch.no_grad(), warnings.catch_warnings():
         # the unconditional chain's own findings are not the user's
         warnings.simplefilter("ignore", PosteriorQualityWarning)
-        dummy = _dummy(prior)
+        dummy = unconditional_problem(prior)
         x = DDIM(num_steps=num_steps, eta=1.0).sample(prior, dummy, num_draws, generator).samples
         B = problem.batch_size
         xb = x.to(problem.y.dtype).unsqueeze(0).expand((B,) + tuple(x.shape))
@@ -137,15 +138,3 @@ def prior_predictive_check(
     if not problem.batched:
         d_y, p, farthest, conflict = d_y[0], p[0], farthest[0], conflict[0]
     return PriorPredictiveCheck(d_y, p, farthest, conflict, M, metric)
-
-
-def _dummy(prior: Any):
-    """A problem the DDIM chain runs on (it never reads the observation)."""
-    from ..distributions import _model_ref
-    from ..operators import Identity
-    from ..problem import InverseProblem
-
-    dtype, device = _model_ref(prior)
-    event = tuple(prior.event_shape)
-    y = torch.zeros(event, dtype=dtype, device=device)
-    return InverseProblem(Identity(event, dtype=dtype).to(device), y, noise_std=1.0)

@@ -682,6 +682,8 @@ def _runs_of(runs: Any) -> tuple[Result, ...]:
             raise ValueError(
                 "runs: one Result must be batched over >= 2 independent copies of a problem"
             )
+        if not bool(torch.isfinite(r.samples).all()):
+            raise ValueError("runs has non-finite samples")
         return (r,)
     if isinstance(runs, Sequence) and not isinstance(runs, str) and len(runs) >= 2:
         out: list[Result] = []
@@ -785,8 +787,6 @@ def runs_check(
     fn = _coordinates_and_directions(d, k, seed)
 
     if batched:
-        if not bool(torch.isfinite(first.samples).all()):
-            raise ValueError("runs has non-finite samples")
         m, em, v, ev_ = _moments_and_errors(first, fn)  # (R, k) each
         lz = first.log_evidence
         lz_se = first.info.log_evidence_se
