@@ -13,6 +13,7 @@ farther than every one of 1024 prior predictive draws.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,15 +53,22 @@ def prior_predictive_check(
     generator: torch.Generator | None = None,
     num_steps: int = 100,
     warn: bool = True,
+    *,
+    observe: Callable[[Tensor, torch.Generator | None], Tensor] | None = None,
+    stacklevel: int = 2,
 ) -> PriorPredictiveCheck:
     """Draw ``num_draws`` prior signals (DDPM chain of ``num_steps``) and an observation of
     each with the problem's noise model; half of them give the prior predictive's mean and
     covariance, the other half the reference distances (:class:`PriorPredictiveCheck`).
     With ``warn``, a :class:`~bayesfilter_diff.PosteriorQualityWarning` says when ``y`` is
-    farther than every reference draw. For Gaussian and Poisson noise models (a problem
-    with a ``log_likelihood_fn`` cannot draw observations: refused). The prior's chain is
-    the sampler's, so the check is of the model the samplers run; it costs one
-    unconditional run of ``num_draws`` particles."""
+    farther than every reference draw (``stacklevel`` as :func:`warnings.warn`'s). The
+    observations are drawn by ``observe(x, generator)`` (``x`` of shape ``(B, M,
+    *in_shape)``, returning ``(B, M, ...)`` in ``y``'s order) when given, else by the
+    problem's Gaussian or Poisson noise model: a problem with a ``log_likelihood_fn`` needs
+    ``observe`` (:meth:`bayesfilter_diff.inference.Posterior.prior_predictive_check` draws
+    them from a Pyro model's own sites). The prior's chain is the sampler's, so the check
+    is of the model the samplers run; it costs one unconditional run of ``num_draws``
+    particles."""
     import warnings
 
     from ..distributions import unconditional_problem
@@ -70,12 +78,12 @@ def prior_predictive_check(
 
     if not isinstance(problem, InverseProblem):
         raise TypeError(f"problem must be an InverseProblem, got {type(problem).__name__}")
-    if problem.log_likelihood_fn is not None:
+    if problem.log_likelihood_fn is not None and observe is None:
         raise ValueError(
             "prior_predictive_check draws observations with the problem's noise model; this "
             "problem has a log_likelihood_fn (a Pyro-defined likelihood), which cannot be "
-            "sampled: check the observation with the model's own predictive "
-            "(pyro.infer.Predictive) instead"
+            "sampled by the problem: pass observe=, or for a model sampled with "
+            "bfd.infer call posterior.prior_predictive_check(), which draws the model's sites"
         )
     for name, v, lo in (("num_draws", num_draws, 64), ("num_steps", num_steps, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -87,7 +95,8 @@ def prior_predictive_check(
         x = DDIM(num_steps=num_steps, eta=1.0).sample(prior, dummy, num_draws, generator).samples
         B = problem.batch_size
         xb = x.to(problem.y.dtype).unsqueeze(0).expand((B,) + tuple(x.shape))
-        yp = problem.sample_observation(xb, generator)  # (B, M, *out)
+        draw = problem.sample_observation if observe is None else observe
+        yp = draw(xb, generator)  # (B, M, *out)
     yp = yp.reshape(B, num_draws, -1).double()
     y = problem.y_batched.reshape(B, 1, -1).double().to(yp.device)
     half = num_draws // 2
@@ -133,7 +142,7 @@ def prior_predictive_check(
             "and confirm the posterior with independent runs (bfd.infer(..., runs=4), "
             "diagnostics.runs_check) and more particles.",
             PosteriorQualityWarning,
-            stacklevel=2,
+            stacklevel=stacklevel,
         )
     if not problem.batched:
         d_y, p, farthest, conflict = d_y[0], p[0], farthest[0], conflict[0]

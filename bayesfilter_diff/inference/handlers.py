@@ -21,7 +21,14 @@ from torch import Tensor
 
 from ..distributions import DiffusionPrior
 
-__all__ = ["PriorPlaceholder", "Substitute", "unwrap", "is_plate_site", "is_unit_scale"]
+__all__ = [
+    "PriorPlaceholder",
+    "Substitute",
+    "unwrap",
+    "is_masked",
+    "is_plate_site",
+    "is_unit_scale",
+]
 
 
 class PriorPlaceholder(Messenger):
@@ -64,6 +71,15 @@ def unwrap(fn: Any) -> Any:
     while isinstance(fn, tdist.Independent | MaskedDistribution):
         fn = fn.base_dist
     return fn
+
+
+def is_masked(fn: Any) -> bool:
+    """Whether a site's distribution carries a mask (``.mask(m)``) anywhere in its wrappers."""
+    while isinstance(fn, tdist.Independent | MaskedDistribution):
+        if isinstance(fn, MaskedDistribution):
+            return True
+        fn = fn.base_dist
+    return False
 
 
 def is_plate_site(site: dict) -> bool:

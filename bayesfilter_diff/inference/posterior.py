@@ -21,6 +21,7 @@ from .reading import model_to_problem
 from .structure import ModelStructure
 
 if TYPE_CHECKING:
+    from ..diagnostics.predictive import PriorPredictiveCheck
     from ..diagnostics.smc import RunsCheck
 
 __all__ = ["Posterior", "infer"]
@@ -114,6 +115,33 @@ class Posterior:
     def mean(self) -> Tensor:
         """Weighted posterior mean."""
         return self.result.mean()
+
+    def prior_predictive_check(
+        self,
+        num_draws: int = 2048,
+        generator: torch.Generator | None = None,
+        num_steps: int = 100,
+        warn: bool = True,
+    ) -> PriorPredictiveCheck:
+        """Is the model's observation one its prior produces?
+        :func:`~bayesfilter_diff.diagnostics.prior_predictive_check` with the model's prior,
+        observations drawn from the model's own observed sites at prior draws (any law:
+        Student-t, Bernoulli, several sites), so it also checks the likelihoods the
+        problem's noise models cannot draw. Warns (``warn``) when ``y`` is farther than
+        every reference draw."""
+        from ..diagnostics.predictive import prior_predictive_check
+
+        custom = self.problem.log_likelihood_fn is not None
+        return prior_predictive_check(
+            self.structure.prior.model,
+            self.problem,
+            num_draws,
+            generator,
+            num_steps,
+            warn,
+            observe=self.structure.observed_draws if custom else None,
+            stacklevel=3,
+        )
 
     def to_arviz(self, **kwargs):
         """ArviZ data of the draws (:func:`bayesfilter_diff.diagnostics.to_arviz`).

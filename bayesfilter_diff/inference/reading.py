@@ -14,7 +14,6 @@ import pyro
 import torch
 import torch.distributions as tdist
 from pyro import poutine
-from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.distributions.util import broadcast_shape
 from torch import Tensor
 
@@ -22,7 +21,7 @@ from ..distributions import DiffusionPrior, LinearGaussian
 from ..priors.base import DiffusionModel
 from ..problem import InverseProblem, coarser_dtype
 from .forward import PyroForward
-from .handlers import PriorPlaceholder, is_plate_site, is_unit_scale, unwrap
+from .handlers import PriorPlaceholder, is_masked, is_plate_site, is_unit_scale, unwrap
 from .linearize import linearize as linearize_forward
 from .structure import ModelStructure, model_error
 
@@ -52,15 +51,6 @@ _NOISE_SCALE_LAWS = frozenset(
 )
 
 
-def _masked(fn: Any) -> bool:
-    """Whether a site's distribution carries a mask (``.mask(m)``) anywhere in its wrappers."""
-    while isinstance(fn, tdist.Independent | MaskedDistribution):
-        if isinstance(fn, MaskedDistribution):
-            return True
-        fn = fn.base_dist
-    return False
-
-
 def _data_scale_ratio(model: Callable, args: tuple, kwargs: dict, st: Any) -> float | None:
     """The largest ``max |y| / scale`` over the observed sites of a location-scale law
     (Normal, Laplace, Student-t, Cauchy, ...) whose ``scale`` is the same at three prior
@@ -81,7 +71,7 @@ def _data_scale_ratio(model: Callable, args: tuple, kwargs: dict, st: Any) -> fl
         v, fn = site["value"], site["fn"]
         if type(unwrap(fn)).__name__ not in _NOISE_SCALE_LAWS or not isinstance(v, Tensor):
             continue
-        if site.get("mask") is not None or _masked(fn) or not is_unit_scale(site["scale"]):
+        if site.get("mask") is not None or is_masked(fn) or not is_unit_scale(site["scale"]):
             continue  # masked entries may hold anything; a scaled site's noise is not `scale`
         a = unwrap(fn).__dict__.get("scale")
         if not isinstance(a, Tensor) or not v.is_floating_point():

@@ -205,6 +205,67 @@ class ModelStructure:
         assert out is not None
         return out
 
+    def observed_draws(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """An observation ``y' ~ p(y | x)`` per particle: the model replayed at ``x`` and
+        each observed site drawn from its law, flattened per particle in the order of ``y``
+        (the problem's, several sites concatenated): ``(B, N, d_y)``, or ``(*lead, d_y)``
+        for an unbatched model. Pyro's laws draw from torch's global generator; with
+        ``generator`` they draw on a fork of it seeded from ``generator`` (the global
+        state is left as it was). A masked or scaled site is refused: its ``log_prob`` is
+        not a law of its entries that could be drawn."""
+        from pyro.distributions.util import broadcast_shape
+
+        from .handlers import is_masked
+
+        for name in self.observed:
+            site = self.trace.nodes[name]
+            if site.get("mask") is not None or is_masked(site["fn"]):
+                raise ValueError(
+                    f"the observed site {name!r} is masked: its masked entries are not "
+                    "modelled, so observations of it cannot be drawn"
+                )
+            if not is_unit_scale(site["scale"]):
+                raise ValueError(
+                    f"the observed site {name!r} is scaled (poutine.scale): its log_prob is "
+                    "not a law of the observation, so observations of it cannot be drawn"
+                )
+        _, lead = self.to_value(x)
+        M = lead[1] if self.batched else math.prod(lead)
+        L = len(self.layout)
+        seed = (
+            None if generator is None else int(torch.randint(0, 2**62, (1,), generator=generator))
+        )
+        parts: list[Tensor] = []
+        with (
+            torch.no_grad(),
+            torch.random.fork_rng(
+                devices=[x.device] if x.device.type == "cuda" else [], enabled=seed is not None
+            ),
+        ):
+            if seed is not None:
+                torch.manual_seed(seed)
+            tr = self.replay(x)
+            for name in self.observed:
+                fn0, value = self.trace.nodes[name]["fn"], self.trace.nodes[name]["value"]
+                ev = tuple(fn0.event_shape)
+                v = torch.as_tensor(value)
+                full = tuple(
+                    broadcast_shape(tuple(fn0.batch_shape), tuple(v.shape[: v.dim() - len(ev)]))
+                )
+                full = (1,) * (L - len(full)) + full
+                if self.batched:
+                    full = self.with_problems(full)
+                fn = tr.nodes[name]["fn"]
+                target = tuple(torch.broadcast_shapes(tuple(fn.batch_shape), full))
+                # one draw per particle: the particles' dimension first (a law that does
+                # not depend on x has none)
+                target = (M,) + (target[1:] if len(target) > len(full) else target)
+                t = self.from_layout(
+                    fn.expand(target).sample(), full, ev, lead, self.obs_plates.get(name, 0)
+                )
+                parts.append(t.reshape(tuple(lead) + (-1,)))
+        return torch.cat(parts, dim=-1)
+
     def observed_squared_scores(self, x: Tensor) -> Tensor | None:
         """Sum over the observed entries of their squared normal scores under the replayed
         sites' laws, per particle: ``(B, N)`` float64
