@@ -75,6 +75,7 @@ def prior_predictive_check(
     from ..errors import PosteriorQualityWarning
     from ..problem import InverseProblem
     from ..samplers.ddim import DDIM
+    from ..samplers.loop import _upcast
 
     if not isinstance(problem, InverseProblem):
         raise TypeError(f"problem must be an InverseProblem, got {type(problem).__name__}")
@@ -88,6 +89,9 @@ def prior_predictive_check(
     for name, v, lo in (("num_draws", num_draws, 64), ("num_steps", num_steps, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    if problem.y.dtype in (torch.float16, torch.bfloat16):
+        # as the samplers: a 16-bit problem's observations and the model run in float32
+        problem = _upcast(prior, problem)[1]
     with torch.no_grad(), warnings.catch_warnings():
         # the unconditional chain's own findings are not the user's
         warnings.simplefilter("ignore", PosteriorQualityWarning)
@@ -95,10 +99,40 @@ def prior_predictive_check(
         x = DDIM(num_steps=num_steps, eta=1.0).sample(prior, dummy, num_draws, generator).samples
         B = problem.batch_size
         xb = x.to(problem.y.dtype).unsqueeze(0).expand((B,) + tuple(x.shape))
-        draw = problem.sample_observation if observe is None else observe
-        yp = draw(xb, generator)  # (B, M, *out)
-    yp = yp.reshape(B, num_draws, -1).double()
-    y = problem.y_batched.reshape(B, 1, -1).double().to(yp.device)
+        if observe is not None:
+            yp = observe(xb, generator)  # (B, M, *out)
+        else:
+            try:
+                yp = problem.sample_observation(xb, generator)
+            except RuntimeError as e:
+                raise ValueError(
+                    f"the problem's {problem.noise} noise model could not be drawn at the "
+                    f"prior's signals ({str(e).splitlines()[0] if str(e) else e!r}): a "
+                    "Poisson rate must be positive at every signal the prior draws"
+                ) from e
+    y = problem.y_batched.reshape(B, 1, -1).double()
+    m_y = y.shape[-1]
+    if (
+        not isinstance(yp, Tensor)
+        or yp.dim() < 2
+        or tuple(yp.shape[:2]) != (B, num_draws)
+        or yp[0, 0].numel() != m_y
+    ):
+        got = tuple(yp.shape) if isinstance(yp, Tensor) else type(yp).__name__
+        raise ValueError(
+            f"observe must return one observation per signal, shape (B, M, ...) = ({B}, "
+            f"{num_draws}, ...) with y's {m_y} entries each; got {got}"
+        )
+    yp = yp.reshape(B, num_draws, -1).double().to(y.device)
+    bad = ~torch.isfinite(yp).all(-1)
+    if bool(bad.any()):
+        raise ValueError(
+            f"{int(bad.sum())} of the {B * num_draws} prior predictive observations are not "
+            "finite: the noise model's parameters leave their domain at some of the prior's "
+            "signals (a rate, a probability or a scale computed from x), where the "
+            "likelihood is not a law of data; the check needs a model whose observations "
+            "are defined at every signal the prior draws"
+        )
     half = num_draws // 2
     fit, ref = yp[:, :half], yp[:, half:]
     m = fit.shape[-1]

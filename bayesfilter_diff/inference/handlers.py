@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -26,8 +28,10 @@ __all__ = [
     "Substitute",
     "unwrap",
     "is_masked",
+    "wrapped_masks",
     "is_plate_site",
     "is_unit_scale",
+    "seeded_global_rng",
 ]
 
 
@@ -73,13 +77,19 @@ def unwrap(fn: Any) -> Any:
     return fn
 
 
-def is_masked(fn: Any) -> bool:
-    """Whether a site's distribution carries a mask (``.mask(m)``) anywhere in its wrappers."""
+def wrapped_masks(fn: Any) -> list[Any]:
+    """The masks of the ``.mask(m)`` wrappers around a law, outermost first."""
+    out = []
     while isinstance(fn, tdist.Independent | MaskedDistribution):
         if isinstance(fn, MaskedDistribution):
-            return True
+            out.append(fn._mask)
         fn = fn.base_dist
-    return False
+    return out
+
+
+def is_masked(fn: Any) -> bool:
+    """Whether a site's distribution carries a mask (``.mask(m)``) anywhere in its wrappers."""
+    return bool(wrapped_masks(fn))
 
 
 def is_plate_site(site: dict) -> bool:
@@ -92,3 +102,20 @@ def is_unit_scale(scale) -> bool:
     return (isinstance(scale, int | float) and scale == 1) or (
         isinstance(scale, Tensor) and scale.numel() == 1 and float(scale) == 1
     )
+
+
+@contextmanager
+def seeded_global_rng(generator: torch.Generator | None, device: torch.device) -> Iterator[None]:
+    """Run code that draws from torch's global generators (Pyro's ``sample()``) on a fork
+    of them seeded from ``generator`` (from the global one when ``None``; on the
+    generator's own device): the global states are restored afterwards. Only the CPU's
+    and, for a CUDA ``device``, that device's generator are seeded and restored."""
+    dev = generator.device if generator is not None else None
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=dev))
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield

@@ -68,7 +68,7 @@ from ..samplers.registry import default_sampler
 from ..smc.resampling import systematic
 from ..smc.weights import ess as weights_ess
 from ..smc.weights import log_mean_exp, normalize
-from .handlers import PriorPlaceholder, is_plate_site, unwrap
+from .handlers import PriorPlaceholder, is_plate_site, seeded_global_rng, unwrap
 from .linearize import check_linearization
 from .reading import model_to_problem
 from .structure import model_error
@@ -277,11 +277,6 @@ def _next_temperature(log_z: Tensor, lam: float, target: float) -> float:
     return min(1.0, lam + max(lo, 1e-4))
 
 
-def _seed(generator: torch.Generator | None) -> int:
-    device = generator.device if generator is not None else None
-    return int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
-
-
 def _run_device(observed: list[dict[str, Any]], generator: torch.Generator | None) -> torch.device:
     """The device of the run: the observed values' (the data's), else the generator's;
     a generator on another kind of device is refused before any work."""
@@ -383,8 +378,7 @@ def infer_hierarchical(
         values: dict[str, Tensor] = {}
         # the prior draws take the global generators (Pyro's sample()), seeded from the
         # caller's and restored afterwards (the device's too when the run is on one)
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            torch.manual_seed(_seed(generator))
+        with seeded_global_rng(generator, dev):
             for gl in globals_:
                 # the site's prior given the globals drawn so far (batched over K)
                 with pyro.validation_enabled(False):

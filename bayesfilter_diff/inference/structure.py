@@ -8,16 +8,17 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
+from pyro.poutine.messenger import Messenger
 from torch import Tensor
 
 from ..distributions import DiffusionPrior
-from .handlers import Substitute, is_unit_scale
+from .handlers import Substitute, is_unit_scale, unwrap, wrapped_masks
 
 if TYPE_CHECKING:
     from .linearize import Affine
@@ -48,6 +49,27 @@ def model_error(e: Exception, what: str) -> ValueError:
             f"must follow x's dtype, e.g. W.to(x.dtype). The model's error: {first}"
         )
     return ValueError(f"the model failed when run {what}: {type(e).__name__}: {first}")
+
+
+def _masks(mask: Any) -> bool:
+    """Whether a site's or a law's mask leaves some entry out (``True`` / all-true: none)."""
+    if mask is None or (isinstance(mask, bool) and mask):
+        return False
+    return not (isinstance(mask, Tensor) and bool(mask.all()))
+
+
+class _DrawObserved(Messenger):
+    """Replace each observed site's value by ``draw(name, fn)`` (kept in ``values``), so
+    that later sites see the draws."""
+
+    def __init__(self, draw: Callable[[str, Any], Tensor], names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.draw, self.names = draw, names
+        self.values: dict[str, Tensor] = {}
+
+    def _pyro_sample(self, msg) -> None:
+        if msg["is_observed"] and msg["name"] in self.names:
+            msg["value"] = self.values[msg["name"]] = self.draw(msg["name"], msg["fn"])
 
 
 @dataclass
@@ -168,15 +190,17 @@ class ModelStructure:
             return self.problems_first(t, 1)
         return t.reshape(tuple(lead) + tuple(t.shape[1:]))
 
-    def replay(self, x: Tensor):
-        """Run the model with the particles ``x`` at the prior site; return its trace.
+    def replay(self, x: Tensor, handler: Callable[[Callable], Callable] | None = None):
+        """Run the model with the particles ``x`` at the prior site (wrapped in ``handler``
+        when given); return its trace.
 
         An error raised by the model itself (typically a computation that does not
         broadcast over the particles) becomes a ``ValueError`` explaining the vectorisation
         contract of :mod:`bayesfilter_diff.inference`."""
         value, _ = self.to_value(x)
         with pyro.validation_enabled(False):
-            handled = poutine.trace(Substitute(self.prior_site, value)(self.model))
+            model = Substitute(self.prior_site, value)(self.model)
+            handled = poutine.trace(model if handler is None else handler(model))
             try:
                 return handled.get_trace(*self.args, **self.kwargs)
             except (RuntimeError, IndexError) as e:
@@ -206,20 +230,28 @@ class ModelStructure:
         return out
 
     def observed_draws(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """An observation ``y' ~ p(y | x)`` per particle: the model replayed at ``x`` and
-        each observed site drawn from its law, flattened per particle in the order of ``y``
-        (the problem's, several sites concatenated): ``(B, N, d_y)``, or ``(*lead, d_y)``
-        for an unbatched model. Pyro's laws draw from torch's global generator; with
-        ``generator`` they draw on a fork of it seeded from ``generator`` (the global
-        state is left as it was). A masked or scaled site is refused: its ``log_prob`` is
-        not a law of its entries that could be drawn."""
+        """An observation ``y' ~ p(y | x)`` per particle: the model run at ``x`` with each
+        observed site drawn from its law in turn (a site whose law reads an earlier observed
+        site sees that site's draw), flattened per particle in the order of ``y`` (the
+        problem's, several sites concatenated): ``(B, N, d_y)``, or ``(*lead, d_y)`` for an
+        unbatched model. Pyro's laws draw from torch's global generators, here on a fork of
+        them seeded from ``generator`` (the global states are left as they were). Refused
+        with a ``ValueError`` naming the site: a masked or scaled site or a
+        ``pyro.factor`` (not a law of the data), a law without ``sample``, or parameters
+        outside their domain at some signal."""
+        from pyro.distributions import Unit
         from pyro.distributions.util import broadcast_shape
 
-        from .handlers import is_masked
+        from .handlers import seeded_global_rng
 
         for name in self.observed:
             site = self.trace.nodes[name]
-            if site.get("mask") is not None or is_masked(site["fn"]):
+            if isinstance(unwrap(site["fn"]), Unit):
+                raise ValueError(
+                    f"the observed site {name!r} is a pyro.factor: a weight on the prior, not "
+                    "a law of data, so the prior predictive cannot be drawn"
+                )
+            if _masks(site.get("mask")) or any(_masks(m) for m in wrapped_masks(site["fn"])):
                 raise ValueError(
                     f"the observed site {name!r} is masked: its masked entries are not "
                     "modelled, so observations of it cannot be drawn"
@@ -232,39 +264,42 @@ class ModelStructure:
         _, lead = self.to_value(x)
         M = lead[1] if self.batched else math.prod(lead)
         L = len(self.layout)
-        seed = (
-            None if generator is None else int(torch.randint(0, 2**62, (1,), generator=generator))
-        )
-        parts: list[Tensor] = []
-        with (
-            torch.no_grad(),
-            torch.random.fork_rng(
-                devices=[x.device] if x.device.type == "cuda" else [], enabled=seed is not None
-            ),
-        ):
-            if seed is not None:
-                torch.manual_seed(seed)
-            tr = self.replay(x)
-            for name in self.observed:
-                fn0, value = self.trace.nodes[name]["fn"], self.trace.nodes[name]["value"]
-                ev = tuple(fn0.event_shape)
-                v = torch.as_tensor(value)
-                full = tuple(
-                    broadcast_shape(tuple(fn0.batch_shape), tuple(v.shape[: v.dim() - len(ev)]))
-                )
-                full = (1,) * (L - len(full)) + full
-                if self.batched:
-                    full = self.with_problems(full)
-                fn = tr.nodes[name]["fn"]
-                target = tuple(torch.broadcast_shapes(tuple(fn.batch_shape), full))
-                # one draw per particle: the particles' dimension first (a law that does
-                # not depend on x has none)
-                target = (M,) + (target[1:] if len(target) > len(full) else target)
-                t = self.from_layout(
-                    fn.expand(target).sample(), full, ev, lead, self.obs_plates.get(name, 0)
-                )
-                parts.append(t.reshape(tuple(lead) + (-1,)))
-        return torch.cat(parts, dim=-1)
+        layouts: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        for name in self.observed:
+            fn0 = self.trace.nodes[name]["fn"]
+            ev = tuple(fn0.event_shape)
+            v = torch.as_tensor(self.trace.nodes[name]["value"])
+            full = tuple(
+                broadcast_shape(tuple(fn0.batch_shape), tuple(v.shape[: v.dim() - len(ev)]))
+            )
+            full = (1,) * (L - len(full)) + full
+            layouts[name] = (self.with_problems(full) if self.batched else full, ev)
+
+        def draw(name: str, fn: Any) -> Tensor:
+            full = layouts[name][0]
+            target = tuple(torch.broadcast_shapes(tuple(fn.batch_shape), full))
+            # one draw per particle: the particles' dimension first (a law that does not
+            # depend on x has none)
+            target = (M,) + (target[1:] if len(target) > len(full) else target)
+            try:
+                out = fn.expand(target).sample()
+            except (NotImplementedError, RuntimeError, ValueError) as e:
+                raise ValueError(
+                    f"the observed site {name!r} ({type(unwrap(fn)).__name__}) could not be "
+                    f"drawn at the prior's signals: {_first_line(e)}. A law needs sample() "
+                    "for the prior predictive, and its parameters must stay in their domain "
+                    "at every signal the prior draws"
+                ) from e
+            return cast(Tensor, out)
+
+        drawn = _DrawObserved(draw, self.observed)
+        with torch.no_grad(), seeded_global_rng(generator, x.device):
+            self.replay(x, drawn)
+        parts = [
+            self.from_layout(drawn.values[n], *layouts[n], lead, self.obs_plates.get(n, 0))
+            for n in self.observed
+        ]
+        return torch.cat([t.reshape(tuple(lead) + (-1,)) for t in parts], dim=-1)
 
     def observed_squared_scores(self, x: Tensor) -> Tensor | None:
         """Sum over the observed entries of their squared normal scores under the replayed
@@ -336,7 +371,8 @@ class ModelStructure:
         total = None
         for name in self.observed:
             site = tr.nodes[name]
-            lp = per_site(name, site)
+            with pyro.validation_enabled(False):  # (a law's support may move with x)
+                lp = per_site(name, site)
             if lp is None:
                 return None
             if not isinstance(lp, Tensor):
