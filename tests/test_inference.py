@@ -726,3 +726,20 @@ def test_repeated_observations_of_an_affine_site_read_as_one_linear_problem():
     x = GMM.sample(6, torch.Generator().manual_seed(0))[None]
     want = dist.Normal(2.0 * x[..., :1] + 0.5, 0.3).log_prob(y[:, 0][:, None, None]).sum(0)
     torch.testing.assert_close(problem.log_likelihood(x), want[None, :, 0])
+
+
+def test_a_site_whose_support_moves_with_x_gives_zero_likelihood_outside_it():
+    """``Uniform(x - 1, x + 1)``: particles whose support misses ``y`` get log-likelihood
+    -inf (weight 0), as the vectorisation contract says, not torch's support error (the
+    sites' log_prob ran with Pyro's validation on, outside the replay)."""
+
+    def model(y=None):
+        x = pyro.sample("x", DiffusionPrior(PRIOR))
+        pyro.sample("y", dist.Uniform(x - 1, x + 1).to_event(1), obs=y)
+
+    y = torch.tensor([0.3, -1.2], dtype=D64)
+    _, problem, st = model_to_problem(model, y)
+    assert st.kind == "custom"
+    x = torch.tensor([[[0.0, -1.0], [0.3, 2.0]]], dtype=D64)
+    ll = problem.log_likelihood(x)
+    assert ll[0, 0] == pytest.approx(2 * math.log(0.5)) and ll[0, 1] == -math.inf
