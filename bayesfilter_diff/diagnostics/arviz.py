@@ -120,8 +120,9 @@ def to_arviz(
     result_or_results
         A batched Result ``(B, N, *event)`` (``B`` chains of ``N`` draws), an unbatched
         Result (one chain), a list of unbatched Results of the same size (one chain each),
-        a :class:`~bayesfilter_diff.inference.Posterior` from ``bfd.infer`` (or a list of
-        them: their Results), a
+        a :class:`~bayesfilter_diff.inference.Posterior` from ``bfd.infer`` (one of
+        ``infer(..., runs=R)``: its ``R`` runs as chains; a list of Posteriors: their
+        Results), a
         :class:`~bayesfilter_diff.inference.HierarchicalPosterior` (or a list of them from
         independent runs: one chain each; every site, global and prior, becomes a
         variable of the posterior group, the ``K`` theta-particles its draws), or a tensor
@@ -167,11 +168,12 @@ def to_arviz(
     if posts is not None:
         if var_name == "x":
             var_name = posts[0].site
-        items = (
-            posts[0].result
-            if isinstance(result_or_results, Posterior)
-            else [p.result for p in posts]
-        )
+        if isinstance(result_or_results, Posterior):
+            # infer(..., runs=R): its runs, one chain each (not the pooled cloud)
+            rs = posts[0].runs.results if posts[0].runs is not None else (posts[0].result,)
+            items = rs[0] if len(rs) == 1 else list(rs)
+        else:
+            items = [p.result for p in posts]
     if not isinstance(var_name, str) or not var_name:
         raise ValueError(f"var_name must be a non-empty string, got {var_name!r}")
     x, lw = _chains(items, bool(resample), generator)

@@ -9,6 +9,7 @@ size before any resampling (``info.ess``), whether the problem was then resample
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -343,7 +344,6 @@ def step_check(
     log-evidence errors are +0.245 and +0.149): N = 8192 moved (-0.096, sd 0.021); N = 1024
     did not (-0.09, sd 0.06). With ``reverse_variance="analytic"`` (50 -> 100 steps, errors
     -0.017 / -0.012) it stayed (+0.005, sd 0.03)."""
-    import dataclasses
     import warnings
 
     from ..errors import PosteriorQualityWarning
@@ -638,8 +638,9 @@ class RunsCheck:
 
     ``results``: the runs (a tuple of Results; one batched Result whose problems are the
     copies). ``mean``: the posterior mean pooled over the runs with its error from their
-    spread (:func:`runs_mcse`); ``log_evidence``: the pooled evidence
-    (:func:`pooled_log_evidence`), ``None`` without evidences. The statistics, float64, are
+    spread (:func:`runs_mcse`), floored at the runs' own combined errors; ``log_evidence``:
+    the pooled evidence (:func:`pooled_log_evidence`), its error floored likewise, ``None``
+    without evidences. The statistics, float64, are
     Cochran's ``Q = sum_r (m_r - m_hat)^2 / e_r^2`` (``m_hat`` the inverse-variance mean) of
     each test function's estimates ``m_r`` with the errors ``e_r`` the runs report (genealogy
     errors for SMC runs, ``sd / sqrt(N)`` for independent draws), ``chi^2`` with ``R - 1``
@@ -688,6 +689,11 @@ def _runs_of(runs: Any) -> tuple[Result, ...]:
     if isinstance(runs, Sequence) and not isinstance(runs, str) and len(runs) >= 2:
         out: list[Result] = []
         for i, r in enumerate(runs):
+            if getattr(r, "runs", None) is not None:
+                raise ValueError(
+                    f"runs[{i}] pools independent runs already (infer(..., runs=R)): pass "
+                    "single runs, or compare pooled results by their errors"
+                )
             r = getattr(r, "result", r)
             if not isinstance(r, Result) or r.batched:
                 raise ValueError(
@@ -755,8 +761,11 @@ def runs_check(
     every coordinate and ``directions`` random unit directions (fixed by ``seed``), and on
     the log-evidences, each by Cochran's ``Q`` against ``chi^2_{R-1}`` at a family level
     of ``1e-3``. The pooled estimates in the result carry errors from the runs' spread,
-    which stay honest when the runs' own errors do not (with few runs the spread is itself
-    uncertain: 4 runs give it to about +-40%); ``RunsCheck.mean`` weighs the runs equally,
+    which stay honest when the runs' own errors do not, floored at the runs' own combined
+    errors (``sqrt(sum_r e_r^2) / R`` for the mean; for the evidence ``sqrt(sum_r s_r^2
+    se_r^2)``, ``s_r = Z_r / sum Z``): with few runs the spread is itself uncertain (4 runs
+    give it to about +-40%; from 2 runs alone 16% of estimates would lie more than 4 such
+    errors from the truth, a Student-t with one degree of freedom); ``RunsCheck.mean`` weighs the runs equally,
     whereas a pooled cloud (:func:`pool_runs`, ``infer(..., runs=R)``) weighs them by their
     evidences.
 
@@ -823,11 +832,24 @@ def runs_check(
     # the median of chi^2_{R-1}, not its mean: 1 for runs whose errors are right
     ratio = math.sqrt(float(q_mean.median()) / float(stats.chi2.median(R - 1)))
     disagree = mean_q > line or var_q > line or (q_z is not None and q_z > line)
-    pooled = runs_mcse(first if batched else list(results))
+    # pooled errors: the runs' spread, floored at the errors they report (a spread of two
+    # to four runs is itself a rough estimate, at times far below both: the floor keeps
+    # it from making the pooled error smaller than what each run knows of itself)
+    spread = runs_mcse(first if batched else list(results))
+    own = (em[:, :d].pow(2).sum(0).sqrt() / R).reshape(spread.std_error.shape)
+    own = own.nan_to_num(nan=0.0).to(spread.std_error)
+    pooled = dataclasses.replace(spread, std_error=torch.maximum(spread.std_error, own))
     pooled_z = None
     if lz is not None and not bool(torch.isnan(lz.double()).any()):
         if bool(torch.isfinite(lz.double()).any()):
-            pooled_z = pooled_log_evidence(lz.double().reshape(-1).cpu())
+            lzd = lz.double().reshape(-1).cpu()
+            pooled_z = pooled_log_evidence(lzd)
+            if lz_se is not None:
+                # delta method on log mean_r Z_r: sqrt(sum_r s_r^2 se_r^2), s_r = Z_r / sum Z
+                s = torch.softmax(lzd, 0)
+                own_z = float((s**2 * lz_se.double().reshape(-1).cpu() ** 2).sum().sqrt())
+                if math.isfinite(own_z) and own_z > pooled_z.std_error:
+                    pooled_z = dataclasses.replace(pooled_z, std_error=own_z)
     if warn and disagree:
         found = []
         if mean_q > line:
@@ -885,7 +907,6 @@ def pool_runs(result: Any) -> Result:
     ``quality`` every run's findings; ``steps`` / ``extra`` stay the batched run's.
     Check first that the runs agree (:func:`runs_check`): pooling runs that missed
     different regions averages their errors, it does not remove them."""
-    import dataclasses
 
     res = getattr(result, "result", result)
     if not isinstance(res, Result) or not res.batched or res.samples.shape[0] < 2:

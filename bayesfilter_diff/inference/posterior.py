@@ -144,7 +144,8 @@ class Posterior:
         )
 
     def to_arviz(self, **kwargs):
-        """ArviZ data of the draws (:func:`bayesfilter_diff.diagnostics.to_arviz`).
+        """ArviZ data of the draws (:func:`bayesfilter_diff.diagnostics.to_arviz`): one
+        chain, or with ``infer(..., runs=R)`` one chain per run (R-hat compares them).
 
         The variable is named after the prior site; keyword arguments are passed on.
         """
@@ -155,7 +156,7 @@ class Posterior:
                 f"Posterior.to_arviz needs bayesfilter_diff.diagnostics.to_arviz: {e}"
             ) from e
         kwargs.setdefault("var_name", self.site)
-        return to_arviz(self.result, **kwargs)
+        return to_arviz(self, **kwargs)
 
 
 def infer(
