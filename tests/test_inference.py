@@ -743,3 +743,45 @@ def test_a_site_whose_support_moves_with_x_gives_zero_likelihood_outside_it():
     x = torch.tensor([[[0.0, -1.0], [0.3, 2.0]]], dtype=D64)
     ll = problem.log_likelihood(x)
     assert ll[0, 0] == pytest.approx(2 * math.log(0.5)) and ll[0, 1] == -math.inf
+
+
+def test_posterior_step_check_finds_the_default_s_discretisation_bias():
+    """Three narrow modes, data between them (session 36's probe): the default's evidence
+    is +0.12 off at 100 steps (23 of its sd, no warning); ``post.step_check(4096)`` moves
+    by about -0.06 to 200 steps against a sd of about 0.007 and warns at the caller's line
+    (at N = 1024, sd 0.014, the shift is 3.5-5.3 sd: a check's power grows with N). On a Gaussian
+    prior the default's reference kernel is exact at any steps: nothing moves."""
+    import warnings
+
+    def three(weights, means, sds):
+        w = torch.tensor(weights, dtype=D64)
+        return bfd.GaussianMixture(
+            w, torch.tensor(means, dtype=D64), torch.tensor(sds, dtype=D64) ** 2
+        )
+
+    A = torch.tensor([[1.0, 0.5], [-0.3, 1.0]], dtype=D64)
+    y = torch.tensor([0.8, 0.4], dtype=D64)
+    cases = {
+        "modes": three([0.5, 0.3, 0.2], [[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]], [0.8, 0.6, 0.7]),
+        "gaussian": three([1.0], [[0.5, -0.5]], [1.0]),
+    }
+    for name, gmm in cases.items():
+        prior = gmm.diffusion(bfd.VPSchedule.linear())
+
+        def model(y=None, prior=prior):
+            x = pyro.sample("x", DiffusionPrior(prior))
+            pyro.sample("y", dist.Normal(x @ A.T, 0.3).to_event(1), obs=y)
+
+        g = torch.Generator().manual_seed(0)
+        post = infer(model, y=y, num_samples=1024, generator=g)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            c = post.step_check(4096, generator=g)
+        hits = [w for w in caught if "from 100 to 200 steps" in str(w.message)]
+        assert c.steps == (100, 200) and c.results[0].num_samples == 4096
+        assert c.log_evidence_shift is not None and c.log_evidence_se is not None
+        if name == "modes":
+            assert bool(c.moved) and len(hits) == 1 and hits[0].filename == __file__
+            assert float(c.log_evidence_shift) < -4 * float(c.log_evidence_se)
+        else:
+            assert not bool(c.moved) and not hits

@@ -330,6 +330,8 @@ def step_check(
     generator: torch.Generator | None = None,
     warn: bool = True,
     factor: int = 2,
+    *,
+    stacklevel: int = 2,
 ) -> StepCheck:
     """Run ``sampler`` as given (``n = sampler.num_steps``) and with ``factor n`` steps on
     the same problem, and compare (:class:`StepCheck`). A run is exact for its discretised
@@ -343,7 +345,7 @@ def step_check(
     (``2 x 8`` operator, ``sigma_y = 0.1``; TDS with its DDIM kernel, 20 -> 40 steps, whose
     log-evidence errors are +0.245 and +0.149): N = 8192 moved (-0.096, sd 0.021); N = 1024
     did not (-0.09, sd 0.06). With ``reverse_variance="analytic"`` (50 -> 100 steps, errors
-    -0.017 / -0.012) it stayed (+0.005, sd 0.03)."""
+    -0.017 / -0.012) it stayed (+0.005, sd 0.03). ``stacklevel`` is passed to the warning."""
     import warnings
 
     from ..errors import PosteriorQualityWarning
@@ -397,7 +399,7 @@ def step_check(
             f"about 1 / {factor - 1} of that shift (first order). Remedies: more steps "
             f"(step_check again at {factor * n}); for TDS, reverse_variance='analytic'.",
             PosteriorQualityWarning,
-            stacklevel=2,
+            stacklevel=stacklevel,
         )
     if not coarse.batched:
         mean_shift, mean_z, moved = mean_shift[0], mean_z[0], moved[0]

@@ -22,7 +22,7 @@ from .structure import ModelStructure
 
 if TYPE_CHECKING:
     from ..diagnostics.predictive import PriorPredictiveCheck
-    from ..diagnostics.smc import RunsCheck
+    from ..diagnostics.smc import RunsCheck, StepCheck
 
 __all__ = ["Posterior", "infer"]
 
@@ -140,6 +140,37 @@ class Posterior:
             num_steps,
             warn,
             observe=self.structure.observed_draws if custom else None,
+            stacklevel=3,
+        )
+
+    def step_check(
+        self,
+        num_samples: int | None = None,
+        generator: torch.Generator | None = None,
+        warn: bool = True,
+        factor: int = 2,
+    ) -> StepCheck:
+        """Does the answer move with the time steps?
+        :func:`~bayesfilter_diff.diagnostics.step_check` of the sampler that ran (the default
+        one included) on the model's problem, at its steps and ``factor`` times them, with
+        ``num_samples`` particles (one run's ``N`` by default). One run is exact for its
+        discretised chain only, and nothing in it shows the difference (a prior of several
+        scales, data between modes); this costs a run at each of the two step counts."""
+        from ..diagnostics.smc import step_check
+
+        if self.sampler is None:
+            raise ValueError("step_check needs the sampler that ran; this Posterior has none")
+        if num_samples is None:
+            runs = self.runs.mean.runs if self.runs is not None else 1
+            num_samples = self.result.num_samples // runs
+        return step_check(
+            self.sampler,
+            self.structure.prior.model,
+            self.problem,
+            num_samples,
+            generator,
+            warn,
+            factor,
             stacklevel=3,
         )
 
