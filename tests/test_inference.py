@@ -749,7 +749,8 @@ def test_posterior_step_check_finds_the_default_s_discretisation_bias():
     """Three narrow modes, data between them (session 36's probe): the default's evidence
     is +0.12 off at 100 steps (23 of its sd, no warning); ``post.step_check(4096)`` moves
     by about -0.06 to 200 steps against a sd of about 0.007 and warns at the caller's line
-    (at N = 1024, sd 0.014, the shift is 3.5-5.3 sd: a check's power grows with N). On a Gaussian
+    (at N = 1024, sd 0.014, the shift is 3.5-5.3 sd: a check's power grows with N), and
+    its Richardson extrapolation is within 4 sd of the exact evidence. On a Gaussian
     prior the default's reference kernel is exact at any steps: nothing moves."""
     import warnings
 
@@ -783,5 +784,12 @@ def test_posterior_step_check_finds_the_default_s_discretisation_bias():
         if name == "modes":
             assert bool(c.moved) and len(hits) == 1 and hits[0].filename == __file__
             assert float(c.log_evidence_shift) < -4 * float(c.log_evidence_se)
+            # the first-order error extrapolated away: within 4 of its sd of the exact
+            exact = float(gmm.log_evidence(bfd.InverseProblem(bfd.operators.Dense(A), y, 0.3)))
+            assert c.log_evidence_extrapolated is not None
+            assert c.log_evidence_extrapolated_se is not None
+            err = float(c.log_evidence_extrapolated) - exact
+            assert abs(err) < 4 * float(c.log_evidence_extrapolated_se)
+            assert float(post.log_evidence) - exact > 8 * float(c.log_evidence_extrapolated_se)
         else:
             assert not bool(c.moved) and not hits

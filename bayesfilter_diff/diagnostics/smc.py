@@ -298,7 +298,17 @@ class StepCheck:
       by more than the two-sided ``1e-3 / d`` normal line (``d`` coordinates).
 
     For an error of first order in the step (the DDPM / DDIM kernels: ``O(1 / n)``), the
-    fine run's own discretisation error is about ``shift / (factor - 1)``."""
+    fine run's own discretisation error is about ``shift / (factor - 1)``, and
+    ``log_evidence_extrapolated`` removes it (Richardson: ``fine + shift / (factor - 1)``,
+    with ``log_evidence_extrapolated_se``, its Monte Carlo sd from the two runs'; ``None``
+    without evidences). Measured (N = 4096, two seeds each; errors against the exact
+    evidence, extrapolated sd 0.011-0.05): a 2-D prior of three narrow modes, data between
+    them, the default TDS at 100 / 200 steps +0.118 / +0.060 -> +0.001 and +0.116 / +0.065
+    -> +0.015; two modes at +-3 in d = 4, data between, noise 1e-2: +0.096 / +0.055 ->
+    +0.015 and +0.118 / +0.030 -> -0.058; the README mixture, TDS's DDIM kernel at 20 / 40
+    steps: +0.145 / +0.118 -> +0.091 and +0.210 / +0.104 -> -0.001. It assumes the error is
+    first order: compare two extrapolations (``n``, ``2n``; ``2n``, ``4n``) before relying
+    on it."""
 
     steps: tuple[int, int]
     results: tuple[Result, Result]
@@ -307,6 +317,8 @@ class StepCheck:
     mean_shift: Tensor
     mean_z: Tensor
     moved: Tensor
+    log_evidence_extrapolated: Tensor | None = None
+    log_evidence_extrapolated_se: Tensor | None = None
 
 
 def _mean_and_error(res: Result) -> tuple[Tensor, Tensor, Tensor]:
@@ -378,6 +390,15 @@ def step_check(
         if s0 is not None and s1 is not None:
             se = (s0.double() ** 2 + s1.double() ** 2).sqrt().reshape(-1).to(shift.device)
             moved = moved | (shift.abs() > 4 * se)
+    extra = extra_se = None
+    if shift is not None:
+        assert fine.log_evidence is not None
+        extra = fine.log_evidence.double().reshape(-1) + shift / (factor - 1)
+        s0, s1 = coarse.info.log_evidence_se, fine.info.log_evidence_se
+        if s0 is not None and s1 is not None:  # sd of (1 + c) fine - c coarse
+            c = 1.0 / (factor - 1)
+            extra_se = (((1 + c) * s1.double()) ** 2 + (c * s0.double()) ** 2).sqrt()
+            extra_se = extra_se.reshape(-1).to(extra.device)
     if warn and bool(moved.any()):
         probs = torch.nonzero(moved).flatten().tolist()
         parts = []
@@ -396,7 +417,14 @@ def step_check(
             + " and ".join(parts)
             + f"{'' if not problem.batched else f' for problem(s) {probs}'}: the time "
             "discretisation matters at this number of steps; the finer run's own error is "
-            f"about 1 / {factor - 1} of that shift (first order). Remedies: more steps "
+            f"about 1 / {factor - 1} of that shift (first order)"
+            + (
+                f"; extrapolated, the log-evidence is {float(extra[int(shift.abs().argmax())]):.4g} "
+                "(StepCheck.log_evidence_extrapolated)"
+                if extra is not None and shift is not None
+                else ""
+            )
+            + ". Remedies: more steps "
             f"(step_check again at {factor * n}); for TDS, reverse_variance='analytic'.",
             PosteriorQualityWarning,
             stacklevel=stacklevel,
@@ -405,7 +433,11 @@ def step_check(
         mean_shift, mean_z, moved = mean_shift[0], mean_z[0], moved[0]
         shift = None if shift is None else shift[0]
         se = None if se is None else se[0]
-    return StepCheck((n, factor * n), (coarse, fine), shift, se, mean_shift, mean_z, moved)
+        extra = None if extra is None else extra[0]
+        extra_se = None if extra_se is None else extra_se[0]
+    return StepCheck(
+        (n, factor * n), (coarse, fine), shift, se, mean_shift, mean_z, moved, extra, extra_se
+    )
 
 
 @dataclass(frozen=True)
