@@ -328,3 +328,79 @@ def test_a_16_bit_prior_s_model_is_checked_in_float32(dtype):
     seen.clear()
     c = post.prior_predictive_check(256, g, num_steps=20, warn=False)
     assert seen == {torch.float32} and not bool(c.conflict)
+
+
+def _noisy_model():
+    """The README mixture, 4 observations, an unknown noise ``sigma ~ HalfNormal(0.2)``."""
+    import pyro
+    import pyro.distributions as dist
+
+    d = 8
+    gmm = bfd.GaussianMixture(
+        torch.tensor([0.3, 0.7]),
+        torch.stack([-2 * torch.ones(d), 2 * torch.ones(d)]),
+        torch.ones(2),
+    )
+    prior = gmm.diffusion(bfd.VPSchedule.linear())
+    g = torch.Generator().manual_seed(0)
+    A = bfd.operators.Dense(torch.randn(4, d, generator=g))
+
+    def noisy(y=None):
+        sigma = pyro.sample("sigma", dist.HalfNormal(torch.tensor(0.2)))
+        x = pyro.sample("x", bfd.DiffusionPrior(prior))
+        pyro.sample("y", dist.Normal(A(x), sigma).to_event(1), obs=y)
+
+    return gmm, prior, A, noisy, g
+
+
+def test_a_model_with_globals_gives_uniform_p_values_on_typical_data():
+    """30 data sets drawn from the joint prior predictive of an unknown-noise model (sigma
+    from its prior, then the signal, then the data) give p-values of mean within 4
+    standard errors of 1/2."""
+    from bayesfilter_diff.diagnostics.predictive import _model_with_globals_check
+
+    gmm, _, A, noisy, g = _noisy_model()
+    torch.manual_seed(0)
+    sig = torch.distributions.HalfNormal(0.2).sample((30,))
+    Y = A(gmm.sample(30, g)) + sig[:, None] * torch.randn(30, 4, generator=g)
+    p = [
+        float(_model_with_globals_check(noisy, (), {"y": y}, 512, g, 20, False, 2).p_value)
+        for y in Y
+    ]
+    assert abs(sum(p) / 30 - 0.5) < 4 * math.sqrt(1 / 12 / 30)
+
+
+def test_a_model_with_an_unknown_noise_scale_is_checked_with_its_globals():
+    """SMC^2's models (``bfd.infer`` with a global latent site): data whose noise is 25
+    times sigma's prior scale are flagged by ``HierarchicalPosterior.prior_predictive_check``
+    at the caller's line, typical data are not; a plate of observations sharing sigma is
+    checked as one observation of all the plate's data."""
+    import pyro
+    import pyro.distributions as dist
+
+    gmm, prior, A, noisy, g = _noisy_model()
+    warnings.simplefilter("ignore", bfd.PosteriorQualityWarning)  # (SMC^2's own findings)
+    x = gmm.sample(1, g)[0]
+    for scale, flagged in ((0.15, False), (5.0, True)):
+        y = A(x) + scale * torch.randn(4, generator=g)
+        post = bfd.infer(noisy, y=y, num_samples=32, num_theta=16, moves=0, generator=g)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            c = post.prior_predictive_check(1024, g, num_steps=50)
+        hits = [w for w in caught if "farther from the prior predictive" in str(w.message)]
+        assert bool(c.conflict) == flagged and len(hits) == int(flagged)
+        assert all(w.filename == __file__ for w in hits)
+
+    def plate(y=None):
+        sigma = pyro.sample("sigma", dist.HalfNormal(torch.tensor(0.2)))
+        with pyro.plate("obs", 3):
+            x = pyro.sample("x", bfd.DiffusionPrior(prior))
+            pyro.sample("y", dist.StudentT(4.0, A(x), sigma).to_event(1), obs=y)
+
+    from bayesfilter_diff.diagnostics.predictive import _model_with_globals_check
+
+    Y = A(gmm.sample(3, g)) + 0.15 * torch.randn(3, 4, generator=g)
+    far = Y + 5.0 * torch.randn(3, 4, generator=g)  # noise 25 times sigma's prior scale
+    for y, flagged in ((Y, False), (far, True)):
+        c = _model_with_globals_check(plate, (), {"y": y}, 1024, g, 50, False, 2)
+        assert c.metric == "mahalanobis" and bool(c.conflict) == flagged

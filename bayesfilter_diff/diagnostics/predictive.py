@@ -124,6 +124,20 @@ def prior_predictive_check(
             f"{num_draws}, ...) with y's {m_y} entries each; got {got}"
         )
     yp = yp.reshape(B, num_draws, -1).double().to(y.device)
+    return _rank(y, yp, warn, stacklevel + 1, problem.batched)
+
+
+def _rank(
+    y: Tensor, yp: Tensor, warn: bool, stacklevel: int, batched: bool
+) -> PriorPredictiveCheck:
+    """The check on observations ``y`` ``(B, 1, m)`` against prior predictive draws ``yp``
+    ``(B, M, m)``, both float64: moments from the first half of the draws, ``y``'s distance
+    ranked among the second half's."""
+    import warnings
+
+    from ..errors import PosteriorQualityWarning
+
+    B, num_draws = yp.shape[:2]
     bad = ~torch.isfinite(yp).all(-1)
     if bool(bad.any()):
         raise ValueError(
@@ -167,7 +181,7 @@ def prior_predictive_check(
         probs = torch.nonzero(conflict).flatten().tolist()
         warnings.warn(
             f"the observation is farther from the prior predictive's centre than all {M} of "
-            f"its reference draws{f' for problem(s) {probs}' if problem.batched else ''} "
+            f"its reference draws{f' for problem(s) {probs}' if batched else ''} "
             f"(squared {metric} distance {float(d_y[i]):.3g} against at most "
             f"{float(farthest[i]):.3g}; p <= {1 / (1 + M):.2g}): the data conflict with the "
             "prior, or lie where it rarely goes. There the posterior rests on the prior's "
@@ -178,6 +192,64 @@ def prior_predictive_check(
             PosteriorQualityWarning,
             stacklevel=stacklevel,
         )
-    if not problem.batched:
+    if not batched:
         d_y, p, farthest, conflict = d_y[0], p[0], farthest[0], conflict[0]
     return PriorPredictiveCheck(d_y, p, farthest, conflict, M, metric)
+
+
+def _model_with_globals_check(
+    model: Any,
+    args: tuple,
+    kwargs: dict,
+    num_draws: int,
+    generator: torch.Generator | None,
+    num_steps: int,
+    warn: bool,
+    stacklevel: int,
+) -> PriorPredictiveCheck:
+    """The check for a Pyro model with global latent sites (what SMC^2 samples): each of
+    ``num_draws`` prior predictive observations from its own globals (drawn from their
+    prior, each given those before), its own prior signal for every problem of a plate
+    sharing them, and the model's observed sites; ``y`` is all the model's data at once."""
+    import warnings
+
+    from ..distributions import unconditional_problem
+    from ..errors import PosteriorQualityWarning
+    from ..inference.hierarchical import FixGlobals, _draw_globals, _read_globals
+    from ..inference.reading import model_to_problem
+    from ..samplers.ddim import DDIM
+    from ..samplers.loop import _upcast
+
+    for name, v, lo in (("num_draws", num_draws, 64), ("num_steps", num_steps, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    globals_, trailing, _, dev = _read_globals(model, args, kwargs, generator)
+    M = num_draws
+    values = _draw_globals(model, args, kwargs, globals_, M, trailing, generator, dev)
+    fixed = FixGlobals(values, M, trailing)(model)
+    prior, problem, st = model_to_problem(fixed, *args, linearize=False, **kwargs)
+    if problem.y.dtype in (torch.float16, torch.bfloat16):
+        problem = _upcast(prior, problem)[1]
+    B = problem.batch_size  # M theta draws x P problems, theta-major
+    P = B // M
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", PosteriorQualityWarning)
+        x = (
+            DDIM(num_steps=num_steps, eta=1.0)
+            .sample(prior, unconditional_problem(prior), B, generator)
+            .samples
+        )
+        x = x.to(problem.y.dtype).unsqueeze(1)  # (B, 1, *event): one signal per problem
+        if problem.log_likelihood_fn is not None:
+            yp = st.observed_draws(x, generator)
+        else:
+            try:
+                yp = problem.sample_observation(x, generator)
+            except RuntimeError as e:
+                raise ValueError(
+                    f"the model's {problem.noise} noise could not be drawn at the prior's "
+                    f"draws ({str(e).splitlines()[0] if str(e) else e!r})"
+                ) from e
+    yp = yp.reshape(1, M, -1).double()
+    y = problem.y_batched[:P].reshape(1, 1, -1).double().to(yp.device)
+    return _rank(y, yp, warn, stacklevel + 1, False)

@@ -50,7 +50,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import pyro
 import torch
@@ -72,6 +72,9 @@ from .handlers import PriorPlaceholder, is_plate_site, seeded_global_rng, unwrap
 from .linearize import check_linearization
 from .reading import model_to_problem
 from .structure import model_error
+
+if TYPE_CHECKING:
+    from ..diagnostics.predictive import PriorPredictiveCheck
 
 __all__ = ["HierarchicalPosterior", "global_latent_sites", "infer_hierarchical"]
 
@@ -179,6 +182,8 @@ class HierarchicalPosterior:
     log_z: Tensor = field(repr=False, default_factory=lambda: torch.empty(0))
     temperatures: list[float] = field(default_factory=list)
     level_ess: list[float] = field(default_factory=list)
+    #: the model and its arguments, for :meth:`prior_predictive_check`
+    call: tuple[Callable, tuple, dict] | None = field(default=None, repr=False)
 
     def __repr__(self) -> str:
         sites = {k: tuple(v.shape) for k, v in self.get_samples().items()}
@@ -200,6 +205,28 @@ class HierarchicalPosterior:
     def get_samples(self) -> dict[str, Tensor]:
         """Site -> equally weighted draws, Pyro's ``MCMC.get_samples`` convention."""
         return {**self.theta, self.site: self.x}
+
+    def prior_predictive_check(
+        self,
+        num_draws: int = 2048,
+        generator: torch.Generator | None = None,
+        num_steps: int = 100,
+        warn: bool = True,
+    ) -> PriorPredictiveCheck:
+        """Is the model's observation one its prior produces, globals included?
+        (:func:`~bayesfilter_diff.diagnostics.prior_predictive_check`): ``num_draws``
+        observations, each from globals drawn from their prior, a prior signal per problem
+        and the model's observed sites, against all the model's data at once. Data whose
+        noise the prior on an unknown scale rules out, or a gain it does not reach, are
+        flagged; there SMC^2's theta-particles start far from the posterior."""
+        from ..diagnostics.predictive import _model_with_globals_check
+
+        if self.call is None:
+            raise ValueError("this HierarchicalPosterior does not hold its model")
+        model, args, kwargs = self.call
+        return _model_with_globals_check(
+            model, args, kwargs, num_draws, generator, num_steps, warn, stacklevel=3
+        )
 
 
 def _degenerate(res: Result, N: int) -> Tensor:
@@ -301,6 +328,73 @@ def _describe(values: dict[str, Tensor]) -> str:
     return ", ".join(parts) or "none"
 
 
+def _read_globals(
+    model: Callable, args: tuple, kwargs: dict, generator: torch.Generator | None
+) -> tuple[list[_Global], int, str, torch.device]:
+    """The model's global latent sites (refused: local latents, unbounded discrete ones), the
+    observed values' largest rank, the prior site's name and the run's device."""
+    with pyro.validation_enabled(False):
+        tr = poutine.trace(PriorPlaceholder()(model)).get_trace(*args, **kwargs)
+    nodes = cast("dict[str, dict[str, Any]]", tr.nodes)
+    names = global_latent_sites(model, *args, **kwargs)
+    globals_: list[_Global] = []
+    for n in names:
+        s = nodes[n]
+        if s["cond_indep_stack"]:
+            raise ValueError(
+                f"latent site {n!r} is inside pyro.plate {[f.name for f in s['cond_indep_stack']]}: "
+                "infer supports global latent sites (outside every plate) besides the "
+                "DiffusionPrior site; local latent variables are not supported"
+            )
+        fn = s["fn"]
+        ev = tuple(fn.event_shape)
+        if fn.support.is_discrete:
+            if not getattr(fn, "has_enumerate_support", False):
+                raise ValueError(
+                    f"latent site {n!r} is discrete with an unbounded support "
+                    f"({type(unwrap(fn)).__name__}): infer supports discrete global sites "
+                    "with a finite support (Categorical, Bernoulli, OneHotCategorical, ...)"
+                )
+            support = fn.enumerate_support(expand=False).reshape((-1,) + ev)
+            globals_.append(_Global(n, ev, None, support))
+        else:
+            globals_.append(_Global(n, ev, biject_to(fn.support)))
+    observed = [s for s in nodes.values() if s["type"] == "sample" and s["is_observed"]]
+    trailing = max(torch.as_tensor(s["value"]).dim() for s in observed) if observed else 0
+    priors = [
+        n
+        for n, s in nodes.items()
+        if s["type"] == "sample" and isinstance(unwrap(s["fn"]), DiffusionPrior)
+    ]
+    return globals_, trailing, priors[0] if priors else "", _run_device(observed, generator)
+
+
+def _draw_globals(
+    model: Callable,
+    args: tuple,
+    kwargs: dict,
+    globals_: list[_Global],
+    K: int,
+    trailing: int,
+    generator: torch.Generator | None,
+    dev: torch.device,
+) -> dict[str, Tensor]:
+    """``K`` draws of the globals from their prior, each given those drawn before it. Pyro's
+    ``sample()`` takes torch's global generators: seeded from ``generator`` and restored
+    afterwards (the device's too when the run is on one)."""
+    values: dict[str, Tensor] = {}
+    with seeded_global_rng(generator, dev):
+        for gl in globals_:
+            # the site's prior given the globals drawn so far (batched over K)
+            with pyro.validation_enabled(False):
+                t = poutine.trace(PriorPlaceholder()(FixGlobals(values, K, trailing)(model)))
+                fn = cast(Any, t.get_trace(*args, **kwargs).nodes[gl.name]["fn"])
+                # FixGlobals did not fix this one: its fn is the unbatched or K-batched prior
+            v = fn.sample() if fn.batch_shape.numel() == K else fn.sample((K,))
+            values[gl.name] = v.reshape((K,) + gl.event_shape)
+    return values
+
+
 def infer_hierarchical(
     model: Callable,
     sampler: Sampler | None = None,
@@ -333,61 +427,15 @@ def infer_hierarchical(
     ):
         raise ValueError(f"ess_target must be a number in (0, 1), got {ess_target!r}")
     K = num_theta
-    with pyro.validation_enabled(False):
-        tr = poutine.trace(PriorPlaceholder()(model)).get_trace(*args, **kwargs)
-    nodes = cast("dict[str, dict[str, Any]]", tr.nodes)
-    names = global_latent_sites(model, *args, **kwargs)
-    globals_: list[_Global] = []
-    for n in names:
-        s = nodes[n]
-        if s["cond_indep_stack"]:
-            raise ValueError(
-                f"latent site {n!r} is inside pyro.plate {[f.name for f in s['cond_indep_stack']]}: "
-                "infer supports global latent sites (outside every plate) besides the "
-                "DiffusionPrior site; local latent variables are not supported"
-            )
-        fn = s["fn"]
-        ev = tuple(fn.event_shape)
-        if fn.support.is_discrete:
-            if not getattr(fn, "has_enumerate_support", False):
-                raise ValueError(
-                    f"latent site {n!r} is discrete with an unbounded support "
-                    f"({type(unwrap(fn)).__name__}): infer supports discrete global sites "
-                    "with a finite support (Categorical, Bernoulli, OneHotCategorical, ...)"
-                )
-            support = fn.enumerate_support(expand=False).reshape((-1,) + ev)
-            globals_.append(_Global(n, ev, None, support))
-        else:
-            globals_.append(_Global(n, ev, biject_to(fn.support)))
+    globals_, trailing, site, dev = _read_globals(model, args, kwargs, generator)
     continuous = [gl for gl in globals_ if gl.values is None]
     discrete = [gl for gl in globals_ if gl.values is not None]
-    observed = [s for s in nodes.values() if s["type"] == "sample" and s["is_observed"]]
-    trailing = max(torch.as_tensor(s["value"]).dim() for s in observed) if observed else 0
-    priors = [
-        n
-        for n, s in nodes.items()
-        if s["type"] == "sample" and isinstance(unwrap(s["fn"]), DiffusionPrior)
-    ]
-    site = priors[0] if priors else ""
-    dev = _run_device(observed, generator)
 
     def wrapped(values: dict[str, Tensor]) -> Callable:
         return FixGlobals(values, K, trailing)(model)
 
     def draw_prior() -> dict[str, Tensor]:
-        values: dict[str, Tensor] = {}
-        # the prior draws take the global generators (Pyro's sample()), seeded from the
-        # caller's and restored afterwards (the device's too when the run is on one)
-        with seeded_global_rng(generator, dev):
-            for gl in globals_:
-                # the site's prior given the globals drawn so far (batched over K)
-                with pyro.validation_enabled(False):
-                    t = poutine.trace(PriorPlaceholder()(FixGlobals(values, K, trailing)(model)))
-                    fn = cast(Any, t.get_trace(*args, **kwargs).nodes[gl.name]["fn"])
-                    # FixGlobals did not fix this one: its fn is the unbatched or K-batched prior
-                v = fn.sample() if fn.batch_shape.numel() == K else fn.sample((K,))
-                values[gl.name] = v.reshape((K,) + gl.event_shape)
-        return values
+        return _draw_globals(model, args, kwargs, globals_, K, trailing, generator, dev)
 
     def log_prior(values: dict[str, Tensor]) -> Tensor:
         with pyro.validation_enabled(False):
@@ -571,4 +619,5 @@ def infer_hierarchical(
         nfe=nfe,
         sampler=used[0],
         log_z=log_z,
+        call=(model, args, kwargs),
     )
