@@ -51,13 +51,15 @@ def _model_ref(model: DiffusionModel) -> tuple[torch.dtype, torch.device]:
     return torch.get_default_dtype(), torch.device("cpu")
 
 
-def unconditional_problem(model: DiffusionModel) -> InverseProblem:
+def unconditional_problem(model: DiffusionModel, batch: int | None = None) -> InverseProblem:
     """A problem the DDIM sampler can run on to draw from ``model`` itself; DDIM never reads
-    its observation."""
+    its observation. With ``batch``, ``batch`` problems (a prior conditioned per problem,
+    such as a labelled prior given one label per problem, draws each from its own)."""
     dtype, device = _model_ref(model)
     event = tuple(model.event_shape)
     op = Identity(event, dtype=dtype).to(device)
-    return InverseProblem(op, torch.zeros(event, dtype=dtype, device=device), noise_std=1.0)
+    shape = event if batch is None else (batch,) + event
+    return InverseProblem(op, torch.zeros(shape, dtype=dtype, device=device), noise_std=1.0)
 
 
 def _positive_int(value, name: str) -> int:

@@ -114,7 +114,11 @@ class InverseProblem:
                 if bool((flat == flat[0]).all()):
                     noise_std = float(flat[0])
                 else:
-                    per_problem = flat.to(dtype=y.dtype, device=y.device)
+                    # float16 data: the scales in float32 (the samplers run a 16-bit problem
+                    # in float32; float16 squares scales below 0.0078 to 0, which SMC^2's
+                    # theta-particles of an unknown scale reach)
+                    keep = torch.float32 if y.dtype == torch.float16 else y.dtype
+                    per_problem = flat.to(dtype=keep, device=y.device)
                     noise_std = float(flat.min())
             else:
                 raise ValueError(
@@ -129,7 +133,7 @@ class InverseProblem:
             or noise_std < 0
         ):
             raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
-        fi = torch.finfo(y.dtype)
+        fi = torch.finfo(y.dtype if per_problem is None else per_problem.dtype)
         low = noise_std if per_problem is None else float(per_problem.min())
         high = noise_std if per_problem is None else float(per_problem.max())
         if per_problem is not None and low == 0:
@@ -313,7 +317,9 @@ class InverseProblem:
         if self._per_problem is None:
             s2 = self._noise_std**2
             return -0.5 * (r**2).sum(red) / s2 - 0.5 * m * (math.log(s2) + _LOG2PI)
-        s2t = (self._per_problem**2).to(r.dtype)[:, None]  # (B, 1)
+        dt = torch.promote_types(r.dtype, self._per_problem.dtype)  # (float16 data: float32)
+        r = r.to(dt)
+        s2t = (self._per_problem**2).to(dt)[:, None]  # (B, 1)
         return -0.5 * (r**2).sum(red) / s2t - 0.5 * m * (torch.log(s2t) + _LOG2PI)
 
     def grad_log_likelihood(self, x: Tensor) -> tuple[Tensor, Tensor]:

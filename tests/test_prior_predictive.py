@@ -404,3 +404,47 @@ def test_a_model_with_an_unknown_noise_scale_is_checked_with_its_globals():
     for y, flagged in ((Y, False), (far, True)):
         c = _model_with_globals_check(plate, (), {"y": y}, 1024, g, 50, False, 2)
         assert c.metric == "mahalanobis" and bool(c.conflict) == flagged
+
+
+def test_a_labelled_prior_given_a_drawn_label_draws_each_signal_from_its_member():
+    """``DiffusionPrior(LabelledPriors([...]).given(c))`` with ``c ~ Categorical(0.25,
+    0.75)`` (the README's conditional prior): each reference observation's signal comes
+    from the member of its own drawn label (the check raised the prior's "needs x_t with
+    the problems' axis first" before; a review's probe, session 36): the share of draws near
+    the second member's mean is within 4 standard errors of 0.75."""
+    import pyro
+    import pyro.distributions as dist
+
+    import bayesfilter_diff.diagnostics.predictive as pp
+
+    sched = bfd.VPSchedule.linear()
+    mus = [torch.tensor([5.0, 5.0]), torch.tensor([-5.0, -5.0])]
+    members = [
+        bfd.GaussianMixture(torch.ones(1), m[None], torch.tensor([0.01])).diffusion(sched)
+        for m in mus
+    ]
+    family = bfd.priors.LabelledPriors(members)
+
+    def model(y=None):
+        c = pyro.sample("c", dist.Categorical(torch.tensor([0.25, 0.75])))
+        x = pyro.sample("x", bfd.DiffusionPrior(family.given(c)))
+        pyro.sample("y", dist.Normal(x, 0.1).to_event(1), obs=y)
+
+    g = torch.Generator().manual_seed(0)
+    seen = {}
+    rank = pp._rank
+
+    def spy(y, yp, *a):
+        seen["yp"] = yp
+        return rank(y, yp, *a)
+
+    pp._rank = spy
+    try:
+        c = pp._model_with_globals_check(
+            model, (), {"y": torch.tensor([-5.0, -5.0])}, 512, g, 20, False, 2
+        )
+    finally:
+        pp._rank = rank
+    share = float((seen["yp"][0, :, 0] < 0).double().mean())
+    assert abs(share - 0.75) < 4 * math.sqrt(0.75 * 0.25 / 512)
+    assert not bool(c.conflict)

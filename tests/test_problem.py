@@ -87,3 +87,21 @@ def test_to_returns_a_copy_and_leaves_the_problem_as_it_was(gen):
     assert moved.operator.M.dtype == torch.float64 and moved.y.dtype == torch.float64
     assert problem.operator.M.dtype == torch.float32 and problem.y.dtype == torch.float32
     assert moved.operator is not problem.operator
+
+
+def test_float16_data_keep_per_problem_noise_scales_in_float32():
+    """SMC^2's theta-particles of an unknown noise scale reach scales whose square float16
+    cannot hold (below 0.0078): such a problem was refused mid-run ("noise_std is too small
+    for torch.float16") though the samplers run 16-bit problems in float32. The scales are
+    now kept in float32 and the log-likelihood is computed there: equal to the float32
+    problem's, finite."""
+    A = bfd.operators.Identity((2,), dtype=torch.float16)
+    y = torch.tensor([[0.5, -0.25], [1.0, 2.0]], dtype=torch.float16)
+    noise = torch.tensor([1e-3, 0.5])
+    p16 = bfd.InverseProblem(A, y, noise)
+    p32 = bfd.InverseProblem(bfd.operators.Identity((2,)), y.float(), noise)
+    assert p16.noise_stds.dtype == torch.float32 and float(p16.noise_stds[0]) == pytest.approx(1e-3)
+    x = torch.tensor([[[0.5, -0.25]], [[0.0, 1.0]]], dtype=torch.float16)
+    ll = p16.log_likelihood(x)
+    assert bool(torch.isfinite(ll).all())
+    torch.testing.assert_close(ll, p32.log_likelihood(x.float()))

@@ -234,12 +234,11 @@ def _model_with_globals_check(
     P = B // M
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", PosteriorQualityWarning)
-        x = (
-            DDIM(num_steps=num_steps, eta=1.0)
-            .sample(prior, unconditional_problem(prior), B, generator)
-            .samples
-        )
-        x = x.to(problem.y.dtype).unsqueeze(1)  # (B, 1, *event): one signal per problem
+        # one signal per problem, each from its problem's prior (a labelled prior given
+        # a drawn label): (B, 1, *event)
+        dummy = unconditional_problem(prior, batch=B)
+        x = DDIM(num_steps=num_steps, eta=1.0).sample(prior, dummy, 1, generator).samples
+        x = x.to(problem.y.dtype)
         if problem.log_likelihood_fn is not None:
             yp = st.observed_draws(x, generator)
         else:

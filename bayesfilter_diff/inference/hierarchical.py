@@ -40,8 +40,11 @@ problems sharing the globals (the inner run then covers the (theta, problem) pai
 proposal (keep its value, or with probability 1/2 a uniform value of its support), jointly
 with the random walk of the continuous ones. The
 model must broadcast a global over the observation: it is substituted with shape
-``(K, 1, ..., 1, *event)``, with as many unit dims as the observed value has dims (a scalar
-``sigma`` multiplies an observation of shape ``(m,)`` as a ``(K, 1)`` tensor).
+``(K, 1, ..., 1, *event)``, with as many unit dims as the observed value has dims less the
+global's own event dims, which broadcast against the observation's rightmost ones (a
+scalar ``sigma`` multiplies an observation of shape ``(m,)`` as a ``(K, 1)`` tensor; a
+``w ~ N(0, I_m).to_event(1)`` enters ``x + w`` as ``(K, m)``; until 2026-12-06 it was
+``(K, 1, m)``, which paired every theta with every ``x``).
 """
 
 from __future__ import annotations
@@ -94,7 +97,10 @@ class FixGlobals(Messenger):
         if msg["name"] in self.values:
             ev = tuple(msg["fn"].event_shape)
             v = self.values[msg["name"]]
-            msg["value"] = v.reshape((self.K,) + (1,) * self.trailing + ev)
+            # (K, 1, .., *event): the global's own event dims broadcast against the right
+            # of the observations' (a scalar's K against their leading dims), so that
+            # `w + x` pairs each theta with its own x, never theta with theta
+            msg["value"] = v.reshape((self.K,) + (1,) * max(self.trailing - len(ev), 0) + ev)
             msg["done"] = True
             msg["infer"] = {**msg["infer"], "_bfd_fixed": True}
         elif isinstance(msg["fn"], DiffusionPrior):

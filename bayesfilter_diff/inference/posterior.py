@@ -46,7 +46,8 @@ class Posterior:
     runs
         With ``infer(..., runs=R)``: the check of the ``R`` independent runs against each
         other (:class:`~bayesfilter_diff.diagnostics.RunsCheck`, with the runs' equally
-        weighted mean and pooled evidence and their errors from the runs' spread);
+        weighted mean and pooled evidence and their errors from the runs' spread, floored at
+        the runs' own combined errors);
         ``result`` is then the runs' pooled cloud
         (:func:`~bayesfilter_diff.diagnostics.pool_runs`), each run weighted by its
         evidence, so :meth:`mean` and ``runs.mean.value`` differ by a fraction of

@@ -23,7 +23,7 @@ from ..problem import InverseProblem, coarser_dtype
 from .forward import PyroForward
 from .handlers import PriorPlaceholder, is_masked, is_plate_site, is_unit_scale, unwrap
 from .linearize import linearize as linearize_forward
-from .structure import ModelStructure, model_error
+from .structure import ModelStructure, _first_line, model_error
 
 __all__ = ["model_to_problem"]
 
@@ -475,7 +475,17 @@ def _observed_data(st: ModelStructure, tr, dtype, device) -> tuple[Tensor, tuple
             full = st.with_problems(full)
         site_layout = (full, ev)
         if st.batched:
-            v = st.problems_first(v.expand(full + ev), 0)  # (B, *rest, *ev)
+            try:
+                v = st.problems_first(v.expand(full + ev), 0)  # (B, *rest, *ev)
+            except RuntimeError as e:
+                raise ValueError(
+                    f"the observed site {name!r} (batch shape {tuple(fn.batch_shape)}) does not "
+                    f"fit the problems' layout {tuple(full)}: its plate dims collide with the "
+                    "problems' (with global latent sites, SMC^2 puts the theta-particles "
+                    "right before a plate of problems, or last when there is none). Write a "
+                    "plate over an observation's coordinates as .to_event(1) instead "
+                    f"({_first_line(e)})"
+                ) from e
         parts.append(v)
     if len(parts) == 1:
         y = parts[0]

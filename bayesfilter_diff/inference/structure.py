@@ -235,7 +235,8 @@ class ModelStructure:
         site sees that site's draw), flattened per particle in the order of ``y`` (the
         problem's, several sites concatenated): ``(B, N, d_y)``, or ``(*lead, d_y)`` for an
         unbatched model. Pyro's laws draw from torch's global generators, here on a fork of
-        them seeded from ``generator`` (the global states are left as they were). Refused
+        them seeded from ``generator`` (the global states are left as they were), or without
+        one from the global generator (advanced by one draw). Refused
         with a ``ValueError`` naming the site: a masked or scaled site or a
         ``pyro.factor`` (not a law of the data), a law without ``sample``, or parameters
         outside their domain at some signal."""
