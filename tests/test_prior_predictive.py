@@ -28,6 +28,16 @@ def _rare():
     return gmm, bfd.InverseProblem(A, torch.tensor([5.46]), noise_std=0.1)
 
 
+def _readme(d: int):
+    """The README's mixture in ``d`` dimensions and its exact diffusion prior."""
+    gmm = bfd.GaussianMixture(
+        torch.tensor([0.3, 0.7]),
+        torch.stack([-2 * torch.ones(d), 2 * torch.ones(d)]),
+        torch.ones(2),
+    )
+    return gmm, gmm.diffusion(bfd.VPSchedule.linear())
+
+
 def test_an_observation_in_the_prior_s_far_tail_is_flagged():
     gmm, problem = _rare()
     prior = gmm.diffusion(bfd.VPSchedule.linear())
@@ -45,12 +55,7 @@ def test_typical_observations_give_uniform_p_values_and_no_alarm():
     p-values uniform (their mean within 4 of its standard errors of 1/2), no conflict
     (each a 1-in-1025 event)."""
     d = 8
-    gmm = bfd.GaussianMixture(
-        torch.tensor([0.3, 0.7]),
-        torch.stack([-2 * torch.ones(d), 2 * torch.ones(d)]),
-        torch.ones(2),
-    )
-    prior = gmm.diffusion(bfd.VPSchedule.linear())
+    gmm, prior = _readme(d)
     g = torch.Generator().manual_seed(5)
     A = bfd.operators.Dense(torch.randn(2, d, generator=g))
     x = gmm.sample(40, g)
@@ -99,14 +104,8 @@ def test_bad_arguments_are_refused_by_name():
 
 
 def _pyro_prior():
-    d = 2
-    gmm = bfd.GaussianMixture(
-        torch.tensor([0.3, 0.7]),
-        torch.stack([-2 * torch.ones(d), 2 * torch.ones(d)]),
-        torch.ones(2),
-    )
-    W = torch.tensor([[1.0, 0.5], [0.2, -1.0], [0.3, 0.3]])
-    return gmm, gmm.diffusion(bfd.VPSchedule.linear()), W
+    gmm, prior = _readme(2)
+    return gmm, prior, torch.tensor([[1.0, 0.5], [0.2, -1.0], [0.3, 0.3]])
 
 
 def test_a_model_s_sites_are_drawn_in_the_order_of_y():
@@ -301,12 +300,7 @@ def test_a_16_bit_prior_s_model_is_checked_in_float32(dtype):
     import pyro
     import pyro.distributions as dist
 
-    d = 2
-    gmm = bfd.GaussianMixture(
-        torch.tensor([0.3, 0.7]),
-        torch.stack([-2 * torch.ones(d), 2 * torch.ones(d)]),
-        torch.ones(2),
-    ).to(dtype)
+    gmm = _readme(2)[0].to(dtype)
     prior = gmm.diffusion(bfd.VPSchedule.linear())
     W = torch.tensor([[1.0, 0.5], [0.2, -1.0], [0.3, 0.3]])
     seen = set()
@@ -336,12 +330,7 @@ def _noisy_model():
     import pyro.distributions as dist
 
     d = 8
-    gmm = bfd.GaussianMixture(
-        torch.tensor([0.3, 0.7]),
-        torch.stack([-2 * torch.ones(d), 2 * torch.ones(d)]),
-        torch.ones(2),
-    )
-    prior = gmm.diffusion(bfd.VPSchedule.linear())
+    gmm, prior = _readme(d)
     g = torch.Generator().manual_seed(0)
     A = bfd.operators.Dense(torch.randn(4, d, generator=g))
 

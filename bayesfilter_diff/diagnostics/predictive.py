@@ -86,9 +86,7 @@ def prior_predictive_check(
             "sampled by the problem: pass observe=, or for a model sampled with "
             "bfd.infer call posterior.prior_predictive_check(), which draws the model's sites"
         )
-    for name, v, lo in (("num_draws", num_draws, 64), ("num_steps", num_steps, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    _check_counts(num_draws, num_steps)
     if problem.y.dtype in (torch.float16, torch.bfloat16):
         # as the samplers: a 16-bit problem's observations and the model run in float32
         problem = _upcast(prior, problem)[1]
@@ -99,17 +97,7 @@ def prior_predictive_check(
         x = DDIM(num_steps=num_steps, eta=1.0).sample(prior, dummy, num_draws, generator).samples
         B = problem.batch_size
         xb = x.to(problem.y.dtype).unsqueeze(0).expand((B,) + tuple(x.shape))
-        if observe is not None:
-            yp = observe(xb, generator)  # (B, M, *out)
-        else:
-            try:
-                yp = problem.sample_observation(xb, generator)
-            except RuntimeError as e:
-                raise ValueError(
-                    f"the problem's {problem.noise} noise model could not be drawn at the "
-                    f"prior's signals ({str(e).splitlines()[0] if str(e) else e!r}): a "
-                    "Poisson rate must be positive at every signal the prior draws"
-                ) from e
+        yp = _observations(problem, xb, generator, observe)  # (B, M, *out)
     y = problem.y_batched.reshape(B, 1, -1).double()
     m_y = y.shape[-1]
     if (
@@ -125,6 +113,32 @@ def prior_predictive_check(
         )
     yp = yp.reshape(B, num_draws, -1).double().to(y.device)
     return _rank(y, yp, warn, stacklevel + 1, problem.batched)
+
+
+def _check_counts(num_draws: Any, num_steps: Any) -> None:
+    for name, v, lo in (("num_draws", num_draws, 64), ("num_steps", num_steps, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+
+
+def _observations(
+    problem: Any,
+    x: Tensor,
+    generator: torch.Generator | None,
+    observe: Callable[[Tensor, torch.Generator | None], Tensor] | None,
+) -> Tensor:
+    """An observation per signal ``x`` ``(B, M, *in_shape)``: ``observe``'s, or the
+    problem's noise model's (a negative Poisson rate: a ValueError saying so)."""
+    if observe is not None:
+        return observe(x, generator)
+    try:
+        return problem.sample_observation(x, generator)
+    except RuntimeError as e:
+        raise ValueError(
+            f"the problem's {problem.noise} noise model could not be drawn at the prior's "
+            f"signals ({str(e).splitlines()[0] if str(e) else e!r}): a Poisson rate must be "
+            "positive at every signal the prior draws"
+        ) from e
 
 
 def _rank(
@@ -220,9 +234,7 @@ def _model_with_globals_check(
     from ..samplers.ddim import DDIM
     from ..samplers.loop import _upcast
 
-    for name, v, lo in (("num_draws", num_draws, 64), ("num_steps", num_steps, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    _check_counts(num_draws, num_steps)
     globals_, trailing, _, dev = _read_globals(model, args, kwargs, generator)
     M = num_draws
     values = _draw_globals(model, args, kwargs, globals_, M, trailing, generator, dev)
@@ -239,16 +251,8 @@ def _model_with_globals_check(
         dummy = unconditional_problem(prior, batch=B)
         x = DDIM(num_steps=num_steps, eta=1.0).sample(prior, dummy, 1, generator).samples
         x = x.to(problem.y.dtype)
-        if problem.log_likelihood_fn is not None:
-            yp = st.observed_draws(x, generator)
-        else:
-            try:
-                yp = problem.sample_observation(x, generator)
-            except RuntimeError as e:
-                raise ValueError(
-                    f"the model's {problem.noise} noise could not be drawn at the prior's "
-                    f"draws ({str(e).splitlines()[0] if str(e) else e!r})"
-                ) from e
+        custom = problem.log_likelihood_fn is not None
+        yp = _observations(problem, x, generator, st.observed_draws if custom else None)
     yp = yp.reshape(1, M, -1).double()
     y = problem.y_batched[:P].reshape(1, 1, -1).double().to(yp.device)
     return _rank(y, yp, warn, stacklevel + 1, False)
