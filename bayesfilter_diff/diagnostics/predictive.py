@@ -69,13 +69,8 @@ def prior_predictive_check(
     them from a Pyro model's own sites). The prior's chain is the sampler's, so the check
     is of the model the samplers run; it costs one unconditional run of ``num_draws``
     particles."""
-    import warnings
 
-    from ..distributions import unconditional_problem
-    from ..errors import PosteriorQualityWarning
     from ..problem import InverseProblem
-    from ..samplers.ddim import DDIM
-    from ..samplers.loop import _upcast
 
     if not isinstance(problem, InverseProblem):
         raise TypeError(f"problem must be an InverseProblem, got {type(problem).__name__}")
@@ -87,16 +82,11 @@ def prior_predictive_check(
             "bfd.infer call posterior.prior_predictive_check(), which draws the model's sites"
         )
     _check_counts(num_draws, num_steps)
-    if problem.y.dtype in (torch.float16, torch.bfloat16):
-        # as the samplers: a 16-bit problem's observations and the model run in float32
-        problem = _upcast(prior, problem)[1]
-    with torch.no_grad(), warnings.catch_warnings():
-        # the unconditional chain's own findings are not the user's
-        warnings.simplefilter("ignore", PosteriorQualityWarning)
-        dummy = unconditional_problem(prior)
-        x = DDIM(num_steps=num_steps, eta=1.0).sample(prior, dummy, num_draws, generator).samples
-        B = problem.batch_size
-        xb = x.to(problem.y.dtype).unsqueeze(0).expand((B,) + tuple(x.shape))
+    problem = _run_precision(prior, problem)
+    x = _prior_signals(prior, None, num_draws, num_steps, generator).to(problem.y.dtype)
+    B = problem.batch_size
+    xb = x.unsqueeze(0).expand((B,) + tuple(x.shape))
+    with torch.no_grad():
         yp = _observations(problem, xb, generator, observe)  # (B, M, *out)
     y = problem.y_batched.reshape(B, 1, -1).double()
     m_y = y.shape[-1]
@@ -113,6 +103,33 @@ def prior_predictive_check(
         )
     yp = yp.reshape(B, num_draws, -1).double().to(y.device)
     return _rank(y, yp, warn, stacklevel + 1, problem.batched)
+
+
+def _run_precision(prior: Any, problem: Any) -> Any:
+    """As the samplers: a 16-bit problem's observations and its model run in float32."""
+    from ..samplers.loop import _upcast
+
+    if problem.y.dtype in (torch.float16, torch.bfloat16):
+        return _upcast(prior, problem)[1]
+    return problem
+
+
+def _prior_signals(
+    prior: Any, batch: int | None, n: int, num_steps: int, generator: torch.Generator | None
+) -> Tensor:
+    """``n`` draws of the prior's own chain (DDPM, ``num_steps``): ``(n, *event)``, or
+    ``(batch, n, *event)`` with one prior per problem (a labelled prior given a label per
+    problem); the unconditional chain's own quality findings are not the user's."""
+    import warnings
+
+    from ..distributions import unconditional_problem
+    from ..errors import PosteriorQualityWarning
+    from ..samplers.ddim import DDIM
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", PosteriorQualityWarning)
+        dummy = unconditional_problem(prior, batch=batch)
+        return DDIM(num_steps=num_steps, eta=1.0).sample(prior, dummy, n, generator).samples
 
 
 def _check_counts(num_draws: Any, num_steps: Any) -> None:
@@ -225,14 +242,9 @@ def _model_with_globals_check(
     ``num_draws`` prior predictive observations from its own globals (drawn from their
     prior, each given those before), its own prior signal for every problem of a plate
     sharing them, and the model's observed sites; ``y`` is all the model's data at once."""
-    import warnings
 
-    from ..distributions import unconditional_problem
-    from ..errors import PosteriorQualityWarning
     from ..inference.hierarchical import FixGlobals, _draw_globals, _read_globals
     from ..inference.reading import model_to_problem
-    from ..samplers.ddim import DDIM
-    from ..samplers.loop import _upcast
 
     _check_counts(num_draws, num_steps)
     globals_, trailing, _, dev = _read_globals(model, args, kwargs, generator)
@@ -240,18 +252,13 @@ def _model_with_globals_check(
     values = _draw_globals(model, args, kwargs, globals_, M, trailing, generator, dev)
     fixed = FixGlobals(values, M, trailing)(model)
     prior, problem, st = model_to_problem(fixed, *args, linearize=False, **kwargs)
-    if problem.y.dtype in (torch.float16, torch.bfloat16):
-        problem = _upcast(prior, problem)[1]
+    problem = _run_precision(prior, problem)
     B = problem.batch_size  # M theta draws x P problems, theta-major
     P = B // M
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", PosteriorQualityWarning)
-        # one signal per problem, each from its problem's prior (a labelled prior given
-        # a drawn label): (B, 1, *event)
-        dummy = unconditional_problem(prior, batch=B)
-        x = DDIM(num_steps=num_steps, eta=1.0).sample(prior, dummy, 1, generator).samples
-        x = x.to(problem.y.dtype)
-        custom = problem.log_likelihood_fn is not None
+    # one signal per problem, each from its problem's prior: (B, 1, *event)
+    x = _prior_signals(prior, B, 1, num_steps, generator).to(problem.y.dtype)
+    custom = problem.log_likelihood_fn is not None
+    with torch.no_grad():
         yp = _observations(problem, x, generator, st.observed_draws if custom else None)
     yp = yp.reshape(1, M, -1).double()
     y = problem.y_batched[:P].reshape(1, 1, -1).double().to(yp.device)

@@ -383,20 +383,16 @@ def step_check(
 
     z_line = float(stats.norm.isf(1e-3 / (2 * d)))
     moved = mean_z > z_line
-    shift = se = None
+    shift = se = extra = extra_se = None
     if coarse.log_evidence is not None and fine.log_evidence is not None:
         shift = (fine.log_evidence.double() - coarse.log_evidence.double()).reshape(-1)
+        c = 1.0 / (factor - 1)  # Richardson: fine + c shift, a first-order error removed
+        extra = fine.log_evidence.double().reshape(-1) + c * shift
         s0, s1 = coarse.info.log_evidence_se, fine.info.log_evidence_se
         if s0 is not None and s1 is not None:
             se = (s0.double() ** 2 + s1.double() ** 2).sqrt().reshape(-1).to(shift.device)
             moved = moved | (shift.abs() > 4 * se)
-    extra = extra_se = None
-    if shift is not None:
-        assert fine.log_evidence is not None
-        extra = fine.log_evidence.double().reshape(-1) + shift / (factor - 1)
-        s0, s1 = coarse.info.log_evidence_se, fine.info.log_evidence_se
-        if s0 is not None and s1 is not None:  # sd of (1 + c) fine - c coarse
-            c = 1.0 / (factor - 1)
+            # the sd of (1 + c) fine - c coarse
             extra_se = (((1 + c) * s1.double()) ** 2 + (c * s0.double()) ** 2).sqrt()
             extra_se = extra_se.reshape(-1).to(extra.device)
     if warn and bool(moved.any()):
