@@ -1,11 +1,15 @@
 """TDS's Jacobian twist against the operator twist: CPU time, lineages and evidence.
 
     OMP_NUM_THREADS=1 python -m benchmarks.jacobian_twist [--problems aniso moons digits]
+        [--samplers operator jacobian observed]
 
 Each problem runs ``bfd.infer``'s default for linear-Gaussian problems (TDS, 100 steps,
-``adaptive_ess=0.1``, the reference kernel) with ``twist_variance="operator"`` (the default
-until 2026-12-06) and ``"jacobian"`` (the default with at most 16 observations since), in
-one process, on the same seeds: CPU time, network calls (the Jacobian's backward passes,
+``adaptive_ess=0.1``) as it was with the reference kernel and ``twist_variance="operator"``
+(``operator``: the default until 2026-12-06) and ``"jacobian"`` (``jacobian``: the default
+with at most 16 observations from then to session 37), and with the Jacobian twist and
+``reverse_variance="observed"`` (``observed``: the kernel's ``b^2 Cov[x0 | x_t]`` in the
+observed directions, m more backward passes per trusted step; the default since session
+37), in one process, on the same seeds: CPU time, network calls (the Jacobian's backward passes,
 one per observed coordinate, are not counted there), genealogy ESS (how many independent
 draws the cloud is worth), the log-evidence and, where it is known in closed form, its
 error. Problems: ``aniso``, a two-component mixture in d = 100 with full covariances
@@ -72,25 +76,32 @@ def digits_problem():
 
 PROBLEMS = {"aniso": (aniso_problem, 512), "moons": (moons_problem, 2048)}
 PROBLEMS["digits"] = (digits_problem, 256)
+SAMPLERS = {
+    "operator": ("operator", "reference"),
+    "jacobian": ("jacobian", "reference"),
+    "observed": ("jacobian", "observed"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.jacobian_twist")
     p.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
     a = p.parse_args(argv)
     print(
-        "| problem | twist | seed | CPU s | network calls | genealogy ESS / N | log-evidence | error |"
+        "| problem | sampler | seed | CPU s | network calls | genealogy ESS / N | log-evidence | error |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for name in a.problems:
         build, N = PROBLEMS[name]
         prior, problem, exact = build()
-        for twist in ("operator", "jacobian"):
+        for label in a.samplers:
+            twist, kernel = SAMPLERS[label]
             sampler = TDS(
                 num_steps=100,
                 adaptive_ess=0.1,
-                reverse_variance="reference",
+                reverse_variance=kernel,
                 twist_variance=twist,
             )
             for seed in a.seeds:
@@ -104,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 err = f"{lz - exact:+.3f}" if exact is not None else "-"
                 ge = float(res.info.genealogy_ess) / N
                 print(
-                    f"| {name} (N = {N}) | {twist} | {seed} | {cpu:.1f} | {res.info.nfe} | "
+                    f"| {name} (N = {N}) | {label} | {seed} | {cpu:.1f} | {res.info.nfe} | "
                     f"{ge:.3f} | {lz:.3f} | {err} |",
                     flush=True,
                 )

@@ -13,11 +13,15 @@ time grid is run with ``N`` particles and ``p(y)`` estimated by importance sampl
 - ``reference``: ``std^2 + b^2 v(t)``, ``v`` the prior's average ``Var[x0 | x_t]`` per
   coordinate (``"reference"``, the default's);
 - ``isotropic``: ``std^2 + b^2 tr Cov[x0 | x_t] / d`` per particle;
-- ``full``: ``std^2 I + b^2 Cov[x0 | x_t]`` per particle (the moment-matched Gaussian).
+- ``full``: ``std^2 I + b^2 Cov[x0 | x_t]`` per particle (the moment-matched Gaussian);
+- ``observed``: ``std^2 I + b^2 [v(t) (I - P) + P Cov[x0 | x_t] P]``, ``P`` the projector on
+  the operator's rows (TDS's ``reverse_variance="observed"``, the default's since session 37;
+  with both rows of ``A`` it is ``full``).
 
-Run: ``OMP_NUM_THREADS=1 python validation/kernel_shape.py [--steps 100] [--n 1000000]``
-(~5 min at the defaults); prints one line per kernel: the log-evidence error and the
-importance sampling estimate's sd.
+Run: ``OMP_NUM_THREADS=1 python validation/kernel_shape.py [--steps 100] [--n 1000000]
+[--rows 2] [--kinds exact ddim reference isotropic full observed]`` (~5 min at the defaults);
+prints one line per kernel: the log-evidence error and the importance sampling estimate's
+sd. ``--rows 1`` observes ``A``'s first row only (``y = 0.8``).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ MU = torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]], dtype=D)
 S2 = torch.tensor([0.8, 0.6, 0.7], dtype=D) ** 2
 A = torch.tensor([[1.0, 0.5], [-0.3, 1.0]], dtype=D)
 Y = torch.tensor([0.8, 0.4], dtype=D)
-KINDS = ("exact", "ddim", "reference", "isotropic", "full")
+KINDS = ("exact", "ddim", "reference", "isotropic", "full", "observed")
 
 
 def posterior_of_x0(sch, x: torch.Tensor, t: torch.Tensor):
@@ -52,9 +56,14 @@ def posterior_of_x0(sch, x: torch.Tensor, t: torch.Tensor):
     return torch.softmax(logr, 1), mean, var
 
 
-def run(kind: str, times: torch.Tensor, prior, n: int, seed: int) -> tuple[float, float]:
-    """The log-evidence of the chain with kernel ``kind`` and the estimate's sd."""
+def run(
+    kind: str, times: torch.Tensor, prior, n: int, seed: int, rows: int = 2
+) -> tuple[float, float]:
+    """The log-evidence of the chain with kernel ``kind`` and the estimate's sd, observing
+    the first ``rows`` rows of ``A``."""
     sch = prior.schedule
+    a_obs, y_obs = A[:rows], Y[:rows]
+    proj = torch.linalg.pinv(a_obs) @ a_obs
     g = torch.Generator().manual_seed(seed)
     x = sch.sigma(times[0]).double() * torch.randn(n, 2, generator=g, dtype=D)
     eye = torch.eye(2, dtype=D)
@@ -83,9 +92,13 @@ def run(kind: str, times: torch.Tensor, prior, n: int, seed: int) -> tuple[float
             v = cov.diagonal(dim1=-2, dim2=-1).mean(-1)
             x = mean + torch.sqrt(std2 + b**2 * v)[:, None] * z
         else:
+            if kind == "observed":
+                v = float(prior.x0_variance(t))
+                cov = v * (eye - proj) + proj @ cov @ proj
             root = torch.linalg.cholesky(std2 * eye + b**2 * cov + 1e-15 * eye)
             x = mean + (root @ z[..., None])[..., 0]
-    ll = torch.distributions.MultivariateNormal(x @ A.T, 0.09 * eye).log_prob(Y)
+    noise = 0.09 * torch.eye(rows, dtype=D)
+    ll = torch.distributions.MultivariateNormal(x @ a_obs.T, noise).log_prob(y_obs)
     w = torch.softmax(ll, 0)
     est = float(torch.logsumexp(ll, 0)) - math.log(n)
     return est, math.sqrt(max(float((w**2).sum()) - 1 / n, 0.0))
@@ -96,16 +109,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rows", type=int, default=2, choices=[1, 2])
+    ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     args = ap.parse_args()
     gmm = bfd.GaussianMixture(W, MU, S2)
     prior = gmm.diffusion(bfd.VPSchedule.linear())
-    problem = bfd.InverseProblem(bfd.operators.Dense(A), Y, 0.3)
+    problem = bfd.InverseProblem(bfd.operators.Dense(A[: args.rows]), Y[: args.rows], 0.3)
     exact = float(gmm.log_evidence(problem))
     sampler = dataclasses.replace(default_sampler(problem), num_steps=args.steps)
     times = sampler.time_grid(prior, problem).to(D)
     print(f"exact log p(y) {exact:.4f}; {len(times) - 1} steps (the default's grid), N = {args.n}")
-    for kind in KINDS:
-        est, sd = run(kind, times, prior, args.n, args.seed)
+    for kind in args.kinds:
+        est, sd = run(kind, times, prior, args.n, args.seed, args.rows)
         print(f"{kind:10s} log-evidence error {est - exact:+.4f} (sd {sd:.4f})", flush=True)
 
 

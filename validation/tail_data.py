@@ -13,10 +13,16 @@ error in posterior sd, genealogy ESS / N) per seed.
     OMP_NUM_THREADS=1 python validation/tail_data.py > validation/results/tail_data/runs.jsonl
 
 (~6 min on one core. ``runs_ddpm_default.jsonl``: the first run, at commit cc3c007, when
-``default`` was the DDPM kernel.)
+``default`` was the DDPM kernel.) ``python validation/tail_data.py reference observed``
+runs the named samplers only: ``reference``, the Jacobian twist with the reference kernel
+(the default from session 32 to 37), and ``observed``, the same with ``b^2 Cov[x0 | x_t]``
+in the observed directions (``reverse_variance="observed"``, session 37;
+``runs_observed.jsonl``); ``default`` is whatever ``bfd.infer`` runs at the time.
 """
 
+import dataclasses
 import json
+import sys
 import warnings
 
 import torch
@@ -37,11 +43,16 @@ for d in [8, 80]:
             prior = gmm.diffusion(bfd.VPSchedule.linear())
             post = gmm.posterior(pb2)
             pm, ps = post.mean(), post.covariance().diagonal().sqrt()
-            for lab, s in [
+            jacobian = registry.build("TDS", 100, adaptive_ess=0.1, twist_variance="jacobian")
+            samplers = [
                 ("default", registry.default_sampler(pb2, 100)),
                 ("ddpm", registry.build("TDS", 100, adaptive_ess=0.1)),
                 ("analytic", registry.default_sampler(pb2, 100, evidence=True)),
-            ]:
+                ("reference", dataclasses.replace(jacobian, reverse_variance="reference")),
+                ("observed", dataclasses.replace(jacobian, reverse_variance="observed")),
+            ]
+            only = sys.argv[1:] or ["default", "ddpm", "analytic"]
+            for lab, s in [(lab, s) for lab, s in samplers if lab in only]:
                 errs = []
                 for seed in range(3):
                     res = s.sample(prior, pb2, 4096, torch.Generator().manual_seed(seed))

@@ -258,7 +258,11 @@ def default_sampler(
       denoiser's Jacobian, one backward pass per observed coordinate on the moves where it
       is trusted), which kept 1.8x (the noise-level study) to 30x (a full-covariance
       mixture) the lineages of the operator's twist on mixtures, 1.5x on the moons network
-      at 1.3x its CPU time and 6.4x on the digits network (10 projections) at 3.1x;
+      at 1.3x its CPU time and 6.4x on the digits network (10 projections) at 3.1x; and
+      since session 37 (2026-12-07) the kernel's ``b^2 Cov[x0 | x_t]`` in the observed
+      directions from that Jacobian at each particle (``reverse_variance="observed"``; m
+      more backward passes per step), which cut the 100-step chain's evidence bias on
+      priors of several scales 1.7-9x (docs/methods/tds.md);
     - for every other likelihood it accepts (nonlinear operators, Poisson, custom / Pyro
       sites), and with ``evidence=True`` (SMC^2's inner sampler, whose error is the
       evidence's), the analytic reverse variance (``reverse_variance="analytic"``: the
@@ -278,7 +282,7 @@ def default_sampler(
     if tds.requirements().unmet(problem) is None:
         if not evidence and tds.conditions(problem):
             if problem.operator.out_dim <= JACOBIAN_MAX_OBSERVATIONS:
-                return replace(tds, twist_variance="jacobian")
+                return replace(tds, twist_variance="jacobian", reverse_variance="observed")
             return tds
         analytic = build("TDS", num_steps, adaptive_ess=0.1, reverse_variance="analytic")
         assert isinstance(analytic, TDS)

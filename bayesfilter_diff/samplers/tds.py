@@ -120,6 +120,7 @@ __all__ = ["TDS"]
 
 _TWISTS = ("none", "inflated", "pigdm", "operator", "jacobian")
 _PROPOSALS = ("auto", "gradient", "conditioned", "model")
+_REVERSE_VARIANCES = ("ddim", "analytic", "reference", "observed")
 #: the conditioned proposal takes the SVD of an operator's matrix (per problem for a
 #: per-problem operator) when the operator has none, up to this many entries in all
 _DENSE_MAX = 2**24
@@ -185,6 +186,10 @@ class TDSState:
     quad_grad: Tensor | None = None
     quad_vectors: Tensor | None = None
     quad_values: Tensor | None = None
+    # reverse_variance="observed": Cov[x0 | x_t] in the operator's observed directions,
+    # Q^T Cov Q (B, N, k, k) in float64 (Q: the right singular vectors of A), from the
+    # denoiser's A J at x_t itself (None: the reference's scalar, as after the first move)
+    observed_cov: Tensor | None = None
 
 
 class _TwistEval(NamedTuple):
@@ -274,11 +279,12 @@ class TDS(SMCSampler):
         likelihoods it sets the smoothing variance of the Laplace twist (``"operator"`` and
         ``"inflated"``: ``sig2``; ``"pigdm"``: its ``v_t``; ``"none"``: the likelihood at
         ``x0_hat``). ``"jacobian"`` (Gaussian noise through a linear operator only; its
-        own conditioned proposal, no ``clamp_x0``, no rejuvenation, kernel ``"ddim"`` or
-        ``"reference"``): the covariance of ``A x0`` given ``x_t`` from the denoiser's
-        Jacobian, ``(sigma_t^2 / alpha_t) A J A^T`` (module docstring), one backward pass
-        per observed coordinate and two network calls per step; it keeps the lineages that
-        a full-covariance (anisotropic) prior costs the operator's twist. At every move for
+        own conditioned proposal, no ``clamp_x0``, no rejuvenation, kernel ``"ddim"``,
+        ``"reference"`` or ``"observed"``): the covariance of ``A x0`` given ``x_t`` from
+        the denoiser's Jacobian, ``(sigma_t^2 / alpha_t) A J A^T`` (module docstring), one
+        backward pass per observed coordinate (two with ``"observed"``) and two network
+        calls per step; it keeps the lineages that a full-covariance (anisotropic) prior
+        costs the operator's twist. At every move for
         a prior with an exact denoiser (``prior.exact_denoiser``: a Gaussian mixture), on
         the sharp end of the path only for a network, whose Jacobian is inaccurate at high
         noise (docs/methods/tds.md, "The Jacobian twist").
@@ -362,7 +368,11 @@ class TDS(SMCSampler):
         ``N(m, prior_variance I)`` prior, see ``prior_variance``: the same for every
         particle, no network call; it keeps the conditioned proposal and
         the chain's own twist; :func:`~bayesfilter_diff.samplers.registry.default_sampler`'s
-        choice for linear-Gaussian problems). docs/methods/tds.md measures the three.
+        choice for linear-Gaussian problems with more than 16 observations) or
+        ``"observed"`` (``twist_variance="jacobian"`` only: the reference's, with ``b^2
+        Cov[x0 | x_t]`` instead in the operator's observed directions, from the denoiser's
+        Jacobian at each particle; m more backward passes per step; the default's choice
+        with at most 16). docs/methods/tds.md measures them.
     """
 
     # noise_positive: the final weight is the likelihood p(y | x0), a point mass for
@@ -411,10 +421,16 @@ class TDS(SMCSampler):
         a = self.adaptive_ess
         if isinstance(a, bool) or not isinstance(a, int | float) or not 0 <= a < 1:
             raise ValueError(f"adaptive_ess must be a number in [0, 1), got {a!r}")
-        if self.reverse_variance not in ("ddim", "analytic", "reference"):
+        if self.reverse_variance not in _REVERSE_VARIANCES:
             raise ValueError(
-                f"reverse_variance must be 'ddim', 'analytic' or 'reference', got "
+                f"reverse_variance must be one of {_REVERSE_VARIANCES}, got "
                 f"{self.reverse_variance!r}"
+            )
+        if self.reverse_variance == "observed" and self.twist_variance != "jacobian":
+            raise ValueError(
+                "reverse_variance='observed' takes the kernel's covariance in the observed "
+                "directions from the Jacobian twist: it needs twist_variance='jacobian', got "
+                f"{self.twist_variance!r}"
             )
         if self.proposal not in _PROPOSALS:
             raise ValueError(f"proposal must be one of {_PROPOSALS}, got {self.proposal!r}")
@@ -446,7 +462,8 @@ class TDS(SMCSampler):
             if clash:
                 raise ValueError(
                     "twist_variance='jacobian' has its own conditioned proposal and takes "
-                    "proposal 'auto' or 'conditioned', reverse_variance 'ddim' or 'reference', "
+                    "proposal 'auto' or 'conditioned', reverse_variance 'ddim', 'reference' or "
+                    "'observed', "
                     f"no clamp_x0 and no rejuvenation; got {', '.join(clash)}"
                 )
 
@@ -504,7 +521,7 @@ class TDS(SMCSampler):
             and self.clamp_x0 is None
             # "auto" keeps the analytic reverse variance with the gradient proposal (with
             # the conditioned one it measured worse on the noise-level study, tds.md)
-            and (self.proposal == "conditioned" or self.reverse_variance in ("ddim", "reference"))
+            and (self.proposal == "conditioned" or self.reverse_variance != "analytic")
         )
 
     def _grid_table(self, ctx: Context) -> tuple[Tensor, list[str]]:
@@ -517,7 +534,7 @@ class TDS(SMCSampler):
             coef = ddim_coefficients(ctx.prior.schedule, ts[:-1], ts[1:], 1.0)
             a_s = coef.alpha_s
             kvar = coef.std**2
-            if self.reverse_variance == "reference":  # the kernel's b^2 Var[x0 | x_t] too
+            if self._reference_kernel:  # the kernel's b^2 Var[x0 | x_t] too
                 sch = ctx.prior.schedule
                 b = ddim_weights(coef, sch.sigma(ts[:-1]))[1]
                 kvar = kvar + b**2 * self._kernel_x0_variance(ctx, ts[:-1])
@@ -725,6 +742,80 @@ class TDS(SMCSampler):
         root = low @ vec * ev.clamp_min(1.0).sqrt().unsqueeze(-2)
         return root @ root.transpose(-1, -2)
 
+    def _observed_covariance(self, ctx: Context, t: Tensor, aj: Tensor, trust: float) -> Tensor:
+        """``reverse_variance="observed"``: ``Cov[x0 | x_t]`` in the operator's observed
+        directions, ``Q^T Cov Q = (sigma_t^2 / alpha_t) diag(1 / s) U^T (A J) V`` for ``A =
+        U diag(s) V^T`` and ``Q = V``, from the Jacobian twist's ``aj = A J`` ``(B, N, m, d)``
+        at time ``t``: ``(B, N, k, k)`` in float64, ``k = min(m, d)``. Its symmetric part
+        with the eigenvalues clamped at 0 for an exact denoiser; for a network within
+        ``[f v, v / f]`` of the reference's ``v = Var[x0 | x_t]`` (``f = _JACOBIAN_FLOOR``,
+        as the twist's floor) and blended towards ``v I`` by ``1 - trust``; the directions
+        of singular values below ``1e-8`` of the largest (a rank-deficient ``A``) get
+        ``v``."""
+        U, s, Vh = self._matrix_svd(ctx)
+        sch = ctx.prior.schedule
+        a, sg = sch.alpha(t).double(), sch.sigma(t).double()
+        v = self._kernel_x0_variance(ctx, t).double()
+        s64 = s.double()  # (B | 1, 1, k)
+        ok = s64 > 1e-8 * s64.amax(-1, keepdim=True)
+        inv = torch.where(ok, 1 / torch.where(ok, s64, 1.0), 0.0)
+        proj = U.double().transpose(-1, -2).unsqueeze(1) @ aj.double()
+        c = (sg**2 / a) * inv.unsqueeze(-1) * (proj @ Vh.double().transpose(-1, -2).unsqueeze(1))
+        c = 0.5 * (c + c.transpose(-1, -2))
+        eye = torch.eye(c.shape[-1], dtype=torch.float64, device=c.device)
+        both = ok.unsqueeze(-1) & ok.unsqueeze(-2)  # (B | 1, 1, k, k)
+        c = torch.where(both, c, v * eye)
+        ev, vec = torch.linalg.eigh(c)
+        if getattr(ctx.prior, "exact_denoiser", False):
+            ev = ev.clamp_min(0.0)
+        else:
+            ev = ev.clamp(_JACOBIAN_FLOOR * v, v / _JACOBIAN_FLOOR)
+        c = (vec * ev.unsqueeze(-2)) @ vec.transpose(-1, -2)
+        return c if trust >= 1 else trust * c + (1 - trust) * v * eye
+
+    def _observed_draw(
+        self,
+        ctx: Context,
+        var: Tensor,
+        extra: Tensor,
+        aj: Tensor,
+        cov: Tensor,
+        chol: Tensor,
+        r: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """The Jacobian move's draw with the kernel ``N(m, Sigma)``, ``Sigma = var I + Q E
+        Q^T`` (``reverse_variance="observed"``; ``E = extra`` ``(B, N, k, k)``, ``Q = V``
+        of the operator's SVD), conditioned on the linearised twist ``r ~ A J (x - m) +
+        eta``, ``eta ~ N(0, C)`` (``cov = C``, ``chol`` its factor): Matheron's rule ``x -
+        m = Sigma^(1/2) z + Sigma (A J)^T S^-1 (r - A J Sigma^(1/2) z - eta)``, ``S = C +
+        A J Sigma (A J)^T``. ``Sigma^(1/2) z = sqrt(var) (z - Q Q^T z) + Q R Q^T z`` with
+        ``R R^T = var I + E``. Returns ``x - m`` flat in the run's dtype and ``S``'s
+        Cholesky factor; the same random draws as the isotropic kernel's."""
+        _, _, Vh = self._matrix_svd(ctx)
+        Q = Vh.transpose(-1, -2).to(aj.dtype).unsqueeze(1)  # (B | 1, 1, d, k)
+        Qt = Q.transpose(-1, -2)
+        aj64 = aj.double()
+        ajq = aj64 @ Q.double()  # (B, N, m, k)
+        S = cov + var[..., None, None] * (aj64 @ aj64.transpose(-1, -2))
+        chol_s = torch.linalg.cholesky(S + ajq @ extra @ ajq.transpose(-1, -2))
+        # (the d-vectors in the run's dtype, as the isotropic draw's; k x k algebra in float64)
+        z = ctx.randn().reshape(var.shape + (-1,))
+        eye = torch.eye(extra.shape[-1], dtype=torch.float64, device=extra.device)
+        ev, vec = torch.linalg.eigh(var[..., None, None] * eye + extra)
+        root = vec * ev.clamp_min(0.0).sqrt().unsqueeze(-2)
+        sd = var.sqrt()[..., None]
+        zq = (Qt @ z.unsqueeze(-1)).squeeze(-1).double()
+        lift = (root @ zq.unsqueeze(-1)).squeeze(-1) - sd * zq
+        root_z = sd.to(z.dtype) * z + (Q @ lift.to(z.dtype).unsqueeze(-1)).squeeze(-1)
+        m = cov.shape[-1]
+        eta = (chol @ ctx.randn(var.shape + (m,)).double().unsqueeze(-1)).squeeze(-1)
+        res = r - (aj @ root_z.unsqueeze(-1)).squeeze(-1).double() - eta
+        sol = torch.cholesky_solve(res.unsqueeze(-1), chol_s)
+        shift = (aj.transpose(-1, -2) @ sol.to(aj.dtype)).squeeze(-1)  # (A J)^T S^-1 (...)
+        along = extra @ (Qt @ shift.unsqueeze(-1)).double()  # E Q^T shift, (B, N, k, 1)
+        sigma_shift = var[..., None].to(z.dtype) * shift + (Q @ along.to(z.dtype)).squeeze(-1)
+        return root_z + sigma_shift, chol_s
+
     def _jacobian_move(
         self, ctx: Context, state: TDSState, k: int, t, t_next, trust: float
     ) -> Move:
@@ -736,7 +827,10 @@ class TDS(SMCSampler):
         divide out at the next step); the last step conditions on ``p(y | x_0)`` itself.
         With ``trust = w < 1`` the centre, slope and covariance are ``w`` times these plus
         ``1 - w`` times the operator's conditioned move's (``x0_hat_t(x_t)``, ``A /
-        alpha_s``, ``sigma_y^2 I + v_s A A^T``), which it is at ``w = 0``."""
+        alpha_s``, ``sigma_y^2 I + v_s A A^T``), which it is at ``w = 0``. With
+        ``reverse_variance="observed"`` the kernel is ``N(m, v I + Q E Q^T)`` with ``E`` from
+        ``Cov[x0 | x_t]`` in the observed directions (:meth:`_observed_covariance`, taken
+        when ``x_t`` was made; :meth:`_observed_draw`)."""
         sch = ctx.prior.schedule
         x, x0, lt = state.x, state.x0, state.log_twist
         assert x0 is not None and lt is not None
@@ -745,9 +839,14 @@ class TDS(SMCSampler):
         s_t = sch.sigma(t)
         mean = ddim_mean(x, x0, coef, s_t)
         var = (coef.std**2).double().expand(lt.shape)
+        b2 = ddim_weights(coef, s_t)[1].double() ** 2
         if state.x0_var is not None:  # the reference kernel's b^2 Var[x0 | x_t]
-            b = ddim_weights(coef, s_t)[1]
-            var = var + b.double() ** 2 * state.x0_var.double()
+            var = var + b2 * state.x0_var.double()
+        # "observed": the kernel's covariance var I + Q E Q^T, E = b^2 (Q^T Cov Q - v I)
+        extra = None
+        if state.observed_cov is not None and state.x0_var is not None:
+            eye_r = torch.eye(state.observed_cov.shape[-1], dtype=torch.float64, device=x.device)
+            extra = b2 * (state.observed_cov - state.x0_var.double()[..., None, None] * eye_r)
         rows, A, gram_a = self._rows(ctx)
         m = A.shape[-2]
         s2 = torch.as_tensor(ctx.problem.noise_variance(), dtype=torch.float64)
@@ -772,16 +871,19 @@ class TDS(SMCSampler):
         # operators of condition 1e4-1e5 at noise 1e-2 - 1e-3)
         aj64 = aj.double()
         gram = aj64 @ aj64.transpose(-1, -2)
-        chol_s = torch.linalg.cholesky(cov + var[..., None, None] * gram)
-        # Matheron: x = m + sd z + v (A J)^T S^-1 (r - sd A J z - eta), eta ~ N(0, C)
         flat = lt.shape + (-1,)
-        z = ctx.randn().reshape(flat)
-        sd = var.sqrt()
-        eta = (chol @ ctx.randn(lt.shape + (m,)).double().unsqueeze(-1)).squeeze(-1)
-        aj_z = (aj @ z.unsqueeze(-1)).squeeze(-1).double()
-        sol = torch.cholesky_solve((r - sd[..., None] * aj_z - eta).unsqueeze(-1), chol_s)
-        shift = (aj.transpose(-1, -2) @ sol.to(aj.dtype)).squeeze(-1)
-        dx = sd[..., None].to(z.dtype) * z + var[..., None].to(z.dtype) * shift
+        if extra is None:
+            chol_s = torch.linalg.cholesky(cov + var[..., None, None] * gram)
+            # Matheron: x = m + sd z + v (A J)^T S^-1 (r - sd A J z - eta), eta ~ N(0, C)
+            z = ctx.randn().reshape(flat)
+            sd = var.sqrt()
+            eta = (chol @ ctx.randn(lt.shape + (m,)).double().unsqueeze(-1)).squeeze(-1)
+            aj_z = (aj @ z.unsqueeze(-1)).squeeze(-1).double()
+            sol = torch.cholesky_solve((r - sd[..., None] * aj_z - eta).unsqueeze(-1), chol_s)
+            shift = (aj.transpose(-1, -2) @ sol.to(aj.dtype)).squeeze(-1)
+            dx = sd[..., None].to(z.dtype) * z + var[..., None].to(z.dtype) * shift
+        else:
+            dx, chol_s = self._observed_draw(ctx, var, extra, aj, cov, chol, r)
         x_new = mean + dx.reshape(mean.shape)
         dx = (x_new - mean).reshape(flat)  # as drawn
         # log Z(x_t) - log p~_lin(y | x_s): the proposal's normaliser over its linear twist
@@ -793,11 +895,18 @@ class TDS(SMCSampler):
             new_state = TDSState(x_new)
             lt64 = lt_new.double()
         else:
-            x0_new = ctx.denoise(x_new, t_next)
+            observed = None
+            if self.reverse_variance == "observed":
+                # Cov[x0 | x_s] at the new particle, for the next move's kernel (m more
+                # backward passes: at the kernel's mean, free, it left twice the bias)
+                x0_new, aj_new = ctx.denoise_jacobian(x_new, t_next, rows)
+                observed = self._observed_covariance(ctx, t_next, aj_new, trust)
+            else:
+                x0_new = ctx.denoise(x_new, t_next)
             lt64 = _gaussian_logpdf(self._residual(ctx, x0_new), chol)
             lt_new = lt64.to(lt.dtype)
             var_new = self._reference_variance(ctx, t_next, lt_new)
-            new_state = TDSState(x_new, x0_new, None, lt_new, var_new)
+            new_state = TDSState(x_new, x0_new, None, lt_new, var_new, observed_cov=observed)
         incr = (log_ratio + lt64 - lt.double()).to(lt.dtype)
         incr = torch.where(torch.isfinite(lt), incr, torch.full_like(incr, -math.inf))
         return Move(new_state, incr)
@@ -965,7 +1074,7 @@ class TDS(SMCSampler):
         # A particle whose likelihood is undefined (e.g. a Poisson rate <= 0) gets weight 0.
         lt = torch.where(torch.isnan(lt), torch.full_like(lt, -math.inf), lt)
         g = g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # (a fresh gradient: in place)
-        if self.reverse_variance == "reference":
+        if self._reference_kernel:
             return _TwistEval(x0, lt, g, self._reference_variance(ctx, t, lt))
         return _TwistEval(x0, lt, g, self._x0_variance(ctx, t, tr))
 
@@ -1087,11 +1196,17 @@ class TDS(SMCSampler):
         return x_new, log_ratio.to(mean.dtype)
 
     def _reference_variance(self, ctx: Context, t: Tensor, like: Tensor) -> Tensor | None:
-        """``reverse_variance="reference"``: :meth:`_kernel_x0_variance` at ``t``, the same
-        for every particle (no network call); ``None`` for the other kernels."""
-        if self.reverse_variance != "reference":
+        """``reverse_variance="reference"`` (and ``"observed"``): :meth:`_kernel_x0_variance`
+        at ``t``, the same for every particle (no network call); ``None`` for the other
+        kernels."""
+        if not self._reference_kernel:
             return None
         return self._kernel_x0_variance(ctx, t).to(like.dtype).expand(like.shape)
+
+    @property
+    def _reference_kernel(self) -> bool:
+        """Whether the kernel carries the reference's ``b^2 Var[x0 | x_t]``."""
+        return self.reverse_variance in ("reference", "observed")
 
     @property
     def _tau2(self) -> float:
@@ -1316,7 +1431,7 @@ class TDS(SMCSampler):
 
     def run_info(self, ctx: Context, setup: None) -> TDSInfo:
         info = self._run_info(ctx)
-        if self.reverse_variance != "reference":
+        if not self._reference_kernel:
             return info
         own = self._own_x0_variance(ctx, ctx.times[:1]) is not None
         return replace(info, reference_variance="prior" if own else f"gaussian({self._tau2:g})")
