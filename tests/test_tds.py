@@ -31,9 +31,9 @@ DT = torch.float64
 def chain_prior(mu, S, schedule, times, x0_variance=None, observed=None):
     """Exact law ``N(m, P)`` of ``x_0`` under the ancestral chain of a Gaussian prior (with
     ``x0_variance``, a function of ``t``: the reference kernel, whose variance adds ``b^2``
-    times it; with ``observed`` too, the projector ``Q Q^T`` on the operator's row space:
-    the kernel ``"observed"``, which adds ``b^2 Q Q^T Cov[x0 | x_t] Q Q^T`` there
-    instead)."""
+    times it; with ``observed`` too, the projector ``P = Q Q^T`` on the operator's row
+    space: the kernel ``"observed"``, which adds ``b^2`` times the Nystrom completion ``Cov
+    P (P Cov P)^+ P Cov`` of ``Cov[x0 | x_t]`` instead of ``v P``)."""
     d = mu.numel()
     eye = torch.eye(d, dtype=DT)
     m = torch.zeros(d, dtype=DT)
@@ -48,8 +48,9 @@ def chain_prior(mu, S, schedule, times, x0_variance=None, observed=None):
         m = K @ m + c1 * (mu - a * G @ mu)
         var = std**2 if x0_variance is None else std**2 + c1**2 * x0_variance(t)
         cov = var * eye
-        if observed is not None:  # Cov[x0 | x_t] = S - a G S in the observed directions
-            inner = observed @ (S - a * G @ S) @ observed
+        if observed is not None:  # Cov[x0 | x_t] = S - a G S from the observed directions
+            C = S - a * G @ S
+            inner = C @ observed @ torch.linalg.pinv(observed @ C @ observed) @ observed @ C
             cov = cov + c1**2 * (inner - x0_variance(t) * observed)
         P = K @ P @ K.T + cov
     return bfd.GaussianMixture(torch.ones(1, dtype=DT), m[None], P[None])

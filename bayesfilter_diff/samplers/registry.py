@@ -259,10 +259,11 @@ def default_sampler(
       is trusted), which kept 1.8x (the noise-level study) to 30x (a full-covariance
       mixture) the lineages of the operator's twist on mixtures, 1.5x on the moons network
       at 1.3x its CPU time and 6.4x on the digits network (10 projections) at 3.1x; and
-      since session 37 (2026-12-07) the kernel's ``b^2 Cov[x0 | x_t]`` in the observed
-      directions from that Jacobian at each particle (``reverse_variance="observed"``; m
-      more backward passes per step), which cut the 100-step chain's evidence bias on
-      priors of several scales 1.7-9x (docs/methods/tds.md);
+      since session 37 (2026-12-07) the kernel's ``b^2 Cov[x0 | x_t]`` from that Jacobian
+      at each particle, in the observed directions and across them
+      (``reverse_variance="observed"``; m more backward passes per step), which cut the
+      100-step chain's evidence bias on priors of several scales and anisotropic ones
+      4x or more on 11 of 12 problems measured, 1.3x on one (docs/methods/tds.md);
     - for every other likelihood it accepts (nonlinear operators, Poisson, custom / Pyro
       sites), and with ``evidence=True`` (SMC^2's inner sampler, whose error is the
       evidence's), the analytic reverse variance (``reverse_variance="analytic"``: the

@@ -186,10 +186,13 @@ class TDSState:
     quad_grad: Tensor | None = None
     quad_vectors: Tensor | None = None
     quad_values: Tensor | None = None
-    # reverse_variance="observed": Cov[x0 | x_t] in the operator's observed directions,
-    # Q^T Cov Q (B, N, k, k) in float64 (Q: the right singular vectors of A), from the
-    # denoiser's A J at x_t itself (None: the reference's scalar, as after the first move)
-    observed_cov: Tensor | None = None
+    # reverse_variance="observed": the kernel's Cov[x0 | x_t] from the observed directions,
+    # H H^T = Cov Q (Q^T Cov Q)^-1 Q^T Cov (Q: the right singular vectors of A), H (B, N, d,
+    # k) in the run's dtype, times sqrt(w), and the weight w (B, N) of that kernel against
+    # the reference's (the Jacobian's trust), from the denoiser's A J at x_t itself (None:
+    # the reference's scalar, as after the first move)
+    observed_root: Tensor | None = None
+    observed_weight: Tensor | None = None
 
 
 class _TwistEval(NamedTuple):
@@ -370,9 +373,9 @@ class TDS(SMCSampler):
         the chain's own twist; :func:`~bayesfilter_diff.samplers.registry.default_sampler`'s
         choice for linear-Gaussian problems with more than 16 observations) or
         ``"observed"`` (``twist_variance="jacobian"`` only: the reference's, with ``b^2
-        Cov[x0 | x_t]`` instead in the operator's observed directions, from the denoiser's
-        Jacobian at each particle; m more backward passes per step; the default's choice
-        with at most 16). docs/methods/tds.md measures them.
+        Cov[x0 | x_t]`` from the denoiser's Jacobian at each particle in the operator's
+        observed directions and across them, Nystrom-completed; m more backward passes per
+        step; the default's choice with at most 16). docs/methods/tds.md measures them.
     """
 
     # noise_positive: the final weight is the likelihood p(y | x0), a point mass for
@@ -742,16 +745,21 @@ class TDS(SMCSampler):
         root = low @ vec * ev.clamp_min(1.0).sqrt().unsqueeze(-2)
         return root @ root.transpose(-1, -2)
 
-    def _observed_covariance(self, ctx: Context, t: Tensor, aj: Tensor, trust: float) -> Tensor:
-        """``reverse_variance="observed"``: ``Cov[x0 | x_t]`` in the operator's observed
-        directions, ``Q^T Cov Q = (sigma_t^2 / alpha_t) diag(1 / s) U^T (A J) V`` for ``A =
-        U diag(s) V^T`` and ``Q = V``, from the Jacobian twist's ``aj = A J`` ``(B, N, m, d)``
-        at time ``t``: ``(B, N, k, k)`` in float64, ``k = min(m, d)``. Its symmetric part
-        with the eigenvalues clamped at 0 for an exact denoiser; for a network within
-        ``[f v, v / f]`` of the reference's ``v = Var[x0 | x_t]`` (``f = _JACOBIAN_FLOOR``,
-        as the twist's floor) and blended towards ``v I`` by ``1 - trust``; the directions
-        of singular values below ``1e-8`` of the largest (a rank-deficient ``A``) get
-        ``v``."""
+    def _observed_covariance(
+        self, ctx: Context, t: Tensor, aj: Tensor, trust: float
+    ) -> tuple[Tensor, Tensor]:
+        """``reverse_variance="observed"``: ``Cov[x0 | x_t]`` as far as the Jacobian twist's
+        ``aj = A J`` ``(B, N, m, d)`` at time ``t`` measures it, the columns ``G = Cov Q``
+        (``Q^T Cov = (sigma_t^2 / alpha_t) diag(1 / s) U^T (A J)`` for ``A = U diag(s) V^T``,
+        ``Q = V``), completed by Nystrom: ``G C^-1 G^T`` with ``C = Q^T Cov Q`` (exact in
+        the observed block and across it; in the unobserved block the part of ``Cov``
+        that the observed directions predict). Returns ``H`` with ``H H^T = G C^-1 G^T``,
+        ``(B, N, d, k)`` in the run's dtype, times ``sqrt(trust)``, and ``trust`` as ``(B,
+        N)``. ``C``'s eigenvalues are clamped at ``1e-8 v`` for an exact denoiser and to
+        ``[f v, v / f]`` for a network, whose unobserved columns of ``H`` are also capped at
+        ``v / f`` (``v`` the reference's ``Var[x0 | x_t]``, ``f = _JACOBIAN_FLOOR``, as the
+        twist's floor); the directions of singular values below ``1e-8`` of the largest (a
+        rank-deficient ``A``) are left out."""
         U, s, Vh = self._matrix_svd(ctx)
         sch = ctx.prior.schedule
         a, sg = sch.alpha(t).double(), sch.sigma(t).double()
@@ -759,62 +767,81 @@ class TDS(SMCSampler):
         s64 = s.double()  # (B | 1, 1, k)
         ok = s64 > 1e-8 * s64.amax(-1, keepdim=True)
         inv = torch.where(ok, 1 / torch.where(ok, s64, 1.0), 0.0)
-        proj = U.double().transpose(-1, -2).unsqueeze(1) @ aj.double()
-        c = (sg**2 / a) * inv.unsqueeze(-1) * (proj @ Vh.double().transpose(-1, -2).unsqueeze(1))
+        Q = Vh.double().transpose(-1, -2).unsqueeze(1)  # (B | 1, 1, d, k)
+        # Q^T Cov, (B, N, k, d), and C = Q^T Cov Q, its symmetric part
+        qc = (
+            (sg**2 / a)
+            * inv.unsqueeze(-1)
+            * (U.double().transpose(-1, -2).unsqueeze(1) @ aj.double())
+        )
+        c = qc @ Q
         c = 0.5 * (c + c.transpose(-1, -2))
         eye = torch.eye(c.shape[-1], dtype=torch.float64, device=c.device)
         both = ok.unsqueeze(-1) & ok.unsqueeze(-2)  # (B | 1, 1, k, k)
-        c = torch.where(both, c, v * eye)
-        ev, vec = torch.linalg.eigh(c)
-        if getattr(ctx.prior, "exact_denoiser", False):
-            ev = ev.clamp_min(0.0)
-        else:
-            ev = ev.clamp(_JACOBIAN_FLOOR * v, v / _JACOBIAN_FLOOR)
-        c = (vec * ev.unsqueeze(-2)) @ vec.transpose(-1, -2)
-        return c if trust >= 1 else trust * c + (1 - trust) * v * eye
+        c = torch.where(both, c, v * eye)  # (unobserved: the reference's, G's column is 0)
+        ev, W = torch.linalg.eigh(c)
+        exact = getattr(ctx.prior, "exact_denoiser", False)
+        ev = ev.clamp_min(1e-8 * v) if exact else ev.clamp(_JACOBIAN_FLOOR * v, v / _JACOBIAN_FLOOR)
+        # H = G W ev^-1/2 = Q W ev^1/2 + (I - Q Q^T) G W ev^-1/2 (the observed block as
+        # clamped, the cross and unobserved blocks from G)
+        G = qc.transpose(-1, -2)  # (B, N, d, k)
+        X = G - Q @ (Q.transpose(-1, -2) @ G)
+        root = torch.where(ev > 0, ev, 1.0).rsqrt() * (ev > 0)
+        across = X @ W * root.unsqueeze(-2)
+        if not exact:  # a network's unobserved columns: at most v / f each
+            cap = (v / _JACOBIAN_FLOOR / across.pow(2).sum(-2).clamp_min(1e-300)).sqrt()
+            across = across * cap.clamp_max(1.0).unsqueeze(-2)
+        H = Q @ (W * ev.sqrt().unsqueeze(-2)) + across
+        w = torch.full(aj.shape[:2], float(trust), dtype=torch.float64, device=aj.device)
+        return (H * math.sqrt(trust)).to(aj.dtype), w
 
     def _observed_draw(
         self,
         ctx: Context,
         var: Tensor,
-        extra: Tensor,
+        low: Tensor,
+        root: Tensor,
         aj: Tensor,
         cov: Tensor,
         chol: Tensor,
         r: Tensor,
     ) -> tuple[Tensor, Tensor]:
-        """The Jacobian move's draw with the kernel ``N(m, Sigma)``, ``Sigma = var I + Q E
-        Q^T`` (``reverse_variance="observed"``; ``E = extra`` ``(B, N, k, k)``, ``Q = V``
-        of the operator's SVD), conditioned on the linearised twist ``r ~ A J (x - m) +
-        eta``, ``eta ~ N(0, C)`` (``cov = C``, ``chol`` its factor): Matheron's rule ``x -
-        m = Sigma^(1/2) z + Sigma (A J)^T S^-1 (r - A J Sigma^(1/2) z - eta)``, ``S = C +
-        A J Sigma (A J)^T``. ``Sigma^(1/2) z = sqrt(var) (z - Q Q^T z) + Q R Q^T z`` with
-        ``R R^T = var I + E``. Returns ``x - m`` flat in the run's dtype and ``S``'s
-        Cholesky factor; the same random draws as the isotropic kernel's."""
+        """The Jacobian move's draw with the kernel ``N(m, Sigma)``, ``Sigma = var (I - Q
+        Q^T) + low Q Q^T + R R^T`` (``reverse_variance="observed"``; ``var``, ``low``
+        ``(B, N)``; ``R = root`` ``(B, N, d, k)``; ``Q = V`` of the operator's SVD),
+        conditioned on the linearised twist ``r ~ A J (x - m) + eta``, ``eta ~ N(0, C)``
+        (``cov = C``, ``chol`` its factor): Matheron's rule ``x - m = Sigma^(1/2) z + Sigma
+        (A J)^T S^-1 (r - A J Sigma^(1/2) z - eta)``, ``S = C + A J Sigma (A J)^T``, with
+        ``Sigma^(1/2) z = sqrt(var) z + (sqrt(low) - sqrt(var)) Q Q^T z + R z'``. Returns
+        ``x - m`` flat in the run's dtype and ``S``'s Cholesky factor."""
         _, _, Vh = self._matrix_svd(ctx)
         Q = Vh.transpose(-1, -2).to(aj.dtype).unsqueeze(1)  # (B | 1, 1, d, k)
         Qt = Q.transpose(-1, -2)
         aj64 = aj.double()
         ajq = aj64 @ Q.double()  # (B, N, m, k)
+        ajr = aj64 @ root.double()  # (B, N, m, k)
         S = cov + var[..., None, None] * (aj64 @ aj64.transpose(-1, -2))
-        chol_s = torch.linalg.cholesky(S + ajq @ extra @ ajq.transpose(-1, -2))
-        # (the d-vectors in the run's dtype, as the isotropic draw's; k x k algebra in float64)
+        S = S + (low - var)[..., None, None] * (ajq @ ajq.transpose(-1, -2))
+        chol_s = torch.linalg.cholesky(S + ajr @ ajr.transpose(-1, -2))
+        # (the d-vectors in the run's dtype, as the isotropic draw's; the rest in float64)
         z = ctx.randn().reshape(var.shape + (-1,))
-        eye = torch.eye(extra.shape[-1], dtype=torch.float64, device=extra.device)
-        ev, vec = torch.linalg.eigh(var[..., None, None] * eye + extra)
-        root = vec * ev.clamp_min(0.0).sqrt().unsqueeze(-2)
-        sd = var.sqrt()[..., None]
-        zq = (Qt @ z.unsqueeze(-1)).squeeze(-1).double()
-        lift = (root @ zq.unsqueeze(-1)).squeeze(-1) - sd * zq
-        root_z = sd.to(z.dtype) * z + (Q @ lift.to(z.dtype).unsqueeze(-1)).squeeze(-1)
+        z2 = ctx.randn(var.shape + (root.shape[-1],))
+        dt = z.dtype
+        sd, sd_low = var.sqrt()[..., None], low.clamp_min(0.0).sqrt()[..., None]
+        zq = (Qt @ z.unsqueeze(-1)).squeeze(-1)
+        root_z = sd.to(dt) * z + (Q @ ((sd_low - sd).to(dt) * zq).unsqueeze(-1)).squeeze(-1)
+        root_z = root_z + (root @ z2.unsqueeze(-1)).squeeze(-1)
         m = cov.shape[-1]
         eta = (chol @ ctx.randn(var.shape + (m,)).double().unsqueeze(-1)).squeeze(-1)
         res = r - (aj @ root_z.unsqueeze(-1)).squeeze(-1).double() - eta
         sol = torch.cholesky_solve(res.unsqueeze(-1), chol_s)
-        shift = (aj.transpose(-1, -2) @ sol.to(aj.dtype)).squeeze(-1)  # (A J)^T S^-1 (...)
-        along = extra @ (Qt @ shift.unsqueeze(-1)).double()  # E Q^T shift, (B, N, k, 1)
-        sigma_shift = var[..., None].to(z.dtype) * shift + (Q @ along.to(z.dtype)).squeeze(-1)
-        return root_z + sigma_shift, chol_s
+        u = (aj.transpose(-1, -2) @ sol.to(aj.dtype)).squeeze(-1)  # (A J)^T S^-1 (...)
+        sigma_u = var[..., None].to(dt) * u
+        sigma_u = sigma_u + (
+            Q @ ((low - var)[..., None].to(dt) * (Qt @ u.unsqueeze(-1)).squeeze(-1)).unsqueeze(-1)
+        ).squeeze(-1)
+        sigma_u = sigma_u + (root @ (root.transpose(-1, -2) @ u.unsqueeze(-1))).squeeze(-1)
+        return root_z + sigma_u, chol_s
 
     def _jacobian_move(
         self, ctx: Context, state: TDSState, k: int, t, t_next, trust: float
@@ -842,11 +869,14 @@ class TDS(SMCSampler):
         b2 = ddim_weights(coef, s_t)[1].double() ** 2
         if state.x0_var is not None:  # the reference kernel's b^2 Var[x0 | x_t]
             var = var + b2 * state.x0_var.double()
-        # "observed": the kernel's covariance var I + Q E Q^T, E = b^2 (Q^T Cov Q - v I)
+        # "observed": the kernel's covariance var I + w b^2 (H H^T - v Q Q^T), H H^T the
+        # Nystrom completion of Cov[x0 | x_t] from the observed directions
         extra = None
-        if state.observed_cov is not None and state.x0_var is not None:
-            eye_r = torch.eye(state.observed_cov.shape[-1], dtype=torch.float64, device=x.device)
-            extra = b2 * (state.observed_cov - state.x0_var.double()[..., None, None] * eye_r)
+        if state.observed_root is not None and state.x0_var is not None:
+            assert state.observed_weight is not None
+            low = var - state.observed_weight * b2 * state.x0_var.double()
+            b = b2.sqrt().to(state.observed_root.dtype)
+            extra = (low, b * state.observed_root)
         rows, A, gram_a = self._rows(ctx)
         m = A.shape[-2]
         s2 = torch.as_tensor(ctx.problem.noise_variance(), dtype=torch.float64)
@@ -883,7 +913,7 @@ class TDS(SMCSampler):
             shift = (aj.transpose(-1, -2) @ sol.to(aj.dtype)).squeeze(-1)
             dx = sd[..., None].to(z.dtype) * z + var[..., None].to(z.dtype) * shift
         else:
-            dx, chol_s = self._observed_draw(ctx, var, extra, aj, cov, chol, r)
+            dx, chol_s = self._observed_draw(ctx, var, extra[0], extra[1], aj, cov, chol, r)
         x_new = mean + dx.reshape(mean.shape)
         dx = (x_new - mean).reshape(flat)  # as drawn
         # log Z(x_t) - log p~_lin(y | x_s): the proposal's normaliser over its linear twist
@@ -895,7 +925,7 @@ class TDS(SMCSampler):
             new_state = TDSState(x_new)
             lt64 = lt_new.double()
         else:
-            observed = None
+            observed: tuple[Tensor, Tensor] | tuple[None, None] = (None, None)
             if self.reverse_variance == "observed":
                 # Cov[x0 | x_s] at the new particle, for the next move's kernel (m more
                 # backward passes: at the kernel's mean, free, it left twice the bias)
@@ -906,7 +936,15 @@ class TDS(SMCSampler):
             lt64 = _gaussian_logpdf(self._residual(ctx, x0_new), chol)
             lt_new = lt64.to(lt.dtype)
             var_new = self._reference_variance(ctx, t_next, lt_new)
-            new_state = TDSState(x_new, x0_new, None, lt_new, var_new, observed_cov=observed)
+            new_state = TDSState(
+                x_new,
+                x0_new,
+                None,
+                lt_new,
+                var_new,
+                observed_root=observed[0],
+                observed_weight=observed[1],
+            )
         incr = (log_ratio + lt64 - lt.double()).to(lt.dtype)
         incr = torch.where(torch.isfinite(lt), incr, torch.full_like(incr, -math.inf))
         return Move(new_state, incr)
