@@ -767,14 +767,13 @@ class TDS(SMCSampler):
         s64 = s.double()  # (B | 1, 1, k)
         ok = s64 > 1e-8 * s64.amax(-1, keepdim=True)
         inv = torch.where(ok, 1 / torch.where(ok, s64, 1.0), 0.0)
-        Q = Vh.double().transpose(-1, -2).unsqueeze(1)  # (B | 1, 1, d, k)
+        # (the (N, k, d) arrays in the run's dtype, as A J itself; k x k algebra in float64)
+        dt = aj.dtype
+        Q = Vh.transpose(-1, -2).to(dt).unsqueeze(1)  # (B | 1, 1, d, k)
         # Q^T Cov, (B, N, k, d), and C = Q^T Cov Q, its symmetric part
-        qc = (
-            (sg**2 / a)
-            * inv.unsqueeze(-1)
-            * (U.double().transpose(-1, -2).unsqueeze(1) @ aj.double())
-        )
-        c = qc @ Q
+        scale = (sg**2 / a) * inv.unsqueeze(-1)  # (B | 1, 1, k, 1)
+        qc = scale.to(dt) * (U.to(dt).transpose(-1, -2).unsqueeze(1) @ aj)
+        c = (qc @ Q).double()
         c = 0.5 * (c + c.transpose(-1, -2))
         eye = torch.eye(c.shape[-1], dtype=torch.float64, device=c.device)
         both = ok.unsqueeze(-1) & ok.unsqueeze(-2)  # (B | 1, 1, k, k)
@@ -783,17 +782,18 @@ class TDS(SMCSampler):
         exact = getattr(ctx.prior, "exact_denoiser", False)
         ev = ev.clamp_min(1e-8 * v) if exact else ev.clamp(_JACOBIAN_FLOOR * v, v / _JACOBIAN_FLOOR)
         # H = G W ev^-1/2 = Q W ev^1/2 + (I - Q Q^T) G W ev^-1/2 (the observed block as
-        # clamped, the cross and unobserved blocks from G)
+        # clamped, the cross and unobserved blocks from G = Cov Q)
         G = qc.transpose(-1, -2)  # (B, N, d, k)
         X = G - Q @ (Q.transpose(-1, -2) @ G)
         root = torch.where(ev > 0, ev, 1.0).rsqrt() * (ev > 0)
-        across = X @ W * root.unsqueeze(-2)
+        across = X @ (W * root.unsqueeze(-2)).to(dt)
         if not exact:  # a network's unobserved columns: at most v / f each
-            cap = (v / _JACOBIAN_FLOOR / across.pow(2).sum(-2).clamp_min(1e-300)).sqrt()
-            across = across * cap.clamp_max(1.0).unsqueeze(-2)
-        H = Q @ (W * ev.sqrt().unsqueeze(-2)) + across
+            norm2 = across.pow(2).sum(-2).double().clamp_min(1e-300)
+            cap = (v / _JACOBIAN_FLOOR / norm2).sqrt().clamp_max(1.0)
+            across = across * cap.to(dt).unsqueeze(-2)
+        H = Q @ (W * ev.sqrt().unsqueeze(-2)).to(dt) + across
         w = torch.full(aj.shape[:2], float(trust), dtype=torch.float64, device=aj.device)
-        return (H * math.sqrt(trust)).to(aj.dtype), w
+        return H * math.sqrt(trust), w
 
     def _observed_draw(
         self,
@@ -818,8 +818,9 @@ class TDS(SMCSampler):
         Q = Vh.transpose(-1, -2).to(aj.dtype).unsqueeze(1)  # (B | 1, 1, d, k)
         Qt = Q.transpose(-1, -2)
         aj64 = aj.double()
-        ajq = aj64 @ Q.double()  # (B, N, m, k)
-        ajr = aj64 @ root.double()  # (B, N, m, k)
+        # (the m x k products in the run's dtype, their outer products in float64)
+        ajq = (aj @ Q).double()  # (B, N, m, k)
+        ajr = (aj @ root).double()
         S = cov + var[..., None, None] * (aj64 @ aj64.transpose(-1, -2))
         S = S + (low - var)[..., None, None] * (ajq @ ajq.transpose(-1, -2))
         chol_s = torch.linalg.cholesky(S + ajr @ ajr.transpose(-1, -2))
