@@ -731,7 +731,7 @@ class TDS(SMCSampler):
         sch = ctx.prior.schedule
         a, s = sch.alpha(t).double(), sch.sigma(t).double()
         _, A, gram = self._rows(ctx)
-        k = (s**2 / a) * (aj @ A.transpose(-1, -2)).double()
+        k = (s**2 / a) * (aj.double() @ A.double().transpose(-1, -2))
         k = 0.5 * (k + k.transpose(-1, -2))
         if getattr(ctx.prior, "exact_denoiser", False):
             ev, vec = torch.linalg.eigh(k)
@@ -818,8 +818,9 @@ class TDS(SMCSampler):
         Q = Vh.transpose(-1, -2).to(aj.dtype).unsqueeze(1)  # (B | 1, 1, d, k)
         Qt = Q.transpose(-1, -2)
         aj64 = aj.double()
-        # (the m x k products in the run's dtype, their outer products in float64)
-        ajq = (aj @ Q).double()  # (B, N, m, k)
+        # (A J Q in float64: var (A J)(A J)^T - (var - low) (A J Q)(A J Q)^T cancels in the
+        # observed block; A J R in the run's dtype, its outer product only adds)
+        ajq = aj64 @ Q.double()  # (B, N, m, k)
         ajr = (aj @ root).double()
         S = cov + var[..., None, None] * (aj64 @ aj64.transpose(-1, -2))
         S = S + (low - var)[..., None, None] * (ajq @ ajq.transpose(-1, -2))
