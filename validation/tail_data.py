@@ -16,8 +16,11 @@ error in posterior sd, genealogy ESS / N) per seed.
 ``default`` was the DDPM kernel.) ``python validation/tail_data.py reference observed``
 runs the named samplers only: ``reference``, the Jacobian twist with the reference kernel
 (the default from session 32 to 37), and ``observed``, the same with ``b^2 Cov[x0 | x_t]``
-in the observed directions (``reverse_variance="observed"``, session 37;
-``runs_observed.jsonl``); ``default`` is whatever ``bfd.infer`` runs at the time.
+completed from the observed directions (``reverse_variance="observed"``, session 37;
+``runs_observed.jsonl``: its ``reference`` lines from ``tail_data.py reference observed``
+with this session's first version of the kernel, its ``observed`` lines from
+``tail_data.py observed`` with the kernel as shipped); ``default`` is whatever
+``bfd.infer`` runs at the time.
 """
 
 import dataclasses
