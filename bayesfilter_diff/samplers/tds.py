@@ -802,6 +802,8 @@ class TDS(SMCSampler):
         low: Tensor,
         root: Tensor,
         aj: Tensor,
+        aj64: Tensor,
+        gram: Tensor,
         cov: Tensor,
         chol: Tensor,
         r: Tensor,
@@ -810,19 +812,19 @@ class TDS(SMCSampler):
         Q^T) + low Q Q^T + R R^T`` (``reverse_variance="observed"``; ``var``, ``low``
         ``(B, N)``; ``R = root`` ``(B, N, d, k)``; ``Q = V`` of the operator's SVD),
         conditioned on the linearised twist ``r ~ A J (x - m) + eta``, ``eta ~ N(0, C)``
-        (``cov = C``, ``chol`` its factor): Matheron's rule ``x - m = Sigma^(1/2) z + Sigma
+        (``cov = C``, ``chol`` its factor; ``aj64`` and ``gram = (A J)(A J)^T`` in float64):
+        Matheron's rule ``x - m = Sigma^(1/2) z + Sigma
         (A J)^T S^-1 (r - A J Sigma^(1/2) z - eta)``, ``S = C + A J Sigma (A J)^T``, with
         ``Sigma^(1/2) z = sqrt(var) z + (sqrt(low) - sqrt(var)) Q Q^T z + R z'``. Returns
         ``x - m`` flat in the run's dtype and ``S``'s Cholesky factor."""
         _, _, Vh = self._matrix_svd(ctx)
         Q = Vh.transpose(-1, -2).to(aj.dtype).unsqueeze(1)  # (B | 1, 1, d, k)
         Qt = Q.transpose(-1, -2)
-        aj64 = aj.double()
         # (A J Q in float64: var (A J)(A J)^T - (var - low) (A J Q)(A J Q)^T cancels in the
         # observed block; A J R in the run's dtype, its outer product only adds)
         ajq = aj64 @ Q.double()  # (B, N, m, k)
         ajr = (aj @ root).double()
-        S = cov + var[..., None, None] * (aj64 @ aj64.transpose(-1, -2))
+        S = cov + var[..., None, None] * gram
         S = S + (low - var)[..., None, None] * (ajq @ ajq.transpose(-1, -2))
         chol_s = torch.linalg.cholesky(S + ajr @ ajr.transpose(-1, -2))
         # (the d-vectors in the run's dtype, as the isotropic draw's; the rest in float64)
@@ -857,9 +859,10 @@ class TDS(SMCSampler):
         With ``trust = w < 1`` the centre, slope and covariance are ``w`` times these plus
         ``1 - w`` times the operator's conditioned move's (``x0_hat_t(x_t)``, ``A /
         alpha_s``, ``sigma_y^2 I + v_s A A^T``), which it is at ``w = 0``. With
-        ``reverse_variance="observed"`` the kernel is ``N(m, v I + Q E Q^T)`` with ``E`` from
-        ``Cov[x0 | x_t]`` in the observed directions (:meth:`_observed_covariance`, taken
-        when ``x_t`` was made; :meth:`_observed_draw`)."""
+        ``reverse_variance="observed"`` the kernel's covariance is ``v I + w b^2 (H H^T - v_ref
+        Q Q^T)``, ``H H^T`` the Nystrom completion of ``Cov[x0 | x_t]`` from the observed
+        directions (:meth:`_observed_covariance`, taken when ``x_t`` was made;
+        :meth:`_observed_draw`)."""
         sch = ctx.prior.schedule
         x, x0, lt = state.x, state.x0, state.log_twist
         assert x0 is not None and lt is not None
@@ -915,7 +918,8 @@ class TDS(SMCSampler):
             shift = (aj.transpose(-1, -2) @ sol.to(aj.dtype)).squeeze(-1)
             dx = sd[..., None].to(z.dtype) * z + var[..., None].to(z.dtype) * shift
         else:
-            dx, chol_s = self._observed_draw(ctx, var, extra[0], extra[1], aj, cov, chol, r)
+            low, root = extra
+            dx, chol_s = self._observed_draw(ctx, var, low, root, aj, aj64, gram, cov, chol, r)
         x_new = mean + dx.reshape(mean.shape)
         dx = (x_new - mean).reshape(flat)  # as drawn
         # log Z(x_t) - log p~_lin(y | x_s): the proposal's normaliser over its linear twist
