@@ -169,6 +169,16 @@ def test_genealogy_ess_counts_independent_lineages():
     # a cloud with no spread is worth one draw; float16 clouds are estimated in float32
     assert torch.equal(bfd.smc.genealogy_ess(W, torch.zeros(2, N, 3), own), torch.ones(2).double())
     assert bfd.smc.genealogy_ess(W, xk.half(), roots).dtype == torch.float64
+    # one particle at the cloud's mean with nearly all the weight, every particle its own
+    # lineage: worth about one draw, as the weights' ESS says (the Chan & Lai variance is
+    # near zero there; it read N)
+    Wd = torch.full((2, N), 1e-12, dtype=torch.float64)
+    Wd[:, 0] = 1.0 - (N - 1) * 1e-12
+    xd = x.clone()
+    xd[:, 0] = 0.0
+    kish = 1 / (Wd**2).sum(1)
+    e = bfd.smc.genealogy_ess(Wd, xd, own)
+    assert (e <= kish).all() and (e < 1.01).all()
 
 
 def test_thin_genealogy_warns_although_every_step_looks_healthy():

@@ -208,6 +208,34 @@ def test_operators_have_no_side_effects_and_batch():
     assert torch.allclose(op(x[1, 2]), y1[1, 2])
 
 
+@pytest.mark.parametrize("name", list(OPS) + ["per_problem", "phase_retrieval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_an_operator_follows_its_input_dtype(name, dtype):
+    # a float64 operator applied to float32 / 16-bit signals (and the reverse below): the
+    # result in the input's dtype, the value the operator's own dtype gives up to the
+    # input's rounding (Dense and PerProblemDense raised torch's raw dtype error; Blur and
+    # PhaseRetrieval torch's "Unsupported dtype Half" on the CPU)
+    g = torch.Generator().manual_seed(7)
+    op = {
+        "per_problem": O.PerProblemDense(torch.randn(2, 3, 5, generator=g, dtype=torch.float64)),
+        "phase_retrieval": O.PhaseRetrieval((1, 4, 4)).double(),
+    }.get(name) or OPS[name]
+    x = torch.randn((2, 3) + op.in_shape, generator=g, dtype=torch.float64).to(dtype)
+    y = op(x)
+    ref = op(x.double())
+    eps = torch.finfo(dtype).eps
+    assert y.dtype == dtype and y.shape == ref.shape
+    scale = ref.abs().amax() + x.double().abs().amax()
+    assert ((y.double() - ref).abs() <= 64 * eps * scale).all()
+    if op.is_linear:
+        a = op.adjoint(y)
+        assert a.dtype == dtype
+        assert ((a.double() - op.adjoint(y.double())).abs() <= 64 * eps * 4 * scale).all()
+    # a float32 operator takes float64 signals (a float64 result)
+    op32 = op.float32_copy() if name != "phase_retrieval" else op.float()
+    assert op32(x.double()).dtype == torch.float64
+
+
 def test_mask_embed_and_box():
     m = O.Mask.box((1, 4, 4), 1, 1, 2, 2)
     assert m.out_dim == 12

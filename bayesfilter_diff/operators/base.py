@@ -148,6 +148,13 @@ class Operator(nn.Module):
 
         return copy.deepcopy(self).to(torch.float32)
 
+    @staticmethod
+    def _as(t: Tensor, x: Tensor) -> Tensor:
+        """``t`` (a factor of the operator) in ``x``'s dtype: the result's dtype follows
+        the input's, as the elementwise operators' does by promotion (a float32 matrix
+        applied to float64 signals gave torch's raw dtype error)."""
+        return t if t.dtype == x.dtype else t.to(x.dtype)
+
     def _ref(self) -> Tensor | None:
         """A buffer giving the operator's device and dtype (None if it has none)."""
         for b in self.buffers():

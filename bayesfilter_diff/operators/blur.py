@@ -135,7 +135,10 @@ class Blur(LinearOperator):
         return Blur(self.kernel.float(), self.in_shape, rtol=self.rtol).to(self.kernel.device)
 
     def _filter(self, x: Tensor, response: Tensor) -> Tensor:
-        return torch.fft.ifft2(torch.fft.fft2(x) * response).real
+        # (16-bit signals in float32: torch's FFT takes no Half on the CPU; the result in
+        # the input's dtype)
+        xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        return torch.fft.ifft2(torch.fft.fft2(xs) * response).real.to(x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         self._lead(x, self.in_shape, "x")

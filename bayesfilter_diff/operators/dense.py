@@ -113,11 +113,11 @@ class Dense(LinearOperator):
         return op.to(self.M.device)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.flat_in(x) @ self.M.T
+        return self.flat_in(x) @ self._as(self.M, x).T
 
     def adjoint(self, y: Tensor) -> Tensor:
         lead = self._lead(y, self.out_shape, "y")
-        return (y @ self.M).reshape(lead + self.in_shape)
+        return (y @ self._as(self.M, y)).reshape(lead + self.in_shape)
 
     def _matrix(self) -> Tensor:
         return self.M
@@ -267,13 +267,13 @@ class PerProblemDense(LinearOperator):
         lead = self._lead(x, self.in_shape, "x")
         self._per_problem(lead, "x")
         xf = x.reshape(lead[0], -1, self.in_dim)
-        return (xf @ self.M.transpose(-1, -2)).reshape(lead + self.out_shape)
+        return (xf @ self._as(self.M, x).transpose(-1, -2)).reshape(lead + self.out_shape)
 
     def adjoint(self, y: Tensor) -> Tensor:
         lead = self._lead(y, self.out_shape, "y")
         self._per_problem(lead, "y")
         yf = y.reshape(lead[0], -1, self.out_dim)
-        return (yf @ self.M).reshape(lead + self.in_shape)
+        return (yf @ self._as(self.M, y)).reshape(lead + self.in_shape)
 
     def _matrix(self) -> Tensor:
         """The ``(B, m, d)`` matrices."""

@@ -31,5 +31,7 @@ class PhaseRetrieval(Operator):
 
     def forward(self, x: Tensor) -> Tensor:
         self._lead(x, self.in_shape, "x")
-        xp = torch.nn.functional.pad(x, self.pad)
-        return torch.fft.fft2(xp, norm="ortho").abs()
+        # (16-bit signals in float32: torch's FFT takes no Half on the CPU)
+        xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        xp = torch.nn.functional.pad(xs, self.pad)
+        return torch.fft.fft2(xp, norm="ortho").abs().to(x.dtype)

@@ -194,7 +194,11 @@ def genealogy_ess(W: Tensor, x: Tensor, roots: Tensor) -> Tensor:
     With fewer than :data:`MIN_LINEAGES` surviving lineages (roots of particles of positive
     weight) the estimate is capped at their number: there it is biased high, and with a
     single lineage its variance is zero up to rounding, which made it ``N`` (a collapsed
-    DDSMC run read ``genealogy_ess = N`` with all particles descending from one)."""
+    DDSMC run read ``genealogy_ess = N`` with all particles descending from one). It is
+    also at most the weights' own effective size ``1 / sum W^2``: where one particle
+    carries nearly all the weight the Chan & Lai variance is about that particle's
+    distance from the mean, near zero, which made a TDS run whose last weights had ESS 1
+    read ``genealogy_ess = N`` (256 of 256 with 131 lineages)."""
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     phi = x.reshape(x.shape[0], x.shape[1], -1).to(dt)
     Wd = W.to(dt)
@@ -203,7 +207,8 @@ def genealogy_ess(W: Tensor, x: Tensor, roots: Tensor) -> Tensor:
     tot = var_mean.sum(-1).double()
     out = torch.where(tot > 0, spread / tot.clamp_min(1e-300), torch.ones_like(spread))
     out = torch.where(spread > 0, out, torch.ones_like(out))
-    out = out.clamp(1.0, float(x.shape[1]))
+    kish = 1.0 / (W.double() ** 2).sum(1).clamp_min(1e-300)
+    out = torch.minimum(out.clamp(1.0, float(x.shape[1])), kish.clamp_min(1.0).to(out))
     # lineages of the particles that carry weight (a zero-weight particle's root does not)
     r = roots.to(W.device).long()
     r = torch.where(W > 0, r, r.gather(1, W.argmax(1, keepdim=True)))
