@@ -204,6 +204,21 @@ class QualityPolicy:
 PATH_LEVELS = (1.0, 3.0, 10.0)
 
 
+#: the quality check's remedy for TDS's Jacobian twist (the default's for linear-Gaussian
+#: problems with at most 16 observations) when its weights or lineages collapse
+_JACOBIAN_TAIL = (
+    "if the data lie far in the prior's tail (diagnostics.prior_predictive_check, "
+    "Posterior.prior_predictive_check), the operator's twist, TDS(twist_variance='operator', "
+    "reverse_variance='reference', adaptive_ess=0.1), with many particles: the Jacobian "
+    "twist is a Gaussian matched to the moments of x0 given x_t, which misjudges particles "
+    "still between the prior's modes when the data are far from both, and more particles "
+    "or steps do not mend it (measured: the README mixture, data 2.5 times a prior draw, "
+    "noise 1e-3: log-evidence 37-41 nats low at N = 1000 and 8192 with 200 steps inserted; "
+    "the operator's twist -0.12 to +0.07 at N = 8192, 0.2-0.8 off at N = 1000 with a thin "
+    "genealogy; docs/methods/tds.md); "
+)
+
+
 def path_snapshot_steps(schedule, times: Tensor) -> tuple[int, ...]:
     """The steps ``k`` (before the last) whose grid time is nearest, in ``log(sigma /
     alpha)``, to each of :data:`PATH_LEVELS`, among those within a factor 2 of it; sorted,
@@ -535,6 +550,7 @@ def assess(
                 "(diagnostics.runs_check).",
             )
         )
+    jacobian = name == "TDS" and getattr(info.extra, "twist", None) == "jacobian"
     if info.min_ess is not None and info.ess is not None and N >= policy.min_particles:
         floor = max(2.0, policy.min_ess_fraction * N)
         low = info.min_ess < floor
@@ -550,7 +566,9 @@ def assess(
                     f"{name}: the particle weights degenerated{_where(probs, batched)}: the "
                     f"smallest ESS before resampling was {worst:.3g} of N = {N} (first at "
                     f"step {k}, t = {t:.3g}), so a few particles carried the posterior and the "
-                    "draws and evidence are unreliable. Remedies: more particles; more steps; "
+                    "draws and evidence are unreliable. Remedies: more particles; "
+                    + (_JACOBIAN_TAIL if jacobian else "")
+                    + "more steps; "
                     + ("adaptive steps (TDS(adaptive_ess=0.1)); " if name == "TDS" else "")
                     + (
                         "the full or a low-rank Hessian in the Laplace twist (it used an "
@@ -617,6 +635,8 @@ def assess(
                     "coordinate: it keeps the lineages that an anisotropic prior costs the "
                     "operator's twist); " + remedy
                 )
+            elif jacobian:
+                remedy = _JACOBIAN_TAIL + remedy
             out.append(
                 QualityIssue(
                     "genealogy",
