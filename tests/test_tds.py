@@ -870,15 +870,12 @@ def test_a_collapsed_jacobian_twist_names_the_operators_twist():
     collapses, 37-41 nats low at N = 1000 and 8192 whatever steps it inserts, while the
     operator's twist is within 0.12 at N = 8192 (docs/methods/tds.md). The warning names
     the operator's twist, not the remedies the default already has."""
+    from _readme import readme_mixture
+
     g = torch.Generator().manual_seed(0)
-    d = 8
-    gmm = bfd.GaussianMixture(
-        torch.tensor([0.3, 0.7]),
-        torch.stack([-2 * torch.ones(d), 2 * torch.ones(d)]),
-        torch.ones(2),
-    )
+    gmm = readme_mixture(8)
     prior = gmm.diffusion(bfd.VPSchedule.linear())
-    A = Dense(torch.randn(2, d, generator=g))
+    A = Dense(torch.randn(2, 8, generator=g))
     x = gmm.sample(5, g)[4] * 2.5
     problem = bfd.InverseProblem(A, A(x) + 1e-3 * torch.randn(2, generator=g), 1e-3)
     from bayesfilter_diff.samplers.registry import default_sampler
