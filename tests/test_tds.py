@@ -435,6 +435,10 @@ def test_errors():
         TDS(reverse_variance="full")
     with pytest.raises(ValueError, match="'observed'.*needs twist_variance='jacobian'"):
         TDS(reverse_variance="observed")
+    with pytest.raises(ValueError, match="jacobian_fallback must be True or False"):
+        TDS(twist_variance="jacobian", adaptive_ess=0.1, jacobian_fallback=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="jacobian_fallback.*needs twist_variance='jacobian'"):
+        TDS(jacobian_fallback=True)
     for clash in (
         {"proposal": "gradient"},
         {"reverse_variance": "analytic"},
@@ -864,23 +868,29 @@ def test_a_thin_genealogy_warning_does_not_point_tds_to_itself():
     assert "TDS(twist_variance='jacobian')" in msg  # the operator's twist: the other remedy
 
 
-def test_a_collapsed_jacobian_twist_names_the_operators_twist():
-    """The README mixture with its data 2.5 times a prior draw (far in the tail) at noise
-    1e-3: the default's Jacobian twist (a Gaussian matched to the moments of x0 | x_t)
-    collapses, 37-41 nats low at N = 1000 and 8192 whatever steps it inserts, while the
-    operator's twist is within 0.12 at N = 8192 (docs/methods/tds.md). The warning names
-    the operator's twist, not the remedies the default already has."""
+def _far_tail_problem(scale: float = 2.5):
+    """The README mixture with its data ``scale`` times a prior draw at noise 1e-3 (at 2.5
+    far in the tail, between the modes: ``prior_predictive_check`` p = 0.002)."""
     from _readme import readme_mixture
 
     g = torch.Generator().manual_seed(0)
     gmm = readme_mixture(8)
-    prior = gmm.diffusion(bfd.VPSchedule.linear())
     A = Dense(torch.randn(2, 8, generator=g))
-    x = gmm.sample(5, g)[4] * 2.5
+    x = gmm.sample(5, g)[4] * scale
     problem = bfd.InverseProblem(A, A(x) + 1e-3 * torch.randn(2, generator=g), 1e-3)
+    return gmm, gmm.diffusion(bfd.VPSchedule.linear()), problem
+
+
+def test_a_collapsed_jacobian_twist_names_the_operators_twist():
+    """Far in the tail the Jacobian twist (a Gaussian matched to the moments of x0 | x_t)
+    collapses, 37-41 nats low at N = 1000 and 8192 whatever steps it inserts, while the
+    operator's twist is within 0.12 at N = 8192 (docs/methods/tds.md). Without the
+    default's fallback the warning names the operator's twist, not the remedies the run
+    already has."""
     from bayesfilter_diff.samplers.registry import default_sampler
 
-    tds = default_sampler(problem)
+    gmm, prior, problem = _far_tail_problem()
+    tds = replace(default_sampler(problem), jacobian_fallback=False)
     assert tds.twist_variance == "jacobian"
     with pytest.warns(bfd.PosteriorQualityWarning) as rec:
         res = tds.sample(prior, problem, 256, torch.Generator().manual_seed(0))
@@ -889,6 +899,63 @@ def test_a_collapsed_jacobian_twist_names_the_operators_twist():
     assert "the particle weights degenerated" in msg
     assert "TDS(twist_variance='operator'" in msg
     assert "for few observations, TDS(twist_variance='jacobian')" not in msg
+
+
+def test_the_default_replaces_a_collapsed_jacobian_run():
+    """The default (``jacobian_fallback=True``) on the same problem: the Jacobian run
+    collapses (one lineage), so the operator's twist runs in its place, from the same
+    generator. Its answer is not the collapsed one: 35-41 nats low before, within 1.6 of
+    exact over 12 such runs at N = 256 and 512 (their genealogy thin, which they say).
+    Its findings say what they replaced and do not send the user back to the Jacobian
+    twist; the evaluations of both runs are counted."""
+    from bayesfilter_diff.samplers.registry import default_sampler
+
+    gmm, prior, problem = _far_tail_problem()
+    tds = default_sampler(problem)
+    assert tds.jacobian_fallback
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        res = tds.sample(prior, problem, 512, torch.Generator().manual_seed(1))
+    alone = replace(tds, jacobian_fallback=False).sample(
+        prior, problem, 512, torch.Generator().manual_seed(1)
+    )
+    lz = float(gmm.log_evidence(problem))
+    assert float(alone.log_evidence) < lz - 5  # the run it replaced, as it was
+    assert res.info.extra.twist == "chain" and "degenerated" in res.info.extra.replaced
+    assert abs(float(res.log_evidence) - lz) < 3
+    assert res.info.nfe > alone.info.nfe
+    msg = [str(r.message) for r in rec if issubclass(r.category, bfd.PosteriorQualityWarning)]
+    assert msg and all("This run replaced a run with TDS's Jacobian twist" in m for m in msg)
+    assert not any("TDS(twist_variance='jacobian')" in m for m in msg)
+    assert [q.message for q in res.info.quality] == msg
+
+
+def test_the_default_keeps_a_jacobian_run_that_kept_its_lineages():
+    """At 2 prior scales out (N = 1000) the Jacobian run's weights dip below 5% of N, which
+    the check warns, but hundreds of lineages survive, and there it beats the operator's
+    twist (docs/methods/tds.md): it is returned as it is, bit for bit, with its warnings;
+    on typical data nothing changes either. (A run is replaced when its weights degenerated
+    and fewer than MIN_LINEAGES initial particles have descendants.)"""
+    from bayesfilter_diff.samplers.registry import default_sampler
+
+    for scale in (2.0, 1.0):
+        _, prior, problem = _far_tail_problem(scale)
+        tds = default_sampler(problem)
+        runs = []
+        for fallback in (True, False):
+            with warnings.catch_warnings(record=True) as rec:
+                warnings.simplefilter("always")
+                r = replace(tds, jacobian_fallback=fallback).sample(
+                    prior, problem, 1000, torch.Generator().manual_seed(0)
+                )
+            runs.append((r, [str(w.message) for w in rec]))
+        (kept, said), (alone, alone_said) = runs
+        if scale == 2.0:  # the case in point: weights dipped, lineages kept
+            assert "min_ess" in [q.kind for q in alone.info.quality]
+            assert int(alone.info.ancestors.min()) >= bfd.smc.particles.MIN_LINEAGES
+        assert kept.info.extra.replaced is None and kept.info.extra.twist == "jacobian"
+        assert torch.equal(kept.samples, alone.samples) and said == alone_said
+        assert kept.info.nfe == alone.info.nfe
 
 
 @pytest.mark.parametrize("likelihood", ["gaussian", "custom"])

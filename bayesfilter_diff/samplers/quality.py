@@ -134,6 +134,7 @@ bfd.PosteriorQualityWarning)`` raises, ``"ignore"`` stays quiet.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -209,7 +210,8 @@ PATH_LEVELS = (1.0, 3.0, 10.0)
 _JACOBIAN_TAIL = (
     "if the data lie far in the prior's tail (diagnostics.prior_predictive_check, "
     "Posterior.prior_predictive_check), the operator's twist, TDS(twist_variance='operator', "
-    "reverse_variance='reference', adaptive_ess=0.1), with many particles: the Jacobian "
+    "reverse_variance='reference', adaptive_ess=0.1), with many particles (the default's "
+    "jacobian_fallback=True reruns a run that collapsed so): the Jacobian "
     "twist is a Gaussian matched to the moments of x0 given x_t, which misjudges particles "
     "still between the prior's modes when the data are far from both, and more particles "
     "or steps do not mend it (measured: the README mixture, data 2.5 times a prior draw, "
@@ -217,6 +219,25 @@ _JACOBIAN_TAIL = (
     "the operator's twist -0.12 to +0.07 at N = 8192, 0.2-0.8 off at N = 1000 with a thin "
     "genealogy; docs/methods/tds.md); "
 )
+
+
+#: the thin-genealogy remedy for TDS's operator twist
+_JACOBIAN_REMEDY = (
+    "for few observations, TDS(twist_variance='jacobian') (the twist's covariance from the "
+    "denoiser's Jacobian, one backward pass per observed coordinate: it keeps the lineages "
+    "that an anisotropic prior costs the operator's twist); "
+)
+
+
+def replacing_jacobian(issues: list[QualityIssue], why: str) -> list[QualityIssue]:
+    """The findings of an operator-twist run that replaced a collapsed Jacobian-twist run
+    (``TDS(jacobian_fallback=True)``): the Jacobian twist is not offered as their remedy,
+    and each says what the run replaced."""
+    note = f" This run replaced a run with TDS's Jacobian twist: {why}."
+    return [
+        dataclasses.replace(q, message=q.message.replace(_JACOBIAN_REMEDY, "") + note)
+        for q in issues
+    ]
 
 
 def path_snapshot_steps(schedule, times: Tensor) -> tuple[int, ...]:
@@ -629,12 +650,7 @@ def assess(
             )
             if name == "TDS" and getattr(info.extra, "twist", None) == "chain":
                 # the operator's twist (a locally flat prior): anisotropic priors thin it
-                remedy = (
-                    "for few observations, TDS(twist_variance='jacobian') (the twist's "
-                    "covariance from the denoiser's Jacobian, one backward pass per observed "
-                    "coordinate: it keeps the lineages that an anisotropic prior costs the "
-                    "operator's twist); " + remedy
-                )
+                remedy = _JACOBIAN_REMEDY + remedy
             elif jacobian:
                 remedy = _JACOBIAN_TAIL + remedy
             out.append(
@@ -829,7 +845,8 @@ def assess(
     return out
 
 
-def warn(issues: list[QualityIssue]) -> None:
-    """Warn each finding as a :class:`~bayesfilter_diff.PosteriorQualityWarning`."""
+def warn(issues: list[QualityIssue], stacklevel: int = 4) -> None:
+    """Warn each finding as a :class:`~bayesfilter_diff.PosteriorQualityWarning`
+    (``stacklevel`` counted from this function, as :func:`warnings.warn`'s)."""
     for issue in issues:
-        warnings.warn(issue.message, PosteriorQualityWarning, stacklevel=4)
+        warnings.warn(issue.message, PosteriorQualityWarning, stacklevel=stacklevel)

@@ -263,7 +263,12 @@ def default_sampler(
       at each particle, in the observed directions and across them
       (``reverse_variance="observed"``; m more backward passes per step), which cut the
       100-step chain's evidence bias on priors of several scales and anisotropic ones
-      4x or more on 11 of 12 problems measured, 1.3x on one (docs/methods/tds.md);
+      4x or more on 11 of 12 problems measured, 1.3x on one (docs/methods/tds.md); and
+      since session 38 its fallback (``jacobian_fallback=True``): a run whose weights
+      degenerated with fewer than 50 lineages left is replaced by a run with the
+      operator's twist (data far in the prior's tail between its modes: 37-41 nats low
+      before, within 1.6 over 15 runs at N = 256-1000 after, each warned for a thin
+      genealogy);
     - for every other likelihood it accepts (nonlinear operators, Poisson, custom / Pyro
       sites), and with ``evidence=True`` (SMC^2's inner sampler, whose error is the
       evidence's), the analytic reverse variance (``reverse_variance="analytic"``: the
@@ -283,7 +288,12 @@ def default_sampler(
     if tds.requirements().unmet(problem) is None:
         if not evidence and tds.conditions(problem):
             if problem.operator.out_dim <= JACOBIAN_MAX_OBSERVATIONS:
-                return replace(tds, twist_variance="jacobian", reverse_variance="observed")
+                return replace(
+                    tds,
+                    twist_variance="jacobian",
+                    reverse_variance="observed",
+                    jacobian_fallback=True,
+                )
             return tds
         analytic = build("TDS", num_steps, adaptive_ess=0.1, reverse_variance="analytic")
         assert isinstance(analytic, TDS)

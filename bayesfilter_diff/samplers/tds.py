@@ -91,6 +91,7 @@ Defaults and departures:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import NamedTuple, cast
@@ -99,7 +100,11 @@ import torch
 from torch import Tensor
 
 from ..operators.base import LinearOperator
+from ..priors.base import DiffusionModel
 from ..problem import InverseProblem
+from ..result import Result
+from ..smc.particles import MIN_LINEAGES
+from . import quality
 from .base import Context, Move, Requirements, SMCSampler, check_clamp, check_finite_nonnegative
 from .kernels import (
     LOG2PI,
@@ -238,7 +243,10 @@ class TDSInfo:
     proposal: str = "gradient"
     #: with ``reverse_variance="reference"``: whose ``Var[x0 | x_t]`` the kernel carries,
     #: ``"prior"`` (the prior's own average) or ``"gaussian(<tau2>)"`` (the stand-in)
+    #: with ``jacobian_fallback``: why this run replaced a Jacobian-twist run of the same
+    #: call (its smallest ESS, inserted steps and lineages), ``None`` when it did not
     reference_variance: str | None = None
+    replaced: str | None = None
 
 
 def _pixel_twist(
@@ -376,6 +384,17 @@ class TDS(SMCSampler):
         Cov[x0 | x_t]`` from the denoiser's Jacobian at each particle in the operator's
         observed directions and across them, Nystrom-completed; m more backward passes per
         step; the default's choice with at most 16). docs/methods/tds.md measures them.
+    jacobian_fallback
+        With ``twist_variance="jacobian"``: when a run's weights degenerated (the quality
+        check's smallest-ESS finding) and its draws descend from fewer than
+        ``MIN_LINEAGES`` (50) initial particles, the whole batch is run again, from the
+        same generator, with the operator's twist and the reference kernel, and that run
+        is returned
+        (``info.extra.replaced`` says why; ``info.nfe`` and ``info.wall_time`` count both
+        runs). The Jacobian twist, a Gaussian matched to the moments of ``x0 | x_t``,
+        misjudges particles between the prior's modes when the data lie far from both
+        (docs/methods/tds.md). Default ``False``;
+        :func:`~bayesfilter_diff.samplers.registry.default_sampler` sets it.
     """
 
     # noise_positive: the final weight is the likelihood p(y | x0), a point mass for
@@ -401,6 +420,7 @@ class TDS(SMCSampler):
     proposal: str = "auto"
     rejuvenation_steps: int = 0
     rejuvenation_scale: float = 0.5
+    jacobian_fallback: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -437,6 +457,15 @@ class TDS(SMCSampler):
             )
         if self.proposal not in _PROPOSALS:
             raise ValueError(f"proposal must be one of {_PROPOSALS}, got {self.proposal!r}")
+        if not isinstance(self.jacobian_fallback, bool):
+            raise ValueError(
+                f"jacobian_fallback must be True or False, got {self.jacobian_fallback!r}"
+            )
+        if self.jacobian_fallback and self.twist_variance != "jacobian":
+            raise ValueError(
+                "jacobian_fallback replaces a collapsed run of the Jacobian twist: it needs "
+                f"twist_variance='jacobian', got {self.twist_variance!r}"
+            )
         mi = self.max_inserted_steps
         if isinstance(mi, bool) or not isinstance(mi, int) or mi < 0:
             raise ValueError(f"max_inserted_steps must be an int >= 0, got {mi!r}")
@@ -469,6 +498,61 @@ class TDS(SMCSampler):
                     "'observed', "
                     f"no clamp_x0 and no rejuvenation; got {', '.join(clash)}"
                 )
+
+    def sample(
+        self,
+        prior: DiffusionModel,
+        problem: InverseProblem,
+        num_samples: int,
+        generator: torch.Generator | None = None,
+    ) -> Result:
+        """:meth:`Sampler.sample`; with ``jacobian_fallback``, the operator's twist's run
+        in place of a Jacobian-twist run that collapsed (the class docstring)."""
+        if not self.jacobian_fallback:
+            return super().sample(prior, problem, num_samples, generator)
+        # the Jacobian run's warnings are held until it is known whether it is returned
+        with warnings.catch_warnings(record=True) as held:
+            warnings.simplefilter("always")
+            first = super().sample(prior, problem, num_samples, generator)
+        # collapsed: weights degenerate (the quality check's finding) and the draws of
+        # fewer than MIN_LINEAGES initial particles (runs whose weights dipped but kept
+        # their lineages are kept: at 2 prior scales out they beat the operator's twist)
+        info = first.info
+        low = sorted({p for q in info.quality or [] if q.kind == "min_ess" for p in q.problems})
+        collapsed: list[int] = []
+        if low and info.ancestors is not None:
+            few = info.ancestors.reshape(-1)[low] < MIN_LINEAGES
+            collapsed = [low[i] for i in torch.nonzero(few).flatten().tolist()]
+        if not collapsed:
+            for w in held:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            return first
+        assert info.min_ess is not None and info.ancestors is not None
+        why = (
+            f"its weights degenerated (smallest ESS {float(info.min_ess.min()):.3g} of N = "
+            f"{num_samples}, {info.inserted_steps} steps inserted) and its draws descended "
+            f"from {int(info.ancestors.min())} initial particles (problem(s) {collapsed})"
+        )
+        operator = replace(
+            self,
+            twist_variance="operator",
+            reverse_variance="reference",
+            jacobian_fallback=False,
+        )
+        with warnings.catch_warnings(record=True) as held:
+            warnings.simplefilter("always")
+            second = operator.sample(prior, problem, num_samples, generator)
+        info = second.info
+        own = {q.message for q in info.quality or []}
+        for w in held:  # (other warnings as they were; the findings below)
+            if str(w.message) not in own:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        info.quality = quality.replacing_jacobian(info.quality or [], why)
+        quality.warn(info.quality, stacklevel=3)  # (at the caller of sample)
+        info.nfe += first.info.nfe
+        info.wall_time += first.info.wall_time
+        info.extra = replace(info.extra, replaced=why)
+        return second
 
     def check(self, prior, problem: InverseProblem) -> None:
         super().check(prior, problem)
