@@ -523,9 +523,9 @@ class TDS(SMCSampler):
         if low and info.ancestors is not None:
             few = info.ancestors.reshape(-1)[low] < MIN_LINEAGES
             collapsed = [low[i] for i in torch.nonzero(few).flatten().tolist()]
-        if not collapsed:
+        if not collapsed:  # (its warnings at the caller's line, as Sampler.sample's)
             for w in held:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+                warnings.warn(w.message, stacklevel=2)
             return first
         assert info.min_ess is not None and info.ancestors is not None
         why = (
@@ -546,7 +546,7 @@ class TDS(SMCSampler):
         own = {q.message for q in info.quality or []}
         for w in held:  # (other warnings as they were; the findings below)
             if str(w.message) not in own:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+                warnings.warn(w.message, stacklevel=2)
         info.quality = quality.replacing_jacobian(info.quality or [], why)
         quality.warn(info.quality, stacklevel=3)  # (at the caller of sample)
         info.nfe += first.info.nfe
