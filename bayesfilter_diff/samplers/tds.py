@@ -528,10 +528,12 @@ class TDS(SMCSampler):
                 warnings.warn(w.message, stacklevel=2)
             return first
         assert info.min_ess is not None and info.ancestors is not None
+        ess = float(info.min_ess.reshape(-1)[collapsed].min())
+        roots = int(info.ancestors.reshape(-1)[collapsed].min())
         why = (
-            f"its weights degenerated (smallest ESS {float(info.min_ess.min()):.3g} of N = "
-            f"{num_samples}, {info.inserted_steps} steps inserted) and its draws descended "
-            f"from {int(info.ancestors.min())} initial particles (problem(s) {collapsed})"
+            f"its weights degenerated (smallest ESS {ess:.3g} of N = {num_samples}, "
+            f"{info.inserted_steps} steps inserted) and its draws descended from {roots} "
+            f"initial particles (problem(s) {collapsed})"
         )
         operator = replace(
             self,
