@@ -38,4 +38,9 @@ def test_tuned_allocator_stops_the_page_faults_of_temporaries():
     # first pages and glibc's adapting thresholds: tuned 4k-18k, default 32k-513k, so the
     # ratio test failed once under load
     assert tuned < 16 * 2048, (tuned, default)  # under 4% of fresh pages for every temporary
+    if default < 16 * 2048:
+        # glibc's dynamic mmap threshold can also keep the temporaries in the heap (a CI
+        # run on 2026-12-07 measured 0 faults for both): then there is nothing here for
+        # the tuning to stop, and the comparison says nothing either way
+        pytest.skip(f"the default allocator did not fault here ({default} faults)")
     assert tuned < default / 3, (tuned, default)
