@@ -905,7 +905,8 @@ def test_the_default_replaces_a_collapsed_jacobian_run():
     """The default (``jacobian_fallback=True``) on the same problem: the Jacobian run
     collapses (one lineage), so the operator's twist runs in its place, from the same
     generator. Its answer is not the collapsed one: 35-41 nats low before, within 1.6 of
-    exact over 12 such runs at N = 256 and 512 (their genealogy thin, which they say).
+    exact (3.0 of their reported sd) over 12 such runs at N = 256 and 512 (their genealogy
+    thin, which they say).
     Its findings say what they replaced and do not send the user back to the Jacobian
     twist; the evaluations of both runs are counted."""
     from bayesfilter_diff.samplers.registry import default_sampler
@@ -922,7 +923,10 @@ def test_the_default_replaces_a_collapsed_jacobian_run():
     lz = float(gmm.log_evidence(problem))
     assert float(alone.log_evidence) < lz - 5  # the run it replaced, as it was
     assert res.info.extra.twist == "chain" and "degenerated" in res.info.extra.replaced
-    assert abs(float(res.log_evidence) - lz) < 3
+    # within 4 of its own reported sd (over 12 such runs at N = 256 / 512 the largest
+    # error was 3.0 of it: a thin genealogy's sd is biased low, and the run says so)
+    se = float(res.info.log_evidence_se)
+    assert abs(float(res.log_evidence) - lz) < 4 * se, (float(res.log_evidence) - lz, se)
     assert res.info.nfe > alone.info.nfe
     msg = [str(r.message) for r in rec if issubclass(r.category, bfd.PosteriorQualityWarning)]
     assert msg and all("This run replaced a run with TDS's Jacobian twist" in m for m in msg)
